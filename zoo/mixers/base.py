@@ -1,0 +1,134 @@
+"""The Mixer contract and the mixer registry.
+
+A mixer sits between an attention layer's q/k/v projections and its output projection. The shared
+wrapper (zoo.convert) keeps the projections, q/k norms and RoPE, so every mixer sees the same
+inputs and LoRA can target the projections whatever the mixer.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type[Mixer]] = {}
+_ENTRY_POINT_GROUP = "zoo.mixers"
+_entry_points_loaded = False
+
+
+class Mixer(nn.Module):
+    """Base class of every token mixer.
+
+    Subclasses set the class attributes below (shown by `zoo list`) and implement `forward`.
+    Options arrive as keyword arguments; an unknown option is an error (see `options`).
+    """
+
+    #: short family name: "softmax", "linear", "hybrid", "gated", "ssm", ...
+    family: str = "?"
+    #: state bytes per sequence, as a formula in H (heads), Hkv, D (head dim), W (window), T (context)
+    state_size: str = "?"
+    #: one line for `zoo list`
+    description: str = ""
+    #: where it comes from (paper or project)
+    source: str = ""
+    #: the options this mixer accepts, with their defaults
+    options: dict[str, Any] = {}
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int, layer_idx: int,
+                 **options: Any):
+        super().__init__()
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            allowed = ", ".join(sorted(self.options)) or "none"
+            raise ValueError(f"mixer {self.name!r} got unknown option(s) {unknown}; allowed: {allowed}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.hidden_size = hidden_size
+        self.layer_idx = layer_idx
+        self.config = {**self.options, **options}
+
+    name: str = "?"  # set by register_mixer
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
+                state: Any = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """q: [B, H, T, D] (RoPE applied); k, v: [B, Hkv, T, D]; x: [B, T, hidden], the layer input.
+
+        state: what earlier tokens left (None at the start). mask: [B, T], 1 for real tokens and 0
+        for padding; padding adds nothing to the state. Returns y [B, H, T, D] and the new state.
+        Splitting a sequence anywhere and carrying the state gives the same y as the whole.
+        """
+        raise NotImplementedError
+
+    def init_from_teacher(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear) -> None:
+        """Optional: initialize the mixer's own parameters from the teacher's projections."""
+
+    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """Optional: the mixer's causal attention weights [B, H, T, T] for the attention-weight
+        cross-entropy of stage 1 (short sequences only). None where the mixer has no such weights."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, layer={self.layer_idx}, options={self.config}"
+
+
+def repeat_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, H, T, D] by repeating each key/value head for its query group."""
+    groups = num_heads // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def register_mixer(name: str):
+    """Class decorator: `@register_mixer("hedgehog")`. A duplicate name is an error."""
+
+    def decorate(cls: type[Mixer]) -> type[Mixer]:
+        if not (isinstance(cls, type) and issubclass(cls, Mixer)):
+            raise TypeError(f"@register_mixer({name!r}) needs a subclass of zoo.Mixer, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a mixer named {name!r} is already registered ({_REGISTRY[name].__module__}."
+                             f"{_REGISTRY[name].__qualname__}); pick another name")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    """Import third-party mixers declared in the `zoo.mixers` entry-point group (once)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=_ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as err:  # a broken plugin must not break zoo; say which and why
+            import warnings
+
+            warnings.warn(f"zoo: could not load mixer plugin {ep.name!r} ({ep.value}): {err}", stacklevel=2)
+
+
+def list_mixers() -> list[str]:
+    """Names of all registered mixers, sorted."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_mixer(name: str) -> type[Mixer]:
+    """The mixer class registered under `name`; an unknown name lists the registered ones."""
+    _load_entry_points()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown mixer {name!r}; registered mixers: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def build_mixer(name: str, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int, layer_idx: int,
+                **options: Any) -> Mixer:
+    """Instantiate a registered mixer."""
+    return get_mixer(name)(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)

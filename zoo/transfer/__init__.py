@@ -1,0 +1,1 @@
+"""The one engine: attention transfer (stage 1) and LoRA (stage 2)."""
