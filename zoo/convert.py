@@ -1,0 +1,291 @@
+"""Conversion: swap the attention of chosen layers for the shared wrapper + a registered mixer.
+
+The wrapper keeps the teacher's q/k/v/o projections (and q/k norms where the family has them),
+applies RoPE, and calls the mixer. Nothing else changes, so peft can target the projections by
+their usual names and the state dict keeps the teacher's keys plus `...self_attn.mixer.*`.
+
+A converted model becomes an instance of `Zoo<Family>ForCausalLM` (a subclass of the family's
+causal LM that knows its mixers from `config.zoo_mixers`), so `save_pretrained` writes a config that
+`AutoModelForCausalLM.from_pretrained` reads back after `import zoo`, with no remote code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from zoo.cache import ZooCache
+from zoo.kernels.softmax import causal_softmax_attention
+from zoo.mixers.base import Mixer, build_mixer
+
+
+@dataclass
+class ForwardContext:
+    """What one model forward tells its converted layers: the 2D padding mask and, during attention
+    transfer, where to put the per-layer losses."""
+
+    mask: torch.Tensor | None = None  # [B, S] over past + current tokens, 1 real / 0 padding
+    transfer: bool = False
+    transfer_losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (0: off)
+    attention_ce_max_len: int = 128
+
+
+class LinearizedAttention(nn.Module):
+    """The shared wrapper: teacher projections + RoPE + a mixer in place of softmax attention."""
+
+    def __init__(self, attn: nn.Module, mixer: Mixer, context: ForwardContext):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        self.mixer = mixer
+        self.layer_idx = attn.layer_idx
+        self.head_dim = mixer.head_dim
+        self.scaling = self.head_dim ** -0.5
+        object.__setattr__(self, "context", context)  # shared, not a submodule
+
+    def project(self, hidden_states: torch.Tensor, position_embeddings):
+        """q [B, H, T, D] and k, v [B, Hkv, T, D], normed and rotated as the teacher does."""
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        B, T, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, position_embeddings)
+        ctx = self.context
+        mask = None if ctx.mask is None else ctx.mask[:, -T:].to(q.device)
+        if ctx.transfer:
+            return self._transfer(q, k, v, hidden_states, mask), None
+        layer = past_key_values.mixer_layer(self.layer_idx) if isinstance(past_key_values, ZooCache) else None
+        y, state = self.mixer(q, k, v, hidden_states, state=None if layer is None else layer.state, mask=mask)
+        if layer is not None:
+            layer.state, layer.seen = state, layer.seen + T
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), None
+
+    def _transfer(self, q, k, v, x, mask):
+        """Stage 1: the mixer learns the teacher's output from the same q, k, v; the teacher's flows on."""
+        B, T, _ = x.shape
+        with torch.no_grad():
+            y_teacher = causal_softmax_attention(q, k, v, key_mask=mask, scale=self.scaling)
+            out_teacher = self.o_proj(y_teacher.transpose(1, 2).reshape(B, T, -1))
+        y, _ = self.mixer(q.detach(), k.detach(), v.detach(), x.detach(), state=None, mask=mask)
+        out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        err = (out.float() - out_teacher.float()).pow(2).mean(-1)  # [B, T]
+        loss = err.mean() if mask is None else (err * mask).sum() / mask.sum().clamp(min=1)
+        ctx = self.context
+        if ctx.attention_ce and T <= ctx.attention_ce_max_len:
+            loss = loss + ctx.attention_ce * self._attention_ce(q.detach(), k.detach(), mask)
+        ctx.transfer_losses[self.layer_idx] = loss
+        return out_teacher
+
+    def _attention_ce(self, q, k, mask):
+        """Hedgehog-style cross-entropy between teacher and mixer attention weights (short T only)."""
+        weights = self.mixer.attention_weights(q, k)
+        if weights is None:
+            return q.new_zeros(())
+        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q.float() @ kk.float().transpose(-1, -2)) * self.scaling
+        T = q.shape[-2]
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        teacher = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        ce = -(teacher * weights.float().clamp(min=1e-12).log()).sum(-1)  # [B, H, T]
+        if mask is not None:
+            return (ce * mask[:, None]).sum() / (mask.sum() * ce.shape[1]).clamp(min=1)
+        return ce.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# families
+
+def _family_classes():
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    return {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }
+
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ZOO_CLASSES: dict[str, tuple[type, type]] = {}  # family -> (ZooConfig, ZooForCausalLM)
+
+
+class ZooModelMixin:
+    """Behaviour every converted causal LM adds to its family's class."""
+
+    def _zoo_context(self) -> ForwardContext:
+        ctx = getattr(self, "_zoo_ctx", None)
+        if ctx is None:
+            ctx = ForwardContext()
+            object.__setattr__(self, "_zoo_ctx", ctx)
+        return ctx
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, position_ids=None,
+                use_cache=None, **kwargs):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is not None and not isinstance(past_key_values, ZooCache):
+            if past_key_values.get_seq_length():
+                raise TypeError("a converted model needs a zoo.cache.ZooCache, not a "
+                                f"{type(past_key_values).__name__} that already holds tokens")
+            past_key_values = ZooCache()
+        if past_key_values is None and use_cache:
+            past_key_values = ZooCache()
+        if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
+            # left padding: real tokens are numbered from 0, as they would be in an unpadded batch
+            T = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        ctx = self._zoo_context()
+        ctx.mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        try:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, position_ids=position_ids,
+                                   use_cache=use_cache, **kwargs)
+        finally:
+            ctx.mask = None
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = ZooCache()
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def converted_layers(self) -> dict[int, LinearizedAttention]:
+        return {i: layer.self_attn for i, layer in enumerate(self.model.layers)
+                if isinstance(layer.self_attn, LinearizedAttention)}
+
+
+def _make_zoo_classes(family: str, config_cls: type, model_cls: type) -> tuple[type, type]:
+    model_type = f"zoo_{family}"
+    zoo_config = type(f"Zoo{config_cls.__name__}", (config_cls,), {
+        "model_type": model_type,
+        "__doc__": f"A {family} config whose `zoo_mixers` lists each layer's mixer (None: softmax kept).",
+    })
+
+    def __init__(self, config):
+        model_cls.__init__(self, config)
+        _apply_mixers(self, getattr(config, "zoo_mixers", None) or [])
+
+    zoo_model = type(f"Zoo{model_cls.__name__}", (ZooModelMixin, model_cls), {
+        "config_class": zoo_config,
+        "__init__": __init__,
+        "__doc__": f"A {family} causal LM with some attention layers converted to zoo mixers.",
+    })
+    AutoConfig.register(model_type, zoo_config, exist_ok=True)
+    AutoModelForCausalLM.register(zoo_config, zoo_model, exist_ok=True)
+    return zoo_config, zoo_model
+
+
+def register_families() -> None:
+    """Register `zoo_<family>` configs and models with the transformers Auto classes (idempotent)."""
+    if ZOO_CLASSES:
+        return
+    for family, (config_cls, model_cls) in _family_classes().items():
+        ZOO_CLASSES[family] = _make_zoo_classes(family, config_cls, model_cls)
+
+
+def model_family(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = model_type[4:] if model_type and model_type.startswith("zoo_") else model_type
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"cannot convert a model of type {model_type!r}; supported families: "
+                         f"{', '.join(SUPPORTED_FAMILIES)}")
+    return family
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion
+
+def resolve_layers(layers: Any, num_layers: int) -> list[int]:
+    """None: all; a list of ints; a slice; or a "start:stop[:step]" string."""
+    if layers is None:
+        return list(range(num_layers))
+    if isinstance(layers, str):
+        parts = [int(p) if p.strip() else None for p in layers.split(":")]
+        if not 1 <= len(parts) <= 3 or len(parts) == 1:
+            raise ValueError(f"layers {layers!r}: expected 'start:stop[:step]'")
+        layers = slice(*parts)
+    if isinstance(layers, slice):
+        return list(range(num_layers))[layers]
+    out = []
+    for i in layers:
+        if not isinstance(i, int) or isinstance(i, bool) or not -num_layers <= i < num_layers:
+            raise ValueError(f"layer {i!r} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        out.append(i % num_layers)
+    return sorted(set(out))
+
+
+def _apply_mixers(model: nn.Module, zoo_mixers: list) -> None:
+    """Swap in wrappers for the layers named in `zoo_mixers` (a list: None or {"mixer", "options"})."""
+    config = model.config
+    ctx = model._zoo_context()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for idx, spec in enumerate(zoo_mixers):
+        if spec is None:
+            continue
+        layer = model.model.layers[idx]
+        attn = layer.self_attn
+        if isinstance(attn, LinearizedAttention):
+            raise ValueError(f"layer {idx} is already converted (to {attn.mixer.name!r})")
+        mixer = build_mixer(spec["mixer"], config.num_attention_heads, config.num_key_value_heads, head_dim,
+                            config.hidden_size, idx, **spec.get("options", {}))
+        param = attn.q_proj.weight
+        mixer.to(device=param.device, dtype=param.dtype if param.dtype.is_floating_point else None)
+        layer.self_attn = LinearizedAttention(attn, mixer, ctx)
+
+
+def linearize(model: nn.Module, mixer: str, layers: Any = None, **options: Any) -> nn.Module:
+    """Replace the attention of the chosen layers (all by default) with `mixer`, in place.
+
+    Works on Llama, Mistral, Qwen2 and Qwen3 causal LMs. The mixer may initialize its parameters
+    from the teacher's projections. Everything but the mixers' own parameters is frozen.
+    Returns the same model object, now a `Zoo<Family>ForCausalLM`.
+    """
+    register_families()
+    family = model_family(model)
+    config = model.config
+    num_layers = config.num_hidden_layers
+    chosen = resolve_layers(layers, num_layers)
+    specs = list(getattr(config, "zoo_mixers", None) or [None] * num_layers)
+    new_specs: list = [None] * num_layers
+    for idx in chosen:
+        if specs[idx] is not None:
+            raise ValueError(f"layer {idx} is already converted (to {specs[idx]['mixer']!r})")
+        new_specs[idx] = {"mixer": mixer, "options": dict(options)}
+    zoo_config, zoo_model = ZOO_CLASSES[family]
+    model.__class__ = zoo_model
+    config.__class__ = zoo_config
+    _apply_mixers(model, new_specs)
+    for idx in chosen:
+        attn = model.model.layers[idx].self_attn
+        attn.mixer.init_from_teacher(attn.q_proj, attn.k_proj, attn.v_proj)
+    config.zoo_mixers = [new if new is not None else old for new, old in zip(new_specs, specs)]
+    freeze_all_but_mixers(model)
+    return model
+
+
+def mixer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for name, p in model.named_parameters() if ".mixer." in name]
+
+
+def freeze_all_but_mixers(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(".mixer." in name)

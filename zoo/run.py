@@ -1,0 +1,247 @@
+"""`zoo run RECIPE`: teacher eval, conversion, stage 1, stage 2, evals, save. One folder per run:
+recipe.yaml (resolved), metrics.jsonl, checkpoints/, model/, progress.json, summary.json.
+
+Every phase's result is written to progress.json as soon as it is known, and each stage checkpoints
+atomically, so a run killed anywhere and started again with the same command carries on from
+where it was and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zoo.atomic import write_json
+from zoo.recipe import Recipe
+
+FINAL_MODEL_DIR = "model"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda was asked for, but no CUDA device is available; use device=cpu or auto")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def pooled(per_source: dict[str, dict]) -> dict:
+    """Token-weighted perplexity and bits per byte over several sources."""
+    tokens = sum(r["tokens"] for r in per_source.values())
+    if not tokens:
+        return {"ppl": float("nan"), "bpb": float("nan"), "tokens": 0}
+    nll = sum(math.log(r["ppl"]) * r["tokens"] for r in per_source.values())
+    bpb = sum(r["bpb"] * r["tokens"] for r in per_source.values()) / tokens
+    return {"ppl": math.exp(nll / tokens), "bpb": bpb, "tokens": tokens}
+
+
+class RunData:
+    """The run's corpus, training blocks and held-out evaluation sets (in-domain and out-of-domain)."""
+
+    def __init__(self, recipe: Recipe, tokenizer):
+        from zoo.data import load_corpus, token_blocks
+
+        d = recipe.data
+        overlap = sorted(set(d.train) & set(d.eval_ood))
+        if overlap:
+            raise ValueError(f"data.eval_ood must be corpora never trained on, but {overlap} is also in data.train")
+        self.corpus = load_corpus(list(d.train) + list(d.eval_ood), heldout_fraction=d.heldout_fraction, seed=d.seed)
+        self.train_sources = [s for s in d.train if s in self.corpus.sources]
+        self.ood_sources = [s for s in d.eval_ood if s in self.corpus.sources]
+        if not self.train_sources:
+            raise ValueError(f"none of the training sources {list(d.train)} could be loaded")
+        train_docs = [doc for s in self.train_sources for doc in self.corpus.train(s)]
+        self.train_blocks = token_blocks(tokenizer, train_docs, d.seq_len)
+        self.tokenizer = tokenizer
+        self.recipe = recipe
+
+    def evaluate(self, model) -> dict:
+        from zoo.evaluate import evaluate_corpus
+
+        e = self.recipe.eval
+        per = evaluate_corpus(model, self.tokenizer, self.corpus, self.train_sources + self.ood_sources,
+                              self.recipe.data.seq_len, e.max_blocks)
+        return {"heldout": pooled({s: per[s] for s in self.train_sources}),
+                "ood": pooled({s: per[s] for s in self.ood_sources}) if self.ood_sources else None,
+                "per_source": per}
+
+
+def _loop_config(name: str, stage, seed: int):
+    from zoo.transfer.loop import LoopConfig
+
+    return LoopConfig(name=name, tokens=stage.tokens, batch_size=stage.batch_size, lr=stage.lr,
+                      weight_decay=stage.weight_decay, checkpoint_every=stage.checkpoint_every,
+                      log_every=stage.log_every, seed=seed)
+
+
+def _say(msg: str) -> None:
+    print(f"zoo: {msg}", file=sys.stderr, flush=True)
+
+
+def teacher_lora_reference(recipe: Recipe, data: RunData, device, dtype) -> dict:
+    """The fair reference: the teacher fine-tuned with the same LoRA budget on the same data.
+    Computed once per (model, data, stage 2, eval, seed) and reused from the zoo cache."""
+    from zoo.teacher import cache_dir, load_teacher
+    from zoo.transfer.stage2 import add_lora, run_stage2
+
+    d = recipe.to_dict()
+    key_src = json.dumps({k: d[k] for k in ("model", "data", "stage2", "seed")} | {"eval": d["eval"]["max_blocks"]},
+                         sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    folder = cache_dir() / "references" / f"teacher-lora-{key}"
+    result_path = folder / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    _say("fair reference: fine-tuning the teacher with the same LoRA budget (computed once, then cached)")
+    torch.manual_seed(recipe.seed)
+    teacher, _ = load_teacher(recipe.model.name, dtype=dtype, device=str(device))
+    s2 = recipe.stage2
+    teacher = add_lora(teacher, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets)
+    stats = run_stage2(teacher, data.train_blocks, _loop_config("teacher_lora", s2, recipe.seed), folder, device)
+    result = {"eval": data.evaluate(teacher), "train": stats, "recipe_key": json.loads(key_src)}
+    write_json(result_path, result)
+    return result
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
+    """Run a whole recipe into `out_dir` (resuming what is there). Returns the summary dict."""
+    import zoo
+    from zoo.transfer.stage1 import layer_mse, run_stage1
+    from zoo.transfer.stage2 import add_lora, run_stage2
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_path = out / "recipe.yaml"
+    if recipe_path.exists() and recipe_path.read_text() != recipe.to_yaml():
+        raise ValueError(f"{out} holds a run of a different recipe ({recipe_path}); use another --out folder")
+    recipe_path.write_text(recipe.to_yaml())
+    progress_path = out / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+
+    def remember(key, value):
+        progress[key] = value
+        write_json(progress_path, progress)
+        return value
+
+    device = pick_device(recipe.device)
+    dtype = pick_dtype(recipe.model.dtype, device)
+    torch.manual_seed(recipe.seed)
+    t_start = time.time()
+    model, tokenizer = zoo.load_teacher(recipe.model.name, dtype=dtype, device=str(device))
+    data = RunData(recipe, tokenizer)
+    _say(f"{data.train_blocks.shape[0]} training blocks of {recipe.data.seq_len} tokens from {data.train_sources}; "
+         f"out-of-domain: {data.ood_sources or 'none'}")
+
+    if "teacher" not in progress:
+        _say("evaluating the teacher")
+        remember("teacher", data.evaluate(model))
+    if recipe.eval.teacher_lora and "teacher_lora" not in progress:
+        remember("teacher_lora", teacher_lora_reference(recipe, data, device, dtype)["eval"])
+
+    torch.manual_seed(recipe.seed)  # the mixers' initialization is part of the run's determinism
+    zoo.linearize(model, recipe.mixer.name, layers=recipe.mixer.layers, **recipe.mixer.options)
+    mse_blocks = data.train_blocks[: min(8, data.train_blocks.shape[0])]
+    if "swap" not in progress:
+        _say(f"evaluating the swapped model ({recipe.mixer.name}, untrained)")
+        remember("swap", data.evaluate(model) | {"layer_mse": layer_mse(model, mse_blocks)})
+
+    s1 = recipe.stage1
+    if s1.enabled and s1.tokens > 0:
+        stats = run_stage1(model, data.train_blocks, _loop_config("stage1", s1, recipe.seed), out,
+                           attention_ce=s1.attention_ce, attention_ce_max_len=s1.attention_ce_max_len, device=device)
+        if "stage1" not in progress:
+            remember("stage1", {"train": stats, **data.evaluate(model), "layer_mse": layer_mse(model, mse_blocks)})
+
+    s2 = recipe.stage2
+    trainable = sum(p.numel() for n, p in model.named_parameters() if ".mixer." in n)
+    if s2.enabled and s2.tokens > 0:
+        model = add_lora(model, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets, s2.train_mixer)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + (
+            0 if s2.train_mixer else trainable)
+        stats = run_stage2(model, data.train_blocks, _loop_config("stage2", s2, recipe.seed), out, device=device)
+        if "stage2" not in progress:
+            remember("stage2", {"train": stats})
+    if "final" not in progress:
+        remember("final", data.evaluate(model))
+
+    sample = generate_text(model, tokenizer, recipe.eval.generate_prompt, recipe.eval.generate_tokens, device)
+    save_run_model(model, tokenizer, out, merge=s2.merge_on_save)
+    summary = build_summary(recipe, progress, trainable, sample, time.time() - t_start)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def save_run_model(model, tokenizer, out: Path, merge: bool) -> None:
+    """model/ holds the linearized model; with merge off, LoRA stays apart in adapter/."""
+    import zoo
+
+    if hasattr(model, "peft_config") and not merge:
+        model.save_pretrained(out / "adapter")
+        model = model.unload()
+    zoo.save_linearized(model, tokenizer, out / FINAL_MODEL_DIR, merge=True)
+
+
+def _ppl_pair(entry: dict | None) -> dict | None:
+    if entry is None:
+        return None
+    return {"heldout": entry["heldout"]["ppl"], "ood": entry["ood"]["ppl"] if entry.get("ood") else None,
+            "bpb_heldout": entry["heldout"]["bpb"], "bpb_ood": entry["ood"]["bpb"] if entry.get("ood") else None,
+            "per_source": {s: {"ppl": r["ppl"], "bpb": r["bpb"]} for s, r in entry["per_source"].items()}}
+
+
+def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, wall: float) -> dict:
+    s1 = progress.get("stage1", {}).get("train", {})
+    s2 = progress.get("stage2", {}).get("train", {})
+    return {
+        "model": recipe.model.name,
+        "mixer": recipe.mixer.name,
+        "mixer_options": recipe.mixer.options,
+        "ppl_teacher": _ppl_pair(progress.get("teacher")),
+        "ppl_teacher_lora": _ppl_pair(progress.get("teacher_lora")),
+        "ppl_swap": _ppl_pair(progress.get("swap")),
+        "ppl_stage1": _ppl_pair(progress.get("stage1")),
+        "ppl_final": _ppl_pair(progress.get("final")),
+        "layer_mse_swap": progress.get("swap", {}).get("layer_mse"),
+        "layer_mse_stage1": progress.get("stage1", {}).get("layer_mse"),
+        "trainable_params": trainable,
+        "tokens_stage1": s1.get("tokens", 0),
+        "tokens_stage2": s2.get("tokens", 0),
+        "seconds_stage1": s1.get("seconds", 0.0),
+        "seconds_stage2": s2.get("seconds", 0.0),
+        "seconds_wall_last_invocation": wall,
+        "final_loss_stage1": s1.get("final_loss"),
+        "final_loss_stage2": s2.get("final_loss"),
+        "sample": sample,
+        "seed": recipe.seed,
+        "versions": versions(),
+    }
+
+
+def versions() -> dict:
+    import transformers
+
+    import zoo
+
+    return {"zoo": zoo.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, device="cpu", do_sample: bool = False,
+                  temperature: float = 1.0) -> str:
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

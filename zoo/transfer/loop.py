@@ -1,0 +1,171 @@
+"""The training loop both stages share: deterministic batches, AdamW, atomic checkpoints, resume,
+NaN guard, progress and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from zoo.atomic import atomic_dir, atomic_file
+
+
+class NaNLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class LoopConfig:
+    name: str  # "stage1", "stage2", ...: names the checkpoint folder and the metrics rows
+    tokens: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+
+
+def num_steps(tokens: int, batch_size: int, seq_len: int) -> int:
+    return math.ceil(tokens / (batch_size * seq_len)) if tokens > 0 else 0
+
+
+def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch.Tensor:
+    """Rows of the blocks tensor for `step`: epochs of seeded permutations, so a resumed run sees
+    exactly the batches an uninterrupted one would."""
+    start = step * batch_size
+    rows = []
+    while len(rows) < batch_size:
+        epoch, offset = divmod(start + len(rows), n_blocks)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n_blocks, generator=g)
+        take = min(batch_size - len(rows), n_blocks - offset)
+        rows.extend(perm[offset:offset + take].tolist())
+    return torch.tensor(rows)
+
+
+def trainable_named(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+                     extra: dict) -> None:
+    names = list(params)
+    opt_tensors = {}
+    for i, name in enumerate(names):
+        for key, value in opt.state.get(params[name], {}).items():
+            opt_tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
+    with atomic_dir(folder) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "names": names, **extra}))
+
+
+def _load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> dict:
+    meta = json.loads((folder / "trainer.json").read_text())
+    if meta["names"] != list(params):
+        raise RuntimeError(f"checkpoint {folder} was written for other trainable parameters; "
+                           "delete it or use the recipe it was written with")
+    weights = load_file(str(folder / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+    for i, name in enumerate(meta["names"]):
+        p = params[name]
+        state = {key.split(".", 1)[1]: t.to(p.device) for key, t in opt_tensors.items()
+                 if key.split(".", 1)[0] == str(i)}
+        if state:
+            if "step" in state:
+                state["step"] = state["step"].cpu()  # AdamW keeps `step` on the CPU
+            opt.state[p] = state
+    return meta
+
+
+def _trim_metrics(metrics_path: Path, name: str, after_step: int) -> None:
+    """Drop rows of this stage past the checkpoint we resume from, so the log reads as one clean run."""
+    if not metrics_path.exists():
+        return
+    kept = [line for line in metrics_path.read_text().splitlines()
+            if line.strip() and not (json.loads(line).get("stage") == name and json.loads(line).get("step", 0) > after_step)]
+    with atomic_file(metrics_path) as f:
+        f.write("".join(line + "\n" for line in kept))
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
+               loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
+               run_dir: Path, device: torch.device | str = "cpu") -> dict:
+    """Train the parameters of `model` that require grad on `blocks` [N, T].
+
+    `loss_fn(batch)` returns the scalar loss and a dict of extra numbers to log. Checkpoints go to
+    `run_dir/checkpoints/<name>` every `checkpoint_every` steps (atomically); an existing checkpoint
+    is resumed. Returns {"steps", "tokens", "seconds", "final_loss"}.
+    """
+    if blocks.ndim != 2 or blocks.shape[0] == 0:
+        raise ValueError(f"{cfg.name}: no training blocks (got a tensor of shape {tuple(blocks.shape)})")
+    seq_len = blocks.shape[1]
+    steps = num_steps(cfg.tokens, cfg.batch_size, seq_len)
+    params = trainable_named(model)
+    if steps == 0:
+        return {"steps": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
+    if not params:
+        raise ValueError(f"{cfg.name}: nothing to train (no parameter requires grad)")
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, min(20, steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ckpt = run_dir / "checkpoints" / cfg.name
+    metrics_path = run_dir / "metrics.jsonl"
+    start, seconds_before, last_loss = 0, 0.0, None
+    if (ckpt / "trainer.json").exists():
+        meta = _load_checkpoint(ckpt, params, opt)
+        start, seconds_before, last_loss = meta["step"], meta.get("seconds", 0.0), meta.get("loss")
+        sched.last_epoch = start - 1
+        sched.step()
+        _trim_metrics(metrics_path, cfg.name, start)
+        print(f"zoo: {cfg.name}: resuming from step {start}/{steps} ({ckpt})", file=sys.stderr)
+    model.train()
+    t0 = time.time()
+    for step in range(start, steps):
+        batch = blocks[batch_indices(step, cfg.batch_size, blocks.shape[0], cfg.seed)].to(device)
+        loss, extra = loss_fn(batch)
+        if not torch.isfinite(loss):
+            model.eval()
+            raise NaNLossError(f"{cfg.name}: the loss is {loss.item()} at step {step + 1}; the last good checkpoint "
+                               f"({ckpt if ckpt.exists() else 'none yet'}) is kept. Lower the learning rate "
+                               f"({cfg.name}.lr={cfg.lr}) or check the data.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        last_loss = loss.item()
+        done = step + 1
+        elapsed = time.time() - t0
+        if done % cfg.log_every == 0 or done == steps:
+            tok_s = (done - start) * cfg.batch_size * seq_len / max(elapsed, 1e-9)
+            eta = (steps - done) * elapsed / max(done - start, 1)
+            row = {"stage": cfg.name, "step": done, "steps": steps, "loss": last_loss,
+                   "tokens": done * cfg.batch_size * seq_len, "tokens_per_s": tok_s, "lr": sched.get_last_lr()[0],
+                   **extra}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"zoo: {cfg.name} step {done}/{steps} loss {last_loss:.5g} {tok_s:,.0f} tok/s "
+                  f"ETA {_fmt_seconds(eta)}", file=sys.stderr, flush=True)
+        if done % cfg.checkpoint_every == 0 or done == steps:
+            _save_checkpoint(ckpt, done, params, opt,
+                             {"seconds": seconds_before + elapsed, "loss": last_loss})
+    model.eval()
+    seconds = seconds_before + (time.time() - t0)
+    return {"steps": steps, "tokens": steps * cfg.batch_size * seq_len, "seconds": seconds, "final_loss": last_loss}

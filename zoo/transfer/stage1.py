@@ -1,0 +1,86 @@
+"""Stage 1, attention transfer: each converted layer's mixer learns to reproduce the teacher's
+softmax attention output (MSE), teacher-forced: the teacher's output is what flows on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zoo.convert import LinearizedAttention, freeze_all_but_mixers
+from zoo.transfer.loop import LoopConfig, train_loop
+
+
+def converted_attention(model: nn.Module) -> dict[int, LinearizedAttention]:
+    layers = model.model.layers
+    found = {i: layer.self_attn for i, layer in enumerate(layers) if isinstance(layer.self_attn, LinearizedAttention)}
+    if not found:
+        raise ValueError("the model has no converted layer: call zoo.linearize(model, mixer) first")
+    return found
+
+
+def transfer_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    attention_ce: float = 0.0, attention_ce_max_len: int = 128) -> dict[int, torch.Tensor]:
+    """One teacher-forced forward; returns each converted layer's transfer loss (MSE of the attention
+    output after o_proj, plus the optional attention-weight cross-entropy)."""
+    converted = converted_attention(model)
+    last = max(converted)
+    ctx = model._zoo_context()
+    ctx.transfer, ctx.transfer_losses = True, {}
+    ctx.attention_ce, ctx.attention_ce_max_len = attention_ce, attention_ce_max_len
+    ctx.mask = attention_mask
+    base = model.model
+    try:
+        # run the decoder only up to the last converted layer: later layers and the LM head teach nothing
+        stop = _StopAfter(last)
+        handle = base.layers[last].register_forward_hook(stop.hook)
+        try:
+            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopAfter.Reached:
+            pass
+        finally:
+            handle.remove()
+        return dict(sorted(ctx.transfer_losses.items()))
+    finally:
+        ctx.transfer, ctx.mask, ctx.transfer_losses = False, None, {}
+
+
+class _StopAfter:
+    class Reached(Exception):
+        pass
+
+    def __init__(self, idx: int):
+        self.idx = idx
+
+    def hook(self, module, args, output):
+        raise _StopAfter.Reached
+
+
+def run_stage1(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir: Path,
+               attention_ce: float = 0.0, attention_ce_max_len: int = 128, device="cpu") -> dict:
+    """Train only the mixers' parameters by attention transfer. Logs the per-layer losses."""
+    freeze_all_but_mixers(model)
+
+    def loss_fn(batch):
+        losses = transfer_losses(model, batch, attention_ce=attention_ce, attention_ce_max_len=attention_ce_max_len)
+        total = torch.stack(list(losses.values())).sum()
+        return total, {"layer_loss": {str(i): round(v.item(), 8) for i, v in losses.items()}}
+
+    return train_loop(model, blocks, cfg, loss_fn, run_dir, device=device)
+
+
+@torch.no_grad()
+def layer_mse(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
+    """Mean per-layer transfer MSE over `blocks` (no training)."""
+    was_training = model.training
+    model.eval()
+    sums: dict[int, float] = {}
+    n = 0
+    for i in range(0, blocks.shape[0], batch_size):
+        batch = blocks[i:i + batch_size].to(next(model.parameters()).device)
+        for idx, loss in transfer_losses(model, batch).items():
+            sums[idx] = sums.get(idx, 0.0) + loss.item() * batch.shape[0]
+        n += batch.shape[0]
+    model.train(was_training)
+    return {idx: s / n for idx, s in sums.items()}
