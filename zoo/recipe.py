@@ -1,0 +1,565 @@
+"""Recipes: one YAML file per (model, mixer) run, validated against a typed schema.
+
+The schema is the dataclasses below. Loading checks every key and type, so a typo is an error that
+names the dotted key and the keys allowed there, and a wrong type names the expected one::
+
+    recipe = load_recipe("recipes/smollm2-135m/lolcats.yaml", ["stage1.lr=1e-3", "mixer.layers=[0,1]"])
+    recipe.stage1.lr            # 0.001
+    recipe.to_yaml()            # the resolved recipe, loadable again
+
+Overrides are ``dotted.key=value`` strings; the value is read as YAML (``[0, 1]``, ``true``,
+``null``), with two fixes for PyYAML's YAML 1.1 reading: ``1e-3`` (a string to PyYAML) is accepted
+wherever a float is expected, and a slice such as ``0:10`` or ``-4:`` stays a string (PyYAML
+would read ``1:30`` as the base-60 number 90 and ``-4:`` as a mapping). In a YAML file, quote
+slices: ``layers: "0:10"``.
+
+``mixer.options`` is a free mapping, checked later by the mixer itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+__all__ = [
+    "RecipeError", "Recipe", "ModelConfig", "MixerConfig", "DataConfig", "Stage1Config", "Stage2Config",
+    "LoraConfig", "EvalConfig", "load_recipe", "parse_layers", "parse_override",
+]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class RecipeError(ValueError):
+    """An invalid recipe: an unknown key, a wrong type or a value out of range.
+
+    ``key`` is the dotted key at fault; ``allowed`` lists the keys allowed where an unknown key was
+    found (empty otherwise)."""
+
+    def __init__(self, message: str, key: str = "", allowed: Iterable[str] = ()):
+        super().__init__(message)
+        self.key = key
+        self.allowed = list(allowed)
+
+
+# ----------------------------------------------------------------------------------------- schema
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "smollm2-135m"  # "smollm2-135m" (embedded), a hub id or a local folder
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+
+    def _problems(self):
+        if self.dtype not in DTYPES:
+            yield "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+        if not self.name.strip():
+            yield "name", "must not be empty"
+
+
+@dataclass(kw_only=True)
+class MixerConfig:
+    name: str  # a registered mixer (`zoo list`)
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the mixer, checked by it
+    layers: list[int] | str | None = None  # None: every layer; [0, 2, 5]; or a slice "start:stop[:step]"
+
+    def _problems(self):
+        if not self.name.strip():
+            yield "name", "must not be empty"
+        if isinstance(self.layers, str):
+            try:
+                _parse_slice(self.layers)
+            except ValueError as e:
+                yield "layers", str(e)
+        elif isinstance(self.layers, list) and len(set(self.layers)) != len(self.layers):
+            yield "layers", f"has repeated layers: {self.layers}"
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The converted layers of a model with ``num_layers`` layers."""
+        return parse_layers(self.layers, num_layers)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["austen", "bible"])  # embedded names, files, "hf:<id>"
+    eval_ood: list[str] = field(default_factory=lambda: ["brown"])  # never trained on
+    seq_len: int = 256  # tokens per training/eval block
+    heldout_fraction: float = 0.1  # of each source's documents, kept out of training
+    seed: int = 0  # the split and the shuffling
+
+    def _problems(self):
+        if not self.train:
+            yield "train", "must name at least one source"
+        if self.seq_len < 2:
+            yield "seq_len", f"must be >= 2, got {self.seq_len}"
+        if not 0 < self.heldout_fraction < 1:
+            yield "heldout_fraction", f"must be between 0 and 1 (exclusive), got {self.heldout_fraction}"
+
+
+def _stage_problems(stage):
+    if stage.tokens < 0:
+        yield "tokens", f"must be >= 0, got {stage.tokens}"
+    if stage.batch_size < 1:
+        yield "batch_size", f"must be >= 1, got {stage.batch_size}"
+    if not stage.lr > 0:
+        yield "lr", f"must be > 0, got {stage.lr}"
+    if stage.weight_decay < 0:
+        yield "weight_decay", f"must be >= 0, got {stage.weight_decay}"
+    if stage.checkpoint_every < 0:
+        yield "checkpoint_every", f"must be >= 0 (0: only at the end), got {stage.checkpoint_every}"
+    if stage.log_every < 1:
+        yield "log_every", f"must be >= 1, got {stage.log_every}"
+
+
+@dataclass(kw_only=True)
+class Stage1Config:
+    """Attention transfer: train only the mixers' own parameters to match the teacher's attention."""
+    enabled: bool = True
+    tokens: int = 200_000  # training tokens (steps = tokens / (batch_size * seq_len))
+    batch_size: int = 4
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (Hedgehog); 0 = off
+    attention_ce_max_len: int = 128  # the cross-entropy looks at the first this-many tokens only
+    checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
+    log_every: int = 10  # optimizer steps
+
+    def _problems(self):
+        yield from _stage_problems(self)
+        if self.attention_ce < 0:
+            yield "attention_ce", f"must be >= 0, got {self.attention_ce}"
+        if self.attention_ce_max_len < 1:
+            yield "attention_ce_max_len", f"must be >= 1, got {self.attention_ce_max_len}"
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def _problems(self):
+        if self.rank < 1:
+            yield "rank", f"must be >= 1, got {self.rank}"
+        if self.alpha <= 0:
+            yield "alpha", f"must be > 0, got {self.alpha}"
+        if not 0 <= self.dropout < 1:
+            yield "dropout", f"must be in [0, 1), got {self.dropout}"
+        if not self.targets:
+            yield "targets", "must name at least one module"
+
+
+@dataclass(kw_only=True)
+class Stage2Config:
+    """LoRA fine-tuning with the next-token loss."""
+    enabled: bool = True
+    tokens: int = 200_000
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    train_mixer: bool = False  # also train the mixers' own parameters
+    merge_on_save: bool = True  # merge LoRA into the weights of the saved model
+    checkpoint_every: int = 50
+    log_every: int = 10
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def _problems(self):
+        yield from _stage_problems(self)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    max_blocks: int = 32  # held-out blocks of seq_len tokens per source
+    batch_size: int = 8
+    teacher_lora: bool = False  # also fine-tune the teacher with the stage-2 LoRA budget (fair reference)
+    mmlu: int = 0  # MMLU questions (5-shot); 0 = skip
+    generate_prompt: str = "Once upon a time"
+    generate_tokens: int = 32
+
+    def _problems(self):
+        if self.max_blocks < 1:
+            yield "max_blocks", f"must be >= 1, got {self.max_blocks}"
+        if self.batch_size < 1:
+            yield "batch_size", f"must be >= 1, got {self.batch_size}"
+        if self.mmlu < 0:
+            yield "mmlu", f"must be >= 0 (0 = skip), got {self.mmlu}"
+        if self.generate_tokens < 0:
+            yield "generate_tokens", f"must be >= 0, got {self.generate_tokens}"
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mixer: MixerConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+
+    def _problems(self):
+        if self.device not in DEVICES:
+            yield "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}"
+
+    # ------------------------------------------------------------------ construction and output
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Recipe:
+        """Validate a mapping (as read from YAML), after applying ``overrides``."""
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+        raw = copy.deepcopy(dict(data))
+        for path, value in _iter_overrides(overrides):
+            _set_path(raw, path, value)
+        recipe = _build(cls, raw, "")
+        recipe.validate()
+        return recipe
+
+    def validate(self) -> Recipe:
+        """Check value ranges of every section (types are checked by ``from_dict``)."""
+        _check_values(self, "")
+        return self
+
+    def override(self, overrides: Iterable[str] | Mapping[str, Any]) -> Recipe:
+        """A new recipe with ``overrides`` applied."""
+        return Recipe.from_dict(self.to_dict(), overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """Block-style YAML (short lists of plain values inline) that ``load_recipe`` reads back."""
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sections in block style, lists of plain values in flow style: [austen, bible]."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(v, (str, int, float, bool)) or v is None for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no recipe at {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return Recipe.from_dict(data, overrides)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}", key=e.key, allowed=e.allowed) from None
+
+
+# ----------------------------------------------------------------------------------------- layers
+
+_SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
+
+
+def _parse_slice(spec: str) -> tuple[int | None, int | None, int | None]:
+    match = _SLICE.match(spec)
+    if not match:
+        raise ValueError(f"layers {spec!r} is not a slice 'start:stop[:step]' (e.g. '0:16', '::2', '-4:')")
+    start, stop, step = (int(g) if g is not None else None for g in match.groups())
+    if step == 0:
+        raise ValueError(f"layers {spec!r}: the step must not be 0")
+    return start, stop, step
+
+
+def parse_layers(spec: list[int] | str | None, num_layers: int) -> list[int]:
+    """The layer indices named by ``spec`` in a model of ``num_layers`` layers.
+
+    None: all layers. A list: those layers (negative ones count from the end), sorted. A string
+    "start:stop[:step]": Python slice semantics, except that a start or stop beyond the model is an
+    error rather than silently clipped. An empty selection is an error."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if spec is None:
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        start, stop, step = _parse_slice(spec)
+        if start is not None and not -num_layers <= start < num_layers:
+            raise ValueError(f"layers {spec!r}: start {start} is out of range for {num_layers} layers")
+        if stop is not None and not -num_layers <= stop <= num_layers:
+            raise ValueError(f"layers {spec!r}: stop {stop} is out of range for {num_layers} layers")
+        chosen = list(range(num_layers))[slice(start, stop, step)]
+    elif isinstance(spec, (list, tuple)):
+        chosen = []
+        for layer in spec:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ValueError(f"layers: {layer!r} is not a layer index")
+            if not -num_layers <= layer < num_layers:
+                raise ValueError(f"layers: {layer} is out of range for {num_layers} layers "
+                                 f"(0..{num_layers - 1}, or negative from the end)")
+            chosen.append(layer % num_layers)
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"layers: {list(spec)} names a layer twice")
+    else:
+        raise ValueError(f"layers must be None, a list of ints or a 'start:stop[:step]' string, got {spec!r}")
+    if not chosen:
+        raise ValueError(f"layers {spec!r} selects no layer of {num_layers}")
+    return sorted(chosen)
+
+
+# ------------------------------------------------------------------------------------ overrides
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"stage1.lr=1e-3"`` -> (["stage1", "lr"], "1e-3" read as YAML). See the module docstring."""
+    if not isinstance(text, str) or "=" not in text:
+        raise RecipeError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    path = [part.strip() for part in key.strip().split(".")]
+    if not all(path):
+        raise RecipeError(f"override {text!r} has an empty key", key=key.strip())
+    if _SLICE.match(raw):
+        return path, raw.strip()
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # not YAML: take it as the plain string it looks like
+    if _leaf_type(path) is str and not isinstance(value, str) and value is not None:
+        value = raw.strip()  # model.name=123 or generate_prompt=yes: the user meant the text
+    return path, value
+
+
+def _iter_overrides(overrides: Iterable[str] | Mapping[str, Any]):
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            yield str(key).split("."), value
+    else:
+        for text in overrides:
+            yield parse_override(text)
+
+
+def _leaf_type(path: list[str]) -> Any:
+    """The schema type at ``path``, or None where the path leaves the schema."""
+    tp: Any = Recipe
+    for part in path:
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``raw[path[0]][path[1]]... = value``, checking the path against the schema as it goes.
+
+    Unknown keys raise the same error as in a file; a value given for a whole section is merged
+    into what the file set there."""
+    node: dict[str, Any] = raw
+    tp: Any = Recipe
+    for depth, part in enumerate(path):
+        dotted = ".".join(path[:depth + 1])
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                raise _unknown_key(dotted, list(hints))
+            tp = hints[part]
+        elif _is_free_dict(tp) or tp is Any:
+            tp = Any
+        elif depth > 0:
+            parent = ".".join(path[:depth])
+            raise RecipeError(f"cannot set {dotted!r}: {parent!r} is a value ({_type_name(tp)}), not a section",
+                              key=dotted)
+        last = depth == len(path) - 1
+        if last:
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, Mapping) \
+                    and isinstance(node.get(part), Mapping):
+                merged = dict(node[part])
+                merged.update(value)
+                node[part] = merged
+            else:
+                node[part] = copy.deepcopy(value)
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(f"cannot set {'.'.join(path)!r}: {dotted!r} is {child!r}, not a section",
+                                  key=dotted)
+            node = child
+
+
+# ----------------------------------------------------------------------------- type checking
+
+def _unknown_key(dotted: str, allowed: list[str]) -> RecipeError:
+    leaf = dotted.rsplit(".", 1)[-1]
+    where = f"under {dotted.rsplit('.', 1)[0]!r}" if "." in dotted else "at the top level"
+    hint = difflib.get_close_matches(leaf, allowed, n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return RecipeError(f"unknown key {dotted!r}{did_you_mean}; allowed keys {where}: {', '.join(allowed)}",
+                       key=dotted, allowed=allowed)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _is_free_dict(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if _is_free_dict(tp):
+        return "mapping"
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return "mapping (section)"
+    if tp is str:
+        return "string"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _wrong_type(key: str, tp: Any, value: Any, extra: str = "") -> RecipeError:
+    return RecipeError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}{extra}", key=key)
+
+
+def _to_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise _wrong_type(key, float, value)
+    if isinstance(value, (int, float)):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip().replace("_", ""))
+        except ValueError:
+            raise _wrong_type(key, float, value) from None
+    else:
+        raise _wrong_type(key, float, value)
+    if not math.isfinite(result):
+        raise RecipeError(f"{key}: must be a finite number, got {value!r}", key=key)
+    return result
+
+
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise _wrong_type(key, int, value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (float, str)):  # 2.0e+7 or "2e7": fine if it is a whole number
+        try:
+            number = float(value.strip().replace("_", "")) if isinstance(value, str) else value
+        except ValueError:
+            raise _wrong_type(key, int, value) from None
+        if math.isfinite(number) and number == int(number):
+            return int(number)
+    raise _wrong_type(key, int, value)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if tp is Any:
+        return copy.deepcopy(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError:
+                continue
+        hint = ""
+        if key.endswith("layers") and isinstance(value, (int, dict)):
+            hint = " (quote slices in YAML: layers: \"0:10\"; unquoted, 1:30 reads as a base-60 number)"
+        raise _wrong_type(key, tp, value, hint)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _wrong_type(key, bool, value)
+        return value
+    if tp is int:
+        return _to_int(value, key)
+    if tp is float:
+        return _to_float(value, key)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _wrong_type(key, str, value)
+        return value
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(key, tp, value)
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if _is_free_dict(tp):
+        if not isinstance(value, Mapping):
+            raise _wrong_type(key, tp, value)
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise RecipeError(f"{key}: keys must be strings, got {bad!r}", key=key)
+        return copy.deepcopy(dict(value))
+    raise TypeError(f"recipe schema: unsupported type {tp!r} at {key}")
+
+
+def _build(cls: type, value: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls)]
+    allowed = [f.name for f in fields]
+    if value is None:  # an empty section in YAML: all defaults
+        value = {}
+    if not isinstance(value, Mapping):
+        where = prefix or "the recipe"
+        raise RecipeError(f"{where}: expected a mapping with keys {', '.join(allowed)}, got {_describe(value)}",
+                          key=prefix, allowed=allowed)
+    for key in value:
+        if key not in hints:
+            raise _unknown_key(f"{prefix}.{key}" if prefix else str(key), allowed)
+    kwargs = {}
+    for f in fields:
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in value:
+            kwargs[f.name] = _coerce(value[f.name], hints[f.name], dotted)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"missing required key {dotted!r}", key=dotted, allowed=allowed)
+    return cls(**kwargs)
+
+
+def _check_values(obj: Any, prefix: str) -> None:
+    for name, message in getattr(obj, "_problems", lambda: ())():
+        dotted = f"{prefix}.{name}" if prefix else name
+        raise RecipeError(f"{dotted}: {message}", key=dotted)
+    for f in dataclasses.fields(obj):
+        child = getattr(obj, f.name)
+        if dataclasses.is_dataclass(child):
+            _check_values(child, f"{prefix}.{f.name}" if prefix else f.name)
