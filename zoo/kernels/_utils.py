@@ -1,0 +1,24 @@
+"""Small helpers shared by the kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_time(t: torch.Tensor | None, length: int, dim: int = 2) -> torch.Tensor | None:
+    """Zero-pad `t` at the end of axis `dim` (the time axis) up to `length`. None stays None."""
+    if t is None or t.shape[dim] == length:
+        return t
+    dim = dim % t.dim()
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, length - t.shape[dim]]
+    return F.pad(t, pad)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def lower_triangle(n: int, device: torch.device, diagonal: int = 0) -> torch.Tensor:
+    """[n, n] bool mask, True where column j <= row i + diagonal (diagonal=0 keeps the diagonal)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril(diagonal)
