@@ -159,7 +159,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
         remember("swap", data.evaluate(model) | {"layer_mse": layer_mse(model, mse_blocks)})
 
     s1 = recipe.stage1
-    if s1.enabled and s1.tokens > 0:
+    has_mixer_params = any(".mixer." in n for n, _ in model.named_parameters())
+    if s1.enabled and s1.tokens > 0 and not has_mixer_params:
+        _say(f"stage 1 skipped: {recipe.mixer.name} has no parameters to transfer")
+    elif s1.enabled and s1.tokens > 0:
         stats = run_stage1(model, data.train_blocks, _loop_config("stage1", s1, recipe.seed), out,
                            attention_ce=s1.attention_ce, attention_ce_max_len=s1.attention_ce_max_len, device=device)
         if "stage1" not in progress:

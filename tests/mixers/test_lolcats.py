@@ -1,0 +1,194 @@
+"""The `lolcats` and `lolcats-terraced` mixers: carry, padding, GQA, gradients, decoding, ablations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.mixers import build_mixer, get_mixer, list_mixers
+from zoo.mixers.lolcats import Lolcats, LolcatsTerraced
+
+NAMES = ["lolcats", "lolcats-terraced"]
+H, HKV, D, HIDDEN = 4, 2, 16, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add barrier waits on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_mixer(name, seed=0, num_kv_heads=HKV, **options):
+    torch.manual_seed(seed)
+    m = build_mixer(name, H, num_kv_heads, D, HIDDEN, 0, **options)
+    with torch.no_grad():  # move away from the symmetric init so the tests see real mixing
+        for p in (m.feature_map_q.weight, m.feature_map_k.weight):
+            p.add_(0.3 * torch.randn_like(p))
+        m.window_logit.add_(0.5 * torch.randn_like(m.window_logit))
+    return m
+
+
+def inputs(T, Bsz=2, seed=1, hkv=HKV):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Bsz, H, T, D, generator=g)
+    k = torch.randn(Bsz, hkv, T, D, generator=g)
+    v = torch.randn(Bsz, hkv, T, D, generator=g)
+    x = torch.randn(Bsz, T, HIDDEN, generator=g)
+    return q, k, v, x
+
+
+def sl(t, lo, hi):
+    return t[:, lo:hi] if t.dim() == 3 else t[:, :, lo:hi]
+
+
+def assert_state_close(s1, s2, atol=1e-5):
+    assert torch.equal(s1.n, s2.n)
+    for name in ("k", "v", "fk", "S", "z"):
+        torch.testing.assert_close(getattr(s1, name), getattr(s2, name), atol=atol, rtol=1e-5,
+                                   msg=lambda m, name=name: f"state.{name}: {m}")
+
+
+def test_registered():
+    assert {"lolcats", "lolcats-terraced"} <= set(list_mixers())
+    assert get_mixer("lolcats") is Lolcats and get_mixer("lolcats-terraced") is LolcatsTerraced
+    for name in NAMES:
+        cls = get_mixer(name)
+        assert cls.family == "hybrid" and cls.description and cls.source and "W" in cls.state_size
+        assert cls.options == {"window": 64, "feature_dim": None, "window_factor": 0.5}
+    with pytest.raises(ValueError, match="unknown option"):
+        build_mixer("lolcats", H, HKV, D, HIDDEN, 0, windw=8)
+    m = build_mixer("lolcats-terraced", H, HKV, D, HIDDEN, 0, feature_dim=8)
+    assert m.feature_map_q.weight.shape == (H, D, 8) and m.window == 64
+    torch.testing.assert_close(torch.sigmoid(m.window_logit), torch.full((H,), 0.5))
+    assert {n for n, _ in m.named_parameters()} == {"feature_map_q.weight", "feature_map_k.weight", "window_logit"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_split_and_carry(name):
+    m = make_mixer(name)
+    T = 150
+    q, k, v, x = inputs(T)
+    with torch.no_grad():
+        y_all, s_all = m(q, k, v, x)
+        cuts = [0, 1, 65, 149, T]
+        st, ys = None, []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            y, st = m(sl(q, lo, hi), sl(k, lo, hi), sl(v, lo, hi), sl(x, lo, hi), state=st)
+            ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 2), y_all, atol=1e-5, rtol=1e-5)
+    assert_state_close(st, s_all)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_left_padding(name):
+    m = make_mixer(name, window=16)
+    T, pad = 70, 9
+    q, k, v, x = inputs(T)
+    q2, k2, v2, x2 = (torch.cat([torch.randn_like(sl(t, 0, pad)) * 50, t], t.dim() - 2 if t.dim() == 4 else 1)
+                      for t in (q, k, v, x))
+    mask = torch.ones(2, T + pad, dtype=torch.long)
+    mask[:, :pad] = 0
+    mask[1, pad - 3:pad] = 1  # row 1 has 3 real tokens more at the front
+    with torch.no_grad():
+        y_ref, s_ref = m(q, k, v, x)
+        y_pad, s_pad = m(q2, k2, v2, x2, mask=mask)
+        y_ref1, s_ref1 = m(*(sl(t, pad - 3, T + pad)[1:] for t in (q2, k2, v2, x2)))
+    torch.testing.assert_close(y_pad[0:1, :, pad:], y_ref[0:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_pad[1:, :, pad - 3:], y_ref1, atol=1e-5, rtol=1e-5)
+    assert torch.all(y_pad[0, :, :pad] == 0)
+    for name_ in ("k", "v", "fk", "S", "z", "n"):
+        torch.testing.assert_close(getattr(s_pad, name_)[0:1], getattr(s_ref, name_)[0:1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(getattr(s_pad, name_)[1:], getattr(s_ref1, name_), atol=1e-5, rtol=1e-5)
+    # decoding on from the padded state continues both rows exactly
+    q3, k3, v3, x3 = inputs(5, seed=9)
+    with torch.no_grad():
+        y3, _ = m(q3, k3, v3, x3, state=s_pad)
+        y3r, _ = m(q3[:1], k3[:1], v3[:1], x3[:1], state=s_ref.select([0]))
+        y3r1, _ = m(q3[1:], k3[1:], v3[1:], x3[1:], state=s_ref1)
+    torch.testing.assert_close(y3, torch.cat([y3r, y3r1]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gqa_equals_repeated_heads(name):
+    m = make_mixer(name, window=16)
+    full = build_mixer(name, H, H, D, HIDDEN, 0, window=16)
+    full.load_state_dict(m.state_dict())
+    q, k, v, x = inputs(40)
+    with torch.no_grad():
+        y, _ = m(q, k, v, x)
+        y_full, _ = full(q, k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1), x)
+    assert y.shape == (2, H, 40, D)
+    torch.testing.assert_close(y, y_full)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_parameters(name):
+    m = make_mixer(name, window=16)
+    q, k, v, x = inputs(80)
+    q.requires_grad_(True)
+    y, _ = m(q, k, v, x)
+    (y ** 2).mean().backward()
+    for pname, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+    assert q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_one_at_a_time(name):
+    m = make_mixer(name, window=16)
+    T0, steps = 20, 300
+    q, k, v, x = inputs(T0 + steps, Bsz=1)
+    limit = 32 if name == "lolcats-terraced" else 16
+    with torch.no_grad():
+        y_all, s_all = m(q, k, v, x)
+        y0, st = m(sl(q, 0, T0), sl(k, 0, T0), sl(v, 0, T0), sl(x, 0, T0))
+        ys, size = [y0], st.nbytes()
+        for t in range(T0, T0 + steps):
+            y, st = m(sl(q, t, t + 1), sl(k, t, t + 1), sl(v, t, t + 1), sl(x, t, t + 1), state=st)
+            ys.append(y)
+            assert st.cached_tokens <= limit and st.nbytes() == size
+    torch.testing.assert_close(torch.cat(ys, 2), y_all, atol=1e-5, rtol=1e-5)
+    assert_state_close(st, s_all)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_branch_ablations(name):
+    m = make_mixer(name, window=8)
+    T = 30
+    q, k, v, x = inputs(T, Bsz=1)
+    kr, vr = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    win = (j // 8 >= i // 8 - 1) & (j <= i) if name == "lolcats-terraced" else (j <= i) & (i - j < 8)
+    with torch.no_grad():
+        m.branch = "window"
+        y_w, _ = m(q, k, v, x)
+        s = (q @ kr.transpose(-1, -2) * D ** -0.5).masked_fill(~win, float("-inf"))
+        torch.testing.assert_close(y_w, s.softmax(-1) @ vr, atol=1e-5, rtol=1e-5)
+        m.branch = "linear"
+        y_l, _ = m(q, k, v, x)
+        a = (m.feature_map_q(q) @ m.feature_map_k(kr).transpose(-1, -2)).masked_fill(j > i, 0)
+        torch.testing.assert_close(y_l, (a / a.sum(-1, keepdim=True)) @ vr, atol=1e-5, rtol=1e-5)
+        y_l2, st = m(*(sl(t, 0, 11) for t in (q, k, v, x)))  # carry holds in the ablations too
+        y_l3, _ = m(*(sl(t, 11, T) for t in (q, k, v, x)), state=st)
+        torch.testing.assert_close(torch.cat([y_l2, y_l3], 2), y_l, atol=1e-5, rtol=1e-5)
+        m.branch = "both"
+        y_b, _ = m(q, k, v, x)
+        wts = m.attention_weights(q, k)
+        torch.testing.assert_close(wts @ vr, y_b, atol=1e-5, rtol=1e-5)
+        m.branch = "neither"
+        with pytest.raises(ValueError, match="branch"):
+            m(q, k, v, x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_inputs(name):
+    m = make_mixer(name, window=16)
+    q, k, v, x = inputs(50)
+    with torch.no_grad():
+        y32, _ = m(q, k, v, x)
+        y16, st = m(q.bfloat16(), k.bfloat16(), v.bfloat16(), x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and st.S.dtype == torch.float32
+    torch.testing.assert_close(y16.float(), y32, atol=5e-2, rtol=5e-2)

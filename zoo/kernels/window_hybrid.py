@@ -1,0 +1,383 @@
+"""Sliding-window softmax + linear attention hybrid (LoLCATs), in one layer with one normalizer.
+
+For a query at position t (positions count real tokens only, so padding never shifts a window):
+
+    y_t = (a * sum_{s in win(t)} e^{q_t.k_s*scale - m_t} v_s + b * sum_{s < t, s not in win(t)} (fq_t.fk_s) v_s)
+          / (a * sum_{s in win(t)} e^{q_t.k_s*scale - m_t}   + b * sum_{s < t, s not in win(t)} fq_t.fk_s)
+
+with m_t = max_{s in win(t)} q_t.k_s*scale, and a, b per-head factors [H]. This is the LoLCATs
+formulation, taken as the *definition*: the window branch is max-normalized (its top key weighs
+exactly a) and the linear weights are compared with that, not with the raw e^{q.k}. Because the
+window of every query is always at hand (in the chunk band or in the decoding state), m_t is computed
+exactly in every form, so the result is exact under any split, and stable: e^{. - m} <= 1 and the
+denominator is >= a for a real query. (Scaling the linear terms by e^{-m_t} instead would make the
+branch balance depend on the absolute logit scale and underflow the linear branch for large logits.)
+
+Optional c [H] adds c * fq_t.fk_s to the weight of the in-window keys; a=0, b=c=1 is plain causal
+linear attention over all keys (the "linear branch alone" ablation), a=1, b=0 is sliding-window
+softmax alone.
+
+Windows:
+- plain (terraced=False): win(t) = {t-W+1, ..., t}.
+- terraced (terraced=True): blocks of W positions; a query in block j attends by softmax to all keys
+  of block j-1 and causally within block j; older keys go to the linear part.
+
+Forms (same signature; each returns y [B, H, T, Dv] in q's dtype and the new WindowHybridState):
+- window_hybrid_naive: a loop over time in fp32 over the whole history (the reference).
+- window_hybrid_chunked: linear in T; a loop over query chunks of C tokens (a multiple of W, default
+  >= 64), vectorized within each chunk: the softmax and in-band linear parts use the current and
+  previous chunk's keys under a fixed band mask; older chunks come from a running linear state
+  [S | z] updated once per chunk. The CPU training path (and the prefill path).
+- window_hybrid_step: recurrent decoding from the state, one token at a time.
+- window_hybrid: picks the step form for a few tokens with a state, the chunked form otherwise.
+
+The state keeps only O(W) tokens: the last L real keys, values and fk (L = W plain, 2W terraced),
+plus the fp32 linear state S [B,H,F,Dv], z [B,H,F] of every real key older than those, and the number
+n [B] of real tokens seen. Padded keys (key_mask 0) are dropped: they enter neither the window, the
+linear part nor the state, and their outputs are 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def state_len(window: int, terraced: bool) -> int:
+    """Tokens cached in the state: W for the plain window, 2W for the terraced one."""
+    return 2 * window if terraced else window
+
+
+@dataclass
+class WindowHybridState:
+    """Decoding state. Window slots are right-aligned: slot i holds a real token iff i >= L - min(n, L);
+    the real slots hold the last min(n, L) real tokens in order (unused slots are zero)."""
+
+    k: torch.Tensor  # [B, H, L, D]
+    v: torch.Tensor  # [B, H, L, Dv]
+    fk: torch.Tensor  # [B, H, L, F]
+    S: torch.Tensor  # [B, H, F, Dv], fp32 (or fp64): keys that have left the window
+    z: torch.Tensor  # [B, H, F]
+    n: torch.Tensor  # [B] int64: real tokens seen
+    window: int
+    terraced: bool
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.k.shape[2]
+
+    def slot_valid(self) -> torch.Tensor:
+        return _slot_valid(self.n, self.cached_tokens)
+
+    def select(self, index) -> WindowHybridState:
+        """The state of the batch rows `index` (a list or tensor of row indices): for beam reordering."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.n.device)
+        rows = [t.index_select(0, index) for t in (self.k, self.v, self.fk, self.S, self.z, self.n)]
+        return WindowHybridState(*rows, self.window, self.terraced)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.fk, self.S, self.z, self.n))
+
+    @classmethod
+    def empty(cls, B, H, D, Dv, F_, window, terraced, dtype, device, acc_dtype=torch.float32):
+        L = state_len(window, terraced)
+        z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        return cls(z(B, H, L, D), z(B, H, L, Dv), z(B, H, L, F_), z(B, H, F_, Dv, dt=acc_dtype),
+                   z(B, H, F_, dt=acc_dtype), torch.zeros(B, dtype=torch.long, device=device), window, terraced)
+
+
+def _slot_valid(n: torch.Tensor, L: int) -> torch.Tensor:
+    return torch.arange(L, device=n.device)[None, :] >= (L - n.clamp(max=L))[:, None]
+
+
+def _member(pq: torch.Tensor, pk: torch.Tensor, window: int, terraced: bool) -> torch.Tensor:
+    """Is key position pk inside the softmax window of query position pq (given pk <= pq)?"""
+    if terraced:
+        return torch.div(pk, window, rounding_mode="floor") >= torch.div(pq, window, rounding_mode="floor") - 1
+    return (pq - pk) < window
+
+
+def _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask):
+    B, H, T, D = q.shape
+    if k.shape != (B, H, T, D) or v.shape[:3] != (B, H, T) or fq.shape[:3] != (B, H, T) or fk.shape != fq.shape:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"fq {tuple(fq.shape)}, fk {tuple(fk.shape)} (k, v must be repeated to H heads)")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    facs = [None if f is None else torch.as_tensor(f, dtype=cdt, device=q.device).expand(H) for f in (a, b, c)]
+    scale = D ** -0.5 if scale is None else scale
+    valid = (torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None
+             else key_mask.to(device=q.device).bool())
+    if valid.shape != (B, T):
+        raise ValueError(f"key_mask must be [B, T] = {(B, T)}, got {tuple(valid.shape)}")
+    fresh = state is None
+    if fresh:
+        state = WindowHybridState.empty(B, H, D, v.shape[-1], fq.shape[-1], window, terraced, k.dtype, q.device,
+                                        acc_dtype=cdt)
+    elif state.window != window or state.terraced != terraced:
+        raise ValueError(f"state was made with window={state.window}, terraced={state.terraced}; "
+                         f"called with window={window}, terraced={terraced}")
+    return cdt, facs, scale, valid, state, fresh
+
+
+def window_hybrid_naive(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None,
+                        c=None, chunk_size=None):
+    """Reference: loop over time; each query scores every real key seen so far (state slots included)."""
+    cdt, (a, b, c), scale, valid, st, _ = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask)
+    B, H, T, D = q.shape
+    L = state_len(window, terraced)
+    a, b = a.view(1, H, 1), b.view(1, H, 1)
+    c = None if c is None else c.view(1, H, 1)
+    hk, hv, hfk = st.k.to(cdt), st.v.to(cdt), st.fk.to(cdt)
+    hvalid = st.slot_valid()
+    hpos = st.n[:, None] - L + torch.arange(L, device=q.device)
+    n = st.n.clone()
+    ys = []
+    for t in range(T):
+        real = valid[:, t]
+        pos = n.clone()
+        n = n + real.long()
+        hk = torch.cat([hk, k[:, :, t:t + 1].to(cdt)], 2)
+        hv = torch.cat([hv, v[:, :, t:t + 1].to(cdt)], 2)
+        hfk = torch.cat([hfk, fk[:, :, t:t + 1].to(cdt)], 2)
+        hvalid = torch.cat([hvalid, real[:, None]], 1)
+        hpos = torch.cat([hpos, pos[:, None]], 1)
+        causal = hvalid & (hpos <= pos[:, None])
+        win = (causal & _member(pos[:, None], hpos, window, terraced))[:, None]  # [B, 1, N]
+        lin = causal[:, None] & ~win
+        qt, fqt = q[:, :, t].to(cdt), fq[:, :, t].to(cdt)
+        s = torch.einsum("bhd,bhnd->bhn", qt, hk) * scale
+        s = s.masked_fill(~win, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = m.masked_fill(torch.isinf(m), 0.0)
+        p = torch.exp(s - m)
+        lw = torch.einsum("bhf,bhnf->bhn", fqt, hfk)
+        w = a * p + b * lw * lin
+        if c is not None:
+            w = w + c * lw * win
+        num = torch.einsum("bhn,bhnd->bhd", w, hv) + b * torch.einsum("bhf,bhfd->bhd", fqt, st.S)
+        den = w.sum(-1) + b[..., 0] * torch.einsum("bhf,bhf->bh", fqt, st.z)
+        keep = real[:, None]
+        y = num / torch.where(keep, den, torch.ones_like(den))[..., None]
+        ys.append(torch.where(keep[..., None], y, torch.zeros_like(y)))
+    y = torch.stack(ys, 2) if ys else q.new_zeros(B, H, 0, v.shape[-1], dtype=cdt)
+    # New state: per row, the last L real tokens stay in the window; older ones go to S, z.
+    S, z = st.S.clone(), st.z.clone()
+    nk, nv, nfk = (torch.zeros_like(t[:, :, :L]) for t in (hk, hv, hfk))
+    Srows, zrows = [], []
+    for bi in range(B):
+        idx = hvalid[bi].nonzero().flatten()
+        keep, gone = idx[max(len(idx) - L, 0):], idx[:max(len(idx) - L, 0)]
+        r = len(keep)
+        if r:
+            nk[bi, :, L - r:], nv[bi, :, L - r:], nfk[bi, :, L - r:] = hk[bi, :, keep], hv[bi, :, keep], hfk[bi, :, keep]
+        Srows.append(S[bi] + torch.einsum("hnf,hnd->hfd", hfk[bi, :, gone], hv[bi, :, gone]))
+        zrows.append(z[bi] + hfk[bi, :, gone].sum(1))
+    new = WindowHybridState(nk.to(k.dtype), nv.to(v.dtype), nfk.to(fk.dtype), torch.stack(Srows), torch.stack(zrows),
+                            n, window, terraced)
+    return y.to(q.dtype), new
+
+
+def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None,
+                          key_mask=None, c=None, chunk_size=None):
+    """Chunked form, linear in T: a loop over query chunks of C tokens (C a multiple of W, default the
+    smallest >= 64), vectorized within each chunk. Chunk j's queries score the keys of chunks j-1 and j
+    under a fixed band mask (softmax inside the window, linear outside); chunks <= j-2 come from the
+    running linear state. Working sets stay chunk-sized, so they stay in the CPU caches."""
+    cdt, (a, b, c), scale, valid, st, fresh = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state,
+                                                       key_mask)
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    W, L = window, state_len(window, terraced)
+    C = chunk_size or W * max(1, -(-64 // W))
+    if C % W:
+        raise ValueError(f"chunk_size ({C}) must be a multiple of window ({W})")
+    dev, out_dtype = q.device, q.dtype
+    q, k, v, fq, fk = (t.to(cdt) for t in (q, k, v, fq, fk))
+    n_call = valid.sum(1)
+    identity = fresh and bool(valid.all())
+    if identity:  # training: no state, no padding; positions are the time indices
+        lo, R, N = torch.zeros_like(n_call), n_call, T
+    else:
+        # Lay out [state slots, this call] in a scratch sequence where real tokens are contiguous, starting at
+        # lo, and scratch index = position - base, base a multiple of W for the terraced window (so block
+        # boundaries fall on chunk boundaries). Padding is dropped; empty rows are zero.
+        Le = 0 if fresh else L
+        ext_valid = valid if fresh else torch.cat([st.slot_valid(), valid], 1)
+        Ne = ext_valid.shape[1]
+        r_slots = torch.zeros_like(st.n) if fresh else st.n.clamp(max=L)
+        first = st.n - r_slots
+        base = torch.div(first, W, rounding_mode="floor") * W if terraced else first
+        lo, R = first - base, r_slots + n_call
+        N = max(int((lo + R).max()), 1)
+        rank = ext_valid.long().cumsum(1) - 1
+        real_idx = torch.full((B, Ne + 1), Ne, dtype=torch.long, device=dev)
+        real_idx.scatter_(1, torch.where(ext_valid, rank, Ne), torch.arange(Ne, device=dev).expand(B, Ne).contiguous())
+        r = torch.arange(N, device=dev)[None, :] - lo[:, None]
+        ok = ((r >= 0) & (r < R[:, None]))[:, None, :, None]
+        src = real_idx.gather(1, r.clamp(0, Ne)).clamp(max=Ne - 1)[:, None, :, None]
+
+        def lay(t, slots):
+            e = t if fresh else torch.cat([slots.to(cdt), t], 2)
+            return e.gather(2, src.expand(B, H, N, e.shape[-1])) * ok
+
+        q, fq = lay(q, q.new_zeros(B, H, Le, D)), lay(fq, fq.new_zeros(B, H, Le, fq.shape[-1]))
+        k, v, fk = lay(k, st.k), lay(v, st.v), lay(fk, st.fk)
+    end = lo + R
+    pos = torch.arange(N, device=dev)
+    svalid = (pos[None] >= lo[:, None]) & (pos[None] < end[:, None])  # [B, N] real scratch rows
+    # Band pattern: query row r sits at C + r, key column u at u (previous chunk, then current chunk).
+    i = torch.arange(C, device=dev)[:, None] + C
+    j = torch.arange(2 * C, device=dev)[None, :]
+    member = (j // W >= i // W - 1) if terraced else (i - j < W)
+    pwin, plin = (j <= i) & member, (j <= i) & ~member
+    a3, b3 = a.repeat(B).view(B * H, 1, 1), b.repeat(B).view(B * H, 1, 1)
+    coef_all = b3 * plin if c is None else b3 * plin + c.repeat(B).view(B * H, 1, 1) * pwin
+    bias_all = torch.zeros(C, 2 * C, dtype=cdt, device=dev).masked_fill(~pwin, float("-inf"))
+    # Band columns that can hold a linear weight (none at all for the terraced window with C == W).
+    lcols = (plin if c is None else plin | pwin).any(0).nonzero().flatten().tolist()
+    ulo, uhi = (lcols[0], lcols[-1] + 1) if lcols else (0, 0)
+    # Values get a ones column so that one matmul yields numerator and denominator; S_aug = [S | z].
+    # Split into chunks once: slicing one big tensor per chunk would make autograd allocate a full-size
+    # gradient for every slice (quadratic traffic in the backward pass).
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    qs, fqs, ks, fks, vs = (t.flatten(0, 1).split(C, 1) for t in (q, fq, k, fk, v1))
+    S = torch.cat([st.S.to(cdt), st.z.to(cdt)[..., None]], -1).flatten(0, 1)  # [BH, F, Dv+1]
+    cut = end - L  # scratch rows < cut leave the window: they end in the new state's S, z
+    jfull = int(cut.clamp(min=0).min()) // C  # chunks entirely gone in every row
+    S_fin = None
+    ys = []
+    nc = len(qs)
+    for ch in range(nc):
+        if ch >= 2:
+            S = torch.baddbmm(S, fks[ch - 2].transpose(1, 2), vs[ch - 2])
+        if ch == jfull + 1:
+            S_fin = S
+        q0, q1 = ch * C, min((ch + 1) * C, N)
+        k0 = max(q0 - C, 0)
+        u0 = C - (q0 - k0)  # band column of key k0
+        kb, fkb, vb = (t[0] if ch == 0 else torch.cat([t[ch - 1], t[ch]], 1) for t in (ks, fks, vs))
+        bias = bias_all[:q1 - q0, u0:u0 + q1 - k0]
+        if not identity:
+            kok = svalid[:, None, None, k0:q1]
+            bias = bias.masked_fill(~kok, float("-inf")).expand(B, H, -1, -1).flatten(0, 1)
+        qc, fqc = qs[ch], fqs[ch]
+        s = torch.baddbmm(bias, qc, kb.transpose(1, 2), alpha=scale)
+        m = s.amax(-1, keepdim=True)
+        if not identity:  # rows of padding have no key at all
+            m = m.masked_fill(torch.isinf(m), 0.0)
+        out = torch.bmm(a3 * torch.exp(s - m), vb)
+        l0, l1 = max(ulo, u0), min(uhi, u0 + q1 - k0)
+        if l1 > l0:  # linear weights of the band keys outside the window
+            coef = coef_all[:, :q1 - q0, l0:l1]
+            if not identity:
+                jj0 = k0 + l0 - u0
+                coef = (coef.view(B, H, *coef.shape[1:]) * svalid[:, None, None, jj0:jj0 + l1 - l0]).flatten(0, 1)
+            lw = torch.bmm(fqc, fkb[:, l0 - u0:l1 - u0].transpose(1, 2)) * coef
+            out = torch.baddbmm(out, lw, vb[:, l0 - u0:l1 - u0])
+        out = torch.addcmul(out, b3, torch.bmm(fqc, S))
+        num, den = out[..., :Dv], out[..., Dv:]
+        if identity:
+            ys.append(num / den)
+        else:
+            qok = svalid[:, q0:q1].repeat_interleave(H, 0)[..., None]
+            ys.append(num / torch.where(qok, den, torch.ones_like(den)) * qok)
+    y = torch.cat(ys, 1).view(B, H, N, Dv)
+    # New state: the last L real scratch rows stay in the window; older real rows join S, z.
+    if S_fin is None:
+        for jj in range(max(nc - 2, 0), jfull):
+            S = torch.baddbmm(S, fks[jj].transpose(1, 2), vs[jj])
+        S_fin = S
+    cmax = int(cut.max())
+    for jj in range(jfull, -(-cmax // C) if cmax > 0 else 0):
+        g = (pos[None, jj * C:(jj + 1) * C] < cut[:, None]).to(cdt).repeat_interleave(H, 0)[..., None]
+        S_fin = torch.baddbmm(S_fin, (fks[jj] * g).transpose(1, 2), vs[jj])
+    S_fin = S_fin.view(B, H, *S_fin.shape[1:])
+    sidx = end[:, None] - L + torch.arange(L, device=dev)[None]
+    sok = (sidx >= lo[:, None])[:, None, :, None]
+    sidx = sidx.clamp(0, N - 1)[:, None, :, None]
+
+    def slots(t, like):
+        return (t.gather(2, sidx.expand(B, H, L, t.shape[-1])) * sok).to(like.dtype)
+
+    new = WindowHybridState(slots(k, st.k), slots(v, st.v), slots(fk, st.fk), S_fin[..., :Dv].contiguous(),
+                            S_fin[..., Dv].contiguous(), st.n + n_call, window, terraced)
+    if not identity:
+        tgt = torch.where(ext_valid, rank + lo[:, None], 0)[:, Le:]
+        y = y.gather(2, tgt[:, None, :, None].expand(B, H, T, Dv)) * valid[:, None, :, None]
+    return y.to(out_dtype), new
+
+
+def window_hybrid_step(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None,
+                       c=None, chunk_size=None):
+    """Recurrent form for decoding: one token at a time against the O(W) state."""
+    cdt, (a, b, c), scale, valid, st, _ = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask)
+    B, H, T, D = q.shape
+    L = state_len(window, terraced)
+    a, b = a.view(1, H, 1), b.view(1, H, 1)
+    c = None if c is None else c.view(1, H, 1)
+    kw, vw, fkw = st.k.to(cdt), st.v.to(cdt), st.fk.to(cdt)
+    S, z, n = st.S.to(cdt), st.z.to(cdt), st.n
+    ar = torch.arange(L, device=q.device)
+    ys = []
+    for t in range(T):
+        real = valid[:, t]
+        kk = torch.cat([kw, k[:, :, t:t + 1].to(cdt)], 2)
+        vv = torch.cat([vw, v[:, :, t:t + 1].to(cdt)], 2)
+        ff = torch.cat([fkw, fk[:, :, t:t + 1].to(cdt)], 2)
+        ok = torch.cat([_slot_valid(n, L), real[:, None]], 1)
+        pos = torch.cat([n[:, None] - L + ar, n[:, None]], 1)
+        member = _member(n[:, None], pos, window, terraced)
+        win, lin = (ok & member)[:, None], (ok & ~member)[:, None]
+        qt, fqt = q[:, :, t].to(cdt), fq[:, :, t].to(cdt)
+        s = (torch.einsum("bhd,bhnd->bhn", qt, kk) * scale).masked_fill(~win, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        p = torch.exp(s - m.masked_fill(torch.isinf(m), 0.0))
+        lw = torch.einsum("bhf,bhnf->bhn", fqt, ff)
+        w = a * p + b * lw * lin
+        if c is not None:
+            w = w + c * lw * win
+        num = torch.einsum("bhn,bhnd->bhd", w, vv) + b * torch.einsum("bhf,bhfd->bhd", fqt, S)
+        den = w.sum(-1) + b[..., 0] * torch.einsum("bhf,bhf->bh", fqt, z)
+        y = num / torch.where(real[:, None], den, torch.ones_like(den))[..., None]
+        ys.append(y * real[:, None, None])
+        # A real token enters the window; the oldest slot (if real) leaves it for S, z.
+        ev = (real & (n >= L)).to(cdt)[:, None, None]
+        S = S + ev[..., None] * fkw[:, :, 0, :, None] * vw[:, :, 0, None, :]
+        z = z + ev * fkw[:, :, 0]
+        r4 = real[:, None, None, None]
+        kw, vw, fkw = (torch.where(r4, x[:, :, 1:], old) for x, old in ((kk, kw), (vv, vw), (ff, fkw)))
+        n = n + real.long()
+    y = torch.stack(ys, 2) if ys else q.new_zeros(B, H, 0, v.shape[-1], dtype=cdt)
+    new = WindowHybridState(kw.to(st.k.dtype), vw.to(st.v.dtype), fkw.to(st.fk.dtype), S, z, n, window, terraced)
+    return y.to(q.dtype), new
+
+
+def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None,
+                  c=None, chunk_size=None, step_max_tokens=4):
+    """Dispatch: the step form for up to `step_max_tokens` tokens after a state, the chunked form otherwise."""
+    fn = window_hybrid_step if state is not None and q.shape[2] <= step_max_tokens else window_hybrid_chunked
+    return fn(q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale, state=state, key_mask=key_mask,
+              c=c, chunk_size=chunk_size)
+
+
+def window_hybrid_weights(q, k, fq, fk, a, b, *, window=64, terraced=False, scale=None, c=None):
+    """The normalized hybrid attention weights [B, H, T, T] of one whole sequence (no state, no padding):
+    row t gives the weight of each key s in y_t. Quadratic in T: for short sequences only."""
+    B, H, T, D = q.shape
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    scale = D ** -0.5 if scale is None else scale
+    a, b = (torch.as_tensor(f, dtype=cdt, device=q.device).expand(H).view(1, H, 1, 1) for f in (a, b))
+    pos = torch.arange(T, device=q.device)
+    causal = pos[None, :] <= pos[:, None]
+    win = causal & _member(pos[:, None], pos[None, :], window, terraced)
+    lin = causal & ~win
+    s = (torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale).masked_fill(~win, float("-inf"))
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    lw = torch.matmul(fq.to(cdt), fk.to(cdt).transpose(-1, -2))
+    w = a * p + b * lw * lin
+    if c is not None:
+        w = w + torch.as_tensor(c, dtype=cdt, device=q.device).expand(H).view(1, H, 1, 1) * lw * win
+    return w / w.sum(-1, keepdim=True)

@@ -1,0 +1,121 @@
+"""LoLCATs: Hedgehog linear attention and sliding-window softmax in one layer, with learned mixing.
+
+For query t (see zoo.kernels.window_hybrid for the exact formula), keys inside the window get softmax
+weights a * exp(q.k/sqrt(D) - m_t), older keys get linear weights b * phi_q(q).phi_k(k), with one shared
+normalizer. a = sigmoid(w) and b = 1 - a are learned per head; phi_q and phi_k are Hedgehog feature maps
+phi(x) = [softmax(x W), softmax(-x W)] (over features), W [D, F] per head initialized to the identity.
+
+Two registered variants: `lolcats` (plain sliding window of `window` tokens) and `lolcats-terraced`
+(blocks of `window` tokens: softmax over the previous block and causally within the current one, the
+ThunderKittens-friendly "terraced" window).
+
+Init of the window factor (option `window_factor`, the initial a, default 0.5, i.e. w = 0). Only the ratio
+a/b matters (the normalizer divides out any common scale). The window branch is max-normalized, so its
+top key weighs a, while each linear key starts at b * phi_q.phi_k ~ b * 2/F at the identity init. At
+a = b the window therefore dominates the recent context, and the linear branch takes over only as the
+out-of-window history grows to hundreds of tokens, which matches the locality of a teacher's attention
+without starving the linear branch of gradient; w = 0 is also where sigmoid learns fastest. The LoLCATs
+code starts from a = sigmoid(-2.197) = 0.1 with b = 1 (ratio 0.1); `window_factor=0.1` gives ratio 0.11.
+
+Ablations: set `mixer.branch` at eval time (default "both"):
+- "window": sliding-window softmax alone (a = 1, b = 0).
+- "linear": Hedgehog linear attention alone over ALL past keys, window included (a = 0, b = c = 1).
+The state is built the same way in every branch, so splitting and carrying stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from zoo.kernels.window_hybrid import window_hybrid, window_hybrid_weights
+from zoo.mixers.base import Mixer, register_mixer, repeat_kv
+
+
+class HedgehogFeatureMap(nn.Module):
+    """phi(x) = [softmax(x W_h), softmax(-x W_h)] over features; W_h [D, F] per head, identity init.
+    Input [B, H, T, D]; output [B, H, T, 2F] in fp32."""
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(head_dim, feature_dim).expand(num_heads, -1, -1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = torch.einsum("bhtd,hdf->bhtf", x.float(), self.weight.float())
+        return torch.cat([u.softmax(-1), (-u).softmax(-1)], -1)
+
+
+class _LolcatsBase(Mixer):
+    family = "hybrid"
+    source = "LoLCATs (Zhang et al. 2024, arXiv:2410.10254); Hedgehog (Zhang et al. 2024, arXiv:2402.04347)"
+    options = {"window": 64, "feature_dim": None, "window_factor": 0.5}
+    terraced = False
+    BRANCHES = ("both", "window", "linear")
+
+    def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
+        super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
+        self.window = int(self.config["window"])
+        self.feature_dim = int(self.config["feature_dim"] or head_dim)
+        a0 = float(self.config["window_factor"])
+        if self.window < 1 or self.feature_dim < 1 or not 0.0 < a0 < 1.0:
+            raise ValueError(f"{self.name}: need window >= 1, feature_dim >= 1, 0 < window_factor < 1; "
+                             f"got {self.config}")
+        self.feature_map_q = HedgehogFeatureMap(num_heads, head_dim, self.feature_dim)
+        self.feature_map_k = HedgehogFeatureMap(num_heads, head_dim, self.feature_dim)
+        self.window_logit = nn.Parameter(torch.full((num_heads,), math.log(a0 / (1.0 - a0))))
+        self.branch = "both"
+
+    def factors(self):
+        """(a, b, c) per head for the kernel, following `self.branch`."""
+        if self.branch not in self.BRANCHES:
+            raise ValueError(f"branch must be one of {self.BRANCHES}, got {self.branch!r}")
+        a = torch.sigmoid(self.window_logit.float())
+        if self.branch == "window":
+            return torch.ones_like(a), torch.zeros_like(a), None
+        if self.branch == "linear":
+            return torch.zeros_like(a), torch.ones_like(a), torch.ones_like(a)
+        return a, 1.0 - a, None
+
+    def _features(self, q, k):
+        k = repeat_kv(k, self.num_heads)
+        return k, self.feature_map_q(q), self.feature_map_k(k)
+
+    def forward(self, q, k, v, x, state=None, mask=None):
+        k, fq, fk = self._features(q, k)
+        v = repeat_kv(v, self.num_heads)
+        if mask is not None:
+            keep = mask.to(q.device).bool()[:, None, :, None]
+            k, v, fk = k * keep, v * keep, fk * keep
+        a, b, c = self.factors()
+        return window_hybrid(q, k, v, fq, fk, a, b, c=c, window=self.window, terraced=self.terraced,
+                             scale=self.head_dim ** -0.5, state=state, key_mask=mask)
+
+    def attention_weights(self, q, k):
+        k, fq, fk = self._features(q, k)
+        a, b, c = self.factors()
+        return window_hybrid_weights(q, k, fq, fk, a, b, c=c, window=self.window, terraced=self.terraced,
+                                     scale=self.head_dim ** -0.5)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, branch={self.branch!r}"
+
+
+@register_mixer("lolcats")
+class Lolcats(_LolcatsBase):
+    """Hedgehog linear attention + plain sliding-window softmax (last `window` tokens), learned mixing."""
+
+    description = "Hedgehog linear attention + sliding-window softmax (W tokens), learned per-head mixing"
+    state_size = "H*(2F*D + 2F) fp32 + W*H*(2D + 2F) (last W keys, values, phi(k)); F = feature_dim (default D)"
+    terraced = False
+
+
+@register_mixer("lolcats-terraced")
+class LolcatsTerraced(_LolcatsBase):
+    """Hedgehog linear attention + terraced window: softmax over the previous and current `window`-token
+    block (causal within the current one), learned mixing."""
+
+    description = "Hedgehog linear attention + terraced block window softmax (64-token blocks), learned mixing"
+    state_size = "H*(2F*D + 2F) fp32 + 2W*H*(2D + 2F) (last 2W keys, values, phi(k)); F = feature_dim (default D)"
+    terraced = True
