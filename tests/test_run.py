@@ -126,3 +126,33 @@ def test_list_shows_every_mixer(capsys):
     out = capsys.readouterr().out
     for name in zoo.list_mixers():
         assert name in out
+
+
+def test_info_prints_environment_teacher_and_corpus(tiny_world, capsys):
+    assert main(["info", "--model", tiny_world["model"], "--sources", tiny_world["train"], tiny_world["ood"]]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "transformers" in out and "2 layers, 4 heads, 2 KV heads" in out
+    assert tiny_world["train"] in out and tiny_world["ood"] in out
+
+
+def test_plugin_mixers_register_through_entry_points(monkeypatch):
+    """A third-party package's `zoo.mixers` entry point is imported when the registry is read."""
+    import types
+
+    from zoo.mixers import base
+
+    def load():
+        @base.register_mixer("plugin-test-mixer")
+        class PluginMixer(base.Mixer):
+            description = "from a plugin"
+
+        return PluginMixer
+
+    entry = types.SimpleNamespace(name="plugin-test-mixer", value="zoo_test_plugin:PluginMixer", load=load)
+    monkeypatch.setattr(base, "entry_points", lambda group: [entry] if group == "zoo.mixers" else [])
+    monkeypatch.setattr(base, "_entry_points_loaded", False)
+    try:
+        assert "plugin-test-mixer" in zoo.list_mixers()
+        assert zoo.get_mixer("plugin-test-mixer").description == "from a plugin"
+    finally:
+        base._REGISTRY.pop("plugin-test-mixer", None)

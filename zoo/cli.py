@@ -53,16 +53,14 @@ def cmd_info(args) -> int:
           f"{n_params / 1e6:.1f}M parameters")
     if args.model == "smollm2-135m":
         print(f"  cache: {teacher_cache_path(args.model)}")
-    from zoo.data import load_corpus, token_blocks  # noqa: F401
+    from zoo.data import load_corpus
 
     corpus = load_corpus(args.sources)
     print("corpus")
     print(f"  {'source':<10} {'train docs':>10} {'train tokens':>13} {'held-out docs':>13} {'held-out tokens':>15}")
-    for source in corpus.sources:
-        train, held = corpus.train(source), corpus.heldout(source)
-        tt = sum(len(tokenizer(d.text, add_special_tokens=False).input_ids) for d in train)
-        ht = sum(len(tokenizer(d.text, add_special_tokens=False).input_ids) for d in held)
-        print(f"  {source:<10} {len(train):>10} {tt:>13,} {len(held):>13} {ht:>15,}")
+    for source, st in corpus.token_stats(tokenizer).items():
+        print(f"  {source:<10} {st['train_documents']:>10} {st['train_tokens']:>13,} {st['heldout_documents']:>13} "
+              f"{st['heldout_tokens']:>15,}")
     return 0
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zoo.mixers import build_mixer, get_mixer, list_mixers
+from zoo.mixers.hedgehog import hedgehog_features
 from zoo.mixers.lolcats import Lolcats, LolcatsTerraced
 
 NAMES = ["lolcats", "lolcats-terraced"]
@@ -115,7 +116,10 @@ def test_left_padding(name):
 def test_gqa_equals_repeated_heads(name):
     m = make_mixer(name, window=16)
     full = build_mixer(name, H, H, D, HIDDEN, 0, window=16)
-    full.load_state_dict(m.state_dict())
+    # the key feature map is per key/value head: each serves its query group
+    state = {key: t.repeat_interleave(H // HKV, 0) if key.startswith("feature_map_k") else t
+             for key, t in m.state_dict().items()}
+    full.load_state_dict(state)
     q, k, v, x = inputs(40)
     with torch.no_grad():
         y, _ = m(q, k, v, x)
@@ -169,7 +173,9 @@ def test_branch_ablations(name):
         torch.testing.assert_close(y_w, s.softmax(-1) @ vr, atol=1e-5, rtol=1e-5)
         m.branch = "linear"
         y_l, _ = m(q, k, v, x)
-        a = (m.feature_map_q(q) @ m.feature_map_k(kr).transpose(-1, -2)).masked_fill(j > i, 0)
+        fq = hedgehog_features(m.feature_map_q(q))
+        fk = hedgehog_features(m.feature_map_k(k)).repeat_interleave(H // HKV, 1)
+        a = (fq @ fk.transpose(-1, -2)).masked_fill(j > i, 0)
         torch.testing.assert_close(y_l, (a / a.sum(-1, keepdim=True)) @ vr, atol=1e-5, rtol=1e-5)
         y_l2, st = m(*(sl(t, 0, 11) for t in (q, k, v, x)))  # carry holds in the ablations too
         y_l3, _ = m(*(sl(t, 11, T) for t in (q, k, v, x)), state=st)

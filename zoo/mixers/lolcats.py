@@ -32,19 +32,8 @@ from torch import nn
 
 from zoo.kernels.window_hybrid import window_hybrid, window_hybrid_weights
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
-
-
-class HedgehogFeatureMap(nn.Module):
-    """phi(x) = [softmax(x W_h), softmax(-x W_h)] over features; W_h [D, F] per head, identity init.
-    Input [B, H, T, D]; output [B, H, T, 2F] in fp32."""
-
-    def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.eye(head_dim, feature_dim).expand(num_heads, -1, -1).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = torch.einsum("bhtd,hdf->bhtf", x.float(), self.weight.float())
-        return torch.cat([u.softmax(-1), (-u).softmax(-1)], -1)
+from zoo.mixers.feature_map import HeadwiseLinear
+from zoo.mixers.hedgehog import hedgehog_features
 
 
 class _LolcatsBase(Mixer):
@@ -62,8 +51,9 @@ class _LolcatsBase(Mixer):
         if self.window < 1 or self.feature_dim < 1 or not 0.0 < a0 < 1.0:
             raise ValueError(f"{self.name}: need window >= 1, feature_dim >= 1, 0 < window_factor < 1; "
                              f"got {self.config}")
-        self.feature_map_q = HedgehogFeatureMap(num_heads, head_dim, self.feature_dim)
-        self.feature_map_k = HedgehogFeatureMap(num_heads, head_dim, self.feature_dim)
+        # the same Hedgehog maps as the `hedgehog` mixer: queries per head, keys per key/value head
+        self.feature_map_q = HeadwiseLinear(num_heads, head_dim, self.feature_dim)
+        self.feature_map_k = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim)
         self.window_logit = nn.Parameter(torch.full((num_heads,), math.log(a0 / (1.0 - a0))))
         self.branch = "both"
 
@@ -79,8 +69,9 @@ class _LolcatsBase(Mixer):
         return a, 1.0 - a, None
 
     def _features(self, q, k):
-        k = repeat_kv(k, self.num_heads)
-        return k, self.feature_map_q(q), self.feature_map_k(k)
+        fq = hedgehog_features(self.feature_map_q(q))
+        fk = repeat_kv(hedgehog_features(self.feature_map_k(k)), self.num_heads)
+        return repeat_kv(k, self.num_heads), fq, fk
 
     def forward(self, q, k, v, x, state=None, mask=None):
         k, fq, fk = self._features(q, k)
