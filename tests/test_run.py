@@ -39,9 +39,10 @@ RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m"
 
 def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", RECIPE, *tiny_overrides(tiny_world, **{"eval.teacher_lora": True}), "--out", str(out)]) == 0
+    args = tiny_overrides(tiny_world, **{"eval.teacher_lora": True, "eval.mmlu": 4})
+    assert main(["run", RECIPE, *args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "swap only" in printed and "final (stage 2)" in printed
+    assert "swap only" in printed and "final (stage 2)" in printed and "MMLU 5-shot" in printed
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"):
         assert (out / name).exists(), name
     s = json.loads((out / "summary.json").read_text())
@@ -50,6 +51,7 @@ def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
     assert s["tokens_stage1"] == 32 * 2 * 6 and s["tokens_stage2"] == 32 * 2 * 6
     assert s["trainable_params"] > 0 and s["seconds_stage1"] > 0 and s["seconds_stage2"] > 0
     assert set(s["layer_mse_stage1"]) == {"0", "1"}
+    assert s["mmlu"]["teacher"]["n"] == 4 and 0 <= s["mmlu"]["final"]["accuracy"] <= 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "stage1"] == list(range(1, 7))
     assert all("layer_loss" in r for r in rows if r["stage"] == "stage1")

@@ -77,12 +77,20 @@ def print_table(summary: dict) -> None:
     print(f"\n{summary['model']} -> {summary['mixer']}  ({summary['trainable_params']:,} trainable parameters, "
           f"{summary['tokens_stage1']:,} + {summary['tokens_stage2']:,} tokens)")
     print(f"{'':<28} {'ppl held-out':>12} {'ppl OOD':>10} {'bpb held-out':>12} {'bpb OOD':>10}")
+    rows = [(label, r) for label, r in rows if r is not None]
     for label, r in rows:
-        if r is None:
-            continue
         ood = "-" if r["ood"] is None else f"{r['ood']:.2f}"
         bood = "-" if r["bpb_ood"] is None else f"{r['bpb_ood']:.3f}"
         print(f"{label:<28} {r['heldout']:>12.2f} {ood:>10} {r['bpb_heldout']:>12.3f} {bood:>10}")
+    sources = list(rows[0][1]["per_source"])
+    print("\nper corpus (held-out text), perplexity / bits per byte")
+    print(f"{'':<28} " + " ".join(f"{s[-16:]:>16}" for s in sources))
+    for label, r in rows:
+        cells = [f"{r['per_source'][s]['ppl']:.2f} / {r['per_source'][s]['bpb']:.3f}" for s in sources]
+        print(f"{label:<28} " + " ".join(f"{c:>16}" for c in cells))
+    if summary.get("mmlu"):
+        print("\nMMLU 5-shot accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})"
+                                                  for k, v in summary["mmlu"].items()))
 
 
 def cmd_run(args) -> int:

@@ -179,12 +179,25 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
             remember("stage2", {"train": stats})
     if "final" not in progress:
         remember("final", data.evaluate(model))
+    if recipe.eval.mmlu and "mmlu" not in progress:
+        remember("mmlu", mmlu_pair(recipe, model, tokenizer, device, dtype))
 
     sample = generate_text(model, tokenizer, recipe.eval.generate_prompt, recipe.eval.generate_tokens, device)
     save_run_model(model, tokenizer, out, merge=s2.merge_on_save)
     summary = build_summary(recipe, progress, trainable, sample, time.time() - t_start)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def mmlu_pair(recipe: Recipe, model, tokenizer, device, dtype) -> dict:
+    """5-shot MMLU on `eval.mmlu` questions (a fixed spread over topics) for the teacher and the final model."""
+    from zoo.mmlu import evaluate_mmlu
+    from zoo.teacher import load_teacher
+
+    _say(f"MMLU 5-shot on {recipe.eval.mmlu} questions: teacher and final model")
+    teacher, _ = load_teacher(recipe.model.name, dtype=dtype, device=str(device))
+    return {"teacher": evaluate_mmlu(teacher, tokenizer, limit=recipe.eval.mmlu),
+            "final": evaluate_mmlu(model, tokenizer, limit=recipe.eval.mmlu)}
 
 
 def save_run_model(model, tokenizer, out: Path, merge: bool) -> None:
@@ -227,6 +240,9 @@ def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, w
         "seconds_wall_last_invocation": wall,
         "final_loss_stage1": s1.get("final_loss"),
         "final_loss_stage2": s2.get("final_loss"),
+        "mmlu": {k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in progress["mmlu"].items()}
+        if "mmlu" in progress else None,
+        "prompt": recipe.eval.generate_prompt,
         "sample": sample,
         "seed": recipe.seed,
         "versions": versions(),
