@@ -1,6 +1,12 @@
-"""Token mixers. Importing this package registers every built-in mixer (one module each)."""
+"""Token mixers. Importing this package imports every module in it, and each mixer module registers
+its classes; a new mixer is one new file here."""
 
-from zoo.mixers import hedgehog, linear_elu, lolcats, softmax, t2r  # noqa: F401  (registration)
+import pkgutil
+from importlib import import_module
+
 from zoo.mixers.base import Mixer, build_mixer, get_mixer, list_mixers, register_mixer, repeat_kv
+
+for _module in pkgutil.iter_modules(__path__):
+    import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Mixer", "build_mixer", "get_mixer", "list_mixers", "register_mixer", "repeat_kv"]
