@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from zoo_testing import FAMILIES, tiny_model
 
 import zoo
 from zoo.cache import ZooCache
