@@ -171,6 +171,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
     s2 = recipe.stage2
     trainable = sum(p.numel() for n, p in model.named_parameters() if ".mixer." in n)
     if s2.enabled and s2.tokens > 0:
+        torch.manual_seed(recipe.seed + 1)  # LoRA's random init must not depend on what ran before it
         model = add_lora(model, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets, s2.train_mixer)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + (
             0 if s2.train_mixer else trainable)
