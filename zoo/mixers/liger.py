@@ -1,0 +1,127 @@
+"""Liger (Lan et al. 2025): gated recurrences whose gates reuse the key projection, no new parameters.
+
+`liger-gla`: normalized gated linear attention with
+- the feature map phi(x) = softmax(x) over the head dimension, for q and k (Liger's parameter-free map);
+- one gate per key feature made by pooling the key projection's output:
+
+      log g_t[d] = logsigmoid(rms(k_t[d], k_t[d +- D/2])) / tau        (tau 16, GLA's normalizer)
+
+  The mixer sees k after RoPE, which rotates each pair of dimensions (d, d + D/2) by a position-
+  dependent angle. Pooling over a head (a mean of k) or reading k per dimension would make the gate
+  swing with position; the RMS over each rotated pair is exactly what RoPE leaves unchanged, so the
+  gate is the pooled pre-RoPE key magnitude of that frequency: a pooling of the key projection that
+  depends on the token, not on where it sits. Per feature (GLA-style) rather than a scalar per head:
+  each frequency pair keeps its own memory length. Since the RMS is >= 0, g starts in [0.5^(1/16), 1):
+  mild recency, never faster than a half-life of 16 tokens; LoRA on k_proj reshapes it (stage 2).
+  Gates are per key/value head, shared by the query heads of a group, like the keys they pool.
+
+`liger`: Liger Attention, an intra-layer hybrid of that gated recurrence and sliding-window softmax:
+
+      y = alpha * liger-gla(q, k, v) + (1 - alpha) * SWA_W(q, k, v)       (alpha 0.5, W 64)
+
+  Each branch is normalized on its own, as in Liger (unlike `lolcats`, whose two branches share one
+  normalizer and learn the mix). The window branch is zoo.kernels.window_hybrid with a = 1, b = 0
+  (window softmax alone); its state caches the last W keys and values. The state is a LigerState of
+  the two sub-states. Set `mixer.branch` to "window" or "linear" at eval time for the ablations
+  (alpha 0 or 1; both states are still built, so splitting stays exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from zoo.kernels.linear_attention import LinearAttentionState, linear_attention
+from zoo.kernels.window_hybrid import WindowHybridState, window_hybrid
+from zoo.mixers.base import register_mixer, repeat_kv
+from zoo.mixers.gla import GatedLinearMixer
+
+SOURCE = "Lan et al. 2025, Liger: Linearizing LLMs to Gated Recurrent Structures (arXiv:2503.01496)"
+
+
+def softmax_features(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = softmax(x) over the head dimension, fp32."""
+    return torch.softmax(x.float(), dim=-1)
+
+
+def rotary_pair_rms(k: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D]: for each d, the RMS of (k[d], k[d +- D/2]), the pair RoPE rotates together.
+    Invariant under RoPE (and any rotation of each pair)."""
+    half = k.shape[-1] // 2
+    a, b = k.float()[..., :half], k.float()[..., half:]
+    r = ((a * a + b * b) * 0.5).sqrt()
+    return torch.cat([r, r], dim=-1)
+
+
+@register_mixer("liger-gla")
+class LigerGLAMixer(GatedLinearMixer):
+    state_size = "4*H*(D*D + D) bytes (fp32 S and z)"
+    description = "Liger gated linear attention: softmax feature map, per-feature gates pooled from k; no parameters"
+    source = SOURCE
+    options = {"tau": 16.0}  # gate logit normalizer: log g = logsigmoid(pooled k) / tau
+
+    def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
+        super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
+        self.tau = float(self.config["tau"])
+        if self.tau <= 0 or head_dim % 2:
+            raise ValueError(f"{self.name}: need tau > 0 and an even head_dim; got {self.config}, head_dim {head_dim}")
+
+    def features(self, q, k):
+        return softmax_features(q), softmax_features(k)
+
+    def log_gate(self, q, k, x):
+        return repeat_kv(F.logsigmoid(rotary_pair_rms(k)) / self.tau, self.num_heads)
+
+
+@dataclass
+class LigerState:
+    """Liger Attention's state: the gated recurrence's (S, z) and the window's last W keys/values."""
+
+    linear: LinearAttentionState
+    window: WindowHybridState
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.linear if t is not None) + self.window.nbytes()
+
+
+@register_mixer("liger")
+class LigerMixer(LigerGLAMixer):
+    family = "hybrid"
+    state_size = ("4*H*(D*D + D) bytes (fp32 gated state) + W*H*(2D + 1) input-dtype values (last W keys, "
+                  "values) + 4*H*(D + 1) + 8 bytes")
+    description = "Liger Attention: alpha * liger-gla + (1 - alpha) * sliding-window softmax (W tokens); no parameters"
+    options = {"tau": 16.0, "window": 64, "alpha": 0.5}
+    BRANCHES = ("both", "window", "linear")
+
+    def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
+        super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
+        self.window, self.alpha = int(self.config["window"]), float(self.config["alpha"])
+        if self.window < 1 or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"liger: need window >= 1 and 0 <= alpha <= 1; got {self.config}")
+        self.branch = "both"
+
+    def mix(self) -> float:
+        """The weight of the gated branch, following `self.branch`."""
+        if self.branch not in self.BRANCHES:
+            raise ValueError(f"branch must be one of {self.BRANCHES}, got {self.branch!r}")
+        return {"both": self.alpha, "window": 0.0, "linear": 1.0}[self.branch]
+
+    def forward(self, q, k, v, x, state: LigerState | None = None, mask: torch.Tensor | None = None):
+        alpha = self.mix()
+        fq, fk, vg, g = self.gated_inputs(q, k, v, x, mask)
+        y_lin, lin = linear_attention(fq, fk, vg, log_gate=g, state=None if state is None else state.linear,
+                                      normalize=True, eps=self.eps)
+        k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+        if mask is not None:
+            pad = (mask.to(q.device) == 0)[:, None, :, None]
+            k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+        none = q.new_zeros(*q.shape[:3], 1)  # b = 0: the kernel's linear features are unused, keep them 1-wide
+        y_win, win = window_hybrid(q, k, v, none, none, 1.0, 0.0, window=self.window, scale=self.head_dim ** -0.5,
+                                   state=None if state is None else state.window, key_mask=mask)
+        y = alpha * y_lin.float() + (1.0 - alpha) * y_win.float()
+        return y.to(v.dtype), LigerState(lin, win)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, branch={self.branch!r}"
