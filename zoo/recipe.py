@@ -119,6 +119,8 @@ def _stage_problems(stage):
         yield "checkpoint_every", f"must be >= 0 (0: only at the end), got {stage.checkpoint_every}"
     if stage.log_every < 1:
         yield "log_every", f"must be >= 1, got {stage.log_every}"
+    if stage.grad_clip < 0:
+        yield "grad_clip", f"must be >= 0 (0 = off), got {stage.grad_clip}"
 
 
 @dataclass(kw_only=True)
@@ -129,6 +131,7 @@ class Stage1Config:
     batch_size: int = 4
     lr: float = 1e-2
     weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (Hedgehog); 0 = off
     attention_ce_max_len: int = 128  # the cross-entropy looks at the first this-many tokens only
     checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
@@ -168,6 +171,7 @@ class Stage2Config:
     batch_size: int = 4
     lr: float = 1e-3
     weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     train_mixer: bool = False  # also train the mixers' own parameters
     merge_on_save: bool = True  # merge LoRA into the weights of the saved model
     checkpoint_every: int = 50

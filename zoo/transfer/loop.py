@@ -31,7 +31,8 @@ class LoopConfig:
     batch_size: int
     lr: float
     weight_decay: float = 0.0
-    checkpoint_every: int = 50
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    checkpoint_every: int = 50  # 0 = only at the end
     log_every: int = 10
     seed: int = 0
 
@@ -151,6 +152,8 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
                                f"({cfg.name}.lr={cfg.lr}) or check the data.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.step()
@@ -167,7 +170,7 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
                 f.write(json.dumps(row) + "\n")
             print(f"zoo: {cfg.name} step {done}/{steps} loss {last_loss:.5g} {tok_s:,.0f} tok/s "
                   f"ETA {_fmt_seconds(eta)}", file=sys.stderr, flush=True)
-        if done % cfg.checkpoint_every == 0 or done == steps:
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
             _save_checkpoint(ckpt, done, params, opt,
                              {"seconds": seconds_before + elapsed, "loss": last_loss})
         if os.environ.get("ZOO_FAULT_KILL_AT") == f"{cfg.name}:{done}":
