@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from zoo_testing import FAMILIES, tiny_model, tiny_tokenizer, write_text_files
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_tensors(request):
+    """Kernel and mixer tests use tiny tensors: intra-op threads only add barrier waits."""
+    if request.node.path.parent.name not in ("kernels", "mixers"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=FAMILIES)

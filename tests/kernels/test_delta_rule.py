@@ -12,15 +12,6 @@ B, H, D = 2, 2, 16
 GATES = [False, True]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: threads only add overhead, and on a shared machine they contend badly
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(T, gate=False, strength=0.5, seed=0, dtype=torch.float32, Dv=D):
     """q, k (L2-normalized, as callers give it), v, beta in (0, 1), log_gate <= 0 (or None)."""
     g = torch.Generator().manual_seed(seed)

@@ -15,15 +15,6 @@ B, H, D = 2, 2, 16
 GATES = [None, "scalar", "key"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: threads only add overhead, and on a shared machine they contend badly
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(T, gate=None, normalize=False, strength=0.5, seed=0, dtype=torch.float32, Dv=D):
     """q, k, v, log_gate; q, k non-negative when normalizing (as feature maps make them)."""
     g = torch.Generator().manual_seed(seed)

@@ -17,15 +17,6 @@ from zoo.kernels.window_hybrid import (
 B, H, D, DV, F = 2, 2, 8, 5, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (40x slower on a shared, busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(T, seed=0, dtype=torch.float32, logit_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, T, D, generator=g) * logit_scale

@@ -9,15 +9,6 @@ NAMES = ["linear-elu", "t2r", "hedgehog"]
 B, H, HKV, D = 2, 4, 2, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: threads only add overhead, and on a shared machine they contend badly
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_mixer(name, **options):
     torch.manual_seed(0)
     m = build_mixer(name, H, HKV, D, H * D, layer_idx=0, **options)

@@ -18,15 +18,6 @@ H, HKV, D, HIDDEN = 4, 2, 16, 32
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small(name, **options):
     """Short windows, so the tests run past them."""
     return {"window": 16, **options} if "window" in get_mixer(name).options else options

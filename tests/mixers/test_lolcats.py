@@ -13,15 +13,6 @@ NAMES = ["lolcats", "lolcats-terraced"]
 H, HKV, D, HIDDEN = 4, 2, 16, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_mixer(name, seed=0, num_kv_heads=HKV, **options):
     torch.manual_seed(seed)
     m = build_mixer(name, H, num_kv_heads, D, HIDDEN, 0, **options)
