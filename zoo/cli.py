@@ -173,7 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true")
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.set_defaults(func=cmd_generate)
+    _add_module_commands(sub)
     return p
+
+
+# Commands whose code lives in its own module: each module has add_arguments(parser) and main(args) -> int.
+MODULE_COMMANDS = {
+    ("bench", "speed"): ("zoo.bench.speed", "time mixers against softmax attention (prefill, fwd+bwd, decode, memory)"),
+    ("bench", "quality"): ("zoo.bench.quality", "every mixer through one recipe template, one budget: leaderboard"),
+    ("plan",): ("zoo.scale.plan", "disk, memory, GPUs and time for block-wise linearization of a model"),
+}
+
+
+def _add_module_commands(sub) -> None:
+    import importlib
+
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for names, (module_name, help_text) in MODULE_COMMANDS.items():
+        parent = sub
+        if len(names) == 2:
+            if names[0] not in groups:
+                group = sub.add_parser(names[0], help=f"{names[0]} subcommands")
+                groups[names[0]] = group.add_subparsers(dest=f"{names[0]}_command", required=True)
+            parent = groups[names[0]]
+        module = importlib.import_module(module_name)
+        parser = parent.add_parser(names[-1], help=help_text)
+        module.add_arguments(parser)
+        parser.set_defaults(func=module.main)
 
 
 def main(argv: list[str] | None = None) -> int:
