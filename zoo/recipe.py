@@ -32,6 +32,8 @@ from typing import Any, Union
 
 import yaml
 
+from zoo.transfer.loop import LR_SCHEDULES
+
 __all__ = [
     "RecipeError", "Recipe", "ModelConfig", "MixerConfig", "DataConfig", "Stage1Config", "Stage2Config",
     "LoraConfig", "EvalConfig", "load_recipe", "parse_layers", "parse_override",
@@ -121,6 +123,8 @@ def _stage_problems(stage):
         yield "log_every", f"must be >= 1, got {stage.log_every}"
     if stage.grad_clip < 0:
         yield "grad_clip", f"must be >= 0 (0 = off), got {stage.grad_clip}"
+    if stage.lr_schedule not in LR_SCHEDULES:
+        yield "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {stage.lr_schedule!r}"
 
 
 @dataclass(kw_only=True)
@@ -132,6 +136,7 @@ class Stage1Config:
     lr: float = 1e-2
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
     attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (Hedgehog); 0 = off
     attention_ce_max_len: int = 128  # the cross-entropy looks at the first this-many tokens only
     checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
@@ -172,6 +177,7 @@ class Stage2Config:
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
     train_mixer: bool = False  # also train the mixers' own parameters
     merge_on_save: bool = True  # merge LoRA into the weights of the saved model
     checkpoint_every: int = 50

@@ -82,7 +82,8 @@ def _loop_config(name: str, stage, seed: int):
     from zoo.transfer.loop import LoopConfig
 
     return LoopConfig(name=name, tokens=stage.tokens, batch_size=stage.batch_size, lr=stage.lr,
-                      weight_decay=stage.weight_decay, grad_clip=stage.grad_clip, checkpoint_every=stage.checkpoint_every,
+                      weight_decay=stage.weight_decay, grad_clip=stage.grad_clip, lr_schedule=stage.lr_schedule,
+                      checkpoint_every=stage.checkpoint_every,
                       log_every=stage.log_every, seed=seed)
 
 

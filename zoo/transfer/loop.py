@@ -32,6 +32,7 @@ class LoopConfig:
     lr: float
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    lr_schedule: str = "constant"  # after the linear warm-up: "constant" or "cosine" (down to 10% of lr)
     checkpoint_every: int = 50  # 0 = only at the end
     log_every: int = 10
     seed: int = 0
@@ -53,6 +54,26 @@ def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch
         take = min(batch_size - len(rows), n_blocks - offset)
         rows.extend(perm[offset:offset + take].tolist())
     return torch.tensor(rows)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_schedule(kind: str, lr: float, steps: int) -> Callable[[int], float]:
+    """step -> learning rate: a linear warm-up over min(20, steps/10) steps, then `kind`. A pure
+    function of the step, so a resumed run follows the same schedule."""
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {kind!r}; allowed: {', '.join(LR_SCHEDULES)}")
+    warmup = max(1, min(20, steps // 10))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        if kind == "constant":
+            return lr
+        progress = (step - warmup) / max(1, steps - 1 - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    return lr_at
 
 
 def trainable_named(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -127,10 +148,7 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
     if not params:
         raise ValueError(f"{cfg.name}: nothing to train (no parameter requires grad)")
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, min(20, steps // 10))
-
-    def lr_at(step: int) -> float:  # linear warm-up, then constant; a pure function of the step
-        return cfg.lr * min(1.0, (step + 1) / warmup)
+    lr_at = lr_schedule(cfg.lr_schedule, cfg.lr, steps)
     ckpt = run_dir / "checkpoints" / cfg.name
     metrics_path = run_dir / "metrics.jsonl"
     start, seconds_before, last_loss = 0, 0.0, None
