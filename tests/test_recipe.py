@@ -17,12 +17,24 @@ def test_recipes_exist():
             "llama-3-8b/lolcats.yaml", "mistral-7b/lolcats.yaml"} <= names
 
 
+def test_every_built_in_mixer_has_a_smollm2_recipe_naming_it():
+    import zoo
+
+    built_in = {name for name in zoo.list_mixers() if zoo.get_mixer(name).__module__.startswith("zoo.mixers.")}
+    folder = RECIPES[0].parents[1] / "smollm2-135m"
+    assert {p.stem for p in folder.glob("*.yaml")} >= built_in
+    for name in built_in:
+        assert load_recipe(folder / f"{name}.yaml").mixer.name == name
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_recipe_file_loads_and_names_its_launch_command(path):
     recipe = load_recipe(path)
     first = path.read_text().splitlines()[0]
     relative = path.relative_to(path.parents[2]).as_posix()
-    assert first == f"# zoo run {relative}"
+    # `zoo run RECIPE`, or for multi-GPU recipes the torchrun command that runs it on every rank
+    assert first == f"# zoo run {relative}" or (first.startswith("# torchrun ")
+                                               and first.endswith(f" -m zoo.cli run {relative}"))
     # it round-trips through its resolved form
     assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
 

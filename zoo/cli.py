@@ -99,6 +99,8 @@ def cmd_run(args) -> int:
     recipe = _load_recipe(args.recipe, args.overrides)
     out = args.out or str(Path("runs") / f"{Path(args.recipe).parent.name}-{Path(args.recipe).stem}")
     summary = run_recipe(recipe, out)
+    if summary is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return 0
     print_table(summary)
     print(f"\n{recipe.eval.generate_prompt!r} -> {summary['sample']!r}")
     print(f"run folder: {out}")
@@ -112,20 +114,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import zoo
-    from zoo.data import load_corpus
-    from zoo.evaluate import evaluate_corpus
+    from zoo.eval_report import evaluate_saved_model
 
-    model, tokenizer = zoo.load_linearized(Path(args.dir) / "model" if (Path(args.dir) / "model").is_dir() else args.dir)
-    if tokenizer is None:
-        raise SystemExit(f"{args.dir} has no tokenizer saved with the model")
-    corpus = load_corpus(args.sources)
-    results = evaluate_corpus(model, tokenizer, corpus, corpus.sources, args.seq_len, args.max_blocks)
-    if args.mmlu:
-        from zoo.mmlu import evaluate_mmlu
-
-        results["mmlu"] = evaluate_mmlu(model, tokenizer, limit=args.mmlu)
-    print(json.dumps(results, indent=2))
+    print(json.dumps(evaluate_saved_model(args), indent=2))
     return 0
 
 
@@ -159,12 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*")
     demo.add_argument("--out")
     demo.set_defaults(func=cmd_demo)
-    ev = sub.add_parser("eval", help="perplexity / bits per byte (and MMLU) of a saved linearized model")
+    ev = sub.add_parser("eval", help="perplexity / bits per byte, MMLU, passkey, decode cost, lm_eval tasks "
+                                     "of a saved linearized model")
     ev.add_argument("dir")
     ev.add_argument("--sources", nargs="+", default=["austen", "bible", "brown"])
     ev.add_argument("--seq-len", type=int, default=256)
     ev.add_argument("--max-blocks", type=int, default=32)
     ev.add_argument("--mmlu", type=int, default=0, help="number of MMLU questions (0: skip)")
+    from zoo.eval_report import add_eval_arguments
+
+    add_eval_arguments(ev)
     ev.set_defaults(func=cmd_eval)
     gen = sub.add_parser("generate", help="generate from a saved linearized model")
     gen.add_argument("dir")

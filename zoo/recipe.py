@@ -36,7 +36,7 @@ from zoo.transfer.loop import LR_SCHEDULES
 
 __all__ = [
     "RecipeError", "Recipe", "ModelConfig", "MixerConfig", "DataConfig", "Stage1Config", "Stage2Config",
-    "LoraConfig", "EvalConfig", "load_recipe", "parse_layers", "parse_override",
+    "LoraConfig", "EvalConfig", "BlockwiseConfig", "load_recipe", "parse_layers", "parse_override",
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -128,6 +128,28 @@ def _stage_problems(stage):
 
 
 @dataclass(kw_only=True)
+class BlockwiseConfig:
+    """Block-wise attention transfer (LoLCATs' recipe for 70B and 405B): the layers are cut into blocks
+    of `block_size`; the teacher's hidden states entering each block are computed once and stored on
+    disk; each block's mixers then train alone from them, blocks spread over the ranks of a torchrun
+    launch. Off (0) trains all layers jointly, as before."""
+    block_size: int = 0  # layers per block; 0 = off
+    store: str | None = None  # hidden-state store folder (shared by all ranks); None: <run folder>/store
+    shard_sequences: int = 64  # sequences per store shard: bounds memory, and the unit written or redone
+    sequences: int = 0  # training sequences stored and trained on (a seeded sample); 0 = those stage1.tokens reach
+
+    def _problems(self):
+        if self.block_size < 0:
+            yield "block_size", f"must be >= 0 (0 = off), got {self.block_size}"
+        if self.shard_sequences < 1:
+            yield "shard_sequences", f"must be >= 1, got {self.shard_sequences}"
+        if self.sequences < 0:
+            yield "sequences", f"must be >= 0 (0 = as many as stage1.tokens reaches), got {self.sequences}"
+        if self.store is not None and not self.store.strip():
+            yield "store", "must be a folder path or null"
+
+
+@dataclass(kw_only=True)
 class Stage1Config:
     """Attention transfer: train only the mixers' own parameters to match the teacher's attention."""
     enabled: bool = True
@@ -141,6 +163,7 @@ class Stage1Config:
     attention_ce_max_len: int = 128  # the cross-entropy looks at the first this-many tokens only
     checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
     log_every: int = 10  # optimizer steps
+    blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
 
     def _problems(self):
         yield from _stage_problems(self)
@@ -182,6 +205,7 @@ class Stage2Config:
     merge_on_save: bool = True  # merge LoRA into the weights of the saved model
     checkpoint_every: int = 50
     log_every: int = 10
+    gradient_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def _problems(self):
@@ -196,6 +220,12 @@ class EvalConfig:
     mmlu: int = 0  # MMLU questions (5-shot); 0 = skip
     generate_prompt: str = "Once upon a time"
     generate_tokens: int = 32
+    mse_blocks: int = 8  # training blocks for the per-layer transfer MSE (swap and after stage 1)
+    passkey_lengths: list[int] = field(default_factory=list)  # contexts (tokens) for passkey retrieval; [] = skip
+    passkey_trials: int = 4  # prompts per context length
+    decode_contexts: list[int] = field(default_factory=list)  # contexts for decode tok/s and state bytes; [] = skip
+    decode_steps: int = 8  # timed decoding steps at each of decode_contexts
+    branches: bool = False  # hybrids: also evaluate the window branch alone and the linear branch alone
 
     def _problems(self):
         if self.max_blocks < 1:
@@ -206,6 +236,18 @@ class EvalConfig:
             yield "mmlu", f"must be >= 0 (0 = skip), got {self.mmlu}"
         if self.generate_tokens < 0:
             yield "generate_tokens", f"must be >= 0, got {self.generate_tokens}"
+        if self.mse_blocks < 1:
+            yield "mse_blocks", f"must be >= 1, got {self.mse_blocks}"
+        if any(n < 2 for n in self.passkey_lengths):
+            yield "passkey_lengths", f"must be context lengths >= 2 tokens, got {self.passkey_lengths}"
+        if self.passkey_trials < 1:
+            yield "passkey_trials", f"must be >= 1, got {self.passkey_trials}"
+        if self.decode_steps < 1:
+            yield "decode_steps", f"must be >= 1, got {self.decode_steps}"
+        ctx = self.decode_contexts
+        if ctx and (ctx[0] < 1 or any(b - a <= self.decode_steps for a, b in zip(ctx, ctx[1:]))):
+            yield "decode_contexts", (f"must be >= 1 and grow by more than decode_steps ({self.decode_steps}) "
+                                      f"each time, got {ctx}")
 
 
 @dataclass(kw_only=True)

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from zoo.atomic import write_json
-from zoo.recipe import Recipe
+from zoo.measures import branch_ablation, cached_reference, measure, teacher_measures, wanted_measures
+from zoo.peak_memory import PeakMemory
+from zoo.recipe import Recipe, load_recipe
 
 FINAL_MODEL_DIR = "model"
 
@@ -77,6 +79,10 @@ class RunData:
                 "ood": pooled({s: per[s] for s in self.ood_sources}) if self.ood_sources else None,
                 "per_source": per}
 
+    def passkey_filler(self) -> list:
+        """Held-out documents to hide passkeys in: the out-of-domain corpora's, else the training corpora's."""
+        return [doc for s in (self.ood_sources or self.train_sources) for doc in self.corpus.heldout(s)]
+
 
 def _loop_config(name: str, stage, seed: int):
     from zoo.transfer.loop import LoopConfig
@@ -91,18 +97,29 @@ def _say(msg: str) -> None:
     print(f"zoo: {msg}", file=sys.stderr, flush=True)
 
 
+REFERENCE_STAGE2_KEYS = ("tokens", "batch_size", "lr", "weight_decay", "grad_clip", "lr_schedule", "lora")
+
+
+def teacher_lora_folder(recipe: Recipe) -> tuple[Path, str]:
+    """Where the fair reference of `recipe` is kept (one per model, data, stage 2, eval blocks, seed), and its key."""
+    from zoo.data.cache import cache_dir
+
+    d = recipe.to_dict()
+    # only what changes the fine-tuned teacher: new recipe keys (logging, memory savers) must not void the cache
+    stage2 = {k: d["stage2"][k] for k in REFERENCE_STAGE2_KEYS}
+    key_src = json.dumps({k: d[k] for k in ("model", "data", "seed")} | {"stage2": stage2, "eval": d["eval"]["max_blocks"]},
+                         sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    return cache_dir() / "references" / f"teacher-lora-{key}", key_src
+
+
 def teacher_lora_reference(recipe: Recipe, data: RunData, device, dtype) -> dict:
     """The fair reference: the teacher fine-tuned with the same LoRA budget on the same data.
     Computed once per (model, data, stage 2, eval, seed) and reused from the zoo cache."""
-    from zoo.data.cache import cache_dir
     from zoo.teacher import load_teacher
     from zoo.transfer.stage2 import add_lora, run_stage2
 
-    d = recipe.to_dict()
-    key_src = json.dumps({k: d[k] for k in ("model", "data", "stage2", "seed")} | {"eval": d["eval"]["max_blocks"]},
-                         sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    folder = cache_dir() / "references" / f"teacher-lora-{key}"
+    folder, key_src = teacher_lora_folder(recipe)
     result_path = folder / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
@@ -111,22 +128,35 @@ def teacher_lora_reference(recipe: Recipe, data: RunData, device, dtype) -> dict
     teacher, _ = load_teacher(recipe.model.name, dtype=dtype, device=str(device))
     s2 = recipe.stage2
     teacher = add_lora(teacher, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets)
-    stats = run_stage2(teacher, data.train_blocks, _loop_config("teacher_lora", s2, recipe.seed), folder, device)
+    with PeakMemory() as peak:
+        stats = run_stage2(teacher, data.train_blocks, _loop_config("teacher_lora", s2, recipe.seed), folder, device)
+    stats |= {"peak_memory": peak.result(),
+              "trainable_params": sum(p.numel() for p in teacher.parameters() if p.requires_grad)}
     result = {"eval": data.evaluate(teacher), "train": stats, "recipe_key": json.loads(key_src)}
     write_json(result_path, result)
     return result
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
-    """Run a whole recipe into `out_dir` (resuming what is there). Returns the summary dict."""
+def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
+    """Run a whole recipe into `out_dir` (resuming what is there). Returns the summary dict.
+
+    A recipe with stage1.blockwise.block_size > 0, or any recipe in a process started by torchrun,
+    runs through zoo.scale.pipeline (block-wise stage 1, FSDP2 stage 2); there only rank 0 returns
+    the summary and the other ranks None."""
     import zoo
+    from zoo.scale.dist import launched_by_torchrun
     from zoo.transfer.stage1 import layer_mse, run_stage1
-    from zoo.transfer.stage2 import add_lora, run_stage2
+    from zoo.transfer.stage2 import add_lora, enable_gradient_checkpointing, run_stage2
+
+    if recipe.stage1.blockwise.block_size or launched_by_torchrun():
+        from zoo.scale.pipeline import run_scaled
+
+        return run_scaled(recipe, out_dir)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "recipe.yaml"
-    if recipe_path.exists() and recipe_path.read_text() != recipe.to_yaml():
+    if recipe_path.exists() and not same_recipe(recipe_path, recipe):
         raise ValueError(f"{out} holds a run of a different recipe ({recipe_path}); use another --out folder")
     recipe_path.write_text(recipe.to_yaml())
     progress_path = out / "progress.json"
@@ -146,15 +176,22 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
     _say(f"{data.train_blocks.shape[0]} training blocks of {recipe.data.seq_len} tokens from {data.train_sources}; "
          f"out-of-domain: {data.ood_sources or 'none'}")
 
+    model_params = sum(p.numel() for p in model.parameters())
     if "teacher" not in progress:
         _say("evaluating the teacher")
-        remember("teacher", data.evaluate(model))
+        teacher_key = {k: recipe.to_dict()[k] for k in ("model", "data")} | {"max_blocks": recipe.eval.max_blocks,
+                                                                              "device": device.type}
+        remember("teacher", cached_reference("teacher-eval", teacher_key, lambda: data.evaluate(model)))
     if recipe.eval.teacher_lora and "teacher_lora" not in progress:
-        remember("teacher_lora", teacher_lora_reference(recipe, data, device, dtype)["eval"])
+        reference = teacher_lora_reference(recipe, data, device, dtype)
+        remember("teacher_lora_train", reference["train"])
+        remember("teacher_lora", reference["eval"])
+    teacher_side = teacher_measures(recipe, data, model, tokenizer, device,
+                                    [m for m in wanted_measures(recipe) if m not in progress])
 
     torch.manual_seed(recipe.seed)  # the mixers' initialization is part of the run's determinism
     zoo.linearize(model, recipe.mixer.name, layers=recipe.mixer.layers, **recipe.mixer.options)
-    mse_blocks = data.train_blocks[: min(8, data.train_blocks.shape[0])]
+    mse_blocks = data.train_blocks[: min(recipe.eval.mse_blocks, data.train_blocks.shape[0])]
     if "swap" not in progress:
         _say(f"evaluating the swapped model ({recipe.mixer.name}, untrained)")
         remember("swap", data.evaluate(model) | {"layer_mse": layer_mse(model, mse_blocks)})
@@ -164,42 +201,54 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
     if s1.enabled and s1.tokens > 0 and not has_mixer_params:
         _say(f"stage 1 skipped: {recipe.mixer.name} has no parameters to transfer")
     elif s1.enabled and s1.tokens > 0:
-        stats = run_stage1(model, data.train_blocks, _loop_config("stage1", s1, recipe.seed), out,
-                           attention_ce=s1.attention_ce, attention_ce_max_len=s1.attention_ce_max_len, device=device)
+        with PeakMemory() as peak:
+            stats = run_stage1(model, data.train_blocks, _loop_config("stage1", s1, recipe.seed), out,
+                               attention_ce=s1.attention_ce, attention_ce_max_len=s1.attention_ce_max_len,
+                               device=device)
         if "stage1" not in progress:
-            remember("stage1", {"train": stats, **data.evaluate(model), "layer_mse": layer_mse(model, mse_blocks)})
+            remember("stage1", {"train": stats | {"peak_memory": peak.result()}, **data.evaluate(model),
+                                "layer_mse": layer_mse(model, mse_blocks)})
 
     s2 = recipe.stage2
     trainable = sum(p.numel() for n, p in model.named_parameters() if ".mixer." in n)
     if s2.enabled and s2.tokens > 0:
         torch.manual_seed(recipe.seed + 1)  # LoRA's random init must not depend on what ran before it
         model = add_lora(model, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets, s2.train_mixer)
+        if s2.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + (
             0 if s2.train_mixer else trainable)
-        stats = run_stage2(model, data.train_blocks, _loop_config("stage2", s2, recipe.seed), out, device=device)
+        with PeakMemory() as peak:
+            stats = run_stage2(model, data.train_blocks, _loop_config("stage2", s2, recipe.seed), out, device=device)
         if "stage2" not in progress:
-            remember("stage2", {"train": stats})
+            remember("stage2", {"train": stats | {"peak_memory": peak.result()}})
     if "final" not in progress:
         remember("final", data.evaluate(model))
-    if recipe.eval.mmlu and "mmlu" not in progress:
-        remember("mmlu", mmlu_pair(recipe, model, tokenizer, device, dtype))
+    for name in ("mmlu", "passkey"):
+        if name in teacher_side:
+            _say(f"{name}: final model")
+            remember(name, {"teacher": teacher_side[name], "final": measure(name, recipe, data, model, tokenizer)})
+    if recipe.eval.branches and "branches" not in progress:
+        remember("branches", branch_ablation(recipe, data, model, tokenizer))
 
     sample = generate_text(model, tokenizer, recipe.eval.generate_prompt, recipe.eval.generate_tokens, device)
     save_run_model(model, tokenizer, out, merge=s2.merge_on_save)
-    summary = build_summary(recipe, progress, trainable, sample, time.time() - t_start)
+    if "decode" in teacher_side:  # timed on the model as saved (LoRA merged), not through the peft wrapper
+        del model
+        saved, _ = zoo.load_linearized(out / FINAL_MODEL_DIR, dtype=dtype, device=str(device))
+        _say("decode speed and state memory: final model")
+        remember("decode", {"teacher": teacher_side["decode"], "final": measure("decode", recipe, data, saved, tokenizer)})
+    summary = build_summary(recipe, progress, trainable, sample, time.time() - t_start, model_params)
     write_json(out / "summary.json", summary)
     return summary
 
 
-def mmlu_pair(recipe: Recipe, model, tokenizer, device, dtype) -> dict:
-    """5-shot MMLU on `eval.mmlu` questions (a fixed spread over topics) for the teacher and the final model."""
-    from zoo.mmlu import evaluate_mmlu
-    from zoo.teacher import load_teacher
-
-    _say(f"MMLU 5-shot on {recipe.eval.mmlu} questions: teacher and final model")
-    teacher, _ = load_teacher(recipe.model.name, dtype=dtype, device=str(device))
-    return {"teacher": evaluate_mmlu(teacher, tokenizer, limit=recipe.eval.mmlu),
-            "final": evaluate_mmlu(model, tokenizer, limit=recipe.eval.mmlu)}
+def same_recipe(path: Path, recipe: Recipe) -> bool:
+    """Whether the run folder's recipe.yaml is `recipe` (keys added to the schema since take their defaults)."""
+    try:
+        return load_recipe(path).to_dict() == recipe.to_dict()
+    except ValueError:
+        return False
 
 
 def save_run_model(model, tokenizer, out: Path, merge: bool) -> None:
@@ -220,7 +269,18 @@ def _ppl_pair(entry: dict | None) -> dict | None:
             "per_source": {s: {"ppl": r["ppl"], "bpb": r["bpb"]} for s, r in entry["per_source"].items()}}
 
 
-def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, wall: float) -> dict:
+def _mean(values: dict | None) -> float | None:
+    return sum(values.values()) / len(values) if values else None
+
+
+def _branches(entry: dict | None) -> dict | None:
+    if entry is None:
+        return None
+    return {branch: {"ppl": _ppl_pair(r), "passkey": r.get("passkey")} for branch, r in entry.items()}
+
+
+def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, wall: float,
+                  model_params: int | None = None) -> dict:
     s1 = progress.get("stage1", {}).get("train", {})
     s2 = progress.get("stage2", {}).get("train", {})
     return {
@@ -234,16 +294,26 @@ def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, w
         "ppl_final": _ppl_pair(progress.get("final")),
         "layer_mse_swap": progress.get("swap", {}).get("layer_mse"),
         "layer_mse_stage1": progress.get("stage1", {}).get("layer_mse"),
+        "mean_layer_mse_swap": _mean(progress.get("swap", {}).get("layer_mse")),
+        "mean_layer_mse_stage1": _mean(progress.get("stage1", {}).get("layer_mse")),
         "trainable_params": trainable,
+        "model_params": model_params,
+        "trainable_percent": 100.0 * trainable / model_params if model_params else None,
+        "teacher_lora_train": progress.get("teacher_lora_train"),
         "tokens_stage1": s1.get("tokens", 0),
         "tokens_stage2": s2.get("tokens", 0),
         "seconds_stage1": s1.get("seconds", 0.0),
         "seconds_stage2": s2.get("seconds", 0.0),
         "seconds_wall_last_invocation": wall,
+        "peak_memory_stage1": s1.get("peak_memory"),
+        "peak_memory_stage2": s2.get("peak_memory"),
         "final_loss_stage1": s1.get("final_loss"),
         "final_loss_stage2": s2.get("final_loss"),
         "mmlu": {k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in progress["mmlu"].items()}
         if "mmlu" in progress else None,
+        "passkey": progress.get("passkey"),
+        "decode": progress.get("decode"),
+        "branches": _branches(progress.get("branches")),
         "prompt": recipe.eval.generate_prompt,
         "sample": sample,
         "seed": recipe.seed,

@@ -1,9 +1,321 @@
-"""Placeholder: being written (the CLI imports add_arguments and main from here)."""
+"""`zoo bench quality`: every mixer through one recipe template and one budget, then a leaderboard.
 
+Each mixer's recipe is the template (default `recipes/<model>/lolcats.yaml`) with that mixer's own
+settings taken from its recipe file (the `mixer` section and the stage-1 optimizer, `STAGE1_KEYS`;
+a mixer without a recipe file runs with its default options), then the budget's overrides
+(zoo.bench.budgets), then `--set` overrides. So every mixer, and the fair reference, gets the same
+data, stage-2 budget and evaluation. Each runs through `zoo.run.run_recipe` in DIR/<mixer>/: a mixer
+finished there (summary.json) is not redone, an interrupted one resumes where it stopped.
+
+Ablations (`--ablations`, default all):
+- `lora-only`: for each mixer of `--lora-only-mixers` (default lolcats), no attention transfer, LoRA
+  and the mixer's parameters trained on the next-token loss for the same total tokens (DIR/ablations/);
+- `feature-maps`: hedgehog, t2r and linear-elu run under the same budget (added if not in --mixers);
+- `branches`: each hybrid's trained model evaluated with its window branch alone and its linear branch alone.
+
+Outputs in DIR, rewritten after every run: results.json (zoo.bench.results), leaderboard.md
+(zoo.bench.leaderboard) and PNG plots (zoo.bench.quality_plots).
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from zoo.bench.budgets import BUDGETS, Budget, get_budget
+from zoo.recipe import Recipe, load_recipe
+
+__all__ = ["ABLATIONS", "STAGE1_KEYS", "BenchItem", "add_arguments", "main", "mixer_recipe", "plan_bench",
+           "run_bench"]
+
+ABLATIONS = ("lora-only", "feature-maps", "branches")
+FEATURE_MAP_MIXERS = ("hedgehog", "t2r", "linear-elu")
+#: what a mixer's own recipe contributes besides its `mixer` section
+STAGE1_KEYS = ("lr", "weight_decay", "grad_clip", "attention_ce", "attention_ce_max_len")
+RECIPES_ROOT = Path(__file__).resolve().parents[2] / "recipes"
+DEFAULT_RECIPES = "smollm2-135m"
+TEMPLATE_MIXER = "lolcats"
+
+
+def _say(msg: str) -> None:
+    print(f"zoo bench: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class BenchItem:
+    """One run of the bench: a mixer, or an ablation of one."""
+    name: str  # the row's name
+    mixer: str
+    kind: str  # "mixer" or "ablation"
+    ablation: str | None
+    recipe: Recipe
+    folder: Path
+
+    @property
+    def finished(self) -> bool:
+        return (self.folder / "summary.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------- plan
+
+def resolve_mixers(names: list[str] | None) -> list[str]:
+    """Registered mixer names from `--mixers` (names or comma lists; none or "all": every registered one)."""
+    import zoo
+
+    registered = zoo.list_mixers()
+    wanted = [n.strip() for text in (names or []) for n in text.split(",") if n.strip()]
+    if not wanted or wanted == ["all"]:
+        return registered
+    unknown = [n for n in wanted if n not in registered]
+    if unknown:
+        raise ValueError(f"unknown mixer(s) {unknown}; registered mixers: {', '.join(registered)}")
+    return list(dict.fromkeys(wanted))
+
+
+def parse_ablations(text: str) -> list[str]:
+    """`--ablations`: "all", "none", or a comma list of ABLATIONS."""
+    if text.strip() == "all":
+        return list(ABLATIONS)
+    if text.strip() == "none":
+        return []
+    chosen = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in chosen if a not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; allowed: all, none, or a comma list of {', '.join(ABLATIONS)}")
+    return chosen
+
+
+def recipes_folder(model: str, given: str | None) -> Path:
+    """`--recipes`, else recipes/<model>/ when it exists, else the SmolLM2 recipes (their mixer settings)."""
+    if given:
+        folder = Path(given)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--recipes {given}: no such folder")
+        return folder
+    own = RECIPES_ROOT / model  # an embedded name such as smollm2-135m; hub ids and folders have none
+    return own if "/" not in model and own.is_dir() else RECIPES_ROOT / DEFAULT_RECIPES
+
+
+def mixer_recipe(template: Recipe, mixer: str, recipes: Path, model: str, budget: Budget,
+                 settings: list[str], branches: bool = False) -> Recipe:
+    """The template with `mixer`'s own settings (from recipes/<mixer>.yaml if any), the model, the
+    budget and `settings` (key=value) applied, in that order."""
+    raw = template.to_dict()
+    own = recipes / f"{mixer}.yaml"
+    if own.is_file():
+        mine = load_recipe(own).to_dict()
+        if mine["mixer"]["name"] != mixer:
+            raise ValueError(f"{own} is a recipe for mixer {mine['mixer']['name']!r}, not {mixer!r}")
+        raw["mixer"] = mine["mixer"]
+        raw["stage1"] |= {k: mine["stage1"][k] for k in STAGE1_KEYS}
+    else:
+        raw["mixer"] = {"name": mixer, "options": {}, "layers": raw["mixer"]["layers"]}
+    raw["model"]["name"] = model
+    recipe = Recipe.from_dict(raw, budget.recipe_overrides())
+    if settings:
+        recipe = recipe.override(settings)
+    return recipe.override({"eval.branches": True}) if branches else recipe
+
+
+def lora_only_recipe(recipe: Recipe) -> Recipe:
+    """No attention transfer: LoRA and the mixer's own parameters on the next-token loss, for the
+    tokens of both stages; measured against the bench's shared references (decode cost is the mixer's)."""
+    return recipe.override({"stage1.enabled": False, "stage2.tokens": recipe.stage1.tokens + recipe.stage2.tokens,
+                            "stage2.train_mixer": True, "eval.teacher_lora": False, "eval.branches": False,
+                            "eval.decode_contexts": []})
+
+
+def plan_bench(model: str, mixers: list[str], budget: Budget, out: Path, ablations: list[str],
+               lora_only_mixers: list[str], recipes: Path, template: Recipe, settings: list[str]) -> list[BenchItem]:
+    """The runs of a bench, in order: the mixers, feature-map mixers the ablation adds, LoRA-only runs."""
+    from zoo.mixers import get_mixer
+
+    def item(mixer: str, kind: str, ablation: str | None) -> BenchItem:
+        hybrid = "branches" in ablations and hasattr(get_mixer(mixer), "BRANCHES")
+        recipe = mixer_recipe(template, mixer, recipes, model, budget, settings, branches=hybrid)
+        return BenchItem(mixer, mixer, kind, ablation, recipe, out / mixer)
+
+    items = [item(m, "mixer", None) for m in mixers]
+    if "feature-maps" in ablations:
+        items += [item(m, "ablation", "feature-map") for m in FEATURE_MAP_MIXERS if m not in mixers]
+    if "lora-only" in ablations:
+        for m in lora_only_mixers:
+            if m not in mixers:
+                _say(f"LoRA-only ablation of {m} skipped: {m} is not among the bench's mixers")
+                continue
+            base = next(i for i in items if i.mixer == m)
+            items.append(BenchItem(f"{m} [LoRA only]", m, "ablation", "lora-only", lora_only_recipe(base.recipe),
+                                   out / "ablations" / f"{m}-lora-only"))
+    return items
+
+
+def check_folders(items: list[BenchItem]) -> None:
+    """A folder in DIR that holds a run of another recipe is an error (another budget or --set)."""
+    from zoo.run import same_recipe
+
+    for it in items:
+        path = it.folder / "recipe.yaml"
+        if path.exists() and not same_recipe(path, it.recipe):
+            raise ValueError(f"{it.folder} holds a run of another recipe (another budget, --set or template?); "
+                             "use another --out or remove that folder")
+
+
+# ----------------------------------------------------------------------------------------- run
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_bench(items: list[BenchItem], budget: Budget, on_progress=None) -> dict[str, str]:
+    """Run every unfinished item (the finished are not redone); returns {name: error} of those that
+    failed. `on_progress(failures)` is called after each run (the bench rewrites its outputs there)."""
+    from zoo.run import run_recipe
+
+    failures: dict[str, str] = {}
+    todo = [it for it in items if not it.finished]
+    started, took = time.time(), []
+    for index, it in enumerate(items, 1):
+        tag = f"[{index}/{len(items)}] {it.name}"
+        if it.finished:
+            _say(f"{tag}: already finished in {it.folder}, not redone")
+            continue
+        left = len(todo) - len(took)
+        if took:
+            eta, basis = sum(took) / len(took) * left, "runs so far"
+        else:
+            eta, basis = budget.estimate_seconds() * left, "budget estimate for SmolLM2 on 2 CPU cores"
+        state = "resuming" if (it.folder / "progress.json").exists() else "starting"
+        _say(f"{tag}: {state} in {it.folder} (bench {_clock(time.time() - started)} so far; "
+             f"ETA {_clock(eta)} for {left} run(s) left, {basis})")
+        t0 = time.time()
+        try:
+            run_recipe(it.recipe, it.folder)
+        except Exception as err:  # one mixer's failure (a NaN loss, a bad option) must not sink the bench
+            failures[it.name] = f"{type(err).__name__}: {err}"
+            _say(f"{tag}: FAILED ({failures[it.name]}); going on with the next")
+        took.append(time.time() - t0)
+        gc.collect()
+        if on_progress is not None:
+            on_progress(failures)
+    return failures
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+def device_description(recipe: Recipe) -> str:
+    import torch
+
+    from zoo.run import pick_device
+
+    device = pick_device(recipe.device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def collect_rows(items: list[BenchItem], out: Path, failures: dict[str, str]) -> list[dict]:
+    """results.json rows: the references, then each item's (see zoo.bench.results)."""
+    import json
+
+    from zoo.bench.results import empty_row, failed_row, mixer_rows, reference_rows
+    from zoo.mixers import get_mixer
+    from zoo.run import teacher_lora_folder
+
+    summaries = {it.name: json.loads((it.folder / "summary.json").read_text()) for it in items if it.finished}
+    with_reference = next((it for it in items if it.name in summaries and it.recipe.eval.teacher_lora), None)
+    rows, references = [], {}
+    if with_reference is not None:
+        summary = summaries[with_reference.name]
+        references = {"teacher": summary.get("ppl_teacher"), "fair": summary.get("ppl_teacher_lora")}
+        rows += reference_rows(summary, teacher_lora_folder(with_reference.recipe)[0] / "metrics.jsonl")
+    for it in items:
+        family = get_mixer(it.mixer).family
+        relative = str(it.folder.relative_to(out)) if it.folder.is_relative_to(out) else str(it.folder)
+        if it.name in summaries:
+            rows += mixer_rows(summaries[it.name], it.name, it.kind, family, it.ablation, it.folder, references, out)
+        elif it.name in failures:
+            rows.append(failed_row(it.name, it.kind, it.mixer, family, it.ablation, failures[it.name], relative))
+        else:
+            rows.append(empty_row(it.name, it.kind, it.mixer, family, it.ablation) | {"status": "pending",
+                                                                                       "run_dir": relative})
+    return rows
+
+
+def write_outputs(out: Path, meta: dict, items: list[BenchItem], failures: dict[str, str]) -> dict:
+    """results.json, leaderboard.md and the plots, from what DIR holds now."""
+    from zoo.atomic import atomic_file, write_json
+    from zoo.bench.leaderboard import leaderboard_markdown
+    from zoo.bench.quality_plots import write_plots
+
+    results = meta | {"updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "rows": collect_rows(items, out, failures)}
+    write_json(out / "results.json", results)
+    with atomic_file(out / "leaderboard.md") as f:
+        f.write(leaderboard_markdown(results))
+    write_plots(results["rows"], out, f"{meta['model']}, budget {meta['budget']['name']}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------ CLI
 
 def add_arguments(parser) -> None:
-    pass
+    parser.add_argument("--model", default="smollm2-135m", help="teacher: smollm2-135m, a hub id or a local folder")
+    parser.add_argument("--mixers", nargs="+", help="mixers to bench (names or comma lists; default: all registered)")
+    parser.add_argument("--budget", default="quick",
+                        help=f"a named budget ({', '.join(BUDGETS)}) or a YAML file of budget fields (default quick)")
+    parser.add_argument("--out", help="bench folder (default runs/bench-quality-<model>-<budget>)")
+    parser.add_argument("--ablations", default="all",
+                        help=f"all (default), none, or a comma list of {', '.join(ABLATIONS)}")
+    parser.add_argument("--lora-only-mixers", default=TEMPLATE_MIXER,
+                        help="comma list of mixers for the LoRA-only ablation (default lolcats)")
+    parser.add_argument("--recipes", help="folder of per-mixer recipes (default recipes/<model>, else the SmolLM2 ones)")
+    parser.add_argument("--template", help="the recipe every mixer starts from (default <recipes>/lolcats.yaml)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for every run, after the budget (e.g. device=cpu); repeatable")
+
+
+def command_line(args, mixers: list[str], out: Path) -> str:
+    """The command that reproduces this bench (canonical form of the arguments)."""
+    parts = ["zoo", "bench", "quality", "--model", args.model, "--mixers", ",".join(mixers), "--budget", args.budget,
+             "--out", str(out), "--ablations", args.ablations, "--lora-only-mixers", args.lora_only_mixers]
+    for flag, value in (("--recipes", args.recipes), ("--template", args.template)):
+        if value:
+            parts += [flag, value]
+    for setting in args.settings:
+        parts += ["--set", setting]
+    return shlex.join(parts)
 
 
 def main(args) -> int:
-    raise NotImplementedError("not written yet")
+    from zoo.run import versions
+
+    budget = get_budget(args.budget)
+    mixers = resolve_mixers(args.mixers)
+    ablations = parse_ablations(args.ablations)
+    lora_only = resolve_mixers([args.lora_only_mixers]) if args.lora_only_mixers.strip() else []
+    recipes = recipes_folder(args.model, args.recipes)
+    template = load_recipe(args.template or recipes / f"{TEMPLATE_MIXER}.yaml")
+    slug = Path(args.model).name if Path(args.model).exists() else args.model.replace("/", "-")
+    out = Path(args.out or Path("runs") / f"bench-quality-{slug}-{budget.name}")
+    items = plan_bench(args.model, mixers, budget, out, ablations, lora_only, recipes, template, args.settings)
+    check_folders(items)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"bench": "quality", "model": args.model, "budget": budget.to_dict(), "seed": items[0].recipe.seed,
+            "device": device_description(items[0].recipe),
+            "versions": versions() | {"python": platform.python_version(), "platform": platform.platform()},
+            "command": command_line(args, mixers, out), "argv": sys.argv, "mixers": mixers, "ablations": ablations,
+            "recipes": str(recipes)}
+    _say(f"{len(items)} run(s) into {out}: budget {budget.name} ({budget.description})")
+    failures = run_bench(items, budget, on_progress=lambda failed: write_outputs(out, meta, items, failed))
+    results = write_outputs(out, meta, items, failures)
+    done = sum(r["status"] == "done" for r in results["rows"] if r["kind"] != "reference")
+    _say(f"{done} row(s) done, {len(failures)} failed; wrote {out / 'results.json'}, {out / 'leaderboard.md'} "
+         "and the plots")
+    return 1 if failures else 0

@@ -80,20 +80,43 @@ def trainable_named(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+class CheckpointIO:
+    """How `train_loop` turns parameters and optimizer state into whole CPU tensors for a checkpoint
+    and back, and whether this process writes files. The default: one process, local tensors.
+    Sharded training (FSDP2, zoo.scale.fsdp_lora) gathers and re-shards instead; every process
+    calls `gather` (it may be collective) and only the writer writes."""
+
+    writes = True
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().cpu().contiguous()
+
+    def place(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`full` (as read from a checkpoint) laid out like `like` (device, dtype, sharding)."""
+        return full.to(like.device, like.dtype)
+
+    def barrier(self) -> None:
+        """Wait until every process is here (after a checkpoint is written)."""
+
+
 def _save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-                     extra: dict) -> None:
+                     extra: dict, io: CheckpointIO) -> None:
     names = list(params)
     opt_tensors = {}
     for i, name in enumerate(names):
         for key, value in opt.state.get(params[name], {}).items():
-            opt_tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
-    with atomic_dir(folder) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "names": names, **extra}))
+            opt_tensors[f"{i}.{key}"] = io.gather(value)
+    weights = {n: io.gather(p) for n, p in params.items()}
+    if io.writes:
+        with atomic_dir(folder) as tmp:
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "names": names, **extra}))
+    io.barrier()
 
 
-def _load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> dict:
+def _load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+                     io: CheckpointIO) -> dict:
     meta = json.loads((folder / "trainer.json").read_text())
     if meta["names"] != list(params):
         raise RuntimeError(f"checkpoint {folder} was written for other trainable parameters; "
@@ -101,16 +124,14 @@ def _load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.o
     weights = load_file(str(folder / "trainable.safetensors"))
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name].to(p.device, p.dtype))
+            p.copy_(io.place(weights[name], p))
     opt_tensors = load_file(str(folder / "optimizer.safetensors"))
     for i, name in enumerate(meta["names"]):
         p = params[name]
-        state = {key.split(".", 1)[1]: t.to(p.device) for key, t in opt_tensors.items()
-                 if key.split(".", 1)[0] == str(i)}
+        state = {key.split(".", 1)[1]: t for key, t in opt_tensors.items() if key.split(".", 1)[0] == str(i)}
         if state:
-            if "step" in state:
-                state["step"] = state["step"].cpu()  # AdamW keeps `step` on the CPU
-            opt.state[p] = state
+            # AdamW keeps `step` as a CPU scalar; the moments are laid out like their parameter
+            opt.state[p] = {key: t.cpu() if key == "step" else io.place(t, p) for key, t in state.items()}
     return meta
 
 
@@ -131,8 +152,13 @@ def _fmt_seconds(s: float) -> str:
 
 def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
                loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
-               run_dir: Path, device: torch.device | str = "cpu") -> dict:
+               run_dir: Path, device: torch.device | str = "cpu", io: CheckpointIO | None = None) -> dict:
     """Train the parameters of `model` that require grad on `blocks` [N, T].
+
+    `blocks` is a tensor of token ids or anything with `.ndim`, `.shape` (N, T) and tensor indexing
+    by a 1-D tensor of rows (zoo.scale.store.StoredInputs serves stored hidden states this way).
+    `io` says how checkpoints are gathered and who writes them and the metrics (default: this
+    process, local tensors).
 
     `loss_fn(batch)` returns the scalar loss and a dict of extra numbers to log. Checkpoints go to
     `run_dir/checkpoints/<name>` every `checkpoint_every` steps (atomically); an existing checkpoint
@@ -147,16 +173,18 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
         return {"steps": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
     if not params:
         raise ValueError(f"{cfg.name}: nothing to train (no parameter requires grad)")
+    io = io or CheckpointIO()
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_at = lr_schedule(cfg.lr_schedule, cfg.lr, steps)
     ckpt = run_dir / "checkpoints" / cfg.name
     metrics_path = run_dir / "metrics.jsonl"
     start, seconds_before, last_loss = 0, 0.0, None
     if (ckpt / "trainer.json").exists():
-        meta = _load_checkpoint(ckpt, params, opt)
+        meta = _load_checkpoint(ckpt, params, opt, io)
         start, seconds_before, last_loss = meta["step"], meta.get("seconds", 0.0), meta.get("loss")
-        _trim_metrics(metrics_path, cfg.name, start)
-        print(f"zoo: {cfg.name}: resuming from step {start}/{steps} ({ckpt})", file=sys.stderr)
+        if io.writes:
+            _trim_metrics(metrics_path, cfg.name, start)
+            print(f"zoo: {cfg.name}: resuming from step {start}/{steps} ({ckpt})", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     t0 = time.time()
@@ -178,7 +206,7 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
         last_loss = loss.item()
         done = step + 1
         elapsed = time.time() - t0
-        if done % cfg.log_every == 0 or done == steps:
+        if io.writes and (done % cfg.log_every == 0 or done == steps):
             tok_s = (done - start) * cfg.batch_size * seq_len / max(elapsed, 1e-9)
             eta = (steps - done) * elapsed / max(done - start, 1)
             row = {"stage": cfg.name, "step": done, "steps": steps, "loss": last_loss,
@@ -190,7 +218,7 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
                   f"ETA {_fmt_seconds(eta)}", file=sys.stderr, flush=True)
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
             _save_checkpoint(ckpt, done, params, opt,
-                             {"seconds": seconds_before + elapsed, "loss": last_loss})
+                             {"seconds": seconds_before + elapsed, "loss": last_loss}, io)
         if os.environ.get("ZOO_FAULT_KILL_AT") == f"{cfg.name}:{done}":
             # fault injection for the kill-and-resume tests: a real SIGKILL, nothing cleaned up
             os.kill(os.getpid(), signal.SIGKILL)

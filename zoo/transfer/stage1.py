@@ -20,10 +20,14 @@ def converted_attention(model: nn.Module) -> dict[int, LinearizedAttention]:
     return found
 
 
-def transfer_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    attention_ce: float = 0.0, attention_ce_max_len: int = 128) -> dict[int, torch.Tensor]:
+def transfer_losses(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                    attention_ce: float = 0.0, attention_ce_max_len: int = 128,
+                    inputs_embeds: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """One teacher-forced forward; returns each converted layer's transfer loss (MSE of the attention
-    output after o_proj, plus the optional attention-weight cross-entropy)."""
+    output after o_proj, plus the optional attention-weight cross-entropy).
+
+    Give `input_ids` [B, T], or `inputs_embeds` [B, T, hidden] to start from given hidden states
+    (block-wise transfer feeds a block the stored teacher states entering it this way)."""
     converted = converted_attention(model)
     last = max(converted)
     ctx = model._zoo_context()
@@ -36,7 +40,7 @@ def transfer_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         stop = _StopAfter(last)
         handle = base.layers[last].register_forward_hook(stop.hook)
         try:
-            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
         except _StopAfter.Reached:
             pass
         finally:
@@ -59,11 +63,16 @@ class _StopAfter:
 
 def run_stage1(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir: Path,
                attention_ce: float = 0.0, attention_ce_max_len: int = 128, device="cpu") -> dict:
-    """Train only the mixers' parameters by attention transfer. Logs the per-layer losses."""
+    """Train only the mixers' parameters by attention transfer. Logs the per-layer losses.
+
+    `blocks` holds token ids [N, T], or hidden states entering the first layer held (block-wise
+    transfer: zoo.scale.store.StoredInputs, whose batches are [B, T, hidden] floats)."""
     freeze_all_but_mixers(model)
 
     def loss_fn(batch):
-        losses = transfer_losses(model, batch, attention_ce=attention_ce, attention_ce_max_len=attention_ce_max_len)
+        hidden = batch.is_floating_point()
+        losses = transfer_losses(model, None if hidden else batch, attention_ce=attention_ce,
+                                 attention_ce_max_len=attention_ce_max_len, inputs_embeds=batch if hidden else None)
         total = torch.stack(list(losses.values())).sum()
         return total, {"layer_loss": {str(i): round(v.item(), 8) for i, v in losses.items()}}
 

@@ -1,0 +1,240 @@
+"""`zoo bench quality` on a tiny random model with the smoke budget: every output and field, resume,
+the recipe template, the budgets and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+import zoo
+from zoo.bench.budgets import BUDGETS, get_budget
+from zoo.bench.quality import RECIPES_ROOT, mixer_recipe
+from zoo.bench.results import ROW_FIELDS
+from zoo.cli import main
+from zoo.recipe import MixerConfig, load_recipe
+
+MIXERS = "lolcats,hedgehog,softmax"
+RECIPES = RECIPES_ROOT / "smollm2-135m"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """References of these runs stay out of the user's zoo cache."""
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path_factory.getbasetemp() / "zoo-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_recipes(tmp_path_factory) -> Path:
+    """Per-mixer recipes for blocks of 32 tokens: lolcats with an 8-token window (so both branches
+    matter), hedgehog as in SmolLM2's; the other mixers have none and run with their defaults."""
+    folder = tmp_path_factory.mktemp("recipes")
+    lolcats = load_recipe(RECIPES / "lolcats.yaml", ["mixer.options.window=8", "mixer.options.feature_dim=16"])
+    (folder / "lolcats.yaml").write_text(lolcats.to_yaml())
+    (folder / "hedgehog.yaml").write_text((RECIPES / "hedgehog.yaml").read_text())
+    return folder
+
+
+def bench_args(world, out: Path, recipes: Path, mixers: str = MIXERS, budget: str = "smoke") -> list[str]:
+    return ["bench", "quality", "--model", world["model"], "--mixers", mixers, "--budget", budget, "--out", str(out),
+            "--recipes", str(recipes),
+            "--set", f"data.train={json.dumps([world['train']])}", "--set", f"data.eval_ood={json.dumps([world['ood']])}",
+            "--set", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_world, tiny_recipes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quality"
+    code = main(bench_args(tiny_world, out, tiny_recipes))
+    return {"out": out, "code": code, "recipes": tiny_recipes,
+            "results": json.loads((out / "results.json").read_text())}
+
+
+def rows_by_name(results: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in results["rows"]}
+
+
+def test_bench_runs_every_mixer_reference_and_ablation(bench):
+    assert bench["code"] == 0
+    rows = rows_by_name(bench["results"])
+    assert set(rows) == {"teacher", "teacher + LoRA", "lolcats", "hedgehog", "softmax",
+                         "t2r", "linear-elu",  # the feature-map ablation adds the maps not asked for
+                         "lolcats [LoRA only]", "lolcats [window branch]", "lolcats [linear branch]"}
+    for row in rows.values():
+        assert tuple(row) == ROW_FIELDS, row["name"]
+        assert row["status"] == "done" and row["error"] is None
+    assert [r["kind"] for r in bench["results"]["rows"][:2]] == ["reference", "reference"]
+    assert rows["t2r"]["ablation"] == "feature-map" and rows["hedgehog"]["kind"] == "mixer"
+
+
+def test_results_metadata(bench, tiny_world):
+    r = bench["results"]
+    assert r["model"] == tiny_world["model"] and r["budget"] == BUDGETS["smoke"].to_dict()
+    assert r["seed"] == 0 and r["device"].startswith("cpu")
+    assert {"zoo", "torch", "transformers", "python"} <= set(r["versions"])
+    assert r["command"].startswith("zoo bench quality --model ") and "--budget smoke" in r["command"]
+    assert "--mixers lolcats,hedgehog,softmax" in r["command"] and "--set device=cpu" in r["command"]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_every_metric_of_a_mixer_row(bench):
+    rows = rows_by_name(bench["results"])
+    smoke = BUDGETS["smoke"]
+    for name in ("lolcats", "hedgehog", "softmax", "t2r", "linear-elu"):
+        row = rows[name]
+        for key in ("ppl_heldout", "ppl_ood"):
+            assert row[key] > 1, (name, key)
+        for key in ("bpb_heldout", "bpb_ood", "ratio_to_fair_reference", "ratio_ood_to_teacher", "gap_closed_heldout",
+                    "gap_closed_ood", "mean_layer_mse_swap", "seconds_stage2", "decode_tokens_per_s"):
+            if (name, key) != ("softmax", "gap_closed_ood"):  # softmax swapped in is the teacher: no gap to close
+                assert _finite(row[key]), (name, key)
+        assert len(row["per_source"]) == 2  # the training corpus and the out-of-domain one
+        assert set(row["stages"]) == {"teacher", "swap", "stage1", "final"}
+        assert 0 <= row["mmlu_accuracy"] <= 1 and row["mmlu_n"] == smoke.mmlu and row["mmlu_teacher_accuracy"] is not None
+        assert set(row["passkey"]) == set(row["passkey_teacher"]) == {"256"}
+        assert 0 < row["trainable_params"] and 0 < row["trainable_percent"] < 100
+        assert row["tokens_stage2"] == smoke.stage2_tokens
+        assert row["peak_rss_bytes_stage2"] > 10 * 2**20  # the process holds torch: tens of MiB at least
+        assert row["decode_context"] == smoke.decode_contexts[-1] and row["state_bytes"] > 0
+        assert set(row["decode_by_context"]) == {str(c) for c in smoke.decode_contexts}
+        assert len(row["loss_curve_stage2"]) == smoke.stage2_tokens // (smoke.batch_size * smoke.seq_len)
+        assert row["run_dir"] == name and row["ppl_heldout"] == row["stages"]["final"]["heldout"]
+    for name in ("lolcats", "hedgehog", "t2r"):  # mixers with parameters go through stage 1
+        assert rows[name]["tokens_stage1"] == smoke.stage1_tokens and rows[name]["peak_rss_bytes_stage1"] > 0
+        assert _finite(rows[name]["mean_layer_mse_stage1"]) and _finite(rows[name]["seconds_stage1"])
+    for name in ("softmax", "linear-elu"):  # nothing to transfer
+        assert rows[name]["tokens_stage1"] == 0 and rows[name]["mean_layer_mse_stage1"] is None
+    assert rows["softmax"]["mean_layer_mse_swap"] == pytest.approx(0.0, abs=1e-8)  # the teacher's own attention
+    assert rows["softmax"]["stages"]["swap"]["ood"] == rows["teacher"]["ppl_ood"]
+    assert rows["softmax"]["gap_closed_ood"] is None
+
+
+def test_state_bytes_follow_the_state_shape(bench):
+    rows = rows_by_name(bench["results"])
+    smoke = BUDGETS["smoke"]
+    for name in ("hedgehog", "lolcats"):  # constant state (lolcats: its 64-token window is full at 96)
+        assert rows[name]["state_growth"] == "constant"
+        assert rows[name]["state_bytes_32k_extrapolated"] == rows[name]["state_bytes"]
+    for name in ("softmax", "teacher"):  # a KV cache grows with the context
+        row = rows[name]
+        assert row["state_growth"] == "linear"
+        assert row["state_bytes_32k_extrapolated"] == row["state_bytes"] * 32768 // smoke.decode_contexts[-1]
+    assert rows["softmax"]["state_bytes"] >= rows["teacher"]["state_bytes"] > rows["hedgehog"]["state_bytes"]
+
+
+def test_reference_rows(bench):
+    rows = rows_by_name(bench["results"])
+    teacher, fair = rows["teacher"], rows["teacher + LoRA"]
+    assert teacher["ratio_ood_to_teacher"] == 1.0 and teacher["trainable_params"] == 0
+    assert teacher["ppl_heldout"] == rows["lolcats"]["stages"]["teacher"]["heldout"]
+    assert teacher["mmlu_accuracy"] == rows["hedgehog"]["mmlu_teacher_accuracy"]
+    assert teacher["passkey"] == rows["hedgehog"]["passkey_teacher"] and teacher["decode_tokens_per_s"] > 0
+    assert fair["ratio_to_fair_reference"] == 1.0 and fair["trainable_params"] > 0
+    assert fair["tokens_stage2"] == BUDGETS["smoke"].stage2_tokens and fair["loss_curve_stage2"]
+    assert rows["lolcats"]["ratio_to_fair_reference"] == pytest.approx(rows["lolcats"]["ppl_heldout"] / fair["ppl_heldout"])
+
+
+def test_ablation_rows(bench):
+    rows = rows_by_name(bench["results"])
+    smoke = BUDGETS["smoke"]
+    lora_only = rows["lolcats [LoRA only]"]
+    assert lora_only["ablation"] == "lora-only" and lora_only["tokens_stage1"] == 0
+    assert lora_only["tokens_stage2"] == smoke.stage1_tokens + smoke.stage2_tokens
+    assert lora_only["ratio_to_fair_reference"] == pytest.approx(lora_only["ppl_heldout"] / rows["teacher + LoRA"]["ppl_heldout"])
+    window, linear = rows["lolcats [window branch]"], rows["lolcats [linear branch]"]
+    assert window["ablation"] == "window-branch" and linear["ablation"] == "linear-branch"
+    assert len({window["ppl_heldout"], linear["ppl_heldout"], rows["lolcats"]["ppl_heldout"]}) == 3
+    assert set(window["passkey"]) == {"256"} and _finite(window["gap_closed_heldout"])
+    assert rows["hedgehog"]["ablation"] is None and "hedgehog [window branch]" not in rows
+
+
+def test_leaderboard_and_plots(bench):
+    out = bench["out"]
+    board = (out / "leaderboard.md").read_text()
+    assert board.startswith("# Quality leaderboard")
+    quality = board.split("## Quality")[1].split("## Cost")[0]
+    lines = [line for line in quality.splitlines() if line.startswith("| ")][1:]
+    assert lines[0].startswith("| **teacher**") and lines[1].startswith("| **teacher + LoRA**")
+    ratios = [rows_by_name(bench["results"])[line.split(" | ")[0][2:]]["ratio_to_fair_reference"] for line in lines[2:]]
+    assert len(ratios) == 3 and ratios == sorted(ratios)  # the mixers, best first
+    for section in ("## Cost", "## Perplexity by stage", "LoRA alone", "feature maps", "window branch alone"):
+        assert section in board
+    for name in ("quality_vs_params.png", "loss_curves_stage2.png", "decode_vs_context.png", "state_vs_context.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+def test_finished_mixers_are_not_redone_and_an_interrupted_one_resumes(bench, tiny_world, capsys):
+    out = bench["out"]
+    before = rows_by_name(bench["results"])
+    capsys.readouterr()
+    assert main(bench_args(tiny_world, out, bench["recipes"])) == 0
+    err = capsys.readouterr().err
+    assert err.count("already finished") == 6 and "starting" not in err and "resuming" not in err
+    # interrupted after stage 2: no summary yet, progress.json and checkpoints are there
+    (out / "hedgehog" / "summary.json").unlink()
+    assert main(bench_args(tiny_world, out, bench["recipes"])) == 0
+    err = capsys.readouterr().err
+    assert "hedgehog: resuming" in err and err.count("already finished") == 5
+    after = rows_by_name(json.loads((out / "results.json").read_text()))
+    assert after["hedgehog"]["ppl_heldout"] == before["hedgehog"]["ppl_heldout"]
+    assert after["lolcats"] == before["lolcats"]
+
+
+def test_a_changed_budget_in_the_same_folder_is_an_error(bench, tiny_world, tmp_path, capsys):
+    budget = tmp_path / "more.yaml"
+    budget.write_text("base: smoke\nstage2_tokens: 128\n")
+    assert main(bench_args(tiny_world, bench["out"], bench["recipes"], budget=str(budget))) == 2
+    assert "holds a run of another recipe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--mixers", "lolcats,nope", "unknown mixer(s) ['nope']; registered mixers: "),
+    ("--budget", "huge", "unknown budget 'huge'; named budgets: smoke, quick, standard"),
+    ("--ablations", "lora-only,dropout", "unknown ablation(s) ['dropout']"),
+])
+def test_bad_input_gets_a_clear_error(tiny_world, tiny_recipes, tmp_path, capsys, flag, value, message):
+    args = bench_args(tiny_world, tmp_path / "x", tiny_recipes) + [flag, value]  # the last occurrence wins
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_mixer_gets_its_own_settings_and_the_same_stage2():
+    template = load_recipe(RECIPES / "lolcats.yaml")
+    budget = BUDGETS["quick"]
+    recipes = {m: mixer_recipe(template, m, RECIPES, "smollm2-135m", budget, ["device=cpu"]) for m in zoo.list_mixers()}
+    based = load_recipe(RECIPES / "based.yaml")
+    assert recipes["based"].mixer == based.mixer and recipes["based"].stage1.lr == based.stage1.lr != template.stage1.lr
+    for m, r in recipes.items():
+        own = RECIPES / f"{m}.yaml"
+        expected = load_recipe(own).mixer if own.exists() else MixerConfig(name=m, layers=template.mixer.layers)
+        assert r.mixer == expected, m
+        assert r.mixer.name == m and r.stage1.tokens == budget.stage1_tokens and r.data.seq_len == budget.seq_len
+        assert r.eval.passkey_lengths == list(budget.passkey_lengths) and r.eval.teacher_lora and r.device == "cpu"
+    # one fair reference serves all: stage 2, data, model and eval blocks are the same for every mixer
+    shared = {json.dumps({k: r.to_dict()[k] for k in ("model", "data", "stage2", "seed")}, sort_keys=True)
+              for r in recipes.values()}
+    assert len(shared) == 1
+
+
+def test_budget_files_and_the_quick_budget_size(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"base": "smoke", "stage1_tokens": 128, "passkey_lengths": [200, 300]}))
+    mine = get_budget(str(path))
+    assert mine.name == "mine" and mine.stage1_tokens == 128 and mine.passkey_lengths == (200, 300)
+    assert mine.stage2_tokens == BUDGETS["smoke"].stage2_tokens
+    path.write_text("base: smoke\nstage_one_tokens: 5\n")
+    with pytest.raises(ValueError, match="unknown field.*stage_one_tokens"):
+        get_budget(str(path))
+    path.write_text("base: smoke\nstage1_tokens: many\n")
+    with pytest.raises(ValueError, match="stage1_tokens must be int"):
+        get_budget(str(path))
+    # sized for ~3.5 minutes per mixer all-in on 2 CPU cores (see zoo.bench.budgets.THROUGHPUT)
+    assert 150 < BUDGETS["quick"].estimate_seconds() < 215

@@ -1,0 +1,57 @@
+"""`zoo eval DIR` with every optional measurement on a tiny linearized run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from zoo.cli import main
+
+RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "lolcats.yaml")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path_factory.getbasetemp() / "zoo-cache"))
+
+
+def test_eval_gives_the_bench_metrics_for_one_model(tiny_world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    overrides = {"model.name": tiny_world["model"], "mixer.options": {"window": 8, "feature_dim": 16},
+                 "data.train": [tiny_world["train"]], "data.eval_ood": [tiny_world["ood"]], "data.seq_len": 32,
+                 "stage1.tokens": 64, "stage1.batch_size": 2, "stage2.tokens": 64, "stage2.batch_size": 2,
+                 "stage2.lora.rank": 4, "eval.max_blocks": 2, "eval.generate_tokens": 2, "device": "cpu"}
+    assert main(["run", RECIPE, *[f"{k}={json.dumps(v)}" for k, v in overrides.items()], "--out", str(out)]) == 0
+    capsys.readouterr()
+    args = ["eval", str(out), "--sources", tiny_world["train"], tiny_world["ood"], "--seq-len", "32", "--max-blocks", "2",
+            "--mmlu", "2", "--passkey", "256", "--passkey-trials", "2", "--decode", "96,160", "--decode-steps", "2",
+            "--mse", "2", "--branches"]
+    lm_eval = importlib.util.find_spec("lm_eval") is not None
+    if lm_eval:  # the bridge end to end through the CLI, on a task of our own
+        from test_lm_eval_bridge import write_task
+
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        write_task(tmp_path)
+        args += ["--lm-eval", "zoo_tiny_choice", "--lm-eval-include", str(tmp_path / "tasks")]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    for source in (tiny_world["train"], tiny_world["ood"]):
+        assert result[source]["ppl"] > 1
+    assert result["mmlu"]["n"] == 2
+    assert set(result["passkey"]["lengths"]) == {"256"} and result["passkey"]["lengths"]["256"]["n"] == 2
+    assert result["decode"]["state_growth"] == "constant" and set(result["decode"]["contexts"]) == {"96", "160"}
+    assert set(result["layer_mse"]) == {"0", "1"} and result["mean_layer_mse"] >= 0
+    window, linear = result["branches"]["window"], result["branches"]["linear"]
+    assert window[tiny_world["ood"]]["ppl"] != linear[tiny_world["ood"]]["ppl"] != result[tiny_world["ood"]]["ppl"]
+    assert result["run"]["tokens_stage1"] == 64 and result["run"]["trainable_params"] > 0
+    assert result["run"]["peak_memory_stage2"]["peak_rss_bytes"] > 0
+    if lm_eval:
+        assert 0 <= result["lm_eval"]["results"]["zoo_tiny_choice"]["acc,none"] <= 1
+
+
+def test_eval_bad_lengths_are_a_clear_error(tiny_world, tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--passkey", "1k"]) == 2
+    assert "--passkey takes comma-separated token counts such as 512,1024, got '1k'" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""leaderboard.md of a quality bench: the references first, then the mixers from best to worst final
+held-out perplexity relative to the fair reference, then the ablations and any failures."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["leaderboard_markdown", "ranked"]
+
+FEATURE_MAP_MIXERS = {"hedgehog": "hedgehog", "t2r": "t2r", "linear-elu": "elu"}
+
+
+def _num(x: Any, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def _pair(a: str, b: str) -> str:
+    return a if a == b == "-" else f"{a} / {b}"
+
+
+def _passkey(row: dict) -> str:
+    if not row["passkey"]:
+        return "-"
+    return " / ".join(f"{acc:.2f}" for _, acc in sorted(row["passkey"].items(), key=lambda kv: int(kv[0])))
+
+
+def _table(headers: Sequence[str], rows: list[dict], cells: Callable[[dict], list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    return lines + [""]
+
+
+def ranked(rows: list[dict]) -> list[dict]:
+    """References first (teacher, then teacher + LoRA), then finished mixers by ratio to the fair reference
+    (then by held-out perplexity), then failed ones."""
+    refs = [r for r in rows if r["kind"] == "reference"]
+    mixers = [r for r in rows if r["kind"] == "mixer" and r["status"] == "done"]
+    mixers.sort(key=lambda r: (r["ratio_to_fair_reference"] is None, r["ratio_to_fair_reference"] or 0.0,
+                               r["ppl_heldout"] if r["ppl_heldout"] is not None else math.inf))
+    return refs + mixers
+
+
+def _quality_cells(row: dict) -> list[str]:
+    return [f"**{row['name']}**" if row["kind"] == "reference" else row["name"], row["family"] or "-",
+            _num(row["ppl_heldout"]), _num(row["ratio_to_fair_reference"], 3), _num(row["gap_closed_heldout"], 2),
+            _num(row["ppl_ood"]), _num(row["ratio_ood_to_teacher"], 3), _num(row["bpb_heldout"], 3),
+            _num(row["bpb_ood"], 3), _num(row["mmlu_accuracy"], 3), _passkey(row),
+            _pair(_num(row["mean_layer_mse_swap"], 4), _num(row["mean_layer_mse_stage1"], 4))]
+
+
+def _cost_cells(row: dict) -> list[str]:
+    percent = f" ({row['trainable_percent']:.2f}%)" if row["trainable_percent"] is not None else ""
+    return [row["name"], _count(row["trainable_params"]) + percent,
+            _pair(_count(row["tokens_stage1"]), _count(row["tokens_stage2"])),
+            _pair(_num(row["seconds_stage1"], 0), _num(row["seconds_stage2"], 0)),
+            _pair(_bytes(row["peak_rss_bytes_stage1"]), _bytes(row["peak_rss_bytes_stage2"])),
+            _num(row["decode_tokens_per_s"], 1), _bytes(row["state_bytes"]),
+            _bytes(row["state_bytes_32k_extrapolated"])]
+
+
+def _stage_cells(row: dict) -> list[str]:
+    def cell(stage: str) -> str:
+        entry = (row["stages"] or {}).get(stage)
+        return "-" if not entry else _pair(_num(entry["heldout"]), _num(entry["ood"]))
+    return [row["name"], cell("teacher"), cell("swap"), cell("stage1"), cell("final")]
+
+
+def _header(results: dict) -> list[str]:
+    b = results["budget"]
+    passkey = ", ".join(map(str, b["passkey_lengths"])) or "none"
+    return [
+        f"# Quality leaderboard: {results['model']}, budget `{b['name']}`", "",
+        f"{b['description']}.", "",
+        f"- budget: seq_len {b['seq_len']}, stage 1 {b['stage1_tokens']:,} tokens, stage 2 {b['stage2_tokens']:,} "
+        f"tokens (batch {b['batch_size']}), {b['eval_blocks']} held-out blocks per corpus, MMLU {b['mmlu']} "
+        f"questions (5-shot), passkey at {passkey} tokens x {b['passkey_trials']}",
+        f"- seed {results['seed']}; device: {results['device']}; "
+        + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+        f"- command: `{results['command']}`", "",
+        "Perplexity (ppl) and bits per byte (bpb) on held-out text of the training corpora and on a corpus never "
+        "trained on (OOD). **x fair ref.**: final held-out ppl / the teacher fine-tuned with the same LoRA budget; "
+        "**x teacher**: OOD ppl / the untouched teacher's. **gap closed**: share of the swap-only to fair-reference "
+        "gap closed, in bpb. Passkey: retrieval accuracy at each context length. Transfer MSE: mean over layers, "
+        "swap-only / after stage 1.", "",
+    ]
+
+
+def _ablation_sections(rows: list[dict]) -> list[str]:
+    by_name = {r["name"]: r for r in rows}
+    heads = ["", "family", "ppl held-out", "x fair ref.", "gap closed", "ppl OOD", "x teacher", "bpb held-out",
+             "bpb OOD", "MMLU", "passkey", "transfer MSE"]
+    out: list[str] = []
+    lora_only = [r for r in rows if r["ablation"] == "lora-only"]
+    if lora_only:
+        pairs = [x for r in lora_only for x in (by_name.get(r["mixer"]), r) if x is not None]
+        out += ["## Ablation: attention transfer + LoRA vs LoRA alone (same total tokens)", ""]
+        out += _table(heads, pairs, _quality_cells)
+    maps = [by_name[m] for m in FEATURE_MAP_MIXERS if m in by_name and by_name[m]["status"] == "done"]
+    if len(maps) > 1:
+        out += ["## Ablation: feature maps under the same budget (hedgehog vs t2r vs elu)", ""]
+        out += _table(heads, maps, _quality_cells)
+    branch_rows = [r for r in rows if r["ablation"] in ("window-branch", "linear-branch")]
+    if branch_rows:
+        hybrids = list(dict.fromkeys(r["mixer"] for r in branch_rows))
+        table = [x for m in hybrids for x in [by_name.get(m)] + [r for r in branch_rows if r["mixer"] == m]
+                 if x is not None]
+        out += ["## Ablation: each hybrid's window branch alone and linear branch alone (after training)", ""]
+        out += _table(heads, table, _quality_cells)
+    return out
+
+
+def leaderboard_markdown(results: dict) -> str:
+    rows = results["rows"]
+    board = ranked(rows)
+    passkey = "/".join(map(str, results["budget"]["passkey_lengths"])) or "-"
+    ctx = next((r["decode_context"] for r in board if r["decode_context"]), None)
+    lines = _header(results)
+    lines += ["## Quality", ""]
+    lines += _table(["", "family", "ppl held-out", "x fair ref.", "gap closed", "ppl OOD", "x teacher", "bpb held-out",
+                     "bpb OOD", "MMLU", f"passkey {passkey}", "transfer MSE"], board, _quality_cells)
+    lines += ["## Cost", ""]
+    lines += _table(["", "trainable", "tokens s1 / s2", "seconds s1 / s2", "peak RSS s1 / s2",
+                     f"decode tok/s @{ctx or '-'}", f"state @{ctx or '-'}", "state @32k (extrapolated)"],
+                    board, _cost_cells)
+    lines += ["## Perplexity by stage (held-out / OOD)", ""]
+    lines += _table(["", "teacher", "swap only", "after stage 1", "final"], board, _stage_cells)
+    lines += _ablation_sections(rows)
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines += ["## Failed", ""] + [f"- {r['name']}: {r['error']}" for r in failed] + [""]
+    return "\n".join(lines)

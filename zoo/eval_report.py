@@ -1,0 +1,102 @@
+"""`zoo eval DIR`: the quality bench's metrics for one saved linearized model.
+
+Always: perplexity and bits per byte on each corpus's held-out text (one top-level entry per source).
+On request: 5-shot MMLU (`--mmlu N`), passkey retrieval (`--passkey 512,1024`, the filler from the last
+`--sources` corpus, never trained on by default), decode tok/s and state bytes (`--decode 512,1024,2048`),
+mean per-layer transfer MSE (`--mse N` held-out blocks), each hybrid branch alone (`--branches`) and
+lm-evaluation-harness tasks (`--lm-eval TASKS`). Where DIR is a run folder, its summary.json adds the
+training cost (trainable parameters, tokens, seconds and peak memory per stage).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_eval_arguments", "evaluate_saved_model", "parse_ints"]
+
+RUN_COST_KEYS = ("trainable_params", "trainable_percent", "tokens_stage1", "tokens_stage2", "seconds_stage1",
+                 "seconds_stage2", "peak_memory_stage1", "peak_memory_stage2")
+
+
+def parse_ints(text: str | None, flag: str) -> list[int]:
+    """"512,1024" -> [512, 1024]; a clear error names the flag."""
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated token counts such as 512,1024, got {text!r}") from None
+
+
+def add_eval_arguments(parser) -> None:
+    """The optional measurements of `zoo eval` (the CLI adds DIR, --sources, --seq-len, --max-blocks, --mmlu)."""
+    parser.add_argument("--passkey", help="passkey retrieval at these contexts (tokens), e.g. 512,1024,2048")
+    parser.add_argument("--passkey-trials", type=int, default=4, help="prompts per context (default 4)")
+    parser.add_argument("--decode", help="decode tok/s and state bytes at these contexts, e.g. 512,1024,2048")
+    parser.add_argument("--decode-steps", type=int, default=8, help="timed decoding steps per context (default 8)")
+    parser.add_argument("--mse", type=int, default=0, help="mean per-layer transfer MSE on this many held-out blocks")
+    parser.add_argument("--branches", action="store_true", help="hybrids: also each branch alone (window, linear)")
+    parser.add_argument("--lm-eval", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval installed)")
+    parser.add_argument("--lm-eval-include", help="a folder of lm_eval task YAML files of your own")
+    parser.add_argument("--lm-eval-limit", type=int, help="at most this many examples per lm_eval task")
+    parser.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples for the lm_eval tasks")
+
+
+def evaluate_saved_model(args) -> dict[str, Any]:
+    """Everything `zoo eval` was asked for, as one JSON-able dict."""
+    import json
+
+    import zoo
+    from zoo.data import load_corpus, token_blocks
+    from zoo.evaluate import evaluate_corpus
+
+    passkey, decode = parse_ints(args.passkey, "--passkey"), parse_ints(args.decode, "--decode")
+    folder = Path(args.dir)
+    model_dir = folder / "model" if (folder / "model").is_dir() else folder
+    model, tokenizer = zoo.load_linearized(model_dir)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer saved with the model")
+    corpus = load_corpus(args.sources)
+
+    def quality() -> dict:
+        return evaluate_corpus(model, tokenizer, corpus, corpus.sources, args.seq_len, args.max_blocks)
+
+    results: dict[str, Any] = quality()
+    if args.mmlu:
+        from zoo.mmlu import evaluate_mmlu
+
+        results["mmlu"] = evaluate_mmlu(model, tokenizer, limit=args.mmlu)
+    if passkey:
+        from zoo.passkey import evaluate_passkey
+
+        results["passkey"] = evaluate_passkey(model, tokenizer, corpus.heldout(corpus.sources[-1]), passkey,
+                                              args.passkey_trials)
+    if decode:
+        from zoo.decode_cost import measure_decode
+
+        results["decode"] = measure_decode(model, decode, args.decode_steps)
+    if args.mse:
+        from zoo.transfer.stage1 import layer_mse
+
+        blocks = token_blocks(tokenizer, corpus.heldout(corpus.sources[0]), args.seq_len, max_blocks=args.mse)
+        per_layer = layer_mse(model, blocks)
+        results["layer_mse"] = per_layer
+        results["mean_layer_mse"] = sum(per_layer.values()) / len(per_layer)
+    if args.branches:
+        from zoo.measures import use_branch
+
+        results["branches"] = {}
+        for branch in ("window", "linear"):
+            with use_branch(model, branch):
+                results["branches"][branch] = quality()
+    if args.lm_eval:
+        from zoo.lm_eval_bridge import run_lm_eval
+
+        results["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval.split(","), include_path=args.lm_eval_include,
+                                         limit=args.lm_eval_limit, num_fewshot=args.lm_eval_fewshot)
+    summary_path = folder / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        results["run"] = {k: summary.get(k) for k in RUN_COST_KEYS}
+    return results

@@ -1,0 +1,133 @@
+"""What a run measures besides perplexity: MMLU, passkey retrieval, decode speed and state memory, and
+the hybrids' branch ablation. The teacher's MMLU and passkey scores are computed once per setting and
+shared through `$ZOO_CACHE/references` (`cached_reference`), so a bench of many mixers pays for them
+once. The teacher's decode speed is a timing: it is measured again in every run, beside the mixer's,
+so that both see the same machine load.
+
+`data` below is a `zoo.run.RunData` (anything with `evaluate(model)` and `passkey_filler()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from zoo.atomic import write_json
+from zoo.recipe import Recipe
+
+__all__ = ["MEASURES", "wanted_measures", "cached_reference", "measure", "teacher_measures", "hybrid_mixers",
+           "use_branch", "branch_ablation"]
+
+#: the measures a recipe can ask for (eval.mmlu, eval.passkey_lengths, eval.decode_contexts)
+MEASURES = ("mmlu", "passkey", "decode")
+
+
+def _say(msg: str) -> None:
+    print(f"zoo: {msg}", file=sys.stderr, flush=True)
+
+
+def wanted_measures(recipe: Recipe) -> list[str]:
+    e = recipe.eval
+    return [name for name, on in zip(MEASURES, (e.mmlu > 0, bool(e.passkey_lengths), bool(e.decode_contexts))) if on]
+
+
+def cached_reference(kind: str, key: dict, compute: Callable[[], Any]) -> Any:
+    """`compute()` once per (kind, key); kept in `$ZOO_CACHE/references/<kind>-<hash>.json`."""
+    from zoo.data.cache import cache_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir("references") / f"{kind}-{digest}.json"
+    if path.exists():
+        return json.loads(path.read_text())["result"]
+    result = compute()
+    write_json(path, {"key": key, "result": result})
+    return result
+
+
+def _measure_key(name: str, recipe: Recipe, device: torch.device) -> dict:
+    """What the teacher's result of measure `name` depends on."""
+    d, e = recipe.to_dict(), recipe.eval
+    key: dict[str, Any] = {"model": d["model"], "device": device.type}
+    if name == "mmlu":
+        key["questions"] = e.mmlu
+    elif name == "passkey":
+        key |= {"data": d["data"], "lengths": e.passkey_lengths, "trials": e.passkey_trials, "seed": recipe.seed}
+    return key
+
+
+def measure(name: str, recipe: Recipe, data: Any, model: Any, tokenizer: Any) -> dict:
+    """Measure `name` (one of MEASURES) of `model` as the recipe's eval section asks."""
+    e = recipe.eval
+    if name == "mmlu":
+        from zoo.mmlu import evaluate_mmlu
+
+        return evaluate_mmlu(model, tokenizer, limit=e.mmlu)
+    if name == "passkey":
+        from zoo.passkey import evaluate_passkey
+
+        return evaluate_passkey(model, tokenizer, data.passkey_filler(), e.passkey_lengths, e.passkey_trials,
+                                seed=recipe.seed)
+    if name == "decode":
+        from zoo.decode_cost import measure_decode
+
+        return measure_decode(model, e.decode_contexts, e.decode_steps, seed=recipe.seed)
+    raise ValueError(f"unknown measure {name!r}; known: {', '.join(MEASURES)}")
+
+
+def teacher_measures(recipe: Recipe, data: Any, teacher: Any, tokenizer: Any, device: torch.device,
+                     names: list[str]) -> dict[str, dict]:
+    """The teacher's result of each measure in `names`: from the reference cache or computed now (decode
+    timings always now)."""
+    results = {}
+    for name in names:
+        def compute(name=name):
+            _say(f"teacher: {name}" + ("" if name == "decode" else " (computed once, then cached)"))
+            return measure(name, recipe, data, teacher, tokenizer)
+
+        results[name] = compute() if name == "decode" else \
+            cached_reference(f"teacher-{name}", _measure_key(name, recipe, device), compute)
+    return results
+
+
+def hybrid_mixers(model: Any) -> list[Any]:
+    """The model's mixers that can switch branch (the window hybrids): those with `BRANCHES` and `branch`."""
+    from zoo.mixers.base import Mixer
+
+    return [m for m in model.modules() if isinstance(m, Mixer) and hasattr(m, "BRANCHES") and hasattr(m, "branch")]
+
+
+@contextmanager
+def use_branch(model: Any, branch: str) -> Iterator[None]:
+    """Run every hybrid mixer of `model` with one branch ("window", "linear"), then restore "both"."""
+    mixers = hybrid_mixers(model)
+    if not mixers:
+        raise ValueError("the model has no hybrid mixer (window + linear) whose branch can be chosen")
+    previous = [m.branch for m in mixers]
+    try:
+        for m in mixers:
+            m.branch = branch
+        yield
+    finally:
+        for m, b in zip(mixers, previous):
+            m.branch = b
+
+
+def branch_ablation(recipe: Recipe, data: Any, model: Any, tokenizer: Any) -> dict | None:
+    """For a hybrid: held-out quality (and passkey, if the recipe measures it) with the window branch
+    alone and with the linear branch alone. None for a mixer without branches."""
+    if not hybrid_mixers(model):
+        return None
+    results = {}
+    for branch in ("window", "linear"):
+        _say(f"branch ablation: {branch} branch alone")
+        with use_branch(model, branch):
+            results[branch] = data.evaluate(model)
+            if recipe.eval.passkey_lengths:
+                results[branch]["passkey"] = measure("passkey", recipe, data, model, tokenizer)
+    return results

@@ -1,0 +1,285 @@
+"""`zoo run` at scale: a recipe with `stage1.blockwise`, or any recipe under torchrun.
+
+    torchrun --standalone --nproc-per-node 8 -m zoo.cli run recipes/llama-3.1-70b/lolcats.yaml
+
+Every rank runs this same function; what it does, in order (each step resumes where it stopped):
+
+1. store    the teacher's hidden states entering each block, shards spread over the ranks
+2. stage 1  block-wise attention transfer, blocks spread over the ranks; rank 0 stitches them
+3. stage 2  LoRA under FSDP2 across all ranks (one process: no FSDP), evaluated before and after
+4. output   rank 0 writes model/ (LoRA merged as the recipe says) and summary.json
+
+The run folder (on a filesystem every rank sees) is the one `zoo run` writes, plus store/ (unless
+stage1.blockwise.store names another folder), blocks/ and stage1/.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from zoo.atomic import write_json
+from zoo.recipe import Recipe
+from zoo.scale.blockwise import (
+    STITCHED,
+    derived_seed,
+    linearize_layers,
+    mixer_names,
+    plan_blocks,
+    stitch,
+    train_blocks,
+)
+from zoo.scale.dist import Distributed, init_distributed
+from zoo.scale.skeleton import CheckpointReader, checkpoint_folder
+from zoo.scale.store import HiddenStateStore, StoreLayout, build_store, tokens_fingerprint
+
+#: eval features the scaled pipeline does not run (yet): evaluate the saved model with `zoo eval` instead
+UNSUPPORTED_EVALS = {"teacher_lora": False, "mmlu": 0, "passkey_lengths": [], "decode_contexts": [], "branches": False}
+
+
+def _say(ctx: Distributed, msg: str) -> None:
+    if ctx.is_main:
+        print(f"zoo: {msg}", file=sys.stderr, flush=True)
+
+
+def check_supported(recipe: Recipe) -> None:
+    on = [f"eval.{k}" for k, off in UNSUPPORTED_EVALS.items() if getattr(recipe.eval, k, off) != off]
+    if on:
+        raise ValueError(f"{', '.join(on)} is not run by block-wise or torchrun runs yet; turn it off "
+                         f"(e.g. eval.mmlu=0) and evaluate the saved model with `zoo eval` afterwards")
+
+
+def run_scaled(recipe: Recipe, out_dir: str | Path) -> dict | None:
+    """Run `recipe` into `out_dir` as this rank's part of the launch. Rank 0 returns the summary,
+    the other ranks None."""
+    check_supported(recipe)
+    ctx = init_distributed(recipe.device)
+    try:
+        return ScaledRun(recipe, Path(out_dir), ctx).run()
+    finally:
+        ctx.close()
+
+
+class ScaledRun:
+    """One rank's part of a scaled run; every rank takes the same steps in the same order."""
+
+    def __init__(self, recipe: Recipe, out: Path, ctx: Distributed):
+        from zoo.run import pick_dtype
+
+        self.recipe, self.out, self.ctx = recipe, out, ctx
+        self.dtype = pick_dtype(recipe.model.dtype, ctx.device)
+        self.progress: dict = {}
+
+    # ------------------------------------------------------------------------------ bookkeeping
+
+    def remember(self, key: str, value):
+        self.progress[key] = value
+        if self.ctx.is_main:
+            write_json(self.out / "progress.json", self.progress)
+        return value
+
+    def _prepare(self) -> None:
+        from zoo.run import same_recipe
+
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            recipe_path = self.out / "recipe.yaml"
+            if recipe_path.exists() and not same_recipe(recipe_path, self.recipe):
+                raise ValueError(f"{self.out} holds a run of a different recipe ({recipe_path}); use another --out folder")
+            recipe_path.write_text(self.recipe.to_yaml())
+            progress_path = self.out / "progress.json"
+            self.progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+            checkpoint_folder(self.recipe.model.name)  # an embedded teacher is materialized once, here
+        self.ctx.barrier()
+        self.progress = self.ctx.broadcast(self.progress)  # every rank takes the same branches
+
+    # ------------------------------------------------------------------------------ the run
+
+    def run(self) -> dict | None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from zoo.run import RunData
+
+        t_start = time.time()
+        self._prepare()
+        recipe, ctx = self.recipe, self.ctx
+        self.folder = checkpoint_folder(recipe.model.name)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if ctx.is_main:  # rank 0 tokenizes (and caches) first; the others then read the cache
+            self.data = RunData(recipe, self.tokenizer)
+        ctx.barrier()
+        if not ctx.is_main:
+            self.data = RunData(recipe, self.tokenizer)
+        num_layers = AutoConfig.from_pretrained(self.folder).num_hidden_layers
+        self.converted = recipe.mixer.layer_indices(num_layers)
+        _say(ctx, f"{ctx.world} process(es) on {ctx.device.type}; {self.data.train_blocks.shape[0]} training "
+                  f"sequences of {recipe.data.seq_len} tokens")
+        self.stitched = self.stage1(num_layers)
+        self.stage2()
+        summary = self.finish(time.time() - t_start) if ctx.is_main else None
+        ctx.barrier()
+        return summary
+
+    def stage1(self, num_layers: int) -> Path | None:
+        """Store, block-wise transfer, stitching. Returns the stitched mixers (None: no stage 1)."""
+        recipe, ctx, out = self.recipe, self.ctx, self.out
+        s1 = recipe.stage1
+        if not (s1.enabled and s1.tokens > 0):
+            return None
+        expected = mixer_names(self.folder, recipe, self.converted)
+        if not expected:
+            _say(ctx, f"stage 1 skipped: {recipe.mixer.name} has no parameters to transfer")
+            return None
+        if (out / STITCHED).is_file():
+            return out / STITCHED
+        blocks = plan_blocks(num_layers, s1.blockwise.block_size or num_layers, self.converted)
+        reader = CheckpointReader(self.folder)
+        store = self.open_store(blocks)
+        _say(ctx, f"store: {store.root}: the inputs of {len(blocks)} block(s) of {s1.blockwise.block_size or num_layers} "
+                  f"layer(s) for {store.layout.sequences} sequences, {store.layout.nbytes() / 1e9:.3g} GB")
+        build_store(store, reader, self.stage1_sequences(), self.dtype, ctx.device, s1.batch_size, ctx.rank, ctx.world)
+        ctx.barrier()
+        train_blocks(blocks, recipe, reader, store, out, self.dtype, ctx.device, ctx.rank, ctx.world)
+        ctx.barrier()
+        if ctx.is_main:
+            self.remember("stage1_blocks", stitch(blocks, out, expected))
+            _say(ctx, f"stage 1: {len(blocks)} block(s) stitched into {out / STITCHED}")
+        ctx.barrier()
+        self.progress = ctx.broadcast(self.progress)
+        return out / STITCHED
+
+    def stage1_sequences(self) -> torch.Tensor:
+        """The training sequences block-wise stage 1 stores and trains on [N, T]: a seeded sample (in
+        the data's order) of stage1.blockwise.sequences, or of as many as stage1.tokens reaches."""
+        s1, ids = self.recipe.stage1, self.data.train_blocks
+        wanted = s1.blockwise.sequences or -(-s1.tokens // ids.shape[1])
+        if wanted >= ids.shape[0]:
+            return ids
+        generator = torch.Generator().manual_seed(derived_seed(self.recipe.seed, "stored-sequences", 0))
+        return ids[torch.randperm(ids.shape[0], generator=generator)[:wanted].sort().values]
+
+    def open_store(self, blocks) -> HiddenStateStore:
+        from transformers import AutoConfig
+
+        s1, ids = self.recipe.stage1, self.stage1_sequences()
+        config = AutoConfig.from_pretrained(self.folder)
+        layout = StoreLayout(model=self.recipe.model.name, num_layers=config.num_hidden_layers,
+                             layers=[b.start for b in blocks], sequences=ids.shape[0], seq_len=ids.shape[1],
+                             hidden_size=config.hidden_size, dtype=str(self.dtype).removeprefix("torch."),
+                             shard_sequences=s1.blockwise.shard_sequences, tokens_sha256=tokens_fingerprint(ids))
+        root = Path(s1.blockwise.store) if s1.blockwise.store else self.out / "store"
+        if self.ctx.is_main:
+            store = HiddenStateStore.open(root, layout, create=True)
+        self.ctx.barrier()
+        if not self.ctx.is_main:
+            store = HiddenStateStore.open(root, layout, create=False)
+        return store
+
+    # ------------------------------------------------------------------------------ stage 2
+
+    def student(self, meta: bool = False):
+        """teacher + per-layer-seeded mixers + the stitched stage-1 mixers (+ LoRA if stage 2 runs),
+        in host memory; with `meta`, the same structure on the meta device (no weights)."""
+        import zoo
+        from zoo.scale.skeleton import skeleton
+        from zoo.transfer.stage2 import add_lora, enable_gradient_checkpointing
+
+        s2 = self.recipe.stage2
+        lora = s2.enabled and s2.tokens > 0
+        if meta:
+            model = skeleton(self.folder, self.dtype)
+            with torch.device("meta"):
+                linearize_layers(model, self.recipe, self.converted)
+                if lora:
+                    model = add_lora(model, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets,
+                                     s2.train_mixer)
+            return enable_gradient_checkpointing(model) if lora and s2.gradient_checkpointing else model
+        model, _ = zoo.load_teacher(str(self.folder), dtype=self.dtype)
+        linearize_layers(model, self.recipe, self.converted)
+        if self.stitched is not None:
+            missing, unexpected = model.load_state_dict(load_file(str(self.stitched)), strict=False)
+            lacking = [k for k in missing if ".mixer." in k]
+            if lacking or unexpected:
+                raise RuntimeError(f"{self.stitched} does not fit the model: lacks {lacking[:5]}, "
+                                   f"has unknown {unexpected[:5]}")
+        if lora:
+            torch.manual_seed(self.recipe.seed + 1)  # as zoo run: LoRA's init depends on the seed only
+            model = add_lora(model, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets, s2.train_mixer)
+            if s2.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
+        return model
+
+    def teacher(self, meta: bool = False):
+        import zoo
+        from zoo.scale.skeleton import skeleton
+
+        return skeleton(self.folder, self.dtype) if meta else zoo.load_teacher(str(self.folder), dtype=self.dtype)[0]
+
+    def build(self, make):
+        """`make(meta)`'s model on this run's device(s): sharded over the ranks (FSDP2, rank 0's
+        weights), or moved to the one device of a one-process run."""
+        from zoo.scale.fsdp_lora import load_sharded
+
+        if self.ctx.world == 1:
+            return make(False).to(self.ctx.device)
+        return load_sharded(self.ctx, lambda: make(False), lambda: make(True), self.dtype)
+
+    def stage2(self) -> None:
+        """Teacher eval, stage-1 eval, LoRA, final eval: all ranks together on the sharded model."""
+        from zoo.run import _loop_config
+        from zoo.scale.fsdp_lora import run_sharded_stage2
+        from zoo.transfer.stage2 import run_stage2
+
+        recipe, ctx, s2 = self.recipe, self.ctx, self.recipe.stage2
+        if "teacher" not in self.progress:
+            _say(ctx, "evaluating the teacher")
+            self.remember("teacher", self.data.evaluate(self.build(self.teacher)))
+        if "final" in self.progress:
+            return
+        model = self.build(self.student)
+        if "stage1" not in self.progress:
+            _say(ctx, "evaluating the model after stage 1")
+            self.remember("stage1", {"train": self.progress.get("stage1_blocks", {}), **self.data.evaluate(model)})
+        if s2.enabled and s2.tokens > 0:
+            cfg = _loop_config("stage2", s2, recipe.seed)
+            if ctx.world > 1:
+                stats = run_sharded_stage2(model, self.data.train_blocks, cfg, self.out, ctx)
+            else:
+                stats = run_stage2(model, self.data.train_blocks, cfg, self.out, device=ctx.device)
+            self.remember("stage2", {"train": stats})
+        _say(ctx, "evaluating the final model")
+        self.remember("final", self.data.evaluate(model))
+
+    # ------------------------------------------------------------------------------ output
+
+    def finish(self, wall: float) -> dict:
+        """Rank 0: the final model rebuilt in memory from stage 2's last checkpoint, saved; the summary."""
+        from zoo.run import build_summary, generate_text, save_run_model
+
+        recipe, s2 = self.recipe, self.recipe.stage2
+        model = self.student()
+        mixers = sum(p.numel() for n, p in model.named_parameters() if ".mixer." in n)
+        trainable = mixers
+        if s2.enabled and s2.tokens > 0:
+            weights = load_file(str(self.out / "checkpoints" / "stage2" / "trainable.safetensors"))
+            missing = sorted(set(weights) - {n for n, _ in model.named_parameters()})
+            if missing:
+                raise RuntimeError(f"stage 2's checkpoint has parameters the model lacks: {missing[:5]}")
+            model.load_state_dict(weights, strict=False)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + (0 if s2.train_mixer else mixers)
+        model_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and ".mixer." not in n)
+        sample = (generate_text(model, self.tokenizer, recipe.eval.generate_prompt, recipe.eval.generate_tokens)
+                  if recipe.eval.generate_tokens else "")
+        save_run_model(model, self.tokenizer, self.out, merge=s2.merge_on_save)
+        summary = build_summary(recipe, self.progress, trainable, sample, wall, model_params)
+        summary["processes"] = self.ctx.world
+        summary["block_size"] = recipe.stage1.blockwise.block_size
+        write_json(self.out / "summary.json", summary)
+        return summary
