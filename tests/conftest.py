@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from zoo_testing import FAMILIES, tiny_model, tiny_tokenizer, write_text_files
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels' tests (tests/kernels/triton) run in Triton's CPU interpreter.
+    # Triton reads TRITON_INTERPRET when it is first imported, and importing zoo (transformers, torch's
+    # compiler stack) imports it: so it is set here, before any test module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -81,7 +81,9 @@ def test_forms_agree_outputs_grads_state(T, gate, normalize):
                 assert a is None
                 continue
             assert a is not None, name
-            close(a, b, 1e-4)
+            # the chunked form gets the gate gradient as q.dq - k.dk summed from the end (two terms that
+            # cancel where the true gradient is 0, e.g. normalized at T=1): zero up to ~1e-6 rounding
+            close(a, b, 1e-4, atol=1e-5 if name == "log_gate" else 1e-6)
 
 
 @pytest.mark.parametrize("gate", GATES)

@@ -66,6 +66,20 @@ def test_forms_agree_with_reference(terraced, W, T):
 
 
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
+def test_long_sequence_matches_reference(terraced):
+    # many chunks (T = 1000, C = W = 64): the per-chunk key bands (views of one padded tensor) and their
+    # gradients, against the loop reference
+    xs, a, b = make(1000, seed=11)
+    kw = dict(window=64, terraced=terraced)
+    y0, s0, g0 = run(window_hybrid_naive, xs, a, b, grad=True, **kw)
+    y, s, g = run(window_hybrid_chunked, xs, a, b, grad=True, **kw)
+    torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
+    for name, gi, gr in zip(("q", "k", "v", "fq", "fk", "a", "b"), g, g0):
+        torch.testing.assert_close(gi, gr, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+    close_state(s, s0, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
 @pytest.mark.parametrize("W", [16, 64])
 @pytest.mark.parametrize("masked", [False, True])
 def test_split_and_carry(terraced, W, masked):

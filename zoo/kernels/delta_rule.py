@@ -149,14 +149,18 @@ def delta_rule_chunked(q, k, v, beta, log_gate=None, state=None, chunk_size=64):
 
     # the carry: per chunk, one read of the entering state and the transition
     # S <- chunk_decay S + K_C^T (u_v - w S); (I - K_C^T w) is never formed: [Dk, Dk] per chunk costs
-    # more memory traffic than the two thin products
+    # more memory traffic than the two thin products. Chunks are taken by unbind, not indexing: under
+    # autograd one gradient buffer gathers them all (indexing would allocate a full-size one per chunk).
+    per_chunk = [t.flatten(0, 1).unbind(1) for t in (q_read, w, u_v, k_t)]
+    decays = None if chunk_decay is None else chunk_decay.flatten(0, 1).unbind(1)
+    S = S.flatten(0, 1)
     y_inter = []
-    for n in range(N):
-        y_inter.append(q_read[:, :, n] @ S)
-        write = k_t[:, :, n] @ (u_v[:, :, n] - w[:, :, n] @ S)
-        S = (S if chunk_decay is None else chunk_decay[:, :, n] * S) + write
-    y = (y + torch.stack(y_inter, dim=2)).reshape(B, H, Tp, Dv)[:, :, :T]
-    return y.to(dtype), S
+    for n, (q_n, w_n, u_n, k_n) in enumerate(zip(*per_chunk)):
+        y_inter.append(torch.bmm(q_n, S))
+        write = torch.bmm(k_n, torch.baddbmm(u_n, w_n, S, alpha=-1.0))
+        S = (S if decays is None else decays[n] * S) + write
+    y = (y + torch.stack(y_inter, dim=1).view(B, H, N, C, Dv)).reshape(B, H, Tp, Dv)[:, :, :T]
+    return y.to(dtype), S.view(B, H, Dk, Dv)
 
 
 def delta_rule(q, k, v, beta, log_gate=None, state=None, chunk_size=64):

@@ -18,11 +18,15 @@ they add nothing to the state and decay nothing.
 
 Numerics of the chunked form: gates are summed in log space inside each chunk only (b = in-chunk
 cumulative log gate), and no exponential of a large positive number is taken. Scalar gates form the
-[C, C] decay exp(b_i - b_j), j <= i, directly. Per-key gates use exp(b_i) * exp(-b_j) when every chunk's
-total log decay is above -30 (so exp(-b_j) < 1e13: exact to fp32 precision, one [C, C] product); with
-stronger decay the chunk splits into 16-token sub-chunks: between sub-chunks q and k are rescaled
-relative to the start of the query's sub-chunk (both factors <= 1), inside one the decay is formed per
-element. Strong decay is therefore slower, never wrong.
+[C, C] decay exp(b_i - b_j), j <= i, directly. Per-key gates use exp(b_i) * exp(-b_j) in a chunk whose
+total log decay is above -30 in every head and key dimension (so exp(-b_j) < 1e13: exact to fp32
+precision, one [C, C] product); a chunk with stronger decay splits into 16-token sub-chunks: between
+sub-chunks q and k are rescaled relative to the start of the query's sub-chunk (both factors <= 1),
+inside one the decay is formed per element. Strong decay is therefore slower, never wrong.
+
+The chunked form has a backward of its own that recomputes instead of storing per-chunk states
+(zoo.kernels._linear_chunked): memory O(T), no autograd graph per chunk. Its gate gradient comes from
+dL/dG_t = q_t . dq_t - k_t . dk_t (G the cumulative log gate), summed from the end.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from typing import NamedTuple
 
 import torch
 
-from zoo.kernels._utils import lower_triangle, pad_time, round_up
+from zoo.kernels._linear_chunked import SUB_CHUNK, ChunkedLinearAttention
+from zoo.kernels._utils import pad_time, round_up
 
 __all__ = [
     "LinearAttentionState",
@@ -43,9 +48,6 @@ __all__ = [
 
 #: at most this many new tokens go through the recurrent step form in `linear_attention`
 STEP_THRESHOLD = 16
-_SUB_CHUNK = 16
-#: per-key gates: a chunk whose total log decay stays above -_FACTOR_LIMIT takes the factored fast path
-_FACTOR_LIMIT = 30.0
 
 
 class LinearAttentionState(NamedTuple):
@@ -156,80 +158,31 @@ def linear_attention_step(q, k, v, log_gate=None, state=None, normalize=False, e
     return _finish(y, S, normalize, eps, dtype)
 
 
-def _intra_key_gated(q, k, v, b, sub: int) -> torch.Tensor:
-    """Intra-chunk output with per-key decays, safe for any decay. q, k, b [..., C, Dk] (b: the in-chunk
-    cumulative log gate), v [..., C, Dv]. Returns sum_{j<=i} (q_i * exp(b_i - b_j)) . k_j v_j."""
-    *lead, C, Dk = q.shape
-    P = C // sub
-    qs, ks, bs, vs = (t.reshape(*lead, P, sub, t.shape[-1]) for t in (q, k, b, v))
-    # inside each sub-chunk: the decay per element, exp(b_i - b_j) for j <= i, one key column at a time
-    cols = [(qs * (bs - bs[..., j:j + 1, :]).clamp(max=0).exp() * ks[..., j:j + 1, :]).sum(-1) for j in range(sub)]
-    a = torch.stack(cols, dim=-1).masked_fill(~lower_triangle(sub, q.device), 0.0)
-    y = a @ vs  # [..., P, sub, Dv]
-    if P > 1:
-        # across sub-chunks: relative to r_p, the cumulative log gate just before sub-chunk p,
-        # q_i exp(b_i - r_p) and k_j exp(r_p - b_j) for j before sub-chunk p; both exponents <= 0
-        r = torch.cat([torch.zeros_like(bs[..., :1, 0, :]), bs[..., :-1, -1, :]], dim=-2)  # [..., P, Dk]
-        qt = qs * (bs - r[..., None, :]).exp()
-        before = torch.arange(C, device=q.device)[None, :] < (torch.arange(P, device=q.device) * sub)[:, None]
-        e = (r[..., :, None, :] - b[..., None, :, :]).masked_fill(~before[..., None], float("-inf")).exp()
-        kt = k[..., None, :, :] * e  # [..., P, C, Dk]
-        y = y + (qt @ kt.transpose(-1, -2)) @ v[..., None, :, :]
-    return y.reshape(*lead, C, v.shape[-1])
-
-
 def linear_attention_chunked(q, k, v, log_gate=None, state=None, normalize=False, eps=1e-6, chunk_size=64):
-    """Chunked form, linear in T: the intra-chunk parts of all chunks at once (masked [C, C]
-    products with gate decays), then a loop over chunks only to carry the state."""
+    """Chunked form, linear in T: one pass over chunks of C tokens (gates folded into q and k per chunk,
+    the entering state read, the chunk's own masked [C, C] part added, the state updated in place), with a
+    recomputing backward of its own (zoo.kernels._linear_chunked). No tensor of all chunks' scores or
+    states is formed, so memory stays O(T) and working sets chunk-sized."""
     kind = _check(q, k, v, log_gate, state, normalize)
     B, H, T, Dk = q.shape
-    dtype = v.dtype
-    S = _initial(q, v, state, normalize)
+    Dv, dtype = v.shape[-1], v.dtype
     if T == 0:
+        S = _initial(q, v, state, normalize)
         return _finish(_augment_v(v, normalize), S, normalize, eps, dtype)
-    C = min(chunk_size, round_up(T, _SUB_CHUNK))
-    N = -(-T // C)
-    Tp = N * C
-    q, k, v = (pad_time(t, Tp).reshape(B, H, N, C, t.shape[-1]) for t in (q.float(), k.float(), _augment_v(v, normalize)))
-    Dva = v.shape[-1]
+    C = min(chunk_size, round_up(T, SUB_CHUNK))
+    Tp = round_up(T, C)
 
-    if kind is None:
-        y = (q @ k.transpose(-1, -2)).masked_fill(~lower_triangle(C, q.device), 0.0) @ v
-        u = k.transpose(-1, -2) @ v  # each chunk's own contribution to the state, [B, H, N, Dk, Dva]
-        chunk_decay = None
-    else:
-        g = pad_time(log_gate.float(), Tp).reshape(B, H, N, C, *log_gate.shape[3:])
-        b = g.cumsum(dim=3)  # in-chunk cumulative log gate, <= 0 and non-increasing
-        if kind == "scalar":
-            decay = (b[..., :, None] - b[..., None, :]).masked_fill(~lower_triangle(C, q.device), float("-inf"))
-            y = ((q @ k.transpose(-1, -2)) * decay.exp()) @ v
-            b_last, b = b[..., -1:, None], b[..., None]  # [B, H, N, 1, 1], [B, H, N, C, 1]
-            chunk_decay = b_last.exp()
-            u = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # decayed to the chunk's end
-            q = q * b.exp()  # decay of the entering state up to each position
-        else:
-            b_last = b[..., -1:, :]
-            chunk_decay = b_last.exp().transpose(-1, -2)  # [B, H, N, Dk, 1]
-            u = (k * (b_last - b).exp()).transpose(-1, -2) @ v
-            q_in = q * b.exp()
-            if b_last.min() >= -_FACTOR_LIMIT:
-                # mild decay (the usual case): exp(b_i - b_j) = exp(b_i) * exp(-b_j), and exp(-b_j) stays
-                # below exp(_FACTOR_LIMIT), so one masked [C, C] product serves as without gates
-                a = q_in @ (k * (-b).exp()).transpose(-1, -2)
-                y = a.masked_fill(~lower_triangle(C, q.device), 0.0) @ v
-            else:
-                y = _intra_key_gated(q, k, v, b, _SUB_CHUNK if C % _SUB_CHUNK == 0 else C)
-            q = q_in
-    # the carry: the state entering chunk n reaches its queries; one small product per chunk (this
-    # beats materializing all N entering states, [B, H, N, Dk, Dva], and one batched product)
-    y_inter = []
-    for n in range(N):
-        y_inter.append(q[:, :, n] @ S)
-        S = (S if chunk_decay is None else chunk_decay[:, :, n] * S) + u[:, :, n]
-    y = y + torch.stack(y_inter, dim=2)
+    def flat(t):  # [B, H, T, .] -> [BH, Tp, .] fp32
+        return pad_time(t.float(), Tp).flatten(0, 1)
 
-    y = y.reshape(B, H, Tp, Dva)[:, :, :T]
-    return _finish(y, S, normalize, eps, dtype)
+    gate = None if kind is None else flat(log_gate)
+    S0 = q.new_zeros(B * H, Dk, Dv, dtype=torch.float32) if state is None else state.S.float().flatten(0, 1)
+    z0 = None
+    if normalize:
+        z0 = q.new_zeros(B * H, Dk, 1, dtype=torch.float32) if state is None else state.z.float().flatten(0, 1)[..., None]
+    y, S, z = ChunkedLinearAttention.apply(flat(q), flat(k), flat(v), gate, S0, z0, kind, normalize, eps, C)
+    y = y.view(B, H, Tp, Dv)[:, :, :T].to(dtype)
+    return y, LinearAttentionState(S.view(B, H, Dk, Dv), None if z is None else z.view(B, H, Dk))
 
 
 def linear_attention(q, k, v, log_gate=None, state=None, normalize=False, eps=1e-6, chunk_size=64):

@@ -180,6 +180,15 @@ def window_hybrid_naive(q, k, v, fq, fk, a, b, *, window=64, terraced=False, sca
     return y.to(q.dtype), new
 
 
+def _bands(t: torch.Tensor, C: int) -> tuple[torch.Tensor, ...]:
+    """[BH, N, X] -> one [BH, 2C, X] view per chunk of C rows: the previous chunk's rows, then its own (zeros
+    before the first and after the last row). Views of one padded tensor, not copies; under autograd their
+    gradients gather into one buffer (not a full-size gradient per slice, nor a copy per chunk)."""
+    n = -(-t.shape[1] // C)
+    padded = torch.nn.functional.pad(t, (0, 0, C, (n + 1) * C - C - t.shape[1]))  # [BH, (n + 1) C, X]
+    return padded.unfold(1, 2 * C, C).transpose(2, 3).unbind(1)
+
+
 def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None,
                           key_mask=None, c=None, chunk_size=None):
     """Chunked form, linear in T: a loop over query chunks of C tokens (C a multiple of W, default the
@@ -244,6 +253,7 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
     # gradient for every slice (quadratic traffic in the backward pass).
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
     qs, fqs, ks, fks, vs = (t.flatten(0, 1).split(C, 1) for t in (q, fq, k, fk, v1))
+    kbands, fkbands, vbands = (_bands(t.flatten(0, 1), C) for t in (k, fk, v1))
     S = torch.cat([st.S.to(cdt), st.z.to(cdt)[..., None]], -1).flatten(0, 1)  # [BH, F, Dv+1]
     cut = end - L  # scratch rows < cut leave the window: they end in the new state's S, z
     jfull = int(cut.clamp(min=0).min()) // C  # chunks entirely gone in every row
@@ -258,7 +268,7 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
         q0, q1 = ch * C, min((ch + 1) * C, N)
         k0 = max(q0 - C, 0)
         u0 = C - (q0 - k0)  # band column of key k0
-        kb, fkb, vb = (t[0] if ch == 0 else torch.cat([t[ch - 1], t[ch]], 1) for t in (ks, fks, vs))
+        kb, fkb, vb = (t[ch][:, u0:C + q1 - q0] for t in (kbands, fkbands, vbands))
         bias = bias_all[:q1 - q0, u0:u0 + q1 - k0]
         if not identity:
             kok = svalid[:, None, None, k0:q1]

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels.delta_rule import delta_rule
+from zoo.kernels.dispatch import delta_rule
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zoo.kernels.linear_attention import LinearAttentionState, linear_attention
+from zoo.kernels.dispatch import linear_attention
+from zoo.kernels.linear_attention import LinearAttentionState
 from zoo.mixers.base import Mixer, repeat_kv
 
 

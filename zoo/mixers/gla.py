@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels.linear_attention import LinearAttentionState, linear_attention
+from zoo.kernels.dispatch import linear_attention
+from zoo.kernels.linear_attention import LinearAttentionState
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 from zoo.mixers.hedgehog import hedgehog_features

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.linear_attention import LinearAttentionState, linear_attention
-from zoo.kernels.window_hybrid import WindowHybridState, window_hybrid
+from zoo.kernels.dispatch import linear_attention, window_hybrid
+from zoo.kernels.linear_attention import LinearAttentionState
+from zoo.kernels.window_hybrid import WindowHybridState
 from zoo.mixers.base import register_mixer, repeat_kv
 from zoo.mixers.gla import GatedLinearMixer
 

@@ -30,7 +30,8 @@ import math
 import torch
 from torch import nn
 
-from zoo.kernels.window_hybrid import window_hybrid, window_hybrid_weights
+from zoo.kernels.dispatch import window_hybrid
+from zoo.kernels.window_hybrid import window_hybrid_weights
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 from zoo.mixers.hedgehog import hedgehog_features

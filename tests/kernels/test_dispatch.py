@@ -1,0 +1,148 @@
+"""zoo.kernels.dispatch: backend names, the environment override, availability per device, the choice
+per operation and input, and that on the CPU every operation gives exactly the PyTorch form's result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.kernels import delta_rule as torch_delta
+from zoo.kernels import dispatch
+from zoo.kernels import linear_attention as torch_linear
+from zoo.kernels import window_hybrid as torch_hybrid
+from zoo.kernels.dispatch import ENV_VAR, available_backends, backend_for, requested_backend
+
+CUDA = torch.device("cuda")  # a device object only: nothing here runs on it
+
+
+@pytest.fixture
+def no_override(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def everything_usable(monkeypatch, no_override):
+    """Pretend triton and fla are installed and usable on CUDA (and only there)."""
+    monkeypatch.setattr(dispatch, "_usable", lambda name, device: name == "torch" or device.type == "cuda")
+
+
+def test_requested_backend(monkeypatch, no_override):
+    assert requested_backend() is None
+    for value in ("", "auto", " AUTO "):
+        monkeypatch.setenv(ENV_VAR, value)
+        assert requested_backend() is None
+    monkeypatch.setenv(ENV_VAR, "Triton")
+    assert requested_backend() == "triton"
+    assert requested_backend("fla") == "fla"  # the argument wins over the environment
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match=r"ZOO_KERNEL_BACKEND='cuda'.*torch, triton, fla, flex or auto"):
+        requested_backend()
+    with pytest.raises(ValueError, match=r"backend='flash'"):
+        requested_backend("flash")
+
+
+def test_available_backends(monkeypatch, no_override):
+    monkeypatch.setattr(dispatch, "flex_available", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_installed", lambda: True)
+    assert available_backends("cpu") == available_backends("cpu", include_emulated=True) == ["torch"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter makes Triton usable on the CPU, fla never
+    assert available_backends("cpu", include_emulated=True) == ["torch", "triton"]
+    monkeypatch.setattr(dispatch, "flex_available", lambda: True)  # FlexAttention runs eagerly on the CPU
+    assert available_backends("cpu", include_emulated=True) == ["torch", "triton", "flex"]
+    assert available_backends("cpu") == ["torch"]  # natively: nothing but the PyTorch forms
+    monkeypatch.setattr(dispatch, "fla_installed", lambda: True)
+    assert available_backends("cuda") == ["torch", "triton", "fla", "flex"]
+
+
+def test_automatic_choice(everything_usable):
+    for op in dispatch.FAST_BACKENDS:
+        assert backend_for(op, "cpu") == "torch"  # the CPU always takes the PyTorch forms
+    assert backend_for("window_hybrid", CUDA) == "triton"
+    assert backend_for("linear_attention", CUDA) == "fla"
+    assert backend_for("delta_rule", CUDA) == "fla"
+    assert backend_for("window_hybrid", CUDA, fits=lambda name: False) == "torch"
+    assert backend_for("window_hybrid", CUDA, fits=lambda name: name == "flex") == "flex"  # the next in line
+    with pytest.raises(ValueError, match="unknown operation"):
+        backend_for("flow_attention", CUDA)
+
+
+def test_forced_backend(monkeypatch, everything_usable):
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert backend_for("window_hybrid", CUDA) == "torch"
+    monkeypatch.setenv(ENV_VAR, "fla")
+    assert backend_for("linear_attention", CUDA) == "fla"
+    assert backend_for("window_hybrid", CUDA) == "torch"  # fla has no window hybrid
+    assert backend_for("linear_attention", CUDA, fits=lambda name: False) == "torch"
+    with pytest.raises(RuntimeError, match="'fla' was asked for .* not available on cpu"):
+        backend_for("linear_attention", "cpu")
+
+
+def test_forcing_triton_on_the_cpu_needs_the_interpreter(monkeypatch, no_override):
+    monkeypatch.setenv(ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend_for("window_hybrid", "cpu")
+    assert backend_for("linear_attention", "cpu") == "torch"  # not a Triton operation here: unaffected
+
+
+def test_delta_rule_limits_of_fla():
+    q = torch.randn(1, 2, 20, 8)
+    beta = torch.rand(1, 2, 20)
+    gate = torch.zeros(1, 2, 20)
+    mode, why = dispatch._delta_mode(q, q, q, beta, None, None)
+    assert mode == "chunk" and "float32" in why  # fla's chunked delta rule takes half precision only
+    h = q.bfloat16()
+    assert dispatch._delta_mode(h, h, h, beta, None, None) == ("chunk", None)
+    short = q[:, :, :3]  # decoding
+    assert dispatch._delta_mode(short, short, short, beta[..., :3], gate[..., :3], None) == ("recurrent", None)
+    with torch.enable_grad():  # fla's fused recurrent gated delta rule has no backward: chunked instead
+        leaf = short.clone().requires_grad_()
+        assert dispatch._delta_mode(leaf, short, short, beta[..., :3], gate[..., :3], None) == ("chunk", None)
+
+
+@pytest.mark.parametrize("forced", [None, "torch", "fla"])
+def test_cpu_results_are_the_pytorch_forms(monkeypatch, no_override, forced):
+    """On the CPU the dispatching functions are the PyTorch forms, bit for bit (fla, forced, is not
+    available on the CPU for the fla operations, and does not implement the window hybrid)."""
+    if forced:
+        monkeypatch.setenv(ENV_VAR, forced)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 40, 8, generator=g).softmax(-1) for _ in range(2))
+    v = torch.randn(2, 3, 40, 5, generator=g)
+    a = torch.rand(3, generator=g)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :5] = False
+    y, st = dispatch.window_hybrid(q, k, v, q, k, a, 1 - a, window=16, key_mask=mask)
+    y0, st0 = torch_hybrid.window_hybrid(q, k, v, q, k, a, 1 - a, window=16, key_mask=mask)
+    assert torch.equal(y, y0) and torch.equal(st.S, st0.S)
+    if forced == "fla":
+        with pytest.raises(RuntimeError, match="not available on cpu"):
+            dispatch.linear_attention(q, k, v)
+        return
+    log_gate = F.logsigmoid(torch.randn(2, 3, 40, 8, generator=g) + 2)
+    y, st = dispatch.linear_attention(q, k, v, log_gate, normalize=True)
+    y0, st0 = torch_linear.linear_attention(q, k, v, log_gate, normalize=True)
+    assert torch.equal(y, y0) and torch.equal(st.S, st0.S) and torch.equal(st.z, st0.z)
+    beta = torch.rand(2, 3, 40, generator=g)
+    kn = F.normalize(k, dim=-1)
+    y, S = dispatch.delta_rule(q, kn, v, beta, log_gate[..., 0])
+    y0, S0 = torch_delta.delta_rule(q, kn, v, beta, log_gate[..., 0])
+    assert torch.equal(y, y0) and torch.equal(S, S0)
+
+
+def test_padded_prefill_takes_the_pytorch_form_even_when_triton_is_forced(monkeypatch, no_override):
+    """The fused prefill kernel takes no padding: such calls run on torch (bit for bit its result)."""
+    monkeypatch.setattr(dispatch, "_usable", lambda name, device: True)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 2, 30, 8, generator=g) for _ in range(2))
+    v = torch.randn(2, 2, 30, 4, generator=g)
+    fk = torch.rand(2, 2, 30, 3, generator=g)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[0, :4] = False
+    y, st = dispatch.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=8, key_mask=mask)
+    y0, st0 = torch_hybrid.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=8, key_mask=mask)
+    assert torch.equal(y, y0) and torch.equal(st.S, st0.S)
+    y, _ = dispatch.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)  # nor float64
+    assert torch.equal(y, torch_hybrid.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)[0])
