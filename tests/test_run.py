@@ -158,3 +158,22 @@ def test_plugin_mixers_register_through_entry_points(monkeypatch):
         assert zoo.get_mixer("plugin-test-mixer").description == "from a plugin"
     finally:
         base._REGISTRY.pop("plugin-test-mixer", None)
+
+
+def test_demo_runs_the_lolcats_recipe_at_the_demo_budget(monkeypatch, tmp_path):
+    import zoo.run
+
+    seen = {}
+
+    def fake_run_recipe(recipe, out):
+        seen["recipe"], seen["out"] = recipe, out
+        raise SystemExit(0)  # stop before any training: only what the demo asks for is checked here
+
+    monkeypatch.setattr(zoo.run, "run_recipe", fake_run_recipe)
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "demo")])
+    assert seen["recipe"].mixer.name == "lolcats"
+    assert seen["recipe"].stage1.tokens == 61_440 < zoo.recipe.load_recipe(zoo.cli.DEMO_RECIPE).stage1.tokens
+    with pytest.raises(SystemExit):  # the user's overrides come after the demo's, so they win
+        main(["demo", "stage1.tokens=1024", "--out", str(tmp_path / "demo")])
+    assert seen["recipe"].stage1.tokens == 1024
