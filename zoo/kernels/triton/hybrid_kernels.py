@@ -66,6 +66,31 @@ def _block_start(j, shift, C: tl.constexpr, R: tl.constexpr, W: tl.constexpr, TE
 
 
 @triton.jit
+def _head_scalars(NSEEN, A, BB, CC, bh, H, P, W: tl.constexpr, HAS_C: tl.constexpr):
+    """What every program of head row bh reads once: the first valid extended position, the window
+    shift of its sequence, and the head's mixing factors a, b (and c, else 0)."""
+    b_idx, h_idx = bh // H, bh % H
+    n_b = tl.load(NSEEN + b_idx).to(tl.int32)
+    fc = 0.0
+    if HAS_C:
+        fc = tl.load(CC + h_idx)
+    return P - tl.minimum(n_b, P), n_b - P + 2 * W, tl.load(A + h_idx), tl.load(BB + h_idx), fc
+
+
+@triton.jit
+def _query_tile(Q, FQ, bh, j, T, N, P, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+                C: tl.constexpr):
+    """Query tile j (extended positions e_q, new-token positions t_q, which are real) and its q, phi(q)."""
+    od, of = tl.arange(0, BD), tl.arange(0, BF)
+    e_q = j * C + tl.arange(0, C)
+    t_q = e_q - P
+    q_ok = (e_q >= P) & (e_q < N)
+    q = tl.load(Q + bh * T * D + t_q[:, None] * D + od[None, :], mask=q_ok[:, None] & (od[None, :] < D), other=0.0)
+    fq = tl.load(FQ + bh * T * F + t_q[:, None] * F + of[None, :], mask=q_ok[:, None] & (of[None, :] < F), other=0.0)
+    return e_q, t_q, q_ok, q, fq
+
+
+@triton.jit
 def _fwd_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC,
                 Y, M, DEN, ARG,
                 T, N, P, NC, NS, H, scale,
@@ -75,21 +100,10 @@ def _fwd_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC,
                 PREC: tl.constexpr):
     j = tl.program_id(0) + P // C
     bh = tl.program_id(1).to(tl.int64)
-    b_idx, h_idx = bh // H, bh % H
-    n_b = tl.load(NSEEN + b_idx).to(tl.int32)
-    first_valid = P - tl.minimum(n_b, P)
-    shift = n_b - P + 2 * W
-    fa, fb = tl.load(A + h_idx), tl.load(BB + h_idx)
-    fc = 0.0
-    if HAS_C:
-        fc = tl.load(CC + h_idx)
+    first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh, H, P, W, HAS_C)
 
     od, ov, of = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
-    e_q = j * C + tl.arange(0, C)
-    t_q = e_q - P
-    q_ok = (e_q >= P) & (e_q < N)
-    q = tl.load(Q + bh * T * D + t_q[:, None] * D + od[None, :], mask=q_ok[:, None] & (od[None, :] < D), other=0.0)
-    fq = tl.load(FQ + bh * T * F + t_q[:, None] * F + of[None, :], mask=q_ok[:, None] & (of[None, :] < F), other=0.0)
+    e_q, t_q, q_ok, q, fq = _query_tile(Q, FQ, bh, j, T, N, P, D, F, BD, BF, C)
 
     m_i = tl.full([C], float("-inf"), dtype=tl.float32)
     arg = tl.zeros([C], dtype=tl.int64)
@@ -158,21 +172,10 @@ def _bwd_dq_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC, GN, GD, M,
                    PREC: tl.constexpr):
     j = tl.program_id(0) + P // C
     bh = tl.program_id(1).to(tl.int64)
-    b_idx, h_idx = bh // H, bh % H
-    n_b = tl.load(NSEEN + b_idx).to(tl.int32)
-    first_valid = P - tl.minimum(n_b, P)
-    shift = n_b - P + 2 * W
-    fa, fb = tl.load(A + h_idx), tl.load(BB + h_idx)
-    fc = 0.0
-    if HAS_C:
-        fc = tl.load(CC + h_idx)
+    first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh, H, P, W, HAS_C)
 
     od, ov, of = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
-    e_q = j * C + tl.arange(0, C)
-    t_q = e_q - P
-    q_ok = (e_q >= P) & (e_q < N)
-    q = tl.load(Q + bh * T * D + t_q[:, None] * D + od[None, :], mask=q_ok[:, None] & (od[None, :] < D), other=0.0)
-    fq = tl.load(FQ + bh * T * F + t_q[:, None] * F + of[None, :], mask=q_ok[:, None] & (of[None, :] < F), other=0.0)
+    e_q, t_q, q_ok, q, fq = _query_tile(Q, FQ, bh, j, T, N, P, D, F, BD, BF, C)
     gn = tl.load(GN + bh * T * DV + t_q[:, None] * DV + ov[None, :], mask=q_ok[:, None] & (ov[None, :] < DV),
                  other=0.0)
     gd = tl.load(GD + bh * T + t_q, mask=q_ok, other=0.0)
@@ -242,14 +245,7 @@ def _bwd_dkv_kernel(Q, FQ, K, V, FK, GS, GZ, NSEEN, A, BB, CC, GN, GD, M,
                     NJ: tl.constexpr, PREC: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b_idx, h_idx = bh // H, bh % H
-    n_b = tl.load(NSEEN + b_idx).to(tl.int32)
-    first_valid = P - tl.minimum(n_b, P)
-    shift = n_b - P + 2 * W
-    fa, fb = tl.load(A + h_idx), tl.load(BB + h_idx)
-    fc = 0.0
-    if HAS_C:
-        fc = tl.load(CC + h_idx)
+    first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh, H, P, W, HAS_C)
 
     od, ov, of = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
     e_k = c * C + tl.arange(0, C)
@@ -270,13 +266,7 @@ def _bwd_dkv_kernel(Q, FQ, K, V, FK, GS, GZ, NSEEN, A, BB, CC, GN, GD, M,
     # the later ones through the dual state of that chunk
     j_end = tl.cdiv(c + n_band, R) * R
     for j in range(c, tl.minimum(j_end, NC)):
-        e_q = j * C + tl.arange(0, C)
-        t_q = e_q - P
-        q_ok = (e_q >= P) & (e_q < N)
-        q = tl.load(Q + bh * T * D + t_q[:, None] * D + od[None, :], mask=q_ok[:, None] & (od[None, :] < D),
-                    other=0.0)
-        fq = tl.load(FQ + bh * T * F + t_q[:, None] * F + of[None, :], mask=q_ok[:, None] & (of[None, :] < F),
-                     other=0.0)
+        e_q, t_q, q_ok, q, fq = _query_tile(Q, FQ, bh, j, T, N, P, D, F, BD, BF, C)
         gn = tl.load(GN + bh * T * DV + t_q[:, None] * DV + ov[None, :], mask=q_ok[:, None] & (ov[None, :] < DV),
                      other=0.0)
         gd = tl.load(GD + bh * T + t_q, mask=q_ok, other=0.0)
