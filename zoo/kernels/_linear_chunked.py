@@ -34,6 +34,17 @@ FACTOR_LIMIT = 30.0
 SUB_CHUNK = 16
 
 
+def _advance(S: torch.Tensor, z: torch.Tensor | None, f, v_n: torch.Tensor) -> None:
+    """In place: carry the state (S, and the normalizer z when there is one) past chunk n, whose fold
+    is `f` and values `v_n`: decay, then add the chunk's writes."""
+    if f.decay is not None:
+        S.mul_(f.decay)
+    S.baddbmm_(f.write.transpose(1, 2), v_n)
+    if z is not None:
+        if f.decay is not None:
+            z.mul_(f.decay)
+        z.add_(f.write.sum(1)[..., None])
+
 class _Fold(NamedTuple):
     """One chunk's operands with its gates folded in ([BH, C, .]).
 
@@ -175,13 +186,7 @@ class ChunkedLinearAttention(torch.autograd.Function):
                 torch.div(num, d, out=y[:, sl])
             else:
                 y[:, sl] = num
-            if f.decay is not None:
-                S.mul_(f.decay)
-            S.baddbmm_(f.write.transpose(1, 2), ch.v[n])
-            if normalize:
-                if f.decay is not None:
-                    z.mul_(f.decay)
-                z.add_(f.write.sum(1)[..., None])
+            _advance(S, z, f, ch.v[n])
         ctx.kind, ctx.normalize, ctx.C, ctx.strong = kind, normalize, C, ch.strong
         ctx.save_for_backward(q, k, v, log_gate, S0, z0, y, den, S, z)
         return y, S, z
@@ -223,13 +228,7 @@ class ChunkedLinearAttention(torch.autograd.Function):
                 dk_n = _scaled(torch.bmm(dp.transpose(1, 2), f.ask), f.attend_scale)
                 dv_n = torch.bmm(ch.scores(f).transpose(1, 2), dnum)
             dq[:, sl], dk[:, sl], dv[:, sl] = dq_n, dk_n, dv_n
-            if f.decay is not None:
-                S.mul_(f.decay)
-            S.baddbmm_(f.write.transpose(1, 2), ch.v[n])
-            if normalize:
-                if f.decay is not None:
-                    z.mul_(f.decay)
-                z.add_(f.write.sum(1)[..., None])
+            _advance(S, z, f, ch.v[n])
         # reverse pass: carry dS, dz; the state parts of dk, dv
         dS = torch.zeros_like(S0) if dS_T is None else dS_T.clone()
         dz = None
