@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from mixer_testing import HIDDEN, HKV, D, H, inputs, run_pieces, sl
 
 from zoo.kernels.delta_rule import delta_rule_naive
 from zoo.mixers import build_mixer, get_mixer, list_mixers
 from zoo.mixers.delta import DeltaMixer, GatedDeltaMixer
 
 NAMES = ["delta", "gated-delta"]
-H, HKV, D, HIDDEN = 4, 2, 16, 32
 
 
 def make_mixer(name, seed=0, num_kv_heads=HKV, **options):
@@ -24,19 +24,6 @@ def make_mixer(name, seed=0, num_kv_heads=HKV, **options):
         if name == "gated-delta":
             m.dt_bias.add_(1.0)  # decay strong enough to matter over the test lengths
     return m
-
-
-def inputs(T, Bsz=2, seed=1, hkv=HKV):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(Bsz, H, T, D, generator=g)
-    k = torch.randn(Bsz, hkv, T, D, generator=g)
-    v = torch.randn(Bsz, hkv, T, D, generator=g)
-    x = torch.randn(Bsz, T, HIDDEN, generator=g)
-    return q, k, v, x
-
-
-def sl(t, lo, hi):
-    return t[:, lo:hi] if t.dim() == 3 else t[:, :, lo:hi]
 
 
 def test_registered_with_options_and_init():
@@ -95,11 +82,8 @@ def test_split_and_carry(name):
     with torch.no_grad():
         y_all, s_all = m(q, k, v, x)
         cuts = [0, 1, 70, 149, T]  # one token (step form), 69 and 79 (chunked), one again
-        st, ys = None, []
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            y, st = m(sl(q, lo, hi), sl(k, lo, hi), sl(v, lo, hi), sl(x, lo, hi), state=st)
-            ys.append(y)
-    torch.testing.assert_close(torch.cat(ys, 2), y_all, atol=1e-5, rtol=1e-5)
+        y_pieces, st = run_pieces(m, (q, k, v, x), cuts)
+    torch.testing.assert_close(y_pieces, y_all, atol=1e-5, rtol=1e-5)
     assert st.dtype == torch.float32 and st.shape == (2, H, D, D)
     torch.testing.assert_close(st, s_all, atol=1e-5, rtol=1e-5)
 

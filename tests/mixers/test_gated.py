@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from mixer_testing import HIDDEN, HKV, D, H, run_pieces, sl
+from mixer_testing import inputs as seeded_inputs
 
 from zoo.cache import map_state
 from zoo.kernels.linear_attention import LinearAttentionState
@@ -14,7 +16,6 @@ from zoo.mixers import build_mixer, get_mixer, list_mixers
 from zoo.mixers.liger import LigerState, rotary_pair_rms
 
 NAMES = ["gla", "liger-gla", "liger", "retention"]
-H, HKV, D, HIDDEN = 4, 2, 16, 32
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -36,16 +37,8 @@ def make_mixer(name, seed=0, num_kv_heads=HKV, perturb=True, **options):
 
 
 def inputs(T, Bsz=2, seed=1, hkv=HKV):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(Bsz, H, T, D, generator=g)
-    k = torch.randn(Bsz, hkv, T, D, generator=g) * 2  # spread the key magnitudes, so liger gates vary
-    v = torch.randn(Bsz, hkv, T, D, generator=g)
-    x = torch.randn(Bsz, T, HIDDEN, generator=g)
-    return q, k, v, x
-
-
-def sl(t, lo, hi):
-    return t[:, lo:hi] if t.dim() == 3 else t[:, :, lo:hi]
+    q, k, v, x = seeded_inputs(T, Bsz, seed, hkv)
+    return q, k * 2, v, x  # spread the key magnitudes, so liger gates vary
 
 
 def rows(t, lo, hi):
@@ -126,11 +119,8 @@ def test_split_and_carry(name):
     with torch.no_grad():
         y_all, s_all = m(q, k, v, x)
         cuts = [0, 1, 70, 149, T]
-        st, ys = None, []
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            y, st = m(sl(q, lo, hi), sl(k, lo, hi), sl(v, lo, hi), sl(x, lo, hi), state=st)
-            ys.append(y)
-    torch.testing.assert_close(torch.cat(ys, 2), y_all, **TOL)
+        y_pieces, st = run_pieces(m, (q, k, v, x), cuts)
+    torch.testing.assert_close(y_pieces, y_all, **TOL)
     assert_state_close(st, s_all)
 
 

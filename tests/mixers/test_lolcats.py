@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mixer_testing import HIDDEN, HKV, D, H, inputs, run_pieces, sl
 
 from zoo.mixers import build_mixer, get_mixer, list_mixers
 from zoo.mixers.hedgehog import hedgehog_features
 from zoo.mixers.lolcats import Lolcats, LolcatsTerraced
 
 NAMES = ["lolcats", "lolcats-terraced"]
-H, HKV, D, HIDDEN = 4, 2, 16, 32
 
 
 def make_mixer(name, seed=0, num_kv_heads=HKV, **options):
@@ -21,19 +21,6 @@ def make_mixer(name, seed=0, num_kv_heads=HKV, **options):
             p.add_(0.3 * torch.randn_like(p))
         m.window_logit.add_(0.5 * torch.randn_like(m.window_logit))
     return m
-
-
-def inputs(T, Bsz=2, seed=1, hkv=HKV):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(Bsz, H, T, D, generator=g)
-    k = torch.randn(Bsz, hkv, T, D, generator=g)
-    v = torch.randn(Bsz, hkv, T, D, generator=g)
-    x = torch.randn(Bsz, T, HIDDEN, generator=g)
-    return q, k, v, x
-
-
-def sl(t, lo, hi):
-    return t[:, lo:hi] if t.dim() == 3 else t[:, :, lo:hi]
 
 
 def assert_state_close(s1, s2, atol=1e-5):
@@ -66,11 +53,8 @@ def test_split_and_carry(name):
     with torch.no_grad():
         y_all, s_all = m(q, k, v, x)
         cuts = [0, 1, 65, 149, T]
-        st, ys = None, []
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            y, st = m(sl(q, lo, hi), sl(k, lo, hi), sl(v, lo, hi), sl(x, lo, hi), state=st)
-            ys.append(y)
-    torch.testing.assert_close(torch.cat(ys, 2), y_all, atol=1e-5, rtol=1e-5)
+        y_pieces, st = run_pieces(m, (q, k, v, x), cuts)
+    torch.testing.assert_close(y_pieces, y_all, atol=1e-5, rtol=1e-5)
     assert_state_close(st, s_all)
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from mixer_testing import HIDDEN, HKV, D, H, inputs, part, run_pieces
 from torch import nn
 
 from zoo.cache import map_state
@@ -17,7 +18,6 @@ from zoo.mixers.based import num_taylor_features, taylor_features
 from zoo.mixers.mamba2 import causal_conv
 
 NAMES = ["mamba2", "flow", "based", "based-window"]
-H, HKV, D, HIDDEN = 4, 2, 16, 32
 OPTIONS = {
     "mamba2": {"conv_size": 4, "dt_min": 1e-3, "dt_max": 1e-2},
     "flow": {"feature_dim": None, "eps": 1e-6},
@@ -36,17 +36,6 @@ def make_mixer(name, seed=0, num_kv_heads=HKV, perturb=0.3, **options):
     return m
 
 
-def inputs(T, Bsz=2, seed=1, hkv=HKV):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(Bsz, h, T, D, generator=g) for h in (H, hkv, hkv))
-    return q, k, v, torch.randn(Bsz, T, HIDDEN, generator=g)
-
-
-def part(ts, lo, hi):
-    q, k, v, x = ts
-    return q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], x[:, lo:hi]
-
-
 def tensors(state):
     out = []
     map_state(lambda t: out.append(t) or t, state)
@@ -58,14 +47,6 @@ def assert_states_close(a, b, atol=2e-5):
     assert len(ta) == len(tb)
     for i, (x, y) in enumerate(zip(ta, tb)):
         torch.testing.assert_close(x.double(), y.double(), atol=atol, rtol=1e-4, msg=lambda m, i=i: f"state[{i}]: {m}")
-
-
-def run_pieces(m, ts, cuts, state=None):
-    ys = []
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
-        y, state = m(*part(ts, lo, hi), state=state)
-        ys.append(y)
-    return torch.cat(ys, dim=2), state
 
 
 def test_registered_with_attributes():
