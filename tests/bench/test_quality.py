@@ -218,6 +218,7 @@ def test_every_mixer_gets_its_own_settings_and_the_same_stage2():
         assert r.mixer == expected, m
         assert r.mixer.name == m and r.stage1.tokens == budget.stage1_tokens and r.data.seq_len == budget.seq_len
         assert r.eval.passkey_lengths == list(budget.passkey_lengths) and r.eval.teacher_lora and r.device == "cpu"
+        assert (r.stage1.batch_size, r.stage2.batch_size) == (budget.stage1_batch_size, budget.batch_size) == (1, 4)
     # one fair reference serves all: stage 2, data, model and eval blocks are the same for every mixer
     shared = {json.dumps({k: r.to_dict()[k] for k in ("model", "data", "stage2", "seed")}, sort_keys=True)
               for r in recipes.values()}
