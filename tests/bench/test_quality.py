@@ -158,6 +158,9 @@ def test_leaderboard_and_plots(bench):
     out = bench["out"]
     board = (out / "leaderboard.md").read_text()
     assert board.startswith("# Quality leaderboard")
+    smoke = BUDGETS["smoke"]
+    assert (f"stage 1 {smoke.stage1_tokens:,} tokens (batch {smoke.stage1_batch_size}), "
+            f"stage 2 {smoke.stage2_tokens:,} tokens (batch {smoke.batch_size})") in board
     quality = board.split("## Quality")[1].split("## Cost")[0]
     lines = [line for line in quality.splitlines() if line.startswith("| ")][1:]
     assert lines[0].startswith("| **teacher**") and lines[1].startswith("| **teacher + LoRA**")
