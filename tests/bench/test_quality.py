@@ -201,6 +201,7 @@ def test_a_changed_budget_in_the_same_folder_is_an_error(bench, tiny_world, tmp_
     ("--mixers", "lolcats,nope", "unknown mixer(s) ['nope']; registered mixers: "),
     ("--budget", "huge", "unknown budget 'huge'; named budgets: smoke, quick, standard"),
     ("--ablations", "lora-only,dropout", "unknown ablation(s) ['dropout']"),
+    ("--jobs", "0", "--jobs must be >= 1, got 0"),
 ])
 def test_bad_input_gets_a_clear_error(tiny_world, tiny_recipes, tmp_path, capsys, flag, value, message):
     args = bench_args(tiny_world, tmp_path / "x", tiny_recipes) + [flag, value]  # the last occurrence wins
@@ -242,3 +243,20 @@ def test_budget_files_and_the_quick_budget_size(tmp_path):
         get_budget(str(path))
     # sized for ~3.5 minutes per mixer all-in on 2 CPU cores (see zoo.bench.budgets.THROUGHPUT)
     assert 150 < BUDGETS["quick"].estimate_seconds() < 215
+
+
+def test_parallel_jobs_give_the_rows_of_one_process(bench, tiny_world, tmp_path, capsys):
+    out = tmp_path / "parallel"
+    assert main(bench_args(tiny_world, out, bench["recipes"]) + ["--jobs", "2"]) == 0
+    assert "run(s) left, 2 at a time" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert "--jobs 2" in results["command"]
+    parallel, serial = rows_by_name(results), rows_by_name(bench["results"])
+    assert set(parallel) == set(serial)
+    for name, row in serial.items():
+        assert parallel[name]["status"] == "done", name
+        for key in ("ppl_heldout", "ppl_ood", "mean_layer_mse_stage1"):  # 1 thread per worker: fp32 sums may differ
+            assert (parallel[name][key] is None) == (row[key] is None), (name, key)
+            if row[key] is not None:
+                assert parallel[name][key] == pytest.approx(row[key], rel=1e-3), (name, key)
+

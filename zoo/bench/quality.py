@@ -173,11 +173,11 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def run_bench(items: list[BenchItem], budget: Budget, on_progress=None) -> dict[str, str]:
+def run_bench(items: list[BenchItem], budget: Budget, on_progress=None, jobs: int = 1) -> dict[str, str]:
     """Run every unfinished item (the finished are not redone); returns {name: error} of those that
-    failed. `on_progress(failures)` is called after each run (the bench rewrites its outputs there)."""
-    from zoo.run import run_recipe
-
+    failed. `on_progress(failures)` is called after each run (the bench rewrites its outputs there).
+    With jobs > 1, the first unfinished run goes alone (it computes the references every run shares and
+    caches them), then the rest run `jobs` at a time in worker processes, the CPU threads split among them."""
     failures: dict[str, str] = {}
     todo = [it for it in items if not it.finished]
     started, took = time.time(), []
@@ -186,25 +186,69 @@ def run_bench(items: list[BenchItem], budget: Budget, on_progress=None) -> dict[
         if it.finished:
             _say(f"{tag}: already finished in {it.folder}, not redone")
             continue
+        if jobs > 1 and took:
+            break
         left = len(todo) - len(took)
         if took:
             eta, basis = sum(took) / len(took) * left, "runs so far"
         else:
-            eta, basis = budget.estimate_seconds() * left, "budget estimate for SmolLM2 on 2 CPU cores"
+            eta, basis = budget.estimate_seconds() * left / min(jobs, left), "budget estimate for SmolLM2 on 2 CPU cores"
         state = "resuming" if (it.folder / "progress.json").exists() else "starting"
         _say(f"{tag}: {state} in {it.folder} (bench {_clock(time.time() - started)} so far; "
              f"ETA {_clock(eta)} for {left} run(s) left, {basis})")
         t0 = time.time()
-        try:
-            run_recipe(it.recipe, it.folder)
-        except Exception as err:  # one mixer's failure (a NaN loss, a bad option) must not sink the bench
-            failures[it.name] = f"{type(err).__name__}: {err}"
-            _say(f"{tag}: FAILED ({failures[it.name]}); going on with the next")
+        error = _run_item(it.recipe, it.folder)
+        if error:  # one mixer's failure (a NaN loss, a bad option) must not sink the bench
+            failures[it.name] = error
+            _say(f"{tag}: FAILED ({error}); going on with the next")
         took.append(time.time() - t0)
         gc.collect()
         if on_progress is not None:
             on_progress(failures)
+    rest = [it for it in items if not it.finished and it.name not in failures]
+    if jobs > 1 and rest:
+        _run_parallel(rest, jobs, failures, on_progress, started)
     return failures
+
+
+def _run_item(recipe: Recipe, folder: Path, threads: int | None = None) -> str | None:
+    """Run one recipe into `folder`; the error as text, or None. A worker process's entry point too."""
+    from zoo.run import run_recipe
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        run_recipe(recipe, folder)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _run_parallel(items: list[BenchItem], jobs: int, failures: dict[str, str], on_progress, started: float) -> None:
+    """`items` in `jobs` spawned worker processes, one CPU thread share each."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    _say(f"{len(items)} run(s) left, {jobs} at a time ({threads} thread(s) each)")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {pool.submit(_run_item, it.recipe, it.folder, threads): it for it in items}
+        for done, future in enumerate(as_completed(running), 1):
+            it = running[future]
+            try:
+                error = future.result()
+            except Exception as err:  # the worker itself died (out of memory, a signal)
+                error = f"{type(err).__name__}: {err}"
+            if error:
+                failures[it.name] = error
+            _say(f"{it.name}: {'FAILED (' + error + ')' if error else 'finished'} in {it.folder} "
+                 f"({done}/{len(items)} of the parallel runs; bench {_clock(time.time() - started)} so far)")
+            if on_progress is not None:
+                on_progress(failures)
 
 
 # ------------------------------------------------------------------------------------- outputs
@@ -277,6 +321,8 @@ def add_arguments(parser) -> None:
                         help="comma list of mixers for the LoRA-only ablation (default lolcats)")
     parser.add_argument("--recipes", help="folder of per-mixer recipes (default recipes/<model>, else the SmolLM2 ones)")
     parser.add_argument("--template", help="the recipe every mixer starts from (default <recipes>/lolcats.yaml)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each in its own process with a share of the CPU threads (default 1)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every run, after the budget (e.g. device=cpu); repeatable")
 
@@ -285,6 +331,8 @@ def command_line(args, mixers: list[str], out: Path) -> str:
     """The command that reproduces this bench (canonical form of the arguments)."""
     parts = ["zoo", "bench", "quality", "--model", args.model, "--mixers", ",".join(mixers), "--budget", args.budget,
              "--out", str(out), "--ablations", args.ablations, "--lora-only-mixers", args.lora_only_mixers]
+    if args.jobs > 1:
+        parts += ["--jobs", str(args.jobs)]
     for flag, value in (("--recipes", args.recipes), ("--template", args.template)):
         if value:
             parts += [flag, value]
@@ -296,6 +344,8 @@ def command_line(args, mixers: list[str], out: Path) -> str:
 def main(args) -> int:
     from zoo.run import versions
 
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     budget = get_budget(args.budget)
     mixers = resolve_mixers(args.mixers)
     ablations = parse_ablations(args.ablations)
@@ -313,7 +363,8 @@ def main(args) -> int:
             "command": command_line(args, mixers, out), "argv": sys.argv, "mixers": mixers, "ablations": ablations,
             "recipes": str(recipes)}
     _say(f"{len(items)} run(s) into {out}: budget {budget.name} ({budget.description})")
-    failures = run_bench(items, budget, on_progress=lambda failed: write_outputs(out, meta, items, failed))
+    failures = run_bench(items, budget, on_progress=lambda failed: write_outputs(out, meta, items, failed),
+                         jobs=args.jobs)
     results = write_outputs(out, meta, items, failures)
     done = sum(r["status"] == "done" for r in results["rows"] if r["kind"] != "reference")
     _say(f"{done} row(s) done, {len(failures)} failed; wrote {out / 'results.json'}, {out / 'leaderboard.md'} "
