@@ -91,8 +91,8 @@ def _header(results: dict) -> list[str]:
         f"# Quality leaderboard: {results['model']}, budget `{b['name']}`", "",
         f"{b['description']}.", "",
         f"- budget: seq_len {b['seq_len']}, stage 1 {b['stage1_tokens']:,} tokens (batch {b['stage1_batch_size']}), "
-        f"stage 2 {b['stage2_tokens']:,} tokens (batch {b['batch_size']}), {b['eval_blocks']} held-out blocks per corpus, MMLU {b['mmlu']} "
-        f"questions (5-shot), passkey at {passkey} tokens x {b['passkey_trials']}",
+        f"stage 2 {b['stage2_tokens']:,} tokens (batch {b['batch_size']}), {b['eval_blocks']} held-out blocks per "
+        f"corpus, MMLU {b['mmlu']} questions (5-shot), passkey at {passkey} tokens x {b['passkey_trials']}",
         f"- seed {results['seed']}; device: {results['device']}; "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         f"- command: `{results['command']}`", "",

@@ -178,21 +178,21 @@ def run_bench(items: list[BenchItem], budget: Budget, on_progress=None, jobs: in
     failed. `on_progress(failures)` is called after each run (the bench rewrites its outputs there).
     With jobs > 1, the first unfinished run goes alone (it computes the references every run shares and
     caches them), then the rest run `jobs` at a time in worker processes, the CPU threads split among them."""
-    failures: dict[str, str] = {}
-    todo = [it for it in items if not it.finished]
-    started, took = time.time(), []
     for index, it in enumerate(items, 1):
-        tag = f"[{index}/{len(items)}] {it.name}"
         if it.finished:
-            _say(f"{tag}: already finished in {it.folder}, not redone")
-            continue
-        if jobs > 1 and took:
-            break
+            _say(f"[{index}/{len(items)}] {it.name}: already finished in {it.folder}, not redone")
+    todo = [it for it in items if not it.finished]
+    alone = todo if jobs == 1 else todo[:1]
+    failures: dict[str, str] = {}
+    started, took = time.time(), []
+    for it in alone:
+        tag = f"[{items.index(it) + 1}/{len(items)}] {it.name}"
         left = len(todo) - len(took)
         if took:
             eta, basis = sum(took) / len(took) * left, "runs so far"
         else:
-            eta, basis = budget.estimate_seconds() * left / min(jobs, left), "budget estimate for SmolLM2 on 2 CPU cores"
+            eta = budget.estimate_seconds() * left / min(jobs, left)
+            basis = "budget estimate for SmolLM2 on 2 CPU cores"
         state = "resuming" if (it.folder / "progress.json").exists() else "starting"
         _say(f"{tag}: {state} in {it.folder} (bench {_clock(time.time() - started)} so far; "
              f"ETA {_clock(eta)} for {left} run(s) left, {basis})")
@@ -205,9 +205,8 @@ def run_bench(items: list[BenchItem], budget: Budget, on_progress=None, jobs: in
         gc.collect()
         if on_progress is not None:
             on_progress(failures)
-    rest = [it for it in items if not it.finished and it.name not in failures]
-    if jobs > 1 and rest:
-        _run_parallel(rest, jobs, failures, on_progress, started)
+    if todo[len(alone):]:
+        _run_parallel(todo[len(alone):], jobs, failures, on_progress, started)
     return failures
 
 
