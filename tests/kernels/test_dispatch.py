@@ -146,3 +146,48 @@ def test_padded_prefill_takes_the_pytorch_form_even_when_triton_is_forced(monkey
     assert torch.equal(y, y0) and torch.equal(st.S, st0.S)
     y, _ = dispatch.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)  # nor float64
     assert torch.equal(y, torch_hybrid.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)[0])
+
+
+@pytest.mark.parametrize("capability, triton, tilelang, refused", [
+    ((9, 0), "3.6.0", False, True),  # an H100 with the Triton CUDA torch 2.11 pins: seen refused
+    ((9, 0), "3.4.0", False, True),
+    ((9, 0), "3.7.1", False, False),  # fixed there
+    ((9, 0), "3.3.1", False, False),  # before the regression
+    ((9, 0), "3.6.0", True, False),  # fla takes tilelang's kernel instead
+    ((8, 0), "3.6.0", False, False),  # an A100: not affected
+])
+def test_fla_gated_chunk_backward_refused(capability, triton, tilelang, refused):
+    from zoo.kernels.fla_backend import gated_chunk_backward_refused
+
+    assert gated_chunk_backward_refused(capability, triton, tilelang) is refused
+
+
+def test_gated_training_avoids_fla_where_fla_refuses_its_backward(monkeypatch, no_override):
+    monkeypatch.setattr(dispatch, "gated_chunk_backward_works", lambda device: False)
+    q = torch.randn(1, 2, 80, 8)  # long enough for the chunked form
+    gate = -torch.rand(1, 2, 80)
+    leaf = q.clone().requires_grad_()
+    refused = dispatch._gated_chunk_backward_refused
+    with torch.enable_grad():
+        assert refused("chunk", gate, leaf, q, q, gate)
+        assert not refused("chunk", None, leaf, q, q)  # ungated: fla's backward is fine
+        assert not refused("recurrent", gate, leaf, q, q, gate)  # not the chunked kernels
+        h = leaf.bfloat16()
+        beta = torch.rand(1, 2, 80)
+        mode, why = dispatch._delta_mode(h, h, h, beta, gate, None)
+        assert mode == "chunk" and "#640" in why  # so the gated delta rule trains on the PyTorch form
+    assert not refused("chunk", gate, q, q, q, gate)  # inference: no backward, fla serves
+    # forced to fla and usable, a gated training call the backward of which fla refuses runs on torch
+    monkeypatch.setattr(dispatch, "_usable", lambda name, device: True)
+    monkeypatch.setenv(ENV_VAR, "fla")
+    k, v = torch.randn(1, 2, 80, 8).sigmoid(), torch.randn(1, 2, 80, 4)
+    with torch.enable_grad():
+        y, _ = dispatch.linear_attention(leaf.sigmoid(), k, v, gate)
+    ref, _ = torch_linear.linear_attention(q.sigmoid(), k, v, gate)
+    torch.testing.assert_close(y, ref)
+
+
+def test_fla_gated_backward_is_never_refused_off_cuda():
+    from zoo.kernels.fla_backend import gated_chunk_backward_works
+
+    assert gated_chunk_backward_works(torch.device("cpu"))

@@ -31,7 +31,12 @@ import torch
 from zoo.kernels import delta_rule as torch_delta
 from zoo.kernels import linear_attention as torch_linear
 from zoo.kernels import window_hybrid as torch_hybrid
-from zoo.kernels.fla_backend import MAX_KEY_DIM, delta_rule_mode_supported, fla_installed
+from zoo.kernels.fla_backend import (
+    MAX_KEY_DIM,
+    delta_rule_mode_supported,
+    fla_installed,
+    gated_chunk_backward_works,
+)
 from zoo.kernels.flex_window import flex_available, is_window_only
 from zoo.kernels.triton import interpreter_enabled, triton_installed
 
@@ -106,6 +111,13 @@ def _needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
 
 
+def _gated_chunk_backward_refused(mode: str, log_gate, *inputs) -> bool:
+    """Would fla refuse to train through this gated chunked call on its device (see fla_backend)?"""
+    if mode != "chunk" or log_gate is None or not _needs_grad(*inputs):
+        return False
+    return not gated_chunk_backward_works(log_gate.device)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -143,13 +155,16 @@ def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=Non
 def linear_attention(q, k, v, log_gate=None, state=None, normalize=False, eps=1e-6, chunk_size=64, backend=None):
     """zoo.kernels.linear_attention.linear_attention on the chosen backend (same arguments and results)."""
 
+    mode = "recurrent" if q.shape[2] <= torch_linear.STEP_THRESHOLD else "chunk"
+
     def fits(name):
-        return all(x.dtype in _FUSED_DTYPES for x in (q, k, v)) and q.shape[2] > 0 and q.shape[-1] <= MAX_KEY_DIM
+        if not (all(x.dtype in _FUSED_DTYPES for x in (q, k, v)) and q.shape[2] > 0 and q.shape[-1] <= MAX_KEY_DIM):
+            return False
+        return not _gated_chunk_backward_refused(mode, log_gate, q, k, v, log_gate, state)
 
     if backend_for("linear_attention", q.device, backend, fits) == "fla":
         from zoo.kernels.fla_backend import linear_attention_fla
 
-        mode = "recurrent" if q.shape[2] <= torch_linear.STEP_THRESHOLD else "chunk"
         return linear_attention_fla(q, k, v, log_gate, state, normalize, eps, mode=mode)
     return torch_linear.linear_attention(q, k, v, log_gate, state, normalize, eps, chunk_size)
 
@@ -163,6 +178,8 @@ def _delta_mode(q, k, v, beta, log_gate, state) -> tuple[str, str | None]:
     gated, grad = log_gate is not None, _needs_grad(q, k, v, beta, log_gate, state)
     if q.shape[2] <= torch_delta.STEP_THRESHOLD and delta_rule_mode_supported("recurrent", dtype, gated, grad) is None:
         return "recurrent", None
+    if _gated_chunk_backward_refused("chunk", log_gate, q, k, v, beta, log_gate, state):
+        return "chunk", "fla refuses the gated chunked backward on this GPU with this Triton (fla issue #640)"
     return "chunk", delta_rule_mode_supported("chunk", dtype, gated, grad)
 
 

@@ -21,6 +21,7 @@ fla is imported on first use only, so zoo works (and imports fast) without it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -100,6 +101,32 @@ def linear_attention_fla(q, k, v, log_gate=None, state=None, normalize=False, ep
         y = y[..., :Dv] / (y[..., Dv:] + eps)
         return y.to(v.dtype), LinearAttentionState(S[..., :Dv].float(), S[..., Dv].float())
     return y.to(v.dtype), LinearAttentionState(S.float(), None)
+
+
+#: fla refuses the backward of its gated chunked kernels (chunk_bwd_dqkwg with a gate) on Hopper GPUs under
+#: Triton >= 3.4.0 and < 3.7.1, which compute wrong gradients there (fla issue #640), unless tilelang is
+#: installed. Seen on an H100 with the Triton 3.6.0 that CUDA torch 2.11 pins: gated-delta, mamba2 and
+#: retention training stopped with fla's error. Such calls take the PyTorch forms instead.
+BROKEN_GATED_BACKWARD_TRITON = ("3.4.0", "3.7.1")
+
+
+def gated_chunk_backward_refused(capability: tuple[int, int], triton_version: str, tilelang: bool) -> bool:
+    """Does fla refuse the gated chunked backward on a GPU of this compute capability with this Triton?"""
+    from packaging.version import Version
+
+    low, high = (Version(v) for v in BROKEN_GATED_BACKWARD_TRITON)
+    return capability[0] == 9 and low <= Version(triton_version) < high and not tilelang
+
+
+@functools.cache
+def gated_chunk_backward_works(device: torch.device) -> bool:
+    """Can fla's gated chunked kernels be trained through on `device` here? (Only CUDA devices can fail.)"""
+    if device.type != "cuda":
+        return True
+    import triton
+
+    return not gated_chunk_backward_refused(torch.cuda.get_device_capability(device), triton.__version__,
+                                            importlib.util.find_spec("tilelang") is not None)
 
 
 def delta_rule_mode_supported(mode: str, dtype: torch.dtype, gated: bool, needs_grad: bool) -> str | None:
