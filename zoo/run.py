@@ -33,6 +33,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def describe_device(device: torch.device) -> str:
+    """The device in words, as results record it: "cuda (NVIDIA H100 80GB HBM3)", "cpu (x86_64, 2 threads)"."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    import platform
+
+    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -317,6 +326,7 @@ def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, w
         "prompt": recipe.eval.generate_prompt,
         "sample": sample,
         "seed": recipe.seed,
+        "device": describe_device(pick_device(recipe.device)),
         "versions": versions(),
     }
 

@@ -3,8 +3,10 @@ the recipe template, the budgets and bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,7 @@ def test_every_metric_of_a_mixer_row(bench):
         assert set(row["decode_by_context"]) == {str(c) for c in smoke.decode_contexts}
         assert len(row["loss_curve_stage2"]) == smoke.stage2_tokens // (smoke.batch_size * smoke.seq_len)
         assert row["run_dir"] == name and row["ppl_heldout"] == row["stages"]["final"]["heldout"]
+        assert row["device"] == bench["results"]["device"] and row["device"].startswith("cpu (")  # where it ran
     for name in ("lolcats", "hedgehog", "t2r"):  # mixers with parameters go through stage 1
         assert rows[name]["tokens_stage1"] == smoke.stage1_tokens and rows[name]["peak_rss_bytes_stage1"] > 0
         assert _finite(rows[name]["mean_layer_mse_stage1"]) and _finite(rows[name]["seconds_stage1"])
@@ -260,3 +263,36 @@ def test_parallel_jobs_give_the_rows_of_one_process(bench, tiny_world, tmp_path,
             if row[key] is not None:
                 assert parallel[name][key] == pytest.approx(row[key], rel=1e-3), (name, key)
 
+
+
+def test_report_writes_the_outputs_and_runs_nothing(bench, tiny_world, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(bench["out"], out)
+    (out / "results.json").unlink()
+    (out / "leaderboard.md").unlink()
+    summary = (out / "lolcats" / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    args = bench_args(tiny_world, out, bench["recipes"], mixers=MIXERS + ",gla") + ["--report"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "starting" not in err and "resuming" not in err and "6 of 7 run(s) finished" in err
+    assert not (out / "gla").exists() and (out / "lolcats" / "summary.json").stat().st_mtime_ns == summary
+    rows = rows_by_name(json.loads((out / "results.json").read_text()))
+    assert rows["gla"]["status"] == "pending"
+    assert rows["lolcats"] == rows_by_name(bench["results"])["lolcats"] | {"run_dir": "lolcats"}
+    assert (out / "leaderboard.md").read_text().startswith("# Quality leaderboard")
+
+
+def test_leaderboard_names_the_devices_of_runs_made_elsewhere(bench):
+    from zoo.bench.leaderboard import leaderboard_markdown
+
+    results = copy.deepcopy(bench["results"])
+    assert "more than one device" not in leaderboard_markdown(results)  # every run here, on the bench's device
+    for row in results["rows"]:
+        if row["name"].startswith("lolcats"):
+            row["device"] = "cuda (NVIDIA H100 80GB HBM3)"
+        elif row["name"] == "hedgehog":
+            row["device"] = None  # a run from before summaries recorded the device
+    line = next(x for x in leaderboard_markdown(results).splitlines() if "more than one device" in x)
+    assert "cuda (NVIDIA H100 80GB HBM3): lolcats, lolcats [LoRA only]" in line  # not the branch rows
+    assert "not recorded: hedgehog" in line and results["device"] + ": softmax" in line

@@ -84,6 +84,19 @@ def _stage_cells(row: dict) -> list[str]:
     return [row["name"], cell("teacher"), cell("swap"), cell("stage1"), cell("final")]
 
 
+def _devices_lines(results: dict) -> list[str]:
+    """A line naming where the runs ran, when that is not all the bench's device (a bench resumed or
+    completed on another machine): their time and decode-speed columns do not compare across devices."""
+    by_device: dict[str, list[str]] = {}
+    for r in results["rows"]:
+        if r["kind"] != "reference" and r["status"] == "done" and not (r.get("ablation") or "").endswith("-branch"):
+            by_device.setdefault(r.get("device") or "not recorded", []).append(r["name"])
+    if not by_device or list(by_device) == [results["device"]]:
+        return []
+    where = "; ".join(f"{device}: {', '.join(names)}" for device, names in by_device.items())
+    return [f"- runs on more than one device (times and decode speeds compare only within one): {where}"]
+
+
 def _header(results: dict) -> list[str]:
     b = results["budget"]
     passkey = ", ".join(map(str, b["passkey_lengths"])) or "none"
@@ -95,6 +108,7 @@ def _header(results: dict) -> list[str]:
         f"corpus, MMLU {b['mmlu']} questions (5-shot), passkey at {passkey} tokens x {b['passkey_trials']}",
         f"- seed {results['seed']}; device: {results['device']}; "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+        *_devices_lines(results),
         f"- command: `{results['command']}`", "",
         "Perplexity (ppl) and bits per byte (bpb) on held-out text of the training corpora and on a corpus never "
         "trained on (OOD). **x fair ref.**: final held-out ppl / the teacher fine-tuned with the same LoRA budget; "

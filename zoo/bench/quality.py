@@ -202,12 +202,23 @@ def run_bench(items: list[BenchItem], budget: Budget, on_progress=None, jobs: in
             failures[it.name] = error
             _say(f"{tag}: FAILED ({error}); going on with the next")
         took.append(time.time() - t0)
-        gc.collect()
+        _release_memory()
         if on_progress is not None:
             on_progress(failures)
     if todo[len(alone):]:
         _run_parallel(todo[len(alone):], jobs, failures, on_progress, started)
     return failures
+
+
+def _release_memory() -> None:
+    """After a run in this process: free what it left, and hand the GPU memory torch's allocator still
+    holds back to the device, or the worker processes started next (--jobs) find too little of it
+    (seen on an H100: the bench process kept 22 GB of cache after the run that computed the references)."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _run_item(recipe: Recipe, folder: Path, threads: int | None = None) -> str | None:
@@ -253,14 +264,9 @@ def _run_parallel(items: list[BenchItem], jobs: int, failures: dict[str, str], o
 # ------------------------------------------------------------------------------------- outputs
 
 def device_description(recipe: Recipe) -> str:
-    import torch
+    from zoo.run import describe_device, pick_device
 
-    from zoo.run import pick_device
-
-    device = pick_device(recipe.device)
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return describe_device(pick_device(recipe.device))
 
 
 def collect_rows(items: list[BenchItem], out: Path, failures: dict[str, str]) -> list[dict]:
@@ -321,7 +327,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--recipes", help="folder of per-mixer recipes (default recipes/<model>, else the SmolLM2 ones)")
     parser.add_argument("--template", help="the recipe every mixer starts from (default <recipes>/lolcats.yaml)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, each in its own process with a share of the CPU threads (default 1)")
+                        help="runs at a time, each in its own process with a share of the CPU threads (default 1); "
+                             "on a GPU they share its memory, and a run that finds too little fails and is redone "
+                             "by the next invocation")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write results.json, leaderboard.md and the plots from what DIR holds "
+                             "(unfinished runs show as pending)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every run, after the budget (e.g. device=cpu); repeatable")
 
@@ -361,6 +372,11 @@ def main(args) -> int:
             "versions": versions() | {"python": platform.python_version(), "platform": platform.platform()},
             "command": command_line(args, mixers, out), "argv": sys.argv, "mixers": mixers, "ablations": ablations,
             "recipes": str(recipes)}
+    if args.report:
+        write_outputs(out, meta, items, {})
+        _say(f"{sum(it.finished for it in items)} of {len(items)} run(s) finished in {out}; wrote results.json, "
+             "leaderboard.md and the plots (ran nothing)")
+        return 0
     _say(f"{len(items)} run(s) into {out}: budget {budget.name} ({budget.description})")
     failures = run_bench(items, budget, on_progress=lambda failed: write_outputs(out, meta, items, failed),
                          jobs=args.jobs)

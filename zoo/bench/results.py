@@ -25,7 +25,7 @@ from pathlib import Path
 __all__ = ["ROW_FIELDS", "empty_row", "mixer_rows", "reference_rows", "failed_row", "loss_curve"]
 
 ROW_FIELDS = (
-    "name", "kind", "mixer", "family", "ablation", "status", "error", "run_dir",
+    "name", "kind", "mixer", "family", "ablation", "status", "error", "run_dir", "device",
     "ppl_heldout", "ppl_ood", "bpb_heldout", "bpb_ood", "per_source", "stages",
     "ratio_to_fair_reference", "ratio_ood_to_teacher", "gap_closed_heldout", "gap_closed_ood",
     "mmlu_accuracy", "mmlu_n", "mmlu_teacher_accuracy", "passkey", "passkey_teacher",
@@ -112,6 +112,7 @@ def mixer_rows(summary: dict, name: str, kind: str, family: str | None, ablation
     passkey = summary.get("passkey") or {}
     decode = summary.get("decode") or {}
     row |= {
+        "device": summary.get("device"),  # None for runs made before summaries recorded it
         "mmlu_accuracy": mmlu.get("final", {}).get("accuracy"), "mmlu_n": mmlu.get("final", {}).get("n"),
         "mmlu_teacher_accuracy": mmlu.get("teacher", {}).get("accuracy"),
         "passkey": _passkey_by_length(passkey.get("final")), "passkey_teacher": _passkey_by_length(passkey.get("teacher")),
@@ -135,7 +136,7 @@ def mixer_rows(summary: dict, name: str, kind: str, family: str | None, ablation
         _quality(b, result["ppl"], summary.get("ppl_swap"), teacher, fair)
         b["passkey"] = _passkey_by_length(result.get("passkey"))
         b["passkey_teacher"] = row["passkey_teacher"]
-        for key in ("trainable_params", "trainable_percent", "tokens_stage1", "tokens_stage2"):
+        for key in ("device", "trainable_params", "trainable_percent", "tokens_stage1", "tokens_stage2"):
             b[key] = row[key]
         rows.append(b)
     return rows
@@ -152,7 +153,8 @@ def reference_rows(summary: dict, teacher_lora_metrics: Path | None) -> list[dic
     _quality(t, teacher, None, teacher, fair)  # no swap: no gap to close
     t |= {"mmlu_accuracy": mmlu.get("accuracy"), "mmlu_n": mmlu.get("n"), "mmlu_teacher_accuracy": mmlu.get("accuracy"),
           "passkey": passkey, "passkey_teacher": passkey, "trainable_params": 0, "trainable_percent": 0.0,
-          "tokens_stage1": 0, "tokens_stage2": 0, **_decode_columns((summary.get("decode") or {}).get("teacher"))}
+          "tokens_stage1": 0, "tokens_stage2": 0, "device": summary.get("device"),
+          **_decode_columns((summary.get("decode") or {}).get("teacher"))}
     rows = [t]
     if fair:
         train = summary.get("teacher_lora_train") or {}
