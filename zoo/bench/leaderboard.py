@@ -161,4 +161,7 @@ def leaderboard_markdown(results: dict) -> str:
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["## Failed", ""] + [f"- {r['name']}: {r['error']}" for r in failed] + [""]
+    pending = [r["name"] for r in rows if r["status"] == "pending"]
+    if pending:
+        lines += ["## Not run yet", "", f"{', '.join(pending)} (the bench command runs them; finished ones are kept)", ""]
     return "\n".join(lines)
