@@ -213,7 +213,7 @@ def run_bench(items: list[BenchItem], budget: Budget, on_progress=None, jobs: in
 def _release_memory() -> None:
     """After a run in this process: free what it left, and hand the GPU memory torch's allocator still
     holds back to the device, or the worker processes started next (--jobs) find too little of it
-    (seen on an H100: the bench process kept 22 GB of cache after the run that computed the references)."""
+    (seen on an H100: while workers ran out of memory, one process, by its PID the bench's own, held 22 GB)."""
     gc.collect()
     import torch
 
