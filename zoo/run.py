@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
 import sys
 import time
 from pathlib import Path
@@ -37,8 +38,6 @@ def describe_device(device: torch.device) -> str:
     """The device in words, as results record it: "cuda (NVIDIA H100 80GB HBM3)", "cpu (x86_64, 2 threads)"."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    import platform
-
     return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 

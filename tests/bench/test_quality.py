@@ -264,7 +264,6 @@ def test_parallel_jobs_give_the_rows_of_one_process(bench, tiny_world, tmp_path,
                 assert parallel[name][key] == pytest.approx(row[key], rel=1e-3), (name, key)
 
 
-
 def test_report_writes_the_outputs_and_runs_nothing(bench, tiny_world, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(bench["out"], out)
