@@ -172,8 +172,10 @@ def test_demo_runs_the_lolcats_recipe_at_the_demo_budget(monkeypatch, tmp_path):
     monkeypatch.setattr(zoo.run, "run_recipe", fake_run_recipe)
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(tmp_path / "demo")])
-    assert seen["recipe"].mixer.name == "lolcats"
-    assert seen["recipe"].stage1.tokens == 61_440 < zoo.recipe.load_recipe(zoo.cli.DEMO_RECIPE).stage1.tokens
+    recipe = zoo.recipe.load_recipe(zoo.cli.DEMO_RECIPE)
+    assert zoo.cli.DEMO_RECIPE.parent.name == "smollm2-135m" and zoo.cli.DEMO_RECIPE.name == "lolcats.yaml"
+    assert seen["recipe"].mixer == recipe.mixer and seen["recipe"].mixer.name.startswith("lolcats")
+    assert seen["recipe"].stage1.tokens == 61_440 < recipe.stage1.tokens
     with pytest.raises(SystemExit):  # the user's overrides come after the demo's, so they win
         main(["demo", "stage1.tokens=1024", "--out", str(tmp_path / "demo")])
     assert seen["recipe"].stage1.tokens == 1024

@@ -14,7 +14,7 @@ import yaml
 
 import zoo
 from zoo.bench.budgets import BUDGETS, get_budget
-from zoo.bench.quality import RECIPES_ROOT, mixer_recipe
+from zoo.bench.quality import RECIPES_ROOT, mixer_recipe, own_recipe
 from zoo.bench.results import ROW_FIELDS
 from zoo.cli import main
 from zoo.recipe import MixerConfig, load_recipe
@@ -31,11 +31,12 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_recipes(tmp_path_factory) -> Path:
-    """Per-mixer recipes for blocks of 32 tokens: lolcats with an 8-token window (so both branches
-    matter), hedgehog as in SmolLM2's; the other mixers have none and run with their defaults."""
+    """Recipes for blocks of 32 tokens: the template (SmolLM2's bench.yaml) with an 8-token lolcats
+    window (so both branches matter), which is also lolcats' own recipe; hedgehog as in SmolLM2's; the
+    other mixers have none and run with their defaults."""
     folder = tmp_path_factory.mktemp("recipes")
-    lolcats = load_recipe(RECIPES / "lolcats.yaml", ["mixer.options.window=8", "mixer.options.feature_dim=16"])
-    (folder / "lolcats.yaml").write_text(lolcats.to_yaml())
+    template = load_recipe(RECIPES / "bench.yaml", ["mixer.options.window=8", "mixer.options.feature_dim=16"])
+    (folder / "bench.yaml").write_text(template.to_yaml())
     (folder / "hedgehog.yaml").write_text((RECIPES / "hedgehog.yaml").read_text())
     return folder
 
@@ -214,15 +215,19 @@ def test_bad_input_gets_a_clear_error(tiny_world, tiny_recipes, tmp_path, capsys
 
 
 def test_every_mixer_gets_its_own_settings_and_the_same_stage2():
-    template = load_recipe(RECIPES / "lolcats.yaml")
+    template = load_recipe(RECIPES / "bench.yaml")
     budget = BUDGETS["quick"]
     recipes = {m: mixer_recipe(template, m, RECIPES, "smollm2-135m", budget, ["device=cpu"]) for m in zoo.list_mixers()}
     based = load_recipe(RECIPES / "based.yaml")
     assert recipes["based"].mixer == based.mixer and recipes["based"].stage1.lr == based.stage1.lr != template.stage1.lr
+    # lolcats.yaml runs the terraced window; the bench's plain lolcats is the template's own
+    assert recipes["lolcats-terraced"].mixer == load_recipe(RECIPES / "lolcats.yaml").mixer
+    assert recipes["lolcats"].mixer == template.mixer and template.mixer.name == "lolcats"
     for m, r in recipes.items():
         own = RECIPES / f"{m}.yaml"
-        expected = load_recipe(own).mixer if own.exists() else MixerConfig(name=m, layers=template.mixer.layers)
-        assert r.mixer == expected, m
+        if m not in ("lolcats", "lolcats-terraced"):
+            expected = load_recipe(own).mixer if own.exists() else MixerConfig(name=m, layers=template.mixer.layers)
+            assert r.mixer == expected, m
         assert r.mixer.name == m and r.stage1.tokens == budget.stage1_tokens and r.data.seq_len == budget.seq_len
         assert r.eval.passkey_lengths == list(budget.passkey_lengths) and r.eval.teacher_lora and r.device == "cpu"
         assert (r.stage1.batch_size, r.stage2.batch_size) == (budget.stage1_batch_size, budget.batch_size) == (1, 4)
@@ -230,6 +235,40 @@ def test_every_mixer_gets_its_own_settings_and_the_same_stage2():
     shared = {json.dumps({k: r.to_dict()[k] for k in ("model", "data", "stage2", "seed")}, sort_keys=True)
               for r in recipes.values()}
     assert len(shared) == 1
+    # the template, not lolcats.yaml: what lolcats.yaml tunes in stage 2 reaches no bench run
+    assert load_recipe(RECIPES / "lolcats.yaml").stage2.train_mixer and not recipes["hedgehog"].stage2.train_mixer
+
+
+def _recipe_for(folder: Path, file: str, mixer: str, lr: float) -> None:
+    (folder / file).write_text(load_recipe(RECIPES / "bench.yaml", [f"mixer.name={mixer}", f"stage1.lr={lr}"]).to_yaml())
+
+
+def test_a_mixers_own_recipe_is_the_file_for_that_mixer(tmp_path):
+    _recipe_for(tmp_path, "bench.yaml", "lolcats", 1e-2)
+    _recipe_for(tmp_path, "lolcats.yaml", "lolcats-terraced", 2e-2)  # named after one mixer, a recipe for another
+    _recipe_for(tmp_path, "hedgehog.yaml", "hedgehog", 3e-2)
+    _recipe_for(tmp_path, "my-t2r.yaml", "t2r", 4e-2)
+    (tmp_path / "notes.yaml").write_text("- not a recipe\n")
+    own = {m: own_recipe(m, tmp_path) for m in ("lolcats", "lolcats-terraced", "hedgehog", "t2r", "based")}
+    assert own == {"lolcats": tmp_path / "bench.yaml", "lolcats-terraced": tmp_path / "lolcats.yaml",
+                   "hedgehog": tmp_path / "hedgehog.yaml", "t2r": tmp_path / "my-t2r.yaml", "based": None}
+    template = load_recipe(tmp_path / "bench.yaml")
+    lr = {m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage1.lr for m in own}
+    assert lr == {"lolcats": 1e-2, "lolcats-terraced": 2e-2, "hedgehog": 3e-2, "t2r": 4e-2, "based": 1e-2}
+    _recipe_for(tmp_path, "t2r-again.yaml", "t2r", 5e-2)
+    with pytest.raises(ValueError, match=r"several recipes in .* are for mixer 't2r' \(my-t2r.yaml, t2r-again.yaml\)"):
+        own_recipe("t2r", tmp_path)
+    _recipe_for(tmp_path, "t2r.yaml", "t2r", 6e-2)  # the file named after it settles it
+    assert own_recipe("t2r", tmp_path) == tmp_path / "t2r.yaml"
+
+
+def test_a_recipes_folder_without_the_template_is_an_error(tiny_world, tmp_path, capsys):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "hedgehog.yaml").write_text((RECIPES / "hedgehog.yaml").read_text())
+    assert main(bench_args(tiny_world, tmp_path / "x", folder)) == 2
+    assert f"{folder} has no bench.yaml (the recipe every mixer of the bench starts from)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_budget_files_and_the_quick_budget_size(tmp_path):

@@ -1,8 +1,11 @@
 """`zoo bench quality`: every mixer through one recipe template and one budget, then a leaderboard.
 
-Each mixer's recipe is the template (default `recipes/<model>/lolcats.yaml`) with that mixer's own
-settings taken from its recipe file (the `mixer` section and the stage-1 optimizer, `STAGE1_KEYS`;
-a mixer without a recipe file runs with its default options), then the budget's overrides
+Each mixer's recipe is the template (default `recipes/<model>/bench.yaml`, a file of its own so that
+tuning a mixer's recipe moves no bench) with that mixer's own settings taken from its recipe (the
+`mixer` section and the stage-1 optimizer, `STAGE1_KEYS`): `<mixer>.yaml` in the recipes folder when it
+is a recipe for that mixer, else the one recipe there that is (so `lolcats.yaml` may run the terraced
+window while `bench.yaml` carries the plain lolcats); a mixer without one runs with its default
+options. Then come the budget's overrides
 (zoo.bench.budgets), then `--set` overrides. So every mixer, and the fair reference, gets the same
 data, stage-2 budget and evaluation. Each runs through `zoo.run.run_recipe` in DIR/<mixer>/: a mixer
 finished there (summary.json) is not redone, an interrupted one resumes where it stopped.
@@ -28,10 +31,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 from zoo.bench.budgets import BUDGETS, Budget, get_budget
 from zoo.recipe import Recipe, load_recipe
 
-__all__ = ["ABLATIONS", "STAGE1_KEYS", "BenchItem", "add_arguments", "main", "mixer_recipe", "plan_bench",
+__all__ = ["ABLATIONS", "STAGE1_KEYS", "BenchItem", "add_arguments", "main", "mixer_recipe", "own_recipe", "plan_bench",
            "run_bench"]
 
 ABLATIONS = ("lora-only", "feature-maps", "branches")
@@ -40,7 +45,8 @@ FEATURE_MAP_MIXERS = ("hedgehog", "t2r", "linear-elu")
 STAGE1_KEYS = ("lr", "lr_schedule", "weight_decay", "grad_clip", "attention_ce", "attention_ce_max_len")
 RECIPES_ROOT = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPES = "smollm2-135m"
-TEMPLATE_MIXER = "lolcats"
+TEMPLATE_FILE = "bench.yaml"
+LORA_ONLY_DEFAULT = "lolcats"
 
 
 def _say(msg: str) -> None:
@@ -102,16 +108,45 @@ def recipes_folder(model: str, given: str | None) -> Path:
     return own if "/" not in model and own.is_dir() else RECIPES_ROOT / DEFAULT_RECIPES
 
 
+def template_path(recipes: Path, given: str | None) -> Path:
+    """`--template`, else <recipes>/bench.yaml."""
+    if given:
+        return Path(given)
+    path = recipes / TEMPLATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{recipes} has no {TEMPLATE_FILE} (the recipe every mixer of the bench starts from); "
+                                "add one or name one with --template")
+    return path
+
+
+def _mixer_named_in(path: Path) -> str | None:
+    """The mixer a YAML file is a recipe for (None for YAML that is not a recipe)."""
+    raw = yaml.safe_load(path.read_text())
+    section = raw.get("mixer") if isinstance(raw, dict) else None
+    return section.get("name") if isinstance(section, dict) else None
+
+
+def own_recipe(mixer: str, recipes: Path) -> Path | None:
+    """The recipe in `recipes` holding `mixer`'s own settings: <mixer>.yaml when it is a recipe for that
+    mixer, else the one recipe there that is; None when none is. Two candidates are an error."""
+    named = recipes / f"{mixer}.yaml"
+    if named.is_file() and _mixer_named_in(named) == mixer:
+        return named
+    others = [p for p in sorted(recipes.glob("*.yaml")) if p != named and _mixer_named_in(p) == mixer]
+    if len(others) > 1:
+        raise ValueError(f"several recipes in {recipes} are for mixer {mixer!r} ({', '.join(p.name for p in others)}); "
+                         f"name the one the bench should take {mixer}.yaml")
+    return others[0] if others else None
+
+
 def mixer_recipe(template: Recipe, mixer: str, recipes: Path, model: str, budget: Budget,
                  settings: list[str], branches: bool = False) -> Recipe:
-    """The template with `mixer`'s own settings (from recipes/<mixer>.yaml if any), the model, the
-    budget and `settings` (key=value) applied, in that order."""
+    """The template with `mixer`'s own settings (from its recipe in `recipes`, `own_recipe`), the
+    model, the budget and `settings` (key=value) applied, in that order."""
     raw = template.to_dict()
-    own = recipes / f"{mixer}.yaml"
-    if own.is_file():
+    own = own_recipe(mixer, recipes)
+    if own is not None:
         mine = load_recipe(own).to_dict()
-        if mine["mixer"]["name"] != mixer:
-            raise ValueError(f"{own} is a recipe for mixer {mine['mixer']['name']!r}, not {mixer!r}")
         raw["mixer"] = mine["mixer"]
         raw["stage1"] |= {k: mine["stage1"][k] for k in STAGE1_KEYS}
     else:
@@ -322,10 +357,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", help="bench folder (default runs/bench-quality-<model>-<budget>)")
     parser.add_argument("--ablations", default="all",
                         help=f"all (default), none, or a comma list of {', '.join(ABLATIONS)}")
-    parser.add_argument("--lora-only-mixers", default=TEMPLATE_MIXER,
+    parser.add_argument("--lora-only-mixers", default=LORA_ONLY_DEFAULT,
                         help="comma list of mixers for the LoRA-only ablation (default lolcats)")
     parser.add_argument("--recipes", help="folder of per-mixer recipes (default recipes/<model>, else the SmolLM2 ones)")
-    parser.add_argument("--template", help="the recipe every mixer starts from (default <recipes>/lolcats.yaml)")
+    parser.add_argument("--template", help=f"the recipe every mixer starts from (default <recipes>/{TEMPLATE_FILE})")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each in its own process with a share of the CPU threads (default 1); "
                              "on a GPU they share its memory, and a run that finds too little fails and is redone "
@@ -361,7 +396,7 @@ def main(args) -> int:
     ablations = parse_ablations(args.ablations)
     lora_only = resolve_mixers([args.lora_only_mixers]) if args.lora_only_mixers.strip() else []
     recipes = recipes_folder(args.model, args.recipes)
-    template = load_recipe(args.template or recipes / f"{TEMPLATE_MIXER}.yaml")
+    template = load_recipe(template_path(recipes, args.template))
     slug = Path(args.model).name if Path(args.model).exists() else args.model.replace("/", "-")
     out = Path(args.out or Path("runs") / f"bench-quality-{slug}-{budget.name}")
     items = plan_bench(args.model, mixers, budget, out, ablations, lora_only, recipes, template, args.settings)
