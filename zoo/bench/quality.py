@@ -129,14 +129,14 @@ def _mixer_named_in(path: Path) -> str | None:
 def own_recipe(mixer: str, recipes: Path) -> Path | None:
     """The recipe in `recipes` holding `mixer`'s own settings: <mixer>.yaml when it is a recipe for that
     mixer, else the one recipe there that is; None when none is. Two candidates are an error."""
+    candidates = [p for p in sorted(recipes.glob("*.yaml")) if _mixer_named_in(p) == mixer]
     named = recipes / f"{mixer}.yaml"
-    if named.is_file() and _mixer_named_in(named) == mixer:
+    if named in candidates:
         return named
-    others = [p for p in sorted(recipes.glob("*.yaml")) if p != named and _mixer_named_in(p) == mixer]
-    if len(others) > 1:
-        raise ValueError(f"several recipes in {recipes} are for mixer {mixer!r} ({', '.join(p.name for p in others)}); "
-                         f"name the one the bench should take {mixer}.yaml")
-    return others[0] if others else None
+    if len(candidates) > 1:
+        raise ValueError(f"several recipes in {recipes} are for mixer {mixer!r} "
+                         f"({', '.join(p.name for p in candidates)}); rename the one the bench should take {mixer}.yaml")
+    return candidates[0] if candidates else None
 
 
 def mixer_recipe(template: Recipe, mixer: str, recipes: Path, model: str, budget: Budget,
@@ -358,7 +358,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ablations", default="all",
                         help=f"all (default), none, or a comma list of {', '.join(ABLATIONS)}")
     parser.add_argument("--lora-only-mixers", default=LORA_ONLY_DEFAULT,
-                        help="comma list of mixers for the LoRA-only ablation (default lolcats)")
+                        help=f"comma list of mixers for the LoRA-only ablation (default {LORA_ONLY_DEFAULT})")
     parser.add_argument("--recipes", help="folder of per-mixer recipes (default recipes/<model>, else the SmolLM2 ones)")
     parser.add_argument("--template", help=f"the recipe every mixer starts from (default <recipes>/{TEMPLATE_FILE})")
     parser.add_argument("--jobs", type=int, default=1,
