@@ -322,6 +322,38 @@ def test_report_writes_the_outputs_and_runs_nothing(bench, tiny_world, tmp_path,
     assert board.startswith("# Quality leaderboard") and "## Not run yet\n\ngla (" in board
 
 
+def test_a_subset_run_into_the_folder_keeps_the_rows_already_there(bench, tiny_world, tmp_path):
+    out = tmp_path / "grown"
+    shutil.copytree(bench["out"], out)
+    gla_only = bench_args(tiny_world, out, bench["recipes"], mixers="gla") + ["--ablations", "none"]
+    assert main(gla_only) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows, before = rows_by_name(results), rows_by_name(bench["results"])
+    assert set(rows) == set(before) | {"gla"} and rows["gla"]["status"] == "done"
+    assert rows["lolcats"] == before["lolcats"] and rows["lolcats [window branch]"] == before["lolcats [window branch]"]
+    assert [r["name"] for r in results["rows"][:2]] == ["teacher", "teacher + LoRA"]
+    assert results["earlier_commands"] == [bench["results"]["command"]] and "gla" in results["command"]
+    board = (out / "leaderboard.md").read_text()
+    assert f"- rows kept from an earlier command: `{bench['results']['command']}`" in board
+    assert "\n| gla |" in board and "\n| lolcats |" in board
+    # a run folder removed: its row goes with it; the others stay
+    shutil.rmtree(out / "hedgehog")
+    assert main(gla_only + ["--report"]) == 0
+    rows = rows_by_name(json.loads((out / "results.json").read_text()))
+    assert "hedgehog" not in rows and {"gla", "lolcats", "t2r", "softmax"} <= set(rows)
+
+
+def test_a_folder_holding_a_bench_of_another_budget_is_an_error(bench, tiny_world, tmp_path, capsys):
+    out = tmp_path / "other"
+    shutil.copytree(bench["out"], out)
+    budget = tmp_path / "more.yaml"
+    budget.write_text("base: smoke\nstage2_tokens: 128\n")
+    capsys.readouterr()
+    args = bench_args(tiny_world, out, bench["recipes"], mixers="gla", budget=str(budget)) + ["--ablations", "none"]
+    assert main(args) == 2
+    assert "holds a bench of another model or budget" in capsys.readouterr().err and not (out / "gla").exists()
+
+
 def test_leaderboard_names_the_devices_of_runs_made_elsewhere(bench):
     from zoo.bench.leaderboard import leaderboard_markdown
 

@@ -109,7 +109,8 @@ def _header(results: dict) -> list[str]:
         f"- seed {results['seed']}; device: {results['device']}; "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         *_devices_lines(results),
-        f"- command: `{results['command']}`", "",
+        f"- command: `{results['command']}`",
+        *(f"- rows kept from an earlier command: `{c}`" for c in results.get("earlier_commands", [])), "",
         "Perplexity (ppl) and bits per byte (bpb) on held-out text of the training corpora and on a corpus never "
         "trained on (OOD). **x fair ref.**: final held-out ppl / the teacher fine-tuned with the same LoRA budget; "
         "**x teacher**: OOD ppl / the untouched teacher's. **gap closed**: share of the swap-only to fair-reference "

@@ -17,7 +17,9 @@ Ablations (`--ablations`, default all):
 - `branches`: each hybrid's trained model evaluated with its window branch alone and its linear branch alone.
 
 Outputs in DIR, rewritten after every run: results.json (zoo.bench.results), leaderboard.md
-(zoo.bench.leaderboard) and PNG plots (zoo.bench.quality_plots).
+(zoo.bench.leaderboard) and PNG plots (zoo.bench.quality_plots). They cover this invocation's runs
+and the finished rows earlier ones left in DIR, so `--mixers` subsets run one after another into one
+folder make one leaderboard.
 """
 
 from __future__ import annotations
@@ -332,14 +334,42 @@ def collect_rows(items: list[BenchItem], out: Path, failures: dict[str, str]) ->
     return rows
 
 
+def earlier_rows(out: Path, meta: dict, rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The finished rows an earlier invocation wrote into DIR's results.json (other `--mixers`, same model
+    and budget) that this one does not plan, and the commands that made them: kept, so a bench grown one
+    subset at a time keeps one leaderboard. A row whose run folder no longer holds a summary is dropped;
+    finished rows of another model or budget are an error (one folder, one bench)."""
+    import json
+
+    path = out / "results.json"
+    if not path.is_file():
+        return [], []
+    old = json.loads(path.read_text())
+    finished = [r for r in old.get("rows", []) if r["kind"] != "reference" and r.get("status") == "done"]
+    if finished and (old.get("model"), old.get("budget")) != (meta["model"], json.loads(json.dumps(meta["budget"]))):
+        raise ValueError(f"{out} holds a bench of another model or budget ({old.get('model')}, budget "
+                         f"{(old.get('budget') or {}).get('name')}); use another --out")
+    planned = {r["name"] for r in rows}
+    kept = [r for r in old.get("rows", []) if r["name"] not in planned and r.get("status") == "done"
+            and (r["kind"] == "reference" or (out / str(r.get("run_dir")) / "summary.json").is_file())]
+    if not any(r["kind"] != "reference" for r in kept):
+        return [], []
+    commands = [c for c in old.get("earlier_commands", []) + [old.get("command")] if c and c != meta["command"]]
+    return kept, list(dict.fromkeys(commands))
+
+
 def write_outputs(out: Path, meta: dict, items: list[BenchItem], failures: dict[str, str]) -> dict:
-    """results.json, leaderboard.md and the plots, from what DIR holds now."""
+    """results.json, leaderboard.md and the plots, from what DIR holds now (with the rows earlier
+    invocations left there, `earlier_rows`)."""
     from zoo.atomic import atomic_file, write_json
     from zoo.bench.leaderboard import leaderboard_markdown
     from zoo.bench.quality_plots import write_plots
 
+    rows = collect_rows(items, out, failures)
+    kept, commands = earlier_rows(out, meta, rows)
+    rows = sorted(rows + kept, key=lambda r: r["kind"] != "reference")  # stable: the references first
     results = meta | {"updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "rows": collect_rows(items, out, failures)}
+                      "earlier_commands": commands, "rows": rows}
     write_json(out / "results.json", results)
     with atomic_file(out / "leaderboard.md") as f:
         f.write(leaderboard_markdown(results))
@@ -407,6 +437,7 @@ def main(args) -> int:
             "versions": versions() | {"python": platform.python_version(), "platform": platform.platform()},
             "command": command_line(args, mixers, out), "argv": sys.argv, "mixers": mixers, "ablations": ablations,
             "recipes": str(recipes)}
+    earlier_rows(out, meta, [])  # a folder of another bench is an error before anything runs
     if args.report:
         write_outputs(out, meta, items, {})
         _say(f"{sum(it.finished for it in items)} of {len(items)} run(s) finished in {out}; wrote results.json, "

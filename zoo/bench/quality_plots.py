@@ -13,7 +13,7 @@ from pathlib import Path
 
 from zoo.bench.plots import _pyplot, line_plot  # the shared Agg set-up and line plot of the benches
 
-__all__ = ["PLOTS", "write_plots"]
+__all__ = ["PLOTS", "spread_labels", "write_plots"]
 
 PLOTS = ("quality_vs_params.png", "loss_curves_stage2.png", "decode_vs_context.png", "state_vs_context.png")
 
@@ -29,6 +29,23 @@ def _reference(rows: list[dict], name: str) -> dict | None:
     return next((r for r in rows if r["name"] == name and r["status"] == "done"), None)
 
 
+def spread_labels(anchors: list[tuple[float, float]], gap: float, width: float) -> list[float]:
+    """Heights for the labels of points at `anchors` (display units, y up) so that no two labels closer
+    than `width` across are closer than `gap` in height: the lower of two stays, the upper moves up.
+    Points with nearly the same perplexity and parameter count (retention, liger-gla) stay readable."""
+    order = sorted(range(len(anchors)), key=lambda i: (anchors[i][1], anchors[i][0]))
+    heights = [y for _, y in anchors]
+    placed: list[int] = []
+    for i in order:
+        x = anchors[i][0]
+        for j in placed:  # the placed labels are below: push this one over each it would touch
+            if abs(anchors[j][0] - x) < width and heights[i] < heights[j] + gap:
+                heights[i] = heights[j] + gap
+        placed.append(i)
+        placed.sort(key=lambda j: heights[j])
+    return heights
+
+
 def _quality_vs_params(plt, rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     points = [r for r in rows if r["kind"] != "reference" and r["trainable_params"] and r["ppl_heldout"]
@@ -36,8 +53,6 @@ def _quality_vs_params(plt, rows: list[dict], path: Path, title: str) -> None:
     for r, color in zip(points, _colors(len(points))):
         marker = "x" if r["kind"] == "ablation" else "o"
         ax.scatter(r["trainable_params"], r["ppl_heldout"], color=color, marker=marker, zorder=3)
-        ax.annotate(r["name"], (r["trainable_params"], r["ppl_heldout"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
     for name, style in (("teacher", "--"), ("teacher + LoRA", ":")):
         ref = _reference(rows, name)
         if ref and ref["ppl_heldout"]:
@@ -45,6 +60,13 @@ def _quality_vs_params(plt, rows: list[dict], path: Path, title: str) -> None:
                        label=f"{name}: {ref['ppl_heldout']:.2f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    fig.canvas.draw()  # fixes the limits, so data map to display points
+    anchors = [tuple(ax.transData.transform((r["trainable_params"], r["ppl_heldout"]))) for r in points]
+    pixels_per_point = fig.dpi / 72
+    heights = spread_labels(anchors, gap=9 * pixels_per_point, width=90 * pixels_per_point)
+    for r, (_, y), height in zip(points, anchors, heights):
+        ax.annotate(r["name"], (r["trainable_params"], r["ppl_heldout"]), fontsize=7,
+                    xytext=(3, 3 + (height - y) / pixels_per_point), textcoords="offset points")
     ax.set_xlabel("trainable parameters (stage 1 + stage 2)")
     ax.set_ylabel("held-out perplexity after stage 2")
     ax.set_title(title)

@@ -9,6 +9,8 @@ Every row has every field of `ROW_FIELDS` (None where it does not apply). Rows:
   for each hybrid, "<mixer> [window branch]" / "<mixer> [linear branch]" (one branch of the trained
   model alone);
 - a mixer whose run failed keeps its row with status "failed" and the error.
+- a finished row of an earlier invocation into the same folder (other `--mixers`, same model and
+  budget) is kept while its run folder holds a summary; `earlier_commands` names what made them.
 
 Quality relations: `ratio_to_fair_reference` = final held-out perplexity / the fair reference's;
 `ratio_ood_to_teacher` = final out-of-domain perplexity / the untouched teacher's. The share of the gap
