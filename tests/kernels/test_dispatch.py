@@ -191,3 +191,33 @@ def test_fla_gated_backward_is_never_refused_off_cuda():
     from zoo.kernels.fla_backend import gated_chunk_backward_works
 
     assert gated_chunk_backward_works(torch.device("cpu"))
+
+
+def test_window_hybrid_keeps_a_grouped_state_once_per_key_value_head():
+    """kv_groups: inputs repeated for grouped-query attention give the results of the ungrouped call,
+    with the state stored at [B, Hkv, ...] and repeated for the kernels."""
+    torch.manual_seed(0)
+    B, Hkv, groups, T, D, F_ = 2, 2, 3, 37, 8, 6
+    q, fq = torch.randn(B, Hkv * groups, T + 1, D), torch.rand(B, Hkv * groups, T + 1, F_)
+    k, v, fk = (torch.randn(B, Hkv, T + 1, n).repeat_interleave(groups, 1) for n in (D, D, F_))
+    fk = fk.abs()
+    a = torch.rand(Hkv * groups)
+    first, last = slice(0, T), slice(T, T + 1)
+    y, st = dispatch.window_hybrid(q[:, :, first], k[:, :, first], v[:, :, first], fq[:, :, first], fk[:, :, first],
+                                   a, 1 - a, window=8, kv_groups=groups)
+    y_ref, st_ref = dispatch.window_hybrid(q[:, :, first], k[:, :, first], v[:, :, first], fq[:, :, first],
+                                           fk[:, :, first], a, 1 - a, window=8)
+    torch.testing.assert_close(y, y_ref)
+    assert st.k.shape == (B, Hkv, 8, D) and st.S.shape == (B, Hkv, F_, D) and st_ref.k.shape[1] == Hkv * groups
+    for name in ("k", "v", "fk", "S", "z"):
+        torch.testing.assert_close(getattr(st.repeat_heads(groups), name), getattr(st_ref, name))
+        assert getattr(st, name).is_contiguous()
+    # one decoding step from each state: the same output, the grouped state still per KV head
+    y1, st1 = dispatch.window_hybrid(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
+                                     a, 1 - a, window=8, state=st, kv_groups=groups)
+    y1_ref, _ = dispatch.window_hybrid(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
+                                       a, 1 - a, window=8, state=st_ref)
+    torch.testing.assert_close(y1, y1_ref)
+    assert st1.k.shape[1] == Hkv and int(st1.n[0]) == T + 1
+    with pytest.raises(ValueError, match="does not split into groups of 4"):
+        st_ref.group_heads(4)

@@ -97,10 +97,14 @@ def test_gqa_equals_repeated_heads(name):
     full.load_state_dict(state)
     q, k, v, x = inputs(40)
     with torch.no_grad():
-        y, _ = m(q, k, v, x)
-        y_full, _ = full(q, k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1), x)
+        y, st = m(q, k, v, x)
+        y_full, st_full = full(q, k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1), x)
     assert y.shape == (2, H, 40, D)
     torch.testing.assert_close(y, y_full)
+    # the state is kept once per key/value head, as the teacher's KV cache is: a group's heads share it
+    assert st.k.shape[1] == st.S.shape[1] == HKV and st_full.k.shape[1] == H
+    assert_state_close(st, st_full.group_heads(H // HKV))
+    assert st.nbytes() < st_full.nbytes() * 0.6
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -122,9 +122,18 @@ def _gated_chunk_backward_refused(mode: str, log_gate, *inputs) -> bool:
 
 
 def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None, c=None,
-                  chunk_size=None, step_max_tokens=STEP_MAX_TOKENS, backend=None):
+                  chunk_size=None, step_max_tokens=STEP_MAX_TOKENS, backend=None, kv_groups=1):
     """zoo.kernels.window_hybrid.window_hybrid on the chosen backend (same arguments and results).
-    `chunk_size` applies to the PyTorch form only; the Triton kernels pick their own tiles."""
+    `chunk_size` applies to the PyTorch form only; the Triton kernels pick their own tiles.
+
+    `kv_groups` > 1: k, v and fk are repeated for grouped-query attention, so the heads come in runs of
+    `kv_groups` with the same keys and the same state. The state is then kept once per run
+    ([B, H / kv_groups, ...]: a KV-head's worth, like the teacher's cache) and repeated for the kernels."""
+    if kv_groups > 1:
+        y, new = window_hybrid(q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale,
+                               state=None if state is None else state.repeat_heads(kv_groups), key_mask=key_mask,
+                               c=c, chunk_size=chunk_size, step_max_tokens=step_max_tokens, backend=backend)
+        return y, new.group_heads(kv_groups)
     T = q.shape[2]
     decoding = state is not None and T <= step_max_tokens and not _needs_grad(q, k, v, fq, fk, a, b, c)
 

@@ -116,7 +116,7 @@ class BasedMixer(_TaylorInit, FeatureMapMixer):
 @register_mixer("based-window")
 class BasedWindowMixer(_TaylorInit, _LolcatsBase):
     family = "hybrid"
-    state_size = ("H*(F*D + F) fp32 + W*H*(2D + F) (last W keys, values, phi(k)); F = 1 + d + d(d+1)/2, "
+    state_size = ("Hkv*(F*D + F) fp32 + W*Hkv*(2D + F) (last W keys, values, phi(k)); F = 1 + d + d(d+1)/2, "
                   "d = feature_dim (16)")
     description = "Based Taylor linear attention + sliding-window softmax (W tokens), one normalizer, learned mixing"
     source = ("Arora et al. 2024, Based (arXiv:2402.18668); window hybrid as in LoLCATs (Zhang et al. 2024, "

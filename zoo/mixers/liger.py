@@ -90,8 +90,8 @@ class LigerState:
 @register_mixer("liger")
 class LigerMixer(LigerGLAMixer):
     family = "hybrid"
-    state_size = ("4*H*(D*D + D) bytes (fp32 gated state) + W*H*(2D + 1) input-dtype values (last W keys, "
-                  "values) + 4*H*(D + 1) + 8 bytes")
+    state_size = ("4*H*(D*D + D) bytes (fp32 gated state) + W*Hkv*(2D + 1) input-dtype values (last W keys, "
+                  "values) + 4*Hkv*(D + 1) + 8 bytes")
     description = "Liger Attention: alpha * liger-gla + (1 - alpha) * sliding-window softmax (W tokens); no parameters"
     options = {"tau": 16.0, "window": 64, "alpha": 0.5}
     BRANCHES = ("both", "window", "linear")
@@ -120,7 +120,8 @@ class LigerMixer(LigerGLAMixer):
             k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
         none = q.new_zeros(*q.shape[:3], 1)  # b = 0: the kernel's linear features are unused, keep them 1-wide
         y_win, win = window_hybrid(q, k, v, none, none, 1.0, 0.0, window=self.window, scale=self.head_dim ** -0.5,
-                                   state=None if state is None else state.window, key_mask=mask)
+                                   state=None if state is None else state.window, key_mask=mask,
+                                   kv_groups=self.num_heads // self.num_kv_heads)  # k, v: one per KV head
         y = alpha * y_lin.float() + (1.0 - alpha) * y_win.float()
         return y.to(v.dtype), LigerState(lin, win)
 

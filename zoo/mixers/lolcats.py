@@ -82,7 +82,8 @@ class _LolcatsBase(Mixer):
             k, v, fk = k * keep, v * keep, fk * keep
         a, b, c = self.factors()
         return window_hybrid(q, k, v, fq, fk, a, b, c=c, window=self.window, terraced=self.terraced,
-                             scale=self.head_dim ** -0.5, state=state, key_mask=mask)
+                             scale=self.head_dim ** -0.5, state=state, key_mask=mask,
+                             kv_groups=self.num_heads // self.num_kv_heads)  # k, v, fk: one per KV head
 
     def attention_weights(self, q, k):
         k, fq, fk = self._features(q, k)
@@ -99,7 +100,7 @@ class Lolcats(_LolcatsBase):
     """Hedgehog linear attention + plain sliding-window softmax (last `window` tokens), learned mixing."""
 
     description = "Hedgehog linear attention + sliding-window softmax (W tokens), learned per-head mixing"
-    state_size = "H*(2F*D + 2F) fp32 + W*H*(2D + 2F) (last W keys, values, phi(k)); F = feature_dim (default D)"
+    state_size = "Hkv*(2F*D + 2F) fp32 + W*Hkv*(2D + 2F) (last W keys, values, phi(k)); F = feature_dim (default D)"
     terraced = False
 
 
@@ -109,5 +110,5 @@ class LolcatsTerraced(_LolcatsBase):
     block (causal within the current one), learned mixing."""
 
     description = "Hedgehog linear attention + terraced block window softmax (64-token blocks), learned mixing"
-    state_size = "H*(2F*D + 2F) fp32 + 2W*H*(2D + 2F) (last 2W keys, values, phi(k)); F = feature_dim (default D)"
+    state_size = "Hkv*(2F*D + 2F) fp32 + 2W*Hkv*(2D + 2F) (last 2W keys, values, phi(k)); F = feature_dim (default D)"
     terraced = True
