@@ -221,3 +221,32 @@ def test_window_hybrid_keeps_a_grouped_state_once_per_key_value_head():
     assert st1.k.shape[1] == Hkv and int(st1.n[0]) == T + 1
     with pytest.raises(ValueError, match="does not split into groups of 4"):
         st_ref.group_heads(4)
+
+
+@pytest.mark.parametrize("gate", [None, "scalar", "key"])
+def test_linear_attention_keeps_a_grouped_state_once_per_key_value_head(gate):
+    torch.manual_seed(1)
+    B, Hkv, groups, T, D = 2, 2, 3, 29, 8
+
+    def shared(*shape):  # one tensor per key/value head, repeated for its query group
+        return torch.randn(B, Hkv, *shape).repeat_interleave(groups, 1)
+
+    q = torch.randn(B, Hkv * groups, T, D).abs()
+    k, v = shared(T, D).abs(), shared(T, D)
+    g = None if gate is None else -torch.rand(*((B, Hkv, T) if gate == "scalar" else (B, Hkv, T, D))).repeat_interleave(
+        groups, 1)
+    state, state_ref, ys, ys_ref = None, None, [], []
+    for piece in (slice(0, 20), slice(20, 21), slice(21, T)):  # a prefill, a decoding step, the rest
+        gp = None if g is None else g[:, :, piece]
+        y, state = dispatch.linear_attention(q[:, :, piece], k[:, :, piece], v[:, :, piece], gp, state, normalize=True,
+                                             kv_groups=groups)
+        y_ref, state_ref = dispatch.linear_attention(q[:, :, piece], k[:, :, piece], v[:, :, piece], gp, state_ref,
+                                                     normalize=True)
+        ys.append(y)
+        ys_ref.append(y_ref)
+        assert state.S.shape == (B, Hkv, D, D) and state.z.shape == (B, Hkv, D) and state.S.is_contiguous()
+    torch.testing.assert_close(torch.cat(ys, 2), torch.cat(ys_ref, 2))
+    torch.testing.assert_close(state.repeat_heads(groups).S, state_ref.S)
+    torch.testing.assert_close(state.repeat_heads(groups).z, state_ref.z)
+    with pytest.raises(ValueError, match="does not split into groups of 4"):
+        state_ref.group_heads(4)

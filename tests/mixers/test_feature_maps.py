@@ -51,7 +51,8 @@ def test_gqa_shapes_and_state(name):
     y, state = m(q, k, v, x)
     F = {"linear-elu": D, "t2r": D, "hedgehog": 2 * D}[name]
     assert y.shape == (B, H, 20, D) and y.dtype == q.dtype
-    assert state.S.shape == (B, H, F, D) and state.z.shape == (B, H, F)
+    # a query group shares its keys and values, hence its state: kept once per key/value head
+    assert state.S.shape == (B, HKV, F, D) and state.z.shape == (B, HKV, F)
     assert state.S.dtype == torch.float32 and torch.isfinite(y).all()
 
 
@@ -149,7 +150,7 @@ def test_tied_maps_and_feature_dim(name):
     F = 16 if name == "hedgehog" else 8
     ts = inputs(37, seed=7)
     y, s = m(*ts)
-    assert s.S.shape == (B, H, F, D)
+    assert s.S.shape == (B, HKV, F, D)
     y1, s1 = m(*sliced(ts, 0, 17))
     y2, _ = m(*sliced(ts, 17, 37), state=s1)
     close(torch.cat([y1, y2], dim=2), y)

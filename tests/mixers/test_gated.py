@@ -181,11 +181,18 @@ def test_gqa_equals_repeated_heads(name):
     q, k, v, x = inputs(40)
     with torch.no_grad():
         y, st = m(q, k, v, x)
-        y_full, _ = full(q, k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1), x)
+        y_full, st_full = full(q, k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1), x)
     assert y.shape == (2, H, 40, D)
-    s = state_tensors(st)
-    assert s["S"].shape[:2] == (2, H) and s["S"].shape[-1] == D and s["S"].dtype == torch.float32
     torch.testing.assert_close(y, y_full, **TOL)
+    # gates shared by a query group (liger's, pooled from k) let it share one state, kept per key/value head
+    s, s_full = state_tensors(st), state_tensors(st_full)
+    heads = HKV if m.gates_per_kv_head else H
+    assert s["S"].shape[:2] == (2, heads) and s["S"].shape[-1] == D and s["S"].dtype == torch.float32
+    assert m.gates_per_kv_head == (name in ("liger-gla", "liger"))
+    for key, t in s.items():
+        if key != "wn":  # the window's state is per key/value head in liger too
+            per_group = s_full[key][:, ::H // HKV] if t.shape[1] == HKV else s_full[key]
+            torch.testing.assert_close(t, per_group, **TOL, msg=lambda msg, key=key: f"state {key}: {msg}")
 
 
 @pytest.mark.parametrize("name", ["gla", "liger-gla", "retention"])

@@ -105,7 +105,8 @@ def test_gqa_shapes(name):
     y, state = m(*ts)
     assert y.shape == (2, H, 20, D) and y.dtype == torch.float32 and torch.isfinite(y).all()
     F = {"mamba2": 2 * D, "flow": D, "based": num_taylor_features(8), "based-window": num_taylor_features(8)}[name]
-    heads = HKV if name == "based-window" else H  # the window hybrid keeps its state once per key/value head
+    # based and based-window keep their state once per key/value head (a query group shares its keys)
+    heads = HKV if name in ("based", "based-window") else H
     assert state.S.shape == (2, heads, F, D) and state.S.dtype == torch.float32
     if name == "mamba2":
         assert state.conv.shape == (2, HKV, 3, D)

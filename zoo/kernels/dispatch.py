@@ -126,14 +126,11 @@ def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=Non
     """zoo.kernels.window_hybrid.window_hybrid on the chosen backend (same arguments and results).
     `chunk_size` applies to the PyTorch form only; the Triton kernels pick their own tiles.
 
-    `kv_groups` > 1: k, v and fk are repeated for grouped-query attention, so the heads come in runs of
-    `kv_groups` with the same keys and the same state. The state is then kept once per run
-    ([B, H / kv_groups, ...]: a KV-head's worth, like the teacher's cache) and repeated for the kernels."""
+    `kv_groups`: see `_state_per_kv_head`."""
     if kv_groups > 1:
-        y, new = window_hybrid(q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale,
-                               state=None if state is None else state.repeat_heads(kv_groups), key_mask=key_mask,
-                               c=c, chunk_size=chunk_size, step_max_tokens=step_max_tokens, backend=backend)
-        return y, new.group_heads(kv_groups)
+        return _state_per_kv_head(kv_groups, state, lambda st: window_hybrid(
+            q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale, state=st, key_mask=key_mask, c=c,
+            chunk_size=chunk_size, step_max_tokens=step_max_tokens, backend=backend))
     T = q.shape[2]
     decoding = state is not None and T <= step_max_tokens and not _needs_grad(q, k, v, fq, fk, a, b, c)
 
@@ -161,8 +158,22 @@ def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=Non
                                       step_max_tokens=step_max_tokens)
 
 
-def linear_attention(q, k, v, log_gate=None, state=None, normalize=False, eps=1e-6, chunk_size=64, backend=None):
-    """zoo.kernels.linear_attention.linear_attention on the chosen backend (same arguments and results)."""
+def _state_per_kv_head(kv_groups: int, state, call):
+    """`kv_groups` > 1: the caller's keys, values (and key features, gates) are repeated for grouped-query
+    attention, so the heads come in runs of `kv_groups` with the same keys and the same state. That state
+    is kept once per run ([B, H / kv_groups, ...]: a KV head's worth, like the teacher's KV cache) and
+    repeated for the kernels: `call(repeated state or None)` -> (y, new state), the new state grouped."""
+    y, new = call(None if state is None else state.repeat_heads(kv_groups))
+    return y, new.group_heads(kv_groups)
+
+
+def linear_attention(q, k, v, log_gate=None, state=None, normalize=False, eps=1e-6, chunk_size=64, backend=None,
+                     kv_groups=1):
+    """zoo.kernels.linear_attention.linear_attention on the chosen backend (same arguments and results);
+    `kv_groups`: see `_state_per_kv_head`."""
+    if kv_groups > 1:
+        return _state_per_kv_head(kv_groups, state, lambda st: linear_attention(
+            q, k, v, log_gate, st, normalize, eps, chunk_size, backend))
 
     mode = "recurrent" if q.shape[2] <= torch_linear.STEP_THRESHOLD else "chunk"
 

@@ -56,6 +56,17 @@ class LinearAttentionState(NamedTuple):
     S: torch.Tensor
     z: torch.Tensor | None = None
 
+    def repeat_heads(self, groups: int) -> LinearAttentionState:
+        """Each head repeated `groups` times in place ([B, Hkv, ...] -> [B, Hkv * groups, ...])."""
+        return LinearAttentionState(*(None if t is None else t.repeat_interleave(groups, dim=1) for t in self))
+
+    def group_heads(self, groups: int) -> LinearAttentionState:
+        """The inverse of `repeat_heads` for a state whose heads come in runs of `groups` identical ones:
+        one copy per run, in memory of its own."""
+        if self.S.shape[1] % groups:
+            raise ValueError(f"a state of {self.S.shape[1]} heads does not split into groups of {groups}")
+        return LinearAttentionState(*(None if t is None else t[:, ::groups].contiguous() for t in self))
+
 
 # ---------------------------------------------------------------------------------------------------
 # shared checks and the "augmented" state: with normalize=True a column of ones is appended to v, so

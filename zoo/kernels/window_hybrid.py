@@ -82,16 +82,12 @@ class WindowHybridState:
     def repeat_heads(self, groups: int) -> WindowHybridState:
         """Each head repeated `groups` times in place ([B, Hkv, ...] -> [B, Hkv * groups, ...]), as
         zoo.mixers.base.repeat_kv repeats keys and values for their query group."""
-        if groups == 1:
-            return self
         k, v, fk, S, z = (t.repeat_interleave(groups, dim=1) for t in (self.k, self.v, self.fk, self.S, self.z))
         return WindowHybridState(k, v, fk, S, z, self.n, self.window, self.terraced)
 
     def group_heads(self, groups: int) -> WindowHybridState:
         """The inverse of `repeat_heads` for a state whose heads come in runs of `groups` identical ones
         (keys, values and key features shared by a query group): one copy per run, in memory of its own."""
-        if groups == 1:
-            return self
         if self.k.shape[1] % groups:
             raise ValueError(f"a state of {self.k.shape[1]} heads does not split into groups of {groups}")
         k, v, fk, S, z = (t[:, ::groups].contiguous() for t in (self.k, self.v, self.fk, self.S, self.z))

@@ -94,7 +94,7 @@ class _TaylorInit:
 
 @register_mixer("based")
 class BasedMixer(_TaylorInit, FeatureMapMixer):
-    state_size = "4*H*(F*D + F) bytes (fp32), F = 1 + d + d(d+1)/2 (153 at d = feature_dim = 16)"
+    state_size = "4*Hkv*(F*D + F) bytes (fp32), F = 1 + d + d(d+1)/2 (153 at d = feature_dim = 16)"
     description = "Based linear attention: 2nd-order Taylor feature map of a learned d-dim projection of q, k"
     source = ("Arora et al. 2024, Simple linear attention language models balance the recall-throughput "
               "tradeoff (Based, arXiv:2402.18668)")

@@ -3,7 +3,8 @@ z_t = sum_{s<=t} phi(k_s). The base of `linear-elu`, `t2r`, `hedgehog` (and the 
 
 A subclass defines only the feature map `feature_map(x, is_query)` and its parameters. The map for keys
 runs per key/value head (before the heads are repeated for grouped-query attention), the map for
-queries per query head. The state is the kernel's (S [B, H, F, D], z [B, H, F]), fp32.
+queries per query head. The state is the kernel's (S, z), fp32, kept once per key/value head
+(S [B, Hkv, F, D], z [B, Hkv, F]): a query group shares its keys and values, hence its state.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class FeatureMapMixer(Mixer):
                 raise ValueError(f"mask must be [B, T] = {tuple(q.shape[:1] + q.shape[2:3])}, got {tuple(mask.shape)}")
             pad = (mask == 0)[:, None, :, None]
             fk, v = fk.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
-        return linear_attention(fq, fk, v, state=state, normalize=True, eps=self.eps)
+        return linear_attention(fq, fk, v, state=state, normalize=True, eps=self.eps,
+                                kv_groups=self.num_heads // self.num_kv_heads)  # phi(k), v: one per KV head
 
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """phi(q_i) . phi(k_j) / sum_{j'<=i} phi(q_i) . phi(k_j'), j <= i: [B, H, T, T] fp32; the

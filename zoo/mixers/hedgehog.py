@@ -19,7 +19,7 @@ def hedgehog_features(h: torch.Tensor) -> torch.Tensor:
 
 @register_mixer("hedgehog")
 class HedgehogMixer(FeatureMapMixer):
-    state_size = "4*H*(2F*D+2F) bytes (fp32), F = feature_dim (default D)"
+    state_size = "4*Hkv*(2F*D+2F) bytes (fp32), F = feature_dim (default D)"
     description = "causal linear attention, learned feature map [softmax(Wx), softmax(-Wx)] per head (W starts as I)"
     source = "Zhang et al. 2024, The Hedgehog & the Porcupine (arXiv:2402.04347); LoLCATs (arXiv:2410.10254)"
     options = {

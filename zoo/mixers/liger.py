@@ -58,10 +58,11 @@ def rotary_pair_rms(k: torch.Tensor) -> torch.Tensor:
 
 @register_mixer("liger-gla")
 class LigerGLAMixer(GatedLinearMixer):
-    state_size = "4*H*(D*D + D) bytes (fp32 S and z)"
+    state_size = "4*Hkv*(D*D + D) bytes (fp32 S and z)"
     description = "Liger gated linear attention: softmax feature map, per-feature gates pooled from k; no parameters"
     source = SOURCE
     options = {"tau": 16.0}  # gate logit normalizer: log g = logsigmoid(pooled k) / tau
+    gates_per_kv_head = True  # pooled from k: the state is kept once per key/value head
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
@@ -90,7 +91,7 @@ class LigerState:
 @register_mixer("liger")
 class LigerMixer(LigerGLAMixer):
     family = "hybrid"
-    state_size = ("4*H*(D*D + D) bytes (fp32 gated state) + W*Hkv*(2D + 1) input-dtype values (last W keys, "
+    state_size = ("4*Hkv*(D*D + D) bytes (fp32 gated state) + W*Hkv*(2D + 1) input-dtype values (last W keys, "
                   "values) + 4*Hkv*(D + 1) + 8 bytes")
     description = "Liger Attention: alpha * liger-gla + (1 - alpha) * sliding-window softmax (W tokens); no parameters"
     options = {"tau": 16.0, "window": 64, "alpha": 0.5}
@@ -113,7 +114,7 @@ class LigerMixer(LigerGLAMixer):
         alpha = self.mix()
         fq, fk, vg, g = self.gated_inputs(q, k, v, x, mask)
         y_lin, lin = linear_attention(fq, fk, vg, log_gate=g, state=None if state is None else state.linear,
-                                      normalize=True, eps=self.eps)
+                                      normalize=True, eps=self.eps, kv_groups=self.kv_groups())
         k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
         if mask is not None:
             pad = (mask.to(q.device) == 0)[:, None, :, None]

@@ -11,7 +11,7 @@ from zoo.mixers.feature_map import FeatureMapMixer
 
 @register_mixer("linear-elu")
 class LinearEluMixer(FeatureMapMixer):
-    state_size = "4*H*(D*D+D) bytes (fp32 S and normalizer)"
+    state_size = "4*Hkv*(D*D+D) bytes (fp32 S and normalizer)"
     description = "causal linear attention, fixed feature map elu(x)+1; no trainable parameters"
     source = "Katharopoulos et al. 2020, Transformers are RNNs (arXiv:2006.16236)"
     options = {}

@@ -12,7 +12,7 @@ from zoo.mixers.feature_map import FeatureMapMixer, HeadwiseLinear
 
 @register_mixer("t2r")
 class T2RMixer(FeatureMapMixer):
-    state_size = "4*H*(F*D+F) bytes (fp32), F = feature_dim (default D)"
+    state_size = "4*Hkv*(F*D+F) bytes (fp32), F = feature_dim (default D)"
     description = "causal linear attention, learned feature map relu(Wx+b) per head (W starts as +-identity)"
     source = "Kasai et al. 2021, Finetuning Pretrained Transformers into RNNs (arXiv:2103.13076); LoLCATs baseline"
     options = {
