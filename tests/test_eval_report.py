@@ -28,7 +28,7 @@ def test_eval_gives_the_bench_metrics_for_one_model(tiny_world, tmp_path, capsys
     capsys.readouterr()
     args = ["eval", str(out), "--sources", tiny_world["train"], tiny_world["ood"], "--seq-len", "32", "--max-blocks", "2",
             "--mmlu", "2", "--passkey", "256", "--passkey-trials", "2", "--decode", "96,160", "--decode-steps", "2",
-            "--mse", "2", "--branches"]
+            "--mse", "2", "--branches", "--generation", "2", "--generation-tokens", "8"]
     lm_eval = importlib.util.find_spec("lm_eval") is not None
     if lm_eval:  # the bridge end to end through the CLI, on a task of our own
         from test_lm_eval_bridge import write_task
@@ -44,6 +44,8 @@ def test_eval_gives_the_bench_metrics_for_one_model(tiny_world, tmp_path, capsys
     assert set(result["passkey"]["lengths"]) == {"256"} and result["passkey"]["lengths"]["256"]["n"] == 2
     assert result["decode"]["state_growth"] == "constant" and set(result["decode"]["contexts"]) == {"96", "160"}
     assert set(result["layer_mse"]) == {"0", "1"} and result["mean_layer_mse"] >= 0
+    assert result["generation"]["prompts"] == 2 and result["generation"]["new_tokens"] == 8
+    assert 0 <= result["generation"]["repeated_4grams"] <= 1
     window, linear = result["branches"]["window"], result["branches"]["linear"]
     assert window[tiny_world["ood"]]["ppl"] != linear[tiny_world["ood"]]["ppl"] != result[tiny_world["ood"]]["ppl"]
     assert result["run"]["tokens_stage1"] == 64 and result["run"]["trainable_params"] > 0

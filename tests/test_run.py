@@ -43,6 +43,7 @@ def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
     assert main(["run", RECIPE, *args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "swap only" in printed and "final (stage 2)" in printed and "MMLU 5-shot" in printed
+    assert "repeated 4-grams in greedy continuations (4 held-out prompts, 48 tokens): teacher " in printed
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"):
         assert (out / name).exists(), name
     s = json.loads((out / "summary.json").read_text())
@@ -52,6 +53,8 @@ def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
     assert s["trainable_params"] > 0 and s["seconds_stage1"] > 0 and s["seconds_stage2"] > 0
     assert set(s["layer_mse_stage1"]) == {"0", "1"}
     assert s["mmlu"]["teacher"]["n"] == 4 and 0 <= s["mmlu"]["final"]["accuracy"] <= 1
+    for side in ("teacher", "final"):  # the recipe's default: 4 held-out prompts continued for 48 tokens
+        assert s["generation"][side]["prompts"] == 4 and 0 <= s["generation"][side]["repeated_4grams"] <= 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "stage1"] == list(range(1, 7))
     assert all("layer_loss" in r for r in rows if r["stage"] == "stage1")

@@ -91,6 +91,11 @@ def print_table(summary: dict) -> None:
     if summary.get("mmlu"):
         print("\nMMLU 5-shot accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})"
                                                   for k, v in summary["mmlu"].items()))
+    generation = summary.get("generation")
+    if generation:
+        n = generation["final"]
+        print(f"\nrepeated 4-grams in greedy continuations ({n['prompts']} held-out prompts, {n['new_tokens']} tokens): "
+              + ", ".join(f"{k} {v['repeated_4grams']:.2f}" for k, v in generation.items()))
 
 
 def cmd_run(args) -> int:

@@ -3,7 +3,8 @@
 Always: perplexity and bits per byte on each corpus's held-out text (one top-level entry per source).
 On request: 5-shot MMLU (`--mmlu N`), passkey retrieval (`--passkey 512,1024`, the filler from the last
 `--sources` corpus, never trained on by default), decode tok/s and state bytes (`--decode 512,1024,2048`),
-mean per-layer transfer MSE (`--mse N` held-out blocks), each hybrid branch alone (`--branches`) and
+mean per-layer transfer MSE (`--mse N` held-out blocks), repeats in greedy continuations of N held-out
+prompts from the first `--sources` corpus (`--generation N`), each hybrid branch alone (`--branches`) and
 lm-evaluation-harness tasks (`--lm-eval TASKS`). Where DIR is a run folder, its summary.json adds the
 training cost (trainable parameters, tokens, seconds and peak memory per stage).
 """
@@ -36,6 +37,9 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--decode", help="decode tok/s and state bytes at these contexts, e.g. 512,1024,2048")
     parser.add_argument("--decode-steps", type=int, default=8, help="timed decoding steps per context (default 8)")
     parser.add_argument("--mse", type=int, default=0, help="mean per-layer transfer MSE on this many held-out blocks")
+    parser.add_argument("--generation", type=int, default=0,
+                        help="greedy continuations of this many held-out prompts, scored for repeated 4-grams")
+    parser.add_argument("--generation-tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
     parser.add_argument("--branches", action="store_true", help="hybrids: also each branch alone (window, linear)")
     parser.add_argument("--lm-eval", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval installed)")
     parser.add_argument("--lm-eval-include", help="a folder of lm_eval task YAML files of your own")
@@ -83,6 +87,11 @@ def evaluate_saved_model(args) -> dict[str, Any]:
         per_layer = layer_mse(model, blocks)
         results["layer_mse"] = per_layer
         results["mean_layer_mse"] = sum(per_layer.values()) / len(per_layer)
+    if args.generation:
+        from zoo.generation import evaluate_generation, generation_prompts
+
+        prompts = generation_prompts(tokenizer, corpus.heldout(corpus.sources[0]), args.generation, 32)
+        results["generation"] = evaluate_generation(model, tokenizer, prompts, args.generation_tokens)
     if args.branches:
         from zoo.measures import use_branch
 

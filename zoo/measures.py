@@ -1,10 +1,12 @@
-"""What a run measures besides perplexity: MMLU, passkey retrieval, decode speed and state memory, and
-the hybrids' branch ablation. The teacher's MMLU and passkey scores are computed once per setting and
+"""What a run measures besides perplexity: MMLU, passkey retrieval, decode speed and state memory,
+repeats in greedy generation, and the hybrids' branch ablation. The teacher's MMLU, passkey and
+generation scores are computed once per setting and
 shared through `$ZOO_CACHE/references` (`cached_reference`), so a bench of many mixers pays for them
 once. The teacher's decode speed is a timing: it is measured again in every run, beside the mixer's,
 so that both see the same machine load.
 
-`data` below is a `zoo.run.RunData` (anything with `evaluate(model)` and `passkey_filler()`).
+`data` below is a `zoo.run.RunData` (anything with `evaluate(model)`, `passkey_filler()` and
+`generation_documents()`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from zoo.recipe import Recipe
 __all__ = ["MEASURES", "wanted_measures", "cached_reference", "measure", "teacher_measures", "hybrid_mixers",
            "use_branch", "branch_ablation"]
 
-#: the measures a recipe can ask for (eval.mmlu, eval.passkey_lengths, eval.decode_contexts)
-MEASURES = ("mmlu", "passkey", "decode")
+#: the measures a recipe can ask for (eval.mmlu, eval.passkey_lengths, eval.decode_contexts, eval.generation_prompts)
+MEASURES = ("mmlu", "passkey", "decode", "generation")
 
 
 def _say(msg: str) -> None:
@@ -34,7 +36,8 @@ def _say(msg: str) -> None:
 
 def wanted_measures(recipe: Recipe) -> list[str]:
     e = recipe.eval
-    return [name for name, on in zip(MEASURES, (e.mmlu > 0, bool(e.passkey_lengths), bool(e.decode_contexts))) if on]
+    asked = (e.mmlu > 0, bool(e.passkey_lengths), bool(e.decode_contexts), e.generation_prompts > 0)
+    return [name for name, on in zip(MEASURES, asked) if on]
 
 
 def cached_reference(kind: str, key: dict, compute: Callable[[], Any]) -> Any:
@@ -58,6 +61,9 @@ def _measure_key(name: str, recipe: Recipe, device: torch.device) -> dict:
         key["questions"] = e.mmlu
     elif name == "passkey":
         key |= {"data": d["data"], "lengths": e.passkey_lengths, "trials": e.passkey_trials, "seed": recipe.seed}
+    elif name == "generation":
+        key |= {"data": d["data"], "prompts": e.generation_prompts, "prompt_tokens": e.generation_prompt_tokens,
+                "tokens": e.generation_tokens}
     return key
 
 
@@ -77,6 +83,12 @@ def measure(name: str, recipe: Recipe, data: Any, model: Any, tokenizer: Any) ->
         from zoo.decode_cost import measure_decode
 
         return measure_decode(model, e.decode_contexts, e.decode_steps, seed=recipe.seed)
+    if name == "generation":
+        from zoo.generation import evaluate_generation, generation_prompts
+
+        prompts = generation_prompts(tokenizer, data.generation_documents(), e.generation_prompts,
+                                     e.generation_prompt_tokens)
+        return evaluate_generation(model, tokenizer, prompts, e.generation_tokens)
     raise ValueError(f"unknown measure {name!r}; known: {', '.join(MEASURES)}")
 
 

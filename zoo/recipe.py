@@ -226,6 +226,9 @@ class EvalConfig:
     decode_contexts: list[int] = field(default_factory=list)  # contexts for decode tok/s and state bytes; [] = skip
     decode_steps: int = 8  # timed decoding steps at each of decode_contexts
     branches: bool = False  # hybrids: also evaluate the window branch alone and the linear branch alone
+    generation_prompts: int = 4  # held-out texts continued greedily, scored for repeated 4-grams; 0 = skip
+    generation_prompt_tokens: int = 32  # tokens of each text given as the prompt
+    generation_tokens: int = 48  # tokens generated after each prompt
 
     def _problems(self):
         if self.max_blocks < 1:
@@ -244,6 +247,12 @@ class EvalConfig:
             yield "passkey_trials", f"must be >= 1, got {self.passkey_trials}"
         if self.decode_steps < 1:
             yield "decode_steps", f"must be >= 1, got {self.decode_steps}"
+        if self.generation_prompts < 0:
+            yield "generation_prompts", f"must be >= 0 (0 = skip), got {self.generation_prompts}"
+        if self.generation_prompt_tokens < 1:
+            yield "generation_prompt_tokens", f"must be >= 1, got {self.generation_prompt_tokens}"
+        if self.generation_tokens < 4:
+            yield "generation_tokens", f"must be >= 4 (the repeats are counted in 4-grams), got {self.generation_tokens}"
         ctx = self.decode_contexts
         if ctx and (ctx[0] < 1 or any(b - a <= self.decode_steps for a, b in zip(ctx, ctx[1:]))):
             yield "decode_contexts", (f"must be >= 1 and grow by more than decode_steps ({self.decode_steps}) "

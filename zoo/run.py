@@ -87,6 +87,11 @@ class RunData:
                 "ood": pooled({s: per[s] for s in self.ood_sources}) if self.ood_sources else None,
                 "per_source": per}
 
+    def generation_documents(self) -> list:
+        """Held-out documents of the training corpora, taking each corpus in turn: the prompts to continue."""
+        by_source = [self.corpus.heldout(s) for s in self.train_sources]
+        return [docs[i] for i in range(max(map(len, by_source), default=0)) for docs in by_source if i < len(docs)]
+
     def passkey_filler(self) -> list:
         """Held-out documents to hide passkeys in: the out-of-domain corpora's, else the training corpora's."""
         return [doc for s in (self.ood_sources or self.train_sources) for doc in self.corpus.heldout(s)]
@@ -232,7 +237,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
             remember("stage2", {"train": stats | {"peak_memory": peak.result()}})
     if "final" not in progress:
         remember("final", data.evaluate(model))
-    for name in ("mmlu", "passkey"):
+    for name in ("mmlu", "passkey", "generation"):
         if name in teacher_side:
             _say(f"{name}: final model")
             remember(name, {"teacher": teacher_side[name], "final": measure(name, recipe, data, model, tokenizer)})
@@ -321,6 +326,7 @@ def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, w
         if "mmlu" in progress else None,
         "passkey": progress.get("passkey"),
         "decode": progress.get("decode"),
+        "generation": progress.get("generation"),
         "branches": _branches(progress.get("branches")),
         "prompt": recipe.eval.generate_prompt,
         "sample": sample,

@@ -101,6 +101,8 @@ def test_every_metric_of_a_mixer_row(bench):
         assert set(row["stages"]) == {"teacher", "swap", "stage1", "final"}
         assert 0 <= row["mmlu_accuracy"] <= 1 and row["mmlu_n"] == smoke.mmlu and row["mmlu_teacher_accuracy"] is not None
         assert set(row["passkey"]) == set(row["passkey_teacher"]) == {"256"}
+        assert 0 <= row["repeated_4grams"] <= 1 and 0 <= row["repeated_4grams_teacher"] <= 1
+        assert len(row["generation_samples"]) == 2 and all(isinstance(t, str) for t in row["generation_samples"])
         assert 0 < row["trainable_params"] and 0 < row["trainable_percent"] < 100
         assert row["tokens_stage2"] == smoke.stage2_tokens
         assert row["peak_rss_bytes_stage2"] > 10 * 2**20  # the process holds torch: tens of MiB at least
@@ -139,6 +141,7 @@ def test_reference_rows(bench):
     assert teacher["ppl_heldout"] == rows["lolcats"]["stages"]["teacher"]["heldout"]
     assert teacher["mmlu_accuracy"] == rows["hedgehog"]["mmlu_teacher_accuracy"]
     assert teacher["passkey"] == rows["hedgehog"]["passkey_teacher"] and teacher["decode_tokens_per_s"] > 0
+    assert teacher["repeated_4grams"] == rows["hedgehog"]["repeated_4grams_teacher"] is not None
     assert fair["ratio_to_fair_reference"] == 1.0 and fair["trainable_params"] > 0
     assert fair["tokens_stage2"] == BUDGETS["smoke"].stage2_tokens and fair["loss_curve_stage2"]
     assert rows["lolcats"]["ratio_to_fair_reference"] == pytest.approx(rows["lolcats"]["ppl_heldout"] / fair["ppl_heldout"])
@@ -168,6 +171,10 @@ def test_leaderboard_and_plots(bench):
     quality = board.split("## Quality")[1].split("## Cost")[0]
     lines = [line for line in quality.splitlines() if line.startswith("| ")][1:]
     assert lines[0].startswith("| **teacher**") and lines[1].startswith("| **teacher + LoRA**")
+    header = next(line for line in quality.splitlines() if line.startswith("|  | family"))
+    assert "| passkey 256 | repeats | transfer MSE |" in header
+    teacher_repeats = rows_by_name(bench["results"])["teacher"]["repeated_4grams"]
+    assert lines[0].split(" | ")[header.split(" | ").index("repeats")] == f"{teacher_repeats:.2f}"
     ratios = [rows_by_name(bench["results"])[line.split(" | ")[0][2:]]["ratio_to_fair_reference"] for line in lines[2:]]
     assert len(ratios) == 3 and ratios == sorted(ratios)  # the mixers, best first
     for section in ("## Cost", "## Perplexity by stage", "LoRA alone", "feature maps", "window branch alone"):

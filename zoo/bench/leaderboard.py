@@ -63,7 +63,7 @@ def _quality_cells(row: dict) -> list[str]:
     return [f"**{row['name']}**" if row["kind"] == "reference" else row["name"], row["family"] or "-",
             _num(row["ppl_heldout"]), _num(row["ratio_to_fair_reference"], 3), _num(row["gap_closed_heldout"], 2),
             _num(row["ppl_ood"]), _num(row["ratio_ood_to_teacher"], 3), _num(row["bpb_heldout"], 3),
-            _num(row["bpb_ood"], 3), _num(row["mmlu_accuracy"], 3), _passkey(row),
+            _num(row["bpb_ood"], 3), _num(row["mmlu_accuracy"], 3), _passkey(row), _num(row["repeated_4grams"], 2),
             _pair(_num(row["mean_layer_mse_swap"], 4), _num(row["mean_layer_mse_stage1"], 4))]
 
 
@@ -114,15 +114,16 @@ def _header(results: dict) -> list[str]:
         "Perplexity (ppl) and bits per byte (bpb) on held-out text of the training corpora and on a corpus never "
         "trained on (OOD). **x fair ref.**: final held-out ppl / the teacher fine-tuned with the same LoRA budget; "
         "**x teacher**: OOD ppl / the untouched teacher's. **gap closed**: share of the swap-only to fair-reference "
-        "gap closed, in bpb. Passkey: retrieval accuracy at each context length. Transfer MSE: mean over layers, "
-        "swap-only / after stage 1.", "",
+        "gap closed, in bpb. Passkey: retrieval accuracy at each context length. Repeats: share of repeated 4-grams "
+        "in greedy continuations of held-out prompts (loops; perplexity does not see them). Transfer MSE: mean over "
+        "layers, swap-only / after stage 1.", "",
     ]
 
 
 def _ablation_sections(rows: list[dict]) -> list[str]:
     by_name = {r["name"]: r for r in rows}
     heads = ["", "family", "ppl held-out", "x fair ref.", "gap closed", "ppl OOD", "x teacher", "bpb held-out",
-             "bpb OOD", "MMLU", "passkey", "transfer MSE"]
+             "bpb OOD", "MMLU", "passkey", "repeats", "transfer MSE"]
     out: list[str] = []
     lora_only = [r for r in rows if r["ablation"] == "lora-only"]
     if lora_only:
@@ -151,7 +152,7 @@ def leaderboard_markdown(results: dict) -> str:
     lines = _header(results)
     lines += ["## Quality", ""]
     lines += _table(["", "family", "ppl held-out", "x fair ref.", "gap closed", "ppl OOD", "x teacher", "bpb held-out",
-                     "bpb OOD", "MMLU", f"passkey {passkey}", "transfer MSE"], board, _quality_cells)
+                     "bpb OOD", "MMLU", f"passkey {passkey}", "repeats", "transfer MSE"], board, _quality_cells)
     lines += ["## Cost", ""]
     lines += _table(["", "trainable", "tokens s1 / s2", "seconds s1 / s2", "peak RSS s1 / s2",
                      f"decode tok/s @{ctx or '-'}", f"state @{ctx or '-'}", "state @32k (extrapolated)"],

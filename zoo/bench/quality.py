@@ -341,6 +341,8 @@ def earlier_rows(out: Path, meta: dict, rows: list[dict]) -> tuple[list[dict], l
     finished rows of another model or budget are an error (one folder, one bench)."""
     import json
 
+    from zoo.bench.results import ROW_FIELDS
+
     path = out / "results.json"
     if not path.is_file():
         return [], []
@@ -350,7 +352,8 @@ def earlier_rows(out: Path, meta: dict, rows: list[dict]) -> tuple[list[dict], l
         raise ValueError(f"{out} holds a bench of another model or budget ({old.get('model')}, budget "
                          f"{(old.get('budget') or {}).get('name')}); use another --out")
     planned = {r["name"] for r in rows}
-    kept = [r for r in old.get("rows", []) if r["name"] not in planned and r.get("status") == "done"
+    kept = [dict.fromkeys(ROW_FIELDS) | r for r in old.get("rows", [])  # fields added since: None
+            if r["name"] not in planned and r.get("status") == "done"
             and (r["kind"] == "reference" or (out / str(r.get("run_dir")) / "summary.json").is_file())]
     if not any(r["kind"] != "reference" for r in kept):
         return [], []

@@ -9,6 +9,9 @@ Every row has every field of `ROW_FIELDS` (None where it does not apply). Rows:
   for each hybrid, "<mixer> [window branch]" / "<mixer> [linear branch]" (one branch of the trained
   model alone);
 - a mixer whose run failed keeps its row with status "failed" and the error.
+
+`repeated_4grams`: the mean share of repeated 4-grams in greedy continuations of held-out prompts
+(zoo.generation; `generation_samples` holds the first ones as text), the teacher's beside it.
 - a finished row of an earlier invocation into the same folder (other `--mixers`, same model and
   budget) is kept while its run folder holds a summary; `earlier_commands` names what made them.
 
@@ -31,6 +34,7 @@ ROW_FIELDS = (
     "ppl_heldout", "ppl_ood", "bpb_heldout", "bpb_ood", "per_source", "stages",
     "ratio_to_fair_reference", "ratio_ood_to_teacher", "gap_closed_heldout", "gap_closed_ood",
     "mmlu_accuracy", "mmlu_n", "mmlu_teacher_accuracy", "passkey", "passkey_teacher",
+    "repeated_4grams", "repeated_4grams_teacher", "generation_samples",
     "mean_layer_mse_swap", "mean_layer_mse_stage1", "trainable_params", "trainable_percent",
     "tokens_stage1", "tokens_stage2", "seconds_stage1", "seconds_stage2",
     "peak_rss_bytes_stage1", "peak_rss_bytes_stage2", "peak_cuda_bytes_stage1", "peak_cuda_bytes_stage2",
@@ -96,6 +100,10 @@ def _decode_columns(result: dict | None) -> dict:
             "state_growth": result["state_growth"], "decode_by_context": by_context}
 
 
+def _repeats(generation: dict | None, side: str) -> float | None:
+    return ((generation or {}).get(side) or {}).get("repeated_4grams")
+
+
 def _peak(entry: dict | None, key: str) -> int | None:
     return entry.get(key) if entry else None
 
@@ -118,6 +126,9 @@ def mixer_rows(summary: dict, name: str, kind: str, family: str | None, ablation
         "mmlu_accuracy": mmlu.get("final", {}).get("accuracy"), "mmlu_n": mmlu.get("final", {}).get("n"),
         "mmlu_teacher_accuracy": mmlu.get("teacher", {}).get("accuracy"),
         "passkey": _passkey_by_length(passkey.get("final")), "passkey_teacher": _passkey_by_length(passkey.get("teacher")),
+        "repeated_4grams": _repeats(summary.get("generation"), "final"),
+        "repeated_4grams_teacher": _repeats(summary.get("generation"), "teacher"),
+        "generation_samples": ((summary.get("generation") or {}).get("final") or {}).get("samples"),
         "mean_layer_mse_swap": summary.get("mean_layer_mse_swap"),
         "mean_layer_mse_stage1": summary.get("mean_layer_mse_stage1"),
         "trainable_params": summary.get("trainable_params"), "trainable_percent": summary.get("trainable_percent"),
@@ -150,11 +161,14 @@ def reference_rows(summary: dict, teacher_lora_metrics: Path | None) -> list[dic
     teacher, fair = summary.get("ppl_teacher"), summary.get("ppl_teacher_lora")
     mmlu = (summary.get("mmlu") or {}).get("teacher") or {}
     passkey = _passkey_by_length((summary.get("passkey") or {}).get("teacher"))
+    repeats = _repeats(summary.get("generation"), "teacher")
     t = empty_row("teacher", "reference", None, "softmax")
     t["stages"] = {"teacher": teacher}
     _quality(t, teacher, None, teacher, fair)  # no swap: no gap to close
     t |= {"mmlu_accuracy": mmlu.get("accuracy"), "mmlu_n": mmlu.get("n"), "mmlu_teacher_accuracy": mmlu.get("accuracy"),
-          "passkey": passkey, "passkey_teacher": passkey, "trainable_params": 0, "trainable_percent": 0.0,
+          "passkey": passkey, "passkey_teacher": passkey, "repeated_4grams": repeats, "repeated_4grams_teacher": repeats,
+          "generation_samples": (((summary.get("generation") or {}).get("teacher")) or {}).get("samples"),
+          "trainable_params": 0, "trainable_percent": 0.0,
           "tokens_stage1": 0, "tokens_stage2": 0, "device": summary.get("device"),
           **_decode_columns((summary.get("decode") or {}).get("teacher"))}
     rows = [t]
