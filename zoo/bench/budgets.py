@@ -6,7 +6,7 @@ mixer's recipe alike, so every mixer (and the fair reference) trains and is meas
 (`base: quick`) and change some fields. The budget's name is the file's stem.
 
 Throughput behind the sizes (SmolLM2-135M, fp32, 2 CPU cores, seq_len 256): stage 1 ~280 tok/s,
-stage 2 ~130 tok/s, a forward pass ~450 tok/s. `Budget.estimate_seconds` turns a budget into an
+stage 2 ~130 tok/s, a forward pass ~450 tok/s, greedy generation ~10 tok/s. `Budget.estimate_seconds` turns a budget into an
 estimate of the wall time per mixer on that machine (the bench's ETA before a mixer has finished).
 """
 
@@ -22,7 +22,7 @@ import yaml
 __all__ = ["Budget", "BUDGETS", "get_budget"]
 
 #: tokens/s of SmolLM2-135M (fp32, 2 CPU cores, seq_len 256) for `Budget.estimate_seconds`
-THROUGHPUT = {"stage1": 280.0, "stage2": 130.0, "forward": 450.0}
+THROUGHPUT = {"stage1": 280.0, "stage2": 130.0, "forward": 450.0, "generate": 10.0}
 #: fixed seconds per run: loading the teacher and the data, saving the model, the sample
 FIXED_SECONDS = 15.0
 #: tokens of one 5-shot MMLU prompt, on average, with the SmolLM2 tokenizer (measured: 500 over the first
@@ -50,15 +50,19 @@ class Budget:
     checkpoint_every: int = 10  # optimizer steps
     log_every: int = 1  # optimizer steps: the stage-2 loss curve has a point per logged step
     generate_tokens: int = 16  # the sample in summary.json
+    generation_prompts: int = 4  # held-out prompts continued greedily for the repeats measure (0: skip)
+    generation_tokens: int = 48  # tokens generated per prompt
 
     def __post_init__(self):
         for f in ("seq_len", "batch_size", "stage1_batch_size", "eval_blocks", "mse_blocks", "passkey_trials",
                   "decode_steps", "log_every"):
             if getattr(self, f) < 1:
                 raise ValueError(f"budget {self.name!r}: {f} must be >= 1, got {getattr(self, f)}")
-        for f in ("stage1_tokens", "stage2_tokens", "mmlu", "checkpoint_every", "generate_tokens"):
+        for f in ("stage1_tokens", "stage2_tokens", "mmlu", "checkpoint_every", "generate_tokens", "generation_prompts"):
             if getattr(self, f) < 0:
                 raise ValueError(f"budget {self.name!r}: {f} must be >= 0, got {getattr(self, f)}")
+        if self.generation_tokens < 4:
+            raise ValueError(f"budget {self.name!r}: generation_tokens must be >= 4, got {self.generation_tokens}")
 
     def recipe_overrides(self) -> dict[str, Any]:
         """Dotted recipe keys -> values (see zoo.recipe)."""
@@ -73,6 +77,7 @@ class Budget:
             "eval.passkey_lengths": list(self.passkey_lengths), "eval.passkey_trials": self.passkey_trials,
             "eval.decode_contexts": list(self.decode_contexts), "eval.decode_steps": self.decode_steps,
             "eval.generate_tokens": self.generate_tokens, "eval.teacher_lora": True,
+            "eval.generation_prompts": self.generation_prompts, "eval.generation_tokens": self.generation_tokens,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,7 +93,8 @@ class Budget:
         train = self.stage2_tokens / THROUGHPUT["stage2"]
         if stage1:
             train += self.stage1_tokens / THROUGHPUT["stage1"]
-        return FIXED_SECONDS + train + forward / THROUGHPUT["forward"]
+        generate = self.generation_prompts * self.generation_tokens / THROUGHPUT["generate"]  # the teacher's is cached
+        return FIXED_SECONDS + train + forward / THROUGHPUT["forward"] + generate
 
 
 BUDGETS: dict[str, Budget] = {b.name: b for b in (
@@ -98,13 +104,14 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
         seq_len=32, batch_size=2, stage1_batch_size=1, stage1_tokens=64, stage2_tokens=64, eval_blocks=2, mse_blocks=2,
         mmlu=2,
         passkey_lengths=(256,), passkey_trials=1, decode_contexts=(96, 160), decode_steps=2,
-        generate_tokens=4),
+        generate_tokens=4, generation_prompts=2, generation_tokens=8),
     Budget(
         name="quick",
         description="every mixer in about an hour on 2 CPU cores (SmolLM2-135M): a first look, not a verdict",
         seq_len=256, batch_size=4, stage1_batch_size=1, stage1_tokens=12_288, stage2_tokens=8_192, eval_blocks=4,
         mse_blocks=4, mmlu=20,
-        passkey_lengths=(256, 1024, 2048), passkey_trials=2, decode_contexts=(512, 1024, 2048), decode_steps=8),
+        passkey_lengths=(256, 1024, 2048), passkey_trials=2, decode_contexts=(512, 1024, 2048), decode_steps=8,
+        generation_prompts=2, generation_tokens=32),
     Budget(
         name="standard",
         description="the README leaderboard: the recipes' stage-2 budget and a quarter of their stage-1 tokens "

@@ -348,7 +348,9 @@ def earlier_rows(out: Path, meta: dict, rows: list[dict]) -> tuple[list[dict], l
         return [], []
     old = json.loads(path.read_text())
     finished = [r for r in old.get("rows", []) if r["kind"] != "reference" and r.get("status") == "done"]
-    if finished and (old.get("model"), old.get("budget")) != (meta["model"], json.loads(json.dumps(meta["budget"]))):
+    budget, old_budget = json.loads(json.dumps(meta["budget"])), old.get("budget") or {}
+    same_budget = all(old_budget[k] == budget[k] for k in old_budget.keys() & budget.keys())  # fields added since: as before
+    if finished and (old.get("model") != meta["model"] or not same_budget):
         raise ValueError(f"{out} holds a bench of another model or budget ({old.get('model')}, budget "
                          f"{(old.get('budget') or {}).get('name')}); use another --out")
     planned = {r["name"] for r in rows}
