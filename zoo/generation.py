@@ -4,7 +4,9 @@ A linearized model can score a fair perplexity and still fall into loops when it
 the city of the city of ..."): perplexity is teacher-forced, it never feeds the model its own output.
 This measure does. Each prompt (the first tokens of a held-out document) is continued greedily, and
 each continuation scores the share of its 4-grams that already occurred earlier in it: 0 for text that
-never repeats a 4-gram, near 1 for a loop. The teacher's score sits beside it (prose repeats a little).
+never repeats a 4-gram, near 1 for a loop. The teacher's score sits beside it (a small model's greedy
+text loops too). It detects loops, it does not rank quality: a model that writes noise repeats little,
+so read it beside perplexity.
 
     prompts = generation_prompts(tokenizer, documents, count=4, prompt_tokens=32)
     evaluate_generation(model, tokenizer, prompts, new_tokens=48)

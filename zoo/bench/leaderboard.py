@@ -115,7 +115,8 @@ def _header(results: dict) -> list[str]:
         "trained on (OOD). **x fair ref.**: final held-out ppl / the teacher fine-tuned with the same LoRA budget; "
         "**x teacher**: OOD ppl / the untouched teacher's. **gap closed**: share of the swap-only to fair-reference "
         "gap closed, in bpb. Passkey: retrieval accuracy at each context length. Repeats: share of repeated 4-grams "
-        "in greedy continuations of held-out prompts (loops; perplexity does not see them). Transfer MSE: mean over "
+        "in greedy continuations of held-out prompts (loops, which perplexity does not see; read it beside perplexity: "
+        "text without sense need not repeat). Transfer MSE: mean over "
         "layers, swap-only / after stage 1.", "",
     ]
 
