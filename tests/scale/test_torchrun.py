@@ -33,7 +33,14 @@ def runs(deep_world, tmp_path_factory):
         result = torchrun(n, args, root / f"ranks{n}", root / "cache")
         assert result.returncode == 0, result.stderr[-3000:]
         done[n] = root / f"ranks{n}"
+        done[f"stderr{n}"] = result.stderr
     return {"args": args, "root": root, **done}
+
+
+def test_the_generation_repeats_left_out_are_said_once(runs):
+    """On by default in every recipe, so not refused: rank 0 says it is skipped and what to run instead."""
+    for n in (1, 2):
+        assert runs[f"stderr{n}"].count("generation repeats are not measured in block-wise or torchrun runs") == 1
 
 
 def test_two_ranks_stitch_the_mixers_of_one(runs):

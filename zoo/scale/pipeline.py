@@ -108,6 +108,9 @@ class ScaledRun:
         t_start = time.time()
         self._prepare()
         recipe, ctx = self.recipe, self.ctx
+        if recipe.eval.generation_prompts:  # on by default, so not refused: said, and left to `zoo eval --generation`
+            _say(ctx, "generation repeats are not measured in block-wise or torchrun runs; "
+                      "run `zoo eval OUT --generation N` on the saved model")
         self.folder = checkpoint_folder(recipe.model.name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         if self.tokenizer.pad_token_id is None:
