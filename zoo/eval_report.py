@@ -14,7 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from zoo.recipe import EvalConfig
+
 __all__ = ["add_eval_arguments", "evaluate_saved_model", "parse_ints"]
+
+#: a recipe's eval defaults: `zoo eval` measures what a run does
+_EVAL_DEFAULTS = EvalConfig()
 
 RUN_COST_KEYS = ("trainable_params", "trainable_percent", "tokens_stage1", "tokens_stage2", "seconds_stage1",
                  "seconds_stage2", "peak_memory_stage1", "peak_memory_stage2")
@@ -39,7 +44,8 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--mse", type=int, default=0, help="mean per-layer transfer MSE on this many held-out blocks")
     parser.add_argument("--generation", type=int, default=0,
                         help="greedy continuations of this many held-out prompts, scored for repeated 4-grams")
-    parser.add_argument("--generation-tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
+    parser.add_argument("--generation-tokens", type=int, default=_EVAL_DEFAULTS.generation_tokens,
+                        help=f"tokens generated per prompt (default {_EVAL_DEFAULTS.generation_tokens})")
     parser.add_argument("--branches", action="store_true", help="hybrids: also each branch alone (window, linear)")
     parser.add_argument("--lm-eval", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval installed)")
     parser.add_argument("--lm-eval-include", help="a folder of lm_eval task YAML files of your own")
@@ -90,7 +96,8 @@ def evaluate_saved_model(args) -> dict[str, Any]:
     if args.generation:
         from zoo.generation import evaluate_generation, generation_prompts
 
-        prompts = generation_prompts(tokenizer, corpus.heldout(corpus.sources[0]), args.generation, 32)
+        prompts = generation_prompts(tokenizer, corpus.heldout(corpus.sources[0]), args.generation,
+                                     _EVAL_DEFAULTS.generation_prompt_tokens)
         results["generation"] = evaluate_generation(model, tokenizer, prompts, args.generation_tokens)
     if args.branches:
         from zoo.measures import use_branch

@@ -45,10 +45,11 @@ def generation_prompts(tokenizer: Any, documents: Sequence[Any], count: int, pro
 
     if count < 1 or prompt_tokens < 1:
         raise ValueError(f"need count >= 1 and prompt_tokens >= 1, got {count} and {prompt_tokens}")
-    streams = []
+    streams, long_enough = [], 0
     for doc in documents:  # tokenized lazily: one document per prompt is the usual case
         streams.append(tokenizer(text_of(doc)[:_PROMPT_CHARS], add_special_tokens=False)["input_ids"])
-        if sum(len(ids) >= prompt_tokens for ids in streams) == count:
+        long_enough += len(streams[-1]) >= prompt_tokens
+        if long_enough == count:
             break
     prompts = []
     longest = max(map(len, streams), default=0)

@@ -334,25 +334,34 @@ def collect_rows(items: list[BenchItem], out: Path, failures: dict[str, str]) ->
     return rows
 
 
-def earlier_rows(out: Path, meta: dict, rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """The finished rows an earlier invocation wrote into DIR's results.json (other `--mixers`, same model
-    and budget) that this one does not plan, and the commands that made them: kept, so a bench grown one
-    subset at a time keeps one leaderboard. A row whose run folder no longer holds a summary is dropped;
-    finished rows of another model or budget are an error (one folder, one bench)."""
+def earlier_results(out: Path, meta: dict) -> dict | None:
+    """DIR's results.json, if any; one holding finished rows of another model or budget is an error (one
+    folder, one bench; budget fields added since it was written are not a difference)."""
     import json
-
-    from zoo.bench.results import ROW_FIELDS
 
     path = out / "results.json"
     if not path.is_file():
-        return [], []
+        return None
     old = json.loads(path.read_text())
-    finished = [r for r in old.get("rows", []) if r["kind"] != "reference" and r.get("status") == "done"]
+    finished = any(r["kind"] != "reference" and r.get("status") == "done" for r in old.get("rows", []))
     budget, old_budget = json.loads(json.dumps(meta["budget"])), old.get("budget") or {}
-    same_budget = all(old_budget[k] == budget[k] for k in old_budget.keys() & budget.keys())  # fields added since: as before
+    same_budget = all(old_budget[k] == budget[k] for k in old_budget.keys() & budget.keys())
     if finished and (old.get("model") != meta["model"] or not same_budget):
         raise ValueError(f"{out} holds a bench of another model or budget ({old.get('model')}, budget "
-                         f"{(old.get('budget') or {}).get('name')}); use another --out")
+                         f"{old_budget.get('name')}); use another --out")
+    return old
+
+
+def earlier_rows(out: Path, meta: dict, rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The finished rows an earlier invocation wrote into DIR's results.json (other `--mixers`, same model
+    and budget, `earlier_results`) that this one does not plan, and the commands that made them: kept, so
+    a bench grown one subset at a time keeps one leaderboard. A row whose run folder no longer holds a
+    summary is dropped."""
+    from zoo.bench.results import ROW_FIELDS
+
+    old = earlier_results(out, meta)
+    if old is None:
+        return [], []
     planned = {r["name"] for r in rows}
     kept = [dict.fromkeys(ROW_FIELDS) | r for r in old.get("rows", [])  # fields added since: None
             if r["name"] not in planned and r.get("status") == "done"
@@ -442,7 +451,7 @@ def main(args) -> int:
             "versions": versions() | {"python": platform.python_version(), "platform": platform.platform()},
             "command": command_line(args, mixers, out), "argv": sys.argv, "mixers": mixers, "ablations": ablations,
             "recipes": str(recipes)}
-    earlier_rows(out, meta, [])  # a folder of another bench is an error before anything runs
+    earlier_results(out, meta)  # a folder of another bench is an error before anything runs
     if args.report:
         write_outputs(out, meta, items, {})
         _say(f"{sum(it.finished for it in items)} of {len(items)} run(s) finished in {out}; wrote results.json, "

@@ -8,12 +8,12 @@ Every row has every field of `ROW_FIELDS` (None where it does not apply). Rows:
 - ablations (kind "ablation"): "<mixer> [LoRA only]" (no attention transfer, same total tokens) and,
   for each hybrid, "<mixer> [window branch]" / "<mixer> [linear branch]" (one branch of the trained
   model alone);
-- a mixer whose run failed keeps its row with status "failed" and the error.
+- a mixer whose run failed keeps its row with status "failed" and the error;
+- a finished row of an earlier invocation into the same folder (other `--mixers`, same model and
+  budget) is kept while its run folder holds a summary; `earlier_commands` names what made them.
 
 `repeated_4grams`: the mean share of repeated 4-grams in greedy continuations of held-out prompts
 (zoo.generation; `generation_samples` holds the first ones as text), the teacher's beside it.
-- a finished row of an earlier invocation into the same folder (other `--mixers`, same model and
-  budget) is kept while its run folder holds a summary; `earlier_commands` names what made them.
 
 Quality relations: `ratio_to_fair_reference` = final held-out perplexity / the fair reference's;
 `ratio_ood_to_teacher` = final out-of-domain perplexity / the untouched teacher's. The share of the gap
@@ -100,8 +100,12 @@ def _decode_columns(result: dict | None) -> dict:
             "state_growth": result["state_growth"], "decode_by_context": by_context}
 
 
-def _repeats(generation: dict | None, side: str) -> float | None:
-    return ((generation or {}).get(side) or {}).get("repeated_4grams")
+def _generation_columns(summary: dict, side: str) -> dict:
+    """The repeats columns from a summary's generation measure, `side` "teacher" or "final"."""
+    generation = summary.get("generation") or {}
+    mine, teacher = generation.get(side) or {}, generation.get("teacher") or {}
+    return {"repeated_4grams": mine.get("repeated_4grams"), "repeated_4grams_teacher": teacher.get("repeated_4grams"),
+            "generation_samples": mine.get("samples")}
 
 
 def _peak(entry: dict | None, key: str) -> int | None:
@@ -126,9 +130,7 @@ def mixer_rows(summary: dict, name: str, kind: str, family: str | None, ablation
         "mmlu_accuracy": mmlu.get("final", {}).get("accuracy"), "mmlu_n": mmlu.get("final", {}).get("n"),
         "mmlu_teacher_accuracy": mmlu.get("teacher", {}).get("accuracy"),
         "passkey": _passkey_by_length(passkey.get("final")), "passkey_teacher": _passkey_by_length(passkey.get("teacher")),
-        "repeated_4grams": _repeats(summary.get("generation"), "final"),
-        "repeated_4grams_teacher": _repeats(summary.get("generation"), "teacher"),
-        "generation_samples": ((summary.get("generation") or {}).get("final") or {}).get("samples"),
+        **_generation_columns(summary, "final"),
         "mean_layer_mse_swap": summary.get("mean_layer_mse_swap"),
         "mean_layer_mse_stage1": summary.get("mean_layer_mse_stage1"),
         "trainable_params": summary.get("trainable_params"), "trainable_percent": summary.get("trainable_percent"),
@@ -161,13 +163,11 @@ def reference_rows(summary: dict, teacher_lora_metrics: Path | None) -> list[dic
     teacher, fair = summary.get("ppl_teacher"), summary.get("ppl_teacher_lora")
     mmlu = (summary.get("mmlu") or {}).get("teacher") or {}
     passkey = _passkey_by_length((summary.get("passkey") or {}).get("teacher"))
-    repeats = _repeats(summary.get("generation"), "teacher")
     t = empty_row("teacher", "reference", None, "softmax")
     t["stages"] = {"teacher": teacher}
     _quality(t, teacher, None, teacher, fair)  # no swap: no gap to close
     t |= {"mmlu_accuracy": mmlu.get("accuracy"), "mmlu_n": mmlu.get("n"), "mmlu_teacher_accuracy": mmlu.get("accuracy"),
-          "passkey": passkey, "passkey_teacher": passkey, "repeated_4grams": repeats, "repeated_4grams_teacher": repeats,
-          "generation_samples": (((summary.get("generation") or {}).get("teacher")) or {}).get("samples"),
+          "passkey": passkey, "passkey_teacher": passkey, **_generation_columns(summary, "teacher"),
           "trainable_params": 0, "trainable_percent": 0.0,
           "tokens_stage1": 0, "tokens_stage2": 0, "device": summary.get("device"),
           **_decode_columns((summary.get("decode") or {}).get("teacher"))}

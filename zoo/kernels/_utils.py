@@ -15,6 +15,21 @@ def pad_time(t: torch.Tensor | None, length: int, dim: int = 2) -> torch.Tensor 
     return F.pad(t, pad)
 
 
+def repeat_heads(t: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    """[B, h, ...] -> [B, h * groups, ...], each head repeated `groups` times in place (as repeat_kv)."""
+    return None if t is None else t.repeat_interleave(groups, dim=1)
+
+
+def group_heads(t: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    """The inverse of `repeat_heads` for heads that come in runs of `groups` identical ones: the first of
+    each run, in memory of its own (a strided view would keep the repeated tensor alive)."""
+    if t is None:
+        return None
+    if t.shape[1] % groups:
+        raise ValueError(f"a state of {t.shape[1]} heads does not split into groups of {groups}")
+    return t[:, ::groups].contiguous()
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

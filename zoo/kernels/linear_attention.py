@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from zoo.kernels._linear_chunked import SUB_CHUNK, ChunkedLinearAttention
-from zoo.kernels._utils import pad_time, round_up
+from zoo.kernels._utils import group_heads, pad_time, repeat_heads, round_up
 
 __all__ = [
     "LinearAttentionState",
@@ -57,15 +57,12 @@ class LinearAttentionState(NamedTuple):
     z: torch.Tensor | None = None
 
     def repeat_heads(self, groups: int) -> LinearAttentionState:
-        """Each head repeated `groups` times in place ([B, Hkv, ...] -> [B, Hkv * groups, ...])."""
-        return LinearAttentionState(*(None if t is None else t.repeat_interleave(groups, dim=1) for t in self))
+        """Each head repeated `groups` times (zoo.kernels._utils.repeat_heads)."""
+        return LinearAttentionState(*(repeat_heads(t, groups) for t in self))
 
     def group_heads(self, groups: int) -> LinearAttentionState:
-        """The inverse of `repeat_heads` for a state whose heads come in runs of `groups` identical ones:
-        one copy per run, in memory of its own."""
-        if self.S.shape[1] % groups:
-            raise ValueError(f"a state of {self.S.shape[1]} heads does not split into groups of {groups}")
-        return LinearAttentionState(*(None if t is None else t[:, ::groups].contiguous() for t in self))
+        """One head per run of `groups` identical ones (zoo.kernels._utils.group_heads)."""
+        return LinearAttentionState(*(group_heads(t, groups) for t in self))
 
 
 # ---------------------------------------------------------------------------------------------------

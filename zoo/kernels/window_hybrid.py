@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
+from zoo.kernels._utils import group_heads, repeat_heads
+
 
 def state_len(window: int, terraced: bool) -> int:
     """Tokens cached in the state: W for the plain window, 2W for the terraced one."""
@@ -79,19 +81,17 @@ class WindowHybridState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.fk, self.S, self.z, self.n))
 
-    def repeat_heads(self, groups: int) -> WindowHybridState:
-        """Each head repeated `groups` times in place ([B, Hkv, ...] -> [B, Hkv * groups, ...]), as
-        zoo.mixers.base.repeat_kv repeats keys and values for their query group."""
-        k, v, fk, S, z = (t.repeat_interleave(groups, dim=1) for t in (self.k, self.v, self.fk, self.S, self.z))
+    def _per_head(self, fn, groups: int) -> WindowHybridState:
+        k, v, fk, S, z = (fn(t, groups) for t in (self.k, self.v, self.fk, self.S, self.z))
         return WindowHybridState(k, v, fk, S, z, self.n, self.window, self.terraced)
 
+    def repeat_heads(self, groups: int) -> WindowHybridState:
+        """Each head repeated `groups` times (zoo.kernels._utils.repeat_heads)."""
+        return self._per_head(repeat_heads, groups)
+
     def group_heads(self, groups: int) -> WindowHybridState:
-        """The inverse of `repeat_heads` for a state whose heads come in runs of `groups` identical ones
-        (keys, values and key features shared by a query group): one copy per run, in memory of its own."""
-        if self.k.shape[1] % groups:
-            raise ValueError(f"a state of {self.k.shape[1]} heads does not split into groups of {groups}")
-        k, v, fk, S, z = (t[:, ::groups].contiguous() for t in (self.k, self.v, self.fk, self.S, self.z))
-        return WindowHybridState(k, v, fk, S, z, self.n, self.window, self.terraced)
+        """One head per run of `groups` identical ones (zoo.kernels._utils.group_heads)."""
+        return self._per_head(group_heads, groups)
 
     @classmethod
     def empty(cls, B, H, D, Dv, F_, window, terraced, dtype, device, acc_dtype=torch.float32):

@@ -54,6 +54,11 @@ class Mixer(nn.Module):
 
     name: str = "?"  # set by register_mixer
 
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
                 state: Any = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """q: [B, H, T, D] (RoPE applied); k, v: [B, Hkv, T, D]; x: [B, T, hidden], the layer input.

@@ -88,7 +88,7 @@ class FeatureMapMixer(Mixer):
             pad = (mask == 0)[:, None, :, None]
             fk, v = fk.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
         return linear_attention(fq, fk, v, state=state, normalize=True, eps=self.eps,
-                                kv_groups=self.num_heads // self.num_kv_heads)  # phi(k), v: one per KV head
+                                kv_groups=self.kv_group_size)  # phi(k), v: one per KV head
 
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """phi(q_i) . phi(k_j) / sum_{j'<=i} phi(q_i) . phi(k_j'), j <= i: [B, H, T, T] fp32; the

@@ -67,15 +67,15 @@ class GatedLinearMixer(Mixer):
                 g = g.masked_fill(pad if g.dim() == 3 else pad[..., None], 0.0)
         return fq, fk, v, g
 
-    def kv_groups(self) -> int:
+    def state_groups(self) -> int:
         """Heads sharing one state: a query group when the gates are per key/value head too
         (`gates_per_kv_head`), else 1 (a gate per query head gives each its own state)."""
-        return self.num_heads // self.num_kv_heads if self.gates_per_kv_head else 1
+        return self.kv_group_size if self.gates_per_kv_head else 1
 
     def forward(self, q, k, v, x, state: LinearAttentionState | None = None, mask: torch.Tensor | None = None):
         fq, fk, v, g = self.gated_inputs(q, k, v, x, mask)
         return linear_attention(fq, fk, v, log_gate=g, state=state, normalize=True, eps=self.eps,
-                                kv_groups=self.kv_groups())
+                                kv_groups=self.state_groups())
 
 
 @register_mixer("gla")

@@ -114,7 +114,7 @@ class LigerMixer(LigerGLAMixer):
         alpha = self.mix()
         fq, fk, vg, g = self.gated_inputs(q, k, v, x, mask)
         y_lin, lin = linear_attention(fq, fk, vg, log_gate=g, state=None if state is None else state.linear,
-                                      normalize=True, eps=self.eps, kv_groups=self.kv_groups())
+                                      normalize=True, eps=self.eps, kv_groups=self.state_groups())
         k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
         if mask is not None:
             pad = (mask.to(q.device) == 0)[:, None, :, None]
@@ -122,7 +122,7 @@ class LigerMixer(LigerGLAMixer):
         none = q.new_zeros(*q.shape[:3], 1)  # b = 0: the kernel's linear features are unused, keep them 1-wide
         y_win, win = window_hybrid(q, k, v, none, none, 1.0, 0.0, window=self.window, scale=self.head_dim ** -0.5,
                                    state=None if state is None else state.window, key_mask=mask,
-                                   kv_groups=self.num_heads // self.num_kv_heads)  # k, v: one per KV head
+                                   kv_groups=self.kv_group_size)  # k, v: one per KV head
         y = alpha * y_lin.float() + (1.0 - alpha) * y_win.float()
         return y.to(v.dtype), LigerState(lin, win)
 

@@ -83,7 +83,7 @@ class _LolcatsBase(Mixer):
         a, b, c = self.factors()
         return window_hybrid(q, k, v, fq, fk, a, b, c=c, window=self.window, terraced=self.terraced,
                              scale=self.head_dim ** -0.5, state=state, key_mask=mask,
-                             kv_groups=self.num_heads // self.num_kv_heads)  # k, v, fk: one per KV head
+                             kv_groups=self.kv_group_size)  # k, v, fk: one per KV head
 
     def attention_weights(self, q, k):
         k, fq, fk = self._features(q, k)
