@@ -121,6 +121,7 @@ def test_value_checks():
         ({"device": "tpu"}, "device: must be one of auto, cpu, cuda"),
         ({"mixer": {"name": "x", "layers": "a:b"}}, "mixer.layers"),
         ({"stage2": {"lora": {"rank": 0}}}, "stage2.lora.rank"),
+        ({"stage2": {"distill": -0.5}}, "stage2.distill: must be >= 0"),
     ]
     for patch, pattern in cases:
         with pytest.raises(RecipeError, match=pattern):

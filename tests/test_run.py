@@ -73,9 +73,10 @@ def _zoo(args, env_extra=None, cwd=None):
                           cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("kill_at", ["stage1:3", "stage2:5"])
-def test_sigkill_then_rerun_gives_the_same_result(tiny_world, tmp_path, kill_at):
-    args = ["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}})]
+@pytest.mark.parametrize("kill_at, extra", [("stage1:3", {}), ("stage2:5", {"stage2.distill": 0.5})])
+def test_sigkill_then_rerun_gives_the_same_result(tiny_world, tmp_path, kill_at, extra):
+    """Killed in stage 1, or in a distilled stage 2: the rerun ends where an uninterrupted run ends."""
+    args = ["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}, **extra})]
     straight = _zoo([*args, "--out", str(tmp_path / "straight")])
     assert straight.returncode == 0, straight.stderr[-2000:]
     killed = _zoo([*args, "--out", str(tmp_path / "cut")], {"ZOO_FAULT_KILL_AT": kill_at})
@@ -94,6 +95,9 @@ def test_sigkill_then_rerun_gives_the_same_result(tiny_world, tmp_path, kill_at)
     sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert sb["ppl_final"]["heldout"] == pytest.approx(sa["ppl_final"]["heldout"], rel=1e-5)
     assert sb["final_loss_stage2"] == pytest.approx(sa["final_loss_stage2"], rel=1e-5)
+    stage2_rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["stage"] == "stage2"]
+    assert len(stage2_rows) == 6 and all(("kl" in r) == bool(extra) for r in stage2_rows)
 
 
 def test_generate_and_eval_commands(tiny_world, tmp_path, capsys):

@@ -35,6 +35,7 @@ class ForwardContext:
     transfer_losses: dict[int, torch.Tensor] = field(default_factory=dict)
     attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (0: off)
     attention_ce_max_len: int = 128
+    softmax: bool = False  # every converted layer runs the teacher's softmax attention (distillation's teacher)
 
 
 class LinearizedAttention(nn.Module):
@@ -72,18 +73,25 @@ class LinearizedAttention(nn.Module):
         mask = None if ctx.mask is None else ctx.mask[:, -T:].to(q.device)
         if ctx.transfer:
             return self._transfer(q, k, v, hidden_states, mask), None
+        if ctx.softmax:
+            return self._teacher_output(q, k, v, mask), None
         layer = past_key_values.mixer_layer(self.layer_idx) if isinstance(past_key_values, ZooCache) else None
         y, state = self.mixer(q, k, v, hidden_states, state=None if layer is None else layer.state, mask=mask)
         if layer is not None:
             layer.state, layer.seen = state, layer.seen + T
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), None
 
+    def _teacher_output(self, q, k, v, mask):
+        """The teacher's attention output (softmax over q, k, v, then o_proj) [B, T, hidden]."""
+        B, _, T, _ = q.shape
+        y = causal_softmax_attention(q, k, v, key_mask=mask, scale=self.scaling)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
     def _transfer(self, q, k, v, x, mask):
         """Stage 1: the mixer learns the teacher's output from the same q, k, v; the teacher's flows on."""
         B, T, _ = x.shape
         with torch.no_grad():
-            y_teacher = causal_softmax_attention(q, k, v, key_mask=mask, scale=self.scaling)
-            out_teacher = self.o_proj(y_teacher.transpose(1, 2).reshape(B, T, -1))
+            out_teacher = self._teacher_output(q, k, v, mask)
         y, _ = self.mixer(q.detach(), k.detach(), v.detach(), x.detach(), state=None, mask=mask)
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         err = (out.float() - out_teacher.float()).pow(2).mean(-1)  # [B, T]

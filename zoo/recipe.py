@@ -202,6 +202,7 @@ class Stage2Config:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
     train_mixer: bool = False  # also train the mixers' own parameters
+    distill: float = 0.0  # weight of the KL to the teacher's next-token distribution, added to the next-token loss; 0 = off
     merge_on_save: bool = True  # merge LoRA into the weights of the saved model
     checkpoint_every: int = 50
     log_every: int = 10
@@ -210,6 +211,8 @@ class Stage2Config:
 
     def _problems(self):
         yield from _stage_problems(self)
+        if self.distill < 0:
+            yield "distill", f"must be >= 0 (0 = off), got {self.distill}"
 
 
 @dataclass(kw_only=True)

@@ -232,7 +232,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + (
             0 if s2.train_mixer else trainable)
         with PeakMemory() as peak:
-            stats = run_stage2(model, data.train_blocks, _loop_config("stage2", s2, recipe.seed), out, device=device)
+            stats = run_stage2(model, data.train_blocks, _loop_config("stage2", s2, recipe.seed), out, device=device,
+                               distill=s2.distill)
         if "stage2" not in progress:
             remember("stage2", {"train": stats | {"peak_memory": peak.result()}})
     if "final" not in progress:

@@ -1,5 +1,5 @@
 """`torchrun --nproc-per-node 2 -m zoo.cli run` on the CPU (gloo): block-wise stage 1 spread over two
-ranks gives the stitched mixers of one process; FSDP2 LoRA on two ranks gives one process's losses;
+ranks gives the stitched mixers of one process; FSDP2 LoRA (distilled) on two ranks gives one process's losses;
 a killed rank's work is redone on relaunch, finished blocks are not."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ def assert_same_tensors(a: dict, b: dict, atol=0.0, rtol=0.0):
 
 @pytest.fixture(scope="module")
 def runs(deep_world, tmp_path_factory):
-    """The same recipe (4 blocks of 1 layer, stage 2 with gradient checkpointing) on 1 and on 2 ranks."""
+    """The same recipe (4 blocks of 1 layer, stage 2 distilled, with gradient checkpointing) on 1 and on 2 ranks."""
     root = tmp_path_factory.mktemp("torchrun")
-    args = overrides(deep_world, **{"stage2.gradient_checkpointing": True})
+    args = overrides(deep_world, **{"stage2.gradient_checkpointing": True, "stage2.distill": 0.5})
     done = {}
     for n in (1, 2):
         result = torchrun(n, args, root / f"ranks{n}", root / "cache")
@@ -61,6 +61,9 @@ def test_two_ranks_stitch_the_mixers_of_one(runs):
 def test_fsdp2_lora_on_two_ranks_matches_one_process(runs):
     one, two = stage_losses(runs[1], "stage2"), stage_losses(runs[2], "stage2")
     assert len(one) == len(two) == 6
+    for n in (1, 2):  # the loss is distilled: the teacher ran inside the sharded model, LoRA off
+        rows = [json.loads(line) for line in (runs[n] / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["kl"] > 0 for r in rows if r["stage"] == "stage2")
     assert two == pytest.approx(one, rel=1e-5)
     assert_same_tensors(load_file(str(runs[1] / "model" / "model.safetensors")),
                         load_file(str(runs[2] / "model" / "model.safetensors")), atol=1e-6, rtol=1e-5)

@@ -16,7 +16,7 @@ from torch import nn
 
 from zoo.scale.dist import Distributed
 from zoo.transfer.loop import CheckpointIO, LoopConfig, train_loop
-from zoo.transfer.stage2 import next_token_loss
+from zoo.transfer.stage2 import stage2_loss
 
 
 class ShardedCheckpointIO(CheckpointIO):
@@ -90,22 +90,23 @@ def load_sharded(ctx: Distributed, build_full, build_meta, dtype: torch.dtype) -
     return model
 
 
-def data_parallel_loss(model: nn.Module, ctx: Distributed):
-    """loss_fn for train_loop: this rank's share of the global batch; the value returned is the
-    global batch's mean loss (the same on every rank), its gradient this rank's share's."""
+def data_parallel_loss(local_loss, ctx: Distributed):
+    """loss_fn for train_loop from `local_loss` (a loss_fn for one process): this rank's share of the
+    global batch; the value returned is the global batch's mean loss (the same on every rank), its
+    gradient this rank's share's. The extra numbers logged are this rank's."""
     def loss_fn(batch: torch.Tensor):
         if batch.shape[0] % ctx.world:
             raise ValueError(f"stage2.batch_size={batch.shape[0]} must be a multiple of the number of ranks "
                              f"({ctx.world}): each rank takes an equal share of every batch")
-        local = batch.chunk(ctx.world)[ctx.rank]
-        loss = next_token_loss(model, local)
+        loss, extra = local_loss(batch.chunk(ctx.world)[ctx.rank])
         total = loss.detach().clone()
         dist.all_reduce(total)
-        return loss + (total / ctx.world - loss.detach()), {}
+        return loss + (total / ctx.world - loss.detach()), extra
     return loss_fn
 
 
-def run_sharded_stage2(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir, ctx: Distributed) -> dict:
+def run_sharded_stage2(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir, ctx: Distributed,
+                       distill: float = 0.0) -> dict:
     """Stage 2 on an FSDP2-sharded model from `shard_model` (every rank calls it with the same data)."""
-    return train_loop(model, blocks, cfg, data_parallel_loss(model, ctx), run_dir, device=ctx.device,
-                      io=ShardedCheckpointIO(ctx))
+    return train_loop(model, blocks, cfg, data_parallel_loss(stage2_loss(model, distill), ctx), run_dir,
+                      device=ctx.device, io=ShardedCheckpointIO(ctx))

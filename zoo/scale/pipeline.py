@@ -253,9 +253,10 @@ class ScaledRun:
         if s2.enabled and s2.tokens > 0:
             cfg = _loop_config("stage2", s2, recipe.seed)
             if ctx.world > 1:
-                stats = run_sharded_stage2(model, self.data.train_blocks, cfg, self.out, ctx)
+                stats = run_sharded_stage2(model, self.data.train_blocks, cfg, self.out, ctx, distill=s2.distill)
             else:
-                stats = run_stage2(model, self.data.train_blocks, cfg, self.out, device=ctx.device)
+                stats = run_stage2(model, self.data.train_blocks, cfg, self.out, device=ctx.device,
+                                   distill=s2.distill)
             self.remember("stage2", {"train": stats})
         _say(ctx, "evaluating the final model")
         self.remember("final", self.data.evaluate(model))
