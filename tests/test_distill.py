@@ -11,7 +11,15 @@ from zoo_testing import FAMILIES, tiny_model
 
 import zoo
 from zoo.transfer.loop import LoopConfig
-from zoo.transfer.stage2 import add_lora, as_teacher, next_token_loss, run_stage2, stage2_loss, teacher_kl
+from zoo.transfer.stage2 import (
+    add_lora,
+    as_teacher,
+    check_lora_fits,
+    next_token_loss,
+    run_stage2,
+    stage2_loss,
+    teacher_kl,
+)
 
 MIXERS = zoo.list_mixers()
 
@@ -70,6 +78,65 @@ def test_as_teacher_restores_the_student_when_the_block_raises():
         with pytest.raises(RuntimeError, match="boom"), as_teacher(student):
             raise RuntimeError("boom")
         torch.testing.assert_close(student(input_ids=ids, use_cache=False).logits, own, atol=0, rtol=0)
+
+
+def lora_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("mixer", ["hedgehog", "lolcats", "gated-delta"])
+def test_as_teacher_with_the_references_lora_is_the_fine_tuned_teacher(mixer):
+    """The fair reference (the teacher + its own LoRA) computed inside the student, whose LoRA is back after."""
+    teacher = tiny_model("llama").eval()
+    torch.manual_seed(5)
+    reference = add_lora(copy.deepcopy(teacher), rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    student = student_of(teacher, mixer)
+    own = lora_tensors(student)
+    ids = torch.randint(3, 128, (2, 15))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        assert (expected - teacher(ids).logits).abs().max() > 1e-3  # the reference's LoRA matters
+        before = student(input_ids=ids, use_cache=False).logits
+        with as_teacher(student, lora_tensors(reference)):
+            inside = student(input_ids=ids, use_cache=False).logits
+        after = student(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(inside, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    for name, value in lora_tensors(student).items():
+        torch.testing.assert_close(value, own[name], atol=0, rtol=0)
+
+
+def test_distilling_from_the_reference_trains_the_students_lora(tmp_path):
+    teacher = tiny_model("llama").eval()
+    reference = lora_tensors(student_of(teacher, "softmax"))  # the same LoRA names as any student's
+    student = student_of(teacher, "hedgehog")
+    blocks = torch.randint(3, 128, (4, 16))
+    loss, extra = stage2_loss(student, 1.0, reference)(blocks[:2])
+    loss.backward()  # the swap happened before the student's forward: autograd saw no in-place change
+    assert extra["kl"] > 0 and all(p.grad is not None for n, p in student.named_parameters() if "lora_" in n)
+    cfg = LoopConfig(name="stage2", tokens=4 * 16 * 2, batch_size=2, lr=1e-2, log_every=1, checkpoint_every=100)
+    start = lora_tensors(student)
+    run_stage2(student, blocks, cfg, tmp_path, distill=1.0, teacher_lora=reference)
+    moved = lora_tensors(student)
+    assert all(not torch.equal(moved[n], start[n]) for n in start if "lora_A" in n)
+    assert all(not torch.equal(moved[n], reference[n]) for n in reference)
+
+
+def test_a_reference_lora_that_does_not_fit_is_a_clear_error():
+    student = student_of(tiny_model("llama"), "hedgehog")
+    fits = lora_tensors(student)
+    with pytest.raises(ValueError, match="holds no tensor"):
+        check_lora_fits(student, {})
+    name = next(iter(fits))
+    with pytest.raises(ValueError, match="other shapes"):
+        check_lora_fits(student, {name: torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="not LoRA parameters of the model"):
+        stage2_loss(student, 1.0, {"model.embed_tokens.weight": torch.zeros(1)})
+    check_lora_fits(student, fits)
 
 
 def test_teacher_kl_is_the_mean_kl_over_positions():

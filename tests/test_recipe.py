@@ -122,6 +122,7 @@ def test_value_checks():
         ({"mixer": {"name": "x", "layers": "a:b"}}, "mixer.layers"),
         ({"stage2": {"lora": {"rank": 0}}}, "stage2.lora.rank"),
         ({"stage2": {"distill": -0.5}}, "stage2.distill: must be >= 0"),
+        ({"stage2": {"distill_from": "oracle"}}, "stage2.distill_from: must be one of teacher, reference"),
     ]
     for patch, pattern in cases:
         with pytest.raises(RecipeError, match=pattern):

@@ -67,6 +67,22 @@ def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["ppl_teacher_lora"] == s["ppl_teacher_lora"]
 
 
+def test_stage2_distilled_from_the_fair_reference(tiny_world, tmp_path, capsys):
+    """distill_from=reference computes the fair reference (eval.teacher_lora off) and distills from it."""
+    from zoo.recipe import load_recipe
+    from zoo.run import teacher_lora_folder
+
+    args = tiny_overrides(tiny_world, **{"stage2.distill": 0.5, "stage2.distill_from": "reference",
+                                         "eval.generation_prompts": 0})
+    assert main(["run", RECIPE, *args, "--out", str(tmp_path / "run")]) == 0
+    folder, _ = teacher_lora_folder(load_recipe(tmp_path / "run" / "recipe.yaml"))
+    assert (folder / "result.json").exists()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    stage2 = [r for r in rows if r["stage"] == "stage2"]
+    assert len(stage2) == 6 and all(r["kl"] > 0 and r["loss"] == pytest.approx(r["ce"] + 0.5 * r["kl"], rel=1e-5)
+                                    for r in stage2)
+
+
 def _zoo(args, env_extra=None, cwd=None):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True, env=env,

@@ -191,6 +191,9 @@ class LoraConfig:
             yield "targets", "must name at least one module"
 
 
+DISTILL_FROM = ("teacher", "reference")
+
+
 @dataclass(kw_only=True)
 class Stage2Config:
     """LoRA fine-tuning with the next-token loss."""
@@ -203,6 +206,7 @@ class Stage2Config:
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
     train_mixer: bool = False  # also train the mixers' own parameters
     distill: float = 0.0  # weight of the KL to the teacher's next-token distribution, added to the next-token loss; 0 = off
+    distill_from: str = "teacher"  # "teacher" (untouched) or "reference" (the teacher + the same LoRA budget, cached)
     merge_on_save: bool = True  # merge LoRA into the weights of the saved model
     checkpoint_every: int = 50
     log_every: int = 10
@@ -213,6 +217,8 @@ class Stage2Config:
         yield from _stage_problems(self)
         if self.distill < 0:
             yield "distill", f"must be >= 0 (0 = off), got {self.distill}"
+        if self.distill_from not in DISTILL_FROM:
+            yield "distill_from", f"must be one of {', '.join(DISTILL_FROM)}, got {self.distill_from!r}"
 
 
 @dataclass(kw_only=True)

@@ -150,6 +150,16 @@ def teacher_lora_reference(recipe: Recipe, data: RunData, device, dtype) -> dict
     return result
 
 
+def teacher_lora_weights(recipe: Recipe, data: RunData, device, dtype) -> dict[str, torch.Tensor]:
+    """The fair reference's LoRA tensors, by parameter name (the reference is computed first if the
+    cache lacks it): what stage 2 distills from with stage2.distill_from=reference."""
+    from safetensors.torch import load_file
+
+    teacher_lora_reference(recipe, data, device, dtype)
+    folder, _ = teacher_lora_folder(recipe)
+    return load_file(str(folder / "checkpoints" / "teacher_lora" / "trainable.safetensors"), device=str(device))
+
+
 def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
     """Run a whole recipe into `out_dir` (resuming what is there). Returns the summary dict.
 
@@ -232,8 +242,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + (
             0 if s2.train_mixer else trainable)
         with PeakMemory() as peak:
+            reference = (teacher_lora_weights(recipe, data, device, dtype)
+                         if s2.distill and s2.distill_from == "reference" else None)
             stats = run_stage2(model, data.train_blocks, _loop_config("stage2", s2, recipe.seed), out, device=device,
-                               distill=s2.distill)
+                               distill=s2.distill, teacher_lora=reference)
         if "stage2" not in progress:
             remember("stage2", {"train": stats | {"peak_memory": peak.result()}})
     if "final" not in progress:

@@ -69,3 +69,10 @@ def test_a_block_fed_stored_states_sees_what_the_joint_forward_sees(tmp_path, mi
 def test_evals_distributed_runs_do_not_run_are_refused(deep_world, tmp_path, capsys):
     assert main(["run", RECIPE, *overrides(deep_world, **{"eval.mmlu": 4}), "--out", str(tmp_path / "x")]) == 2
     assert "eval.mmlu is not run by block-wise or torchrun runs yet" in capsys.readouterr().err
+
+
+def test_distilling_from_the_fair_reference_is_refused(deep_world, tmp_path, capsys):
+    """Block-wise and torchrun runs compute no fair reference: distilling from it is a clear error."""
+    args = overrides(deep_world, **{"stage2.distill": 0.5, "stage2.distill_from": "reference"})
+    assert main(["run", RECIPE, *args, "--out", str(tmp_path / "x")]) == 2
+    assert "stage2.distill_from=reference is not run by block-wise or torchrun runs yet" in capsys.readouterr().err

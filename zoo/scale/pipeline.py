@@ -52,6 +52,9 @@ def check_supported(recipe: Recipe) -> None:
     if on:
         raise ValueError(f"{', '.join(on)} is not run by block-wise or torchrun runs yet; turn it off "
                          f"(e.g. eval.mmlu=0) and evaluate the saved model with `zoo eval` afterwards")
+    if recipe.stage2.distill and recipe.stage2.distill_from != "teacher":
+        raise ValueError(f"stage2.distill_from={recipe.stage2.distill_from} is not run by block-wise or torchrun "
+                         "runs yet (they have no fair reference); use stage2.distill_from=teacher")
 
 
 def run_scaled(recipe: Recipe, out_dir: str | Path) -> dict | None:

@@ -1,7 +1,8 @@
 """Stage 2, LoRA: low-rank adapters on q/k/v/o recover quality with the next-token loss; the mixers'
 own parameters train too when the recipe asks. Optionally distilled: a KL term pulls the model's
 next-token distribution toward the teacher's, which lives inside the same model (softmax attention in
-every converted layer, LoRA off), so distillation costs one extra forward and no second copy."""
+every converted layer, LoRA off, or the fair reference's LoRA in its place), so distillation costs one
+extra forward and no second copy of the weights."""
 
 from __future__ import annotations
 
@@ -54,17 +55,52 @@ def _zoo_model(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def as_teacher(model: nn.Module) -> Iterator[nn.Module]:
+def as_teacher(model: nn.Module, lora: dict[str, torch.Tensor] | None = None) -> Iterator[nn.Module]:
     """Within the block, `model` computes the teacher: softmax attention in every converted layer and,
-    where `model` is a peft model, its adapters off (the projections under them are the teacher's)."""
+    where `model` is a peft model, its adapters off (the projections under them are the teacher's).
+
+    With `lora` (parameter name -> tensor, as the fair reference's checkpoint holds them), the teacher
+    is the teacher fine-tuned with that LoRA: those weights stand in for the model's own LoRA within
+    the block, copied in place, so open it before the model's own forward of a step, not between that
+    forward and its backward."""
     ctx = _zoo_model(model)._zoo_context()
-    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    with adapters_off:
+    if lora is None:
+        adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    else:
+        adapters = _lora_swapped_in(model, lora)
+    with adapters:
         ctx.softmax = True
         try:
             yield model
         finally:
             ctx.softmax = False
+
+
+@contextmanager
+def _lora_swapped_in(model: nn.Module, lora: dict[str, torch.Tensor]) -> Iterator[None]:
+    params = dict(model.named_parameters())
+    own = {}
+    with torch.no_grad():
+        try:
+            for name, value in lora.items():
+                own[name] = params[name].detach().clone()
+                params[name].copy_(value)
+            yield
+        finally:
+            for name, value in own.items():
+                params[name].copy_(value)
+
+
+def check_lora_fits(model: nn.Module, lora: dict[str, torch.Tensor]) -> None:
+    """A clear error unless every tensor of `lora` is a LoRA parameter of `model` with the same shape."""
+    if not lora:
+        raise ValueError("the reference LoRA holds no tensor")
+    params = dict(model.named_parameters())
+    unknown = [n for n in lora if n not in params or "lora_" not in n]
+    wrong = [n for n in lora if n in params and params[n].shape != lora[n].shape]
+    if unknown or wrong:
+        raise ValueError("the reference LoRA does not fit this model's LoRA (it needs the same stage2.lora "
+                         f"settings): not LoRA parameters of the model {unknown[:3]}, other shapes {wrong[:3]}")
 
 
 def teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -74,26 +110,30 @@ def teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def stage2_loss(model: nn.Module, distill: float = 0.0) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
+def stage2_loss(model: nn.Module, distill: float = 0.0, teacher_lora: dict[str, torch.Tensor] | None = None
+                ) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
     """loss_fn for train_loop: the next-token loss, plus `distill` x the KL to the teacher's next-token
-    distribution when `distill` > 0 (both parts logged)."""
+    distribution when `distill` > 0 (both parts logged). With `teacher_lora`, the teacher is the teacher
+    fine-tuned with that LoRA (see `as_teacher`)."""
     if distill < 0:
         raise ValueError(f"stage2.distill must be >= 0 (0 = off), got {distill}")
     if distill == 0:
         return lambda batch: (next_token_loss(model, batch), {})
-    _zoo_model(model)  # a clear error now rather than at the first step
+    _zoo_model(model)  # clear errors now rather than at the first step
+    if teacher_lora is not None:
+        check_lora_fits(model, teacher_lora)
 
     def loss_fn(batch: torch.Tensor):
-        out = model(input_ids=batch, labels=batch, use_cache=False)
-        with torch.no_grad(), as_teacher(model):
+        with torch.no_grad(), as_teacher(model, teacher_lora):  # first: its LoRA swap must precede the graph
             teacher_logits = model(input_ids=batch, use_cache=False).logits
+        out = model(input_ids=batch, labels=batch, use_cache=False)
         kl = teacher_kl(out.logits, teacher_logits)
         return out.loss + distill * kl, {"ce": out.loss.item(), "kl": kl.item()}
     return loss_fn
 
 
 def run_stage2(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir: Path, device="cpu",
-               distill: float = 0.0) -> dict:
+               distill: float = 0.0, teacher_lora: dict[str, torch.Tensor] | None = None) -> dict:
     """Fine-tune the trainable parameters of a model from `add_lora` with the next-token loss
-    (+ `distill` x the KL to the teacher)."""
-    return train_loop(model, blocks, cfg, stage2_loss(model, distill), run_dir, device=device)
+    (+ `distill` x the KL to the teacher, or to the teacher + `teacher_lora`)."""
+    return train_loop(model, blocks, cfg, stage2_loss(model, distill, teacher_lora), run_dir, device=device)
