@@ -23,8 +23,8 @@ import torch
 from zoo.atomic import write_json
 from zoo.recipe import Recipe
 
-__all__ = ["MEASURES", "wanted_measures", "cached_reference", "measure", "teacher_measures", "hybrid_mixers",
-           "use_branch", "branch_ablation"]
+__all__ = ["MEASURES", "wanted_measures", "cached_reference", "read_reference", "write_reference", "measure",
+           "teacher_reference", "teacher_measures", "hybrid_mixers", "use_branch", "branch_ablation"]
 
 #: the measures a recipe can ask for (eval.mmlu, eval.passkey_lengths, eval.decode_contexts, eval.generation_prompts)
 MEASURES = ("mmlu", "passkey", "decode", "generation")
@@ -40,16 +40,29 @@ def wanted_measures(recipe: Recipe) -> list[str]:
     return [name for name, on in zip(MEASURES, asked) if on]
 
 
-def cached_reference(kind: str, key: dict, compute: Callable[[], Any]) -> Any:
-    """`compute()` once per (kind, key); kept in `$ZOO_CACHE/references/<kind>-<hash>.json`."""
+def _reference_path(kind: str, key: dict):
     from zoo.data.cache import cache_dir
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir("references") / f"{kind}-{digest}.json"
-    if path.exists():
-        return json.loads(path.read_text())["result"]
-    result = compute()
-    write_json(path, {"key": key, "result": result})
+    return cache_dir("references") / f"{kind}-{digest}.json"
+
+
+def read_reference(kind: str, key: dict) -> Any | None:
+    """The cached result of (kind, key), or None."""
+    path = _reference_path(kind, key)
+    return json.loads(path.read_text())["result"] if path.exists() else None
+
+
+def write_reference(kind: str, key: dict, result: Any) -> None:
+    write_json(_reference_path(kind, key), {"key": key, "result": result})
+
+
+def cached_reference(kind: str, key: dict, compute: Callable[[], Any]) -> Any:
+    """`compute()` once per (kind, key); kept in `$ZOO_CACHE/references/<kind>-<hash>.json`."""
+    result = read_reference(kind, key)
+    if result is None:
+        result = compute()
+        write_reference(kind, key, result)
     return result
 
 
@@ -92,6 +105,11 @@ def measure(name: str, recipe: Recipe, data: Any, model: Any, tokenizer: Any) ->
     raise ValueError(f"unknown measure {name!r}; known: {', '.join(MEASURES)}")
 
 
+def teacher_reference(name: str, recipe: Recipe, device: torch.device) -> tuple[str, dict]:
+    """The reference cache's (kind, key) of the teacher's result of measure `name` (not "decode": a timing)."""
+    return f"teacher-{name}", _measure_key(name, recipe, device)
+
+
 def teacher_measures(recipe: Recipe, data: Any, teacher: Any, tokenizer: Any, device: torch.device,
                      names: list[str]) -> dict[str, dict]:
     """The teacher's result of each measure in `names`: from the reference cache or computed now (decode
@@ -103,7 +121,7 @@ def teacher_measures(recipe: Recipe, data: Any, teacher: Any, tokenizer: Any, de
             return measure(name, recipe, data, teacher, tokenizer)
 
         results[name] = compute() if name == "decode" else \
-            cached_reference(f"teacher-{name}", _measure_key(name, recipe, device), compute)
+            cached_reference(*teacher_reference(name, recipe, device), compute)
     return results
 
 

@@ -67,8 +67,9 @@ def test_a_block_fed_stored_states_sees_what_the_joint_forward_sees(tmp_path, mi
 
 
 def test_evals_distributed_runs_do_not_run_are_refused(deep_world, tmp_path, capsys):
-    assert main(["run", RECIPE, *overrides(deep_world, **{"eval.mmlu": 4}), "--out", str(tmp_path / "x")]) == 2
-    assert "eval.mmlu is not run by block-wise or torchrun runs yet" in capsys.readouterr().err
+    args = overrides(deep_world, **{"eval.decode_contexts": [64]})
+    assert main(["run", RECIPE, *args, "--out", str(tmp_path / "x")]) == 2
+    assert "eval.decode_contexts is not run by block-wise or torchrun runs yet" in capsys.readouterr().err
 
 
 def test_distilling_from_the_fair_reference_is_refused(deep_world, tmp_path, capsys):

@@ -25,22 +25,32 @@ def assert_same_tensors(a: dict, b: dict, atol=0.0, rtol=0.0):
 
 @pytest.fixture(scope="module")
 def runs(deep_world, tmp_path_factory):
-    """The same recipe (4 blocks of 1 layer, stage 2 distilled, with gradient checkpointing) on 1 and on 2 ranks."""
+    """The same recipe (4 blocks of 1 layer, stage 2 distilled, with gradient checkpointing, MMLU, passkey
+    and generation repeats) on 1 and on 2 ranks, each with its own cache (each computes the teacher's side)."""
     root = tmp_path_factory.mktemp("torchrun")
-    args = overrides(deep_world, **{"stage2.gradient_checkpointing": True, "stage2.distill": 0.5})
+    args = overrides(deep_world, **{"stage2.gradient_checkpointing": True, "stage2.distill": 0.5, "eval.mmlu": 4,
+                                    "eval.passkey_lengths": [256, 320], "eval.passkey_trials": 2,
+                                    "eval.generation_prompts": 2, "eval.generation_tokens": 8})
     done = {}
     for n in (1, 2):
-        result = torchrun(n, args, root / f"ranks{n}", root / "cache")
+        result = torchrun(n, args, root / f"ranks{n}", root / f"cache{n}")
         assert result.returncode == 0, result.stderr[-3000:]
         done[n] = root / f"ranks{n}"
         done[f"stderr{n}"] = result.stderr
     return {"args": args, "root": root, **done}
 
 
-def test_the_generation_repeats_left_out_are_said_once(runs):
-    """On by default in every recipe, so not refused: rank 0 says it is skipped and what to run instead."""
+def test_measures_on_two_ranks_match_one_process(runs):
+    """MMLU, passkey and generation repeats of the teacher and the final model, taken on the sharded
+    models with both ranks in step, are one process's."""
+    s1, s2 = (json.loads((runs[n] / "summary.json").read_text()) for n in (1, 2))
+    assert s1["mmlu"]["teacher"]["n"] == s1["mmlu"]["final"]["n"] == 4
+    assert set(s1["passkey"]["final"]["lengths"]) == {"256", "320"}
+    assert s1["generation"]["final"]["prompts"] == 2 and s1["generation"]["final"]["new_tokens"] == 8
+    for name in ("mmlu", "passkey", "generation"):
+        assert s2[name] == s1[name], name
     for n in (1, 2):
-        assert runs[f"stderr{n}"].count("generation repeats are not measured in block-wise or torchrun runs") == 1
+        assert runs[f"stderr{n}"].count("teacher: mmlu (computed once, then cached)") == 1
 
 
 def test_two_ranks_stitch_the_mixers_of_one(runs):
@@ -73,7 +83,7 @@ def test_fsdp2_lora_on_two_ranks_matches_one_process(runs):
 
 
 def test_killed_rank_is_relaunched_without_redoing_finished_blocks(runs):
-    args, out, cache = runs["args"], runs["root"] / "killed", runs["root"] / "cache"
+    args, out, cache = runs["args"], runs["root"] / "killed", runs["root"] / "cache2"
     # rank 0 trains blocks 0 and 2, rank 1 blocks 1 and 3: rank 0 dies after 2 steps of block 2
     killed = torchrun(2, args, out, cache, {"ZOO_FAULT_KILL_AT": "stage1-block-002:2"})
     assert killed.returncode != 0

@@ -60,7 +60,7 @@ def shard_model(model: nn.Module, ctx: Distributed, dtype: torch.dtype) -> nn.Mo
 
     In bf16/fp16 the weights are all-gathered in that dtype and gradients reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
     policy = MixedPrecisionPolicy() if dtype == torch.float32 else \
@@ -68,6 +68,9 @@ def shard_model(model: nn.Module, ctx: Distributed, dtype: torch.dtype) -> nn.Mo
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    # generate() calls the inner model's forward, not the root's: the root's own weights (embeddings,
+    # final norm, LM head) must be gathered around it too
+    register_fsdp_forward_method(model, "generate")
     return model
 
 

@@ -39,7 +39,10 @@ from zoo.scale.skeleton import CheckpointReader, checkpoint_folder
 from zoo.scale.store import HiddenStateStore, StoreLayout, build_store, tokens_fingerprint
 
 #: eval features the scaled pipeline does not run (yet): evaluate the saved model with `zoo eval` instead
-UNSUPPORTED_EVALS = {"teacher_lora": False, "mmlu": 0, "passkey_lengths": [], "decode_contexts": [], "branches": False}
+UNSUPPORTED_EVALS = {"teacher_lora": False, "decode_contexts": [], "branches": False}
+#: the measures a scaled run takes on the sharded teacher and model, all ranks in step (not decode speed: a
+#: timing of one device's decoding, which a sharded model does not show)
+SCALED_MEASURES = ("mmlu", "passkey", "generation")
 
 
 def _say(ctx: Distributed, msg: str) -> None:
@@ -51,7 +54,7 @@ def check_supported(recipe: Recipe) -> None:
     on = [f"eval.{k}" for k, off in UNSUPPORTED_EVALS.items() if getattr(recipe.eval, k, off) != off]
     if on:
         raise ValueError(f"{', '.join(on)} is not run by block-wise or torchrun runs yet; turn it off "
-                         f"(e.g. eval.mmlu=0) and evaluate the saved model with `zoo eval` afterwards")
+                         f"(e.g. eval.decode_contexts=[]) and evaluate the saved model with `zoo eval` afterwards")
     if recipe.stage2.distill and recipe.stage2.distill_from != "teacher":
         raise ValueError(f"stage2.distill_from={recipe.stage2.distill_from} is not run by block-wise or torchrun "
                          "runs yet (they have no fair reference); use stage2.distill_from=teacher")
@@ -111,9 +114,6 @@ class ScaledRun:
         t_start = time.time()
         self._prepare()
         recipe, ctx = self.recipe, self.ctx
-        if recipe.eval.generation_prompts:  # on by default, so not refused: said, and left to `zoo eval --generation`
-            _say(ctx, "generation repeats are not measured in block-wise or torchrun runs; "
-                      "run `zoo eval OUT --generation N` on the saved model")
         self.folder = checkpoint_folder(recipe.model.name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         if self.tokenizer.pad_token_id is None:
@@ -238,31 +238,61 @@ class ScaledRun:
         return load_sharded(self.ctx, lambda: make(False), lambda: make(True), self.dtype)
 
     def stage2(self) -> None:
-        """Teacher eval, stage-1 eval, LoRA, final eval: all ranks together on the sharded model."""
+        """Teacher eval and measures, stage-1 eval, LoRA, final eval and measures: all ranks together on
+        the sharded models."""
+        from zoo.measures import measure, wanted_measures
         from zoo.run import _loop_config
         from zoo.scale.fsdp_lora import run_sharded_stage2
         from zoo.transfer.stage2 import run_stage2
 
         recipe, ctx, s2 = self.recipe, self.ctx, self.recipe.stage2
-        if "teacher" not in self.progress:
-            _say(ctx, "evaluating the teacher")
-            self.remember("teacher", self.data.evaluate(self.build(self.teacher)))
-        if "final" in self.progress:
+        measures = [n for n in wanted_measures(recipe) if n in SCALED_MEASURES and n not in self.progress]
+        teacher_side = self.teacher_side(measures)
+        if "final" in self.progress and not measures:
             return
         model = self.build(self.student)
         if "stage1" not in self.progress:
             _say(ctx, "evaluating the model after stage 1")
             self.remember("stage1", {"train": self.progress.get("stage1_blocks", {}), **self.data.evaluate(model)})
-        if s2.enabled and s2.tokens > 0:
+        if s2.enabled and s2.tokens > 0:  # after its last step, the checkpoint is loaded and nothing trains
             cfg = _loop_config("stage2", s2, recipe.seed)
             if ctx.world > 1:
                 stats = run_sharded_stage2(model, self.data.train_blocks, cfg, self.out, ctx, distill=s2.distill)
             else:
                 stats = run_stage2(model, self.data.train_blocks, cfg, self.out, device=ctx.device,
                                    distill=s2.distill)
-            self.remember("stage2", {"train": stats})
-        _say(ctx, "evaluating the final model")
-        self.remember("final", self.data.evaluate(model))
+            if "stage2" not in self.progress:
+                self.remember("stage2", {"train": stats})
+        if "final" not in self.progress:
+            _say(ctx, "evaluating the final model")
+            self.remember("final", self.data.evaluate(model))
+        for name in measures:
+            _say(ctx, f"{name}: final model")
+            self.remember(name, {"teacher": teacher_side[name],
+                                 "final": measure(name, recipe, self.data, model, self.tokenizer)})
+
+    def teacher_side(self, measures: list[str]) -> dict:
+        """Evaluates the teacher if not done yet, and returns its result of each of `measures`: from the
+        reference cache (rank 0 reads it, every rank gets it) or computed now on the sharded teacher."""
+        from zoo.measures import measure, read_reference, teacher_reference, write_reference
+
+        recipe, ctx = self.recipe, self.ctx
+        references = {name: teacher_reference(name, recipe, ctx.device) for name in measures}
+        known = ctx.broadcast({name: read_reference(*ref) for name, ref in references.items()} if ctx.is_main
+                              else None)
+        missing = [name for name in measures if known[name] is None]
+        if "teacher" in self.progress and not missing:
+            return known
+        teacher = self.build(self.teacher)
+        if "teacher" not in self.progress:
+            _say(ctx, "evaluating the teacher")
+            self.remember("teacher", self.data.evaluate(teacher))
+        for name in missing:
+            _say(ctx, f"teacher: {name} (computed once, then cached)")
+            known[name] = measure(name, recipe, self.data, teacher, self.tokenizer)
+            if ctx.is_main:
+                write_reference(*references[name], known[name])
+        return known
 
     # ------------------------------------------------------------------------------ output
 
