@@ -241,9 +241,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
             enable_gradient_checkpointing(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + (
             0 if s2.train_mixer else trainable)
+        # before the peak-memory window: computing a missing reference is not stage 2's memory
+        reference = (teacher_lora_weights(recipe, data, device, dtype)
+                     if s2.distill and s2.distill_from == "reference" else None)
         with PeakMemory() as peak:
-            reference = (teacher_lora_weights(recipe, data, device, dtype)
-                         if s2.distill and s2.distill_from == "reference" else None)
             stats = run_stage2(model, data.train_blocks, _loop_config("stage2", s2, recipe.seed), out, device=device,
                                distill=s2.distill, teacher_lora=reference)
         if "stage2" not in progress:

@@ -107,7 +107,7 @@ def teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     """Mean over positions of KL(teacher || student) of the next-token distributions; logits [B, T, V]."""
     s = F.log_softmax(student_logits.float(), dim=-1)
     t = F.log_softmax(teacher_logits.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
 
 
 def stage2_loss(model: nn.Module, distill: float = 0.0, teacher_lora: dict[str, torch.Tensor] | None = None
