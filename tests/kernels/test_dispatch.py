@@ -146,6 +146,13 @@ def test_padded_prefill_takes_the_pytorch_form_even_when_triton_is_forced(monkey
     assert torch.equal(y, y0) and torch.equal(st.S, st0.S)
     y, _ = dispatch.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)  # nor float64
     assert torch.equal(y, torch_hybrid.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)[0])
+    # attention sinks have the PyTorch forms only: prefill and decoding steps alike
+    y, st = dispatch.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=8, sinks=2)
+    y0, st0 = torch_hybrid.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=8, sinks=2)
+    assert torch.equal(y, y0) and torch.equal(st.sink_k, st0.sink_k)
+    step = [x[:, :, :1] for x in (q, k, v, fk, fk)]
+    y, _ = dispatch.window_hybrid(*step, 0.5, 0.5, window=8, sinks=2, state=st)
+    assert torch.equal(y, torch_hybrid.window_hybrid_step(*step, 0.5, 0.5, window=8, sinks=2, state=st0)[0])
 
 
 @pytest.mark.parametrize("capability, triton, tilelang, refused", [
@@ -193,7 +200,8 @@ def test_fla_gated_backward_is_never_refused_off_cuda():
     assert gated_chunk_backward_works(torch.device("cpu"))
 
 
-def test_window_hybrid_keeps_a_grouped_state_once_per_key_value_head():
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_window_hybrid_keeps_a_grouped_state_once_per_key_value_head(sinks):
     """kv_groups: inputs repeated for grouped-query attention give the results of the ungrouped call,
     with the state stored at [B, Hkv, ...] and repeated for the kernels."""
     torch.manual_seed(0)
@@ -204,19 +212,20 @@ def test_window_hybrid_keeps_a_grouped_state_once_per_key_value_head():
     a = torch.rand(Hkv * groups)
     first, last = slice(0, T), slice(T, T + 1)
     y, st = dispatch.window_hybrid(q[:, :, first], k[:, :, first], v[:, :, first], fq[:, :, first], fk[:, :, first],
-                                   a, 1 - a, window=8, kv_groups=groups)
+                                   a, 1 - a, window=8, kv_groups=groups, sinks=sinks)
     y_ref, st_ref = dispatch.window_hybrid(q[:, :, first], k[:, :, first], v[:, :, first], fq[:, :, first],
-                                           fk[:, :, first], a, 1 - a, window=8)
+                                           fk[:, :, first], a, 1 - a, window=8, sinks=sinks)
     torch.testing.assert_close(y, y_ref)
     assert st.k.shape == (B, Hkv, 8, D) and st.S.shape == (B, Hkv, F_, D) and st_ref.k.shape[1] == Hkv * groups
-    for name in ("k", "v", "fk", "S", "z"):
+    assert st.sinks == sinks and (not sinks or st.sink_k.shape == (B, Hkv, sinks, D))
+    for name in ("k", "v", "fk", "S", "z") + (("sink_k", "sink_v") if sinks else ()):
         torch.testing.assert_close(getattr(st.repeat_heads(groups), name), getattr(st_ref, name))
         assert getattr(st, name).is_contiguous()
     # one decoding step from each state: the same output, the grouped state still per KV head
     y1, st1 = dispatch.window_hybrid(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
-                                     a, 1 - a, window=8, state=st, kv_groups=groups)
+                                     a, 1 - a, window=8, state=st, kv_groups=groups, sinks=sinks)
     y1_ref, _ = dispatch.window_hybrid(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
-                                       a, 1 - a, window=8, state=st_ref)
+                                       a, 1 - a, window=8, state=st_ref, sinks=sinks)
     torch.testing.assert_close(y1, y1_ref)
     assert st1.k.shape[1] == Hkv and int(st1.n[0]) == T + 1
     with pytest.raises(ValueError, match="does not split into groups of 4"):

@@ -15,6 +15,8 @@ from zoo.kernels.window_hybrid import (
 )
 
 B, H, D, DV, F = 2, 2, 8, 5, 6
+#: attention sinks: none (the LoLCATs hybrid) and 3 (an odd count, fewer than every window here)
+with_sinks = pytest.mark.parametrize("sinks", [0, 3], ids=["nosink", "sinks3"])
 
 
 def make(T, seed=0, dtype=torch.float32, logit_scale=1.0):
@@ -44,7 +46,8 @@ def run(fn, xs, a, b, grad=False, **kw):
 def close_state(s1, s2, atol=1e-5, rtol=1e-5):
     assert s1.cached_tokens == s2.cached_tokens
     assert torch.equal(s1.n, s2.n)
-    for name in ("k", "v", "fk", "S", "z"):
+    assert s1.sinks == s2.sinks
+    for name in ("k", "v", "fk", "S", "z") + (("sink_k", "sink_v") if s1.sinks else ()):
         torch.testing.assert_close(getattr(s1, name).float(), getattr(s2, name).float(), atol=atol, rtol=rtol,
                                    msg=lambda m, name=name: f"state.{name}: {m}")
 
@@ -52,9 +55,10 @@ def close_state(s1, s2, atol=1e-5, rtol=1e-5):
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
 @pytest.mark.parametrize("W", [16, 64])
 @pytest.mark.parametrize("T", [1, 63, 200])
-def test_forms_agree_with_reference(terraced, W, T):
+@with_sinks
+def test_forms_agree_with_reference(terraced, W, T, sinks):
     xs, a, b = make(T, seed=T + W)
-    kw = dict(window=W, terraced=terraced)
+    kw = dict(window=W, terraced=terraced, sinks=sinks)
     y0, s0, g0 = run(window_hybrid_naive, xs, a, b, grad=True, **kw)
     for fn in (window_hybrid_chunked, window_hybrid_step):
         y, s, g = run(fn, xs, a, b, grad=True, **kw)
@@ -66,11 +70,12 @@ def test_forms_agree_with_reference(terraced, W, T):
 
 
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
-def test_long_sequence_matches_reference(terraced):
+@with_sinks
+def test_long_sequence_matches_reference(terraced, sinks):
     # many chunks (T = 1000, C = W = 64): the per-chunk key bands (views of one padded tensor) and their
     # gradients, against the loop reference
     xs, a, b = make(1000, seed=11)
-    kw = dict(window=64, terraced=terraced)
+    kw = dict(window=64, terraced=terraced, sinks=sinks)
     y0, s0, g0 = run(window_hybrid_naive, xs, a, b, grad=True, **kw)
     y, s, g = run(window_hybrid_chunked, xs, a, b, grad=True, **kw)
     torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
@@ -82,7 +87,8 @@ def test_long_sequence_matches_reference(terraced):
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
 @pytest.mark.parametrize("W", [16, 64])
 @pytest.mark.parametrize("masked", [False, True])
-def test_split_and_carry(terraced, W, masked):
+@with_sinks
+def test_split_and_carry(terraced, W, masked, sinks):
     T = 150
     xs, a, b = make(T, seed=3)
     mask = None
@@ -90,7 +96,7 @@ def test_split_and_carry(terraced, W, masked):
         mask = torch.ones(B, T, dtype=torch.bool)
         mask[0, :11] = False
         mask[1] = torch.rand(T, generator=torch.Generator().manual_seed(5)) > 0.25
-    kw = dict(window=W, terraced=terraced)
+    kw = dict(window=W, terraced=terraced, sinks=sinks)
     y0, s0, _ = run(window_hybrid_naive, xs, a, b, key_mask=mask, **kw)
     yc, sc, _ = run(window_hybrid_chunked, xs, a, b, key_mask=mask, **kw)
     torch.testing.assert_close(yc, y0, atol=1e-5, rtol=1e-5)
@@ -109,10 +115,11 @@ def test_split_and_carry(terraced, W, masked):
 
 
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
-def test_state_stays_bounded(terraced):
+@with_sinks
+def test_state_stays_bounded(terraced, sinks):
     W, T = 16, 500
     xs, a, b = make(T, seed=7)
-    kw = dict(window=W, terraced=terraced)
+    kw = dict(window=W, terraced=terraced, sinks=sinks)
     _, s_whole, _ = run(window_hybrid_chunked, xs, a, b, **kw)
     limit = 2 * W if terraced else W
     assert s_whole.cached_tokens <= limit
@@ -133,7 +140,8 @@ def test_state_stays_bounded(terraced):
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
 @pytest.mark.parametrize("fn", [window_hybrid_chunked, window_hybrid_step, window_hybrid_naive],
                          ids=["chunked", "step", "naive"])
-def test_padded_keys_contribute_nothing(terraced, fn):
+@with_sinks
+def test_padded_keys_contribute_nothing(terraced, fn, sinks):
     W, T = 16, 90
     xs, a, b = make(T, seed=11)
     g = torch.Generator().manual_seed(12)
@@ -141,7 +149,7 @@ def test_padded_keys_contribute_nothing(terraced, fn):
     mask[0, :7] = False
     # garbage at the padded positions, even in q: it must change nothing
     xs_bad = [torch.where(mask[:, None, :, None], t, 1e3 * torch.randn(t.shape, generator=g)) for t in xs]
-    kw = dict(window=W, terraced=terraced)
+    kw = dict(window=W, terraced=terraced, sinks=sinks)
     y, st, grads = run(fn, xs_bad, a, b, grad=True, key_mask=mask, **kw)
     assert torch.all(y[~mask[:, None, :].expand(B, H, T)] == 0)
     for t in grads[:5]:  # no gradient flows into padded positions
@@ -156,15 +164,16 @@ def test_padded_keys_contribute_nothing(terraced, fn):
         assert int(st.n[row]) == int(keep.sum())
 
 
-def dense_reference(q, k, v, fq, fk, a, b, W, terraced, c=None):
-    """Weights from the definition, key by key (positions = time indices; no padding)."""
+def dense_reference(q, k, v, fq, fk, a, b, W, terraced, c=None, sinks=0):
+    """Weights from the definition, key by key (positions = time indices; no padding). The sinks: softmax
+    keys of every query, never linear ones."""
     T = q.shape[2]
     y = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64)
     for t in range(T):
         if terraced:
-            win = [s for s in range(t + 1) if s // W >= t // W - 1]
+            win = [s for s in range(t + 1) if s // W >= t // W - 1 or s < sinks]
         else:
-            win = [s for s in range(t + 1) if t - s < W]
+            win = [s for s in range(t + 1) if t - s < W or s < sinks]
         lin = [s for s in range(t + 1) if s not in win]
         s = (q[:, :, t:t + 1] @ k[:, :, win].transpose(-1, -2))[:, :, 0].double() * D ** -0.5
         e = torch.exp(s - s.amax(-1, keepdim=True)) * a.double()[:, None]
@@ -172,28 +181,31 @@ def dense_reference(q, k, v, fq, fk, a, b, W, terraced, c=None):
         w = torch.cat([e, wl], -1)
         if c is not None:
             wc = (fq[:, :, t:t + 1] @ fk[:, :, win].transpose(-1, -2))[:, :, 0].double() * c.double()[:, None]
+            wc = wc * torch.tensor([s >= sinks for s in win], dtype=torch.float64)
             w = w + torch.cat([wc, torch.zeros_like(wl)], -1)
         y[:, :, t] = (w[..., None] * v[:, :, win + lin].double()).sum(2) / w.sum(-1, keepdim=True)
     return y
 
 
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
-def test_reference_matches_definition(terraced):
+@with_sinks
+def test_reference_matches_definition(terraced, sinks):
     W, T = 8, 40
     xs, a, b = make(T, seed=13)
-    y_def = dense_reference(*xs, a, b, W, terraced)
-    y, _, _ = run(window_hybrid_naive, xs, a, b, window=W, terraced=terraced)
+    y_def = dense_reference(*xs, a, b, W, terraced, sinks=sinks)
+    y, _, _ = run(window_hybrid_naive, xs, a, b, window=W, terraced=terraced, sinks=sinks)
     torch.testing.assert_close(y.double(), y_def, atol=1e-5, rtol=1e-5)
-    # the branches alone: window softmax (a=1, b=0) and linear attention over all keys (a=0, b=c=1)
+    # the branches alone: window softmax (a=1, b=0) and linear attention over all keys (a=0, b=c=1; with
+    # sinks, over the keys after them, so the first queries need a sink-free window: start at `sinks`)
     one, zero = torch.ones(H), torch.zeros(H)
     for fa, fb, fc in ((one, zero, None), (zero, one, one)):
-        y_def = dense_reference(*xs, fa, fb, W, terraced, c=fc)
-        y, _ = window_hybrid_chunked(*xs, fa, fb, c=fc, window=W, terraced=terraced, chunk_size=16)
-        torch.testing.assert_close(y.double(), y_def, atol=1e-5, rtol=1e-5)
+        y_def = dense_reference(*xs, fa, fb, W, terraced, c=fc, sinks=sinks)
+        y, _ = window_hybrid_chunked(*xs, fa, fb, c=fc, window=W, terraced=terraced, chunk_size=16, sinks=sinks)
+        torch.testing.assert_close(y[:, :, sinks:].double(), y_def[:, :, sinks:], atol=1e-5, rtol=1e-5)
     # the weights form: rows sum to one and reproduce the output
-    wts = window_hybrid_weights(xs[0], xs[1], xs[3], xs[4], a, b, window=W, terraced=terraced)
+    wts = window_hybrid_weights(xs[0], xs[1], xs[3], xs[4], a, b, window=W, terraced=terraced, sinks=sinks)
     torch.testing.assert_close(wts.sum(-1), torch.ones(B, H, T))
-    y, _ = window_hybrid_chunked(*xs, a, b, window=W, terraced=terraced)
+    y, _ = window_hybrid_chunked(*xs, a, b, window=W, terraced=terraced, sinks=sinks)
     torch.testing.assert_close(wts @ xs[2], y, atol=1e-5, rtol=1e-5)
 
 
@@ -230,5 +242,9 @@ def test_dispatch_and_errors():
     assert torch.equal(y1, y2)
     with pytest.raises(ValueError, match="terraced"):
         window_hybrid(*xs, a, b, window=4, terraced=True, state=st)
+    with pytest.raises(ValueError, match="sinks=0; called with .* sinks=2"):
+        window_hybrid(*xs, a, b, window=4, state=st, sinks=2)
+    with pytest.raises(ValueError, match="sinks must be >= 0"):
+        window_hybrid_chunked(*xs, a, b, window=4, sinks=-1)
     with pytest.raises(ValueError, match="multiple of window"):
         window_hybrid_chunked(*xs, a, b, window=6, chunk_size=16)

@@ -1,4 +1,5 @@
-"""The `lolcats` and `lolcats-terraced` mixers: carry, padding, GQA, gradients, decoding, ablations."""
+"""The `lolcats` and `lolcats-terraced` mixers (and their 4-sink variants): carry, padding, GQA, gradients,
+decoding, ablations."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from mixer_testing import HIDDEN, HKV, D, H, inputs, run_pieces, sl
 
 from zoo.mixers import build_mixer, get_mixer, list_mixers
 from zoo.mixers.hedgehog import hedgehog_features
-from zoo.mixers.lolcats import Lolcats, LolcatsTerraced
+from zoo.mixers.lolcats import Lolcats, LolcatsSink, LolcatsTerraced, LolcatsTerracedSink
 
-NAMES = ["lolcats", "lolcats-terraced"]
+NAMES = ["lolcats", "lolcats-terraced", "lolcats-sink", "lolcats-terraced-sink"]
+STATE_FIELDS = ("k", "v", "fk", "S", "z", "n", "sink_k", "sink_v")
+
+
+def terraced(name):
+    return "terraced" in name
+
+
+def sinks(name):
+    return 4 if name.endswith("-sink") else 0
 
 
 def make_mixer(name, seed=0, num_kv_heads=HKV, **options):
@@ -24,8 +34,8 @@ def make_mixer(name, seed=0, num_kv_heads=HKV, **options):
 
 
 def assert_state_close(s1, s2, atol=1e-5):
-    assert torch.equal(s1.n, s2.n)
-    for name in ("k", "v", "fk", "S", "z"):
+    assert torch.equal(s1.n, s2.n) and s1.sinks == s2.sinks
+    for name in ("k", "v", "fk", "S", "z") + (("sink_k", "sink_v") if s1.sinks else ()):
         torch.testing.assert_close(getattr(s1, name), getattr(s2, name), atol=atol, rtol=1e-5,
                                    msg=lambda m, name=name: f"state.{name}: {m}")
 
@@ -33,10 +43,14 @@ def assert_state_close(s1, s2, atol=1e-5):
 def test_registered():
     assert {"lolcats", "lolcats-terraced"} <= set(list_mixers())
     assert get_mixer("lolcats") is Lolcats and get_mixer("lolcats-terraced") is LolcatsTerraced
+    assert get_mixer("lolcats-sink") is LolcatsSink and get_mixer("lolcats-terraced-sink") is LolcatsTerracedSink
     for name in NAMES:
         cls = get_mixer(name)
         assert cls.family == "hybrid" and cls.description and cls.source and "W" in cls.state_size
-        assert cls.options == {"window": 64, "feature_dim": None, "window_factor": 0.5}
+        assert cls.options == {"window": 64, "feature_dim": None, "window_factor": 0.5, "sinks": sinks(name)}
+        assert cls.terraced == terraced(name) and ("S*Hkv" in cls.state_size) == bool(sinks(name))
+    with pytest.raises(ValueError, match="sinks >= 0"):
+        build_mixer("lolcats", H, HKV, D, HIDDEN, 0, sinks=-1)
     with pytest.raises(ValueError, match="unknown option"):
         build_mixer("lolcats", H, HKV, D, HIDDEN, 0, windw=8)
     m = build_mixer("lolcats-terraced", H, HKV, D, HIDDEN, 0, feature_dim=8)
@@ -75,7 +89,7 @@ def test_left_padding(name):
     torch.testing.assert_close(y_pad[0:1, :, pad:], y_ref[0:1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_pad[1:, :, pad - 3:], y_ref1, atol=1e-5, rtol=1e-5)
     assert torch.all(y_pad[0, :, :pad] == 0)
-    for name_ in ("k", "v", "fk", "S", "z", "n"):
+    for name_ in STATE_FIELDS[:6 if s_ref.sinks == 0 else 8]:
         torch.testing.assert_close(getattr(s_pad, name_)[0:1], getattr(s_ref, name_)[0:1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(getattr(s_pad, name_)[1:], getattr(s_ref1, name_), atol=1e-5, rtol=1e-5)
     # decoding on from the padded state continues both rows exactly
@@ -124,7 +138,7 @@ def test_decode_one_at_a_time(name):
     m = make_mixer(name, window=16)
     T0, steps = 20, 300
     q, k, v, x = inputs(T0 + steps, Bsz=1)
-    limit = 32 if name == "lolcats-terraced" else 16
+    limit = 32 if terraced(name) else 16
     with torch.no_grad():
         y_all, s_all = m(q, k, v, x)
         y0, st = m(sl(q, 0, T0), sl(k, 0, T0), sl(v, 0, T0), sl(x, 0, T0))
@@ -144,7 +158,8 @@ def test_branch_ablations(name):
     q, k, v, x = inputs(T, Bsz=1)
     kr, vr = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]
-    win = (j // 8 >= i // 8 - 1) & (j <= i) if name == "lolcats-terraced" else (j <= i) & (i - j < 8)
+    win = (j // 8 >= i // 8 - 1) & (j <= i) if terraced(name) else (j <= i) & (i - j < 8)
+    win = win | ((j < sinks(name)) & (j <= i))  # the window branch alone: window + sinks softmax (StreamingLLM)
     with torch.no_grad():
         m.branch = "window"
         y_w, _ = m(q, k, v, x)

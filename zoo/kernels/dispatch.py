@@ -122,20 +122,21 @@ def _gated_chunk_backward_refused(mode: str, log_gate, *inputs) -> bool:
 
 
 def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None, c=None,
-                  chunk_size=None, step_max_tokens=STEP_MAX_TOKENS, backend=None, kv_groups=1):
+                  chunk_size=None, step_max_tokens=STEP_MAX_TOKENS, backend=None, kv_groups=1, sinks=0):
     """zoo.kernels.window_hybrid.window_hybrid on the chosen backend (same arguments and results).
-    `chunk_size` applies to the PyTorch form only; the Triton kernels pick their own tiles.
+    `chunk_size` applies to the PyTorch form only; the Triton kernels pick their own tiles. Attention
+    sinks (`sinks` > 0) have the PyTorch forms only so far.
 
     `kv_groups`: see `_state_per_kv_head`."""
     if kv_groups > 1:
         return _state_per_kv_head(kv_groups, state, lambda st: window_hybrid(
             q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale, state=st, key_mask=key_mask, c=c,
-            chunk_size=chunk_size, step_max_tokens=step_max_tokens, backend=backend))
+            chunk_size=chunk_size, step_max_tokens=step_max_tokens, backend=backend, sinks=sinks))
     T = q.shape[2]
     decoding = state is not None and T <= step_max_tokens and not _needs_grad(q, k, v, fq, fk, a, b, c)
 
     def fits(name):  # the fused prefill kernels take no padding; the Triton step kernel does
-        if not (all(x.dtype in _FUSED_DTYPES for x in (q, k, v, fq, fk)) and T > 0):
+        if sinks or not (all(x.dtype in _FUSED_DTYPES for x in (q, k, v, fq, fk)) and T > 0):
             return False
         if name == "flex" and (decoding or not is_window_only(a, b, c)
                                or (q.device.type == "cpu" and _needs_grad(q, k, v, a))):  # no CPU backward
@@ -155,7 +156,7 @@ def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=Non
         return window_softmax_flex(q, k, v, fk, window=window, terraced=terraced, scale=scale, state=state)
     return torch_hybrid.window_hybrid(q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale,
                                       state=state, key_mask=key_mask, c=c, chunk_size=chunk_size,
-                                      step_max_tokens=step_max_tokens)
+                                      step_max_tokens=step_max_tokens, sinks=sinks)
 
 
 def _state_per_kv_head(kv_groups: int, state, call):

@@ -17,6 +17,15 @@ Optional c [H] adds c * fq_t.fk_s to the weight of the in-window keys; a=0, b=c=
 linear attention over all keys (the "linear branch alone" ablation), a=1, b=0 is sliding-window
 softmax alone.
 
+Attention sinks (`sinks` = S > 0, StreamingLLM's observation): the first S real tokens are softmax keys
+of every later query, inside its window or not, and never linear ones: win(t) above becomes
+win(t) U {0, ..., S-1}, in the max m_t too. A pretrained model parks much of its attention on the first
+tokens; a window without them loses it (SmolLM2-135M, 256-token blocks, no training: sliding window of
+64 alone 174.5 held-out perplexity on Austen, with 1 sink 56.8, full attention 51.2). Every form keeps
+the sinks' key features at zero (fk of positions < S, in the state's slots too), so the linear part and
+the linear state skip them by construction, and adds a sink outside the query's window as an extra
+softmax column (one inside the window is already there).
+
 Windows:
 - plain (terraced=False): win(t) = {t-W+1, ..., t}.
 - terraced (terraced=True): blocks of W positions; a query in block j attends by softmax to all keys
@@ -32,8 +41,8 @@ Forms (same signature; each returns y [B, H, T, Dv] in q's dtype and the new Win
 - window_hybrid: picks the step form for a few tokens with a state, the chunked form otherwise.
 
 The state keeps only O(W) tokens: the last L real keys, values and fk (L = W plain, 2W terraced),
-plus the fp32 linear state S [B,H,F,Dv], z [B,H,F] of every real key older than those, and the number
-n [B] of real tokens seen. Padded keys (key_mask 0) are dropped: they enter neither the window, the
+plus the fp32 linear state S [B,H,F,Dv], z [B,H,F] of every real key older than those, the number
+n [B] of real tokens seen, and with sinks the first S real keys and values. Padded keys (key_mask 0) are dropped: they enter neither the window, the
 linear part nor the state, and their outputs are 0.
 """
 
@@ -64,10 +73,20 @@ class WindowHybridState:
     n: torch.Tensor  # [B] int64: real tokens seen
     window: int
     terraced: bool
+    sink_k: torch.Tensor | None = None  # [B, H, S, D]: the first S real keys (attention sinks); None: S = 0
+    sink_v: torch.Tensor | None = None  # [B, H, S, Dv] (slots past n are zero)
 
     @property
     def cached_tokens(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def sinks(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        sinks = () if self.sink_k is None else (self.sink_k, self.sink_v)
+        return (self.k, self.v, self.fk, self.S, self.z, self.n, *sinks)
 
     def slot_valid(self) -> torch.Tensor:
         return _slot_valid(self.n, self.cached_tokens)
@@ -75,15 +94,15 @@ class WindowHybridState:
     def select(self, index) -> WindowHybridState:
         """The state of the batch rows `index` (a list or tensor of row indices): for beam reordering."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.n.device)
-        rows = [t.index_select(0, index) for t in (self.k, self.v, self.fk, self.S, self.z, self.n)]
-        return WindowHybridState(*rows, self.window, self.terraced)
+        k, v, fk, S, z, n, *sinks = (t.index_select(0, index) for t in self._tensors())
+        return WindowHybridState(k, v, fk, S, z, n, self.window, self.terraced, *sinks)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.fk, self.S, self.z, self.n))
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _per_head(self, fn, groups: int) -> WindowHybridState:
-        k, v, fk, S, z = (fn(t, groups) for t in (self.k, self.v, self.fk, self.S, self.z))
-        return WindowHybridState(k, v, fk, S, z, self.n, self.window, self.terraced)
+        k, v, fk, S, z, _, *sinks = (t if t is self.n else fn(t, groups) for t in self._tensors())
+        return WindowHybridState(k, v, fk, S, z, self.n, self.window, self.terraced, *sinks)
 
     def repeat_heads(self, groups: int) -> WindowHybridState:
         """Each head repeated `groups` times (zoo.kernels._utils.repeat_heads)."""
@@ -94,11 +113,13 @@ class WindowHybridState:
         return self._per_head(group_heads, groups)
 
     @classmethod
-    def empty(cls, B, H, D, Dv, F_, window, terraced, dtype, device, acc_dtype=torch.float32):
+    def empty(cls, B, H, D, Dv, F_, window, terraced, dtype, device, acc_dtype=torch.float32, sinks=0):
         L = state_len(window, terraced)
         z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        sink_slots = (z(B, H, sinks, D), z(B, H, sinks, Dv)) if sinks else ()
         return cls(z(B, H, L, D), z(B, H, L, Dv), z(B, H, L, F_), z(B, H, F_, Dv, dt=acc_dtype),
-                   z(B, H, F_, dt=acc_dtype), torch.zeros(B, dtype=torch.long, device=device), window, terraced)
+                   z(B, H, F_, dt=acc_dtype), torch.zeros(B, dtype=torch.long, device=device), window, terraced,
+                   *sink_slots)
 
 
 def _slot_valid(n: torch.Tensor, L: int) -> torch.Tensor:
@@ -112,13 +133,53 @@ def _member(pq: torch.Tensor, pk: torch.Tensor, window: int, terraced: bool) -> 
     return (pq - pk) < window
 
 
-def _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask):
+def _sink_open(pq: torch.Tensor, sinks: int, window: int, terraced: bool) -> torch.Tensor:
+    """[..., S]: is sink i a softmax key of query position pq through being a sink (i <= pq, outside
+    pq's window; inside it, the window already has it)? pq: [...] positions."""
+    i = torch.arange(sinks, device=pq.device)
+    pq = pq[..., None]
+    return (i <= pq) & ~_member(pq, i, window, terraced)
+
+
+def _call_positions(valid: torch.Tensor, n0: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the position of each real token of a call (n0 [B] real tokens came before)."""
+    return n0[:, None] + valid.long().cumsum(1) - 1
+
+
+def _drop_sink_features(fk, valid, n0, sinks):
+    """fk with the rows of the sinks (real tokens at positions < sinks) zeroed: a sink is never a linear key."""
+    if not sinks:
+        return fk
+    is_sink = valid & (_call_positions(valid, n0) < sinks)
+    return fk * ~is_sink[:, None, :, None]
+
+
+def _sink_slots(k, v, valid, st, sinks):
+    """The sinks' keys and values [B, H, S, *] after this call: the state's, and this call's real tokens at
+    positions the state had not reached yet. (A query only looks at sinks at or before its own position.)"""
+    B, H, T, _ = k.shape
+    pos = _call_positions(valid, st.n)
+    slot = torch.where(valid & (pos < sinks), pos, sinks)
+    src = torch.full((B, sinks + 1), T, dtype=torch.long, device=k.device)
+    src = src.scatter(1, slot, torch.arange(T, device=k.device).expand(B, T).contiguous())[:, :sinks]
+    here = (src < T)[:, None, :, None]
+
+    def pick(x, old):
+        x = torch.cat([x, x.new_zeros(B, H, 1, x.shape[-1])], 2)
+        return torch.where(here, x.gather(2, src[:, None, :, None].expand(B, H, sinks, x.shape[-1])).to(old.dtype), old)
+
+    return pick(k, st.sink_k), pick(v, st.sink_v)
+
+
+def _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask, sinks=0):
     B, H, T, D = q.shape
     if k.shape != (B, H, T, D) or v.shape[:3] != (B, H, T) or fq.shape[:3] != (B, H, T) or fk.shape != fq.shape:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"fq {tuple(fq.shape)}, fk {tuple(fk.shape)} (k, v must be repeated to H heads)")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0, got {sinks}")
     cdt = torch.promote_types(q.dtype, torch.float32)
     facs = [None if f is None else torch.as_tensor(f, dtype=cdt, device=q.device).expand(H) for f in (a, b, c)]
     scale = D ** -0.5 if scale is None else scale
@@ -129,17 +190,40 @@ def _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask)
     fresh = state is None
     if fresh:
         state = WindowHybridState.empty(B, H, D, v.shape[-1], fq.shape[-1], window, terraced, k.dtype, q.device,
-                                        acc_dtype=cdt)
-    elif state.window != window or state.terraced != terraced:
-        raise ValueError(f"state was made with window={state.window}, terraced={state.terraced}; "
-                         f"called with window={window}, terraced={terraced}")
+                                        acc_dtype=cdt, sinks=sinks)
+    elif state.window != window or state.terraced != terraced or state.sinks != sinks:
+        raise ValueError(f"state was made with window={state.window}, terraced={state.terraced}, "
+                         f"sinks={state.sinks}; called with window={window}, terraced={terraced}, sinks={sinks}")
     return cdt, facs, scale, valid, state, fresh
 
 
+def _one_query(qt, fqt, keys, values, fks, win, lin, a, b, c, S, z, scale, sinks=None):
+    """Numerator [B, H, Dv] and denominator [B, H] of one query per row (qt [B, H, D], fqt [B, H, F]):
+    softmax over the keys [B, H, N, *] in `win`, linear over those in `lin` ([B, 1, N] masks) and the
+    linear state S, z; `sinks` = (keys, values, open [B, 1, S]) adds the open sinks as softmax keys.
+    a, b, c: [1, H, 1] (c may be None)."""
+    s = (torch.einsum("bhd,bhnd->bhn", qt, keys) * scale).masked_fill(~win, float("-inf"))
+    lw = torch.einsum("bhf,bhnf->bhn", fqt, fks)
+    w_lin = b * lw * lin if c is None else b * lw * lin + c * lw * win
+    if sinks is not None:
+        sink_k, sink_v, sink_open = sinks
+        s_sink = (torch.einsum("bhd,bhnd->bhn", qt, sink_k) * scale).masked_fill(~sink_open, float("-inf"))
+        s, values = torch.cat([s, s_sink], -1), torch.cat([values, sink_v], 2)
+        w_lin = torch.cat([w_lin, torch.zeros_like(s_sink)], -1)
+    m = s.amax(-1, keepdim=True)
+    w = a * torch.exp(s - m.masked_fill(torch.isinf(m), 0.0)) + w_lin
+    num = torch.einsum("bhn,bhnd->bhd", w, values) + b * torch.einsum("bhf,bhfd->bhd", fqt, S)
+    den = w.sum(-1) + b[..., 0] * torch.einsum("bhf,bhf->bh", fqt, z)
+    return num, den
+
+
 def window_hybrid_naive(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None,
-                        c=None, chunk_size=None):
+                        c=None, chunk_size=None, sinks=0):
     """Reference: loop over time; each query scores every real key seen so far (state slots included)."""
-    cdt, (a, b, c), scale, valid, st, _ = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask)
+    cdt, (a, b, c), scale, valid, st, _ = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask,
+                                                   sinks)
+    fk = _drop_sink_features(fk, valid, st.n, sinks)
+    sink_slots = _sink_slots(k, v, valid, st, sinks) if sinks else None
     B, H, T, D = q.shape
     L = state_len(window, terraced)
     a, b = a.view(1, H, 1), b.view(1, H, 1)
@@ -161,18 +245,9 @@ def window_hybrid_naive(q, k, v, fq, fk, a, b, *, window=64, terraced=False, sca
         causal = hvalid & (hpos <= pos[:, None])
         win = (causal & _member(pos[:, None], hpos, window, terraced))[:, None]  # [B, 1, N]
         lin = causal[:, None] & ~win
-        qt, fqt = q[:, :, t].to(cdt), fq[:, :, t].to(cdt)
-        s = torch.einsum("bhd,bhnd->bhn", qt, hk) * scale
-        s = s.masked_fill(~win, float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        m = m.masked_fill(torch.isinf(m), 0.0)
-        p = torch.exp(s - m)
-        lw = torch.einsum("bhf,bhnf->bhn", fqt, hfk)
-        w = a * p + b * lw * lin
-        if c is not None:
-            w = w + c * lw * win
-        num = torch.einsum("bhn,bhnd->bhd", w, hv) + b * torch.einsum("bhf,bhfd->bhd", fqt, st.S)
-        den = w.sum(-1) + b[..., 0] * torch.einsum("bhf,bhf->bh", fqt, st.z)
+        sink = None if sink_slots is None else (*sink_slots, _sink_open(pos, sinks, window, terraced)[:, None])
+        num, den = _one_query(q[:, :, t].to(cdt), fq[:, :, t].to(cdt), hk, hv, hfk, win, lin, a, b, c, st.S, st.z,
+                              scale, sink)
         keep = real[:, None]
         y = num / torch.where(keep, den, torch.ones_like(den))[..., None]
         ys.append(torch.where(keep[..., None], y, torch.zeros_like(y)))
@@ -190,7 +265,7 @@ def window_hybrid_naive(q, k, v, fq, fk, a, b, *, window=64, terraced=False, sca
         Srows.append(S[bi] + torch.einsum("hnf,hnd->hfd", hfk[bi, :, gone], hv[bi, :, gone]))
         zrows.append(z[bi] + hfk[bi, :, gone].sum(1))
     new = WindowHybridState(nk.to(k.dtype), nv.to(v.dtype), nfk.to(fk.dtype), torch.stack(Srows), torch.stack(zrows),
-                            n, window, terraced)
+                            n, window, terraced, *(sink_slots or ()))
     return y.to(q.dtype), new
 
 
@@ -204,13 +279,16 @@ def _bands(t: torch.Tensor, C: int) -> tuple[torch.Tensor, ...]:
 
 
 def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None,
-                          key_mask=None, c=None, chunk_size=None):
+                          key_mask=None, c=None, chunk_size=None, sinks=0):
     """Chunked form, linear in T: a loop over query chunks of C tokens (C a multiple of W, default the
     smallest >= 64), vectorized within each chunk. Chunk j's queries score the keys of chunks j-1 and j
     under a fixed band mask (softmax inside the window, linear outside); chunks <= j-2 come from the
-    running linear state. Working sets stay chunk-sized, so they stay in the CPU caches."""
+    running linear state; the sinks outside a query's window are extra softmax columns. Working sets stay
+    chunk-sized, so they stay in the CPU caches."""
     cdt, (a, b, c), scale, valid, st, fresh = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state,
-                                                       key_mask)
+                                                       key_mask, sinks)
+    fk = _drop_sink_features(fk, valid, st.n, sinks)
+    sink_slots = _sink_slots(k, v, valid, st, sinks) if sinks else None
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     W, L = window, state_len(window, terraced)
@@ -222,7 +300,7 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
     n_call = valid.sum(1)
     identity = fresh and bool(valid.all())
     if identity:  # training: no state, no padding; positions are the time indices
-        lo, R, N = torch.zeros_like(n_call), n_call, T
+        lo, R, N, base = torch.zeros_like(n_call), n_call, T, torch.zeros_like(n_call)
     else:
         # Lay out [state slots, this call] in a scratch sequence where real tokens are contiguous, starting at
         # lo, and scratch index = position - base, base a multiple of W for the terraced window (so block
@@ -269,6 +347,9 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
     qs, fqs, ks, fks, vs = (t.flatten(0, 1).split(C, 1) for t in (q, fq, k, fk, v1))
     kbands, fkbands, vbands = (_bands(t.flatten(0, 1), C) for t in (k, fk, v1))
     S = torch.cat([st.S.to(cdt), st.z.to(cdt)[..., None]], -1).flatten(0, 1)  # [BH, F, Dv+1]
+    if sink_slots is not None:
+        sink_k = sink_slots[0].to(cdt).flatten(0, 1)  # [BH, S, D]
+        sink_v1 = torch.cat([sink_slots[1].to(cdt), torch.ones_like(sink_slots[1][..., :1], dtype=cdt)], -1).flatten(0, 1)
     cut = end - L  # scratch rows < cut leave the window: they end in the new state's S, z
     jfull = int(cut.clamp(min=0).min()) // C  # chunks entirely gone in every row
     S_fin = None
@@ -290,9 +371,16 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
         qc, fqc = qs[ch], fqs[ch]
         s = torch.baddbmm(bias, qc, kb.transpose(1, 2), alpha=scale)
         m = s.amax(-1, keepdim=True)
+        if sink_slots is not None:  # the sinks outside each query's window: extra softmax columns
+            qpos = base[:, None] + torch.arange(q0, q1, device=dev)
+            closed = ~_sink_open(qpos, sinks, W, terraced)[:, None].expand(B, H, -1, -1).flatten(0, 1)
+            s_sink = torch.bmm(qc, sink_k.transpose(1, 2)).mul_(scale).masked_fill_(closed, float("-inf"))
+            m = torch.maximum(m, s_sink.amax(-1, keepdim=True))
         if not identity:  # rows of padding have no key at all
             m = m.masked_fill(torch.isinf(m), 0.0)
         out = torch.bmm(a3 * torch.exp(s - m), vb)
+        if sink_slots is not None:
+            out = torch.baddbmm(out, a3 * torch.exp(s_sink - m), sink_v1)
         l0, l1 = max(ulo, u0), min(uhi, u0 + q1 - k0)
         if l1 > l0:  # linear weights of the band keys outside the window
             coef = coef_all[:, :q1 - q0, l0:l1]
@@ -327,7 +415,7 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
         return (t.gather(2, sidx.expand(B, H, L, t.shape[-1])) * sok).to(like.dtype)
 
     new = WindowHybridState(slots(k, st.k), slots(v, st.v), slots(fk, st.fk), S_fin[..., :Dv].contiguous(),
-                            S_fin[..., Dv].contiguous(), st.n + n_call, window, terraced)
+                            S_fin[..., Dv].contiguous(), st.n + n_call, window, terraced, *(sink_slots or ()))
     if not identity:
         tgt = torch.where(ext_valid, rank + lo[:, None], 0)[:, Le:]
         y = y.gather(2, tgt[:, None, :, None].expand(B, H, T, Dv)) * valid[:, None, :, None]
@@ -335,9 +423,13 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
 
 
 def window_hybrid_step(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None,
-                       c=None, chunk_size=None):
+                       c=None, chunk_size=None, sinks=0):
     """Recurrent form for decoding: one token at a time against the O(W) state."""
-    cdt, (a, b, c), scale, valid, st, _ = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask)
+    cdt, (a, b, c), scale, valid, st, _ = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask,
+                                                   sinks)
+    fk = _drop_sink_features(fk, valid, st.n, sinks)
+    sink_slots = _sink_slots(k, v, valid, st, sinks) if sinks else None
+    sink_cdt = None if sink_slots is None else tuple(x.to(cdt) for x in sink_slots)
     B, H, T, D = q.shape
     L = state_len(window, terraced)
     a, b = a.view(1, H, 1), b.view(1, H, 1)
@@ -355,16 +447,9 @@ def window_hybrid_step(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scal
         pos = torch.cat([n[:, None] - L + ar, n[:, None]], 1)
         member = _member(n[:, None], pos, window, terraced)
         win, lin = (ok & member)[:, None], (ok & ~member)[:, None]
-        qt, fqt = q[:, :, t].to(cdt), fq[:, :, t].to(cdt)
-        s = (torch.einsum("bhd,bhnd->bhn", qt, kk) * scale).masked_fill(~win, float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp(s - m.masked_fill(torch.isinf(m), 0.0))
-        lw = torch.einsum("bhf,bhnf->bhn", fqt, ff)
-        w = a * p + b * lw * lin
-        if c is not None:
-            w = w + c * lw * win
-        num = torch.einsum("bhn,bhnd->bhd", w, vv) + b * torch.einsum("bhf,bhfd->bhd", fqt, S)
-        den = w.sum(-1) + b[..., 0] * torch.einsum("bhf,bhf->bh", fqt, z)
+        sink = None if sink_cdt is None else (*sink_cdt, _sink_open(n, sinks, window, terraced)[:, None])
+        num, den = _one_query(q[:, :, t].to(cdt), fq[:, :, t].to(cdt), kk, vv, ff, win, lin, a, b, c, S, z, scale,
+                              sink)
         y = num / torch.where(real[:, None], den, torch.ones_like(den))[..., None]
         ys.append(y * real[:, None, None])
         # A real token enters the window; the oldest slot (if real) leaves it for S, z.
@@ -375,19 +460,20 @@ def window_hybrid_step(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scal
         kw, vw, fkw = (torch.where(r4, x[:, :, 1:], old) for x, old in ((kk, kw), (vv, vw), (ff, fkw)))
         n = n + real.long()
     y = torch.stack(ys, 2) if ys else q.new_zeros(B, H, 0, v.shape[-1], dtype=cdt)
-    new = WindowHybridState(kw.to(st.k.dtype), vw.to(st.v.dtype), fkw.to(st.fk.dtype), S, z, n, window, terraced)
+    new = WindowHybridState(kw.to(st.k.dtype), vw.to(st.v.dtype), fkw.to(st.fk.dtype), S, z, n, window, terraced,
+                            *(sink_slots or ()))
     return y.to(q.dtype), new
 
 
 def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None,
-                  c=None, chunk_size=None, step_max_tokens=4):
+                  c=None, chunk_size=None, step_max_tokens=4, sinks=0):
     """Dispatch: the step form for up to `step_max_tokens` tokens after a state, the chunked form otherwise."""
     fn = window_hybrid_step if state is not None and q.shape[2] <= step_max_tokens else window_hybrid_chunked
     return fn(q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale, state=state, key_mask=key_mask,
-              c=c, chunk_size=chunk_size)
+              c=c, chunk_size=chunk_size, sinks=sinks)
 
 
-def window_hybrid_weights(q, k, fq, fk, a, b, *, window=64, terraced=False, scale=None, c=None):
+def window_hybrid_weights(q, k, fq, fk, a, b, *, window=64, terraced=False, scale=None, c=None, sinks=0):
     """The normalized hybrid attention weights [B, H, T, T] of one whole sequence (no state, no padding):
     row t gives the weight of each key s in y_t. Quadratic in T: for short sequences only."""
     B, H, T, D = q.shape
@@ -396,11 +482,12 @@ def window_hybrid_weights(q, k, fq, fk, a, b, *, window=64, terraced=False, scal
     a, b = (torch.as_tensor(f, dtype=cdt, device=q.device).expand(H).view(1, H, 1, 1) for f in (a, b))
     pos = torch.arange(T, device=q.device)
     causal = pos[None, :] <= pos[:, None]
-    win = causal & _member(pos[:, None], pos[None, :], window, terraced)
+    is_sink = pos[None, :] < sinks
+    win = causal & (_member(pos[:, None], pos[None, :], window, terraced) | is_sink)
     lin = causal & ~win
     s = (torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale).masked_fill(~win, float("-inf"))
     p = torch.exp(s - s.amax(-1, keepdim=True))
-    lw = torch.matmul(fq.to(cdt), fk.to(cdt).transpose(-1, -2))
+    lw = torch.matmul(fq.to(cdt), fk.to(cdt).transpose(-1, -2)) * ~is_sink  # a sink is never a linear key
     w = a * p + b * lw * lin
     if c is not None:
         w = w + torch.as_tensor(c, dtype=cdt, device=q.device).expand(H).view(1, H, 1, 1) * lw * win

@@ -121,7 +121,7 @@ class BasedWindowMixer(_TaylorInit, _LolcatsBase):
     description = "Based Taylor linear attention + sliding-window softmax (W tokens), one normalizer, learned mixing"
     source = ("Arora et al. 2024, Based (arXiv:2402.18668); window hybrid as in LoLCATs (Zhang et al. 2024, "
               "arXiv:2410.10254)")
-    options = {"window": 64, "feature_dim": 16, "window_factor": 0.99}
+    options = {"window": 64, "feature_dim": 16, "window_factor": 0.99, "sinks": 0}
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)

@@ -7,7 +7,9 @@ phi(x) = [softmax(x W), softmax(-x W)] (over features), W [D, F] per head initia
 
 Two registered variants: `lolcats` (plain sliding window of `window` tokens) and `lolcats-terraced`
 (blocks of `window` tokens: softmax over the previous block and causally within the current one, the
-ThunderKittens-friendly "terraced" window).
+ThunderKittens-friendly "terraced" window). Option `sinks` (default 0): the first `sinks` tokens are
+softmax keys of every query (attention sinks, see zoo.kernels.window_hybrid); `lolcats-sink` and
+`lolcats-terraced-sink` are the two with 4 sinks (StreamingLLM's count), an O(1) addition to the state.
 
 Init of the window factor (option `window_factor`, the initial a, default 0.5, i.e. w = 0). Only the ratio
 a/b matters (the normalizer divides out any common scale). The window branch is max-normalized, so its
@@ -19,8 +21,9 @@ code starts from a = sigmoid(-2.197) = 0.1 with b = 1 (ratio 0.1); `window_facto
 
 Ablations: set `mixer.branch` at eval time (default "both"):
 - "window": sliding-window softmax alone (a = 1, b = 0).
-- "linear": Hedgehog linear attention alone over ALL past keys, window included (a = 0, b = c = 1).
-The state is built the same way in every branch, so splitting and carrying stay exact.
+- "linear": Hedgehog linear attention alone over ALL past keys, window and sinks included (a = 0, b = c = 1,
+  computed without sinks, which are never linear keys in the hybrid).
+The state is built the same way in the "both" and "window" branches, so splitting and carrying stay exact.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from zoo.mixers.hedgehog import hedgehog_features
 class _LolcatsBase(Mixer):
     family = "hybrid"
     source = "LoLCATs (Zhang et al. 2024, arXiv:2410.10254); Hedgehog (Zhang et al. 2024, arXiv:2402.04347)"
-    options = {"window": 64, "feature_dim": None, "window_factor": 0.5}
+    options = {"window": 64, "feature_dim": None, "window_factor": 0.5, "sinks": 0}
     terraced = False
     BRANCHES = ("both", "window", "linear")
 
@@ -48,9 +51,10 @@ class _LolcatsBase(Mixer):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.window = int(self.config["window"])
         self.feature_dim = int(self.config["feature_dim"] or head_dim)
+        self.sinks = int(self.config["sinks"])
         a0 = float(self.config["window_factor"])
-        if self.window < 1 or self.feature_dim < 1 or not 0.0 < a0 < 1.0:
-            raise ValueError(f"{self.name}: need window >= 1, feature_dim >= 1, 0 < window_factor < 1; "
+        if self.window < 1 or self.feature_dim < 1 or not 0.0 < a0 < 1.0 or self.sinks < 0:
+            raise ValueError(f"{self.name}: need window >= 1, feature_dim >= 1, 0 < window_factor < 1, sinks >= 0; "
                              f"got {self.config}")
         # the same Hedgehog maps as the `hedgehog` mixer: queries per head, keys per key/value head
         self.feature_map_q = HeadwiseLinear(num_heads, head_dim, self.feature_dim)
@@ -69,6 +73,10 @@ class _LolcatsBase(Mixer):
             return torch.zeros_like(a), torch.ones_like(a), torch.ones_like(a)
         return a, 1.0 - a, None
 
+    def _sinks(self) -> int:
+        # the linear branch alone is linear attention over all keys: the sinks are not taken out of it
+        return 0 if self.branch == "linear" else self.sinks
+
     def _features(self, q, k):
         fq = hedgehog_features(self.feature_map_q(q))
         fk = repeat_kv(hedgehog_features(self.feature_map_k(k)), self.num_heads)
@@ -82,14 +90,14 @@ class _LolcatsBase(Mixer):
             k, v, fk = k * keep, v * keep, fk * keep
         a, b, c = self.factors()
         return window_hybrid(q, k, v, fq, fk, a, b, c=c, window=self.window, terraced=self.terraced,
-                             scale=self.head_dim ** -0.5, state=state, key_mask=mask,
+                             scale=self.head_dim ** -0.5, state=state, key_mask=mask, sinks=self._sinks(),
                              kv_groups=self.kv_group_size)  # k, v, fk: one per KV head
 
     def attention_weights(self, q, k):
         k, fq, fk = self._features(q, k)
         a, b, c = self.factors()
         return window_hybrid_weights(q, k, fq, fk, a, b, c=c, window=self.window, terraced=self.terraced,
-                                     scale=self.head_dim ** -0.5)
+                                     scale=self.head_dim ** -0.5, sinks=self._sinks())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, branch={self.branch!r}"
@@ -112,3 +120,23 @@ class LolcatsTerraced(_LolcatsBase):
     description = "Hedgehog linear attention + terraced block window softmax (64-token blocks), learned mixing"
     state_size = "Hkv*(2F*D + 2F) fp32 + 2W*Hkv*(2D + 2F) (last 2W keys, values, phi(k)); F = feature_dim (default D)"
     terraced = True
+
+
+@register_mixer("lolcats-sink")
+class LolcatsSink(Lolcats):
+    """`lolcats` + 4 attention sinks: the first tokens stay softmax keys of every query."""
+
+    description = "lolcats + 4 attention sinks (the first tokens: softmax keys of every query)"
+    options = {**Lolcats.options, "sinks": 4}
+    state_size = ("Hkv*(2F*D + 2F) fp32 + W*Hkv*(2D + 2F) (last W keys, values, phi(k)) + S*Hkv*2D (first S keys, "
+                  "values); F = feature_dim (default D), S = sinks (4)")
+
+
+@register_mixer("lolcats-terraced-sink")
+class LolcatsTerracedSink(LolcatsTerraced):
+    """`lolcats-terraced` + 4 attention sinks."""
+
+    description = "lolcats-terraced + 4 attention sinks (the first tokens: softmax keys of every query)"
+    options = {**LolcatsTerraced.options, "sinks": 4}
+    state_size = ("Hkv*(2F*D + 2F) fp32 + 2W*Hkv*(2D + 2F) (last 2W keys, values, phi(k)) + S*Hkv*2D (first S "
+                  "keys, values); F = feature_dim (default D), S = sinks (4)")
