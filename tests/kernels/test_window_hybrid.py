@@ -248,3 +248,34 @@ def test_dispatch_and_errors():
         window_hybrid_chunked(*xs, a, b, window=4, sinks=-1)
     with pytest.raises(ValueError, match="multiple of window"):
         window_hybrid_chunked(*xs, a, b, window=6, chunk_size=16)
+
+
+def test_no_window_only_sinks():
+    """window=0 with sinks: softmax over the sinks alone, linear attention over every other key (the query's
+    own too). The forms agree (outputs, gradients, state), split and carry hold with padding, and the
+    result is the definition's."""
+    T = 150
+    xs, a, b = make(T, seed=29)
+    kw = dict(window=0, sinks=3)
+    y0, s0, g0 = run(window_hybrid_naive, xs, a, b, grad=True, **kw)
+    assert s0.cached_tokens == 0 and s0.sinks == 3
+    for fn in (window_hybrid_chunked, window_hybrid_step):
+        y, s, g = run(fn, xs, a, b, grad=True, **kw)
+        torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
+        for name, gi, gr in zip(("q", "k", "v", "fq", "fk", "a", "b"), g, g0):
+            torch.testing.assert_close(gi, gr, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+        close_state(s, s0)
+    torch.testing.assert_close(y0[:, :, :40].double(), dense_reference(*(t[:, :, :40] for t in xs), a, b, 0, False,
+                                                                       sinks=3), atol=1e-5, rtol=1e-5)
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(31)) > 0.25
+    y0, s0, _ = run(window_hybrid_naive, xs, a, b, key_mask=mask, **kw)
+    st, ys = None, []
+    for fn, lo, hi in zip((window_hybrid_chunked, window_hybrid_step, window_hybrid_chunked, window_hybrid_step),
+                          (0, 2, 5, 120), (2, 5, 120, T)):
+        y, st = fn(*[t[:, :, lo:hi] for t in xs], a, b, state=st, key_mask=mask[:, lo:hi], **kw)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 2), y0, atol=1e-5, rtol=1e-5)
+    close_state(st, s0)
+    for bad in (dict(window=0), dict(window=0, sinks=2, terraced=True), dict(window=-1, sinks=2)):
+        with pytest.raises(ValueError, match="window must be >= 1, or 0"):
+            window_hybrid_chunked(*xs, a, b, **bad)

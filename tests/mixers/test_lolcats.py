@@ -9,7 +9,7 @@ from mixer_testing import HIDDEN, HKV, D, H, inputs, run_pieces, sl
 
 from zoo.mixers import build_mixer, get_mixer, list_mixers
 from zoo.mixers.hedgehog import hedgehog_features
-from zoo.mixers.lolcats import Lolcats, LolcatsSink, LolcatsTerraced, LolcatsTerracedSink
+from zoo.mixers.lolcats import HedgehogSink, Lolcats, LolcatsSink, LolcatsTerraced, LolcatsTerracedSink
 
 NAMES = ["lolcats", "lolcats-terraced", "lolcats-sink", "lolcats-terraced-sink"]
 STATE_FIELDS = ("k", "v", "fk", "S", "z", "n", "sink_k", "sink_v")
@@ -192,3 +192,34 @@ def test_bf16_inputs(name):
         y16, st = m(q.bfloat16(), k.bfloat16(), v.bfloat16(), x.bfloat16())
     assert y16.dtype == torch.bfloat16 and st.S.dtype == torch.float32
     torch.testing.assert_close(y16.float(), y32, atol=5e-2, rtol=5e-2)
+
+
+def test_hedgehog_sink_has_no_window():
+    """`hedgehog-sink`: the 4 sinks are the only softmax keys (max-normalized, weight a), every other key,
+    the query's own included, is a Hedgehog linear key (weight b = 1 - a); no window slots in the state."""
+    cls = get_mixer("hedgehog-sink")
+    assert cls is HedgehogSink and cls.family == "linear" and "window" not in cls.state_size
+    assert (cls.options["window"], cls.options["sinks"]) == (0, 4)
+    m = make_mixer("hedgehog-sink")
+    T = 30
+    q, k, v, x = inputs(T, Bsz=1)
+    kr, vr = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    sink, lin = (j < 4) & (j <= i), (j >= 4) & (j <= i)
+    fq = hedgehog_features(m.feature_map_q(q))
+    fk = hedgehog_features(m.feature_map_k(k)).repeat_interleave(H // HKV, 1)
+    with torch.no_grad():
+        y, st = m(q, k, v, x)
+        a = torch.sigmoid(m.window_logit)[:, None, None]
+        s = (q @ kr.transpose(-1, -2) * D ** -0.5).masked_fill(~sink, float("-inf"))
+        w = a * torch.exp(s - s.amax(-1, keepdim=True)) + (1 - a) * (fq @ fk.transpose(-1, -2)) * lin
+        torch.testing.assert_close(y, (w / w.sum(-1, keepdim=True)) @ vr, atol=1e-5, rtol=1e-5)
+        assert st.cached_tokens == 0 and st.sinks == 4
+        m.branch = "window"  # the sinks alone
+        torch.testing.assert_close(m(q, k, v, x)[0], s.softmax(-1) @ vr, atol=1e-5, rtol=1e-5)
+        m.branch = "linear"  # linear attention over every key
+        lw = (fq @ fk.transpose(-1, -2)).masked_fill(j > i, 0)
+        torch.testing.assert_close(m(q, k, v, x)[0], (lw / lw.sum(-1, keepdim=True)) @ vr, atol=1e-5, rtol=1e-5)
+    for name, options in (("lolcats", {"window": 0}), ("lolcats-terraced-sink", {"window": 0})):
+        with pytest.raises(ValueError, match=r"window >= 1 \(or 0 with sinks >= 1, plain window\)"):
+            build_mixer(name, H, HKV, D, HIDDEN, 0, **options)

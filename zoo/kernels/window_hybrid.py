@@ -27,7 +27,8 @@ the linear state skip them by construction, and adds a sink outside the query's 
 softmax column (one inside the window is already there).
 
 Windows:
-- plain (terraced=False): win(t) = {t-W+1, ..., t}.
+- plain (terraced=False): win(t) = {t-W+1, ..., t}; W = 0 (with sinks): no window, the sinks are the only
+  softmax keys and every other key, the query's own included, is linear.
 - terraced (terraced=True): blocks of W positions; a query in block j attends by softmax to all keys
   of block j-1 and causally within block j; older keys go to the linear part.
 
@@ -176,10 +177,11 @@ def _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask,
     if k.shape != (B, H, T, D) or v.shape[:3] != (B, H, T) or fq.shape[:3] != (B, H, T) or fk.shape != fq.shape:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"fq {tuple(fq.shape)}, fk {tuple(fk.shape)} (k, v must be repeated to H heads)")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
     if sinks < 0:
         raise ValueError(f"sinks must be >= 0, got {sinks}")
+    if window < 1 and not (window == 0 and sinks > 0 and not terraced):
+        raise ValueError(f"window must be >= 1, or 0 (no window: softmax over the sinks alone) with sinks >= 1 "
+                         f"and the plain window; got window={window}, sinks={sinks}, terraced={terraced}")
     cdt = torch.promote_types(q.dtype, torch.float32)
     facs = [None if f is None else torch.as_tensor(f, dtype=cdt, device=q.device).expand(H) for f in (a, b, c)]
     scale = D ** -0.5 if scale is None else scale
@@ -292,8 +294,8 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     W, L = window, state_len(window, terraced)
-    C = chunk_size or W * max(1, -(-64 // W))
-    if C % W:
+    C = chunk_size or (W * max(1, -(-64 // W)) if W else 64)
+    if W and C % W:
         raise ValueError(f"chunk_size ({C}) must be a multiple of window ({W})")
     dev, out_dtype = q.device, q.dtype
     q, k, v, fq, fk = (t.to(cdt) for t in (q, k, v, fq, fk))
@@ -452,10 +454,11 @@ def window_hybrid_step(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scal
                               sink)
         y = num / torch.where(real[:, None], den, torch.ones_like(den))[..., None]
         ys.append(y * real[:, None, None])
-        # A real token enters the window; the oldest slot (if real) leaves it for S, z.
+        # A real token enters the window; the oldest of [slots, token] (if real) leaves it for S, z: the
+        # oldest slot, or without a window (L = 0) the token itself.
         ev = (real & (n >= L)).to(cdt)[:, None, None]
-        S = S + ev[..., None] * fkw[:, :, 0, :, None] * vw[:, :, 0, None, :]
-        z = z + ev * fkw[:, :, 0]
+        S = S + ev[..., None] * ff[:, :, 0, :, None] * vv[:, :, 0, None, :]
+        z = z + ev * ff[:, :, 0]
         r4 = real[:, None, None, None]
         kw, vw, fkw = (torch.where(r4, x[:, :, 1:], old) for x, old in ((kk, kw), (vv, vw), (ff, fkw)))
         n = n + real.long()

@@ -19,6 +19,10 @@ out-of-window history grows to hundreds of tokens, which matches the locality of
 without starving the linear branch of gradient; w = 0 is also where sigmoid learns fastest. The LoLCATs
 code starts from a = sigmoid(-2.197) = 0.1 with b = 1 (ratio 0.1); `window_factor=0.1` gives ratio 0.11.
 
+`hedgehog-sink`: the same layer without a window (`window=0`, 4 sinks): Hedgehog linear attention over
+every key but the first four, which are softmax keys of every query. No window: its state is the linear
+state and the 4 sinks, constant in the context.
+
 Ablations: set `mixer.branch` at eval time (default "both"):
 - "window": sliding-window softmax alone (a = 1, b = 0).
 - "linear": Hedgehog linear attention alone over ALL past keys, window and sinks included (a = 0, b = c = 1,
@@ -53,9 +57,10 @@ class _LolcatsBase(Mixer):
         self.feature_dim = int(self.config["feature_dim"] or head_dim)
         self.sinks = int(self.config["sinks"])
         a0 = float(self.config["window_factor"])
-        if self.window < 1 or self.feature_dim < 1 or not 0.0 < a0 < 1.0 or self.sinks < 0:
-            raise ValueError(f"{self.name}: need window >= 1, feature_dim >= 1, 0 < window_factor < 1, sinks >= 0; "
-                             f"got {self.config}")
+        no_window_ok = self.window == 0 and self.sinks > 0 and not self.terraced
+        if (self.window < 1 and not no_window_ok) or self.feature_dim < 1 or not 0.0 < a0 < 1.0 or self.sinks < 0:
+            raise ValueError(f"{self.name}: need window >= 1 (or 0 with sinks >= 1, plain window), feature_dim >= 1, "
+                             f"0 < window_factor < 1, sinks >= 0; got {self.config}")
         # the same Hedgehog maps as the `hedgehog` mixer: queries per head, keys per key/value head
         self.feature_map_q = HeadwiseLinear(num_heads, head_dim, self.feature_dim)
         self.feature_map_k = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim)
@@ -73,9 +78,12 @@ class _LolcatsBase(Mixer):
             return torch.zeros_like(a), torch.ones_like(a), torch.ones_like(a)
         return a, 1.0 - a, None
 
-    def _sinks(self) -> int:
-        # the linear branch alone is linear attention over all keys: the sinks are not taken out of it
-        return 0 if self.branch == "linear" else self.sinks
+    def _window_and_sinks(self) -> tuple[int, int]:
+        # the linear branch alone is linear attention over all keys: the sinks are not taken out of it, and
+        # the window does not matter (a = 0, b = c = 1 gives every key its linear weight)
+        if self.branch == "linear":
+            return max(self.window, 1), 0
+        return self.window, self.sinks
 
     def _features(self, q, k):
         fq = hedgehog_features(self.feature_map_q(q))
@@ -89,15 +97,17 @@ class _LolcatsBase(Mixer):
             keep = mask.to(q.device).bool()[:, None, :, None]
             k, v, fk = k * keep, v * keep, fk * keep
         a, b, c = self.factors()
-        return window_hybrid(q, k, v, fq, fk, a, b, c=c, window=self.window, terraced=self.terraced,
-                             scale=self.head_dim ** -0.5, state=state, key_mask=mask, sinks=self._sinks(),
+        window, sinks = self._window_and_sinks()
+        return window_hybrid(q, k, v, fq, fk, a, b, c=c, window=window, terraced=self.terraced,
+                             scale=self.head_dim ** -0.5, state=state, key_mask=mask, sinks=sinks,
                              kv_groups=self.kv_group_size)  # k, v, fk: one per KV head
 
     def attention_weights(self, q, k):
         k, fq, fk = self._features(q, k)
         a, b, c = self.factors()
-        return window_hybrid_weights(q, k, fq, fk, a, b, c=c, window=self.window, terraced=self.terraced,
-                                     scale=self.head_dim ** -0.5, sinks=self._sinks())
+        window, sinks = self._window_and_sinks()
+        return window_hybrid_weights(q, k, fq, fk, a, b, c=c, window=window, terraced=self.terraced,
+                                     scale=self.head_dim ** -0.5, sinks=sinks)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, branch={self.branch!r}"
@@ -140,3 +150,14 @@ class LolcatsTerracedSink(LolcatsTerraced):
     options = {**LolcatsTerraced.options, "sinks": 4}
     state_size = ("Hkv*(2F*D + 2F) fp32 + 2W*Hkv*(2D + 2F) (last 2W keys, values, phi(k)) + S*Hkv*2D (first S "
                   "keys, values); F = feature_dim (default D), S = sinks (4)")
+
+
+@register_mixer("hedgehog-sink")
+class HedgehogSink(Lolcats):
+    """Hedgehog linear attention over every key but the first 4, which are softmax keys of every query: no
+    window (`lolcats` with window=0 and 4 sinks)."""
+
+    family = "linear"
+    description = "Hedgehog linear attention + 4 attention sinks (softmax over the first 4 tokens), no window"
+    options = {**Lolcats.options, "window": 0, "sinks": 4}
+    state_size = "Hkv*(2F*D + 2F) fp32 + S*Hkv*2D (first S keys, values); F = feature_dim (default D), S = sinks (4)"
