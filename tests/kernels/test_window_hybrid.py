@@ -58,7 +58,12 @@ def close_state(s1, s2, atol=1e-5, rtol=1e-5):
 @with_sinks
 def test_forms_agree_with_reference(terraced, W, T, sinks):
     xs, a, b = make(T, seed=T + W)
-    kw = dict(window=W, terraced=terraced, sinks=sinks)
+    _, s0 = assert_forms_agree(xs, a, b, window=W, terraced=terraced, sinks=sinks)
+    assert s0.cached_tokens == state_len(W, terraced)
+
+
+def assert_forms_agree(xs, a, b, **kw):
+    """The chunked and step forms give the loop reference's outputs, gradients and state; returns its y, state."""
     y0, s0, g0 = run(window_hybrid_naive, xs, a, b, grad=True, **kw)
     for fn in (window_hybrid_chunked, window_hybrid_step):
         y, s, g = run(fn, xs, a, b, grad=True, **kw)
@@ -66,7 +71,7 @@ def test_forms_agree_with_reference(terraced, W, T, sinks):
         for name, gi, gr in zip(("q", "k", "v", "fq", "fk", "a", "b"), g, g0):
             torch.testing.assert_close(gi, gr, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
         close_state(s, s0)
-        assert s.cached_tokens == state_len(W, terraced)
+    return y0, s0
 
 
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
@@ -257,14 +262,8 @@ def test_no_window_only_sinks():
     T = 150
     xs, a, b = make(T, seed=29)
     kw = dict(window=0, sinks=3)
-    y0, s0, g0 = run(window_hybrid_naive, xs, a, b, grad=True, **kw)
+    y0, s0 = assert_forms_agree(xs, a, b, **kw)
     assert s0.cached_tokens == 0 and s0.sinks == 3
-    for fn in (window_hybrid_chunked, window_hybrid_step):
-        y, s, g = run(fn, xs, a, b, grad=True, **kw)
-        torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
-        for name, gi, gr in zip(("q", "k", "v", "fq", "fk", "a", "b"), g, g0):
-            torch.testing.assert_close(gi, gr, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
-        close_state(s, s0)
     torch.testing.assert_close(y0[:, :, :40].double(), dense_reference(*(t[:, :, :40] for t in xs), a, b, 0, False,
                                                                        sinks=3), atol=1e-5, rtol=1e-5)
     mask = torch.rand(B, T, generator=torch.Generator().manual_seed(31)) > 0.25
