@@ -43,8 +43,8 @@ Forms (same signature; each returns y [B, H, T, Dv] in q's dtype and the new Win
 
 The state keeps only O(W) tokens: the last L real keys, values and fk (L = W plain, 2W terraced),
 plus the fp32 linear state S [B,H,F,Dv], z [B,H,F] of every real key older than those, the number
-n [B] of real tokens seen, and with sinks the first S real keys and values. Padded keys (key_mask 0) are dropped: they enter neither the window, the
-linear part nor the state, and their outputs are 0.
+n [B] of real tokens seen, and with sinks the first S real keys and values. Padded keys (key_mask 0)
+are dropped: they enter neither the window, the linear part nor the state, and their outputs are 0.
 """
 
 from __future__ import annotations
@@ -196,7 +196,9 @@ def _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask,
     elif state.window != window or state.terraced != terraced or state.sinks != sinks:
         raise ValueError(f"state was made with window={state.window}, terraced={state.terraced}, "
                          f"sinks={state.sinks}; called with window={window}, terraced={terraced}, sinks={sinks}")
-    return cdt, facs, scale, valid, state, fresh
+    # the sinks, once for every form: their key features zeroed (never linear keys), their keys and values
+    sink_slots = _sink_slots(k, v, valid, state, sinks) if sinks else None
+    return cdt, facs, scale, valid, state, fresh, _drop_sink_features(fk, valid, state.n, sinks), sink_slots
 
 
 def _one_query(qt, fqt, keys, values, fks, win, lin, a, b, c, S, z, scale, sinks=None):
@@ -222,10 +224,8 @@ def _one_query(qt, fqt, keys, values, fks, win, lin, a, b, c, S, z, scale, sinks
 def window_hybrid_naive(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None,
                         c=None, chunk_size=None, sinks=0):
     """Reference: loop over time; each query scores every real key seen so far (state slots included)."""
-    cdt, (a, b, c), scale, valid, st, _ = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask,
-                                                   sinks)
-    fk = _drop_sink_features(fk, valid, st.n, sinks)
-    sink_slots = _sink_slots(k, v, valid, st, sinks) if sinks else None
+    cdt, (a, b, c), scale, valid, st, _, fk, sink_slots = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale,
+                                                                   state, key_mask, sinks)
     B, H, T, D = q.shape
     L = state_len(window, terraced)
     a, b = a.view(1, H, 1), b.view(1, H, 1)
@@ -287,10 +287,8 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
     under a fixed band mask (softmax inside the window, linear outside); chunks <= j-2 come from the
     running linear state; the sinks outside a query's window are extra softmax columns. Working sets stay
     chunk-sized, so they stay in the CPU caches."""
-    cdt, (a, b, c), scale, valid, st, fresh = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state,
-                                                       key_mask, sinks)
-    fk = _drop_sink_features(fk, valid, st.n, sinks)
-    sink_slots = _sink_slots(k, v, valid, st, sinks) if sinks else None
+    cdt, (a, b, c), scale, valid, st, fresh, fk, sink_slots = _prepare(q, k, v, fq, fk, a, b, c, window, terraced,
+                                                                       scale, state, key_mask, sinks)
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     W, L = window, state_len(window, terraced)
@@ -427,10 +425,8 @@ def window_hybrid_chunked(q, k, v, fq, fk, a, b, *, window=64, terraced=False, s
 def window_hybrid_step(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None,
                        c=None, chunk_size=None, sinks=0):
     """Recurrent form for decoding: one token at a time against the O(W) state."""
-    cdt, (a, b, c), scale, valid, st, _ = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask,
-                                                   sinks)
-    fk = _drop_sink_features(fk, valid, st.n, sinks)
-    sink_slots = _sink_slots(k, v, valid, st, sinks) if sinks else None
+    cdt, (a, b, c), scale, valid, st, _, fk, sink_slots = _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale,
+                                                                   state, key_mask, sinks)
     sink_cdt = None if sink_slots is None else tuple(x.to(cdt) for x in sink_slots)
     B, H, T, D = q.shape
     L = state_len(window, terraced)
