@@ -8,11 +8,17 @@ an ordinary growing KV cache. `model.generate` works unchanged on top of it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+#: the keyword a causal LM's forward takes its cache by and the attribute its output returns it in:
+#: `past_key_values` up to transformers 5.23, `cache` from 5.24 (which still reads the old name, with a warning)
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: Any) -> Any:

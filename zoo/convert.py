@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from zoo.cache import ZooCache
+from zoo.cache import CACHE_ARG, ZooCache
 from zoo.kernels.softmax import causal_softmax_attention
 from zoo.mixers.base import Mixer, build_mixer
 from zoo.recipe import parse_layers
@@ -66,7 +66,8 @@ class LinearizedAttention(nn.Module):
         return q, k, v
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
+                cache=None, **kwargs):
+        cache = past_key_values if cache is None else cache  # the decoder layer's name for it: see CACHE_ARG
         B, T, _ = hidden_states.shape
         q, k, v = self.project(hidden_states, position_embeddings)
         ctx = self.context
@@ -75,7 +76,7 @@ class LinearizedAttention(nn.Module):
             return self._transfer(q, k, v, hidden_states, mask), None
         if ctx.softmax:
             return self._teacher_output(q, k, v, mask), None
-        layer = past_key_values.mixer_layer(self.layer_idx) if isinstance(past_key_values, ZooCache) else None
+        layer = cache.mixer_layer(self.layer_idx) if isinstance(cache, ZooCache) else None
         y, state = self.mixer(q, k, v, hidden_states, state=None if layer is None else layer.state, mask=mask)
         if layer is not None:
             layer.state, layer.seen = state, layer.seen + T
@@ -156,15 +157,18 @@ class ZooModelMixin:
         return ctx
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, position_ids=None,
-                use_cache=None, **kwargs):
+                use_cache=None, cache=None, **kwargs):
+        if cache is not None and past_key_values is not None:
+            raise ValueError("give the cache as `cache` or as `past_key_values`, not both")
+        cache = past_key_values if cache is None else cache  # either name, whatever the transformers version
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if past_key_values is not None and not isinstance(past_key_values, ZooCache):
-            if past_key_values.get_seq_length():
+        if cache is not None and not isinstance(cache, ZooCache):
+            if cache.get_seq_length():
                 raise TypeError("a converted model needs a zoo.cache.ZooCache, not a "
-                                f"{type(past_key_values).__name__} that already holds tokens")
-            past_key_values = ZooCache()
-        if past_key_values is None and use_cache:
-            past_key_values = ZooCache()
+                                f"{type(cache).__name__} that already holds tokens")
+            cache = ZooCache()
+        if cache is None and use_cache:
+            cache = ZooCache()
         if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
             # left padding: real tokens are numbered from 0, as they would be in an unpadded batch
             T = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
@@ -172,16 +176,15 @@ class ZooModelMixin:
         ctx = self._zoo_context()
         ctx.mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         try:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                                   past_key_values=past_key_values, position_ids=position_ids,
-                                   use_cache=use_cache, **kwargs)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=use_cache, **{CACHE_ARG: cache}, **kwargs)
         finally:
             ctx.mask = None
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        user_cache = model_kwargs.get("past_key_values")
+        user_cache = model_kwargs.get(CACHE_ARG)
         if user_cache is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = ZooCache()
+            model_kwargs[CACHE_ARG] = ZooCache()
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 

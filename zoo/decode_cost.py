@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from zoo.cache import state_bytes
+from zoo.cache import CACHE_ARG, state_bytes
 from zoo.evaluate import model_device
 
 __all__ = ["cache_state_bytes", "extrapolate_state_bytes", "measure_decode"]
@@ -85,16 +85,16 @@ def measure_decode(model: Any, contexts: Sequence[int], steps: int = 8, seed: in
         for context in contexts:
             ids = torch.randint(vocab, (1, context - seen), generator=generator).to(device)
             t0 = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache})
             prefill = time.perf_counter() - t0
-            cache = out.past_key_values
+            cache = getattr(out, CACHE_ARG)
             held = cache_state_bytes(cache)
             token = out.logits[:, -1:].argmax(-1)
             times = []
             for _ in range(steps):
                 t0 = time.perf_counter()
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=token, use_cache=True, **{CACHE_ARG: cache})
+                cache, token = getattr(out, CACHE_ARG), out.logits[:, -1:].argmax(-1)
                 times.append(time.perf_counter() - t0)
             seen = context + steps
             step = statistics.median(times)  # robust to a step slowed by other work on the machine
