@@ -13,9 +13,9 @@ from torch import nn
 from zoo.cache import map_state
 from zoo.kernels.flow_attention import flow_attention, flow_attention_naive
 from zoo.kernels.linear_attention import linear_attention
+from zoo.kernels.short_conv import causal_conv
 from zoo.mixers import build_mixer, get_mixer, list_mixers, repeat_kv
 from zoo.mixers.based import num_taylor_features, taylor_features
-from zoo.mixers.mamba2 import causal_conv
 
 NAMES = ["mamba2", "flow", "based", "based-window"]
 OPTIONS = {

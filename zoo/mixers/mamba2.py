@@ -51,6 +51,7 @@ from torch import nn
 
 from zoo.kernels.dispatch import linear_attention
 from zoo.kernels.linear_attention import LinearAttentionState
+from zoo.kernels.short_conv import causal_conv
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 from zoo.mixers.hedgehog import hedgehog_features
@@ -60,30 +61,6 @@ class Mamba2State(NamedTuple):
     S: torch.Tensor  # [B, H, F, D] fp32
     z: torch.Tensor  # [B, H, F] fp32
     conv: torch.Tensor  # [B, Hkv, conv_size - 1, D]: the last real inputs of the conv (zeros before any)
-
-
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, history: torch.Tensor, mask=None):
-    """Depthwise causal conv. x [B, h, T, D], weight [h, D, K], history [B, h, K-1, D] (the previous
-    K-1 real inputs); mask [B, T] or None. Padded inputs are skipped: each real token sees the K-1 real
-    tokens before it. Returns the output [B, h, T, D] (0 at padding) and the new history."""
-    K = weight.shape[-1]
-    ext = torch.cat([history.to(x.dtype), x], dim=2)  # [B, h, K-1+T, D]
-    B, h, N, D = ext.shape
-    if mask is not None:
-        valid = torch.cat([mask.new_ones(B, K - 1), mask], dim=1).bool()  # [B, N]
-        # move real tokens to the front of each row, in order, so a plain causal conv skips the padding
-        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-        ext = ext.gather(2, order[:, None, :, None].expand(B, h, N, D))
-        rank = valid.long().cumsum(1) - 1  # compact index of each real token
-        count = valid.sum(1)
-    win = ext.unfold(2, K, 1)  # [B, h, N-K+1, D, K]: window ending at each position
-    out = (win * weight[None, :, None]).sum(-1)
-    if mask is None:
-        return out, ext[:, :, N - K + 1:]
-    idx = (rank[:, K - 1:] - (K - 1)).clamp(min=0)  # [B, T]
-    out = out.gather(2, idx[:, None, :, None].expand(B, h, -1, D)) * mask[:, None, :, None]
-    last = (count[:, None] - K + 1 + torch.arange(K - 1, device=x.device)).clamp(min=0)
-    return out, ext.gather(2, last[:, None, :, None].expand(B, h, K - 1, D))
 
 
 @register_mixer("mamba2")
