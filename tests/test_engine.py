@@ -35,7 +35,8 @@ def converted(family: str, mixer: str, seed: int = 0, **kw):
 
 def test_registry_lists_builtins():
     for name in ("softmax", "linear-elu", "t2r", "hedgehog", "lolcats", "lolcats-terraced", "gla", "liger-gla",
-                 "liger", "retention", "delta", "gated-delta", "mamba2", "flow", "based", "based-window"):
+                 "liger", "retention", "delta", "gated-delta", "gated-delta-conv", "mamba2", "flow", "based",
+                 "based-window"):
         assert name in MIXERS, f"{name} is not registered"
 
 

@@ -46,7 +46,7 @@ from zoo.kernels.dispatch import delta_rule
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "identity": lambda h: h,
     "silu": F.silu,
     "relu": torch.relu,
@@ -54,8 +54,19 @@ _ACTIVATIONS = {
 }
 
 
+def decay_bias(dt_min: float, dt_max: float, heads: int) -> torch.Tensor:
+    """softplus^-1 of per-step decay rates -log g log-uniform from dt_min (head 0) to dt_max (the last
+    head) [heads]: the dt_bias that starts each head at its own time scale (Mamba2's init)."""
+    dt = torch.exp(torch.linspace(math.log(dt_min), math.log(dt_max), heads))
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 class _DeltaBase(Mixer):
-    """The delta rule with learned feature maps and write strength; subclasses add a gate."""
+    """The delta rule with learned feature maps and write strength; subclasses add a gate.
+
+    A head may hold several memories (`memories`, 1 here): each its own feature maps, write strength
+    and gate over the head's q, k, v, stacked memory-major along the head axis of the kernel's rows
+    (memory m of head h is row m * H + h), so one delta-rule call runs them all."""
 
     family = "delta"
     source = ("Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
@@ -65,39 +76,53 @@ class _DeltaBase(Mixer):
         "feature_map": "silu",  # act in phi = L2norm(act(x W)): identity, silu, relu, hedgehog (2F features)
         "beta_init": 0.5,  # the write strength every head starts with
     }
+    #: memories per head (rows of the kernel per query head)
+    memories: int = 1
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.feature_dim = int(self.config["feature_dim"] or head_dim)
         act, b0 = self.config["feature_map"], float(self.config["beta_init"])
-        if act not in _ACTIVATIONS or self.feature_dim < 1 or not 0.0 < b0 < 1.0:
-            raise ValueError(f"{self.name}: need feature_map in {sorted(_ACTIVATIONS)}, feature_dim >= 1, "
+        if act not in ACTIVATIONS or self.feature_dim < 1 or not 0.0 < b0 < 1.0:
+            raise ValueError(f"{self.name}: need feature_map in {sorted(ACTIVATIONS)}, feature_dim >= 1, "
                              f"0 < beta_init < 1; got {self.config}")
-        self.act = _ACTIVATIONS[act]
-        self.q_map = HeadwiseLinear(num_heads, head_dim, self.feature_dim, init="signed")
-        self.k_map = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim, init="signed")
-        self.beta_proj = nn.Linear(hidden_size, num_heads)
+        self.act = ACTIVATIONS[act]
+        M = self.memories
+        self.q_map = HeadwiseLinear(M * num_heads, head_dim, self.feature_dim, init="signed")
+        self.k_map = HeadwiseLinear(M * num_kv_heads, head_dim, self.feature_dim, init="signed")
+        self.beta_proj = nn.Linear(hidden_size, M * num_heads)
         nn.init.zeros_(self.beta_proj.weight)
         nn.init.constant_(self.beta_proj.bias, math.log(b0 / (1.0 - b0)))
 
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, h, T, D] -> [B, M * h, T, D]: the same heads once per memory."""
+        return t if self.memories == 1 else t.repeat(1, self.memories, 1, 1)
+
+    def _to_query_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, M * Hkv, T, X] -> [B, M * H, T, X]: each memory's key/value heads repeated to its query heads."""
+        B, _, T, X = t.shape
+        t = t.reshape(B * self.memories, self.num_kv_heads, T, X)
+        return repeat_kv(t, self.num_heads).reshape(B, self.memories * self.num_heads, T, X)
+
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi(q) [B, H, T, F'] and phi(k) repeated to the query heads, fp32, both of unit norm."""
-        fq = F.normalize(self.act(self.q_map(q)), dim=-1)
-        fk = F.normalize(self.act(self.k_map(k)), dim=-1)
-        return fq, repeat_kv(fk, self.num_heads)
+        """phi(q) [B, M*H, T, F'] and phi(k) repeated to the query heads, fp32, both of unit norm."""
+        fq = F.normalize(self.act(self.q_map(self._rows(q))), dim=-1)
+        fk = F.normalize(self.act(self.k_map(self._rows(k))), dim=-1)
+        return fq, self._to_query_rows(fk)
 
     def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, hidden] -> [B, H, T], in fp32."""
+        """x [B, T, hidden] -> [B, rows, T], in fp32."""
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(x.float(), layer.weight.float(), bias).transpose(1, 2)
 
     def log_gate(self, x: torch.Tensor) -> torch.Tensor | None:
-        """log g [B, H, T] (<= 0), or None for no decay."""
+        """log g [B, M*H, T] (<= 0), or None for no decay."""
         return None
 
-    def forward(self, q, k, v, x, state=None, mask=None):
+    def recur(self, q, k, v, x, state=None, mask=None):
+        """The delta rule over every memory: y [B, M*H, T, D] and the state S [B, M*H, F', D]."""
         fq, fk = self.features(q, k)
-        v = repeat_kv(v, self.num_heads)
+        v = self._rows(repeat_kv(v, self.num_heads))
         beta = torch.sigmoid(self._linear(self.beta_proj, x))
         log_gate = self.log_gate(x)
         if mask is not None:  # padded tokens neither write (beta = 0) nor decay (log g = 0)
@@ -108,6 +133,9 @@ class _DeltaBase(Mixer):
             log_gate = None if log_gate is None else log_gate * keep
             fk, v = fk * keep[..., None], v * keep[..., None]  # pads' k, v stay finite whatever they were
         return delta_rule(fq, fk, v, beta, log_gate, state=state)
+
+    def forward(self, q, k, v, x, state=None, mask=None):
+        return self.recur(q, k, v, x, state, mask)
 
 
 @register_mixer("delta")
@@ -126,16 +154,20 @@ class GatedDeltaMixer(_DeltaBase):
                "dt_min": 1e-3,  # initial per-step decay rates -log g, log-uniform over the heads
                "dt_max": 1e-1}
 
+    def decay_ranges(self) -> list[tuple[float, float]]:
+        """(dt_min, dt_max) of each memory: the range its heads' initial decay rates -log g span."""
+        return [(float(self.config["dt_min"]), float(self.config["dt_max"]))]
+
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
-        lo, hi = float(self.config["dt_min"]), float(self.config["dt_max"])
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"{self.name}: need 0 < dt_min <= dt_max; got {lo}, {hi}")
-        dt = torch.exp(torch.linspace(math.log(lo), math.log(hi), num_heads))
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        ranges = self.decay_ranges()
+        if not all(0.0 < lo <= hi for lo, hi in ranges):
+            raise ValueError(f"{self.name}: need 0 < dt_min <= dt_max; got {ranges}")
+        rows = self.memories * num_heads
+        self.a_proj = nn.Linear(hidden_size, rows, bias=False)
         nn.init.zeros_(self.a_proj.weight)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-        self.A_log = nn.Parameter(torch.zeros(num_heads))
+        self.dt_bias = nn.Parameter(torch.cat([decay_bias(lo, hi, num_heads) for lo, hi in ranges]))
+        self.A_log = nn.Parameter(torch.zeros(rows))
 
     def log_gate(self, x):
         dt = F.softplus(self._linear(self.a_proj, x) + self.dt_bias.float()[:, None])
