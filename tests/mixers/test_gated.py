@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from mixer_testing import HIDDEN, HKV, D, H, run_pieces, sl
+from mixer_testing import HIDDEN, HKV, D, H, assert_bf16_inputs_follow_fp32, run_pieces, sl
 from mixer_testing import inputs as seeded_inputs
 
 from zoo.cache import map_state
@@ -299,10 +299,4 @@ def test_retention_decays():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_inputs(name):
-    m = make_mixer(name)
-    q, k, v, x = inputs(50)
-    with torch.no_grad():
-        y32, _ = m(q, k, v, x)
-        y16, st = m(q.bfloat16(), k.bfloat16(), v.bfloat16(), x.bfloat16())
-    assert y16.dtype == torch.bfloat16 and state_tensors(st)["S"].dtype == torch.float32
-    torch.testing.assert_close(y16.float(), y32, atol=5e-2, rtol=5e-2)
+    assert_bf16_inputs_follow_fp32(make_mixer(name), inputs(50), lambda st: state_tensors(st)["S"])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from mixer_testing import HIDDEN, HKV, D, H, inputs, part, run_pieces
+from mixer_testing import HIDDEN, HKV, D, H, assert_bf16_inputs_follow_fp32, inputs, part, run_pieces
 
 from zoo.cache import state_bytes
 from zoo.kernels.delta_rule import delta_rule_naive
@@ -182,13 +182,7 @@ def test_one_memory_without_convs_is_gated_delta():
 
 
 def test_bf16_inputs():
-    m = make_mixer()
-    q, k, v, x = inputs(50)
-    with torch.no_grad():
-        y32, _ = m(q, k, v, x)
-        y16, st = m(q.bfloat16(), k.bfloat16(), v.bfloat16(), x.bfloat16())
-    assert y16.dtype == torch.bfloat16 and st.S.dtype == torch.float32
-    torch.testing.assert_close(y16.float(), y32, atol=5e-2, rtol=5e-2)
+    assert_bf16_inputs_follow_fp32(make_mixer(), inputs(50), lambda st: st.S)
 
 
 def test_first_real_token_outputs_its_value_wherever_it_comes():

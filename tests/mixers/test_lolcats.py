@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mixer_testing import HIDDEN, HKV, D, H, inputs, run_pieces, sl
+from mixer_testing import HIDDEN, HKV, D, H, assert_bf16_inputs_follow_fp32, inputs, run_pieces, sl
 
 from zoo.mixers import build_mixer, get_mixer, list_mixers
 from zoo.mixers.hedgehog import hedgehog_features
@@ -185,13 +185,7 @@ def test_branch_ablations(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_inputs(name):
-    m = make_mixer(name, window=16)
-    q, k, v, x = inputs(50)
-    with torch.no_grad():
-        y32, _ = m(q, k, v, x)
-        y16, st = m(q.bfloat16(), k.bfloat16(), v.bfloat16(), x.bfloat16())
-    assert y16.dtype == torch.bfloat16 and st.S.dtype == torch.float32
-    torch.testing.assert_close(y16.float(), y32, atol=5e-2, rtol=5e-2)
+    assert_bf16_inputs_follow_fp32(make_mixer(name, window=16), inputs(50), lambda st: st.S)
 
 
 def test_hedgehog_sink_has_no_window():
