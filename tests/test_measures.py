@@ -33,7 +33,29 @@ def test_decode_cost_of_a_teacher_and_of_a_linear_mixer():
     linear = zoo.linearize(tiny_model("llama"), "hedgehog")
     h = measure_decode(linear, [24, 48], steps=3)
     assert h["state_growth"] == "constant"
-    assert h["contexts"]["24"]["state_bytes"] == h["contexts"]["48"]["state_bytes"] == h["state_bytes_extrapolated"]["32768"]
+    held = h["contexts"]["24"]["state_bytes"]
+    assert held == h["contexts"]["48"]["state_bytes"] == h["state_bytes_extrapolated"]["32768"]
+    assert 0 < held < t["contexts"]["24"]["state_bytes"] * 4
+
+
+def test_a_cache_nothing_wrote_to_is_an_error_not_zero_bytes(monkeypatch):
+    """A model that drops the cache argument (as zoo's wrapper did when transformers renamed it)
+    must not be measured as holding 0 bytes at decode speeds of a stateless model."""
+    from transformers import DynamicCache
+
+    from zoo.cache import CACHE_ARG
+
+    teacher = tiny_model("llama")
+    original = teacher.forward
+
+    def forward_losing_the_cache(*args, **kwargs):
+        out = original(*args, **kwargs)
+        setattr(out, CACHE_ARG, DynamicCache())  # what a layer that never saw the cache leaves
+        return out
+
+    monkeypatch.setattr(teacher, "forward", forward_losing_the_cache)
+    with pytest.raises(RuntimeError, match="holds no state"):
+        measure_decode(teacher, [24, 48], steps=3)
     with pytest.raises(ValueError, match="grow by more than steps"):
         measure_decode(teacher, [24, 26], steps=3)
 

@@ -89,6 +89,11 @@ def measure_decode(model: Any, contexts: Sequence[int], steps: int = 8, seed: in
             prefill = time.perf_counter() - t0
             cache = getattr(out, CACHE_ARG)
             held = cache_state_bytes(cache)
+            if held == 0:  # a cache no layer wrote to: every decode step would start from nothing
+                raise RuntimeError(f"decode: after a {context}-token prefill the model's cache "
+                                   f"({type(cache).__name__}) holds no state; the cache argument "
+                                   f"{CACHE_ARG!r} did not reach its layers (a transformers version whose "
+                                   "cache argument zoo does not know?)")
             token = out.logits[:, -1:].argmax(-1)
             times = []
             for _ in range(steps):
