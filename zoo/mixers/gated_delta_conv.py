@@ -33,6 +33,9 @@ perplexity after stage 1 of the whole model (gated-delta: 50.49 / 73.97), one pa
   token the same share made `gated-delta` worse, 95.54 after stage 1, though it lowered the teacher-forced
   transfer MSE (0.1395 -> 0.121): the free-running model is what counts.
 
+All of it, through the standard bench's stage 2 (LoRA, mixer frozen): 30.99 / 48.70, 1.277x the fair
+reference (gated-delta: 40.70 / 65.89, 1.677x).
+
 State: the memories S [B, M*H, F', D] fp32 (per query head, as beta and the gates are), the convs' last
 conv_size-1 real inputs of q, k and v and of the output conv (v', per key/value head), the first token's
 value per key/value head and the count of real tokens seen; padding skips all of it.
