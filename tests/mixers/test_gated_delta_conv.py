@@ -68,7 +68,7 @@ def test_registered_options_and_errors():
     cls = get_mixer(NAME)
     assert cls is GatedDeltaConvMixer and cls.family == "delta" and "arXiv" in cls.source
     assert cls.options == {"feature_dim": 128, "feature_map": "silu", "beta_init": 0.5,
-                           "decays": [[1e-3, 1e-1], [5e-2, 5e-1]], "conv_size": 4}
+                           "decays": [[1e-3, 1e-1], [5e-2, 5e-1]], "conv_size": 8}
     for bad, match in (({"decays": []}, "decays"), ({"decays": [[0.1]]}, "decays"), ({"decays": 0.1}, "decays"),
                        ({"decays": [[0.2, 0.1]]}, "dt_min"), ({"decays": [[0.0, 0.1]]}, "dt_min"),
                        ({"conv_size": 0}, "conv_size"), ({"dt_min": 1e-3}, "unknown option")):
@@ -99,9 +99,10 @@ def test_matches_the_definition(num_kv_heads):
         y, s = m(q, k, v, x)
         y_ref = reference(m, q, k, v, x)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    assert s.S.shape == (2, 2 * H, 24, D) and s.conv_q.shape == (2, H, 3, D)
-    assert s.conv_k.shape == s.conv_v.shape == s.conv_o.shape == (2, num_kv_heads, 3, D)
-    torch.testing.assert_close(s.conv_k, k[:, :, -3:])  # the history: the last real inputs
+    kept = m.conv_size - 1
+    assert m.conv_size == 8 and s.S.shape == (2, 2 * H, 24, D) and s.conv_q.shape == (2, H, kept, D)
+    assert s.conv_k.shape == s.conv_v.shape == s.conv_o.shape == (2, num_kv_heads, kept, D)
+    torch.testing.assert_close(s.conv_k, k[:, :, -kept:])  # the history: the last real inputs
 
 
 @pytest.mark.parametrize("cuts", [[0, 1, 2, 3, 70, 149, 150], [0, 64, 65, 150], list(range(0, 151, 2))])
@@ -148,8 +149,9 @@ def test_state_is_constant_in_the_context():
     with torch.no_grad():
         short = state_bytes(m(*part(ts, 0, 10))[1])
         long = state_bytes(m(*ts)[1])
-    # two memories of [24, D] per query head, four histories of 3 tokens, the first value: fp32; the count: int64
-    assert short == long == 4 * (2 * H * 24 * D + 3 * D * (H + 3 * HKV) + HKV * D) + 8
+    # two memories of [24, D] per query head, four histories of 7 tokens (8 taps), the first value: fp32;
+    # the count: int64
+    assert short == long == 4 * (2 * H * 24 * D + 7 * D * (H + 3 * HKV) + HKV * D) + 8
 
 
 def test_gradients_reach_all_parameters():
