@@ -35,8 +35,8 @@ perplexity after stage 1 of the whole model (gated-delta: 50.49 / 73.97), one pa
 - 8 conv taps instead of Gated DeltaNet's 4, with the recipe's stage-1 lr 5e-3 (1e-2 above): 35.34 / 50.74
   (4 taps at 5e-3: 35.70 / 51.47; 16 taps: 35.36 / 50.36, for twice the histories: left out).
 
-All of it, through the standard bench's stage 2 (LoRA, mixer frozen): 30.99 / 48.70, 1.277x the fair
-reference (gated-delta: 40.70 / 65.89, 1.677x).
+All of it, through the standard bench's stage 2 (LoRA, mixer frozen): 30.63 / 48.89, 1.262x the fair
+reference (gated-delta: 40.70 / 65.89, 1.677x; with 4 taps at lr 1e-2: 30.99 / 48.70, 1.277x).
 
 State: the memories S [B, M*H, F', D] fp32 (per query head, as beta and the gates are), the convs' last
 conv_size-1 real inputs of q, k and v and of the output conv (v', per key/value head), the first token's
