@@ -7,6 +7,7 @@ inputs and LoRA can target the projections whatever the mixer.
 
 from __future__ import annotations
 
+import math
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -137,3 +138,10 @@ def build_mixer(name: str, num_heads: int, num_kv_heads: int, head_dim: int, hid
                 **options: Any) -> Mixer:
     """Instantiate a registered mixer."""
     return get_mixer(name)(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
+
+
+def decay_bias(dt_min: float, dt_max: float, heads: int) -> torch.Tensor:
+    """softplus^-1 of per-step decay rates log-uniform from dt_min (head 0) to dt_max (the last head)
+    [heads]: the dt_bias that starts each head of a gated recurrence at its own time scale (Mamba2's init)."""
+    dt = torch.exp(torch.linspace(math.log(dt_min), math.log(dt_max), heads))
+    return dt + torch.log(-torch.expm1(-dt))

@@ -43,22 +43,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.kernels.dispatch import delta_rule
-from zoo.mixers.base import Mixer, register_mixer, repeat_kv
+from zoo.mixers.base import Mixer, decay_bias, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 
-ACTIVATIONS = {
+_ACTIVATIONS = {
     "identity": lambda h: h,
     "silu": F.silu,
     "relu": torch.relu,
     "hedgehog": lambda h: torch.cat([torch.softmax(h, dim=-1), torch.softmax(-h, dim=-1)], dim=-1),
 }
-
-
-def decay_bias(dt_min: float, dt_max: float, heads: int) -> torch.Tensor:
-    """softplus^-1 of per-step decay rates -log g log-uniform from dt_min (head 0) to dt_max (the last
-    head) [heads]: the dt_bias that starts each head at its own time scale (Mamba2's init)."""
-    dt = torch.exp(torch.linspace(math.log(dt_min), math.log(dt_max), heads))
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 class _DeltaBase(Mixer):
@@ -83,10 +76,10 @@ class _DeltaBase(Mixer):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.feature_dim = int(self.config["feature_dim"] or head_dim)
         act, b0 = self.config["feature_map"], float(self.config["beta_init"])
-        if act not in ACTIVATIONS or self.feature_dim < 1 or not 0.0 < b0 < 1.0:
-            raise ValueError(f"{self.name}: need feature_map in {sorted(ACTIVATIONS)}, feature_dim >= 1, "
+        if act not in _ACTIVATIONS or self.feature_dim < 1 or not 0.0 < b0 < 1.0:
+            raise ValueError(f"{self.name}: need feature_map in {sorted(_ACTIVATIONS)}, feature_dim >= 1, "
                              f"0 < beta_init < 1; got {self.config}")
-        self.act = ACTIVATIONS[act]
+        self.act = _ACTIVATIONS[act]
         M = self.memories
         self.q_map = HeadwiseLinear(M * num_heads, head_dim, self.feature_dim, init="signed")
         self.k_map = HeadwiseLinear(M * num_kv_heads, head_dim, self.feature_dim, init="signed")

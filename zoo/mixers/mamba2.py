@@ -42,7 +42,6 @@ skips both (the conv reads the previous real tokens, the recurrence neither deca
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -52,7 +51,7 @@ from torch import nn
 from zoo.kernels.dispatch import linear_attention
 from zoo.kernels.linear_attention import LinearAttentionState
 from zoo.kernels.short_conv import causal_conv
-from zoo.mixers.base import Mixer, register_mixer, repeat_kv
+from zoo.mixers.base import Mixer, decay_bias, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 from zoo.mixers.hedgehog import hedgehog_features
 
@@ -87,10 +86,9 @@ class Mamba2Mixer(Mixer):
         if K < 1 or not 0 < lo <= hi:
             raise ValueError(f"mamba2: need conv_size >= 1 and 0 < dt_min <= dt_max; got {self.config}")
         self.conv_size = K
-        dt = torch.logspace(math.log10(lo), math.log10(hi), num_heads)
         self.dt_proj = nn.Linear(hidden_size, num_heads, bias=False)
         nn.init.zeros_(self.dt_proj.weight)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.dt_bias = nn.Parameter(decay_bias(lo, hi, num_heads))
         self.A_log = nn.Parameter(torch.zeros(num_heads))  # A = -exp(A_log) = -1
         self.D = nn.Parameter(torch.zeros(num_heads))  # the skip is STEP * D
         self.conv_delta = nn.Parameter(torch.zeros(num_kv_heads, head_dim, K))  # conv = identity + STEP * delta
