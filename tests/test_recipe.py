@@ -123,6 +123,8 @@ def test_value_checks():
         ({"stage2": {"lora": {"rank": 0}}}, "stage2.lora.rank"),
         ({"stage2": {"distill": -0.5}}, "stage2.distill: must be >= 0"),
         ({"stage2": {"distill_from": "oracle"}}, "stage2.distill_from: must be one of teacher, reference"),
+        ({"stage1": {"adam_betas": [0.9]}}, r"stage1.adam_betas: must be two numbers in \[0, 1\)"),
+        ({"stage2": {"adam_betas": [0.9, 1.0]}}, r"stage2.adam_betas: must be two numbers in \[0, 1\)"),
     ]
     for patch, pattern in cases:
         with pytest.raises(RecipeError, match=pattern):

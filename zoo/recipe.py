@@ -125,6 +125,8 @@ def _stage_problems(stage):
         yield "grad_clip", f"must be >= 0 (0 = off), got {stage.grad_clip}"
     if stage.lr_schedule not in LR_SCHEDULES:
         yield "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {stage.lr_schedule!r}"
+    if len(stage.adam_betas) != 2 or not all(0 <= b < 1 for b in stage.adam_betas):
+        yield "adam_betas", f"must be two numbers in [0, 1) (beta1, beta2), got {stage.adam_betas}"
 
 
 @dataclass(kw_only=True)
@@ -159,6 +161,7 @@ class Stage1Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2)
     attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (Hedgehog); 0 = off
     attention_ce_max_len: int = 128  # the cross-entropy looks at the first this-many tokens only
     checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
@@ -204,6 +207,7 @@ class Stage2Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2)
     train_mixer: bool = False  # also train the mixers' own parameters
     distill: float = 0.0  # weight of the KL to the teacher's next-token distribution, added to the next-token loss; 0 = off
     distill_from: str = "teacher"  # "teacher" (untouched) or "reference" (the teacher + the same LoRA budget, cached)

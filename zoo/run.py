@@ -102,6 +102,7 @@ def _loop_config(name: str, stage, seed: int):
 
     return LoopConfig(name=name, tokens=stage.tokens, batch_size=stage.batch_size, lr=stage.lr,
                       weight_decay=stage.weight_decay, grad_clip=stage.grad_clip, lr_schedule=stage.lr_schedule,
+                      betas=tuple(stage.adam_betas),
                       checkpoint_every=stage.checkpoint_every,
                       log_every=stage.log_every, seed=seed)
 

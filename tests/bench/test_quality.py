@@ -262,6 +262,11 @@ def test_a_mixers_own_recipe_is_the_file_for_that_mixer(tmp_path):
     template = load_recipe(tmp_path / "bench.yaml")
     lr = {m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage1.lr for m in own}
     assert lr == {"lolcats": 1e-2, "lolcats-terraced": 2e-2, "hedgehog": 3e-2, "t2r": 4e-2, "based": 1e-2}
+    # the other stage-1 optimizer settings come along with the learning rate
+    (tmp_path / "hedgehog.yaml").write_text(load_recipe(tmp_path / "hedgehog.yaml", ["stage1.adam_betas=[0.8,0.95]"]).to_yaml())
+    betas = {m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage1.adam_betas
+             for m in ("hedgehog", "t2r")}
+    assert betas == {"hedgehog": [0.8, 0.95], "t2r": [0.9, 0.999]}
     _recipe_for(tmp_path, "t2r-again.yaml", "t2r", 5e-2)
     with pytest.raises(ValueError, match=r"several recipes in .* are for mixer 't2r' \(my-t2r.yaml, t2r-again.yaml\)"):
         own_recipe("t2r", tmp_path)

@@ -44,7 +44,7 @@ __all__ = ["ABLATIONS", "STAGE1_KEYS", "BenchItem", "add_arguments", "main", "mi
 ABLATIONS = ("lora-only", "feature-maps", "branches")
 FEATURE_MAP_MIXERS = ("hedgehog", "t2r", "linear-elu")
 #: what a mixer's own recipe contributes besides its `mixer` section
-STAGE1_KEYS = ("lr", "lr_schedule", "weight_decay", "grad_clip", "attention_ce", "attention_ce_max_len")
+STAGE1_KEYS = ("lr", "lr_schedule", "adam_betas", "weight_decay", "grad_clip", "attention_ce", "attention_ce_max_len")
 RECIPES_ROOT = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPES = "smollm2-135m"
 TEMPLATE_FILE = "bench.yaml"

@@ -33,6 +33,7 @@ class LoopConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     lr_schedule: str = "constant"  # after the linear warm-up: "constant" or "cosine" (down to 10% of lr)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decays; a lower beta2 forgets the large early gradients sooner
     checkpoint_every: int = 50  # 0 = only at the end
     log_every: int = 10
     seed: int = 0
@@ -174,7 +175,7 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
     if not params:
         raise ValueError(f"{cfg.name}: nothing to train (no parameter requires grad)")
     io = io or CheckpointIO()
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     lr_at = lr_schedule(cfg.lr_schedule, cfg.lr, steps)
     ckpt = run_dir / "checkpoints" / cfg.name
     metrics_path = run_dir / "metrics.jsonl"
