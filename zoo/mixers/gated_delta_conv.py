@@ -47,6 +47,14 @@ perplexity after stage 1 of the whole model (gated-delta: 50.49 / 73.97), one pa
   maps. The lr 10x on the per-head biases, decays and memory weights (a learning-rate multiplier per
   parameter; with the per-channel gate) led early (loss 24.5 against 28.4 over steps 20-40) and ended at
   35.19 / 50.27 against that gate's 35.05 / 51.12.
+- Also left out, later (against the same 35.34 / 50.74): AdamW's beta2 at 0.99 35.38 / 50.74, at 0.95
+  35.45 / 50.74 (stage1.adam_betas); the same decay rates handed to the heads in the order of the
+  teacher's attention span (longest mean distance, or least mass on the last 8 tokens, gets the slowest),
+  swap 6,315 / 6,776 against 8,901 but 35.40 / 50.65 and 35.39 / 50.56 after stage 1, the training loss
+  level with the recipe's from step 40 on; Gated DeltaNet's RMSNorm of each head's output before the gate,
+  stopped early (loss 12.1 against 9.7 over steps 160-200); a third memory (0.5 to 3) beside the
+  per-channel gate 35.01 / 51.42 against the gate alone's 35.05 / 51.12; stage-1 grad_clip 0.5 and 0.25
+  35.33 / 50.72 and 35.34 / 50.68 (the clip is active at every step, so with AdamW only its presence matters).
 
 All of it, through the standard bench's stage 2 (LoRA, mixer frozen): 30.63 / 48.89, 1.262x the fair
 reference (gated-delta: 40.70 / 65.89, 1.677x; with 4 taps at lr 1e-2: 30.99 / 48.70, 1.277x).
