@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from zoo.recipe import load_recipe
-from zoo.run import _loop_config
+from zoo.run import _loop_config, teacher_lora_folder
 from zoo.transfer.loop import LoopConfig, lr_schedule, train_loop
 
 
@@ -50,3 +50,14 @@ def test_a_recipes_adam_betas_reach_each_stages_loop():
     recipe = load_recipe("recipes/smollm2-135m/lolcats.yaml", ["stage1.adam_betas=[0.8,0.95]"])
     assert _loop_config("stage1", recipe.stage1, 0).betas == (0.8, 0.95)
     assert _loop_config("stage2", recipe.stage2, 0).betas == (0.9, 0.999)  # AdamW's own default
+
+
+def test_stage2_betas_give_the_fair_reference_its_own_cache_folder():
+    """The reference is the teacher fine-tuned with stage 2's optimizer: other betas, another reference;
+    the default leaves the key as it was before the setting existed (caches made then stay valid)."""
+    recipe = load_recipe("recipes/smollm2-135m/lolcats.yaml")
+    folder, key = teacher_lora_folder(recipe)
+    assert "adam_betas" not in key
+    assert teacher_lora_folder(recipe.override(["stage2.adam_betas=[0.9,0.999]"]))[0] == folder
+    assert teacher_lora_folder(recipe.override(["stage2.adam_betas=[0.9,0.95]"]))[0] != folder
+    assert teacher_lora_folder(recipe.override(["stage1.adam_betas=[0.9,0.95]"]))[0] == folder

@@ -32,7 +32,7 @@ from typing import Any, Union
 
 import yaml
 
-from zoo.transfer.loop import LR_SCHEDULES
+from zoo.transfer.loop import ADAM_BETAS, LR_SCHEDULES
 
 __all__ = [
     "RecipeError", "Recipe", "ModelConfig", "MixerConfig", "DataConfig", "Stage1Config", "Stage2Config",
@@ -161,7 +161,7 @@ class Stage1Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2)
+    adam_betas: list[float] = field(default_factory=lambda: list(ADAM_BETAS))  # AdamW's (beta1, beta2)
     attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (Hedgehog); 0 = off
     attention_ce_max_len: int = 128  # the cross-entropy looks at the first this-many tokens only
     checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
@@ -207,7 +207,7 @@ class Stage2Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2)
+    adam_betas: list[float] = field(default_factory=lambda: list(ADAM_BETAS))  # AdamW's (beta1, beta2)
     train_mixer: bool = False  # also train the mixers' own parameters
     distill: float = 0.0  # weight of the KL to the teacher's next-token distribution, added to the next-token loss; 0 = off
     distill_from: str = "teacher"  # "teacher" (untouched) or "reference" (the teacher + the same LoRA budget, cached)

@@ -21,7 +21,7 @@ import torch
 from zoo.atomic import write_json
 from zoo.measures import branch_ablation, cached_reference, measure, teacher_measures, wanted_measures
 from zoo.peak_memory import PeakMemory
-from zoo.recipe import Recipe, load_recipe
+from zoo.recipe import Recipe, Stage2Config, load_recipe
 
 FINAL_MODEL_DIR = "model"
 
@@ -112,6 +112,9 @@ def _say(msg: str) -> None:
 
 
 REFERENCE_STAGE2_KEYS = ("tokens", "batch_size", "lr", "weight_decay", "grad_clip", "lr_schedule", "lora")
+#: stage-2 keys added later that change the fine-tuned teacher: in the cache key only when set away from their
+#: default, so references cached before the key existed stay valid
+REFERENCE_STAGE2_KEYS_IF_SET = ("adam_betas",)
 
 
 def teacher_lora_folder(recipe: Recipe) -> tuple[Path, str]:
@@ -121,6 +124,8 @@ def teacher_lora_folder(recipe: Recipe) -> tuple[Path, str]:
     d = recipe.to_dict()
     # only what changes the fine-tuned teacher: new recipe keys (logging, memory savers) must not void the cache
     stage2 = {k: d["stage2"][k] for k in REFERENCE_STAGE2_KEYS}
+    default = Stage2Config()
+    stage2 |= {k: d["stage2"][k] for k in REFERENCE_STAGE2_KEYS_IF_SET if d["stage2"][k] != getattr(default, k)}
     key_src = json.dumps({k: d[k] for k in ("model", "data", "seed")} | {"stage2": stage2, "eval": d["eval"]["max_blocks"]},
                          sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]

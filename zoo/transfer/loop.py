@@ -24,6 +24,10 @@ class NaNLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+#: AdamW's own (beta1, beta2): every stage's default
+ADAM_BETAS = (0.9, 0.999)
+
+
 @dataclass
 class LoopConfig:
     name: str  # "stage1", "stage2", ...: names the checkpoint folder and the metrics rows
@@ -33,7 +37,7 @@ class LoopConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     lr_schedule: str = "constant"  # after the linear warm-up: "constant" or "cosine" (down to 10% of lr)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decays; a lower beta2 forgets the large early gradients sooner
+    betas: tuple[float, float] = ADAM_BETAS  # AdamW's moment decays; a lower beta2 forgets the large early gradients sooner
     checkpoint_every: int = 50  # 0 = only at the end
     log_every: int = 10
     seed: int = 0
