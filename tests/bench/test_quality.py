@@ -14,10 +14,11 @@ import yaml
 
 import zoo
 from zoo.bench.budgets import BUDGETS, get_budget
-from zoo.bench.quality import RECIPES_ROOT, mixer_recipe, own_recipe
+from zoo.bench.quality import RECIPES_ROOT, STAGE2_KEYS, mixer_recipe, own_recipe
 from zoo.bench.results import ROW_FIELDS
 from zoo.cli import main
 from zoo.recipe import MixerConfig, load_recipe
+from zoo.run import teacher_lora_folder
 
 MIXERS = "lolcats,hedgehog,softmax"
 RECIPES = RECIPES_ROOT / "smollm2-135m"
@@ -238,12 +239,21 @@ def test_every_mixer_gets_its_own_settings_and_the_same_stage2():
         assert r.mixer.name == m and r.stage1.tokens == budget.stage1_tokens and r.data.seq_len == budget.seq_len
         assert r.eval.passkey_lengths == list(budget.passkey_lengths) and r.eval.teacher_lora and r.device == "cpu"
         assert (r.stage1.batch_size, r.stage2.batch_size) == (budget.stage1_batch_size, budget.batch_size) == (1, 4)
-    # one fair reference serves all: stage 2, data, model and eval blocks are the same for every mixer
-    shared = {json.dumps({k: r.to_dict()[k] for k in ("model", "data", "stage2", "seed")}, sort_keys=True)
-              for r in recipes.values()}
-    assert len(shared) == 1
-    # the template, not lolcats.yaml: what lolcats.yaml tunes in stage 2 reaches no bench run
-    assert load_recipe(RECIPES / "lolcats.yaml").stage2.train_mixer and not recipes["hedgehog"].stage2.train_mixer
+    # one fair reference serves all: stage 2 (but for whether the mixer trains in it), data, model and eval
+    # blocks are the same for every mixer
+    def shared(r):
+        d = r.to_dict()
+        d["stage2"] = {k: v for k, v in d["stage2"].items() if k not in STAGE2_KEYS}
+        return json.dumps({k: d[k] for k in ("model", "data", "stage2", "seed")}, sort_keys=True)
+
+    assert len({shared(r) for r in recipes.values()}) == 1
+    assert len({teacher_lora_folder(r)[0] for r in recipes.values()}) == 1
+    # whether the mixer keeps learning in stage 2 is the mixer's own recipe's (lolcats.yaml: the terraced window's)
+    for m, r in recipes.items():
+        own = own_recipe(m, RECIPES)
+        assert r.stage2.train_mixer == (load_recipe(own).stage2.train_mixer if own else template.stage2.train_mixer), m
+    assert recipes["lolcats-terraced"].stage2.train_mixer and recipes["gated-delta-conv"].stage2.train_mixer
+    assert not recipes["hedgehog"].stage2.train_mixer and not recipes["lolcats"].stage2.train_mixer
 
 
 def _recipe_for(folder: Path, file: str, mixer: str, lr: float) -> None:
@@ -267,6 +277,13 @@ def test_a_mixers_own_recipe_is_the_file_for_that_mixer(tmp_path):
     betas = {m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage1.adam_betas
              for m in ("hedgehog", "t2r")}
     assert betas == {"hedgehog": [0.8, 0.95], "t2r": [0.9, 0.999]}
+    # and from stage 2 only whether the mixer trains: the rest of stage 2 is the template's, for every mixer
+    (tmp_path / "hedgehog.yaml").write_text(
+        load_recipe(tmp_path / "hedgehog.yaml", ["stage2.train_mixer=true", "stage2.lr=1e-3"]).to_yaml())
+    stage2 = {m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage2
+              for m in ("hedgehog", "t2r")}
+    assert (stage2["hedgehog"].train_mixer, stage2["t2r"].train_mixer) == (True, False)
+    assert stage2["hedgehog"].lr == stage2["t2r"].lr == template.stage2.lr != 1e-3
     _recipe_for(tmp_path, "t2r-again.yaml", "t2r", 5e-2)
     with pytest.raises(ValueError, match=r"several recipes in .* are for mixer 't2r' \(my-t2r.yaml, t2r-again.yaml\)"):
         own_recipe("t2r", tmp_path)

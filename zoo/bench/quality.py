@@ -2,7 +2,8 @@
 
 Each mixer's recipe is the template (default `recipes/<model>/bench.yaml`, a file of its own so that
 tuning a mixer's recipe moves no bench) with that mixer's own settings taken from its recipe (the
-`mixer` section and the stage-1 optimizer, `STAGE1_KEYS`): `<mixer>.yaml` in the recipes folder when it
+`mixer` section, the stage-1 optimizer, `STAGE1_KEYS`, and whether the mixer keeps learning in stage 2,
+`STAGE2_KEYS`): `<mixer>.yaml` in the recipes folder when it
 is a recipe for that mixer, else the one recipe there that is (so `lolcats.yaml` may run the terraced
 window while `bench.yaml` carries the plain lolcats); a mixer without one runs with its default
 options. Then come the budget's overrides
@@ -38,13 +39,16 @@ import yaml
 from zoo.bench.budgets import BUDGETS, Budget, get_budget
 from zoo.recipe import Recipe, load_recipe
 
-__all__ = ["ABLATIONS", "STAGE1_KEYS", "BenchItem", "add_arguments", "main", "mixer_recipe", "own_recipe", "plan_bench",
+__all__ = ["ABLATIONS", "STAGE1_KEYS", "STAGE2_KEYS", "BenchItem", "add_arguments", "main", "mixer_recipe", "own_recipe", "plan_bench",
            "run_bench"]
 
 ABLATIONS = ("lora-only", "feature-maps", "branches")
 FEATURE_MAP_MIXERS = ("hedgehog", "t2r", "linear-elu")
 #: what a mixer's own recipe contributes besides its `mixer` section
 STAGE1_KEYS = ("lr", "lr_schedule", "adam_betas", "weight_decay", "grad_clip", "attention_ce", "attention_ce_max_len")
+#: stage-2 keys of a mixer's own recipe that its bench run takes: only those that leave the fair reference
+#: (the teacher + the same LoRA, zoo.run.teacher_lora_folder) as it is, so one reference still serves every mixer
+STAGE2_KEYS = ("train_mixer",)
 RECIPES_ROOT = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPES = "smollm2-135m"
 TEMPLATE_FILE = "bench.yaml"
@@ -151,6 +155,7 @@ def mixer_recipe(template: Recipe, mixer: str, recipes: Path, model: str, budget
         mine = load_recipe(own).to_dict()
         raw["mixer"] = mine["mixer"]
         raw["stage1"] |= {k: mine["stage1"][k] for k in STAGE1_KEYS}
+        raw["stage2"] |= {k: mine["stage2"][k] for k in STAGE2_KEYS}
     else:
         raw["mixer"] = {"name": mixer, "options": {}, "layers": raw["mixer"]["layers"]}
     raw["model"]["name"] = model
