@@ -44,7 +44,7 @@ __all__ = ["ABLATIONS", "STAGE1_KEYS", "STAGE2_KEYS", "BenchItem", "add_argument
 
 ABLATIONS = ("lora-only", "feature-maps", "branches")
 FEATURE_MAP_MIXERS = ("hedgehog", "t2r", "linear-elu")
-#: what a mixer's own recipe contributes besides its `mixer` section
+#: stage-1 keys a mixer's own recipe contributes besides its `mixer` section
 STAGE1_KEYS = ("lr", "lr_schedule", "adam_betas", "weight_decay", "grad_clip", "attention_ce", "attention_ce_max_len")
 #: stage-2 keys of a mixer's own recipe that its bench run takes: only those that leave the fair reference
 #: (the teacher + the same LoRA, zoo.run.teacher_lora_folder) as it is, so one reference still serves every mixer
