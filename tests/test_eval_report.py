@@ -57,3 +57,28 @@ def test_eval_gives_the_bench_metrics_for_one_model(tiny_world, tmp_path, capsys
 def test_eval_bad_lengths_are_a_clear_error(tiny_world, tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--passkey", "1k"]) == 2
     assert "--passkey takes comma-separated token counts such as 512,1024, got '1k'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--passkey", "-5"], "--passkey: context lengths must be >= 64 tokens, got -5"),
+    (["--passkey", "512,32"], "--passkey: context lengths must be >= 64 tokens, got 32"),
+    (["--passkey", "256", "--passkey-trials", "0"], "--passkey-trials must be >= 1, got 0"),
+    (["--max-blocks", "0"], "--max-blocks must be >= 1, got 0"),
+    (["--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+    (["--seq-len", "-8"], "--seq-len must be >= 2, got -8"),
+    (["--decode", "0,512"], "--decode: context lengths must be >= 1 tokens, got 0"),
+    (["--decode", "512,256"], "--decode: context lengths must grow by more than --decode-steps (8)"),
+    (["--decode", "512", "--decode-steps", "0"], "--decode-steps must be >= 1, got 0"),
+    (["--mse", "-1"], "--mse must be >= 0, got -1"),
+    (["--generation-tokens", "0"], "--generation-tokens must be >= 1, got 0"),
+])
+def test_impossible_values_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
+    import zoo
+
+    def load_linearized(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(zoo, "load_linearized", load_linearized)
+    assert main(["eval", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo: error: ") and message in err and err.count("\n") == 1, err

@@ -16,23 +16,51 @@ from typing import Any
 
 from zoo.recipe import EvalConfig
 
-__all__ = ["add_eval_arguments", "evaluate_saved_model", "parse_ints"]
+__all__ = ["add_eval_arguments", "check_eval_arguments", "evaluate_saved_model", "parse_ints"]
 
 #: a recipe's eval defaults: `zoo eval` measures what a run does
 _EVAL_DEFAULTS = EvalConfig()
+
+#: the shortest passkey context: the instructions, needle, question and answer alone take about 58 tokens with
+#: a BPE tokenizer (one or more per word, number and punctuation run; zoo.passkey), plus some filler
+PASSKEY_MIN_TOKENS = 64
 
 RUN_COST_KEYS = ("trainable_params", "trainable_percent", "tokens_stage1", "tokens_stage2", "seconds_stage1",
                  "seconds_stage2", "peak_memory_stage1", "peak_memory_stage2")
 
 
-def parse_ints(text: str | None, flag: str) -> list[int]:
-    """"512,1024" -> [512, 1024]; a clear error names the flag."""
+def parse_ints(text: str | None, flag: str, minimum: int = 1) -> list[int]:
+    """"512,1024" -> [512, 1024]; a clear error names the flag, also for a count below `minimum`."""
     if not text:
         return []
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        counts = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated token counts such as 512,1024, got {text!r}") from None
+    too_small = [n for n in counts if n < minimum]
+    if too_small:
+        raise ValueError(f"{flag}: context lengths must be >= {minimum} tokens, got {too_small[0]}")
+    return counts
+
+
+def check_eval_arguments(args) -> tuple[list[int], list[int]]:
+    """The --passkey and --decode context lengths, after refusing any impossible value with one line naming
+    its flag; nothing is loaded."""
+    passkey = parse_ints(args.passkey, "--passkey", PASSKEY_MIN_TOKENS)
+    decode = parse_ints(args.decode, "--decode")
+    at_least = {"--seq-len": (args.seq_len, 2), "--max-blocks": (args.max_blocks, 1),
+                "--mmlu": (args.mmlu, 0), "--passkey-trials": (args.passkey_trials, 1),
+                "--decode-steps": (args.decode_steps, 1), "--mse": (args.mse, 0),
+                "--generation": (args.generation, 0), "--generation-tokens": (args.generation_tokens, 1),
+                "--lm-eval-limit": (args.lm_eval_limit, 1), "--lm-eval-fewshot": (args.lm_eval_fewshot, 0)}
+    for flag, (value, minimum) in at_least.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+    steps = args.decode_steps
+    if any(b - a <= steps for a, b in zip(decode, decode[1:])):
+        raise ValueError(f"--decode: context lengths must grow by more than --decode-steps ({steps}) "
+                         f"each time, got {args.decode}")
+    return passkey, decode
 
 
 def add_eval_arguments(parser) -> None:
@@ -61,7 +89,7 @@ def evaluate_saved_model(args) -> dict[str, Any]:
     from zoo.data import load_corpus, token_blocks
     from zoo.evaluate import evaluate_corpus
 
-    passkey, decode = parse_ints(args.passkey, "--passkey"), parse_ints(args.decode, "--decode")
+    passkey, decode = check_eval_arguments(args)
     folder = Path(args.dir)
     model_dir = folder / "model" if (folder / "model").is_dir() else folder
     model, tokenizer = zoo.load_linearized(model_dir)

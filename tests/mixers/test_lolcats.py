@@ -49,7 +49,7 @@ def test_registered():
         assert cls.family == "hybrid" and cls.description and cls.source and "W" in cls.state_size
         assert cls.options == {"window": 64, "feature_dim": None, "window_factor": 0.5, "sinks": sinks(name)}
         assert cls.terraced == terraced(name) and ("S*Hkv" in cls.state_size) == bool(sinks(name))
-    with pytest.raises(ValueError, match="sinks >= 0"):
+    with pytest.raises(ValueError, match="sinks: must be an int >= 0"):
         build_mixer("lolcats", H, HKV, D, HIDDEN, 0, sinks=-1)
     with pytest.raises(ValueError, match="unknown option"):
         build_mixer("lolcats", H, HKV, D, HIDDEN, 0, windw=8)

@@ -95,3 +95,35 @@ def test_the_big_recipes_are_block_wise_as_the_authors_ran_them():
         assert r.stage1.lr == 1e-2 and r.stage2.lr == 1e-4 and r.model.dtype == "bfloat16"
         # two epochs over the stored sequences, in both stages
         assert r.stage1.tokens == r.stage2.tokens == 2 * r.stage1.blockwise.sequences * r.data.seq_len
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mfu", "0"], "--mfu must be a fraction in (0, 1], got 0"),
+    (["--mfu", "-1"], "--mfu must be a fraction in (0, 1], got -1"),
+    (["--mfu", "5"], "--mfu must be a fraction in (0, 1], got 5"),
+    (["--mfu", "nan"], "--mfu must be a fraction in (0, 1], got nan"),
+    (["--tflops", "0"], "--tflops must be a number > 0"),
+    (["--tflops", "-300"], "--tflops must be a number > 0"),
+    (["--block-size", "0"], "--block-size must be a whole number >= 1, got 0"),
+    (["--seq-len", "0"], "--seq-len must be a whole number >= 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be a whole number >= 1, got -2"),
+    (["--tokens", "0"], "--tokens must be a whole number >= 1, got 0"),
+    (["--tokens=-5M"], "--tokens must be a whole number >= 1, got -5000000"),
+    (["--tokens", "inf"], "--tokens 'inf' is not a count"),
+    (["--option", "feature_dim=-3"], "mixer.options.feature_dim: must be an int >= 1 or null"),
+])
+def test_impossible_values_are_refused_before_any_work(capsys, monkeypatch, flags, message):
+    import zoo.scale.plan
+
+    def load_config(*args, **kwargs):
+        raise AssertionError("the model's config was read before the arguments were checked")
+
+    monkeypatch.setattr(zoo.scale.plan, "load_config", load_config)
+    assert main(["plan", "Llama-3-8B", "--no-activations", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_measured_tflops_replace_the_assumed_utilization():
+    p = plan(k=9, tflops=1.5)
+    assert p["throughput_flops"] == 1.5e12 and p["throughput_source"] == "given: 1.5 TFLOP/s"

@@ -8,11 +8,14 @@ inputs and LoRA can target the projections whatever the mixer.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from zoo.mixers.options import Option, infer_option
 
 _REGISTRY: dict[str, type[Mixer]] = {}
 _ENTRY_POINT_GROUP = "zoo.mixers"
@@ -23,7 +26,7 @@ class Mixer(nn.Module):
     """Base class of every token mixer.
 
     Subclasses set the class attributes below (shown by `zoo list`) and implement `forward`.
-    Options arrive as keyword arguments; an unknown option is an error (see `options`).
+    Options arrive as keyword arguments, checked against `option_specs` (see `options`).
     """
 
     #: short family name: "softmax", "linear", "hybrid", "gated", "ssm", ...
@@ -34,16 +37,49 @@ class Mixer(nn.Module):
     description: str = ""
     #: where it comes from (paper or project)
     source: str = ""
-    #: the options this mixer accepts, with their defaults
+    #: the options this mixer accepts, with their defaults. A subclass declares each as an `Option` (kind,
+    #: range, doc) or as a plain default (which keeps the spec a base class declared for that key);
+    #: `__init_subclass__` turns this back into plain defaults and the specs into `option_specs`.
     options: dict[str, Any] = {}
+    #: each option's spec (kind, range, doc), keyed as `options`
+    option_specs: ClassVar[dict[str, Option]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "options" not in cls.__dict__:
+            return  # inherits both `options` and `option_specs` as they are
+        inherited: dict[str, Option] = {}
+        for base in reversed(cls.__mro__[1:]):
+            inherited.update(getattr(base, "option_specs", {}))
+        specs = {}
+        for key, value in cls.__dict__["options"].items():
+            if isinstance(value, Option):
+                specs[key] = value
+            elif key in inherited:
+                specs[key] = replace(inherited[key], default=value)
+            else:
+                specs[key] = infer_option(value)
+            default = specs[key].check(specs[key].default, f"{cls.__qualname__}.options.{key} (default)")
+            specs[key] = replace(specs[key], default=default)
+        cls.option_specs = specs
+        cls.options = {key: spec.default for key, spec in specs.items()}
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The defaults updated with `options`, each checked against its spec; an unknown option or a value
+        out of its kind or range is a one-line ValueError. Makes no tensor."""
+        unknown = sorted(set(options) - set(cls.option_specs))
+        if unknown:
+            allowed = ", ".join(sorted(cls.option_specs)) or "none"
+            raise ValueError(f"mixer {cls.name!r} got unknown option(s) {unknown}; allowed: {allowed}")
+        checked = {key: cls.option_specs[key].check(value, f"mixer.options.{key}")
+                   for key, value in options.items()}
+        return {**cls.options, **checked}
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int, layer_idx: int,
                  **options: Any):
         super().__init__()
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            allowed = ", ".join(sorted(self.options)) or "none"
-            raise ValueError(f"mixer {self.name!r} got unknown option(s) {unknown}; allowed: {allowed}")
+        config = self.check_options(options)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads = num_heads
@@ -51,7 +87,7 @@ class Mixer(nn.Module):
         self.head_dim = head_dim
         self.hidden_size = hidden_size
         self.layer_idx = layer_idx
-        self.config = {**self.options, **options}
+        self.config = config
 
     name: str = "?"  # set by register_mixer
 

@@ -37,7 +37,8 @@ import torch
 
 from zoo.mixers.base import register_mixer, repeat_kv
 from zoo.mixers.feature_map import FeatureMapMixer, HeadwiseLinear
-from zoo.mixers.lolcats import _LolcatsBase
+from zoo.mixers.lolcats import LolcatsBase
+from zoo.mixers.options import Option
 
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,8 @@ class _TaylorInit:
     def _check_dims(self) -> None:
         d, D = self.feature_dim, self.head_dim
         if d < 2 or d % 2 or d > D or D % 2:
-            raise ValueError(f"{self.name}: feature_dim must be even and 2 <= feature_dim <= head_dim ({D}); got {d}")
+            raise ValueError(f"mixer.options.feature_dim: {self.name} needs it even and in [2, head_dim] "
+                             f"with an even head_dim ({D}), got {d}")
 
     def _set_pairs(self, pairs: torch.Tensor) -> None:
         """pairs [Hkv, d/2]: the rotary pairs each key/value group keeps (its query heads too)."""
@@ -98,7 +100,10 @@ class BasedMixer(_TaylorInit, FeatureMapMixer):
     description = "Based linear attention: 2nd-order Taylor feature map of a learned d-dim projection of q, k"
     source = ("Arora et al. 2024, Simple linear attention language models balance the recall-throughput "
               "tradeoff (Based, arXiv:2402.18668)")
-    options = {"feature_dim": 16}  # d: the projected dim the Taylor map expands
+    options = {
+        "feature_dim": Option(16, int, min=2,
+                              doc="projected dim d the Taylor map expands (even, <= head_dim)"),
+    }
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
@@ -114,14 +119,20 @@ class BasedMixer(_TaylorInit, FeatureMapMixer):
 
 
 @register_mixer("based-window")
-class BasedWindowMixer(_TaylorInit, _LolcatsBase):
+class BasedWindowMixer(_TaylorInit, LolcatsBase):
     family = "hybrid"
     state_size = ("Hkv*(F*D + F) fp32 + W*Hkv*(2D + F) (last W keys, values, phi(k)); F = 1 + d + d(d+1)/2, "
                   "d = feature_dim (16)")
     description = "Based Taylor linear attention + sliding-window softmax (W tokens), one normalizer, learned mixing"
     source = ("Arora et al. 2024, Based (arXiv:2402.18668); window hybrid as in LoLCATs (Zhang et al. 2024, "
               "arXiv:2410.10254)")
-    options = {"window": 64, "feature_dim": 16, "window_factor": 0.99, "sinks": 0}
+    options = {
+        "window": 64,
+        "feature_dim": Option(16, int, min=2, nullable=True,
+                              doc="projected dim d the Taylor map expands (even, <= head_dim); null: head_dim"),
+        "window_factor": 0.99,
+        "sinks": 0,
+    }
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)

@@ -45,6 +45,7 @@ from torch import nn
 from zoo.kernels.dispatch import delta_rule
 from zoo.mixers.base import Mixer, decay_bias, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
+from zoo.mixers.options import Option
 
 _ACTIVATIONS = {
     "identity": lambda h: h,
@@ -65,9 +66,11 @@ class _DeltaBase(Mixer):
     source = ("Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
               "(DeltaNet, arXiv:2406.06484)")
     options = {
-        "feature_dim": None,  # F, the projections per head; None = head_dim
-        "feature_map": "silu",  # act in phi = L2norm(act(x W)): identity, silu, relu, hedgehog (2F features)
-        "beta_init": 0.5,  # the write strength every head starts with
+        "feature_dim": Option(None, int, min=1, nullable=True,
+                              doc="F, the projections per head; null: head_dim"),
+        "feature_map": Option("silu", str, choices=tuple(_ACTIVATIONS),
+                              doc="act in phi = L2norm(act(x W)); hedgehog gives 2F features"),
+        "beta_init": Option(0.5, float, above=0, below=1, doc="the write strength every head starts with"),
     }
     #: memories per head (rows of the kernel per query head)
     memories: int = 1
@@ -75,11 +78,8 @@ class _DeltaBase(Mixer):
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.feature_dim = int(self.config["feature_dim"] or head_dim)
-        act, b0 = self.config["feature_map"], float(self.config["beta_init"])
-        if act not in _ACTIVATIONS or self.feature_dim < 1 or not 0.0 < b0 < 1.0:
-            raise ValueError(f"{self.name}: need feature_map in {sorted(_ACTIVATIONS)}, feature_dim >= 1, "
-                             f"0 < beta_init < 1; got {self.config}")
-        self.act = _ACTIVATIONS[act]
+        b0 = float(self.config["beta_init"])
+        self.act = _ACTIVATIONS[self.config["feature_map"]]
         M = self.memories
         self.q_map = HeadwiseLinear(M * num_heads, head_dim, self.feature_dim, init="signed")
         self.k_map = HeadwiseLinear(M * num_kv_heads, head_dim, self.feature_dim, init="signed")
@@ -143,9 +143,12 @@ class GatedDeltaMixer(_DeltaBase):
     state_size = "4*H*F*D bytes (fp32 S), F = feature_dim (default D; 2F with feature_map=hedgehog)"
     source = ("Yang, Kautz, Hatamizadeh 2024, Gated Delta Networks: Improving Mamba2 with Delta Rule "
               "(arXiv:2412.06464); DeltaNet (arXiv:2406.06484)")
-    options = {**_DeltaBase.options,
-               "dt_min": 1e-3,  # initial per-step decay rates -log g, log-uniform over the heads
-               "dt_max": 1e-1}
+    options = {
+        **_DeltaBase.options,
+        "dt_min": Option(1e-3, float, above=0,
+                         doc="initial per-step decay rate -log g of head 0 (log-uniform to dt_max)"),
+        "dt_max": Option(1e-1, float, above=0, doc="initial per-step decay rate -log g of the last head"),
+    }
 
     def decay_ranges(self) -> list[tuple[float, float]]:
         """(dt_min, dt_max) of each memory: the range its heads' initial decay rates -log g span."""
@@ -155,7 +158,7 @@ class GatedDeltaMixer(_DeltaBase):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         ranges = self.decay_ranges()
         if not all(0.0 < lo <= hi for lo, hi in ranges):
-            raise ValueError(f"{self.name}: need 0 < dt_min <= dt_max; got {ranges}")
+            raise ValueError(f"{self.name}: need 0 < dt_min <= dt_max in every decay range, got {ranges}")
         rows = self.memories * num_heads
         self.a_proj = nn.Linear(hidden_size, rows, bias=False)
         nn.init.zeros_(self.a_proj.weight)

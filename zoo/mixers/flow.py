@@ -13,6 +13,7 @@ import torch
 from zoo.kernels.flow_attention import FlowState, flow_attention
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
+from zoo.mixers.options import Option
 
 
 @register_mixer("flow")
@@ -23,16 +24,14 @@ class FlowMixer(Mixer):
                    "outflow) and sink allocation (sigmoid of conserved inflow)")
     source = "Wu et al. 2022, Flowformer: Linearizing Transformers with Conservation Flows (arXiv:2202.06258)"
     options = {
-        "feature_dim": None,  # features per head; None = head_dim
-        "eps": 1e-6,  # added to the incoming and outgoing flows
+        "feature_dim": Option(None, int, min=1, nullable=True, doc="features per head; null: head_dim"),
+        "eps": Option(1e-6, float, above=0, doc="added to the incoming and outgoing flows"),
     }
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.feature_dim = int(self.config["feature_dim"] or head_dim)
         self.eps = float(self.config["eps"])
-        if self.feature_dim < 1 or self.eps <= 0:
-            raise ValueError(f"flow: need feature_dim >= 1 and eps > 0; got {self.config}")
         self.feature_map_q = HeadwiseLinear(num_heads, head_dim, self.feature_dim)
         self.feature_map_k = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim)
 

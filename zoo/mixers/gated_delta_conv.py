@@ -76,6 +76,7 @@ from torch import nn
 from zoo.kernels.short_conv import causal_conv
 from zoo.mixers.base import register_mixer, repeat_kv
 from zoo.mixers.delta import GatedDeltaMixer
+from zoo.mixers.options import Option
 
 
 class GatedDeltaConvState(NamedTuple):
@@ -86,6 +87,10 @@ class GatedDeltaConvState(NamedTuple):
     conv_o: torch.Tensor  # [B, Hkv, K-1, D]: the output conv's inputs, v' (the same for a query group)
     sink_v: torch.Tensor  # [B, Hkv, D] fp32: the first real token's value (zeros before it)
     seen: torch.Tensor  # [B] int64: real tokens so far
+
+
+#: one end of a `decays` pair (0 < dt_min <= dt_max is checked with the others, by GatedDeltaMixer)
+DECAY_RATE = Option(1e-3, float, doc="a per-step decay rate -log g")
 
 
 def _identity_taps(heads: int, dim: int, taps: int) -> torch.Tensor:
@@ -106,9 +111,9 @@ class GatedDeltaConvMixer(GatedDeltaMixer):
     options = {
         **{k: v for k, v in GatedDeltaMixer.options.items() if k not in ("dt_min", "dt_max")},
         "feature_dim": 128,
-        # one memory per entry, each [dt_min, dt_max]: its heads' initial decay rates -log g, log-uniform
-        "decays": [[1e-3, 1e-1], [5e-2, 5e-1]],
-        "conv_size": 8,  # taps of the short convs (1: each token alone, no mixing across tokens)
+        "decays": Option([[1e-3, 1e-1], [5e-2, 5e-1]], list,
+                         doc="one memory per [dt_min, dt_max] pair: its heads' initial decay rates -log g"),
+        "conv_size": Option(8, int, min=1, doc="taps of the short convs (1: each token alone, no mixing)"),
     }
 
     #: logit of the share of the first token's value every head starts with (sigmoid(-3) = 0.05)
@@ -121,16 +126,15 @@ class GatedDeltaConvMixer(GatedDeltaMixer):
     def decay_ranges(self) -> list[tuple[float, float]]:
         decays = self.config["decays"]
         pairs = isinstance(decays, (list, tuple)) and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in decays)
+        key = "mixer.options.decays"
         if not decays or not pairs:
-            raise ValueError(f"{self.name}: decays must be a non-empty list of [dt_min, dt_max] pairs; got {decays!r}")
-        return [(float(lo), float(hi)) for lo, hi in decays]
+            raise ValueError(f"{key}: must be a non-empty list of [dt_min, dt_max] pairs, got {decays!r}")
+        return [(DECAY_RATE.check(lo, f"{key}[{i}][0]"), DECAY_RATE.check(hi, f"{key}[{i}][1]"))
+                for i, (lo, hi) in enumerate(decays)]
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
-        K = int(self.config["conv_size"])
-        if K < 1:
-            raise ValueError(f"{self.name}: conv_size must be >= 1, got {K}")
-        self.conv_size = K
+        K = self.conv_size = int(self.config["conv_size"])
         self.conv_q = nn.Parameter(_identity_taps(num_heads, head_dim, K))
         self.conv_k = nn.Parameter(_identity_taps(num_kv_heads, head_dim, K))
         self.conv_v = nn.Parameter(_identity_taps(num_kv_heads, head_dim, K))

@@ -33,6 +33,7 @@ from zoo.kernels.linear_attention import LinearAttentionState
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 from zoo.mixers.hedgehog import hedgehog_features
+from zoo.mixers.options import Option
 
 
 class GatedLinearMixer(Mixer):
@@ -85,10 +86,12 @@ class GLAMixer(GatedLinearMixer):
                    "starting near no decay")
     source = "Yang et al. 2024, Gated Linear Attention Transformers (arXiv:2312.06635); Hedgehog (arXiv:2402.04347)"
     options = {
-        "feature_dim": None,  # projections per head (2x as many features); None = head_dim
-        "rank": 16,  # rank of the gate projection x -> gate logits
-        "tau": 16.0,  # gate logit normalizer: log g = logsigmoid(.) / tau
-        "gate_bias": 6.0,  # initial gate logit: the start's per-token log decay is logsigmoid(gate_bias) / tau
+        "feature_dim": Option(None, int, min=1, nullable=True,
+                              doc="projections per head (2x as many features); null: head_dim"),
+        "rank": Option(16, int, min=1, doc="rank of the gate projection x -> gate logits"),
+        "tau": Option(16.0, float, above=0, doc="gate logit normalizer: log g = logsigmoid(.) / tau"),
+        "gate_bias": Option(6.0, float, doc="initial gate logit: the start's log decay per token is "
+                                            "logsigmoid(gate_bias) / tau"),
     }
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
@@ -96,8 +99,6 @@ class GLAMixer(GatedLinearMixer):
         self.feature_dim = int(self.config["feature_dim"] or head_dim)
         self.num_features = 2 * self.feature_dim
         rank, self.tau = int(self.config["rank"]), float(self.config["tau"])
-        if self.feature_dim < 1 or rank < 1 or self.tau <= 0:
-            raise ValueError(f"gla: need feature_dim >= 1, rank >= 1, tau > 0; got {self.config}")
         self.feature_map_q = HeadwiseLinear(num_heads, head_dim, self.feature_dim)
         self.feature_map_k = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim)
         self.gate_down = nn.Linear(hidden_size, rank, bias=False)

@@ -9,6 +9,7 @@ import torch
 
 from zoo.mixers.base import register_mixer
 from zoo.mixers.feature_map import FeatureMapMixer, HeadwiseLinear
+from zoo.mixers.options import Option
 
 
 def hedgehog_features(h: torch.Tensor) -> torch.Tensor:
@@ -23,8 +24,9 @@ class HedgehogMixer(FeatureMapMixer):
     description = "causal linear attention, learned feature map [softmax(Wx), softmax(-Wx)] per head (W starts as I)"
     source = "Zhang et al. 2024, The Hedgehog & the Porcupine (arXiv:2402.04347); LoLCATs (arXiv:2410.10254)"
     options = {
-        "feature_dim": None,  # projections per head (2x as many features); None = head_dim
-        "tie_qk": False,  # one map for queries and keys (per key/value head) instead of two
+        "feature_dim": Option(None, int, min=1, nullable=True,
+                              doc="projections per head (2x as many features); null: head_dim"),
+        "tie_qk": Option(False, bool, doc="one map for queries and keys (per key/value head) instead of two"),
     }
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):

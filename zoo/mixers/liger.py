@@ -38,6 +38,7 @@ from zoo.kernels.linear_attention import LinearAttentionState
 from zoo.kernels.window_hybrid import WindowHybridState
 from zoo.mixers.base import register_mixer, repeat_kv
 from zoo.mixers.gla import GatedLinearMixer
+from zoo.mixers.options import Option
 
 SOURCE = "Lan et al. 2025, Liger: Linearizing LLMs to Gated Recurrent Structures (arXiv:2503.01496)"
 
@@ -61,14 +62,16 @@ class LigerGLAMixer(GatedLinearMixer):
     state_size = "4*Hkv*(D*D + D) bytes (fp32 S and z)"
     description = "Liger gated linear attention: softmax feature map, per-feature gates pooled from k; no parameters"
     source = SOURCE
-    options = {"tau": 16.0}  # gate logit normalizer: log g = logsigmoid(pooled k) / tau
+    options = {
+        "tau": Option(16.0, float, above=0, doc="gate logit normalizer: log g = logsigmoid(pool(k)) / tau"),
+    }
     gates_per_kv_head = True  # pooled from k: the state is kept once per key/value head
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.tau = float(self.config["tau"])
-        if self.tau <= 0 or head_dim % 2:
-            raise ValueError(f"{self.name}: need tau > 0 and an even head_dim; got {self.config}, head_dim {head_dim}")
+        if head_dim % 2:
+            raise ValueError(f"{self.name}: needs an even head_dim (gates pool RoPE pairs), got {head_dim}")
 
     def features(self, q, k):
         return softmax_features(q), softmax_features(k)
@@ -94,14 +97,16 @@ class LigerMixer(LigerGLAMixer):
     state_size = ("4*Hkv*(D*D + D) bytes (fp32 gated state) + W*Hkv*(2D + 1) input-dtype values (last W keys, "
                   "values) + 4*Hkv*(D + 1) + 8 bytes")
     description = "Liger Attention: alpha * liger-gla + (1 - alpha) * sliding-window softmax (W tokens); no parameters"
-    options = {"tau": 16.0, "window": 64, "alpha": 0.5}
+    options = {
+        "tau": 16.0,
+        "window": Option(64, int, min=1, doc="sliding-window softmax over the last W tokens"),
+        "alpha": Option(0.5, float, min=0, max=1, doc="weight of the gated branch (1 - alpha on the window)"),
+    }
     BRANCHES = ("both", "window", "linear")
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.window, self.alpha = int(self.config["window"]), float(self.config["alpha"])
-        if self.window < 1 or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"liger: need window >= 1 and 0 <= alpha <= 1; got {self.config}")
         self.branch = "both"
 
     def mix(self) -> float:

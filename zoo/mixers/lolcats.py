@@ -42,12 +42,24 @@ from zoo.kernels.window_hybrid import window_hybrid_weights
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 from zoo.mixers.hedgehog import hedgehog_features
+from zoo.mixers.options import Option
 
 
-class _LolcatsBase(Mixer):
+class LolcatsBase(Mixer):
+    """The LoLCATs window hybrid with Hedgehog feature maps; registered through its subclasses."""
+
     family = "hybrid"
     source = "LoLCATs (Zhang et al. 2024, arXiv:2410.10254); Hedgehog (Zhang et al. 2024, arXiv:2402.04347)"
-    options = {"window": 64, "feature_dim": None, "window_factor": 0.5, "sinks": 0}
+    options = {
+        "window": Option(64, int, min=0, doc="softmax window in tokens (block size when terraced); 0: none, "
+                                              "allowed with sinks >= 1 on a plain window"),
+        "feature_dim": Option(None, int, min=1, nullable=True,
+                              doc="Hedgehog projections per head (2x as many features); null: head_dim"),
+        "window_factor": Option(0.5, float, above=0, below=1,
+                                doc="initial window share a of every head (the linear branch gets 1 - a)"),
+        "sinks": Option(0, int, min=0,
+                        doc="first tokens kept as softmax keys of every query (attention sinks)"),
+    }
     terraced = False
     BRANCHES = ("both", "window", "linear")
 
@@ -57,10 +69,9 @@ class _LolcatsBase(Mixer):
         self.feature_dim = int(self.config["feature_dim"] or head_dim)
         self.sinks = int(self.config["sinks"])
         a0 = float(self.config["window_factor"])
-        no_window_ok = self.window == 0 and self.sinks > 0 and not self.terraced
-        if (self.window < 1 and not no_window_ok) or self.feature_dim < 1 or not 0.0 < a0 < 1.0 or self.sinks < 0:
-            raise ValueError(f"{self.name}: need window >= 1 (or 0 with sinks >= 1, plain window), feature_dim >= 1, "
-                             f"0 < window_factor < 1, sinks >= 0; got {self.config}")
+        if self.window == 0 and (self.sinks < 1 or self.terraced):
+            raise ValueError(f"{self.name}: need window >= 1 (or 0 with sinks >= 1, plain window); "
+                             f"got window=0, sinks={self.sinks}")
         # the same Hedgehog maps as the `hedgehog` mixer: queries per head, keys per key/value head
         self.feature_map_q = HeadwiseLinear(num_heads, head_dim, self.feature_dim)
         self.feature_map_k = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim)
@@ -114,7 +125,7 @@ class _LolcatsBase(Mixer):
 
 
 @register_mixer("lolcats")
-class Lolcats(_LolcatsBase):
+class Lolcats(LolcatsBase):
     """Hedgehog linear attention + plain sliding-window softmax (last `window` tokens), learned mixing."""
 
     description = "Hedgehog linear attention + sliding-window softmax (W tokens), learned per-head mixing"
@@ -123,7 +134,7 @@ class Lolcats(_LolcatsBase):
 
 
 @register_mixer("lolcats-terraced")
-class LolcatsTerraced(_LolcatsBase):
+class LolcatsTerraced(LolcatsBase):
     """Hedgehog linear attention + terraced window: softmax over the previous and current `window`-token
     block (causal within the current one), learned mixing."""
 

@@ -54,6 +54,7 @@ from zoo.kernels.short_conv import causal_conv
 from zoo.mixers.base import Mixer, decay_bias, register_mixer, repeat_kv
 from zoo.mixers.feature_map import HeadwiseLinear
 from zoo.mixers.hedgehog import hedgehog_features
+from zoo.mixers.options import Option
 
 
 class Mamba2State(NamedTuple):
@@ -70,9 +71,9 @@ class Mamba2Mixer(Mixer):
     source = ("Dao & Gu 2024, Transformers are SSMs (Mamba2, arXiv:2405.21060); Wang et al. 2024, "
               "The Mamba in the Llama (arXiv:2408.15237)")
     options = {
-        "conv_size": 4,  # taps of the causal depthwise conv over x (= v); 1: no mixing across tokens
-        "dt_min": 1e-3,  # initial dt per head, log-spaced over heads from dt_min to dt_max (A = -1)
-        "dt_max": 1e-2,
+        "conv_size": Option(4, int, min=1, doc="taps of the causal depthwise conv over x (= v); 1: none"),
+        "dt_min": Option(1e-3, float, above=0, doc="initial dt of head 0, log-spaced over heads to dt_max"),
+        "dt_max": Option(1e-2, float, above=0, doc="initial dt of the last head (>= dt_min)"),
     }
     eps: float = 1e-6
     #: the conv taps and D act on the value path directly, so a change of lr in one moves the output by
@@ -83,8 +84,8 @@ class Mamba2Mixer(Mixer):
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         K, lo, hi = int(self.config["conv_size"]), float(self.config["dt_min"]), float(self.config["dt_max"])
-        if K < 1 or not 0 < lo <= hi:
-            raise ValueError(f"mamba2: need conv_size >= 1 and 0 < dt_min <= dt_max; got {self.config}")
+        if lo > hi:
+            raise ValueError(f"mamba2: need dt_min <= dt_max, got dt_min={lo}, dt_max={hi}")
         self.conv_size = K
         self.dt_proj = nn.Linear(hidden_size, num_heads, bias=False)
         nn.init.zeros_(self.dt_proj.weight)

@@ -25,6 +25,7 @@ import torch
 from zoo.mixers.base import register_mixer
 from zoo.mixers.gla import GatedLinearMixer
 from zoo.mixers.liger import softmax_features
+from zoo.mixers.options import Option
 
 
 @register_mixer("retention")
@@ -33,15 +34,14 @@ class RetentionMixer(GatedLinearMixer):
     description = "RetNet decay gamma_h = 1 - 2^-(5+h) per head on softmax-feature linear attention; no parameters"
     source = "Sun et al. 2023, Retentive Network (arXiv:2307.08621)"
     options = {
-        "first_exponent": 5.0,  # head 0: gamma = 1 - 2^-first_exponent
-        "exponent_step": 1.0,  # head h: gamma = 1 - 2^-(first_exponent + h * exponent_step)
+        "first_exponent": Option(5.0, float, above=0, doc="head 0: gamma = 1 - 2^-first_exponent"),
+        "exponent_step": Option(1.0, float, min=0,
+                                doc="head h: gamma = 1 - 2^-(first_exponent + h * exponent_step)"),
     }
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         e0, step = float(self.config["first_exponent"]), float(self.config["exponent_step"])
-        if e0 <= 0 or step < 0:
-            raise ValueError(f"retention: need first_exponent > 0 and exponent_step >= 0; got {self.config}")
         #: log gamma_h per head, in Python floats (float64: 1 - 2^-e rounds to 1 in fp32 for e > 24), so
         #: that nothing here is a tensor (models are built on the meta device when loaded)
         self.log_decay = tuple(math.log1p(-2.0 ** -(e0 + step * h)) for h in range(num_heads))

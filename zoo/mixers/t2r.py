@@ -8,6 +8,7 @@ import torch
 
 from zoo.mixers.base import register_mixer
 from zoo.mixers.feature_map import FeatureMapMixer, HeadwiseLinear
+from zoo.mixers.options import Option
 
 
 @register_mixer("t2r")
@@ -16,8 +17,8 @@ class T2RMixer(FeatureMapMixer):
     description = "causal linear attention, learned feature map relu(Wx+b) per head (W starts as +-identity)"
     source = "Kasai et al. 2021, Finetuning Pretrained Transformers into RNNs (arXiv:2103.13076); LoLCATs baseline"
     options = {
-        "feature_dim": None,  # features per head; None = head_dim
-        "tie_qk": False,  # one map for queries and keys (per key/value head) instead of two
+        "feature_dim": Option(None, int, min=1, nullable=True, doc="features per head; null: head_dim"),
+        "tie_qk": Option(False, bool, doc="one map for queries and keys (per key/value head) instead of two"),
     }
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):

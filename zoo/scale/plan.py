@@ -81,18 +81,30 @@ def _block_memory(k: int, params: dict, element: int, act_per_token: float | Non
     return memory
 
 
-def make_plan(inputs: PlanInputs) -> dict:
-    """Every number `zoo plan` prints, as a dict (bytes, seconds, FLOPs)."""
-    from zoo.scale.blockwise import plan_blocks
+def check_inputs(inputs: PlanInputs) -> None:
+    """A one-line ValueError (KeyError for an unknown mixer) naming the flag of the first impossible input."""
+    from zoo.mixers import get_mixer
 
-    if inputs.block_size < 1:
-        raise ValueError(f"block size must be >= 1, got {inputs.block_size}")
-    if inputs.tokens < 1 or inputs.seq_len < 1 or inputs.batch_size < 1:
-        raise ValueError("tokens, seq_len and batch_size must be >= 1")
+    for flag, value in (("--block-size", inputs.block_size), ("--tokens", inputs.tokens),
+                        ("--seq-len", inputs.seq_len), ("--batch-size", inputs.batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be a whole number >= 1, got {value!r}")
+    if not 0 < inputs.mfu <= 1:  # also refuses NaN
+        raise ValueError(f"--mfu must be a fraction in (0, 1], got {inputs.mfu:g}")
+    if inputs.tflops is not None and not 0 < inputs.tflops < math.inf:
+        raise ValueError(f"--tflops must be a number > 0 (measured TFLOP/s per GPU), got {inputs.tflops:g}")
     if inputs.gpu not in GPUS:
         raise ValueError(f"unknown GPU {inputs.gpu!r}; known: {', '.join(GPUS)}")
     if inputs.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {inputs.dtype!r}; allowed: {', '.join(DTYPES)}")
+    get_mixer(inputs.mixer).check_options(dict(inputs.options or {}))
+
+
+def make_plan(inputs: PlanInputs) -> dict:
+    """Every number `zoo plan` prints, as a dict (bytes, seconds, FLOPs)."""
+    from zoo.scale.blockwise import plan_blocks
+
+    check_inputs(inputs)
     config = load_config(inputs.model)
     options = dict(inputs.options or {})
     dtype = DTYPES[inputs.dtype]
@@ -111,7 +123,7 @@ def make_plan(inputs: PlanInputs) -> dict:
     attention = 2 * inputs.seq_len * heads * dim
     teacher_flops = 2 * params["layer"] + attention
     stage1_flops = teacher_flops + 4 * params["o_proj"] + 6 * params["mixer_per_layer"]
-    rate = (inputs.tflops or gpu.bf16_tflops * inputs.mfu) * 1e12
+    rate = (inputs.tflops if inputs.tflops is not None else gpu.bf16_tflops * inputs.mfu) * 1e12
     gpus = len(blocks)
     stored = len(blocks)
     return {
@@ -128,7 +140,7 @@ def make_plan(inputs: PlanInputs) -> dict:
         "gpus": gpus, "nodes": math.ceil(gpus / GPUS_PER_NODE),
         "flops_per_token_layer_stage1": stage1_flops, "flops_per_token_layer_teacher": teacher_flops,
         "throughput_flops": rate,
-        "throughput_source": (f"given: {inputs.tflops} TFLOP/s" if inputs.tflops else
+        "throughput_source": (f"given: {inputs.tflops} TFLOP/s" if inputs.tflops is not None else
                               f"ASSUMED: {gpu.bf16_tflops:g} TFLOP/s peak ({gpu.source}) x {inputs.mfu:.0%} "
                               "utilization (an assumption, not measured)"),
         "seconds_store": inputs.tokens * layers * teacher_flops / (rate * gpus),
@@ -197,7 +209,7 @@ def _tokens(text: str) -> int:
     scale = {"k": 1e3, "m": 1e6, "b": 1e9}.get(text[-1:].lower(), 1)
     try:
         return int(float((text[:-1] if scale != 1 else text).replace("_", "")) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf
         raise ValueError(f"--tokens {text!r} is not a count (e.g. 50M, 2.5B, 20000000)") from None
 
 
