@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from zoo_testing import RECIPE, tiny_overrides, zoo_subprocess
 
 import zoo
 from zoo.cli import main
@@ -20,21 +17,6 @@ from zoo.cli import main
 def private_cache(tmp_path_factory, monkeypatch):
     """References and token caches of these runs stay out of the user's zoo cache."""
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path_factory.getbasetemp() / "zoo-cache"))
-
-
-def tiny_overrides(world, mixer="hedgehog", **extra) -> list[str]:
-    values = {
-        "model.name": world["model"], "mixer.name": mixer, "mixer.options": {},
-        "data.train": [world["train"]], "data.eval_ood": [world["ood"]], "data.seq_len": 32,
-        "stage1.tokens": 32 * 2 * 6, "stage1.batch_size": 2, "stage1.checkpoint_every": 2, "stage1.log_every": 1,
-        "stage2.tokens": 32 * 2 * 6, "stage2.batch_size": 2, "stage2.checkpoint_every": 2, "stage2.log_every": 1,
-        "stage2.lora.rank": 4, "eval.max_blocks": 4, "eval.generate_tokens": 5, "device": "cpu",
-    }
-    values.update(extra)
-    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
-
-
-RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "hedgehog.yaml")
 
 
 def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
@@ -83,22 +65,16 @@ def test_stage2_distilled_from_the_fair_reference(tiny_world, tmp_path, capsys):
                                     for r in stage2)
 
 
-def _zoo(args, env_extra=None, cwd=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
-
-
 @pytest.mark.parametrize("kill_at, extra", [("stage1:3", {}), ("stage2:5", {"stage2.distill": 0.5})])
 def test_sigkill_then_rerun_gives_the_same_result(tiny_world, tmp_path, kill_at, extra):
     """Killed in stage 1, or in a distilled stage 2: the rerun ends where an uninterrupted run ends."""
     args = ["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}, **extra})]
-    straight = _zoo([*args, "--out", str(tmp_path / "straight")])
+    straight = zoo_subprocess([*args, "--out", str(tmp_path / "straight")])
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _zoo([*args, "--out", str(tmp_path / "cut")], {"ZOO_FAULT_KILL_AT": kill_at})
+    killed = zoo_subprocess([*args, "--out", str(tmp_path / "cut")], {"ZOO_FAULT_KILL_AT": kill_at})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "cut" / "summary.json").exists()
-    resumed = _zoo([*args, "--out", str(tmp_path / "cut")])
+    resumed = zoo_subprocess([*args, "--out", str(tmp_path / "cut")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     stage = kill_at.split(":")[0]
     assert f"{stage}: resuming from step" in resumed.stderr
@@ -188,7 +164,7 @@ def test_demo_runs_the_lolcats_recipe_at_the_demo_budget(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run_recipe(recipe, out):
+    def fake_run_recipe(recipe, out, redo=()):
         seen["recipe"], seen["out"] = recipe, out
         raise SystemExit(0)  # stop before any training: only what the demo asks for is checked here
 

@@ -3,7 +3,9 @@ small tokenizer, all made offline."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -76,3 +78,30 @@ def tiny_tokenizer(texts: list[str]):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+#: the recipe the run tests start from (their overrides replace the model, data and budgets)
+RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "hedgehog.yaml")
+
+
+def tiny_overrides(world, mixer="hedgehog", **extra) -> list[str]:
+    """`zoo run` overrides for a run of seconds: the tiny world's model and text, 6 steps a stage."""
+    values = {
+        "model.name": world["model"], "mixer.name": mixer, "mixer.options": {},
+        "data.train": [world["train"]], "data.eval_ood": [world["ood"]], "data.seq_len": 32,
+        "stage1.tokens": 32 * 2 * 6, "stage1.batch_size": 2, "stage1.checkpoint_every": 2, "stage1.log_every": 1,
+        "stage2.tokens": 32 * 2 * 6, "stage2.batch_size": 2, "stage2.checkpoint_every": 2, "stage2.log_every": 1,
+        "stage2.lora.rank": 4, "eval.max_blocks": 4, "eval.generate_tokens": 5, "device": "cpu",
+    }
+    values.update(extra)
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def zoo_subprocess(args, env_extra=None, cwd=None, timeout=600):
+    """`python -m zoo.cli ARGS` in a child process (its stdout and stderr captured as text)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)

@@ -98,15 +98,29 @@ def print_table(summary: dict) -> None:
               + ", ".join(f"{k} {v['repeated_4grams']:.2f}" for k, v in generation.items()))
 
 
+def recipe_and_out(recipe: str, out: str | None) -> tuple[Path, str]:
+    """The recipe file and run folder of `zoo run RECIPE [--out DIR]`. RECIPE may be a run folder: its
+    recipe.yaml, and the folder itself as --out unless another is given (to fork the run)."""
+    path = Path(recipe)
+    if path.is_dir():
+        if not (path / "recipe.yaml").is_file():
+            raise ValueError(f"{path} is a folder without recipe.yaml: give a recipe file (recipes/<model>/<mixer>.yaml) "
+                             "or a run folder")
+        return path / "recipe.yaml", out or str(path)
+    return path, out or str(Path("runs") / f"{path.parent.name}-{path.stem}")
+
+
 def cmd_run(args) -> int:
     from zoo.run import run_recipe
 
-    recipe = _load_recipe(args.recipe, args.overrides)
-    out = args.out or str(Path("runs") / f"{Path(args.recipe).parent.name}-{Path(args.recipe).stem}")
-    summary = run_recipe(recipe, out)
+    recipe_path, out = recipe_and_out(args.recipe, args.out)
+    recipe = _load_recipe(str(recipe_path), args.overrides)
+    summary = run_recipe(recipe, out, tuple(args.redo or ()))
     if summary is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return 0
     print_table(summary)
+    for warning in summary.get("warnings") or ():
+        print(f"WARNING: {warning}")
     print(f"\n{recipe.eval.generate_prompt!r} -> {summary['sample']!r}")
     print(f"run folder: {out}")
     return 0
@@ -143,7 +157,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_redo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redo", action="append", choices=("stage1", "stage2", "eval"),
+                        help="redo this stage and what follows it (repeatable); what it replaces is kept in "
+                             "DIR/superseded/; --redo eval evaluates a finished run again")
+
+
+def _command_words(argv: list[str]) -> list[str]:
+    """The leading command words of `argv` (`bench speed`, `eval`, ...), to import only what they need."""
+    words = []
+    for arg in argv:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return words[:2]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of `argv`'s command. Commands whose arguments live in a heavy module (eval, bench, plan)
+    import it only when `argv` names them, so `zoo --help` and `zoo run` start fast."""
+    words = _command_words(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="zoo", description="Linearize pretrained LLMs with registered token mixers.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered mixers").set_defaults(func=cmd_list)
@@ -151,25 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default="smollm2-135m")
     info.add_argument("--sources", nargs="+", default=["austen", "bible", "brown"])
     info.set_defaults(func=cmd_info)
-    run = sub.add_parser("run", help="run a recipe: RECIPE [key.sub=value ...] [--out DIR]")
+    run = sub.add_parser("run", help="run a recipe: RECIPE [key.sub=value ...] [--out DIR]; RECIPE may be a run folder")
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
-    run.add_argument("--out", help="run folder (default runs/<model>-<mixer>)")
+    run.add_argument("--out", help="run folder (default runs/<model>-<mixer>; a run folder as RECIPE: that folder)")
+    _add_redo(run)
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="the lolcats recipe on the embedded SmolLM2 teacher and corpus")
     demo.add_argument("overrides", nargs="*")
     demo.add_argument("--out")
+    _add_redo(demo)
     demo.set_defaults(func=cmd_demo)
     ev = sub.add_parser("eval", help="perplexity / bits per byte, MMLU, passkey, decode cost, lm_eval tasks "
                                      "of a saved linearized model")
-    ev.add_argument("dir")
-    ev.add_argument("--sources", nargs="+", default=["austen", "bible", "brown"])
-    ev.add_argument("--seq-len", type=int, default=256)
-    ev.add_argument("--max-blocks", type=int, default=32)
-    ev.add_argument("--mmlu", type=int, default=0, help="number of MMLU questions (0: skip)")
-    from zoo.eval_report import add_eval_arguments
+    if words[:1] == ["eval"]:
+        ev.add_argument("dir")
+        ev.add_argument("--sources", nargs="+", default=["austen", "bible", "brown"])
+        ev.add_argument("--seq-len", type=int, default=256)
+        ev.add_argument("--max-blocks", type=int, default=32)
+        ev.add_argument("--mmlu", type=int, default=0, help="number of MMLU questions (0: skip)")
+        from zoo.eval_report import add_eval_arguments
 
-    add_eval_arguments(ev)
+        add_eval_arguments(ev)
     ev.set_defaults(func=cmd_eval)
     gen = sub.add_parser("generate", help="generate from a saved linearized model")
     gen.add_argument("dir")
@@ -178,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true")
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.set_defaults(func=cmd_generate)
-    _add_module_commands(sub)
+    _add_module_commands(sub, words)
     return p
 
 
@@ -190,7 +226,8 @@ MODULE_COMMANDS = {
 }
 
 
-def _add_module_commands(sub) -> None:
+def _add_module_commands(sub, words: list[str]) -> None:
+    """Each module command's parser; its module is imported (for its arguments) only when `words` name it."""
     import importlib
 
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -201,22 +238,60 @@ def _add_module_commands(sub) -> None:
                 group = sub.add_parser(names[0], help=f"{names[0]} subcommands")
                 groups[names[0]] = group.add_subparsers(dest=f"{names[0]}_command", required=True)
             parent = groups[names[0]]
-        module = importlib.import_module(module_name)
         parser = parent.add_parser(names[-1], help=help_text)
-        module.add_arguments(parser)
-        parser.set_defaults(func=module.main)
+        if tuple(words[:len(names)]) == names:
+            module = importlib.import_module(module_name)
+            module.add_arguments(parser)
+            parser.set_defaults(func=module.main)
+
+
+def _raised_in_zoo(err: BaseException) -> bool:
+    """Whether the innermost frame of `err`'s traceback is zoo's own code (a deliberate, worded error)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).parent)
+
+
+def expected_error(err: BaseException) -> str | None:
+    """One line for a failure the user can act on (bad input, a file problem, a NaN loss); None for a bug."""
+    from safetensors import SafetensorError
+
+    if isinstance(err, KeyError):
+        return str(err.args[0]) if err.args else "a missing key"
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        message = f"{err.strerror or err}{where}"
+        if err.errno == 28:  # ENOSPC
+            message += "; free some space and run the same command again (a run resumes from its last checkpoint)"
+        return message
+    if isinstance(err, SafetensorError):
+        return f"safetensors: {err}" + ("; free some space and run the same command again"
+                                        if "StorageFull" in str(err) or "No space" in str(err) else "")
+    if isinstance(err, ValueError) or (isinstance(err, RuntimeError) and _raised_in_zoo(err)):
+        return str(err)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     _quiet_transformers()
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        # bad input and a NaN loss get one clear line; ZOO_DEBUG=1 shows the traceback
-        if os.environ.get("ZOO_DEBUG"):
-            raise
-        print(f"zoo: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("zoo: interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = expected_error(err)
+        if message is None or os.environ.get("ZOO_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+            if message is None:
+                print(f"zoo: internal error ({type(err).__name__}); this is a bug in zoo, please report it with "
+                      "the traceback above and the command", file=sys.stderr)
+                return 1
+        print(f"zoo: error: {message}", file=sys.stderr)
         return 2
 
 

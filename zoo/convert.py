@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from zoo.cache import CACHE_ARG, ZooCache
+from zoo.families import SUPPORTED_FAMILIES
 from zoo.kernels.softmax import causal_softmax_attention
 from zoo.mixers.base import Mixer, build_mixer
 from zoo.recipe import parse_layers
@@ -142,7 +143,6 @@ def _family_classes():
     }
 
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ZOO_CLASSES: dict[str, tuple[type, type]] = {}  # family -> (ZooConfig, ZooForCausalLM)
 
 
@@ -297,3 +297,6 @@ def mixer_parameters(model: nn.Module) -> list[nn.Parameter]:
 def freeze_all_but_mixers(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         p.requires_grad_(".mixer." in name)
+
+
+register_families()  # importing zoo.convert makes saved linearized folders readable by the Auto classes

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zoo.atomic import atomic_dir
+from zoo.atomic import atomic_dir, verify_dir
 from zoo.convert import register_families
 
 
@@ -17,6 +17,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
+
+
+#: what save_linearized writes for a one-file model (an older zoo wrote it without zoo-checksums.json)
+SAVED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def save_linearized(model: nn.Module, tokenizer, path: str | os.PathLike, merge: bool = True) -> Path:
@@ -31,7 +36,7 @@ def save_linearized(model: nn.Module, tokenizer, path: str | os.PathLike, merge:
         raise ValueError("save_linearized(merge=False) of a peft model: save the adapter with "
                          "model.save_pretrained() instead, or merge it")
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, known=SAVED_FILES) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -39,13 +44,17 @@ def save_linearized(model: nn.Module, tokenizer, path: str | os.PathLike, merge:
 
 
 def load_linearized(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | None = None):
-    """Return `(model, tokenizer)` from a folder written by `save_linearized` (tokenizer None if absent)."""
+    """Return `(model, tokenizer)` from a folder written by `save_linearized` (tokenizer None if absent).
+
+    The folder's zoo-checksums.json, when it has one, is checked first: a file changed since it was saved
+    is a ChecksumError naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     register_families()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
+    verify_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
     if not getattr(model.config, "zoo_mixers", None):
         raise ValueError(f"{path} holds a plain {model.config.model_type} model, not a linearized one")

@@ -73,9 +73,9 @@ def _measure_key(name: str, recipe: Recipe, device: torch.device) -> dict:
     if name == "mmlu":
         key["questions"] = e.mmlu
     elif name == "passkey":
-        key |= {"data": d["data"], "lengths": e.passkey_lengths, "trials": e.passkey_trials, "seed": recipe.seed}
+        key |= {"data": recipe.data_key(), "lengths": e.passkey_lengths, "trials": e.passkey_trials, "seed": recipe.seed}
     elif name == "generation":
-        key |= {"data": d["data"], "prompts": e.generation_prompts, "prompt_tokens": e.generation_prompt_tokens,
+        key |= {"data": recipe.data_key(), "prompts": e.generation_prompts, "prompt_tokens": e.generation_prompt_tokens,
                 "tokens": e.generation_tokens}
     return key
 

@@ -98,6 +98,7 @@ class DataConfig:
     seq_len: int = 256  # tokens per training/eval block
     heldout_fraction: float = 0.1  # of each source's documents, kept out of training
     seed: int = 0  # the split and the shuffling
+    skip_unavailable: bool = False  # a source that fails to load is skipped with a warning, not an error
 
     def _problems(self):
         if not self.train:
@@ -315,6 +316,12 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def data_key(self) -> dict[str, Any]:
+        """The data section as cache keys see it: only what changes the documents (not how failures are met)."""
+        data = dataclasses.asdict(self.data)
+        data.pop("skip_unavailable")
+        return data
+
     def to_yaml(self) -> str:
         """Block-style YAML (short lists of plain values inline) that ``load_recipe`` reads back."""
         return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
@@ -335,10 +342,15 @@ _Dumper.add_representer(list, _represent_list)
 def load_recipe(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder, not a recipe file (recipes/<model>/<mixer>.yaml, or a run folder's "
+                          "recipe.yaml)")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"no recipe at {path}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not a recipe (not UTF-8 text: byte {e.start} is {e.object[e.start]:#04x})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 
 from zoo.atomic import write_json
+from zoo.faults import fault_point
 from zoo.measures import branch_ablation, cached_reference, measure, teacher_measures, wanted_measures
 from zoo.peak_memory import PeakMemory
 from zoo.recipe import Recipe, Stage2Config, load_recipe
+from zoo.run_state import RunState, open_run
+from zoo.transfer.loop import CheckpointError
 
 FINAL_MODEL_DIR = "model"
 
@@ -67,9 +70,12 @@ class RunData:
         overlap = sorted(set(d.train) & set(d.eval_ood))
         if overlap:
             raise ValueError(f"data.eval_ood must be corpora never trained on, but {overlap} is also in data.train")
-        self.corpus = load_corpus(list(d.train) + list(d.eval_ood), heldout_fraction=d.heldout_fraction, seed=d.seed)
+        # a source that fails is an error, unless the recipe says data.skip_unavailable
+        self.corpus = load_corpus(list(d.train) + list(d.eval_ood), heldout_fraction=d.heldout_fraction, seed=d.seed,
+                                  strict=not d.skip_unavailable)
         self.train_sources = [s for s in d.train if s in self.corpus.sources]
         self.ood_sources = [s for s in d.eval_ood if s in self.corpus.sources]
+        self.skipped_sources = [s for s in [*d.train, *d.eval_ood] if s not in self.corpus.sources]
         if not self.train_sources:
             raise ValueError(f"none of the training sources {list(d.train)} could be loaded")
         train_docs = [doc for s in self.train_sources for doc in self.corpus.train(s)]
@@ -126,7 +132,8 @@ def teacher_lora_folder(recipe: Recipe) -> tuple[Path, str]:
     stage2 = {k: d["stage2"][k] for k in REFERENCE_STAGE2_KEYS}
     default = Stage2Config()
     stage2 |= {k: d["stage2"][k] for k in REFERENCE_STAGE2_KEYS_IF_SET if d["stage2"][k] != getattr(default, k)}
-    key_src = json.dumps({k: d[k] for k in ("model", "data", "seed")} | {"stage2": stage2, "eval": d["eval"]["max_blocks"]},
+    key_src = json.dumps({"model": d["model"], "data": recipe.data_key(), "seed": d["seed"]}
+                         | {"stage2": stage2, "eval": d["eval"]["max_blocks"]},
                          sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     return cache_dir() / "references" / f"teacher-lora-{key}", key_src
@@ -166,36 +173,41 @@ def teacher_lora_weights(recipe: Recipe, data: RunData, device, dtype) -> dict[s
     return load_file(str(folder / "checkpoints" / "teacher_lora" / "trainable.safetensors"), device=str(device))
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
+def run_recipe(recipe: Recipe, out_dir: str | Path, redo: tuple[str, ...] = ()) -> dict | None:
     """Run a whole recipe into `out_dir` (resuming what is there). Returns the summary dict.
 
+    Everything cheap is checked first (zoo.preflight); then the folder is claimed (zoo.run_state: one
+    writer, stage-by-stage reuse, `redo`), and a finished run returns its summary without loading anything.
     A recipe with stage1.blockwise.block_size > 0, or any recipe in a process started by torchrun,
     runs through zoo.scale.pipeline (block-wise stage 1, FSDP2 stage 2); there only rank 0 returns
     the summary and the other ranks None."""
-    import zoo
+    from zoo.preflight import check_run
     from zoo.scale.dist import launched_by_torchrun
-    from zoo.transfer.stage1 import layer_mse, run_stage1
-    from zoo.transfer.stage2 import add_lora, enable_gradient_checkpointing, run_stage2
 
+    out = Path(out_dir)
+    _, warnings = check_run(recipe, out)
+    for warning in warnings:
+        _say(warning)
     if recipe.stage1.blockwise.block_size or launched_by_torchrun():
         from zoo.scale.pipeline import run_scaled
 
-        return run_scaled(recipe, out_dir)
+        return run_scaled(recipe, out, redo)
+    with open_run(recipe, out, redo) as state:
+        if state.finished_summary is not None:
+            _say(f"{out} is a finished run: its summary follows (--redo eval evaluates it again)")
+            return state.finished_summary
+        try:
+            return _run_claimed(recipe, state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; redo that stage with: {state.redo_command(err.stage)}", err.stage) from None
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    recipe_path = out / "recipe.yaml"
-    if recipe_path.exists() and not same_recipe(recipe_path, recipe):
-        raise ValueError(f"{out} holds a run of a different recipe ({recipe_path}); use another --out folder")
-    recipe_path.write_text(recipe.to_yaml())
-    progress_path = out / "progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
 
-    def remember(key, value):
-        progress[key] = value
-        write_json(progress_path, progress)
-        return value
+def _run_claimed(recipe: Recipe, state: RunState) -> dict:
+    import zoo
+    from zoo.transfer.stage1 import layer_mse, run_stage1
+    from zoo.transfer.stage2 import add_lora, enable_gradient_checkpointing, run_stage2
 
+    out, progress, remember = state.out, state.progress, state.remember
     device = pick_device(recipe.device)
     dtype = pick_dtype(recipe.model.dtype, device)
     torch.manual_seed(recipe.seed)
@@ -208,8 +220,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
     model_params = sum(p.numel() for p in model.parameters())
     if "teacher" not in progress:
         _say("evaluating the teacher")
-        teacher_key = {k: recipe.to_dict()[k] for k in ("model", "data")} | {"max_blocks": recipe.eval.max_blocks,
-                                                                              "device": device.type}
+        teacher_key = {"model": recipe.to_dict()["model"], "data": recipe.data_key(),
+                       "max_blocks": recipe.eval.max_blocks, "device": device.type}
         remember("teacher", cached_reference("teacher-eval", teacher_key, lambda: data.evaluate(model)))
     if recipe.eval.teacher_lora and "teacher_lora" not in progress:
         reference = teacher_lora_reference(recipe, data, device, dtype)
@@ -234,9 +246,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
             stats = run_stage1(model, data.train_blocks, _loop_config("stage1", s1, recipe.seed), out,
                                attention_ce=s1.attention_ce, attention_ce_max_len=s1.attention_ce_max_len,
                                device=device)
+        if "stage1_train" not in progress:
+            remember("stage1_train", stats | {"peak_memory": peak.result()})
         if "stage1" not in progress:
-            remember("stage1", {"train": stats | {"peak_memory": peak.result()}, **data.evaluate(model),
-                                "layer_mse": layer_mse(model, mse_blocks)})
+            remember("stage1", {**data.evaluate(model), "layer_mse": layer_mse(model, mse_blocks)})
+        warn_if_stage1_worse(progress)
 
     s2 = recipe.stage2
     trainable = sum(p.numel() for n, p in model.named_parameters() if ".mixer." in n)
@@ -253,8 +267,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
         with PeakMemory() as peak:
             stats = run_stage2(model, data.train_blocks, _loop_config("stage2", s2, recipe.seed), out, device=device,
                                distill=s2.distill, teacher_lora=reference)
-        if "stage2" not in progress:
-            remember("stage2", {"train": stats | {"peak_memory": peak.result()}})
+        if "stage2_train" not in progress:
+            remember("stage2_train", stats | {"peak_memory": peak.result()})
     if "final" not in progress:
         remember("final", data.evaluate(model))
     for name in ("mmlu", "passkey", "generation"):
@@ -272,8 +286,29 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict | None:
         _say("decode speed and state memory: final model")
         remember("decode", {"teacher": teacher_side["decode"], "final": measure("decode", recipe, data, saved, tokenizer)})
     summary = build_summary(recipe, progress, trainable, sample, time.time() - t_start, model_params)
+    summary["data_sources"] = {"train": data.train_sources, "eval_ood": data.ood_sources,
+                               "skipped": data.skipped_sources}
     write_json(out / "summary.json", summary)
+    fault_point("summary")
     return summary
+
+
+def stage1_worse_than_swap(progress: dict) -> str | None:
+    """A warning when stage 1 ended with a higher held-out perplexity than the untrained swap (None otherwise)."""
+    swap, stage1 = progress.get("swap"), progress.get("stage1")
+    if not (swap and stage1 and "heldout" in swap and "heldout" in stage1):
+        return None
+    before, after = swap["heldout"]["ppl"], stage1["heldout"]["ppl"]
+    if after > before:
+        return (f"stage 1 ended worse than the untrained swap (held-out perplexity {after:.2f} > {before:.2f}): "
+                "its training hurt; try a lower stage1.lr or more stage1.tokens")
+    return None
+
+
+def warn_if_stage1_worse(progress: dict) -> None:
+    warning = stage1_worse_than_swap(progress)
+    if warning:
+        _say(f"WARNING: {warning}")
 
 
 def same_recipe(path: Path, recipe: Recipe) -> bool:
@@ -314,8 +349,8 @@ def _branches(entry: dict | None) -> dict | None:
 
 def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, wall: float,
                   model_params: int | None = None) -> dict:
-    s1 = progress.get("stage1", {}).get("train", {})
-    s2 = progress.get("stage2", {}).get("train", {})
+    s1 = progress.get("stage1_train") or {}
+    s2 = progress.get("stage2_train") or {}
     return {
         "model": recipe.model.name,
         "mixer": recipe.mixer.name,
@@ -347,6 +382,7 @@ def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, w
         "passkey": progress.get("passkey"),
         "decode": progress.get("decode"),
         "generation": progress.get("generation"),
+        "warnings": [w for w in (stage1_worse_than_swap(progress),) if w],
         "branches": _branches(progress.get("branches")),
         "prompt": recipe.eval.generate_prompt,
         "sample": sample,

@@ -34,6 +34,36 @@ def load_documents(spec: str) -> list[Document]:
     return docs
 
 
+def spec_problem(spec: str) -> str | None:
+    """Why `spec` cannot name documents, found without loading anything (None: it looks loadable).
+
+    Checks the form only: an embedded name, an hf: spec, or a file, folder or glob that exists. Whether
+    an embedded source can be fetched, or a dataset downloaded, shows only when it loads."""
+    import difflib
+
+    from zoo.data.files import is_glob, matching_files
+    from zoo.data.hf import PREFIX, parse_hf_spec
+
+    if not isinstance(spec, str) or not spec.strip():
+        return f"a data spec must be a non-empty string, got {spec!r}"
+    if spec in EMBEDDED_SOURCES:
+        return None
+    if spec.startswith(PREFIX):
+        try:
+            parse_hf_spec(spec)
+        except ValueError as err:
+            return str(err)
+        return None
+    if matching_files(spec):
+        return None
+    if is_glob(spec):
+        return f"the glob {spec!r} matches no file"
+    hint = difflib.get_close_matches(spec, EMBEDDED_SOURCES, n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return (f"{spec!r}{did_you_mean} is not an embedded source ({', '.join(EMBEDDED_SOURCES)}), not an "
+            "existing text file, folder or glob, and not hf:<dataset>[:<config>][@<split>]")
+
+
 def _pick(splits: dict[str, list[Document]], source: str | Iterable[str] | None) -> list[Document]:
     names = list(splits) if source is None else [source] if isinstance(source, str) else list(source)
     unknown = [n for n in names if n not in splits]
@@ -91,7 +121,7 @@ def load_corpus(specs: str | Iterable[str] = DEFAULT_SPECS, heldout_fraction: fl
             docs = load_documents(spec)
         except (SourceUnavailable, ValueError, ImportError, OSError) as e:
             if strict:
-                raise
+                raise SourceUnavailable(f"data source {spec!r} failed to load: {e}") from e
             failures.append(f"{spec}: {e}")
             log(f"skipping data source {spec!r}: {e}")
             continue

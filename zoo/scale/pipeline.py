@@ -15,7 +15,6 @@ stage1.blockwise.store names another folder), blocks/ and stage1/.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -60,13 +59,13 @@ def check_supported(recipe: Recipe) -> None:
                          "runs yet (they have no fair reference); use stage2.distill_from=teacher")
 
 
-def run_scaled(recipe: Recipe, out_dir: str | Path) -> dict | None:
+def run_scaled(recipe: Recipe, out_dir: str | Path, redo: tuple[str, ...] = ()) -> dict | None:
     """Run `recipe` into `out_dir` as this rank's part of the launch. Rank 0 returns the summary,
     the other ranks None."""
     check_supported(recipe)
     ctx = init_distributed(recipe.device)
     try:
-        return ScaledRun(recipe, Path(out_dir), ctx).run()
+        return ScaledRun(recipe, Path(out_dir), ctx, redo).run()
     finally:
         ctx.close()
 
@@ -74,45 +73,55 @@ def run_scaled(recipe: Recipe, out_dir: str | Path) -> dict | None:
 class ScaledRun:
     """One rank's part of a scaled run; every rank takes the same steps in the same order."""
 
-    def __init__(self, recipe: Recipe, out: Path, ctx: Distributed):
+    def __init__(self, recipe: Recipe, out: Path, ctx: Distributed, redo: tuple[str, ...] = ()):
         from zoo.run import pick_dtype
 
-        self.recipe, self.out, self.ctx = recipe, out, ctx
+        self.recipe, self.out, self.ctx, self.redo = recipe, out, ctx, redo
         self.dtype = pick_dtype(recipe.model.dtype, ctx.device)
         self.progress: dict = {}
+        self.state = None  # rank 0's claim on the run folder (zoo.run_state)
 
     # ------------------------------------------------------------------------------ bookkeeping
 
     def remember(self, key: str, value):
         self.progress[key] = value
         if self.ctx.is_main:
-            write_json(self.out / "progress.json", self.progress)
+            self.state.remember(key, value)
         return value
 
-    def _prepare(self) -> None:
-        from zoo.run import same_recipe
+    def _prepare(self) -> dict | None:
+        """Rank 0 claims the folder; every rank gets its progress. Returns a finished run's summary."""
+        from zoo.run_state import open_run
 
+        finished = None
         if self.ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            recipe_path = self.out / "recipe.yaml"
-            if recipe_path.exists() and not same_recipe(recipe_path, self.recipe):
-                raise ValueError(f"{self.out} holds a run of a different recipe ({recipe_path}); use another --out folder")
-            recipe_path.write_text(self.recipe.to_yaml())
-            progress_path = self.out / "progress.json"
-            self.progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+            self.state = open_run(self.recipe, self.out, self.redo)
+            self.progress = self.state.progress
+            finished = self.state.finished_summary
             checkpoint_folder(self.recipe.model.name)  # an embedded teacher is materialized once, here
         self.ctx.barrier()
-        self.progress = self.ctx.broadcast(self.progress)  # every rank takes the same branches
+        self.progress, finished = self.ctx.broadcast((self.progress, finished))  # every rank takes the same branches
+        return finished
 
     # ------------------------------------------------------------------------------ the run
 
     def run(self) -> dict | None:
+        t_start = time.time()
+        try:
+            finished = self._prepare()
+            if finished is not None:
+                _say(self.ctx, f"{self.out} is a finished run: its summary follows (--redo eval evaluates it again)")
+                return finished if self.ctx.is_main else None
+            return self._run(t_start)
+        finally:
+            if self.state is not None:
+                self.state.lock.release()
+
+    def _run(self, t_start: float) -> dict | None:
         from transformers import AutoConfig, AutoTokenizer
 
         from zoo.run import RunData
 
-        t_start = time.time()
-        self._prepare()
         recipe, ctx = self.recipe, self.ctx
         self.folder = checkpoint_folder(recipe.model.name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
@@ -253,7 +262,8 @@ class ScaledRun:
         model = self.build(self.student)
         if "stage1" not in self.progress:
             _say(ctx, "evaluating the model after stage 1")
-            self.remember("stage1", {"train": self.progress.get("stage1_blocks", {}), **self.data.evaluate(model)})
+            self.remember("stage1", self.data.evaluate(model))
+            self.remember("stage1_train", self.progress.get("stage1_blocks", {}))
         if s2.enabled and s2.tokens > 0:  # after its last step, the checkpoint is loaded and nothing trains
             cfg = _loop_config("stage2", s2, recipe.seed)
             if ctx.world > 1:
@@ -261,8 +271,8 @@ class ScaledRun:
             else:
                 stats = run_stage2(model, self.data.train_blocks, cfg, self.out, device=ctx.device,
                                    distill=s2.distill)
-            if "stage2" not in self.progress:
-                self.remember("stage2", {"train": stats})
+            if "stage2_train" not in self.progress:
+                self.remember("stage2_train", stats)
         if "final" not in self.progress:
             _say(ctx, "evaluating the final model")
             self.remember("final", self.data.evaluate(model))

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -17,11 +15,25 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zoo.atomic import atomic_dir, atomic_file
+from zoo.atomic import ChecksumError, atomic_dir, atomic_file, verify_dir
+from zoo.faults import fault_point
 
 
 class NaNLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted: unreadable, changed since it was written, or holding
+    non-finite weights. `stage` names the stage (the loop's name) whose checkpoint it is."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+#: the files of a checkpoint folder (an older zoo wrote them without a manifest)
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "trainer.json")
 
 
 #: AdamW's own (beta1, beta2): every stage's default
@@ -113,26 +125,47 @@ def _save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], o
             opt_tensors[f"{i}.{key}"] = io.gather(value)
     weights = {n: io.gather(p) for n, p in params.items()}
     if io.writes:
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, label=f"{folder.name}:{step}", known=CHECKPOINT_FILES) as tmp:
             save_file(weights, str(tmp / "trainable.safetensors"))
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "trainer.json").write_text(json.dumps({"step": step, "names": names, **extra}))
     io.barrier()
 
 
+def _read_checkpoint(folder: Path, name: str) -> tuple[dict, dict, dict]:
+    """trainer.json, the weights and the optimizer tensors of a checkpoint, each checked: the folder's
+    checksums (when it has them), readable files, finite weights. Any fault is a CheckpointError naming
+    the file."""
+    from safetensors import SafetensorError
+
+    try:
+        verify_dir(folder)
+    except ChecksumError as err:
+        raise CheckpointError(str(err), name) from None
+    path = folder / "trainer.json"
+    try:
+        meta = json.loads(path.read_text())
+        weights = load_file(str(path := folder / "trainable.safetensors"))
+        opt_tensors = load_file(str(path := folder / "optimizer.safetensors"))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})", name) from None
+    bad = [n for n, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{folder / 'trainable.safetensors'}: non-finite weights in {bad[:3]}", name)
+    return meta, weights, opt_tensors
+
+
 def _load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-                     io: CheckpointIO) -> dict:
-    meta = json.loads((folder / "trainer.json").read_text())
-    if meta["names"] != list(params):
+                     io: CheckpointIO, name: str = "") -> dict:
+    meta, weights, opt_tensors = _read_checkpoint(folder, name or folder.name)
+    if meta.get("names") != list(params):
         raise RuntimeError(f"checkpoint {folder} was written for other trainable parameters; "
                            "delete it or use the recipe it was written with")
-    weights = load_file(str(folder / "trainable.safetensors"))
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(io.place(weights[name], p))
-    opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-    for i, name in enumerate(meta["names"]):
-        p = params[name]
+        for pname, p in params.items():
+            p.copy_(io.place(weights[pname], p))
+    for i, pname in enumerate(meta["names"]):
+        p = params[pname]
         state = {key.split(".", 1)[1]: t for key, t in opt_tensors.items() if key.split(".", 1)[0] == str(i)}
         if state:
             # AdamW keeps `step` as a CPU scalar; the moments are laid out like their parameter
@@ -184,12 +217,13 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
     ckpt = run_dir / "checkpoints" / cfg.name
     metrics_path = run_dir / "metrics.jsonl"
     start, seconds_before, last_loss = 0, 0.0, None
-    if (ckpt / "trainer.json").exists():
-        meta = _load_checkpoint(ckpt, params, opt, io)
+    if ckpt.exists():
+        meta = _load_checkpoint(ckpt, params, opt, io, cfg.name)
         start, seconds_before, last_loss = meta["step"], meta.get("seconds", 0.0), meta.get("loss")
         if io.writes:
-            _trim_metrics(metrics_path, cfg.name, start)
             print(f"zoo: {cfg.name}: resuming from step {start}/{steps} ({ckpt})", file=sys.stderr)
+    if io.writes:  # rows past the step we start from (all of them, starting afresh) were never kept
+        _trim_metrics(metrics_path, cfg.name, start)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     t0 = time.time()
@@ -224,9 +258,7 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
             _save_checkpoint(ckpt, done, params, opt,
                              {"seconds": seconds_before + elapsed, "loss": last_loss}, io)
-        if os.environ.get("ZOO_FAULT_KILL_AT") == f"{cfg.name}:{done}":
-            # fault injection for the kill-and-resume tests: a real SIGKILL, nothing cleaned up
-            os.kill(os.getpid(), signal.SIGKILL)
+        fault_point(f"{cfg.name}:{done}")  # the kill-and-resume tests crash here (zoo.faults)
     model.eval()
     seconds = seconds_before + (time.time() - t0)
     return {"steps": steps, "tokens": steps * cfg.batch_size * seq_len, "seconds": seconds, "final_loss": last_loss}
