@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from zoo.recipe import load_recipe
-from zoo.run import _loop_config, teacher_lora_folder
+from zoo.run import teacher_lora_folder
 from zoo.transfer.loop import LoopConfig, lr_schedule, train_loop
 
 
@@ -19,7 +19,7 @@ def _trained(betas, tmp_path) -> torch.Tensor:
     """x after 12 steps of the loop on a quadratic whose gradient changes scale (so beta2 matters)."""
     model = _Point()
     blocks = torch.zeros(12, 4, dtype=torch.long)
-    cfg = LoopConfig(name="stage1", tokens=12 * 4, batch_size=1, lr=0.1, grad_clip=0.0, betas=betas,
+    cfg = LoopConfig(name="stage1", tokens=12 * 4, batch_size=1, lr=0.1, grad_clip=0.0, adam_betas=list(betas),
                      checkpoint_every=0, log_every=100)
     train_loop(model, blocks, cfg, lambda batch: ((model.x ** 4).sum(), {}), tmp_path)
     return model.x.detach()
@@ -48,8 +48,8 @@ def test_other_betas_give_another_result(tmp_path):
 
 def test_a_recipes_adam_betas_reach_each_stages_loop():
     recipe = load_recipe("recipes/smollm2-135m/lolcats.yaml", ["stage1.adam_betas=[0.8,0.95]"])
-    assert _loop_config("stage1", recipe.stage1, 0).betas == (0.8, 0.95)
-    assert _loop_config("stage2", recipe.stage2, 0).betas == (0.9, 0.999)  # AdamW's own default
+    assert recipe.stage1.loop("stage1", 0).adam_betas == [0.8, 0.95]
+    assert recipe.stage2.loop("stage2", 0).adam_betas == [0.9, 0.999]  # AdamW's own default
 
 
 def test_stage2_betas_give_the_fair_reference_its_own_cache_folder():

@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -32,10 +31,11 @@ from typing import Any, Union
 
 import yaml
 
-from zoo.transfer.loop import ADAM_BETAS, LR_SCHEDULES
+from zoo.layers import SLICE, parse_layers, parse_slice
+from zoo.transfer.loop import LR_SCHEDULES, TrainingConfig
 
 __all__ = [
-    "RecipeError", "Recipe", "ModelConfig", "MixerConfig", "DataConfig", "Stage1Config", "Stage2Config",
+    "RecipeError", "Recipe", "ModelConfig", "MixerConfig", "DataConfig", "StageConfig", "Stage1Config", "Stage2Config",
     "LoraConfig", "EvalConfig", "BlockwiseConfig", "load_recipe", "parse_layers", "parse_override",
 ]
 
@@ -80,7 +80,7 @@ class MixerConfig:
             yield "name", "must not be empty"
         if isinstance(self.layers, str):
             try:
-                _parse_slice(self.layers)
+                parse_slice(self.layers)
             except ValueError as e:
                 yield "layers", str(e)
         elif isinstance(self.layers, list) and len(set(self.layers)) != len(self.layers):
@@ -109,25 +109,25 @@ class DataConfig:
             yield "heldout_fraction", f"must be between 0 and 1 (exclusive), got {self.heldout_fraction}"
 
 
-def _stage_problems(stage):
-    if stage.tokens < 0:
-        yield "tokens", f"must be >= 0, got {stage.tokens}"
-    if stage.batch_size < 1:
-        yield "batch_size", f"must be >= 1, got {stage.batch_size}"
-    if not stage.lr > 0:
-        yield "lr", f"must be > 0, got {stage.lr}"
-    if stage.weight_decay < 0:
-        yield "weight_decay", f"must be >= 0, got {stage.weight_decay}"
-    if stage.checkpoint_every < 0:
-        yield "checkpoint_every", f"must be >= 0 (0: only at the end), got {stage.checkpoint_every}"
-    if stage.log_every < 1:
-        yield "log_every", f"must be >= 1, got {stage.log_every}"
-    if stage.grad_clip < 0:
-        yield "grad_clip", f"must be >= 0 (0 = off), got {stage.grad_clip}"
-    if stage.lr_schedule not in LR_SCHEDULES:
-        yield "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {stage.lr_schedule!r}"
-    if len(stage.adam_betas) != 2 or not all(0 <= b < 1 for b in stage.adam_betas):
-        yield "adam_betas", f"must be two numbers in [0, 1) (beta1, beta2), got {stage.adam_betas}"
+@dataclass(kw_only=True)
+class StageConfig(TrainingConfig):
+    """A training stage: whether it runs, and how it trains (the fields the loop shares, zoo.transfer.loop)."""
+    enabled: bool = True
+
+    def _problems(self):
+        yield from ((key, f"must be {rule}, got {getattr(self, key)}") for key, rule, ok in (
+            ("tokens", ">= 0", self.tokens >= 0),
+            ("batch_size", ">= 1", self.batch_size >= 1),
+            ("lr", "> 0", self.lr > 0),
+            ("weight_decay", ">= 0", self.weight_decay >= 0),
+            ("checkpoint_every", ">= 0 (0: only at the end)", self.checkpoint_every >= 0),
+            ("log_every", ">= 1", self.log_every >= 1),
+            ("grad_clip", ">= 0 (0 = off)", self.grad_clip >= 0),
+        ) if not ok)
+        if self.lr_schedule not in LR_SCHEDULES:
+            yield "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            yield "adam_betas", f"must be two numbers in [0, 1) (beta1, beta2), got {self.adam_betas}"
 
 
 @dataclass(kw_only=True)
@@ -153,24 +153,16 @@ class BlockwiseConfig:
 
 
 @dataclass(kw_only=True)
-class Stage1Config:
+class Stage1Config(StageConfig):
     """Attention transfer: train only the mixers' own parameters to match the teacher's attention."""
-    enabled: bool = True
-    tokens: int = 200_000  # training tokens (steps = tokens / (batch_size * seq_len))
-    batch_size: int = 4
+    tokens: int = 200_000
     lr: float = 1e-2
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
-    adam_betas: list[float] = field(default_factory=lambda: list(ADAM_BETAS))  # AdamW's (beta1, beta2)
     attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (Hedgehog); 0 = off
     attention_ce_max_len: int = 128  # the cross-entropy looks at the first this-many tokens only
-    checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
-    log_every: int = 10  # optimizer steps
     blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
 
     def _problems(self):
-        yield from _stage_problems(self)
+        yield from super()._problems()
         if self.attention_ce < 0:
             yield "attention_ce", f"must be >= 0, got {self.attention_ce}"
         if self.attention_ce_max_len < 1:
@@ -199,27 +191,19 @@ DISTILL_FROM = ("teacher", "reference")
 
 
 @dataclass(kw_only=True)
-class Stage2Config:
+class Stage2Config(StageConfig):
     """LoRA fine-tuning with the next-token loss."""
-    enabled: bool = True
     tokens: int = 200_000
-    batch_size: int = 4
     lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
-    adam_betas: list[float] = field(default_factory=lambda: list(ADAM_BETAS))  # AdamW's (beta1, beta2)
     train_mixer: bool = False  # also train the mixers' own parameters
     distill: float = 0.0  # weight of the KL to the teacher's next-token distribution, added to the next-token loss; 0 = off
     distill_from: str = "teacher"  # "teacher" (untouched) or "reference" (the teacher + the same LoRA budget, cached)
     merge_on_save: bool = True  # merge LoRA into the weights of the saved model
-    checkpoint_every: int = 50
-    log_every: int = 10
     gradient_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def _problems(self):
-        yield from _stage_problems(self)
+        yield from super()._problems()
         if self.distill < 0:
             yield "distill", f"must be >= 0 (0 = off), got {self.distill}"
         if self.distill_from not in DISTILL_FROM:
@@ -340,8 +324,20 @@ _Dumper.add_representer(list, _represent_list)
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Recipe:
-    """Read, override and validate a recipe file."""
+    """Read, override and validate a recipe file (and the base recipes it inherits, see `read_recipe_file`)."""
     path = Path(path)
+    data = read_recipe_file(path)
+    try:
+        return Recipe.from_dict(data, overrides)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}", key=e.key, allowed=e.allowed) from None
+
+
+def read_recipe_file(path: Path, inheriting: tuple[Path, ...] = ()) -> Any:
+    """The recipe mapping of a YAML file, before validation. A top-level `base: other.yaml` (a path
+    relative to this file) inherits that recipe: its sections are merged key by key with this file's,
+    which wins, except `mixer`, which this file replaces whole when it has one (another mixer has other
+    options)."""
     if path.is_dir():
         raise RecipeError(f"{path} is a folder, not a recipe file (recipes/<model>/<mixer>.yaml, or a run folder's "
                           "recipe.yaml)")
@@ -355,60 +351,32 @@ def load_recipe(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] =
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    try:
-        return Recipe.from_dict(data, overrides)
-    except RecipeError as e:
-        raise RecipeError(f"{path}: {e}", key=e.key, allowed=e.allowed) from None
+    if not (isinstance(data, Mapping) and "base" in data):
+        return data
+    data = dict(data)
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise RecipeError(f"{path}: base must name a recipe file (relative to {path.parent}), got {base!r}", key="base")
+    base_path = path.parent / base
+    if base_path.resolve() in inheriting + (path.resolve(),):
+        raise RecipeError(f"{path}: base {base} inherits from itself", key="base")
+    if not base_path.is_file():
+        raise RecipeError(f"{path}: base {base}: no recipe at {base_path}", key="base")
+    inherited = read_recipe_file(base_path, inheriting + (path.resolve(),))
+    if not isinstance(inherited, Mapping):
+        raise RecipeError(f"{path}: base {base} is not a recipe (a mapping of sections)", key="base")
+    return _inherit(dict(inherited), data)
 
 
-# ----------------------------------------------------------------------------------------- layers
-
-_SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
-
-
-def _parse_slice(spec: str) -> tuple[int | None, int | None, int | None]:
-    match = _SLICE.match(spec)
-    if not match:
-        raise ValueError(f"layers {spec!r} is not a slice 'start:stop[:step]' (e.g. '0:16', '::2', '-4:')")
-    start, stop, step = (int(g) if g is not None else None for g in match.groups())
-    if step == 0:
-        raise ValueError(f"layers {spec!r}: the step must not be 0")
-    return start, stop, step
-
-
-def parse_layers(spec: list[int] | str | None, num_layers: int) -> list[int]:
-    """The layer indices named by ``spec`` in a model of ``num_layers`` layers.
-
-    None: all layers. A list: those layers (negative ones count from the end), sorted. A string
-    "start:stop[:step]": Python slice semantics, except that a start or stop beyond the model is an
-    error rather than silently clipped. An empty selection is an error."""
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if spec is None:
-        return list(range(num_layers))
-    if isinstance(spec, str):
-        start, stop, step = _parse_slice(spec)
-        if start is not None and not -num_layers <= start < num_layers:
-            raise ValueError(f"layers {spec!r}: start {start} is out of range for {num_layers} layers")
-        if stop is not None and not -num_layers <= stop <= num_layers:
-            raise ValueError(f"layers {spec!r}: stop {stop} is out of range for {num_layers} layers")
-        chosen = list(range(num_layers))[slice(start, stop, step)]
-    elif isinstance(spec, (list, tuple)):
-        chosen = []
-        for layer in spec:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise ValueError(f"layers: {layer!r} is not a layer index")
-            if not -num_layers <= layer < num_layers:
-                raise ValueError(f"layers: {layer} is out of range for {num_layers} layers "
-                                 f"(0..{num_layers - 1}, or negative from the end)")
-            chosen.append(layer % num_layers)
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"layers: {list(spec)} names a layer twice")
-    else:
-        raise ValueError(f"layers must be None, a list of ints or a 'start:stop[:step]' string, got {spec!r}")
-    if not chosen:
-        raise ValueError(f"layers {spec!r} selects no layer of {num_layers}")
-    return sorted(chosen)
+def _inherit(base: dict, child: Mapping) -> dict:
+    """`child` over `base`: sections merged key by key, the mixer section replaced whole."""
+    merged = dict(base)
+    for key, value in child.items():
+        if key != "mixer" and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _inherit(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
 
 
 # ------------------------------------------------------------------------------------ overrides
@@ -421,7 +389,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [part.strip() for part in key.strip().split(".")]
     if not all(path):
         raise RecipeError(f"override {text!r} has an empty key", key=key.strip())
-    if _SLICE.match(raw):
+    if SLICE.match(raw):
         return path, raw.strip()
     try:
         value = yaml.safe_load(raw)

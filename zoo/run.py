@@ -103,16 +103,6 @@ class RunData:
         return [doc for s in (self.ood_sources or self.train_sources) for doc in self.corpus.heldout(s)]
 
 
-def _loop_config(name: str, stage, seed: int):
-    from zoo.transfer.loop import LoopConfig
-
-    return LoopConfig(name=name, tokens=stage.tokens, batch_size=stage.batch_size, lr=stage.lr,
-                      weight_decay=stage.weight_decay, grad_clip=stage.grad_clip, lr_schedule=stage.lr_schedule,
-                      betas=tuple(stage.adam_betas),
-                      checkpoint_every=stage.checkpoint_every,
-                      log_every=stage.log_every, seed=seed)
-
-
 def _say(msg: str) -> None:
     print(f"zoo: {msg}", file=sys.stderr, flush=True)
 
@@ -155,7 +145,7 @@ def teacher_lora_reference(recipe: Recipe, data: RunData, device, dtype) -> dict
     s2 = recipe.stage2
     teacher = add_lora(teacher, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets)
     with PeakMemory() as peak:
-        stats = run_stage2(teacher, data.train_blocks, _loop_config("teacher_lora", s2, recipe.seed), folder, device)
+        stats = run_stage2(teacher, data.train_blocks, s2.loop("teacher_lora", recipe.seed), folder, device)
     stats |= {"peak_memory": peak.result(),
               "trainable_params": sum(p.numel() for p in teacher.parameters() if p.requires_grad)}
     result = {"eval": data.evaluate(teacher), "train": stats, "recipe_key": json.loads(key_src)}
@@ -243,7 +233,7 @@ def _run_claimed(recipe: Recipe, state: RunState) -> dict:
         _say(f"stage 1 skipped: {recipe.mixer.name} has no parameters to transfer")
     elif s1.enabled and s1.tokens > 0:
         with PeakMemory() as peak:
-            stats = run_stage1(model, data.train_blocks, _loop_config("stage1", s1, recipe.seed), out,
+            stats = run_stage1(model, data.train_blocks, s1.loop("stage1", recipe.seed), out,
                                attention_ce=s1.attention_ce, attention_ce_max_len=s1.attention_ce_max_len,
                                device=device)
         if "stage1_train" not in progress:
@@ -265,7 +255,7 @@ def _run_claimed(recipe: Recipe, state: RunState) -> dict:
         reference = (teacher_lora_weights(recipe, data, device, dtype)
                      if s2.distill and s2.distill_from == "reference" else None)
         with PeakMemory() as peak:
-            stats = run_stage2(model, data.train_blocks, _loop_config("stage2", s2, recipe.seed), out, device=device,
+            stats = run_stage2(model, data.train_blocks, s2.loop("stage2", recipe.seed), out, device=device,
                                distill=s2.distill, teacher_lora=reference)
         if "stage2_train" not in progress:
             remember("stage2_train", stats | {"peak_memory": peak.result()})

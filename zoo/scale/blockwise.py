@@ -102,7 +102,6 @@ def block_done(out: Path, block: Block) -> bool:
 def train_block(block: Block, recipe: Recipe, reader: CheckpointReader, store: HiddenStateStore, out: Path,
                 dtype: torch.dtype, device: torch.device) -> dict:
     """Train one block's mixers from its stored inputs; write blocks/<name>/done/ atomically."""
-    from zoo.run import _loop_config
     from zoo.transfer.stage1 import run_stage1
 
     s1 = recipe.stage1
@@ -110,7 +109,7 @@ def train_block(block: Block, recipe: Recipe, reader: CheckpointReader, store: H
     linearize_layers(model, recipe, block.converted)
     folder = out / "blocks" / block.name
     torch.manual_seed(derived_seed(recipe.seed, "block", block.index))
-    stats = run_stage1(model, store.inputs(block.start), _loop_config(f"stage1-{block.name}", s1, recipe.seed),
+    stats = run_stage1(model, store.inputs(block.start), s1.loop(f"stage1-{block.name}", recipe.seed),
                        folder, attention_ce=s1.attention_ce, attention_ce_max_len=s1.attention_ce_max_len,
                        device=device)
     result = {"block": block.index, "layers": [block.start, block.stop], "converted": list(block.converted),

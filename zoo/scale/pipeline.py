@@ -250,7 +250,6 @@ class ScaledRun:
         """Teacher eval and measures, stage-1 eval, LoRA, final eval and measures: all ranks together on
         the sharded models."""
         from zoo.measures import measure, wanted_measures
-        from zoo.run import _loop_config
         from zoo.scale.fsdp_lora import run_sharded_stage2
         from zoo.transfer.stage2 import run_stage2
 
@@ -265,7 +264,7 @@ class ScaledRun:
             self.remember("stage1", self.data.evaluate(model))
             self.remember("stage1_train", self.progress.get("stage1_blocks", {}))
         if s2.enabled and s2.tokens > 0:  # after its last step, the checkpoint is loaded and nothing trains
-            cfg = _loop_config("stage2", s2, recipe.seed)
+            cfg = s2.loop("stage2", recipe.seed)
             if ctx.world > 1:
                 stats = run_sharded_stage2(model, self.data.train_blocks, cfg, self.out, ctx, distill=s2.distill)
             else:

@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -40,18 +40,29 @@ CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "trainer.j
 ADAM_BETAS = (0.9, 0.999)
 
 
-@dataclass
-class LoopConfig:
-    name: str  # "stage1", "stage2", ...: names the checkpoint folder and the metrics rows
-    tokens: int
-    batch_size: int
-    lr: float
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """How a stage trains: the fields that recipes' stage sections (zoo.recipe) and the loop share."""
+    tokens: int = 0  # training tokens (steps = tokens / (batch_size * seq_len))
+    batch_size: int = 4
+    lr: float = 1e-3
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     lr_schedule: str = "constant"  # after the linear warm-up: "constant" or "cosine" (down to 10% of lr)
-    betas: tuple[float, float] = ADAM_BETAS  # AdamW's moment decays; a lower beta2 forgets the large early gradients sooner
-    checkpoint_every: int = 50  # 0 = only at the end
-    log_every: int = 10
+    adam_betas: list[float] = field(default_factory=lambda: list(ADAM_BETAS))  # AdamW's (beta1, beta2)
+    checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
+    log_every: int = 10  # optimizer steps
+
+    def loop(self, name: str, seed: int) -> LoopConfig:
+        """The loop's config for a stage that trains as this one says, named `name`."""
+        shared = {f.name: getattr(self, f.name) for f in fields(TrainingConfig)}
+        return LoopConfig(name=name, seed=seed, **shared)
+
+
+@dataclass(kw_only=True)
+class LoopConfig(TrainingConfig):
+    """One run of `train_loop`: how it trains, what it is called and its seed."""
+    name: str  # "stage1", "stage2", ...: names the checkpoint folder and the metrics rows
     seed: int = 0
 
 
@@ -212,7 +223,7 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
     if not params:
         raise ValueError(f"{cfg.name}: nothing to train (no parameter requires grad)")
     io = io or CheckpointIO()
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     lr_at = lr_schedule(cfg.lr_schedule, cfg.lr, steps)
     ckpt = run_dir / "checkpoints" / cfg.name
     metrics_path = run_dir / "metrics.jsonl"
