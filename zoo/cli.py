@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "lolcats.yaml"
+#: the recipes ship inside the package (zoo/recipes; `recipes/` at the top of a checkout links to it)
+RECIPES_ROOT = Path(__file__).resolve().parent / "recipes"
+DEMO_RECIPE = RECIPES_ROOT / "smollm2-135m" / "lolcats.yaml"
 
 
 def _quiet_transformers() -> None:

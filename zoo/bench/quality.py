@@ -49,7 +49,7 @@ STAGE1_KEYS = ("lr", "lr_schedule", "adam_betas", "weight_decay", "grad_clip", "
 #: stage-2 keys of a mixer's own recipe that its bench run takes: only those that leave the fair reference
 #: (the teacher + the same LoRA, zoo.run.teacher_lora_folder) as it is, so one reference still serves every mixer
 STAGE2_KEYS = ("train_mixer",)
-RECIPES_ROOT = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_ROOT = Path(__file__).resolve().parents[1] / "recipes"  # shipped in the package
 DEFAULT_RECIPES = "smollm2-135m"
 TEMPLATE_FILE = "bench.yaml"
 LORA_ONLY_DEFAULT = "lolcats"
