@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from zoo_testing import RECIPE, tiny_overrides, zoo_subprocess
+from zoo_testing import RECIPE, ForkedZoo, tiny_overrides
 
 KILLS = 10
 SEED = 2026
@@ -33,8 +33,9 @@ def results(out: Path) -> tuple[bytes, dict, list]:
 def test_killed_at_ten_random_points_and_restarted_ends_as_if_never_killed(tiny_world, tmp_path):
     args = ["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}}), "--out"]
     trace = tmp_path / "trace.txt"
-    straight = zoo_subprocess([*args, str(tmp_path / "straight")], {"ZOO_FAULT_TRACE": str(trace)})
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    zoo = ForkedZoo(tmp_path / "logs")  # each run a fresh process, forked without paying the imports again
+    code, log = zoo.run([*args, str(tmp_path / "straight")], {"ZOO_FAULT_TRACE": str(trace)})
+    assert code == 0, log[-2000:]
     points = trace.read_text().split()
     phases = {p.split(":")[0] for p in points}
     assert {"stage1", "stage2", "write", "swap", "progress", "summary"} <= phases, phases
@@ -45,10 +46,10 @@ def test_killed_at_ten_random_points_and_restarted_ends_as_if_never_killed(tiny_
 
     out = tmp_path / "killed"
     for point in picked:
-        killed = zoo_subprocess([*args, str(out)], {"ZOO_FAULT_KILL_AT": point})
-        assert killed.returncode == -9, f"not killed at {point}: {killed.stderr[-1500:]}"
-    finished = zoo_subprocess([*args, str(out)])
-    assert finished.returncode == 0, finished.stderr[-2000:]
+        code, log = zoo.run([*args, str(out)], {"ZOO_FAULT_KILL_AT": point})
+        assert code == -9, f"not killed at {point}: {log[-1500:]}"
+    code, log = zoo.run([*args, str(out)])
+    assert code == 0, log[-2000:]
 
     model_a, summary_a, rows_a = results(tmp_path / "straight")
     model_b, summary_b, rows_b = results(out)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from zoo_testing import RECIPE, tiny_overrides, zoo_subprocess
+from zoo_testing import RECIPE, ForkedZoo, tiny_overrides
 
 import zoo
 from zoo.cli import main
@@ -69,15 +69,16 @@ def test_stage2_distilled_from_the_fair_reference(tiny_world, tmp_path, capsys):
 def test_sigkill_then_rerun_gives_the_same_result(tiny_world, tmp_path, kill_at, extra):
     """Killed in stage 1, or in a distilled stage 2: the rerun ends where an uninterrupted run ends."""
     args = ["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}, **extra})]
-    straight = zoo_subprocess([*args, "--out", str(tmp_path / "straight")])
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = zoo_subprocess([*args, "--out", str(tmp_path / "cut")], {"ZOO_FAULT_KILL_AT": kill_at})
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    zoo_cli = ForkedZoo(tmp_path / "logs")  # fresh processes, forked without paying the imports again
+    code, log = zoo_cli.run([*args, "--out", str(tmp_path / "straight")])
+    assert code == 0, log[-2000:]
+    code, log = zoo_cli.run([*args, "--out", str(tmp_path / "cut")], {"ZOO_FAULT_KILL_AT": kill_at})
+    assert code == -9, log[-2000:]
     assert not (tmp_path / "cut" / "summary.json").exists()
-    resumed = zoo_subprocess([*args, "--out", str(tmp_path / "cut")])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    code, log = zoo_cli.run([*args, "--out", str(tmp_path / "cut")])
+    assert code == 0, log[-2000:]
     stage = kill_at.split(":")[0]
-    assert f"{stage}: resuming from step" in resumed.stderr
+    assert f"{stage}: resuming from step" in log
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from zoo_testing import RECIPE, tiny_overrides, zoo_subprocess
+from zoo_testing import RECIPE, ForkedZoo, tiny_overrides, zoo_subprocess
 
 from zoo.cli import main
 from zoo.run_folder import claim_run_folder
@@ -162,18 +162,15 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(tiny_world,
 
 
 def test_two_runs_started_together_one_refuses(tiny_world, tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "zoo.cli", "run", RECIPE, *tiny_overrides(tiny_world), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    codes = sorted(code for code, _ in results)
-    assert codes == [0, 2], [err[-1500:] for _, err in results]
-    assert any("in use by another zoo run" in err for _, err in results)
+    zoo_cli = ForkedZoo(tmp_path / "logs")
+    args = ["run", RECIPE, *tiny_overrides(tiny_world), "--out", str(out)]
+    started = [zoo_cli.start(args, {"OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    for proc, _ in started:
+        proc.join(600)
+    results = [(proc.exitcode, log.read_text()) for proc, log in started]
+    assert sorted(code for code, _ in results) == [0, 2], [log[-1500:] for _, log in results]
+    assert any("in use by another zoo run" in log for _, log in results)
     steps = [(r["stage"], r["step"]) for r in metrics_rows(out)]
     assert len(steps) == len(set(steps))
 
@@ -359,12 +356,13 @@ def test_stage1_worse_than_the_swap_is_flagged():
 @pytest.mark.parametrize("kill_at", ["write:model", "swap:stage1:4"])
 def test_a_kill_mid_swap_leaves_no_litter_and_loses_no_step(tiny_world, tmp_path, kill_at):
     args = ["run", RECIPE, *tiny_overrides(tiny_world), "--out", str(tmp_path / "run")]
-    killed = zoo_subprocess(args, {"ZOO_FAULT_KILL_AT": kill_at, "OMP_NUM_THREADS": "1"})
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    again = zoo_subprocess(args, {"OMP_NUM_THREADS": "1"})
-    assert again.returncode == 0, again.stderr[-2000:]
+    zoo_cli = ForkedZoo(tmp_path / "logs")
+    code, log = zoo_cli.run(args, {"ZOO_FAULT_KILL_AT": kill_at, "OMP_NUM_THREADS": "1"})
+    assert code == -9, log[-2000:]
+    code, log = zoo_cli.run(args, {"OMP_NUM_THREADS": "1"})
+    assert code == 0, log[-2000:]
     if kill_at.startswith("swap:stage1"):
-        assert "stage1: resuming from step 2/6" in again.stderr
+        assert "stage1: resuming from step 2/6" in log
     out = tmp_path / "run"
     assert not [p for p in out.rglob("*") if p.name.startswith((".zoo-tmp.", ".zoo-old."))]
     steps = [(r["stage"], r["step"]) for r in metrics_rows(out)]
