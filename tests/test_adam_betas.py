@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from zoo.recipe import load_recipe
-from zoo.run import teacher_lora_folder
+from zoo.reference import teacher_lora_folder
 from zoo.transfer.loop import LoopConfig, lr_schedule, train_loop
 
 

@@ -52,7 +52,7 @@ def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
 def test_stage2_distilled_from_the_fair_reference(tiny_world, tmp_path, capsys):
     """distill_from=reference computes the fair reference (eval.teacher_lora off) and distills from it."""
     from zoo.recipe import load_recipe
-    from zoo.run import teacher_lora_folder
+    from zoo.reference import teacher_lora_folder
 
     args = tiny_overrides(tiny_world, **{"stage2.distill": 0.5, "stage2.distill_from": "reference",
                                          "eval.generation_prompts": 0})

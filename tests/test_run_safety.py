@@ -345,7 +345,7 @@ def test_files_follow_the_umask(finished):
 
 
 def test_stage1_worse_than_the_swap_is_flagged():
-    from zoo.run import stage1_worse_than_swap
+    from zoo.summary import stage1_worse_than_swap
 
     progress = {"swap": {"heldout": {"ppl": 40.0}}, "stage1": {"heldout": {"ppl": 55.0}}}
     assert "stage 1 ended worse than the untrained swap" in stage1_worse_than_swap(progress)

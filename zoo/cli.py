@@ -148,7 +148,7 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     import zoo
-    from zoo.run import generate_text
+    from zoo.generation import generate_text
 
     folder = Path(args.dir) / "model" if (Path(args.dir) / "model").is_dir() else Path(args.dir)
     model, tokenizer = zoo.load_linearized(folder)

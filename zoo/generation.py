@@ -85,3 +85,13 @@ def evaluate_generation(model: Any, tokenizer: Any, prompts: Sequence[Sequence[i
         texts.append(tokenizer.decode(continuation, skip_special_tokens=True))
     return {"repeated_4grams": sum(shares) / len(shares), "per_prompt": shares, "prompts": len(prompts),
             "new_tokens": new_tokens, "samples": texts[:samples]}
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, device="cpu", do_sample: bool = False,
+                  temperature: float = 1.0) -> str:
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

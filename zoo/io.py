@@ -64,3 +64,15 @@ def load_linearized(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     if device:
         model.to(device)
     return model.eval(), tokenizer
+
+
+#: the folder of a run that holds its final model
+FINAL_MODEL_DIR = "model"
+
+
+def save_run_model(model, tokenizer, out: Path, merge: bool) -> None:
+    """model/ holds the linearized model; with merge off, LoRA stays apart in adapter/."""
+    if hasattr(model, "peft_config") and not merge:
+        model.save_pretrained(out / "adapter")
+        model = model.unload()
+    save_linearized(model, tokenizer, out / FINAL_MODEL_DIR, merge=True)

@@ -18,7 +18,7 @@ from zoo.bench.quality import RECIPES_ROOT, STAGE2_KEYS, mixer_recipe, own_recip
 from zoo.bench.results import ROW_FIELDS
 from zoo.cli import main
 from zoo.recipe import MixerConfig, load_recipe
-from zoo.run import teacher_lora_folder
+from zoo.reference import teacher_lora_folder
 
 MIXERS = "lolcats,hedgehog,softmax"
 RECIPES = RECIPES_ROOT / "smollm2-135m"

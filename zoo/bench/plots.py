@@ -12,7 +12,7 @@ from pathlib import Path
 __all__ = ["line_plot"]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +27,7 @@ def line_plot(path: str | Path, series: Mapping[str, Sequence[tuple[float, float
     """One line per series (name -> (x, y) points, drawn in x order; series without points are left
     out), log-log by default. Series named in `emphasize` (e.g. the reference) are drawn thick and black.
     `note` is printed small under the title. Returns the path written (a PNG)."""
-    plt = _pyplot()
+    plt = pyplot()
     import matplotlib
     import matplotlib.ticker
 

@@ -47,7 +47,7 @@ FEATURE_MAP_MIXERS = ("hedgehog", "t2r", "linear-elu")
 #: stage-1 keys a mixer's own recipe contributes besides its `mixer` section
 STAGE1_KEYS = ("lr", "lr_schedule", "adam_betas", "weight_decay", "grad_clip", "attention_ce", "attention_ce_max_len")
 #: stage-2 keys of a mixer's own recipe that its bench run takes: only those that leave the fair reference
-#: (the teacher + the same LoRA, zoo.run.teacher_lora_folder) as it is, so one reference still serves every mixer
+#: (the teacher + the same LoRA, zoo.reference.teacher_lora_folder) as it is, so one reference still serves every mixer
 STAGE2_KEYS = ("train_mixer",)
 RECIPES_ROOT = Path(__file__).resolve().parents[1] / "recipes"  # shipped in the package
 DEFAULT_RECIPES = "smollm2-135m"
@@ -306,7 +306,7 @@ def _run_parallel(items: list[BenchItem], jobs: int, failures: dict[str, str], o
 # ------------------------------------------------------------------------------------- outputs
 
 def device_description(recipe: Recipe) -> str:
-    from zoo.run import describe_device, pick_device
+    from zoo.devices import describe_device, pick_device
 
     return describe_device(pick_device(recipe.device))
 
@@ -317,7 +317,7 @@ def collect_rows(items: list[BenchItem], out: Path, failures: dict[str, str]) ->
 
     from zoo.bench.results import empty_row, failed_row, mixer_rows, reference_rows
     from zoo.mixers import get_mixer
-    from zoo.run import teacher_lora_folder
+    from zoo.reference import teacher_lora_folder
 
     summaries = {it.name: json.loads((it.folder / "summary.json").read_text()) for it in items if it.finished}
     with_reference = next((it for it in items if it.name in summaries and it.recipe.eval.teacher_lora), None)
@@ -436,7 +436,7 @@ def command_line(args, mixers: list[str], out: Path) -> str:
 
 
 def main(args) -> int:
-    from zoo.run import versions
+    from zoo.devices import versions
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")

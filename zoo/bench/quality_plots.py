@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zoo.bench.plots import _pyplot, line_plot  # the shared Agg set-up and line plot of the benches
+from zoo.bench.plots import line_plot, pyplot  # the shared Agg set-up and line plot of the benches
 
 __all__ = ["PLOTS", "spread_labels", "write_plots"]
 
@@ -121,7 +121,7 @@ def _state(plt, rows: list[dict], path: Path, title: str) -> None:
 
 def write_plots(rows: list[dict], out: Path, title: str) -> list[Path]:
     """Draw the plots (PLOTS) into `out`; returns their paths."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = [out / name for name in PLOTS]
     _quality_vs_params(plt, rows, paths[0], title)
     _loss_curves(rows, paths[1], f"stage 2 (LoRA) loss, {title}")

@@ -23,7 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 from zoo.atomic import write_json
+from zoo.devices import pick_dtype
+from zoo.generation import generate_text
+from zoo.io import save_run_model
 from zoo.recipe import Recipe
+from zoo.run_data import RunData
 from zoo.scale.blockwise import (
     STITCHED,
     derived_seed,
@@ -36,6 +40,7 @@ from zoo.scale.blockwise import (
 from zoo.scale.dist import Distributed, init_distributed
 from zoo.scale.skeleton import CheckpointReader, checkpoint_folder
 from zoo.scale.store import HiddenStateStore, StoreLayout, build_store, tokens_fingerprint
+from zoo.summary import build_summary
 
 #: eval features the scaled pipeline does not run (yet): evaluate the saved model with `zoo eval` instead
 UNSUPPORTED_EVALS = {"teacher_lora": False, "decode_contexts": [], "branches": False}
@@ -74,8 +79,6 @@ class ScaledRun:
     """One rank's part of a scaled run; every rank takes the same steps in the same order."""
 
     def __init__(self, recipe: Recipe, out: Path, ctx: Distributed, redo: tuple[str, ...] = ()):
-        from zoo.run import pick_dtype
-
         self.recipe, self.out, self.ctx, self.redo = recipe, out, ctx, redo
         self.dtype = pick_dtype(recipe.model.dtype, ctx.device)
         self.progress: dict = {}
@@ -119,8 +122,6 @@ class ScaledRun:
 
     def _run(self, t_start: float) -> dict | None:
         from transformers import AutoConfig, AutoTokenizer
-
-        from zoo.run import RunData
 
         recipe, ctx = self.recipe, self.ctx
         self.folder = checkpoint_folder(recipe.model.name)
@@ -307,8 +308,6 @@ class ScaledRun:
 
     def finish(self, wall: float) -> dict:
         """Rank 0: the final model rebuilt in memory from stage 2's last checkpoint, saved; the summary."""
-        from zoo.run import build_summary, generate_text, save_run_model
-
         recipe, s2 = self.recipe, self.recipe.stage2
         model = self.student()
         mixers = sum(p.numel() for n, p in model.named_parameters() if ".mixer." in n)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _chunk_states_kernel(X, Y, WT, S0, Z0, S_OUT, Z_OUT, N, OFF, NC,
+def chunk_states_kernel(X, Y, WT, S0, Z0, S_OUT, Z_OUT, N, OFF, NC,
                          F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
                          C: tl.constexpr, HAS_W: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
                          PREC: tl.constexpr):
@@ -89,7 +89,7 @@ def chunk_states(x: torch.Tensor, y: torch.Tensor, n_rows: int, chunk: int, *, o
     has_init = s0 is not None
     const = chunk_state_constants(F, DV, chunk, weights is not None, has_init, reverse, precision)
     grid = (BH, triton.cdiv(F, const["BF"]), triton.cdiv(DV, const["BV"]))
-    _chunk_states_kernel[grid](x, y, weights if weights is not None else x, s0 if has_init else S,
+    chunk_states_kernel[grid](x, y, weights if weights is not None else x, s0 if has_init else S,
                                z0 if has_init else Z, S, Z, n_rows, offset, NC, **const)
     return S, Z
 

@@ -20,10 +20,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from zoo.kernels.triton.chunk_states import _chunk_states_kernel, chunk_state_constants
-from zoo.kernels.triton.hybrid_kernels import _bwd_dkv_kernel, _bwd_dq_kernel, _fwd_kernel
-from zoo.kernels.triton.hybrid_step import _step_kernel, step_constants
-from zoo.kernels.triton.window_hybrid import STATE_CHUNK, _Dims, tile_rows
+from zoo.kernels.triton.chunk_states import chunk_state_constants, chunk_states_kernel
+from zoo.kernels.triton.hybrid_kernels import bwd_dkv_kernel, bwd_dq_kernel, fwd_kernel
+from zoo.kernels.triton.hybrid_step import step_constants, step_kernel
+from zoo.kernels.triton.window_hybrid import STATE_CHUNK, Dims, tile_rows
 
 #: the most shared memory one block may use (opt-in), bytes, per compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -59,23 +59,23 @@ def compile_window_hybrid(arch: int = 90, head_dim: int = 128, features: int = 2
     meta = lambda *shape, dt=dtype: torch.empty(*shape, device="meta", dtype=dt)  # noqa: E731
     q, v, fq = meta(1, 1, 1, head_dim), meta(1, 1, 1, head_dim), meta(1, 1, 1, features, dt=feature_dtype)
     tile = tile_rows(head_dim, head_dim, features)
-    dims = _Dims(q, q, v, fq, window, terraced, 1.0, tile, max(STATE_CHUNK, tile), 0)
+    dims = Dims(q, q, v, fq, window, terraced, 1.0, tile, max(STATE_CHUNK, tile), 0)
     const = {k: v for k, v in dims.const.items() if k not in ("num_warps", "num_stages")}
     options = {k: dims.const[k] for k in ("num_warps", "num_stages")}
     t, f = "*" + _TYPES[dtype], "*" + _TYPES[feature_dtype]
     inputs = dict(Q=t, K=t, V=t, FQ=f, FK=f, NSEEN="*i64")
     built = {
-        "fwd": _build(_fwd_kernel, dict(const, HAS_C=has_c), dict(inputs, Y=t, ARG="*i64"), arch, options),
-        "bwd_dq": _build(_bwd_dq_kernel, dict(const, HAS_C=has_c), inputs, arch, options),
-        "bwd_dkv": _build(_bwd_dkv_kernel, dict(const, HAS_C=has_c, NJ=dims.NJ), inputs, arch, options),
+        "fwd": _build(fwd_kernel, dict(const, HAS_C=has_c), dict(inputs, Y=t, ARG="*i64"), arch, options),
+        "bwd_dq": _build(bwd_dq_kernel, dict(const, HAS_C=has_c), inputs, arch, options),
+        "bwd_dkv": _build(bwd_dkv_kernel, dict(const, HAS_C=has_c, NJ=dims.NJ), inputs, arch, options),
     }
     for reverse in (False, True):
         cs = chunk_state_constants(features, head_dim, STATE_CHUNK, reverse, not reverse, reverse, const["PREC"])
         built[f"chunk_states{'_reverse' if reverse else ''}"] = _build(
-            _chunk_states_kernel, cs, dict(X=f, Y="*fp32" if reverse else t), arch, {})
+            chunk_states_kernel, cs, dict(X=f, Y="*fp32" if reverse else t), arch, {})
     L = 2 * window if terraced else window
     step = step_constants(L, head_dim, head_dim, features, window, terraced, has_c)
-    built["step"] = _build(_step_kernel, step, dict(inputs, KS=t, VS=t, FKS=t, KS_OUT=t, VS_OUT=t, FKS_OUT=t, Y=t,
+    built["step"] = _build(step_kernel, step, dict(inputs, KS=t, VS=t, FKS=t, KS_OUT=t, VS_OUT=t, FKS_OUT=t, Y=t,
                                                     REAL="*i8"), arch, {})
     return built
 

@@ -6,7 +6,7 @@ ext rows P .. N-1. Rows split into chunks (= tiles) of C. A row's absolute posit
 n_b - P + e (n_b = tokens the state had seen), which only the terraced window needs; slot rows
 e < P - min(n_b, P) are unused (zero) and masked out.
 
-For the query at ext row e, the softmax window starts at row lo(e) (`_window_start`); keys in
+For the query at ext row e, the softmax window starts at row lo(e) (`window_start`); keys in
 [lo(e), e] are softmax keys, older keys linear ones. Linear states are kept every state chunk of
 SC = R * C rows (zoo.kernels.triton.chunk_states; SC >= 64 bounds their memory whatever the tile).
 A query tile j (rows [jC, jC + C)) reads the keys of tiles kb_lo(j) .. j directly (the band: from
@@ -14,7 +14,7 @@ the state-chunk boundary at or before lo(jC), at most (span + SC) / C + 1 tiles,
 2W - 1 terraced) with per-element window / linear / causal masks, and all keys before kb_lo(j)
 through the linear state S, z at that boundary.
 
-Forward (`_fwd_kernel`), per query block: online max over the window (m_t and its argmax, as in
+Forward (`fwd_kernel`), per query block: online max over the window (m_t and its argmax, as in
 flash attention), window accumulators rescaled as m_t grows, linear accumulators not rescaled (the
 hybrid compares linear weights with the max-normalized window weights, not with e^{q.k}):
 
@@ -25,8 +25,8 @@ m_t, the denominator and argmax_t for the backward pass.
 
 Backward. With g = dL/dy, gn = g / den, gd = -(g . y) / den, each weight's gradient is
 dW_ts = gn_t . v_s + gd_t. Softmax weights give ds_ts = a p_ts dW_ts, plus the max's own gradient
-dm_t = -a sum_win p dW at the argmax key (added outside the kernels: a scatter). `_bwd_dq_kernel`
-(query-major) gives dq, dphi_q and the per-query parts of da, db, dc; `_bwd_dkv_kernel` (key-major)
+dm_t = -a sum_win p dW at the argmax key (added outside the kernels: a scatter). `bwd_dq_kernel`
+(query-major) gives dq, dphi_q and the per-query parts of da, db, dc; `bwd_dkv_kernel` (key-major)
 gives dk, dv, dphi_k: it reads the query tiles whose band holds its keys directly (up to the next
 state-chunk boundary), and all later queries through the reverse ("dual") chunk states
 G = sum phi_q^T gn, Gz = sum gd phi_q.
@@ -39,7 +39,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _window_start(e, shift, W: tl.constexpr, TERRACED: tl.constexpr):
+def window_start(e, shift, W: tl.constexpr, TERRACED: tl.constexpr):
     """First ext row inside the softmax window of the query at ext row e (may be negative).
     shift = n_b - P + 2W >= 0 turns ext rows into non-negative positions for the block arithmetic."""
     if TERRACED:
@@ -54,7 +54,7 @@ def _band_masks(e_q, e_k, first_valid, N, shift, W: tl.constexpr, TERRACED: tl.c
     """(window, linear) masks for broadcastable query rows e_q and key rows e_k: causal real keys
     inside, resp. before, the query's window."""
     real = (e_k >= first_valid) & (e_k < N) & (e_k <= e_q)
-    inside = e_k >= _window_start(e_q, shift, W, TERRACED)
+    inside = e_k >= window_start(e_q, shift, W, TERRACED)
     return real & inside, real & (~inside)
 
 
@@ -62,7 +62,7 @@ def _band_masks(e_q, e_k, first_valid, N, shift, W: tl.constexpr, TERRACED: tl.c
 def _block_start(j, shift, C: tl.constexpr, R: tl.constexpr, W: tl.constexpr, TERRACED: tl.constexpr):
     """kb_lo(j): the first key tile in the band of query tile j, on a state-chunk boundary (R tiles
     per state chunk), so that the keys before it are exactly those of state chunks < kb_lo / R."""
-    return tl.maximum(_window_start(j * C, shift, W, TERRACED), 0) // (C * R) * R
+    return tl.maximum(window_start(j * C, shift, W, TERRACED), 0) // (C * R) * R
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _query_tile(Q, FQ, bh, j, T, N, P, D: tl.constexpr, F: tl.constexpr, BD: tl.
 
 
 @triton.jit
-def _fwd_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC,
+def fwd_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC,
                 Y, M, DEN, ARG,
                 T, N, P, NC, NS, H, scale,
                 D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -163,7 +163,7 @@ def _fwd_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC, GN, GD, M,
+def bwd_dq_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC, GN, GD, M,
                    DQ, DFQ, PA, PB, PC,
                    T, N, P, NC, NS, H, scale,
                    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -236,7 +236,7 @@ def _bwd_dq_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC, GN, GD, M,
 
 
 @triton.jit
-def _bwd_dkv_kernel(Q, FQ, K, V, FK, GS, GZ, NSEEN, A, BB, CC, GN, GD, M,
+def bwd_dkv_kernel(Q, FQ, K, V, FK, GS, GZ, NSEEN, A, BB, CC, GN, GD, M,
                     DK, DVAL, DFK,
                     T, N, P, NC, NS, H, scale,
                     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,

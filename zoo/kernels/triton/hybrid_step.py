@@ -12,12 +12,12 @@ import triton
 import triton.language as tl
 
 from zoo.kernels.triton.chunk_states import pow2_block
-from zoo.kernels.triton.hybrid_kernels import _window_start
+from zoo.kernels.triton.hybrid_kernels import window_start
 from zoo.kernels.window_hybrid import WindowHybridState
 
 
 @triton.jit
-def _step_kernel(Q, K, V, FQ, FK, KS, VS, FKS, S, Z, NSEEN, REAL, A, BB, CC,
+def step_kernel(Q, K, V, FQ, FK, KS, VS, FKS, S, Z, NSEEN, REAL, A, BB, CC,
                  Y, KS_OUT, VS_OUT, FKS_OUT, S_OUT, Z_OUT, H, scale,
                  L: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
                  BL: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
@@ -50,7 +50,7 @@ def _step_kernel(Q, K, V, FQ, FK, KS, VS, FKS, S, Z, NSEEN, REAL, A, BB, CC,
     w_new = coef_new * tl.sum(fk_new.to(tl.float32) * fq, 0)
     l_lin = w_new
     acc_lin = w_new * v_new.to(tl.float32)
-    lo = _window_start(L, n_b - L + 2 * W, W, TERRACED)
+    lo = window_start(L, n_b - L + 2 * W, W, TERRACED)
     first_used = L - tl.minimum(n_b, L)
     for l0 in range(0, L, BL):
         ol = l0 + tl.arange(0, BL)
@@ -119,7 +119,7 @@ def step_one_token(q, k, v, fq, fk, a, b, c, state: WindowHybridState, real: tor
     outs = [torch.empty_like(x) for x in (ks, vs, fks, S, z)]
     has_c = c is not None
     token = [x.contiguous() for x in (q, k, v, fq, fk)]
-    _step_kernel[(B * H,)](*token, ks, vs, fks, S, z, state.n, real.to(torch.int8), a, b, c if has_c else a,
+    step_kernel[(B * H,)](*token, ks, vs, fks, S, z, state.n, real.to(torch.int8), a, b, c if has_c else a,
                            y, *outs, H, scale,
                            **step_constants(state.cached_tokens, D, DV, F, state.window, state.terraced, has_c))
     return y, WindowHybridState(*outs, state.n + real.long(), state.window, state.terraced)

@@ -15,7 +15,7 @@ import torch
 import triton
 
 from zoo.kernels.triton.chunk_states import chunk_states, pow2_block
-from zoo.kernels.triton.hybrid_kernels import _bwd_dkv_kernel, _bwd_dq_kernel, _fwd_kernel
+from zoo.kernels.triton.hybrid_kernels import bwd_dkv_kernel, bwd_dq_kernel, fwd_kernel
 from zoo.kernels.triton.hybrid_step import step_one_token
 from zoo.kernels.window_hybrid import WindowHybridState
 from zoo.kernels.window_state import advance_state, extend_with_state
@@ -50,7 +50,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:]).contiguous()
 
 
-class _Dims:
+class Dims:
     """Sizes and launch constants shared by the forward and backward launches."""
 
     def __init__(self, q, k, v, fq, window, terraced, scale, block, state_chunk, prefix):
@@ -78,7 +78,7 @@ class _WindowHybridFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, a, b, c, S0, z0, n_seen, prefix, window, terraced, scale, block, state_chunk):
-        dims = _Dims(q, k, v, fq, window, terraced, scale, block, state_chunk, prefix)
+        dims = Dims(q, k, v, fq, window, terraced, scale, block, state_chunk, prefix)
         BH, T = dims.B * dims.H, dims.T
         q_, k_, v_, fq_, fk_ = (_flat(x) for x in (q, k, v, fq, fk))
         s0_, z0_ = _flat(S0.float()), _flat(z0.float())
@@ -88,7 +88,7 @@ class _WindowHybridFn(torch.autograd.Function):
         den = torch.empty_like(m)
         arg = torch.empty(BH, T, dtype=torch.long, device=q.device)
         has_c = c is not None
-        _fwd_kernel[dims.query_grid](q_, fq_, k_, v_, fk_, HS, HZ, n_seen, a, b, c if has_c else a,
+        fwd_kernel[dims.query_grid](q_, fq_, k_, v_, fk_, HS, HZ, n_seen, a, b, c if has_c else a,
                                      y, m, den, arg, *dims.sizes(), HAS_C=has_c, **dims.const)
         ctx.save_for_backward(q_, k_, v_, fq_, fk_, a, b, c if has_c else None, s0_, z0_, n_seen, y, m, den, arg)
         ctx.dims = dims
@@ -111,12 +111,12 @@ class _WindowHybridFn(torch.autograd.Function):
         dfq = torch.empty(BH, T, d.F, dtype=torch.float32, device=q_.device)
         pa, pb = torch.empty_like(den), torch.empty_like(den)
         pc = torch.zeros_like(den)
-        _bwd_dq_kernel[d.query_grid](q_, fq_, k_, v_, fk_, HS, HZ, n_seen, a, b, c if has_c else a, gn, gd, m,
+        bwd_dq_kernel[d.query_grid](q_, fq_, k_, v_, fk_, HS, HZ, n_seen, a, b, c if has_c else a, gn, gd, m,
                                     dq, dfq, pa, pb, pc, *d.sizes(), HAS_C=has_c, **d.const)
         dk = torch.empty(BH, N, d.D, dtype=torch.float32, device=q_.device)
         dv = torch.empty(BH, N, d.DV, dtype=torch.float32, device=q_.device)
         dfk = torch.empty(BH, N, d.F, dtype=torch.float32, device=q_.device)
-        _bwd_dkv_kernel[(d.NC, BH)](q_, fq_, k_, v_, fk_, GS, GZ, n_seen, a, b, c if has_c else a, gn, gd, m,
+        bwd_dkv_kernel[(d.NC, BH)](q_, fq_, k_, v_, fk_, GS, GZ, n_seen, a, b, c if has_c else a, gn, gd, m,
                                     dk, dv, dfk, *d.sizes(), HAS_C=has_c, NJ=d.NJ, **d.const)
 
         # the window max m_t moves with its argmax key: dm_t = -a sum_win p dW = -a pa_t
