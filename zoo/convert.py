@@ -4,6 +4,12 @@ The wrapper keeps the teacher's q/k/v/o projections (and q/k norms where the fam
 applies RoPE, and calls the mixer. Nothing else changes, so peft can target the projections by
 their usual names and the state dict keeps the teacher's keys plus `...self_attn.mixer.*`.
 
+The wrapper owns its modes, entered only through the context managers defined here beside it:
+`teacher_forced` (stage 1's attention transfer), `softmax_teacher` (the teacher inside the model, for
+stage 2's distillation) and `branch` (one branch of a window hybrid). Each finds the converted layers
+of the model it is given (the converted model, or a peft or FSDP wrapper around it), and restores
+what they were on exit, also on an exception, so the modes nest.
+
 A converted model becomes an instance of `Zoo<Family>ForCausalLM` (a subclass of the family's
 causal LM that knows its mixers from `config.zoo_mixers`), so `save_pretrained` writes a config that
 `AutoModelForCausalLM.from_pretrained` reads back after `import zoo`, with no remote code.
@@ -11,6 +17,8 @@ causal LM that knows its mixers from `config.zoo_mixers`), so `save_pretrained` 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,22 +36,39 @@ from zoo.recipe import parse_layers
 
 @dataclass
 class ForwardContext:
-    """What one model forward tells its converted layers: the 2D padding mask and, during attention
-    transfer, where to put the per-layer losses."""
+    """What one forward of a converted model tells its converted layers: the 2D padding mask, set by the
+    model's forward and shared by its layers. Modes are not here: each wrapper holds its own."""
 
     mask: torch.Tensor | None = None  # [B, S] over past + current tokens, 1 real / 0 padding
-    transfer: bool = False
-    transfer_losses: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _TeacherForcing:
+    """Stage 1's mode: a converted layer records its transfer loss in `losses` and passes the teacher's
+    output on. `mask` [B, S] serves forwards that bring none (the decoder called directly)."""
+
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
     attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (0: off)
     attention_ce_max_len: int = 128
-    softmax: bool = False  # every converted layer runs the teacher's softmax attention (distillation's teacher)
+    mask: torch.Tensor | None = None
+
+
+class _SoftmaxTeacher:
+    """Distillation's mode: a converted layer computes the teacher's softmax attention."""
+
+
+_SOFTMAX_TEACHER = _SoftmaxTeacher()
 
 
 class LinearizedAttention(nn.Module):
-    """The shared wrapper: teacher projections + RoPE + a mixer in place of softmax attention."""
+    """The shared wrapper: teacher projections + RoPE + a mixer in place of softmax attention.
 
-    def __init__(self, attn: nn.Module, mixer: Mixer, context: ForwardContext):
+    Its mode (plain mixer, teacher-forced, softmax teacher) is private: enter one with
+    `teacher_forced`, `softmax_teacher` below."""
+
+    def __init__(self, attn: nn.Module, mixer: Mixer, context: ForwardContext | None = None):
         super().__init__()
+        context = ForwardContext() if context is None else context
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
@@ -52,6 +77,7 @@ class LinearizedAttention(nn.Module):
         self.head_dim = mixer.head_dim
         self.scaling = self.head_dim ** -0.5
         object.__setattr__(self, "context", context)  # shared, not a submodule
+        self._mode: _TeacherForcing | _SoftmaxTeacher | None = None  # None: the mixer
 
     def project(self, hidden_states: torch.Tensor, position_embeddings):
         """q [B, H, T, D] and k, v [B, Hkv, T, D], normed and rotated as the teacher does."""
@@ -71,11 +97,14 @@ class LinearizedAttention(nn.Module):
         cache = past_key_values if cache is None else cache  # the decoder layer's name for it: see CACHE_ARG
         B, T, _ = hidden_states.shape
         q, k, v = self.project(hidden_states, position_embeddings)
-        ctx = self.context
-        mask = None if ctx.mask is None else ctx.mask[:, -T:].to(q.device)
-        if ctx.transfer:
-            return self._transfer(q, k, v, hidden_states, mask), None
-        if ctx.softmax:
+        mode = self._mode
+        full_mask = self.context.mask
+        if full_mask is None and isinstance(mode, _TeacherForcing):
+            full_mask = mode.mask
+        mask = None if full_mask is None else full_mask[:, -T:].to(q.device)
+        if isinstance(mode, _TeacherForcing):  # the teacher's modes use no cache: a forward sees its own tokens
+            return self._transfer(q, k, v, hidden_states, mask, mode), None
+        if isinstance(mode, _SoftmaxTeacher):
             return self._teacher_output(q, k, v, mask), None
         layer = cache.mixer_layer(self.layer_idx) if isinstance(cache, ZooCache) else None
         y, state = self.mixer(q, k, v, hidden_states, state=None if layer is None else layer.state, mask=mask)
@@ -89,7 +118,7 @@ class LinearizedAttention(nn.Module):
         y = causal_softmax_attention(q, k, v, key_mask=mask, scale=self.scaling)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def _transfer(self, q, k, v, x, mask):
+    def _transfer(self, q, k, v, x, mask, mode: _TeacherForcing):
         """Stage 1: the mixer learns the teacher's output from the same q, k, v; the teacher's flows on."""
         B, T, _ = x.shape
         with torch.no_grad():
@@ -98,10 +127,9 @@ class LinearizedAttention(nn.Module):
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         err = (out.float() - out_teacher.float()).pow(2).mean(-1)  # [B, T]
         loss = err.mean() if mask is None else (err * mask).sum() / mask.sum().clamp(min=1)
-        ctx = self.context
-        if ctx.attention_ce and T <= ctx.attention_ce_max_len:
-            loss = loss + ctx.attention_ce * self._attention_ce(q.detach(), k.detach(), mask)
-        ctx.transfer_losses[self.layer_idx] = loss
+        if mode.attention_ce and T <= mode.attention_ce_max_len:
+            loss = loss + mode.attention_ce * self._attention_ce(q.detach(), k.detach(), mask)
+        mode.losses[self.layer_idx] = loss
         return out_teacher
 
     def _attention_ce(self, q, k, mask):
@@ -118,6 +146,88 @@ class LinearizedAttention(nn.Module):
         if mask is not None:
             return (ce * mask[:, None]).sum() / (mask.sum() * ce.shape[1]).clamp(min=1)
         return ce.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# modes: the only way into the wrapper's modes
+
+def linearized_layers(model: nn.Module) -> list[LinearizedAttention]:
+    """Every converted layer inside `model` (a converted model, a peft or FSDP wrapper around one, a
+    part of one, or a wrapper itself), in module order."""
+    return [module for module in model.modules() if isinstance(module, LinearizedAttention)]
+
+
+@contextmanager
+def _layers_in_mode(model: nn.Module, mode: _TeacherForcing | _SoftmaxTeacher) -> Iterator[None]:
+    """Every converted layer of `model` in `mode` within the block; each gets its own previous mode back."""
+    layers = linearized_layers(model)
+    if not layers:
+        raise ValueError("the model has no converted layer: call zoo.linearize(model, mixer) first")
+    previous = [layer._mode for layer in layers]
+    try:
+        for layer in layers:
+            layer._mode = mode
+        yield
+    finally:
+        for layer, mode_before in zip(layers, previous):
+            layer._mode = mode_before
+
+
+@contextmanager
+def teacher_forced(model: nn.Module, attention_ce: float = 0.0, attention_ce_max_len: int = 128,
+                   mask: torch.Tensor | None = None) -> Iterator[dict[int, torch.Tensor]]:
+    """Stage 1's attention transfer: `with teacher_forced(model) as losses:` each converted layer computes
+    the teacher's softmax output and its mixer's from the same q, k, v, passes the teacher's on (so the
+    model's output is the teacher's) and records its transfer loss in `losses` (layer index -> scalar
+    tensor: the MSE of the attention output after o_proj, + `attention_ce` x the attention-weight
+    cross-entropy for sequences of at most `attention_ce_max_len` tokens).
+
+    `losses` is emptied when a forward of `model` starts, so after one it holds that forward's losses
+    exactly; a forward of a part of `model` (its decoder called directly) records without emptying it.
+    `mask` [B, S] (1 real, 0 padding) serves forwards that bring no 2D attention mask of their own."""
+    mode = _TeacherForcing(attention_ce=attention_ce, attention_ce_max_len=attention_ce_max_len, mask=mask)
+    handle = model.register_forward_pre_hook(lambda module, args: mode.losses.clear())
+    try:
+        with _layers_in_mode(model, mode):
+            yield mode.losses
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def softmax_teacher(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every converted layer of `model` computes plain softmax attention: the teacher's,
+    with whatever projections it has (stage 2's distillation teacher; LoRA is the caller's business)."""
+    with _layers_in_mode(model, _SOFTMAX_TEACHER):
+        yield model
+
+
+def hybrid_mixers(model: nn.Module) -> list[Mixer]:
+    """The mixers of `model`'s converted layers that can switch branch (the window hybrids: `BRANCHES`)."""
+    return [layer.mixer for layer in linearized_layers(model)
+            if hasattr(layer.mixer, "BRANCHES") and hasattr(layer.mixer, "branch")]
+
+
+@contextmanager
+def branch(model: nn.Module, name: str) -> Iterator[None]:
+    """Every hybrid mixer of `model` runs one branch, `name` ("window", "linear" or "both"), within the
+    block; mixers without branches run as they are. Each hybrid gets its previous branch back on exit.
+    A ValueError for a branch a hybrid does not have, or for "window"/"linear" on a model without hybrids."""
+    mixers = hybrid_mixers(model)
+    if not mixers and name != "both":
+        raise ValueError(f"the model has no hybrid mixer (window + linear) whose branch can be chosen: "
+                         f"cannot run branch {name!r}")
+    for mixer in mixers:
+        if name not in mixer.BRANCHES:
+            raise ValueError(f"{mixer.name}: branch must be one of {mixer.BRANCHES}, got {name!r}")
+    previous = [mixer.branch for mixer in mixers]
+    try:
+        for mixer in mixers:
+            mixer.branch = name
+        yield
+    finally:
+        for mixer, branch_before in zip(mixers, previous):
+            mixer.branch = branch_before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ shared through `$ZOO_CACHE/references` (`cached_reference`), so a bench of many 
 once. The teacher's decode speed is a timing: it is measured again in every run, beside the mixer's,
 so that both see the same machine load.
 
-`data` below is a `zoo.run.RunData` (anything with `evaluate(model)`, `passkey_filler()` and
+`data` below is a `zoo.run_data.RunData` (anything with `evaluate(model)`, `passkey_filler()` and
 `generation_documents()`).
 """
 
@@ -126,26 +126,20 @@ def teacher_measures(recipe: Recipe, data: Any, teacher: Any, tokenizer: Any, de
 
 
 def hybrid_mixers(model: Any) -> list[Any]:
-    """The model's mixers that can switch branch (the window hybrids): those with `BRANCHES` and `branch`."""
-    from zoo.mixers.base import Mixer
+    """The model's mixers that can switch branch (the window hybrids); see zoo.convert.hybrid_mixers."""
+    from zoo.convert import hybrid_mixers as converted_hybrids
 
-    return [m for m in model.modules() if isinstance(m, Mixer) and hasattr(m, "BRANCHES") and hasattr(m, "branch")]
+    return converted_hybrids(model)
 
 
 @contextmanager
 def use_branch(model: Any, branch: str) -> Iterator[None]:
-    """Run every hybrid mixer of `model` with one branch ("window", "linear"), then restore "both"."""
-    mixers = hybrid_mixers(model)
-    if not mixers:
-        raise ValueError("the model has no hybrid mixer (window + linear) whose branch can be chosen")
-    previous = [m.branch for m in mixers]
-    try:
-        for m in mixers:
-            m.branch = branch
+    """Run every hybrid mixer of `model` with one branch ("window", "linear"), then restore the previous
+    one: zoo.convert.branch, under the name this module has always exported."""
+    from zoo.convert import branch as only_branch
+
+    with only_branch(model, branch):
         yield
-    finally:
-        for m, b in zip(mixers, previous):
-            m.branch = b
 
 
 def branch_ablation(recipe: Recipe, data: Any, model: Any, tokenizer: Any) -> dict | None:

@@ -79,7 +79,7 @@ def activation_bytes_per_token(config, mixer: str, options: dict, dtype: torch.d
 
     from transformers import AutoModelForCausalLM
 
-    from zoo.convert import ForwardContext, LinearizedAttention
+    from zoo.convert import LinearizedAttention, teacher_forced
     from zoo.mixers.base import build_mixer
 
     with torch.device("meta"):
@@ -89,7 +89,7 @@ def activation_bytes_per_token(config, mixer: str, options: dict, dtype: torch.d
     mix = build_mixer(mixer, config.num_attention_heads, config.num_key_value_heads, head_dim(config),
                       config.hidden_size, 0, **options).to(dtype=dtype)
     mix.init_from_teacher(attn.q_proj, attn.k_proj, attn.v_proj)
-    wrapper = LinearizedAttention(attn, mix, ForwardContext(transfer=True))
+    wrapper = LinearizedAttention(attn, mix)
     for name, p in wrapper.named_parameters():
         p.requires_grad_(".mixer." in f".{name}")
     weights = {p.untyped_storage().data_ptr() for p in wrapper.parameters()}
@@ -104,6 +104,6 @@ def activation_bytes_per_token(config, mixer: str, options: dict, dtype: torch.d
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with teacher_forced(wrapper), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         wrapper(x, position_embeddings=position)
     return sum(kept.values()) / tokens

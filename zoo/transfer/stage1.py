@@ -8,57 +8,47 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zoo.convert import LinearizedAttention, freeze_all_but_mixers
+from zoo.convert import LinearizedAttention, freeze_all_but_mixers, linearized_layers, teacher_forced
 from zoo.transfer.loop import LoopConfig, train_loop
 
 
 def converted_attention(model: nn.Module) -> dict[int, LinearizedAttention]:
-    layers = model.model.layers
-    found = {i: layer.self_attn for i, layer in enumerate(layers) if isinstance(layer.self_attn, LinearizedAttention)}
+    """The converted layers of `model` (or of a wrapper around it) by layer index, in order."""
+    found = {layer.layer_idx: layer for layer in linearized_layers(model)}
     if not found:
         raise ValueError("the model has no converted layer: call zoo.linearize(model, mixer) first")
-    return found
+    return dict(sorted(found.items()))
 
 
 def transfer_losses(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                     attention_ce: float = 0.0, attention_ce_max_len: int = 128,
                     inputs_embeds: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """One teacher-forced forward; returns each converted layer's transfer loss (MSE of the attention
-    output after o_proj, plus the optional attention-weight cross-entropy).
+    """One teacher-forced forward (zoo.convert.teacher_forced); returns each converted layer's transfer
+    loss (MSE of the attention output after o_proj, plus the optional attention-weight cross-entropy).
 
     Give `input_ids` [B, T], or `inputs_embeds` [B, T, hidden] to start from given hidden states
     (block-wise transfer feeds a block the stored teacher states entering it this way)."""
     converted = converted_attention(model)
-    last = max(converted)
-    ctx = model._zoo_context()
-    ctx.transfer, ctx.transfer_losses = True, {}
-    ctx.attention_ce, ctx.attention_ce_max_len = attention_ce, attention_ce_max_len
-    ctx.mask = attention_mask
-    base = model.model
-    try:
+    with teacher_forced(model, attention_ce=attention_ce, attention_ce_max_len=attention_ce_max_len,
+                        mask=attention_mask) as losses:
         # run the decoder only up to the last converted layer: later layers and the LM head teach nothing
-        stop = _StopAfter(last)
-        handle = base.layers[last].register_forward_hook(stop.hook)
+        handle = converted[max(converted)].register_forward_hook(_stop_forward)
         try:
-            base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
-        except _StopAfter.Reached:
+            model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        use_cache=False)
+        except _LastConvertedLayerDone:
             pass
         finally:
             handle.remove()
-        return dict(sorted(ctx.transfer_losses.items()))
-    finally:
-        ctx.transfer, ctx.mask, ctx.transfer_losses = False, None, {}
+        return dict(sorted(losses.items()))
 
 
-class _StopAfter:
-    class Reached(Exception):
-        pass
+class _LastConvertedLayerDone(Exception):
+    """Raised after the last converted layer's forward: nothing later in the model is needed."""
 
-    def __init__(self, idx: int):
-        self.idx = idx
 
-    def hook(self, module, args, output):
-        raise _StopAfter.Reached
+def _stop_forward(module, args, output):
+    raise _LastConvertedLayerDone
 
 
 def run_stage1(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir: Path,

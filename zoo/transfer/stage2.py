@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.convert import linearized_layers, softmax_teacher
 from zoo.transfer.loop import LoopConfig, train_loop
 
 
@@ -46,34 +47,28 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
 
-def _zoo_model(model: nn.Module) -> nn.Module:
-    """The converted causal LM inside `model` (a peft wrapper, an FSDP-wrapped one, or the model itself)."""
-    for module in model.modules():
-        if hasattr(module, "_zoo_context"):
-            return module
-    raise ValueError("distillation needs a converted model (zoo.linearize): this one has no converted layer")
-
-
 @contextmanager
 def as_teacher(model: nn.Module, lora: dict[str, torch.Tensor] | None = None) -> Iterator[nn.Module]:
-    """Within the block, `model` computes the teacher: softmax attention in every converted layer and,
-    where `model` is a peft model, its adapters off (the projections under them are the teacher's).
+    """Within the block, `model` computes the teacher: softmax attention in every converted layer
+    (zoo.convert.softmax_teacher) and, where `model` is a peft model, its adapters off (the projections
+    under them are the teacher's).
 
     With `lora` (parameter name -> tensor, as the fair reference's checkpoint holds them), the teacher
     is the teacher fine-tuned with that LoRA: those weights stand in for the model's own LoRA within
     the block, copied in place, so open it before the model's own forward of a step, not between that
     forward and its backward."""
-    ctx = _zoo_model(model)._zoo_context()
+    _require_converted(model)
     if lora is None:
         adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     else:
         adapters = _lora_swapped_in(model, lora)
-    with adapters:
-        ctx.softmax = True
-        try:
-            yield model
-        finally:
-            ctx.softmax = False
+    with adapters, softmax_teacher(model):
+        yield model
+
+
+def _require_converted(model: nn.Module) -> None:
+    if not linearized_layers(model):
+        raise ValueError("distillation needs a converted model (zoo.linearize): this one has no converted layer")
 
 
 @contextmanager
@@ -119,7 +114,7 @@ def stage2_loss(model: nn.Module, distill: float = 0.0, teacher_lora: dict[str, 
         raise ValueError(f"stage2.distill must be >= 0 (0 = off), got {distill}")
     if distill == 0:
         return lambda batch: (next_token_loss(model, batch), {})
-    _zoo_model(model)  # clear errors now rather than at the first step
+    _require_converted(model)  # clear errors now rather than at the first step
     if teacher_lora is not None:
         check_lora_fits(model, teacher_lora)
 
