@@ -26,6 +26,7 @@ def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "swap only" in printed and "final (stage 2)" in printed and "MMLU 5-shot" in printed
     assert "repeated 4-grams in greedy continuations (4 held-out prompts, 48 tokens): teacher " in printed
+    assert "greedy continuation of 'Once upon a time':\n  teacher: '" in printed and "\n  model:   '" in printed
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"):
         assert (out / name).exists(), name
     s = json.loads((out / "summary.json").read_text())

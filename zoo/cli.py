@@ -123,7 +123,10 @@ def cmd_run(args) -> int:
     print_table(summary)
     for warning in summary.get("warnings") or ():
         print(f"WARNING: {warning}")
-    print(f"\n{recipe.eval.generate_prompt!r} -> {summary['sample']!r}")
+    print(f"\ngreedy continuation of {recipe.eval.generate_prompt!r}:")
+    if summary.get("teacher_sample") is not None:
+        print(f"  teacher: {summary['teacher_sample']!r}")
+    print(f"  model:   {summary['sample']!r}")
     print(f"run folder: {out}")
     return 0
 

@@ -89,6 +89,9 @@ def _run_claimed(recipe: Recipe, state: RunState) -> dict:
         remember("teacher_lora", reference["eval"])
     teacher_side = teacher_measures(recipe, data, model, tokenizer, device,
                                     [m for m in wanted_measures(recipe) if m not in progress])
+    if "teacher_sample" not in progress:  # the teacher's own continuation, shown beside the model's
+        remember("teacher_sample", generate_text(model, tokenizer, recipe.eval.generate_prompt,
+                                                 recipe.eval.generate_tokens, device))
 
     torch.manual_seed(recipe.seed)  # the mixers' initialization is part of the run's determinism
     zoo.linearize(model, recipe.mixer.name, layers=recipe.mixer.layers, **recipe.mixer.options)

@@ -54,6 +54,7 @@ EVAL_VOIDS = {
     "decode_contexts": ("decode",), "decode_steps": ("decode",),
     "generation_prompts": ("generation",), "generation_prompt_tokens": ("generation",),
     "generation_tokens": ("generation",),
+    "generate_prompt": ("teacher_sample",), "generate_tokens": ("teacher_sample",),
     "mse_blocks": ("swap", "stage1"),
     "branches": ("branches",),
 }

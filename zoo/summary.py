@@ -75,6 +75,7 @@ def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, w
         "branches": _branches(progress.get("branches")),
         "prompt": recipe.eval.generate_prompt,
         "sample": sample,
+        "teacher_sample": progress.get("teacher_sample"),
         "seed": recipe.seed,
         "device": describe_device(pick_device(recipe.device)),
         "versions": versions(),
