@@ -25,10 +25,13 @@ def assert_same_tensors(a: dict, b: dict, atol=0.0, rtol=0.0):
 
 @pytest.fixture(scope="module")
 def runs(deep_world, tmp_path_factory):
-    """The same recipe (4 blocks of 1 layer, stage 2 distilled, with gradient checkpointing, MMLU, passkey
-    and generation repeats) on 1 and on 2 ranks, each with its own cache (each computes the teacher's side)."""
+    """The same recipe (4 blocks of 1 layer of lolcats, stage 2 distilled from the fair reference, with
+    gradient checkpointing, the fair reference, MMLU, passkey, generation repeats and the branch ablation)
+    on 1 and on 2 ranks, each with its own cache (each computes the teacher's side and the reference)."""
     root = tmp_path_factory.mktemp("torchrun")
     args = overrides(deep_world, **{"stage2.gradient_checkpointing": True, "stage2.distill": 0.5, "eval.mmlu": 4,
+                                    "stage2.distill_from": "reference", "eval.teacher_lora": True,
+                                    "eval.branches": True, "mixer.name": "lolcats", "mixer.options": {"window": 8},
                                     "eval.passkey_lengths": [256, 320], "eval.passkey_trials": 2,
                                     "eval.generation_prompts": 2, "eval.generation_tokens": 8})
     done = {}
@@ -51,6 +54,18 @@ def test_measures_on_two_ranks_match_one_process(runs):
         assert s2[name] == s1[name], name
     for n in (1, 2):
         assert runs[f"stderr{n}"].count("teacher: mmlu (computed once, then cached)") == 1
+
+
+def test_the_fair_reference_and_branches_on_two_ranks_match_one_process(runs):
+    """Distributed runs take the evals one-process runs take (decode speed alone is refused)."""
+    s1, s2 = (json.loads((runs[n] / "summary.json").read_text()) for n in (1, 2))
+    for n, s in ((1, s1), (2, s2)):
+        assert "fair reference: fine-tuning the teacher" in runs[f"stderr{n}"]
+        assert s["ppl_teacher_lora"]["heldout"] > 1 and set(s["branches"]) == {"window", "linear"}
+    assert s2["ppl_teacher_lora"]["heldout"] == pytest.approx(s1["ppl_teacher_lora"]["heldout"], rel=1e-5)
+    for branch in ("window", "linear"):
+        assert s2["branches"][branch]["ppl"]["heldout"] == pytest.approx(
+            s1["branches"][branch]["ppl"]["heldout"], rel=1e-5)
 
 
 def test_two_ranks_stitch_the_mixers_of_one(runs):

@@ -109,7 +109,13 @@ def data_parallel_loss(local_loss, ctx: Distributed):
 
 
 def run_sharded_stage2(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir, ctx: Distributed,
-                       distill: float = 0.0) -> dict:
-    """Stage 2 on an FSDP2-sharded model from `shard_model` (every rank calls it with the same data)."""
-    return train_loop(model, blocks, cfg, data_parallel_loss(stage2_loss(model, distill), ctx), run_dir,
-                      device=ctx.device, io=ShardedCheckpointIO(ctx))
+                       distill: float = 0.0, teacher_lora: dict[str, torch.Tensor] | None = None) -> dict:
+    """Stage 2 on an FSDP2-sharded model from `shard_model` (every rank calls it with the same data).
+    `teacher_lora` (whole tensors by parameter name, as a checkpoint holds them) is sharded like the
+    model's own LoRA before distilling from it."""
+    io = ShardedCheckpointIO(ctx)
+    if teacher_lora is not None:
+        params = dict(model.named_parameters())
+        teacher_lora = {n: io.place(t, params[n]) if n in params else t for n, t in teacher_lora.items()}
+    return train_loop(model, blocks, cfg, data_parallel_loss(stage2_loss(model, distill, teacher_lora), ctx),
+                      run_dir, device=ctx.device, io=io)

@@ -15,8 +15,10 @@ stage1.blockwise.store names another folder), blocks/ and stage1/.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -42,10 +44,8 @@ from zoo.scale.skeleton import CheckpointReader, checkpoint_folder
 from zoo.scale.store import HiddenStateStore, StoreLayout, build_store, tokens_fingerprint
 from zoo.summary import build_summary
 
-#: eval features the scaled pipeline does not run (yet): evaluate the saved model with `zoo eval` instead
-UNSUPPORTED_EVALS = {"teacher_lora": False, "decode_contexts": [], "branches": False}
-#: the measures a scaled run takes on the sharded teacher and model, all ranks in step (not decode speed: a
-#: timing of one device's decoding, which a sharded model does not show)
+#: the measures a scaled run takes on the sharded teacher and model, all ranks in step. Decode speed is the
+#: one a scaled run refuses: a timing of one device's decoding, which a sharded model does not show.
 SCALED_MEASURES = ("mmlu", "passkey", "generation")
 
 
@@ -55,13 +55,10 @@ def _say(ctx: Distributed, msg: str) -> None:
 
 
 def check_supported(recipe: Recipe) -> None:
-    on = [f"eval.{k}" for k, off in UNSUPPORTED_EVALS.items() if getattr(recipe.eval, k, off) != off]
-    if on:
-        raise ValueError(f"{', '.join(on)} is not run by block-wise or torchrun runs yet; turn it off "
-                         f"(e.g. eval.decode_contexts=[]) and evaluate the saved model with `zoo eval` afterwards")
-    if recipe.stage2.distill and recipe.stage2.distill_from != "teacher":
-        raise ValueError(f"stage2.distill_from={recipe.stage2.distill_from} is not run by block-wise or torchrun "
-                         "runs yet (they have no fair reference); use stage2.distill_from=teacher")
+    if recipe.eval.decode_contexts:
+        raise ValueError("eval.decode_contexts: decode speed is not measured by block-wise or torchrun runs (a "
+                         "sharded model's decoding times no one device); set eval.decode_contexts=[] and time the "
+                         "saved model with `zoo eval DIR --decode ...`")
 
 
 def run_scaled(recipe: Recipe, out_dir: str | Path, redo: tuple[str, ...] = ()) -> dict | None:
@@ -251,26 +248,26 @@ class ScaledRun:
         """Teacher eval and measures, stage-1 eval, LoRA, final eval and measures: all ranks together on
         the sharded models."""
         from zoo.measures import measure, wanted_measures
-        from zoo.scale.fsdp_lora import run_sharded_stage2
-        from zoo.transfer.stage2 import run_stage2
 
         recipe, ctx, s2 = self.recipe, self.ctx, self.recipe.stage2
         measures = [n for n in wanted_measures(recipe) if n in SCALED_MEASURES and n not in self.progress]
         teacher_side = self.teacher_side(measures)
-        if "final" in self.progress and not measures:
+        pending = [key for key, wanted in (("teacher_lora", recipe.eval.teacher_lora), ("branches", recipe.eval.branches))
+                   if wanted and key not in self.progress]
+        if "final" in self.progress and not measures and not pending:
             return
+        if recipe.eval.teacher_lora and "teacher_lora" not in self.progress:
+            reference = self.fair_reference()
+            self.remember("teacher_lora_train", reference["train"])
+            self.remember("teacher_lora", reference["eval"])
         model = self.build(self.student)
         if "stage1" not in self.progress:
             _say(ctx, "evaluating the model after stage 1")
             self.remember("stage1", self.data.evaluate(model))
             self.remember("stage1_train", self.progress.get("stage1_blocks", {}))
         if s2.enabled and s2.tokens > 0:  # after its last step, the checkpoint is loaded and nothing trains
-            cfg = s2.loop("stage2", recipe.seed)
-            if ctx.world > 1:
-                stats = run_sharded_stage2(model, self.data.train_blocks, cfg, self.out, ctx, distill=s2.distill)
-            else:
-                stats = run_stage2(model, self.data.train_blocks, cfg, self.out, device=ctx.device,
-                                   distill=s2.distill)
+            reference = self.reference_lora() if s2.distill and s2.distill_from == "reference" else None
+            stats = self.train_stage2(model, s2.loop("stage2", recipe.seed), self.out, s2.distill, reference)
             if "stage2_train" not in self.progress:
                 self.remember("stage2_train", stats)
         if "final" not in self.progress:
@@ -280,6 +277,57 @@ class ScaledRun:
             _say(ctx, f"{name}: final model")
             self.remember(name, {"teacher": teacher_side[name],
                                  "final": measure(name, recipe, self.data, model, self.tokenizer)})
+        if recipe.eval.branches and "branches" not in self.progress:
+            from zoo.measures import branch_ablation
+
+            self.remember("branches", branch_ablation(recipe, self.data, model, self.tokenizer))
+
+    def train_stage2(self, model, cfg, run_dir: Path, distill: float = 0.0, reference: dict | None = None) -> dict:
+        """LoRA training of `model` (sharded over the ranks, or on the one device)."""
+        from zoo.scale.fsdp_lora import run_sharded_stage2
+        from zoo.transfer.stage2 import run_stage2
+
+        if self.ctx.world > 1:
+            return run_sharded_stage2(model, self.data.train_blocks, cfg, run_dir, self.ctx, distill=distill,
+                                      teacher_lora=reference)
+        return run_stage2(model, self.data.train_blocks, cfg, run_dir, device=self.ctx.device, distill=distill,
+                          teacher_lora=reference)
+
+    def fair_reference(self) -> dict:
+        """The fair reference (the teacher + the same LoRA budget on the same data), from the zoo cache (the
+        same entry a one-process run uses) or trained now on the sharded teacher, all ranks in step."""
+        from zoo.reference import teacher_lora_folder
+        from zoo.transfer.stage2 import add_lora
+
+        recipe, ctx, s2 = self.recipe, self.ctx, self.recipe.stage2
+        folder, key_src = teacher_lora_folder(recipe)
+        result_path = folder / "result.json"
+        known = ctx.broadcast(json.loads(result_path.read_text()) if ctx.is_main and result_path.exists() else None)
+        if known is not None:
+            return known
+        _say(ctx, "fair reference: fine-tuning the teacher with the same LoRA budget (computed once, then cached)")
+
+        def make(meta: bool):
+            torch.manual_seed(recipe.seed)  # as a one-process run: LoRA's init depends on the seed only
+            teacher = self.teacher(meta)
+            with torch.device("meta") if meta else nullcontext():
+                return add_lora(teacher, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets)
+
+        teacher = self.build(make)
+        stats = self.train_stage2(teacher, s2.loop("teacher_lora", recipe.seed), folder)
+        result = {"eval": self.data.evaluate(teacher), "train": stats, "recipe_key": json.loads(key_src)}
+        if ctx.is_main:
+            write_json(result_path, result)
+        ctx.barrier()
+        return result
+
+    def reference_lora(self) -> dict:
+        """The fair reference's LoRA tensors (whole, by parameter name), for stage2.distill_from=reference."""
+        from zoo.reference import teacher_lora_folder
+
+        self.fair_reference()
+        folder, _ = teacher_lora_folder(self.recipe)
+        return load_file(str(folder / "checkpoints" / "teacher_lora" / "trainable.safetensors"))
 
     def teacher_side(self, measures: list[str]) -> dict:
         """Evaluates the teacher if not done yet, and returns its result of each of `measures`: from the
