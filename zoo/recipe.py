@@ -57,6 +57,13 @@ class RecipeError(ValueError):
 
 # ----------------------------------------------------------------------------------------- schema
 
+def _rule_problems(section, rules):
+    """(key, message) for each (key, what is allowed, whether the value is allowed) rule that fails."""
+    for key, allowed, ok in rules:
+        if not ok:
+            yield key, f"must be {allowed}, got {getattr(section, key)}"
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "smollm2-135m"  # "smollm2-135m" (embedded), a hub id or a local folder
@@ -115,7 +122,7 @@ class StageConfig(TrainingConfig):
     enabled: bool = True
 
     def _problems(self):
-        yield from ((key, f"must be {rule}, got {getattr(self, key)}") for key, rule, ok in (
+        yield from _rule_problems(self, (
             ("tokens", ">= 0", self.tokens >= 0),
             ("batch_size", ">= 1", self.batch_size >= 1),
             ("lr", "> 0", self.lr > 0),
@@ -123,7 +130,7 @@ class StageConfig(TrainingConfig):
             ("checkpoint_every", ">= 0 (0: only at the end)", self.checkpoint_every >= 0),
             ("log_every", ">= 1", self.log_every >= 1),
             ("grad_clip", ">= 0 (0 = off)", self.grad_clip >= 0),
-        ) if not ok)
+        ))
         if self.lr_schedule not in LR_SCHEDULES:
             yield "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -229,28 +236,19 @@ class EvalConfig:
     generation_tokens: int = 48  # tokens generated after each prompt
 
     def _problems(self):
-        if self.max_blocks < 1:
-            yield "max_blocks", f"must be >= 1, got {self.max_blocks}"
-        if self.batch_size < 1:
-            yield "batch_size", f"must be >= 1, got {self.batch_size}"
-        if self.mmlu < 0:
-            yield "mmlu", f"must be >= 0 (0 = skip), got {self.mmlu}"
-        if self.generate_tokens < 0:
-            yield "generate_tokens", f"must be >= 0, got {self.generate_tokens}"
-        if self.mse_blocks < 1:
-            yield "mse_blocks", f"must be >= 1, got {self.mse_blocks}"
-        if any(n < 2 for n in self.passkey_lengths):
-            yield "passkey_lengths", f"must be context lengths >= 2 tokens, got {self.passkey_lengths}"
-        if self.passkey_trials < 1:
-            yield "passkey_trials", f"must be >= 1, got {self.passkey_trials}"
-        if self.decode_steps < 1:
-            yield "decode_steps", f"must be >= 1, got {self.decode_steps}"
-        if self.generation_prompts < 0:
-            yield "generation_prompts", f"must be >= 0 (0 = skip), got {self.generation_prompts}"
-        if self.generation_prompt_tokens < 1:
-            yield "generation_prompt_tokens", f"must be >= 1, got {self.generation_prompt_tokens}"
-        if self.generation_tokens < 4:
-            yield "generation_tokens", f"must be >= 4 (the repeats are counted in 4-grams), got {self.generation_tokens}"
+        yield from _rule_problems(self, (
+            ("max_blocks", ">= 1", self.max_blocks >= 1),
+            ("batch_size", ">= 1", self.batch_size >= 1),
+            ("mmlu", ">= 0 (0 = skip)", self.mmlu >= 0),
+            ("generate_tokens", ">= 0", self.generate_tokens >= 0),
+            ("mse_blocks", ">= 1", self.mse_blocks >= 1),
+            ("passkey_lengths", "context lengths >= 2 tokens", all(n >= 2 for n in self.passkey_lengths)),
+            ("passkey_trials", ">= 1", self.passkey_trials >= 1),
+            ("decode_steps", ">= 1", self.decode_steps >= 1),
+            ("generation_prompts", ">= 0 (0 = skip)", self.generation_prompts >= 0),
+            ("generation_prompt_tokens", ">= 1", self.generation_prompt_tokens >= 1),
+            ("generation_tokens", ">= 4 (the repeats are counted in 4-grams)", self.generation_tokens >= 4),
+        ))
         ctx = self.decode_contexts
         if ctx and (ctx[0] < 1 or any(b - a <= self.decode_steps for a, b in zip(ctx, ctx[1:]))):
             yield "decode_contexts", (f"must be >= 1 and grow by more than decode_steps ({self.decode_steps}) "
@@ -538,50 +536,65 @@ def _to_int(value: Any, key: str) -> int:
     raise _wrong_type(key, int, value)
 
 
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except RecipeError:
+            continue
+    hint = ""
+    if key.endswith("layers") and isinstance(value, (int, dict)):
+        hint = " (quote slices in YAML: layers: \"0:10\"; unquoted, 1:30 reads as a base-60 number)"
+    raise _wrong_type(key, tp, value, hint)
+
+
+def _coerce_exact(value: Any, tp: type, key: str) -> Any:
+    """bool and str: the value as it is, of that type only."""
+    if not isinstance(value, tp):
+        raise _wrong_type(key, tp, value)
+    return value
+
+
+def _coerce_list(value: Any, tp: Any, key: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise _wrong_type(key, tp, value)
+    (item,) = typing.get_args(tp)
+    return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_mapping(value: Any, tp: Any, key: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise _wrong_type(key, tp, value)
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise RecipeError(f"{key}: keys must be strings, got {bad!r}", key=key)
+    return copy.deepcopy(dict(value))
+
+
+#: plain schema types and how a value becomes one
+_PLAIN = {bool: _coerce_exact, str: _coerce_exact, int: lambda v, tp, key: _to_int(v, key),
+          float: lambda v, tp, key: _to_float(v, key)}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as schema type `tp` (the one generic coercion), or a RecipeError naming `key`."""
     if tp is Any:
         return copy.deepcopy(value)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if _is_union(tp):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except RecipeError:
-                continue
-        hint = ""
-        if key.endswith("layers") and isinstance(value, (int, dict)):
-            hint = " (quote slices in YAML: layers: \"0:10\"; unquoted, 1:30 reads as a base-60 number)"
-        raise _wrong_type(key, tp, value, hint)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _wrong_type(key, bool, value)
-        return value
-    if tp is int:
-        return _to_int(value, key)
-    if tp is float:
-        return _to_float(value, key)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _wrong_type(key, str, value)
-        return value
+        return _coerce_union(value, tp, key)
+    if tp in _PLAIN:
+        return _PLAIN[tp](value, tp, key)
     if typing.get_origin(tp) is list:
-        if not isinstance(value, (list, tuple)):
-            raise _wrong_type(key, tp, value)
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return _coerce_list(value, tp, key)
     if _is_free_dict(tp):
-        if not isinstance(value, Mapping):
-            raise _wrong_type(key, tp, value)
-        bad = [k for k in value if not isinstance(k, str)]
-        if bad:
-            raise RecipeError(f"{key}: keys must be strings, got {bad!r}", key=key)
-        return copy.deepcopy(dict(value))
+        return _coerce_mapping(value, tp, key)
     raise TypeError(f"recipe schema: unsupported type {tp!r} at {key}")
 
 

@@ -202,7 +202,7 @@ class ScaledRun:
         in host memory; with `meta`, the same structure on the meta device (no weights)."""
         import zoo
         from zoo.scale.skeleton import skeleton
-        from zoo.transfer.stage2 import add_lora, enable_gradient_checkpointing
+        from zoo.transfer.stage2 import with_stage2_lora
 
         s2 = self.recipe.stage2
         lora = s2.enabled and s2.tokens > 0
@@ -210,10 +210,7 @@ class ScaledRun:
             model = skeleton(self.folder, self.dtype)
             with torch.device("meta"):
                 linearize_layers(model, self.recipe, self.converted)
-                if lora:
-                    model = add_lora(model, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets,
-                                     s2.train_mixer)
-            return enable_gradient_checkpointing(model) if lora and s2.gradient_checkpointing else model
+                return with_stage2_lora(model, s2, self.recipe.seed) if lora else model
         model, _ = zoo.load_teacher(str(self.folder), dtype=self.dtype)
         linearize_layers(model, self.recipe, self.converted)
         if self.stitched is not None:
@@ -222,12 +219,7 @@ class ScaledRun:
             if lacking or unexpected:
                 raise RuntimeError(f"{self.stitched} does not fit the model: lacks {lacking[:5]}, "
                                    f"has unknown {unexpected[:5]}")
-        if lora:
-            torch.manual_seed(self.recipe.seed + 1)  # as zoo run: LoRA's init depends on the seed only
-            model = add_lora(model, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets, s2.train_mixer)
-            if s2.gradient_checkpointing:
-                enable_gradient_checkpointing(model)
-        return model
+        return with_stage2_lora(model, s2, self.recipe.seed) if lora else model  # as zoo run: seeded alike
 
     def teacher(self, meta: bool = False):
         import zoo

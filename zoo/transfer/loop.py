@@ -194,6 +194,34 @@ def _trim_metrics(metrics_path: Path, name: str, after_step: int) -> None:
         f.write("".join(line + "\n" for line in kept))
 
 
+def _resume(ckpt: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, io: CheckpointIO,
+            name: str, steps: int, metrics_path: Path) -> tuple[int, float, float | None]:
+    """(step, seconds, loss) to go on from: the checkpoint's, or (0, 0.0, None) with none. Metrics rows past
+    that step (all of them, starting afresh) were never kept, and are dropped."""
+    start, seconds, loss = 0, 0.0, None
+    if ckpt.exists():
+        meta = _load_checkpoint(ckpt, params, opt, io, name)
+        start, seconds, loss = meta["step"], meta.get("seconds", 0.0), meta.get("loss")
+        if io.writes:
+            print(f"zoo: {name}: resuming from step {start}/{steps} ({ckpt})", file=sys.stderr)
+    if io.writes:
+        _trim_metrics(metrics_path, name, start)
+    return start, seconds, loss
+
+
+def _log_step(metrics_path: Path, cfg: LoopConfig, done: int, steps: int, start: int, seq_len: int,
+              elapsed: float, values: dict) -> None:
+    """One metrics row (appended to metrics.jsonl) and one progress line with the speed and ETA."""
+    tok_s = (done - start) * cfg.batch_size * seq_len / max(elapsed, 1e-9)
+    eta = (steps - done) * elapsed / max(done - start, 1)
+    row = {"stage": cfg.name, "step": done, "steps": steps, "loss": values["loss"],
+           "tokens": done * cfg.batch_size * seq_len, "tokens_per_s": tok_s, **values}
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"zoo: {cfg.name} step {done}/{steps} loss {values['loss']:.5g} {tok_s:,.0f} tok/s "
+          f"ETA {_fmt_seconds(eta)}", file=sys.stderr, flush=True)
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -227,14 +255,7 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
     lr_at = lr_schedule(cfg.lr_schedule, cfg.lr, steps)
     ckpt = run_dir / "checkpoints" / cfg.name
     metrics_path = run_dir / "metrics.jsonl"
-    start, seconds_before, last_loss = 0, 0.0, None
-    if ckpt.exists():
-        meta = _load_checkpoint(ckpt, params, opt, io, cfg.name)
-        start, seconds_before, last_loss = meta["step"], meta.get("seconds", 0.0), meta.get("loss")
-        if io.writes:
-            print(f"zoo: {cfg.name}: resuming from step {start}/{steps} ({ckpt})", file=sys.stderr)
-    if io.writes:  # rows past the step we start from (all of them, starting afresh) were never kept
-        _trim_metrics(metrics_path, cfg.name, start)
+    start, seconds_before, last_loss = _resume(ckpt, params, opt, io, cfg.name, steps, metrics_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     t0 = time.time()
@@ -257,15 +278,8 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
         done = step + 1
         elapsed = time.time() - t0
         if io.writes and (done % cfg.log_every == 0 or done == steps):
-            tok_s = (done - start) * cfg.batch_size * seq_len / max(elapsed, 1e-9)
-            eta = (steps - done) * elapsed / max(done - start, 1)
-            row = {"stage": cfg.name, "step": done, "steps": steps, "loss": last_loss,
-                   "tokens": done * cfg.batch_size * seq_len, "tokens_per_s": tok_s, "lr": lr_at(step),
-                   **extra}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"zoo: {cfg.name} step {done}/{steps} loss {last_loss:.5g} {tok_s:,.0f} tok/s "
-                  f"ETA {_fmt_seconds(eta)}", file=sys.stderr, flush=True)
+            _log_step(metrics_path, cfg, done, steps, start, seq_len, elapsed,
+                      {"loss": last_loss, "lr": lr_at(step), **extra})
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
             _save_checkpoint(ckpt, done, params, opt,
                              {"seconds": seconds_before + elapsed, "loss": last_loss}, io)

@@ -132,3 +132,14 @@ def run_stage2(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir:
     """Fine-tune the trainable parameters of a model from `add_lora` with the next-token loss
     (+ `distill` x the KL to the teacher, or to the teacher + `teacher_lora`)."""
     return train_loop(model, blocks, cfg, stage2_loss(model, distill, teacher_lora), run_dir, device=device)
+
+
+def with_stage2_lora(model: nn.Module, stage2, seed: int) -> nn.Module:
+    """`model` with stage 2's LoRA (`stage2`: a recipe's Stage2Config) added, and gradient checkpointing if
+    it asks. LoRA's random init is seeded from `seed` alone, so it does not depend on what ran before."""
+    torch.manual_seed(seed + 1)
+    model = add_lora(model, stage2.lora.rank, stage2.lora.alpha, stage2.lora.dropout, stage2.lora.targets,
+                     stage2.train_mixer)
+    if stage2.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
