@@ -197,69 +197,85 @@ class ChunkedLinearAttention(torch.autograd.Function):
         kind, normalize, C = ctx.kind, ctx.normalize, ctx.C
         ch = _Chunks(q, k, v, log_gate, kind, C)
         dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         # per chunk: gradients reaching the numerator and the denominator
         if normalize:
-            dnum_all = dy / den
-            dden_all = -(dy * y).sum(-1, keepdim=True) / den
+            dnums = (dy / den).split(C, 1)
+            ddens = (-(dy * y).sum(-1, keepdim=True) / den).split(C, 1)
         else:
-            dnum_all, dden_all = dy, None
-        dnums = dnum_all.split(C, 1)
-        ddens = None if dden_all is None else dden_all.split(C, 1)
-        # forward pass: rebuild the entering states; dq and the in-chunk parts of dk, dv
-        S = S0.clone()
-        z = None if z0 is None else z0.clone()
-        for n in range(ch.n):
-            f = ch.fold(n)
-            sl = slice(n * C, (n + 1) * C)
-            dnum = dnums[n]
-            dread = torch.bmm(dnum, S.transpose(1, 2))
-            if normalize:
-                dread.add_(ddens[n] * z.transpose(1, 2))
-            if f.ask is None:
-                dq_n, dk_n, dv_n = _strong_grads(ch, n, f, dnum, None if ddens is None else ddens[n], normalize)
-                dq_n = dq_n + dread * f.read_scale
-            else:
-                dp = torch.bmm(dnum, ch.v[n].transpose(1, 2))
-                if normalize:
-                    dp.add_(ddens[n])
-                dp = dp.mul_(f.score_decay) if f.score_decay is not None else dp.masked_fill_(ch.above, 0.0)
-                dq_n = _scaled(torch.bmm(dp, f.attend), f.ask_scale).add_(_scaled(dread, f.read_scale))
-                dk_n = _scaled(torch.bmm(dp.transpose(1, 2), f.ask), f.attend_scale)
-                dv_n = torch.bmm(ch.scores(f).transpose(1, 2), dnum)
-            dq[:, sl], dk[:, sl], dv[:, sl] = dq_n, dk_n, dv_n
-            _advance(S, z, f, ch.v[n])
-        # reverse pass: carry dS, dz; the state parts of dk, dv
-        dS = torch.zeros_like(S0) if dS_T is None else dS_T.clone()
-        dz = None
-        if normalize:
-            dz = torch.zeros_like(z0) if dz_T is None else dz_T.clone()
-        for n in reversed(range(ch.n)):
-            f = ch.fold(n)
-            sl = slice(n * C, (n + 1) * C)
-            dv[:, sl] += torch.bmm(f.write, dS)
-            dwrite = torch.bmm(ch.v[n], dS.transpose(1, 2))
-            if normalize:
-                dwrite.add_(dz.transpose(1, 2))
-            dk[:, sl] += _scaled(dwrite, f.write_scale)
-            if f.decay is not None:
-                dS.mul_(f.decay)
-            dS.baddbmm_(f.read.transpose(1, 2), dnums[n])
-            if normalize:
-                if f.decay is not None:
-                    dz.mul_(f.decay)
-                dz.baddbmm_(f.read.transpose(1, 2), ddens[n])
+            dnums, ddens = dy.split(C, 1), None
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _in_chunk_grads(ch, S0, z0, dnums, ddens, normalize, dq, dk, dv)
+        dS, dz = _state_grads(ch, S0, z0, dnums, ddens, normalize, dS_T, dz_T, dk, dv)
         dg = None
         if kind is not None and ctx.needs_input_grad[3]:
-            dG = q * dq - k * dk  # dL/dG_t per key dimension
-            last = (dS_T * S_T).sum(-1) if dS_T is not None else torch.zeros_like(S_T[..., 0])
-            if normalize and dz_T is not None:
-                last = last + (dz_T * z_T)[..., 0]
-            dG[:, -1] += last
-            if kind == "scalar":
-                dG = dG.sum(-1)
-            dg = dG.flip(1).cumsum(1).flip(1)
+            dg = _gate_grad(kind, normalize, q, k, dq, dk, S_T, z_T, dS_T, dz_T)
         return dq, dk, dv, dg, dS, dz, None, None, None, None
+
+
+def _in_chunk_grads(ch: _Chunks, S0, z0, dnums, ddens, normalize: bool, dq, dk, dv) -> None:
+    """Forward over the chunks, rebuilding the entering states: writes dq, and the in-chunk parts of dk and
+    dv, into the given tensors."""
+    C = ch.C
+    S = S0.clone()
+    z = None if z0 is None else z0.clone()
+    for n in range(ch.n):
+        f = ch.fold(n)
+        dnum = dnums[n]
+        dread = torch.bmm(dnum, S.transpose(1, 2))
+        if normalize:
+            dread.add_(ddens[n] * z.transpose(1, 2))
+        if f.ask is None:
+            dq_n, dk_n, dv_n = _strong_grads(ch, n, f, dnum, None if ddens is None else ddens[n], normalize)
+            dq_n = dq_n + dread * f.read_scale
+        else:
+            dp = torch.bmm(dnum, ch.v[n].transpose(1, 2))
+            if normalize:
+                dp.add_(ddens[n])
+            dp = dp.mul_(f.score_decay) if f.score_decay is not None else dp.masked_fill_(ch.above, 0.0)
+            dq_n = _scaled(torch.bmm(dp, f.attend), f.ask_scale).add_(_scaled(dread, f.read_scale))
+            dk_n = _scaled(torch.bmm(dp.transpose(1, 2), f.ask), f.attend_scale)
+            dv_n = torch.bmm(ch.scores(f).transpose(1, 2), dnum)
+        sl = slice(n * C, (n + 1) * C)
+        dq[:, sl], dk[:, sl], dv[:, sl] = dq_n, dk_n, dv_n
+        _advance(S, z, f, ch.v[n])
+
+
+def _state_grads(ch: _Chunks, S0, z0, dnums, ddens, normalize: bool, dS_T, dz_T, dk, dv):
+    """Reverse over the chunks, carrying dS and dz: adds the state parts of dk and dv (in place) and returns
+    the gradients of the entering state (dS0, dz0)."""
+    C = ch.C
+    dS = torch.zeros_like(S0) if dS_T is None else dS_T.clone()
+    dz = None
+    if normalize:
+        dz = torch.zeros_like(z0) if dz_T is None else dz_T.clone()
+    for n in reversed(range(ch.n)):
+        f = ch.fold(n)
+        sl = slice(n * C, (n + 1) * C)
+        dv[:, sl] += torch.bmm(f.write, dS)
+        dwrite = torch.bmm(ch.v[n], dS.transpose(1, 2))
+        if normalize:
+            dwrite.add_(dz.transpose(1, 2))
+        dk[:, sl] += _scaled(dwrite, f.write_scale)
+        if f.decay is not None:
+            dS.mul_(f.decay)
+        dS.baddbmm_(f.read.transpose(1, 2), dnums[n])
+        if normalize:
+            if f.decay is not None:
+                dz.mul_(f.decay)
+            dz.baddbmm_(f.read.transpose(1, 2), ddens[n])
+    return dS, dz
+
+
+def _gate_grad(kind: str, normalize: bool, q, k, dq, dk, S_T, z_T, dS_T, dz_T):
+    """The gradient of the log gates: dL/dG_t per key dimension, summed over the steps it decays."""
+    dG = q * dq - k * dk
+    last = (dS_T * S_T).sum(-1) if dS_T is not None else torch.zeros_like(S_T[..., 0])
+    if normalize and dz_T is not None:
+        last = last + (dz_T * z_T)[..., 0]
+    dG[:, -1] += last
+    if kind == "scalar":
+        dG = dG.sum(-1)
+    return dG.flip(1).cumsum(1).flip(1)
 
 
 def _strong_grads(ch: _Chunks, n: int, f: _Fold, dnum, dden, normalize: bool):

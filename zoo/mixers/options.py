@@ -95,27 +95,22 @@ class Option:
         kind = self.kind
         if kind is None:
             return value
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-        elif kind is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        elif kind is float:
-            number = value
-            if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string (see zoo.recipe)
-                try:
-                    number = float(value.strip().replace("_", ""))
-                except ValueError:
-                    raise self._refuse(key, value) from None
-            if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number):
-                return float(number)
-        elif kind is str:
-            if isinstance(value, str):
-                return value
-        elif kind is list:
-            if isinstance(value, (list, tuple)):
-                return list(value)
+        if kind is float:
+            return self._coerce_float(value, key)
+        accepted = {bool: bool, int: int, str: str, list: (list, tuple)}[kind]
+        if isinstance(value, accepted) and not (kind is int and isinstance(value, bool)):
+            return list(value) if kind is list else value
+        raise self._refuse(key, value)
+
+    def _coerce_float(self, value: Any, key: str) -> float:
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string (see zoo.recipe)
+            try:
+                number = float(value.strip().replace("_", ""))
+            except ValueError:
+                raise self._refuse(key, value) from None
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number):
+            return float(number)
         raise self._refuse(key, value)
 
     def check(self, value: Any, key: str) -> Any:
