@@ -22,8 +22,9 @@ TOL = dict(atol=2e-4, rtol=1e-3)
 
 
 def small_options(mixer: str) -> dict:
-    """Windows far shorter than the test sequences, so the linear part of a hybrid is exercised too."""
-    return {"window": 8} if "window" in zoo.get_mixer(mixer).options else {}
+    """The mixer's own test options (short windows, few taps, small features): far shorter than the test
+    sequences, so the linear part of a hybrid, the chunk edges and the carried state are all exercised."""
+    return dict(zoo.get_mixer(mixer).test_options)
 
 
 def converted(family: str, mixer: str, seed: int = 0, **kw):

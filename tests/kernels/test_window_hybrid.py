@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zoo.kernels.positions import token_positions, tokens_after
 from zoo.kernels.window_hybrid import (
     state_len,
     window_hybrid,
@@ -278,3 +279,24 @@ def test_no_window_only_sinks():
     for bad in (dict(window=0), dict(window=0, sinks=2, terraced=True), dict(window=-1, sinks=2)):
         with pytest.raises(ValueError, match="window must be >= 1, or 0"):
             window_hybrid_chunked(*xs, a, b, **bad)
+
+
+def test_token_positions_count_real_tokens_across_calls():
+    """The one public position helper (which the window hybrid uses for its sinks): positions count real
+    tokens only, continue from the tokens seen before, and padding repeats the previous real position."""
+    mask = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1]])
+    pos = token_positions(torch.tensor([0, 4]), mask, 6)
+    assert pos.tolist() == [[-1, -1, 0, 1, 1, 2], [4, 5, 6, 7, 8, 9]]
+    assert torch.equal(tokens_after(torch.tensor([0, 4]), mask, 6), torch.tensor([3, 10]))
+    assert token_positions(torch.tensor([2, 0]), None, 3).tolist() == [[2, 3, 4], [0, 1, 2]]
+    assert token_positions(5, None, 3).tolist() == [[5, 6, 7]] and tokens_after(5, None, 3) == 8
+    assert token_positions(1, mask, 6)[0].tolist() == [0, 0, 1, 2, 2, 3]
+    with pytest.raises(ValueError, match="T = 5"):
+        token_positions(0, mask, 5)
+    # split anywhere, each call's positions continue where the previous call's count ended
+    seen, parts = torch.tensor([0, 4]), []
+    for lo, hi in ((0, 1), (1, 4), (4, 6)):
+        parts.append(token_positions(seen, mask[:, lo:hi], hi - lo))
+        seen = tokens_after(seen, mask[:, lo:hi], hi - lo)
+    real = mask.bool()
+    assert torch.equal(torch.cat(parts, 1)[real], pos[real])

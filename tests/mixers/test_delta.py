@@ -10,6 +10,7 @@ from mixer_testing import HIDDEN, HKV, D, H, inputs, run_pieces, sl
 from zoo.kernels.delta_rule import delta_rule_naive
 from zoo.mixers import build_mixer, get_mixer, list_mixers
 from zoo.mixers.delta import DeltaMixer, GatedDeltaMixer
+from zoo.mixers.tokens import Tokens
 
 NAMES = ["delta", "gated-delta"]
 
@@ -44,10 +45,10 @@ def test_registered_with_options_and_init():
     assert names == {"q_map.weight", "k_map.weight", "beta_proj.weight", "beta_proj.bias"}
     assert m.q_map.weight.shape == (H, D, D) and m.k_map.weight.shape == (HKV, D, D)
     q, k, v, x = inputs(5)
-    beta = torch.sigmoid(m._linear(m.beta_proj, x))
+    beta = torch.sigmoid(m.read_x(m.beta_proj, x))
     torch.testing.assert_close(beta, torch.full_like(beta, 0.2))  # the same write strength for every token
     g = build_mixer("gated-delta", H, HKV, D, HIDDEN, 0, dt_min=1e-3, dt_max=1e-1)
-    lg = g.log_gate(x)
+    lg = g.log_gate(Tokens.of(q, x, None))
     assert lg.shape == (2, H, 5) and (lg < 0).all()
     # near no decay, spread log-uniformly over the heads: -log g from 1e-3 (head 0) to 1e-1 (last head)
     torch.testing.assert_close(-lg[0, :, 0], torch.logspace(-3, -1, H), rtol=1e-5, atol=0)

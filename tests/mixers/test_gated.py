@@ -14,6 +14,7 @@ from zoo.cache import map_state
 from zoo.kernels.linear_attention import LinearAttentionState
 from zoo.mixers import build_mixer, get_mixer, list_mixers
 from zoo.mixers.liger import LigerState, rotary_pair_rms
+from zoo.mixers.tokens import Tokens
 
 NAMES = ["gla", "liger-gla", "liger", "retention"]
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -201,7 +202,7 @@ def test_matches_quadratic_reference(name):
     q, k, v, x = inputs(30)
     with torch.no_grad():
         y, _ = m(q, k, v, x)
-        fq, fk, vr, g = m.gated_inputs(q, k, v, x, None)
+        fq, fk, vr, g = m.gated_inputs(q, k, v, Tokens.of(q, x, None))
     torch.testing.assert_close(y, gated_reference(fq, fk, vr, g), **TOL)
 
 
@@ -260,7 +261,7 @@ def test_gla_starts_as_ungated_hedgehog():
         y_exact, _ = make_mixer("gla", perturb=False, gate_bias=30.0)(q, k, v, x)
         gla = make_mixer("gla", perturb=False)
         y_start, _ = gla(q, k, v, x)
-        g = gla.log_gate(q, k, x)
+        g = gla.log_gate(q, k, Tokens.of(q, x, None))
     torch.testing.assert_close(y_exact, y_h, **TOL)
     assert g.shape == (2, H, 150, 2 * D) and bool((g < 0).all())
     assert float(g.min()) > 2 * F.logsigmoid(torch.tensor(6.0)).item() / 16  # decay ~1.5e-4 per token
@@ -274,9 +275,10 @@ def test_liger_gate_ignores_rope():
     theta = torch.rand(1, 1, 20, D // 2) * 2 * math.pi
     a, b = k[..., :D // 2], k[..., D // 2:]
     k_rot = torch.cat([a * theta.cos() - b * theta.sin(), a * theta.sin() + b * theta.cos()], -1)
-    torch.testing.assert_close(m.log_gate(q, k_rot, x), m.log_gate(q, k, x), **TOL)
+    tokens = Tokens.of(q, x, None)
+    torch.testing.assert_close(m.log_gate(q, k_rot, tokens), m.log_gate(q, k, tokens), **TOL)
     torch.testing.assert_close(rotary_pair_rms(k_rot), rotary_pair_rms(k), **TOL)
-    g = m.log_gate(q, k, x)
+    g = m.log_gate(q, k, tokens)
     assert g.shape == (2, H, 20, D) and bool((g <= 0).all()) and float(g.min()) >= math.log(0.5) / 16 - 1e-7
 
 

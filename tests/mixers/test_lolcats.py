@@ -8,7 +8,7 @@ import torch
 from mixer_testing import HIDDEN, HKV, D, H, assert_bf16_inputs_follow_fp32, inputs, run_pieces, sl
 
 from zoo.mixers import build_mixer, get_mixer, list_mixers
-from zoo.mixers.hedgehog import hedgehog_features
+from zoo.mixers.features import hedgehog_features
 from zoo.mixers.lolcats import HedgehogSink, Lolcats, LolcatsSink, LolcatsTerraced, LolcatsTerracedSink
 
 NAMES = ["lolcats", "lolcats-terraced", "lolcats-sink", "lolcats-terraced-sink"]

@@ -15,7 +15,7 @@ from zoo.kernels.flow_attention import flow_attention, flow_attention_naive
 from zoo.kernels.linear_attention import linear_attention
 from zoo.kernels.short_conv import causal_conv
 from zoo.mixers import build_mixer, get_mixer, list_mixers, repeat_kv
-from zoo.mixers.based import num_taylor_features, taylor_features
+from zoo.mixers.features import num_taylor_features, taylor_features
 
 NAMES = ["mamba2", "flow", "based", "based-window"]
 OPTIONS = {

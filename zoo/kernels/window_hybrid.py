@@ -1,6 +1,7 @@
 """Sliding-window softmax + linear attention hybrid (LoLCATs), in one layer with one normalizer.
 
-For a query at position t (positions count real tokens only, so padding never shifts a window):
+For a query at position t (positions count real tokens only, so padding never shifts a window; see
+zoo.kernels.positions.token_positions):
 
     y_t = (a * sum_{s in win(t)} e^{q_t.k_s*scale - m_t} v_s + b * sum_{s < t, s not in win(t)} (fq_t.fk_s) v_s)
           / (a * sum_{s in win(t)} e^{q_t.k_s*scale - m_t}   + b * sum_{s < t, s not in win(t)} fq_t.fk_s)
@@ -54,6 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from zoo.kernels._utils import group_heads, repeat_heads
+from zoo.kernels.positions import token_positions
 
 
 def state_len(window: int, terraced: bool) -> int:
@@ -142,16 +144,11 @@ def _sink_open(pq: torch.Tensor, sinks: int, window: int, terraced: bool) -> tor
     return (i <= pq) & ~_member(pq, i, window, terraced)
 
 
-def _call_positions(valid: torch.Tensor, n0: torch.Tensor) -> torch.Tensor:
-    """[B, T]: the position of each real token of a call (n0 [B] real tokens came before)."""
-    return n0[:, None] + valid.long().cumsum(1) - 1
-
-
 def _drop_sink_features(fk, valid, n0, sinks):
     """fk with the rows of the sinks (real tokens at positions < sinks) zeroed: a sink is never a linear key."""
     if not sinks:
         return fk
-    is_sink = valid & (_call_positions(valid, n0) < sinks)
+    is_sink = valid & (token_positions(n0, valid, valid.shape[1]) < sinks)
     return fk * ~is_sink[:, None, :, None]
 
 
@@ -159,7 +156,7 @@ def _sink_slots(k, v, valid, st, sinks):
     """The sinks' keys and values [B, H, S, *] after this call: the state's, and this call's real tokens at
     positions the state had not reached yet. (A query only looks at sinks at or before its own position.)"""
     B, H, T, _ = k.shape
-    pos = _call_positions(valid, st.n)
+    pos = token_positions(st.n, valid, T)
     slot = torch.where(valid & (pos < sinks), pos, sinks)
     src = torch.full((B, sinks + 1), T, dtype=torch.long, device=k.device)
     src = src.scatter(1, slot, torch.arange(T, device=k.device).expand(B, T).contiguous())[:, :sinks]

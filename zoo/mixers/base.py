@@ -3,6 +3,37 @@
 A mixer sits between an attention layer's q/k/v projections and its output projection. The shared
 wrapper (zoo.convert) keeps the projections, q/k norms and RoPE, so every mixer sees the same
 inputs and LoRA can target the projections whatever the mixer.
+
+The contract:
+- `forward(q, k, v, x, state=None, mask=None) -> (y, state)`, one forward for training, prefill and
+  decoding: q [B, H, T, D] (RoPE applied), k, v [B, Hkv, T, D], x [B, T, hidden] the layer input,
+  mask [B, T] (1 real, 0 padding: padding adds nothing to the state), y [B, H, T, D]. Splitting a
+  sequence anywhere and carrying the state gives the same y as the whole.
+- Positions. forward gets none: the wrapper passes only what this call holds. A token's position in its
+  sequence is the number of real tokens before it, so a mixer that needs positions keeps the count of
+  real tokens seen in its state ([B] int64, updated by each call) and takes them from the one public
+  helper, zoo.kernels.positions.token_positions(seen, mask, T) -> [B, T] (zoo.mixers.tokens.Tokens
+  wraps it: `Tokens.of(q, x, mask, seen).positions`). The shared bases hand their hooks a `Tokens` (x,
+  mask, positions): the window-hybrid state counts tokens itself; the linear bases keep a count beside
+  their kernel's state when the class sets `counts_tokens = True`.
+- Grouped-query attention. `kv_group_size` = H / Hkv query heads share each key/value head (query head
+  h reads key/value head h // kv_group_size; `repeat_kv` repeats k and v to the query heads). The
+  kernels' `kv_groups` argument (zoo.kernels.dispatch) says that the heads they are given come in runs
+  of `kv_groups` that share their keys, values, key features and gates, hence their state: the kernel
+  then keeps that state once per run, [B, Hkv, ...], like the teacher's KV cache. Pass kv_group_size
+  when everything the state holds is per key/value head, 1 when anything differs per query head (a gate
+  made per query head gives each query head its own state).
+- Padding. `zoo.mixers.tokens` is the one place that checks the mask and zeroes padded tokens.
+- Building blocks live in modules that register nothing, so no mixer file imports another: feature maps
+  and HeadwiseLinear in `features`, masks and positions in `tokens`, and the bases with their hooks, each
+  given the call's Tokens: `feature_map.FeatureMapMixer` (linear attention; hook `feature_map(h, is_query,
+  tokens)`), `gated.GatedLinearMixer` (+ `log_gate(q, k, tokens)`), `hybrid.WindowHybridMixer` (window
+  softmax + linear; `feature_map`), `delta_base.DeltaRuleMixer` (`features(q, k, tokens)`,
+  `log_gate(tokens)`).
+- Registration: `@register_mixer("name")`, class attributes for `zoo list`, options declared as
+  `Option`s (zoo.mixers.options), and `test_options`: small options with which the registry-wide tests
+  (tests/mixers/test_registry.py) reach the mixer's limits (windows and conv histories that slide
+  several times within the tests' sequences) rather than pass inside them.
 """
 
 from __future__ import annotations
@@ -16,6 +47,7 @@ import torch
 from torch import nn
 
 from zoo.mixers.options import Option, infer_option
+from zoo.mixers.tokens import CountedState, Tokens
 
 _REGISTRY: dict[str, type[Mixer]] = {}
 _ENTRY_POINT_GROUP = "zoo.mixers"
@@ -43,11 +75,26 @@ class Mixer(nn.Module):
     options: dict[str, Any] = {}
     #: each option's spec (kind, range, doc), keyed as `options`
     option_specs: ClassVar[dict[str, Option]] = {}
+    #: small options for the registry-wide tests (short windows and conv histories, few sinks, small feature
+    #: dims), so that their short sequences cross the mixer's limits; checked against `option_specs`
+    test_options: ClassVar[dict[str, Any]] = {}
+    #: True: the shared bases (feature_map, gated, delta_rule) keep the count of real tokens beside the
+    #: kernel's state (a CountedState), so that their hooks know `tokens.positions`
+    counts_tokens: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
-        if "options" not in cls.__dict__:
-            return  # inherits both `options` and `option_specs` as they are
+        if "options" in cls.__dict__:
+            cls._declare_options()
+        unknown = sorted(set(cls.test_options) - set(cls.option_specs))
+        if unknown:
+            raise TypeError(f"{cls.__qualname__}.test_options: unknown option(s) {unknown}")
+        for key, value in cls.test_options.items():
+            cls.option_specs[key].check(value, f"{cls.__qualname__}.test_options.{key}")
+
+    @classmethod
+    def _declare_options(cls) -> None:
+        """`options` (plain defaults or `Option`s) -> `option_specs` and plain default `options`."""
         inherited: dict[str, Option] = {}
         for base in reversed(cls.__mro__[1:]):
             inherited.update(getattr(base, "option_specs", {}))
@@ -93,8 +140,22 @@ class Mixer(nn.Module):
 
     @property
     def kv_group_size(self) -> int:
-        """Query heads per key/value head (1 without grouped-query attention)."""
+        """Query heads per key/value head (1 without grouped-query attention): see the module docstring."""
         return self.num_heads // self.num_kv_heads
+
+    def tokens_and_state(self, q: torch.Tensor, x: torch.Tensor, state: Any,
+                         mask: torch.Tensor | None) -> tuple[Tokens, Any]:
+        """The call's Tokens (mask checked) and the kernel's part of `state`. With `counts_tokens` the
+        state is a CountedState, whose count gives the Tokens their positions; otherwise it passes as is."""
+        if not self.counts_tokens:
+            return Tokens.of(q, x, mask), state
+        if state is None:
+            return Tokens.of(q, x, mask, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)), None
+        return Tokens.of(q, x, mask, state.seen), state.state
+
+    def carry(self, tokens: Tokens, state: Any) -> Any:
+        """The state a forward returns: the kernel's, with the new count when `counts_tokens`."""
+        return CountedState(state, tokens.seen_after) if self.counts_tokens else state
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
                 state: Any = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
@@ -138,6 +199,15 @@ def register_mixer(name: str):
         return cls
 
     return decorate
+
+
+def unregister_mixer(name: str) -> type[Mixer]:
+    """Remove the mixer registered under `name` (a temporary test mixer, a plugin being reloaded) and return
+    its class; an unknown name is a KeyError."""
+    try:
+        return _REGISTRY.pop(name)
+    except KeyError:
+        raise KeyError(f"no mixer named {name!r} is registered") from None
 
 
 def _load_entry_points() -> None:

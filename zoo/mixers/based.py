@@ -31,27 +31,13 @@ for Hedgehog's: window_factor a = 0.99 (a/b = 99) measured 0.62 against 0.96 at 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from zoo.mixers.base import register_mixer, repeat_kv
-from zoo.mixers.feature_map import FeatureMapMixer, HeadwiseLinear
-from zoo.mixers.lolcats import LolcatsBase
+from zoo.mixers.feature_map import FeatureMapMixer
+from zoo.mixers.features import HeadwiseLinear, num_taylor_features, taylor_features
+from zoo.mixers.hybrid import WindowHybridMixer
 from zoo.mixers.options import Option
-
-
-def taylor_features(x: torch.Tensor) -> torch.Tensor:
-    """[..., d] -> [..., 1 + d + d(d+1)/2] with phi(x) . phi(y) = 1 + x.y/sqrt(d) + (x.y)^2/(2d); fp32."""
-    x = x.float()
-    d = x.shape[-1]
-    i, j = torch.triu_indices(d, d, device=x.device)
-    pair = x[..., i] * x[..., j] * torch.where(i == j, 1.0, math.sqrt(2.0)).to(x.device)
-    return torch.cat([torch.ones_like(x[..., :1]), x * d ** -0.25, pair / math.sqrt(2.0 * d)], dim=-1)
-
-
-def num_taylor_features(d: int) -> int:
-    return 1 + d + d * (d + 1) // 2
 
 
 def rope_pair_projection(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -64,8 +50,12 @@ def rope_pair_projection(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w * (2 * half / head_dim) ** 0.25
 
 
-class _TaylorInit:
-    """Pair-selection init shared by both mixers; expects feature_map_q [H, D, d] and feature_map_k [Hkv, D, d]."""
+class _TaylorMaps:
+    """The Taylor feature map and its pair-selection init, shared by both mixers; expects feature_map_q
+    [H, D, d] and feature_map_k [Hkv, D, d]."""
+
+    def feature_map(self, h, is_query, tokens):
+        return taylor_features((self.feature_map_q if is_query else self.feature_map_k)(h))
 
     def _check_dims(self) -> None:
         d, D = self.feature_dim, self.head_dim
@@ -95,7 +85,7 @@ class _TaylorInit:
 
 
 @register_mixer("based")
-class BasedMixer(_TaylorInit, FeatureMapMixer):
+class BasedMixer(_TaylorMaps, FeatureMapMixer):
     state_size = "4*Hkv*(F*D + F) bytes (fp32), F = 1 + d + d(d+1)/2 (153 at d = feature_dim = 16)"
     description = "Based linear attention: 2nd-order Taylor feature map of a learned d-dim projection of q, k"
     source = ("Arora et al. 2024, Simple linear attention language models balance the recall-throughput "
@@ -104,6 +94,7 @@ class BasedMixer(_TaylorInit, FeatureMapMixer):
         "feature_dim": Option(16, int, min=2,
                               doc="projected dim d the Taylor map expands (even, <= head_dim)"),
     }
+    test_options = {"feature_dim": 4}
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
@@ -114,12 +105,9 @@ class BasedMixer(_TaylorInit, FeatureMapMixer):
         self.feature_map_k = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim)
         self._default_pairs()
 
-    def feature_map(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
-        return taylor_features((self.feature_map_q if is_query else self.feature_map_k)(x))
-
 
 @register_mixer("based-window")
-class BasedWindowMixer(_TaylorInit, LolcatsBase):
+class BasedWindowMixer(_TaylorMaps, WindowHybridMixer):
     family = "hybrid"
     state_size = ("Hkv*(F*D + F) fp32 + W*Hkv*(2D + F) (last W keys, values, phi(k)); F = 1 + d + d(d+1)/2, "
                   "d = feature_dim (16)")
@@ -133,13 +121,9 @@ class BasedWindowMixer(_TaylorInit, LolcatsBase):
         "window_factor": 0.99,
         "sinks": 0,
     }
+    test_options = {"window": 4, "feature_dim": 4}
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self._check_dims()
         self._default_pairs()
-
-    def _features(self, q, k):
-        fq = taylor_features(self.feature_map_q(q))
-        fk = repeat_kv(taylor_features(self.feature_map_k(k)), self.num_heads)
-        return repeat_kv(k, self.num_heads), fq, fk

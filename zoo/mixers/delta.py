@@ -1,4 +1,5 @@
-"""`delta` (DeltaNet) and `gated-delta` (Gated DeltaNet): the delta rule as a token mixer.
+"""`delta` (DeltaNet) and `gated-delta` (Gated DeltaNet): the delta rule as a token mixer (the base:
+zoo.mixers.delta_base).
 
     S_t = g_t (S_{t-1} - beta_t k_t (k_t^T S_{t-1})) + beta_t k_t v_t^T        y_t = q_t S_t
 
@@ -36,135 +37,19 @@ GQA: keys and values are repeated to the query heads; beta, the gate and the sta
 
 from __future__ import annotations
 
-import math
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from zoo.kernels.dispatch import delta_rule
-from zoo.mixers.base import Mixer, decay_bias, register_mixer, repeat_kv
-from zoo.mixers.feature_map import HeadwiseLinear
-from zoo.mixers.options import Option
-
-_ACTIVATIONS = {
-    "identity": lambda h: h,
-    "silu": F.silu,
-    "relu": torch.relu,
-    "hedgehog": lambda h: torch.cat([torch.softmax(h, dim=-1), torch.softmax(-h, dim=-1)], dim=-1),
-}
-
-
-class _DeltaBase(Mixer):
-    """The delta rule with learned feature maps and write strength; subclasses add a gate.
-
-    A head may hold several memories (`memories`, 1 here): each its own feature maps, write strength
-    and gate over the head's q, k, v, stacked memory-major along the head axis of the kernel's rows
-    (memory m of head h is row m * H + h), so one delta-rule call runs them all."""
-
-    family = "delta"
-    source = ("Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
-              "(DeltaNet, arXiv:2406.06484)")
-    options = {
-        "feature_dim": Option(None, int, min=1, nullable=True,
-                              doc="F, the projections per head; null: head_dim"),
-        "feature_map": Option("silu", str, choices=tuple(_ACTIVATIONS),
-                              doc="act in phi = L2norm(act(x W)); hedgehog gives 2F features"),
-        "beta_init": Option(0.5, float, above=0, below=1, doc="the write strength every head starts with"),
-    }
-    #: memories per head (rows of the kernel per query head)
-    memories: int = 1
-
-    def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
-        super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
-        self.feature_dim = int(self.config["feature_dim"] or head_dim)
-        b0 = float(self.config["beta_init"])
-        self.act = _ACTIVATIONS[self.config["feature_map"]]
-        M = self.memories
-        self.q_map = HeadwiseLinear(M * num_heads, head_dim, self.feature_dim, init="signed")
-        self.k_map = HeadwiseLinear(M * num_kv_heads, head_dim, self.feature_dim, init="signed")
-        self.beta_proj = nn.Linear(hidden_size, M * num_heads)
-        nn.init.zeros_(self.beta_proj.weight)
-        nn.init.constant_(self.beta_proj.bias, math.log(b0 / (1.0 - b0)))
-
-    def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, h, T, D] -> [B, M * h, T, D]: the same heads once per memory."""
-        return t if self.memories == 1 else t.repeat(1, self.memories, 1, 1)
-
-    def _to_query_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, M * Hkv, T, X] -> [B, M * H, T, X]: each memory's key/value heads repeated to its query heads."""
-        B, _, T, X = t.shape
-        t = t.reshape(B * self.memories, self.num_kv_heads, T, X)
-        return repeat_kv(t, self.num_heads).reshape(B, self.memories * self.num_heads, T, X)
-
-    def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi(q) [B, M*H, T, F'] and phi(k) repeated to the query heads, fp32, both of unit norm."""
-        fq = F.normalize(self.act(self.q_map(self._rows(q))), dim=-1)
-        fk = F.normalize(self.act(self.k_map(self._rows(k))), dim=-1)
-        return fq, self._to_query_rows(fk)
-
-    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, hidden] -> [B, rows, T], in fp32."""
-        bias = None if layer.bias is None else layer.bias.float()
-        return F.linear(x.float(), layer.weight.float(), bias).transpose(1, 2)
-
-    def log_gate(self, x: torch.Tensor) -> torch.Tensor | None:
-        """log g [B, M*H, T] (<= 0), or None for no decay."""
-        return None
-
-    def recur(self, q, k, v, x, state=None, mask=None):
-        """The delta rule over every memory: y [B, M*H, T, D] and the state S [B, M*H, F', D]."""
-        fq, fk = self.features(q, k)
-        v = self._rows(repeat_kv(v, self.num_heads))
-        beta = torch.sigmoid(self._linear(self.beta_proj, x))
-        log_gate = self.log_gate(x)
-        if mask is not None:  # padded tokens neither write (beta = 0) nor decay (log g = 0)
-            if mask.shape != q.shape[:1] + q.shape[2:3]:
-                raise ValueError(f"mask must be [B, T] = {(q.shape[0], q.shape[2])}, got {tuple(mask.shape)}")
-            keep = mask.to(q.device).bool()[:, None, :]
-            beta = beta * keep
-            log_gate = None if log_gate is None else log_gate * keep
-            fk, v = fk * keep[..., None], v * keep[..., None]  # pads' k, v stay finite whatever they were
-        return delta_rule(fq, fk, v, beta, log_gate, state=state)
-
-    def forward(self, q, k, v, x, state=None, mask=None):
-        return self.recur(q, k, v, x, state, mask)
+from zoo.mixers.base import register_mixer
+from zoo.mixers.delta_base import DeltaRuleMixer, GatedDeltaRuleMixer
 
 
 @register_mixer("delta")
-class DeltaMixer(_DeltaBase):
+class DeltaMixer(DeltaRuleMixer):
     description = "DeltaNet: delta-rule memory (overwrite, not add), learned L2-normed feature maps"
     state_size = "4*H*F*D bytes (fp32 S), F = feature_dim (default D; 2F with feature_map=hedgehog)"
 
 
 @register_mixer("gated-delta")
-class GatedDeltaMixer(_DeltaBase):
+class GatedDeltaMixer(GatedDeltaRuleMixer):
     description = "Gated DeltaNet: delta rule + data-dependent scalar decay per head (Mamba2-style gate)"
     state_size = "4*H*F*D bytes (fp32 S), F = feature_dim (default D; 2F with feature_map=hedgehog)"
     source = ("Yang, Kautz, Hatamizadeh 2024, Gated Delta Networks: Improving Mamba2 with Delta Rule "
               "(arXiv:2412.06464); DeltaNet (arXiv:2406.06484)")
-    options = {
-        **_DeltaBase.options,
-        "dt_min": Option(1e-3, float, above=0,
-                         doc="initial per-step decay rate -log g of head 0 (log-uniform to dt_max)"),
-        "dt_max": Option(1e-1, float, above=0, doc="initial per-step decay rate -log g of the last head"),
-    }
-
-    def decay_ranges(self) -> list[tuple[float, float]]:
-        """(dt_min, dt_max) of each memory: the range its heads' initial decay rates -log g span."""
-        return [(float(self.config["dt_min"]), float(self.config["dt_max"]))]
-
-    def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
-        super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
-        ranges = self.decay_ranges()
-        if not all(0.0 < lo <= hi for lo, hi in ranges):
-            raise ValueError(f"{self.name}: need 0 < dt_min <= dt_max in every decay range, got {ranges}")
-        rows = self.memories * num_heads
-        self.a_proj = nn.Linear(hidden_size, rows, bias=False)
-        nn.init.zeros_(self.a_proj.weight)
-        self.dt_bias = nn.Parameter(torch.cat([decay_bias(lo, hi, num_heads) for lo, hi in ranges]))
-        self.A_log = nn.Parameter(torch.zeros(rows))
-
-    def log_gate(self, x):
-        dt = F.softplus(self._linear(self.a_proj, x) + self.dt_bias.float()[:, None])
-        return -self.A_log.float().exp()[:, None] * dt

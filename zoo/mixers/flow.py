@@ -12,8 +12,9 @@ import torch
 
 from zoo.kernels.flow_attention import FlowState, flow_attention
 from zoo.mixers.base import Mixer, register_mixer, repeat_kv
-from zoo.mixers.feature_map import HeadwiseLinear
+from zoo.mixers.features import HeadwiseLinear
 from zoo.mixers.options import Option
+from zoo.mixers.tokens import real_tokens
 
 
 @register_mixer("flow")
@@ -27,6 +28,7 @@ class FlowMixer(Mixer):
         "feature_dim": Option(None, int, min=1, nullable=True, doc="features per head; null: head_dim"),
         "eps": Option(1e-6, float, above=0, doc="added to the incoming and outgoing flows"),
     }
+    test_options = {"feature_dim": 8}
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
@@ -42,8 +44,7 @@ class FlowMixer(Mixer):
         return fq, fk
 
     def forward(self, q, k, v, x, state: FlowState | None = None, mask=None):
-        if mask is not None and mask.shape != q.shape[:1] + q.shape[2:3]:
-            raise ValueError(f"mask must be [B, T] = {tuple(q.shape[:1] + q.shape[2:3])}, got {tuple(mask.shape)}")
+        real = real_tokens(mask, q)
         fq, fk = self.features(q, k)
-        y, state = flow_attention(fq, fk, repeat_kv(v, self.num_heads), state=state, mask=mask, eps=self.eps)
+        y, state = flow_attention(fq, fk, repeat_kv(v, self.num_heads), state=state, mask=real, eps=self.eps)
         return y.to(q.dtype), state

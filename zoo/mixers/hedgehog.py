@@ -5,17 +5,10 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-
 from zoo.mixers.base import register_mixer
-from zoo.mixers.feature_map import FeatureMapMixer, HeadwiseLinear
+from zoo.mixers.feature_map import FeatureMapMixer
+from zoo.mixers.features import HeadwiseLinear, hedgehog_features
 from zoo.mixers.options import Option
-
-
-def hedgehog_features(h: torch.Tensor) -> torch.Tensor:
-    """[..., F] projections -> [..., 2F] features: softmax over the features of h and of -h, in fp32."""
-    h = h.float()
-    return torch.cat([torch.softmax(h, dim=-1), torch.softmax(-h, dim=-1)], dim=-1)
 
 
 @register_mixer("hedgehog")
@@ -28,12 +21,13 @@ class HedgehogMixer(FeatureMapMixer):
                               doc="projections per head (2x as many features); null: head_dim"),
         "tie_qk": Option(False, bool, doc="one map for queries and keys (per key/value head) instead of two"),
     }
+    test_options = {"feature_dim": 8}
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.feature_dim = self.config["feature_dim"] or head_dim
         self.num_features = 2 * self.feature_dim
-        self._make_maps(partial(HeadwiseLinear, in_dim=head_dim, out_dim=self.feature_dim, init="identity"))
+        self.make_maps(partial(HeadwiseLinear, in_dim=head_dim, out_dim=self.feature_dim, init="identity"))
 
-    def feature_map(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
-        return hedgehog_features(self._map(x, is_query))
+    def feature_map(self, h, is_query, tokens):
+        return hedgehog_features(self.map_of(h, is_query))

@@ -37,15 +37,12 @@ from zoo.kernels.dispatch import linear_attention, window_hybrid
 from zoo.kernels.linear_attention import LinearAttentionState
 from zoo.kernels.window_hybrid import WindowHybridState
 from zoo.mixers.base import register_mixer, repeat_kv
-from zoo.mixers.gla import GatedLinearMixer
+from zoo.mixers.features import softmax_features
+from zoo.mixers.gated import GatedLinearMixer
 from zoo.mixers.options import Option
+from zoo.mixers.tokens import Tokens
 
 SOURCE = "Lan et al. 2025, Liger: Linearizing LLMs to Gated Recurrent Structures (arXiv:2503.01496)"
-
-
-def softmax_features(x: torch.Tensor) -> torch.Tensor:
-    """phi(x) = softmax(x) over the head dimension, fp32."""
-    return torch.softmax(x.float(), dim=-1)
 
 
 def rotary_pair_rms(k: torch.Tensor) -> torch.Tensor:
@@ -66,6 +63,7 @@ class LigerGLAMixer(GatedLinearMixer):
         "tau": Option(16.0, float, above=0, doc="gate logit normalizer: log g = logsigmoid(pool(k)) / tau"),
     }
     gates_per_kv_head = True  # pooled from k: the state is kept once per key/value head
+    test_options = {"tau": 2.0}  # gates strong enough to forget within the tests' sequences
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
@@ -73,10 +71,10 @@ class LigerGLAMixer(GatedLinearMixer):
         if head_dim % 2:
             raise ValueError(f"{self.name}: needs an even head_dim (gates pool RoPE pairs), got {head_dim}")
 
-    def features(self, q, k):
-        return softmax_features(q), softmax_features(k)
+    def feature_map(self, h, is_query, tokens):
+        return softmax_features(h)
 
-    def log_gate(self, q, k, x):
+    def log_gate(self, q, k, tokens):
         return repeat_kv(F.logsigmoid(rotary_pair_rms(k)) / self.tau, self.num_heads)
 
 
@@ -102,6 +100,7 @@ class LigerMixer(LigerGLAMixer):
         "window": Option(64, int, min=1, doc="sliding-window softmax over the last W tokens"),
         "alpha": Option(0.5, float, min=0, max=1, doc="weight of the gated branch (1 - alpha on the window)"),
     }
+    test_options = {"tau": 2.0, "window": 4}
     BRANCHES = ("both", "window", "linear")
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
@@ -117,16 +116,14 @@ class LigerMixer(LigerGLAMixer):
 
     def forward(self, q, k, v, x, state: LigerState | None = None, mask: torch.Tensor | None = None):
         alpha = self.mix()
-        fq, fk, vg, g = self.gated_inputs(q, k, v, x, mask)
+        tokens = Tokens.of(q, x, mask)
+        fq, fk, vg, g = self.gated_inputs(q, k, v, tokens)
         y_lin, lin = linear_attention(fq, fk, vg, log_gate=g, state=None if state is None else state.linear,
                                       normalize=True, eps=self.eps, kv_groups=self.state_groups())
-        k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
-        if mask is not None:
-            pad = (mask.to(q.device) == 0)[:, None, :, None]
-            k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+        k, v = tokens.zero_padding(repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads))
         none = q.new_zeros(*q.shape[:3], 1)  # b = 0: the kernel's linear features are unused, keep them 1-wide
         y_win, win = window_hybrid(q, k, v, none, none, 1.0, 0.0, window=self.window, scale=self.head_dim ** -0.5,
-                                   state=None if state is None else state.window, key_mask=mask,
+                                   state=None if state is None else state.window, key_mask=tokens.mask,
                                    kv_groups=self.kv_group_size)  # k, v: one per KV head
         y = alpha * y_lin.float() + (1.0 - alpha) * y_win.float()
         return y.to(v.dtype), LigerState(lin, win)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from zoo.mixers.base import register_mixer
@@ -16,5 +15,5 @@ class LinearEluMixer(FeatureMapMixer):
     source = "Katharopoulos et al. 2020, Transformers are RNNs (arXiv:2006.16236)"
     options = {}
 
-    def feature_map(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
-        return F.elu(x.float()) + 1.0
+    def feature_map(self, h, is_query, tokens):
+        return F.elu(h.float()) + 1.0

@@ -1,6 +1,7 @@
 """LoLCATs: Hedgehog linear attention and sliding-window softmax in one layer, with learned mixing.
 
-For query t (see zoo.kernels.window_hybrid for the exact formula), keys inside the window get softmax
+The window hybrid of zoo.mixers.hybrid with Hedgehog feature maps. For query t (see
+zoo.kernels.window_hybrid for the exact formula), keys inside the window get softmax
 weights a * exp(q.k/sqrt(D) - m_t), older keys get linear weights b * phi_q(q).phi_k(k), with one shared
 normalizer. a = sigmoid(w) and b = 1 - a are learned per head; phi_q and phi_k are Hedgehog feature maps
 phi(x) = [softmax(x W), softmax(-x W)] (over features), W [D, F] per head initialized to the identity.
@@ -23,105 +24,32 @@ code starts from a = sigmoid(-2.197) = 0.1 with b = 1 (ratio 0.1); `window_facto
 every key but the first four, which are softmax keys of every query. No window: its state is the linear
 state and the 4 sinks, constant in the context.
 
-Ablations: set `mixer.branch` at eval time (default "both"):
-- "window": sliding-window softmax alone (a = 1, b = 0).
-- "linear": Hedgehog linear attention alone over ALL past keys, window and sinks included (a = 0, b = c = 1,
-  computed without sinks, which are never linear keys in the hybrid).
-The state is built the same way in the "both" and "window" branches, so splitting and carrying stay exact.
+Ablations (`mixer.branch`: "both", "window", "linear") and the state: see zoo.mixers.hybrid.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
-from torch import nn
-
-from zoo.kernels.dispatch import window_hybrid
-from zoo.kernels.window_hybrid import window_hybrid_weights
-from zoo.mixers.base import Mixer, register_mixer, repeat_kv
-from zoo.mixers.feature_map import HeadwiseLinear
-from zoo.mixers.hedgehog import hedgehog_features
+from zoo.mixers.base import register_mixer
+from zoo.mixers.features import hedgehog_features
+from zoo.mixers.hybrid import WindowHybridMixer
 from zoo.mixers.options import Option
 
 
-class LolcatsBase(Mixer):
+class LolcatsBase(WindowHybridMixer):
     """The LoLCATs window hybrid with Hedgehog feature maps; registered through its subclasses."""
 
-    family = "hybrid"
     source = "LoLCATs (Zhang et al. 2024, arXiv:2410.10254); Hedgehog (Zhang et al. 2024, arXiv:2402.04347)"
     options = {
-        "window": Option(64, int, min=0, doc="softmax window in tokens (block size when terraced); 0: none, "
-                                              "allowed with sinks >= 1 on a plain window"),
+        "window": 64,
         "feature_dim": Option(None, int, min=1, nullable=True,
                               doc="Hedgehog projections per head (2x as many features); null: head_dim"),
-        "window_factor": Option(0.5, float, above=0, below=1,
-                                doc="initial window share a of every head (the linear branch gets 1 - a)"),
-        "sinks": Option(0, int, min=0,
-                        doc="first tokens kept as softmax keys of every query (attention sinks)"),
+        "window_factor": 0.5,
+        "sinks": 0,
     }
-    terraced = False
-    BRANCHES = ("both", "window", "linear")
+    test_options = {"window": 4, "feature_dim": 8}
 
-    def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
-        super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
-        self.window = int(self.config["window"])
-        self.feature_dim = int(self.config["feature_dim"] or head_dim)
-        self.sinks = int(self.config["sinks"])
-        a0 = float(self.config["window_factor"])
-        if self.window == 0 and (self.sinks < 1 or self.terraced):
-            raise ValueError(f"{self.name}: need window >= 1 (or 0 with sinks >= 1, plain window); "
-                             f"got window=0, sinks={self.sinks}")
-        # the same Hedgehog maps as the `hedgehog` mixer: queries per head, keys per key/value head
-        self.feature_map_q = HeadwiseLinear(num_heads, head_dim, self.feature_dim)
-        self.feature_map_k = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim)
-        self.window_logit = nn.Parameter(torch.full((num_heads,), math.log(a0 / (1.0 - a0))))
-        self.branch = "both"
-
-    def factors(self):
-        """(a, b, c) per head for the kernel, following `self.branch`."""
-        if self.branch not in self.BRANCHES:
-            raise ValueError(f"branch must be one of {self.BRANCHES}, got {self.branch!r}")
-        a = torch.sigmoid(self.window_logit.float())
-        if self.branch == "window":
-            return torch.ones_like(a), torch.zeros_like(a), None
-        if self.branch == "linear":
-            return torch.zeros_like(a), torch.ones_like(a), torch.ones_like(a)
-        return a, 1.0 - a, None
-
-    def _window_and_sinks(self) -> tuple[int, int]:
-        # the linear branch alone is linear attention over all keys: the sinks are not taken out of it, and
-        # the window does not matter (a = 0, b = c = 1 gives every key its linear weight)
-        if self.branch == "linear":
-            return max(self.window, 1), 0
-        return self.window, self.sinks
-
-    def _features(self, q, k):
-        fq = hedgehog_features(self.feature_map_q(q))
-        fk = repeat_kv(hedgehog_features(self.feature_map_k(k)), self.num_heads)
-        return repeat_kv(k, self.num_heads), fq, fk
-
-    def forward(self, q, k, v, x, state=None, mask=None):
-        k, fq, fk = self._features(q, k)
-        v = repeat_kv(v, self.num_heads)
-        if mask is not None:
-            keep = mask.to(q.device).bool()[:, None, :, None]
-            k, v, fk = k * keep, v * keep, fk * keep
-        a, b, c = self.factors()
-        window, sinks = self._window_and_sinks()
-        return window_hybrid(q, k, v, fq, fk, a, b, c=c, window=window, terraced=self.terraced,
-                             scale=self.head_dim ** -0.5, state=state, key_mask=mask, sinks=sinks,
-                             kv_groups=self.kv_group_size)  # k, v, fk: one per KV head
-
-    def attention_weights(self, q, k):
-        k, fq, fk = self._features(q, k)
-        a, b, c = self.factors()
-        window, sinks = self._window_and_sinks()
-        return window_hybrid_weights(q, k, fq, fk, a, b, c=c, window=window, terraced=self.terraced,
-                                     scale=self.head_dim ** -0.5, sinks=sinks)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, branch={self.branch!r}"
+    def feature_map(self, h, is_query, tokens):
+        return hedgehog_features((self.feature_map_q if is_query else self.feature_map_k)(h))
 
 
 @register_mixer("lolcats")
@@ -171,4 +99,5 @@ class HedgehogSink(Lolcats):
     family = "linear"
     description = "Hedgehog linear attention + 4 attention sinks (softmax over the first 4 tokens), no window"
     options = {**Lolcats.options, "window": 0, "sinks": 4}
+    test_options = {"feature_dim": 8}  # no window to shorten
     state_size = "Hkv*(2F*D + 2F) fp32 + S*Hkv*2D (first S keys, values); F = feature_dim (default D), S = sinks (4)"

@@ -52,9 +52,9 @@ from zoo.kernels.dispatch import linear_attention
 from zoo.kernels.linear_attention import LinearAttentionState
 from zoo.kernels.short_conv import causal_conv
 from zoo.mixers.base import Mixer, decay_bias, register_mixer, repeat_kv
-from zoo.mixers.feature_map import HeadwiseLinear
-from zoo.mixers.hedgehog import hedgehog_features
+from zoo.mixers.features import HeadwiseLinear, hedgehog_features
 from zoo.mixers.options import Option
+from zoo.mixers.tokens import Tokens
 
 
 class Mamba2State(NamedTuple):
@@ -75,6 +75,7 @@ class Mamba2Mixer(Mixer):
         "dt_min": Option(1e-3, float, above=0, doc="initial dt of head 0, log-spaced over heads to dt_max"),
         "dt_max": Option(1e-2, float, above=0, doc="initial dt of the last head (>= dt_min)"),
     }
+    test_options = {"conv_size": 3, "dt_min": 0.05, "dt_max": 0.5}
     eps: float = 1e-6
     #: the conv taps and D act on the value path directly, so a change of lr in one moves the output by
     #: lr * |v|; they are stored at this scale (the effective value is STEP * parameter), so that Adam's
@@ -103,8 +104,7 @@ class Mamba2Mixer(Mixer):
 
     def forward(self, q, k, v, x, state: Mamba2State | None = None, mask=None):
         B, H, T, Dh = q.shape
-        if mask is not None and mask.shape != (B, T):
-            raise ValueError(f"mask must be [B, T] = {(B, T)}, got {tuple(mask.shape)}")
+        tokens = Tokens.of(q, x, mask)
         history = (v.new_zeros(B, self.num_kv_heads, self.conv_size - 1, Dh, dtype=torch.float32)
                    if state is None else state.conv)
         xs, history = causal_conv(v.float(), self.conv_weight(), history, mask)
@@ -112,9 +112,7 @@ class Mamba2Mixer(Mixer):
         dt = F.softplus(sel + self.dt_bias.float()[:, None])  # [B, H, T]
         log_gate = dt * -self.A_log.float().exp()[:, None]
         fk = repeat_kv(hedgehog_features(self.b_map(k)), H) * dt[..., None]  # phi(B_t) dt_t
-        if mask is not None:
-            real = mask.to(q.device).bool()[:, None, :]
-            log_gate, fk = log_gate * real, fk * real[..., None]
+        log_gate, fk = tokens.zero_padding(log_gate, fk)  # padding neither decays nor adds
         xs = repeat_kv(xs, H)
         lin = None if state is None else LinearAttentionState(state.S, state.z)
         y, lin = linear_attention(hedgehog_features(self.c_map(q)), fk, xs, log_gate=log_gate, state=lin, normalize=True,

@@ -23,8 +23,8 @@ import math
 import torch
 
 from zoo.mixers.base import register_mixer
-from zoo.mixers.gla import GatedLinearMixer
-from zoo.mixers.liger import softmax_features
+from zoo.mixers.features import softmax_features
+from zoo.mixers.gated import GatedLinearMixer
 from zoo.mixers.options import Option
 
 
@@ -38,6 +38,7 @@ class RetentionMixer(GatedLinearMixer):
         "exponent_step": Option(1.0, float, min=0,
                                 doc="head h: gamma = 1 - 2^-(first_exponent + h * exponent_step)"),
     }
+    test_options = {"first_exponent": 2.0}  # half-lives of 2.4 to 22 tokens: forgetting within the tests
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
@@ -46,10 +47,10 @@ class RetentionMixer(GatedLinearMixer):
         #: that nothing here is a tensor (models are built on the meta device when loaded)
         self.log_decay = tuple(math.log1p(-2.0 ** -(e0 + step * h)) for h in range(num_heads))
 
-    def features(self, q, k):
-        return softmax_features(q), softmax_features(k)
+    def feature_map(self, h, is_query, tokens):
+        return softmax_features(h)
 
-    def log_gate(self, q, k, x):
+    def log_gate(self, q, k, tokens):
         B, _, T, _ = q.shape
         g = torch.tensor(self.log_decay, dtype=torch.float32, device=q.device)
         return g.view(1, -1, 1).expand(B, -1, T)

@@ -8,6 +8,7 @@ import torch
 
 from zoo.kernels.softmax import causal_softmax_attention
 from zoo.mixers.base import Mixer, register_mixer
+from zoo.mixers.tokens import real_tokens
 
 
 @dataclass
@@ -29,9 +30,9 @@ class SoftmaxMixer(Mixer):
 
     def forward(self, q, k, v, x, state=None, mask=None):
         B, _, T, _ = q.shape
+        mask = real_tokens(mask, q)
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=q.device)
-        mask = mask.bool()
         if state is not None:
             k = torch.cat([state.k, k], dim=2)
             v = torch.cat([state.v, v], dim=2)

@@ -7,7 +7,8 @@ from functools import partial
 import torch
 
 from zoo.mixers.base import register_mixer
-from zoo.mixers.feature_map import FeatureMapMixer, HeadwiseLinear
+from zoo.mixers.feature_map import FeatureMapMixer
+from zoo.mixers.features import HeadwiseLinear
 from zoo.mixers.options import Option
 
 
@@ -20,12 +21,13 @@ class T2RMixer(FeatureMapMixer):
         "feature_dim": Option(None, int, min=1, nullable=True, doc="features per head; null: head_dim"),
         "tie_qk": Option(False, bool, doc="one map for queries and keys (per key/value head) instead of two"),
     }
+    test_options = {"feature_dim": 8}
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.num_features = self.config["feature_dim"] or head_dim
         # "signed" identity: with F = 2D the map starts as [relu(x), relu(-x)], with F = D as relu(x)
-        self._make_maps(partial(HeadwiseLinear, in_dim=head_dim, out_dim=self.num_features, bias=True, init="signed"))
+        self.make_maps(partial(HeadwiseLinear, in_dim=head_dim, out_dim=self.num_features, bias=True, init="signed"))
 
-    def feature_map(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
-        return torch.relu(self._map(x, is_query))
+    def feature_map(self, h, is_query, tokens):
+        return torch.relu(self.map_of(h, is_query))

@@ -1,0 +1,74 @@
+"""Feature maps phi shared by the mixers, and the head-wise projection most of them start from.
+
+Each map takes [..., d] and returns non-negative fp32 features [..., F]; which mixers use which:
+- `hedgehog_features`: [softmax(h), softmax(-h)] (F = 2d) of a learned projection h: hedgehog, lolcats,
+  gla, mamba2 (its C and B), delta's "hedgehog" activation.
+- `softmax_features`: softmax(x) over the head dimension (F = d), no parameters: liger-gla, liger, retention.
+- `taylor_features`: Based's 2nd-order Taylor map (F = 1 + d + d(d+1)/2): based, based-window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class HeadwiseLinear(nn.Module):
+    """x [B, h, T, D] -> x @ W_h (+ b_h): one [D, F] map per head, computed in fp32.
+
+    init "identity": W_h = I (rectangular when F != D). "signed": column f is +-e_(f mod D), the sign
+    flipping every D columns, so that relu features start as relu(x), relu(-x), ... and none is dead.
+    Given more heads than it holds (a query map tied to a key map under GQA), each map serves its group.
+    """
+
+    def __init__(self, heads: int, in_dim: int, out_dim: int, bias: bool = False, init: str = "identity"):
+        super().__init__()
+        f = torch.arange(out_dim)
+        w = torch.zeros(in_dim, out_dim)
+        if init == "identity":
+            n = min(in_dim, out_dim)
+            w[:n, :n] = torch.eye(n)
+        elif init == "signed":
+            w[f % in_dim, f] = 1.0 - 2.0 * ((f // in_dim) % 2)
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        self.weight = nn.Parameter(w.expand(heads, in_dim, out_dim).clone())
+        self.bias = nn.Parameter(torch.zeros(heads, 1, out_dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.float(), None if self.bias is None else self.bias.float()
+        if x.shape[1] != w.shape[0]:
+            w = w.repeat_interleave(x.shape[1] // w.shape[0], dim=0)
+            b = None if b is None else b.repeat_interleave(x.shape[1] // b.shape[0], dim=0)
+        y = x.float() @ w
+        return y if b is None else y + b
+
+
+def hedgehog_features(h: torch.Tensor) -> torch.Tensor:
+    """[..., F] projections -> [..., 2F] features: softmax over the features of h and of -h, in fp32."""
+    h = h.float()
+    return torch.cat([torch.softmax(h, dim=-1), torch.softmax(-h, dim=-1)], dim=-1)
+
+
+def softmax_features(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = softmax(x) over the head dimension, fp32: [..., D] -> [..., D]."""
+    return torch.softmax(x.float(), dim=-1)
+
+
+def taylor_features(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., 1 + d + d(d+1)/2] with phi(x) . phi(y) = 1 + x.y/sqrt(d) + (x.y)^2/(2d); fp32.
+
+    The outer product is stored once per unordered pair (the diagonal, then sqrt(2) x_i x_j for i < j): the
+    same dot product as 1 + d + d^2 features."""
+    x = x.float()
+    d = x.shape[-1]
+    i, j = torch.triu_indices(d, d, device=x.device)
+    pair = x[..., i] * x[..., j] * torch.where(i == j, 1.0, math.sqrt(2.0)).to(x.device)
+    return torch.cat([torch.ones_like(x[..., :1]), x * d ** -0.25, pair / math.sqrt(2.0 * d)], dim=-1)
+
+
+def num_taylor_features(d: int) -> int:
+    """Features of `taylor_features` for a d-dim input: 1 + d + d(d+1)/2."""
+    return 1 + d + d * (d + 1) // 2

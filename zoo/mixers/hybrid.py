@@ -1,0 +1,106 @@
+"""The window hybrid: sliding-window softmax and feature-map linear attention in one layer, one normalizer.
+The base of `lolcats` (and its variants) and `based-window`.
+
+For query t (zoo.kernels.window_hybrid has the exact formula), keys inside the window get softmax weights
+a * exp(q.k/sqrt(D) - m_t), older keys linear weights b * phi(q).phi(k), with one shared normalizer;
+a = sigmoid(w) and b = 1 - a are learned per head. The first `sinks` tokens are softmax keys of every
+query (attention sinks). `terraced`: blocks of `window` tokens, softmax over the previous block and
+causally within the current one. A subclass supplies the feature map (`feature_map`, the hook of
+zoo.mixers.feature_map.FeatureMapped) and the projections it reads (`feature_map_q`, `feature_map_k`,
+made here as identity-initialized HeadwiseLinear maps of `feature_dim`).
+
+Ablations: set `mixer.branch` at eval time (default "both"):
+- "window": sliding-window softmax alone (a = 1, b = 0).
+- "linear": linear attention alone over ALL past keys, window and sinks included (a = 0, b = c = 1,
+  computed without sinks, which are never linear keys in the hybrid).
+The state is the kernel's WindowHybridState, built the same way in every branch (so splitting and carrying
+stay exact); it counts the real tokens seen (n), which gives the hooks their positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from zoo.kernels.dispatch import window_hybrid
+from zoo.kernels.window_hybrid import window_hybrid_weights
+from zoo.mixers.base import repeat_kv
+from zoo.mixers.feature_map import FeatureMapped
+from zoo.mixers.features import HeadwiseLinear
+from zoo.mixers.options import Option
+from zoo.mixers.tokens import Tokens
+
+
+class WindowHybridMixer(FeatureMapped):
+    """Window softmax + feature-map linear attention with learned per-head mixing. Not registered itself."""
+
+    family = "hybrid"
+    options = {
+        "window": Option(64, int, min=0, doc="softmax window in tokens (block size when terraced); 0: none, "
+                                              "allowed with sinks >= 1 on a plain window"),
+        "feature_dim": Option(None, int, min=1, nullable=True,
+                              doc="projections per head the feature map reads; null: head_dim"),
+        "window_factor": Option(0.5, float, above=0, below=1,
+                                doc="initial window share a of every head (the linear branch gets 1 - a)"),
+        "sinks": Option(0, int, min=0,
+                        doc="first tokens kept as softmax keys of every query (attention sinks)"),
+    }
+    terraced = False
+    BRANCHES = ("both", "window", "linear")
+
+    def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
+        super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
+        self.window = int(self.config["window"])
+        self.feature_dim = int(self.config["feature_dim"] or head_dim)
+        self.sinks = int(self.config["sinks"])
+        a0 = float(self.config["window_factor"])
+        if self.window == 0 and (self.sinks < 1 or self.terraced):
+            raise ValueError(f"{self.name}: need window >= 1 (or 0 with sinks >= 1, plain window); "
+                             f"got window=0, sinks={self.sinks}")
+        # projections of queries per head, of keys per key/value head
+        self.feature_map_q = HeadwiseLinear(num_heads, head_dim, self.feature_dim)
+        self.feature_map_k = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim)
+        self.window_logit = nn.Parameter(torch.full((num_heads,), math.log(a0 / (1.0 - a0))))
+        self.branch = "both"
+
+    def factors(self):
+        """(a, b, c) per head for the kernel, following `self.branch`."""
+        if self.branch not in self.BRANCHES:
+            raise ValueError(f"branch must be one of {self.BRANCHES}, got {self.branch!r}")
+        a = torch.sigmoid(self.window_logit.float())
+        if self.branch == "window":
+            return torch.ones_like(a), torch.zeros_like(a), None
+        if self.branch == "linear":
+            return torch.zeros_like(a), torch.ones_like(a), torch.ones_like(a)
+        return a, 1.0 - a, None
+
+    def window_and_sinks(self) -> tuple[int, int]:
+        """(window, sinks) for the kernel. The linear branch alone is linear attention over all keys: the
+        sinks are not taken out of it, and the window does not matter (a = 0, b = c = 1 gives every key its
+        linear weight)."""
+        if self.branch == "linear":
+            return max(self.window, 1), 0
+        return self.window, self.sinks
+
+    def forward(self, q, k, v, x, state=None, mask=None):
+        seen = torch.zeros(q.shape[0], dtype=torch.long, device=q.device) if state is None else state.n
+        tokens = Tokens.of(q, x, mask, seen)
+        fq, fk = self.features(q, k, tokens)
+        k, v, fk = tokens.zero_padding(repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads), fk)
+        a, b, c = self.factors()
+        window, sinks = self.window_and_sinks()
+        return window_hybrid(q, k, v, fq, fk, a, b, c=c, window=window, terraced=self.terraced,
+                             scale=self.head_dim ** -0.5, state=state, key_mask=tokens.mask, sinks=sinks,
+                             kv_groups=self.kv_group_size)  # k, v, fk: one per KV head
+
+    def attention_weights(self, q, k):
+        fq, fk = self.features(q, k, Tokens.whole(q))
+        a, b, c = self.factors()
+        window, sinks = self.window_and_sinks()
+        return window_hybrid_weights(q, repeat_kv(k, self.num_heads), fq, fk, a, b, c=c, window=window,
+                                     terraced=self.terraced, scale=self.head_dim ** -0.5, sinks=sinks)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, branch={self.branch!r}"
