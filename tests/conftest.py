@@ -39,9 +39,18 @@ def tiny_world(tmp_path_factory):
     train = write_text_files(root / "train", 12, 700, seed=1)
     write_text_files(root / "ood", 4, 700, seed=2)
     tokenizer = tiny_tokenizer([p.read_text() for p in train])
-    model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = tiny_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    return {"root": root, "model": str(root / "model"), "train": str(root / "train" / "*.txt"),
-            "ood": str(root / "ood" / "*.txt")}
+    return {
+        "root": root,
+        "model": str(root / "model"),
+        "train": str(root / "train" / "*.txt"),
+        "ood": str(root / "ood" / "*.txt"),
+    }

@@ -19,9 +19,17 @@ def _trained(betas, tmp_path) -> torch.Tensor:
     """x after 12 steps of the loop on a quadratic whose gradient changes scale (so beta2 matters)."""
     model = _Point()
     blocks = torch.zeros(12, 4, dtype=torch.long)
-    cfg = LoopConfig(name="stage1", tokens=12 * 4, batch_size=1, lr=0.1, grad_clip=0.0, adam_betas=list(betas),
-                     checkpoint_every=0, log_every=100)
-    train_loop(model, blocks, cfg, lambda batch: ((model.x ** 4).sum(), {}), tmp_path)
+    cfg = LoopConfig(
+        name="stage1",
+        tokens=12 * 4,
+        batch_size=1,
+        lr=0.1,
+        grad_clip=0.0,
+        adam_betas=list(betas),
+        checkpoint_every=0,
+        log_every=100,
+    )
+    train_loop(model, blocks, cfg, lambda batch: ((model.x**4).sum(), {}), tmp_path)
     return model.x.detach()
 
 
@@ -31,7 +39,7 @@ def _by_hand(betas) -> torch.Tensor:
     lr_at = lr_schedule("constant", 0.1, 12)
     for step in range(12):
         opt.zero_grad()
-        (x ** 4).sum().backward()
+        (x**4).sum().backward()
         opt.param_groups[0]["lr"] = lr_at(step)
         opt.step()
     return x.detach()

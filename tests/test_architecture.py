@@ -56,7 +56,12 @@ def imports(modules: dict[str, Path]) -> tuple[dict[str, set[str]], list[tuple[s
                 if target and target != name:
                     edges[name].add(target)
                     is_module = dotted in modules
-                    if imported and imported.startswith("_") and not imported.startswith("__") and not is_module:
+                    if (
+                        imported
+                        and imported.startswith("_")
+                        and not imported.startswith("__")
+                        and not is_module
+                    ):
                         private.append((name, dotted))
     return edges, private
 
@@ -107,8 +112,10 @@ def test_no_module_imports_another_modules_private_names():
 
 
 def test_the_cli_parses_and_lists_commands_without_torch():
-    code = ("import sys, zoo.cli; p = zoo.cli.build_parser(['run', 'x']); p.parse_args(['run', 'x']); "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys, zoo.cli; p = zoo.cli.build_parser(['run', 'x']); p.parse_args(['run', 'x']); "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]

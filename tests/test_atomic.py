@@ -26,8 +26,10 @@ from zoo.atomic import (
 )
 
 # Subprocesses import zoo's stdlib-only modules through a bare package, skipping zoo/__init__ (torch).
-BARE_ZOO = (f"import sys, types; zoo = types.ModuleType('zoo'); zoo.__path__ = "
-            f"[{str(Path(zoo.atomic.__file__).parent)!r}]; zoo.__version__ = 'test'; sys.modules['zoo'] = zoo\n")
+BARE_ZOO = (
+    f"import sys, types; zoo = types.ModuleType('zoo'); zoo.__path__ = "
+    f"[{str(Path(zoo.atomic.__file__).parent)!r}]; zoo.__version__ = 'test'; sys.modules['zoo'] = zoo\n"
+)
 
 
 def write_folder(path: Path, files: dict[str, bytes], **kwargs) -> None:
@@ -38,7 +40,9 @@ def write_folder(path: Path, files: dict[str, bytes], **kwargs) -> None:
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def litter(folder: Path) -> list[str]:
@@ -71,7 +75,9 @@ def test_refuses_to_replace_a_folder_holding_foreign_files(tmp_path):
     (target / "sub").mkdir()
     (target / "sub" / "x.bin").write_bytes(b"mine too")
     before = tree(target)
-    with pytest.raises(ForeignFilesError, match=r"holds files zoo did not write \(important.txt, sub/x.bin\)"):
+    with pytest.raises(
+        ForeignFilesError, match=r"holds files zoo did not write \(important.txt, sub/x.bin\)"
+    ):
         write_folder(target, {"a.bin": b"new"})
     assert tree(target) == before
     assert litter(tmp_path) == []
@@ -182,8 +188,11 @@ def test_clean_litter_restores_a_crash_mid_swap(tmp_path):
 def test_clean_litter_removes_only_zoo_litter_down_to_depth(tmp_path):
     deep = tmp_path / "a" / "b" / "c"
     deep.mkdir(parents=True)
-    litter_paths = [tmp_path / f"{TMP_PREFIX}f.1", tmp_path / "a" / f"{TMP_PREFIX}d.2",
-                    deep / f"{TMP_PREFIX}g.3"]
+    litter_paths = [
+        tmp_path / f"{TMP_PREFIX}f.1",
+        tmp_path / "a" / f"{TMP_PREFIX}d.2",
+        deep / f"{TMP_PREFIX}g.3",
+    ]
     litter_paths[0].write_text("torn")
     litter_paths[1].mkdir()
     (litter_paths[1] / "inner.bin").write_bytes(b"x")
@@ -194,8 +203,13 @@ def test_clean_litter_removes_only_zoo_litter_down_to_depth(tmp_path):
     too_deep = deep / "d" / f"{TMP_PREFIX}h.4"
     too_deep.parent.mkdir()
     too_deep.write_text("beyond depth 3")
-    kept = [tmp_path / ".zoo-lock", tmp_path / ".hidden" / f"{TMP_PREFIX}i.5", tmp_path / "a" / ".zoo-tmpfile",
-            tmp_path / "a" / "zoo-tmp.x", too_deep]
+    kept = [
+        tmp_path / ".zoo-lock",
+        tmp_path / ".hidden" / f"{TMP_PREFIX}i.5",
+        tmp_path / "a" / ".zoo-tmpfile",
+        tmp_path / "a" / "zoo-tmp.x",
+        too_deep,
+    ]
     for path in kept[:4]:
         path.parent.mkdir(exist_ok=True)
         path.write_text("not litter")
@@ -206,7 +220,9 @@ def test_clean_litter_removes_only_zoo_litter_down_to_depth(tmp_path):
     assert all(p.exists() for p in kept) and (tmp_path / "a" / "kept").is_dir()
 
 
-WRITER = BARE_ZOO + """
+WRITER = (
+    BARE_ZOO
+    + """
 import os
 from zoo.atomic import atomic_dir
 target, rounds = sys.argv[1], int(sys.argv[2])
@@ -217,12 +233,17 @@ for i in range(rounds):
         (tmp / "sub").mkdir()
         (tmp / "sub" / "who.txt").write_text(f"{os.getpid()} {i}")
 """
+)
 
 
 def test_concurrent_writers_never_crash_and_leave_one_complete_folder(tmp_path):
     target = tmp_path / "ckpt"
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(target), "150"], stderr=subprocess.PIPE,
-                                text=True) for _ in range(2)]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(target), "150"], stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for writer in writers:
         _, err = writer.communicate(timeout=60)
         assert writer.returncode == 0, err

@@ -66,8 +66,9 @@ def test_as_teacher_in_every_family_with_some_layers_converted(family):
         expected = teacher(ids).logits
         for model in (student, plain):
             with as_teacher(model):
-                torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, expected,
-                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    model(input_ids=ids, use_cache=False).logits, expected, atol=1e-5, rtol=1e-5
+                )
 
 
 def test_as_teacher_restores_the_student_when_the_block_raises():
@@ -118,7 +119,9 @@ def test_distilling_from_the_reference_trains_the_students_lora(tmp_path):
     loss, extra = stage2_loss(student, 1.0, reference)(blocks[:2])
     loss.backward()  # the swap happened before the student's forward: autograd saw no in-place change
     assert extra["kl"] > 0 and all(p.grad is not None for n, p in student.named_parameters() if "lora_" in n)
-    cfg = LoopConfig(name="stage2", tokens=4 * 16 * 2, batch_size=2, lr=1e-2, log_every=1, checkpoint_every=100)
+    cfg = LoopConfig(
+        name="stage2", tokens=4 * 16 * 2, batch_size=2, lr=1e-2, log_every=1, checkpoint_every=100
+    )
     start = lora_tensors(student)
     run_stage2(student, blocks, cfg, tmp_path, distill=1.0, teacher_lora=reference)
     moved = lora_tensors(student)
@@ -156,7 +159,9 @@ def test_distill_loss_is_next_token_loss_plus_weighted_kl_and_trains_only_the_st
         ce = next_token_loss(student, ids)
         kl = teacher_kl(student(input_ids=ids, use_cache=False).logits, teacher(ids).logits)
     torch.testing.assert_close(loss.detach(), ce + 0.5 * kl)
-    assert extra["ce"] == pytest.approx(ce.item(), rel=1e-5) and extra["kl"] == pytest.approx(kl.item(), rel=1e-5)
+    assert extra["ce"] == pytest.approx(ce.item(), rel=1e-5) and extra["kl"] == pytest.approx(
+        kl.item(), rel=1e-5
+    )
     loss.backward()
     grads = {n for n, p in student.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n for n in grads)
@@ -179,7 +184,9 @@ def test_distillation_pulls_the_student_toward_the_teacher(tmp_path):
     teacher = tiny_model("llama").eval()
     start = student_of(teacher, "hedgehog")
     blocks = torch.randint(3, 128, (8, 24))
-    cfg = LoopConfig(name="stage2", tokens=8 * 24 * 3, batch_size=4, lr=1e-2, log_every=1, checkpoint_every=100)
+    cfg = LoopConfig(
+        name="stage2", tokens=8 * 24 * 3, batch_size=4, lr=1e-2, log_every=1, checkpoint_every=100
+    )
 
     def kl_to_teacher(model) -> float:
         with torch.no_grad():

@@ -35,14 +35,31 @@ def converted(family: str, mixer: str, seed: int = 0, **kw):
 
 
 def test_registry_lists_builtins():
-    for name in ("softmax", "linear-elu", "t2r", "hedgehog", "lolcats", "lolcats-terraced", "gla", "liger-gla",
-                 "liger", "retention", "delta", "gated-delta", "gated-delta-conv", "mamba2", "flow", "based",
-                 "based-window"):
+    for name in (
+        "softmax",
+        "linear-elu",
+        "t2r",
+        "hedgehog",
+        "lolcats",
+        "lolcats-terraced",
+        "gla",
+        "liger-gla",
+        "liger",
+        "retention",
+        "delta",
+        "gated-delta",
+        "gated-delta-conv",
+        "mamba2",
+        "flow",
+        "based",
+        "based-window",
+    ):
         assert name in MIXERS, f"{name} is not registered"
 
 
 def test_duplicate_name_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
+
         @register_mixer("softmax")
         class Another(Mixer):
             pass
@@ -127,20 +144,22 @@ def test_batched_left_padding_equals_one_by_one(mixer, family):
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         for i, p in enumerate(prompts):
             alone = model.generate(p[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
-            assert batched[i, width:].tolist() == alone[0, len(p):].tolist(), f"prompt {i} differs"
+            assert batched[i, width:].tolist() == alone[0, len(p) :].tolist(), f"prompt {i} differs"
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_sampling_generate_runs(mixer):
     model = converted("llama", mixer)
     torch.manual_seed(0)
-    out = model.generate(torch.randint(3, 128, (2, 5)), max_new_tokens=5, do_sample=True, top_k=20, pad_token_id=0)
+    out = model.generate(
+        torch.randint(3, 128, (2, 5)), max_new_tokens=5, do_sample=True, top_k=20, pad_token_id=0
+    )
     assert out.shape == (2, 10)
 
 
@@ -178,7 +197,9 @@ def test_stage1_lowers_every_layer_mse(mixer, family, tmp_path):
     torch.manual_seed(0)
     blocks = torch.randint(3, 128, (16, 32))
     before = layer_mse(model, blocks)
-    cfg = LoopConfig(name="stage1", tokens=16 * 32 * 3, batch_size=4, lr=1e-2, log_every=100, checkpoint_every=100)
+    cfg = LoopConfig(
+        name="stage1", tokens=16 * 32 * 3, batch_size=4, lr=1e-2, log_every=100, checkpoint_every=100
+    )
     stats = run_stage1(model, blocks, cfg, tmp_path)
     after = layer_mse(model, blocks)
     assert stats["steps"] == 12
@@ -206,7 +227,9 @@ def test_stage2_trains_only_lora_and_asked_mixers(train_mixer, tmp_path):
     for target in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert any(f"{target}.lora_A" in n for n in trainable)
     blocks = torch.randint(3, 128, (8, 16))
-    cfg = LoopConfig(name="stage2", tokens=8 * 16 * 2, batch_size=4, lr=1e-2, log_every=100, checkpoint_every=100)
+    cfg = LoopConfig(
+        name="stage2", tokens=8 * 16 * 2, batch_size=4, lr=1e-2, log_every=100, checkpoint_every=100
+    )
     run_stage2(peft_model, blocks, cfg, tmp_path)
     merged = peft_model.merge_and_unload()
     for n, p in merged.named_parameters():
@@ -277,8 +300,13 @@ def test_empty_blocks_are_an_error(tmp_path):
     from zoo.transfer.loop import train_loop
 
     with pytest.raises(ValueError, match="no training blocks"):
-        train_loop(converted("llama", "hedgehog"), torch.zeros(0, 16, dtype=torch.long),
-                   LoopConfig(name="stage1", tokens=10, batch_size=1, lr=1e-3), lambda b: None, tmp_path)
+        train_loop(
+            converted("llama", "hedgehog"),
+            torch.zeros(0, 16, dtype=torch.long),
+            LoopConfig(name="stage1", tokens=10, batch_size=1, lr=1e-3),
+            lambda b: None,
+            tmp_path,
+        )
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

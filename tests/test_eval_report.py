@@ -20,15 +20,53 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 def test_eval_gives_the_bench_metrics_for_one_model(tiny_world, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    overrides = {"model.name": tiny_world["model"], "mixer.options": {"window": 8, "feature_dim": 16},
-                 "data.train": [tiny_world["train"]], "data.eval_ood": [tiny_world["ood"]], "data.seq_len": 32,
-                 "stage1.tokens": 64, "stage1.batch_size": 2, "stage2.tokens": 64, "stage2.batch_size": 2,
-                 "stage2.lora.rank": 4, "eval.max_blocks": 2, "eval.generate_tokens": 2, "device": "cpu"}
-    assert main(["run", RECIPE, *[f"{k}={json.dumps(v)}" for k, v in overrides.items()], "--out", str(out)]) == 0
+    overrides = {
+        "model.name": tiny_world["model"],
+        "mixer.options": {"window": 8, "feature_dim": 16},
+        "data.train": [tiny_world["train"]],
+        "data.eval_ood": [tiny_world["ood"]],
+        "data.seq_len": 32,
+        "stage1.tokens": 64,
+        "stage1.batch_size": 2,
+        "stage2.tokens": 64,
+        "stage2.batch_size": 2,
+        "stage2.lora.rank": 4,
+        "eval.max_blocks": 2,
+        "eval.generate_tokens": 2,
+        "device": "cpu",
+    }
+    assert (
+        main(["run", RECIPE, *[f"{k}={json.dumps(v)}" for k, v in overrides.items()], "--out", str(out)]) == 0
+    )
     capsys.readouterr()
-    args = ["eval", str(out), "--sources", tiny_world["train"], tiny_world["ood"], "--seq-len", "32", "--max-blocks", "2",
-            "--mmlu", "2", "--passkey", "256", "--passkey-trials", "2", "--decode", "96,160", "--decode-steps", "2",
-            "--mse", "2", "--branches", "--generation", "2", "--generation-tokens", "8"]
+    args = [
+        "eval",
+        str(out),
+        "--sources",
+        tiny_world["train"],
+        tiny_world["ood"],
+        "--seq-len",
+        "32",
+        "--max-blocks",
+        "2",
+        "--mmlu",
+        "2",
+        "--passkey",
+        "256",
+        "--passkey-trials",
+        "2",
+        "--decode",
+        "96,160",
+        "--decode-steps",
+        "2",
+        "--mse",
+        "2",
+        "--branches",
+        "--generation",
+        "2",
+        "--generation-tokens",
+        "8",
+    ]
     lm_eval = importlib.util.find_spec("lm_eval") is not None
     if lm_eval:  # the bridge end to end through the CLI, on a task of our own
         from test_lm_eval_bridge import write_task
@@ -42,12 +80,19 @@ def test_eval_gives_the_bench_metrics_for_one_model(tiny_world, tmp_path, capsys
         assert result[source]["ppl"] > 1
     assert result["mmlu"]["n"] == 2
     assert set(result["passkey"]["lengths"]) == {"256"} and result["passkey"]["lengths"]["256"]["n"] == 2
-    assert result["decode"]["state_growth"] == "constant" and set(result["decode"]["contexts"]) == {"96", "160"}
+    assert result["decode"]["state_growth"] == "constant" and set(result["decode"]["contexts"]) == {
+        "96",
+        "160",
+    }
     assert set(result["layer_mse"]) == {"0", "1"} and result["mean_layer_mse"] >= 0
     assert result["generation"]["prompts"] == 2 and result["generation"]["new_tokens"] == 8
     assert 0 <= result["generation"]["repeated_4grams"] <= 1
     window, linear = result["branches"]["window"], result["branches"]["linear"]
-    assert window[tiny_world["ood"]]["ppl"] != linear[tiny_world["ood"]]["ppl"] != result[tiny_world["ood"]]["ppl"]
+    assert (
+        window[tiny_world["ood"]]["ppl"]
+        != linear[tiny_world["ood"]]["ppl"]
+        != result[tiny_world["ood"]]["ppl"]
+    )
     assert result["run"]["tokens_stage1"] == 64 and result["run"]["trainable_params"] > 0
     assert result["run"]["peak_memory_stage2"]["peak_rss_bytes"] > 0
     if lm_eval:
@@ -56,22 +101,27 @@ def test_eval_gives_the_bench_metrics_for_one_model(tiny_world, tmp_path, capsys
 
 def test_eval_bad_lengths_are_a_clear_error(tiny_world, tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--passkey", "1k"]) == 2
-    assert "--passkey takes comma-separated token counts such as 512,1024, got '1k'" in capsys.readouterr().err
+    assert (
+        "--passkey takes comma-separated token counts such as 512,1024, got '1k'" in capsys.readouterr().err
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--passkey", "-5"], "--passkey: context lengths must be >= 64 tokens, got -5"),
-    (["--passkey", "512,32"], "--passkey: context lengths must be >= 64 tokens, got 32"),
-    (["--passkey", "256", "--passkey-trials", "0"], "--passkey-trials must be >= 1, got 0"),
-    (["--max-blocks", "0"], "--max-blocks must be >= 1, got 0"),
-    (["--seq-len", "1"], "--seq-len must be >= 2, got 1"),
-    (["--seq-len", "-8"], "--seq-len must be >= 2, got -8"),
-    (["--decode", "0,512"], "--decode: context lengths must be >= 1 tokens, got 0"),
-    (["--decode", "512,256"], "--decode: context lengths must grow by more than --decode-steps (8)"),
-    (["--decode", "512", "--decode-steps", "0"], "--decode-steps must be >= 1, got 0"),
-    (["--mse", "-1"], "--mse must be >= 0, got -1"),
-    (["--generation-tokens", "0"], "--generation-tokens must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--passkey", "-5"], "--passkey: context lengths must be >= 64 tokens, got -5"),
+        (["--passkey", "512,32"], "--passkey: context lengths must be >= 64 tokens, got 32"),
+        (["--passkey", "256", "--passkey-trials", "0"], "--passkey-trials must be >= 1, got 0"),
+        (["--max-blocks", "0"], "--max-blocks must be >= 1, got 0"),
+        (["--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+        (["--seq-len", "-8"], "--seq-len must be >= 2, got -8"),
+        (["--decode", "0,512"], "--decode: context lengths must be >= 1 tokens, got 0"),
+        (["--decode", "512,256"], "--decode: context lengths must grow by more than --decode-steps (8)"),
+        (["--decode", "512", "--decode-steps", "0"], "--decode-steps must be >= 1, got 0"),
+        (["--mse", "-1"], "--mse must be >= 0, got -1"),
+        (["--generation-tokens", "0"], "--generation-tokens must be >= 1, got 0"),
+    ],
+)
 def test_impossible_values_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
     import zoo
 

@@ -14,9 +14,17 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                         initializer_range=0.002, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        initializer_range=0.002,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -51,8 +59,9 @@ def test_nll_matches_direct_cross_entropy(model):
     total, count = nll(model, blocks)
     with torch.no_grad():
         logits = model(input_ids=blocks).logits
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(),
-                                                 blocks[:, 1:].reshape(-1), reduction="sum").item()
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB).float(), blocks[:, 1:].reshape(-1), reduction="sum"
+    ).item()
     assert total == pytest.approx(expected, rel=1e-5)
 
 
@@ -124,8 +133,15 @@ def test_evaluate_corpus_uses_heldout_docs(model, monkeypatch):
             seen.append(source)
             return [f"{source} text"]
 
-    monkeypatch.setattr(ev, "evaluate_texts", lambda m, tok, docs, bs, max_blocks=None, batch_size=8:
-                        {"docs": list(docs), "block_size": bs, "max_blocks": max_blocks})
+    monkeypatch.setattr(
+        ev,
+        "evaluate_texts",
+        lambda m, tok, docs, bs, max_blocks=None, batch_size=8: {
+            "docs": list(docs),
+            "block_size": bs,
+            "max_blocks": max_blocks,
+        },
+    )
     out = ev.evaluate_corpus(model, None, FakeCorpus(), ["austen", "brown"], 64, 5)
     assert seen == ["austen", "brown"]
     assert out["brown"] == {"docs": ["brown text"], "block_size": 64, "max_blocks": 5}

@@ -13,8 +13,14 @@ from zoo_testing import RECIPE, ForkedZoo, tiny_overrides
 KILLS = 10
 SEED = 2026
 #: summary fields that time the run or the machine, not its results
-TIMINGS = {"seconds_stage1", "seconds_stage2", "seconds_wall_last_invocation", "peak_memory_stage1",
-           "peak_memory_stage2", "teacher_lora_train"}
+TIMINGS = {
+    "seconds_stage1",
+    "seconds_stage2",
+    "seconds_wall_last_invocation",
+    "peak_memory_stage1",
+    "peak_memory_stage2",
+    "teacher_lora_train",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +37,12 @@ def results(out: Path) -> tuple[bytes, dict, list]:
 
 
 def test_killed_at_ten_random_points_and_restarted_ends_as_if_never_killed(tiny_world, tmp_path):
-    args = ["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}}), "--out"]
+    args = [
+        "run",
+        RECIPE,
+        *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}}),
+        "--out",
+    ]
     trace = tmp_path / "trace.txt"
     zoo = ForkedZoo(tmp_path / "logs")  # each run a fresh process, forked without paying the imports again
     code, log = zoo.run([*args, str(tmp_path / "straight")], {"ZOO_FAULT_TRACE": str(trace)})
@@ -41,8 +52,12 @@ def test_killed_at_ten_random_points_and_restarted_ends_as_if_never_killed(tiny_
     assert {"stage1", "stage2", "write", "swap", "progress", "summary"} <= phases, phases
     chosen = sorted(random.Random(SEED).sample(range(len(points)), KILLS))
     picked = [points[i] for i in chosen]
-    where = {"stage1" if "stage1" in p else "stage2" if "stage2" in p else "save and evaluation" for p in picked}
-    assert where == {"stage1", "stage2", "save and evaluation"}, picked  # the seed spreads the kills over all three
+    where = {
+        "stage1" if "stage1" in p else "stage2" if "stage2" in p else "save and evaluation" for p in picked
+    }
+    assert where == {"stage1", "stage2", "save and evaluation"}, (
+        picked
+    )  # the seed spreads the kills over all three
 
     out = tmp_path / "killed"
     for point in picked:

@@ -72,8 +72,13 @@ def test_a_model_that_loops_scores_near_one_and_one_that_does_not_near_zero(worl
 
 def test_a_real_model_is_measured_greedily(world):
     tokenizer, texts = world
-    model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).eval()
+    model = tiny_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    ).eval()
     prompts = generation_prompts(tokenizer, texts, count=3, prompt_tokens=12)
     first = evaluate_generation(model, tokenizer, prompts, new_tokens=16, samples=1)
     again = evaluate_generation(model, tokenizer, prompts, new_tokens=16, samples=1)

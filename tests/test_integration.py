@@ -40,8 +40,10 @@ def test_teacher_perplexity_per_corpus_is_in_the_expected_range(smollm2, corpus)
 def test_softmax_conversion_of_smollm2_is_exact(smollm2):
     model, tokenizer = smollm2
     converted = zoo.linearize(copy.deepcopy(model), "softmax")
-    ids = tokenizer("It is a truth universally acknowledged, that a single man in possession of a good fortune,",
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         torch.testing.assert_close(converted(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
 
@@ -52,8 +54,14 @@ def test_lolcats_attention_transfer_on_smollm2_lowers_every_layer(smollm2, corpu
     student = zoo.linearize(copy.deepcopy(model), "lolcats", window=16)
     blocks = token_blocks(tokenizer, corpus.train("austen"), 64, max_blocks=32)
     before = layer_mse(student, blocks[:4])
-    run_stage1(student, blocks, LoopConfig(name="stage1", tokens=64 * 4 * 6, batch_size=4, lr=1e-2,
-                                           log_every=100, checkpoint_every=100), tmp_path)
+    run_stage1(
+        student,
+        blocks,
+        LoopConfig(
+            name="stage1", tokens=64 * 4 * 6, batch_size=4, lr=1e-2, log_every=100, checkpoint_every=100
+        ),
+        tmp_path,
+    )
     after = layer_mse(student, blocks[:4])
     assert len(after) == 30
     worse = {i: (before[i], after[i]) for i in before if not after[i] < before[i]}

@@ -14,8 +14,10 @@ from zoo_testing import tiny_model, tiny_tokenizer, write_text_files
 import zoo
 from zoo.lm_eval_bridge import run_lm_eval
 
-needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
-                                   reason="lm_eval is not installed (pip install 'zoo-linearize[lmeval]')")
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None,
+    reason="lm_eval is not installed (pip install 'zoo-linearize[lmeval]')",
+)
 
 WORDS = ["yes", "no", "good", "old", "time", "house", "road", "day"]
 CHOICES = ["man", "city", "river"]
@@ -40,14 +42,22 @@ def linearized(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmeval")
     texts = [p.read_text() for p in write_text_files(root / "text", 4, 300, seed=1)]
     tokenizer = tiny_tokenizer(texts)
-    model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = tiny_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     zoo.linearize(model, "hedgehog")
     return model, tokenizer, root
 
 
 def write_task(root) -> list[dict]:
-    docs = [{"question": f"The king said {w} and the", "choices": CHOICES, "answer": i % 3} for i, w in enumerate(WORDS)]
+    docs = [
+        {"question": f"The king said {w} and the", "choices": CHOICES, "answer": i % 3}
+        for i, w in enumerate(WORDS)
+    ]
     (root / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (root / "tasks").mkdir(exist_ok=True)
     (root / "tasks" / "tiny.yaml").write_text(TASK.format(data=root / "data.jsonl"))
@@ -63,8 +73,10 @@ def accuracy_by_hand(model, tokenizer, docs) -> float:
         for choice in doc["choices"]:
             context = tokenizer.encode(doc["question"], add_special_tokens=False)
             whole = tokenizer.encode(doc["question"] + " " + choice, add_special_tokens=False)
-            continuation = whole[len(context):]
-            logits = model(input_ids=torch.tensor([whole[:-1]]), use_cache=False).logits[0].float().log_softmax(-1)
+            continuation = whole[len(context) :]
+            logits = (
+                model(input_ids=torch.tensor([whole[:-1]]), use_cache=False).logits[0].float().log_softmax(-1)
+            )
             scores.append(sum(logits[len(context) - 1 + i, t].item() for i, t in enumerate(continuation)))
         right += max(range(len(scores)), key=scores.__getitem__) == doc["answer"]
     return right / len(docs)

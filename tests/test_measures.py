@@ -11,14 +11,17 @@ from zoo.decode_cost import extrapolate_state_bytes, measure_decode
 from zoo.measures import hybrid_mixers, use_branch
 
 
-@pytest.mark.parametrize("points, expected", [
-    ({512: 100, 1024: 100, 2048: 100}, (100, "constant")),
-    ({512: 512, 1024: 1024}, (32768, "linear")),  # proportional: a KV cache
-    ({512: 612, 1024: 1124, 2048: 2148}, (32868, "linear")),  # on one line: KV layers and fixed states
-    ({512: 612, 1024: 1124}, (None, "irregular")),  # two points off the origin prove no line
-    ({32: 40, 64: 72, 128: 72}, (None, "irregular")),  # a window still filling
-    ({512: 100}, (None, "irregular")),
-])
+@pytest.mark.parametrize(
+    "points, expected",
+    [
+        ({512: 100, 1024: 100, 2048: 100}, (100, "constant")),
+        ({512: 512, 1024: 1024}, (32768, "linear")),  # proportional: a KV cache
+        ({512: 612, 1024: 1124, 2048: 2148}, (32868, "linear")),  # on one line: KV layers and fixed states
+        ({512: 612, 1024: 1124}, (None, "irregular")),  # two points off the origin prove no line
+        ({32: 40, 64: 72, 128: 72}, (None, "irregular")),  # a window still filling
+        ({512: 100}, (None, "irregular")),
+    ],
+)
 def test_extrapolation_only_where_the_shape_is_proven(points, expected):
     assert extrapolate_state_bytes(points, 32768) == expected
 
@@ -79,7 +82,9 @@ def test_peak_memory_keeps_the_highest_sample_inside_the_block(monkeypatch):
     monkeypatch.setattr(pm, "current_rss_bytes", lambda: None)  # no /proc: the rusage high-water mark
     with pm.PeakMemory() as fallback:
         pass
-    assert fallback.result()["rss_method"] == "rusage-high-water" and fallback.result()["peak_rss_bytes"] > 2**20
+    assert (
+        fallback.result()["rss_method"] == "rusage-high-water" and fallback.result()["peak_rss_bytes"] > 2**20
+    )
 
 
 def test_peak_memory_sees_a_real_allocation_in_a_fresh_process():
@@ -88,11 +93,15 @@ def test_peak_memory_sees_a_real_allocation_in_a_fresh_process():
     import subprocess
     import sys
 
-    code = ("import torch; from zoo.peak_memory import PeakMemory\n"
-            "with PeakMemory() as idle: pass\n"
-            "with PeakMemory() as busy:\n    block = torch.ones(64 * 2**20); del block\n"
-            "print(busy.result()['peak_rss_bytes'] - idle.result()['peak_rss_bytes'])")
-    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    code = (
+        "import torch; from zoo.peak_memory import PeakMemory\n"
+        "with PeakMemory() as idle: pass\n"
+        "with PeakMemory() as busy:\n    block = torch.ones(64 * 2**20); del block\n"
+        "print(busy.result()['peak_rss_bytes'] - idle.result()['peak_rss_bytes'])"
+    )
+    grown = int(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
     assert 200 * 2**20 < grown < 400 * 2**20
 
 
@@ -105,5 +114,8 @@ def test_use_branch_switches_every_hybrid_and_restores_it():
         window = model(input_ids=ids).logits
     assert {m.branch for m in hybrid_mixers(model)} == {"both"}
     assert not torch.allclose(both, window) and torch.equal(model(input_ids=ids).logits, both)
-    with pytest.raises(ValueError, match="no hybrid mixer"), use_branch(zoo.linearize(tiny_model("llama"), "hedgehog"), "window"):
+    with (
+        pytest.raises(ValueError, match="no hybrid mixer"),
+        use_branch(zoo.linearize(tiny_model("llama"), "hedgehog"), "window"),
+    ):
         pass

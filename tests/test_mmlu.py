@@ -16,6 +16,7 @@ def q(text, topic="astronomy", answer="A", index=-1):
 
 # ---------------------------------------------------------------- loading
 
+
 def test_load_mmlu_drops_malformed_rows():
     path = mm.mmlu_path()
     questions, dropped = read_mmlu(path)
@@ -50,6 +51,7 @@ def test_read_mmlu_counts_bad_rows(tmp_path):
 
 # ---------------------------------------------------------------- prompts
 
+
 def test_build_prompt_exact_string():
     shot1 = MMLUQuestion("What is 1+1?", ("1", "2", "3", "4"), "B", "elementary mathematics", 0)
     shot2 = MMLUQuestion("What is 2*3?", ("5", "6", "7", "8"), "B", "elementary mathematics", 1)
@@ -63,7 +65,8 @@ def test_build_prompt_exact_string():
     assert build_prompt(test, [shot1, shot2]) == expected
     assert build_prompt(test, []) == (
         "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
-        "What is 9-4?\nA. 5\nB. 4\nC. 3\nD. 2\nAnswer:")
+        "What is 9-4?\nA. 5\nB. 4\nC. 3\nD. 2\nAnswer:"
+    )
 
 
 def test_shots_share_topic_and_exclude_question():
@@ -87,6 +90,7 @@ def test_shots_on_real_data():
 
 # ---------------------------------------------------------------- limits
 
+
 def test_limit_is_deterministic_spread():
     pool = load_mmlu()
     a = spread(pool, 114)
@@ -106,6 +110,7 @@ def test_spread_with_uneven_topics():
 
 
 # ---------------------------------------------------------------- scoring with a fake model
+
 
 class WordTokenizer:
     """Toy byte-level-BPE-like tokenizer: a token is an optional space plus a run of non-spaces,
@@ -161,7 +166,9 @@ def test_scoring_picks_rigged_letter(monkeypatch):
 def test_scoring_per_question_with_left_padding(monkeypatch):
     # questions of different lengths so batches need padding; the model answers correctly by
     # reading the question's own token (the last "qN" before the choices)
-    pool = [MMLUQuestion(("word " * i) + f"q{i}", ("x", "y", "z", "w"), "ABCD"[i % 4], "t", i) for i in range(8)]
+    pool = [
+        MMLUQuestion(("word " * i) + f"q{i}", ("x", "y", "z", "w"), "ABCD"[i % 4], "t", i) for i in range(8)
+    ]
     fake_pool(monkeypatch, pool)
     tok = WordTokenizer()
     letters = mm.letter_token_ids(tok)
@@ -201,7 +208,9 @@ def test_limit_and_subjects(monkeypatch):
 
 
 def test_long_prompts_drop_shots(monkeypatch):
-    pool = [MMLUQuestion(" ".join(["long"] * 40) + f" q{i}", ("1", "2", "3", "4"), "A", "t", i) for i in range(8)]
+    pool = [
+        MMLUQuestion(" ".join(["long"] * 40) + f" q{i}", ("1", "2", "3", "4"), "A", "t", i) for i in range(8)
+    ]
     fake_pool(monkeypatch, pool)
     tok = WordTokenizer()
     model = RiggedModel(mm.letter_token_ids(tok)[0])
@@ -226,8 +235,15 @@ def test_left_padded_batch_scores_match_single_prompts():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
     model = LlamaForCausalLM(config).eval()
     assert mm._accepts_logits_to_keep(model)
     g = torch.Generator().manual_seed(0)
@@ -235,5 +251,7 @@ def test_left_padded_batch_scores_match_single_prompts():
     letters = [10, 20, 30, 40]
     for last_only in (False, True):
         batched = mm._score_batch(model, prompts, 0, letters, torch.device("cpu"), last_only)
-        alone = torch.cat([mm._score_batch(model, [p], 0, letters, torch.device("cpu"), last_only) for p in prompts])
+        alone = torch.cat(
+            [mm._score_batch(model, [p], 0, letters, torch.device("cpu"), last_only) for p in prompts]
+        )
         torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)

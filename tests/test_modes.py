@@ -224,8 +224,13 @@ def assigned_attributes(tree: ast.AST):
             targets = [node.target]
         elif isinstance(node, ast.Delete):
             targets = node.targets
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr") \
-                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("setattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+        ):
             yield node.lineno, ast.unparse(node.args[0]), node.args[1].value
         for target in targets:
             for part in ast.walk(target):

@@ -58,15 +58,24 @@ def test_scoring_is_greedy_decoding_of_the_whole_answer(world):
     tokenizer, texts = world
     vocab = len(tokenizer)
     perfect = evaluate_passkey(Predictor(vocab, shift=1), tokenizer, texts, [300, 500], trials=3)
-    assert perfect["mean_accuracy"] == 1.0 and perfect["lengths"]["500"] == {"accuracy": 1.0, "correct": 3, "n": 3}
+    assert perfect["mean_accuracy"] == 1.0 and perfect["lengths"]["500"] == {
+        "accuracy": 1.0,
+        "correct": 3,
+        "n": 3,
+    }
     off_by_one = evaluate_passkey(Predictor(vocab, shift=0), tokenizer, texts, [300, 500], trials=3)
     assert off_by_one["mean_accuracy"] == 0.0
 
 
 def test_a_real_model_is_scored_the_same_way_every_time(world):
     tokenizer, texts = world
-    model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = tiny_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     a = evaluate_passkey(model, tokenizer, texts, [256], trials=2, seed=1)
     b = evaluate_passkey(model, tokenizer, texts, [256], trials=2, seed=1)
     assert a == b and 0.0 <= a["mean_accuracy"] <= 1.0 and a["trials"] == 2

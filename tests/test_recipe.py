@@ -13,15 +13,21 @@ MINIMAL = {"mixer": {"name": "lolcats"}}
 
 def test_recipes_exist():
     names = {f"{p.parent.name}/{p.name}" for p in RECIPES}
-    assert {"smollm2-135m/lolcats.yaml", "smollm2-135m/hedgehog.yaml",
-            "llama-3-8b/lolcats.yaml", "mistral-7b/lolcats.yaml"} <= names
+    assert {
+        "smollm2-135m/lolcats.yaml",
+        "smollm2-135m/hedgehog.yaml",
+        "llama-3-8b/lolcats.yaml",
+        "mistral-7b/lolcats.yaml",
+    } <= names
 
 
 def test_every_built_in_mixer_has_a_smollm2_recipe_naming_it():
     import zoo
     from zoo.bench.quality import own_recipe
 
-    built_in = {name for name in zoo.list_mixers() if zoo.get_mixer(name).__module__.startswith("zoo.mixers.")}
+    built_in = {
+        name for name in zoo.list_mixers() if zoo.get_mixer(name).__module__.startswith("zoo.mixers.")
+    }
     folder = RECIPES[0].parents[1] / "smollm2-135m"
     for name in built_in:
         own = own_recipe(name, folder)
@@ -35,15 +41,20 @@ def test_recipe_file_loads_and_names_its_launch_command(path):
     relative = path.relative_to(path.parents[2]).as_posix()
     # `zoo run RECIPE`, for multi-GPU recipes the torchrun command that runs it on every rank, for the
     # bench's template the bench
-    assert first == f"# zoo run {relative}" or (first.startswith("# torchrun ")
-                                               and first.endswith(f" -m zoo.cli run {relative}")) or (
-        path.name == "bench.yaml" and first.startswith("# zoo bench quality"))
+    assert (
+        first == f"# zoo run {relative}"
+        or (first.startswith("# torchrun ") and first.endswith(f" -m zoo.cli run {relative}"))
+        or (path.name == "bench.yaml" and first.startswith("# zoo bench quality"))
+    )
     # it round-trips through its resolved form
     assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
 
 
 def test_paper_recipes_follow_the_paper():
-    for name, hub in [("llama-3-8b", "meta-llama/Meta-Llama-3-8B"), ("mistral-7b", "mistralai/Mistral-7B-v0.1")]:
+    for name, hub in [
+        ("llama-3-8b", "meta-llama/Meta-Llama-3-8B"),
+        ("mistral-7b", "mistralai/Mistral-7B-v0.1"),
+    ]:
         r = load_recipe(Path(RECIPES[0]).parents[1] / name / "lolcats.yaml")
         assert r.model.name == hub and r.model.dtype == "bfloat16"
         assert r.mixer.name == "lolcats" and r.mixer.options == {"window": 64, "feature_dim": 64}
@@ -102,8 +113,14 @@ def test_wrong_types():
 
 
 def test_numbers_are_coerced():
-    r = Recipe.from_dict({**MINIMAL, "stage1": {"lr": 1, "tokens": "2e5"}, "stage2": {"lr": "1e-3"},
-                          "data": {"heldout_fraction": "5e-2"}})
+    r = Recipe.from_dict(
+        {
+            **MINIMAL,
+            "stage1": {"lr": 1, "tokens": "2e5"},
+            "stage2": {"lr": "1e-3"},
+            "data": {"heldout_fraction": "5e-2"},
+        }
+    )
     assert r.stage1.lr == 1.0 and isinstance(r.stage1.lr, float)
     assert r.stage1.tokens == 200_000 and isinstance(r.stage1.tokens, int)
     assert r.stage2.lr == pytest.approx(1e-3)
@@ -135,9 +152,18 @@ def test_value_checks():
 
 
 def test_overrides():
-    r = Recipe.from_dict(MINIMAL, ["stage1.lr=1e-3", "mixer.layers=[0,1]", "mixer.options.window=32",
-                                   "stage2.lora.rank=4", "eval.generate_prompt=Hello there",
-                                   "stage2.enabled=false", "data.train=[austen]"])
+    r = Recipe.from_dict(
+        MINIMAL,
+        [
+            "stage1.lr=1e-3",
+            "mixer.layers=[0,1]",
+            "mixer.options.window=32",
+            "stage2.lora.rank=4",
+            "eval.generate_prompt=Hello there",
+            "stage2.enabled=false",
+            "data.train=[austen]",
+        ],
+    )
     assert r.stage1.lr == pytest.approx(1e-3) and isinstance(r.stage1.lr, float)
     assert r.mixer.layers == [0, 1]
     assert r.mixer.options == {"window": 32}
@@ -148,8 +174,10 @@ def test_overrides():
 
 
 def test_overrides_keep_file_values_and_merge_sections():
-    base = {"mixer": {"name": "lolcats", "options": {"window": 64, "feature_dim": 64}},
-            "stage2": {"lora": {"rank": 16, "alpha": 32}}}
+    base = {
+        "mixer": {"name": "lolcats", "options": {"window": 64, "feature_dim": 64}},
+        "stage2": {"lora": {"rank": 16, "alpha": 32}},
+    }
     r = Recipe.from_dict(base, ["mixer.options.window=32", "stage2.lora={rank: 4}"])
     assert r.mixer.options == {"window": 32, "feature_dim": 64}
     assert (r.stage2.lora.rank, r.stage2.lora.alpha) == (4, 32)
@@ -209,10 +237,15 @@ def test_parse_layers():
 
 
 def test_to_dict_round_trip():
-    d = {"model": {"name": "some/model", "dtype": "bfloat16"},
-         "mixer": {"name": "lolcats", "options": {"window": 32, "nested": {"a": [1, 2]}}, "layers": "0:8"},
-         "stage1": {"lr": "3e-3", "enabled": False}, "stage2": {"lora": {"targets": ["q_proj"]}},
-         "eval": {"mmlu": 57}, "seed": 7, "device": "cpu"}
+    d = {
+        "model": {"name": "some/model", "dtype": "bfloat16"},
+        "mixer": {"name": "lolcats", "options": {"window": 32, "nested": {"a": [1, 2]}}, "layers": "0:8"},
+        "stage1": {"lr": "3e-3", "enabled": False},
+        "stage2": {"lora": {"targets": ["q_proj"]}},
+        "eval": {"mmlu": 57},
+        "seed": 7,
+        "device": "cpu",
+    }
     r = Recipe.from_dict(d)
     out = r.to_dict()
     assert out["stage1"]["lr"] == pytest.approx(3e-3) and out["mixer"]["options"]["nested"] == {"a": [1, 2]}

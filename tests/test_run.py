@@ -26,8 +26,16 @@ def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "swap only" in printed and "final (stage 2)" in printed and "MMLU 5-shot" in printed
     assert "repeated 4-grams in greedy continuations (4 held-out prompts, 48 tokens): teacher " in printed
-    assert "greedy continuation of 'Once upon a time':\n  teacher: '" in printed and "\n  model:   '" in printed
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"):
+    assert (
+        "greedy continuation of 'Once upon a time':\n  teacher: '" in printed and "\n  model:   '" in printed
+    )
+    for name in (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "model/config.json",
+        "model/model.safetensors",
+    ):
         assert (out / name).exists(), name
     s = json.loads((out / "summary.json").read_text())
     for key in ("ppl_teacher", "ppl_teacher_lora", "ppl_swap", "ppl_stage1", "ppl_final"):
@@ -44,10 +52,23 @@ def test_run_writes_the_run_folder(tiny_world, tmp_path, capsys):
     model, tok = zoo.load_linearized(out / "model")
     assert tok is not None and model.config.zoo_mixers[0]["mixer"] == "hedgehog"
     # the fair reference is computed once and reused by the next run with the same budget
-    assert main(["run", RECIPE, *tiny_overrides(tiny_world, **{"eval.teacher_lora": True}),
-                 "--out", str(tmp_path / "again")]) == 0
+    assert (
+        main(
+            [
+                "run",
+                RECIPE,
+                *tiny_overrides(tiny_world, **{"eval.teacher_lora": True}),
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
     assert "fair reference" not in capsys.readouterr().err
-    assert json.loads((tmp_path / "again" / "summary.json").read_text())["ppl_teacher_lora"] == s["ppl_teacher_lora"]
+    assert (
+        json.loads((tmp_path / "again" / "summary.json").read_text())["ppl_teacher_lora"]
+        == s["ppl_teacher_lora"]
+    )
 
 
 def test_stage2_distilled_from_the_fair_reference(tiny_world, tmp_path, capsys):
@@ -55,21 +76,28 @@ def test_stage2_distilled_from_the_fair_reference(tiny_world, tmp_path, capsys):
     from zoo.recipe import load_recipe
     from zoo.reference import teacher_lora_folder
 
-    args = tiny_overrides(tiny_world, **{"stage2.distill": 0.5, "stage2.distill_from": "reference",
-                                         "eval.generation_prompts": 0})
+    args = tiny_overrides(
+        tiny_world,
+        **{"stage2.distill": 0.5, "stage2.distill_from": "reference", "eval.generation_prompts": 0},
+    )
     assert main(["run", RECIPE, *args, "--out", str(tmp_path / "run")]) == 0
     folder, _ = teacher_lora_folder(load_recipe(tmp_path / "run" / "recipe.yaml"))
     assert (folder / "result.json").exists()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     stage2 = [r for r in rows if r["stage"] == "stage2"]
-    assert len(stage2) == 6 and all(r["kl"] > 0 and r["loss"] == pytest.approx(r["ce"] + 0.5 * r["kl"], rel=1e-5)
-                                    for r in stage2)
+    assert len(stage2) == 6 and all(
+        r["kl"] > 0 and r["loss"] == pytest.approx(r["ce"] + 0.5 * r["kl"], rel=1e-5) for r in stage2
+    )
 
 
 @pytest.mark.parametrize("kill_at, extra", [("stage1:3", {}), ("stage2:5", {"stage2.distill": 0.5})])
 def test_sigkill_then_rerun_gives_the_same_result(tiny_world, tmp_path, kill_at, extra):
     """Killed in stage 1, or in a distilled stage 2: the rerun ends where an uninterrupted run ends."""
-    args = ["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}, **extra})]
+    args = [
+        "run",
+        RECIPE,
+        *tiny_overrides(tiny_world, "lolcats", **{"mixer.options": {"window": 8}, **extra}),
+    ]
     zoo_cli = ForkedZoo(tmp_path / "logs")  # fresh processes, forked without paying the imports again
     code, log = zoo_cli.run([*args, "--out", str(tmp_path / "straight")])
     assert code == 0, log[-2000:]
@@ -89,28 +117,46 @@ def test_sigkill_then_rerun_gives_the_same_result(tiny_world, tmp_path, kill_at,
     sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert sb["ppl_final"]["heldout"] == pytest.approx(sa["ppl_final"]["heldout"], rel=1e-5)
     assert sb["final_loss_stage2"] == pytest.approx(sa["final_loss_stage2"], rel=1e-5)
-    stage2_rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-                   if json.loads(line)["stage"] == "stage2"]
+    stage2_rows = [
+        json.loads(line)
+        for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["stage"] == "stage2"
+    ]
     assert len(stage2_rows) == 6 and all(("kl" in r) == bool(extra) for r in stage2_rows)
 
 
 def test_generate_and_eval_commands(tiny_world, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", RECIPE, *tiny_overrides(tiny_world, "linear-elu", **{"stage2.enabled": False}),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                RECIPE,
+                *tiny_overrides(tiny_world, "linear-elu", **{"stage2.enabled": False}),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["generate", str(out), "The king", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
-    assert main(["eval", str(out), "--sources", tiny_world["ood"], "--seq-len", "32", "--max-blocks", "2"]) == 0
+    assert (
+        main(["eval", str(out), "--sources", tiny_world["ood"], "--seq-len", "32", "--max-blocks", "2"]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result[tiny_world["ood"]]["ppl"] > 1
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["stage1.lrr=0.1"], "stage1.lrr"),
-    (["stage1.lr=fast"], "stage1.lr"),
-    (["mixer.name=nope"], "unknown mixer 'nope'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["stage1.lrr=0.1"], "stage1.lrr"),
+        (["stage1.lr=fast"], "stage1.lr"),
+        (["mixer.name=nope"], "unknown mixer 'nope'"),
+    ],
+)
 def test_bad_input_gets_a_clear_error(tiny_world, tmp_path, capsys, bad, message):
     assert main(["run", RECIPE, *tiny_overrides(tiny_world), *bad, "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
@@ -132,7 +178,10 @@ def test_list_shows_every_mixer(capsys):
 
 
 def test_info_prints_environment_teacher_and_corpus(tiny_world, capsys):
-    assert main(["info", "--model", tiny_world["model"], "--sources", tiny_world["train"], tiny_world["ood"]]) == 0
+    assert (
+        main(["info", "--model", tiny_world["model"], "--sources", tiny_world["train"], tiny_world["ood"]])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "torch" in out and "transformers" in out and "2 layers, 4 heads, 2 KV heads" in out
     assert tiny_world["train"] in out and tiny_world["ood"] in out

@@ -23,9 +23,11 @@ from zoo.run_folder import (
 )
 
 # Subprocesses import zoo's stdlib-only modules through a bare package, skipping zoo/__init__ (torch).
-BARE_ZOO = (f"import sys, types; zoo = types.ModuleType('zoo'); zoo.__path__ = "
-            f"[{str(Path(zoo.run_folder.__file__).parent)!r}]; zoo.__version__ = 'test'; "
-            "sys.modules['zoo'] = zoo\n")
+BARE_ZOO = (
+    f"import sys, types; zoo = types.ModuleType('zoo'); zoo.__path__ = "
+    f"[{str(Path(zoo.run_folder.__file__).parent)!r}]; zoo.__version__ = 'test'; "
+    "sys.modules['zoo'] = zoo\n"
+)
 
 
 def snapshot(folder: Path) -> list[str]:
@@ -52,8 +54,11 @@ def test_a_foreign_folder_is_refused_and_left_untouched(tmp_path):
     (tmp_path / "a.txt").write_text("mine")
     (tmp_path / "b").mkdir()
     before = snapshot(tmp_path)
-    with pytest.raises(RunFolderError, match=r"is not empty and was not made by zoo \(it holds a.txt, b/\); "
-                                             "choose a new or empty folder"):
+    with pytest.raises(
+        RunFolderError,
+        match=r"is not empty and was not made by zoo \(it holds a.txt, b/\); "
+        "choose a new or empty folder",
+    ):
         claim_run_folder(tmp_path)
     assert snapshot(tmp_path) == before
 
@@ -90,8 +95,9 @@ def test_out_in_a_read_only_parent(tmp_path, monkeypatch):
     parent.mkdir()
     if os.geteuid() == 0:  # root ignores permission bits: make os.access say what it would for a user
         real_access = os.access
-        monkeypatch.setattr(zoo.run_folder.os, "access",
-                            lambda p, mode: False if Path(p) == parent else real_access(p, mode))
+        monkeypatch.setattr(
+            zoo.run_folder.os, "access", lambda p, mode: False if Path(p) == parent else real_access(p, mode)
+        )
     else:
         parent.chmod(0o555)
     try:
@@ -102,13 +108,16 @@ def test_out_in_a_read_only_parent(tmp_path, monkeypatch):
         parent.chmod(0o755)
 
 
-HOLDER = BARE_ZOO + """
+HOLDER = (
+    BARE_ZOO
+    + """
 import pathlib, time
 from zoo.run_folder import claim_run_folder
 lock = claim_run_folder(sys.argv[1])
 pathlib.Path(sys.argv[2]).write_text("locked")
 time.sleep(120)
 """
+)
 
 
 def test_a_folder_in_use_is_refused_until_its_run_dies(tmp_path):
@@ -120,8 +129,11 @@ def test_a_folder_in_use_is_refused_until_its_run_dies(tmp_path):
             assert holder.poll() is None, "the lock holder exited early"
             assert time.monotonic() < deadline, "the lock holder never took the lock"
             time.sleep(0.05)
-        with pytest.raises(RunFolderError, match=rf"{out} is in use by another zoo run \(pid {holder.pid} on "
-                                                 r"host .+; wait for it to finish or use another --out"):
+        with pytest.raises(
+            RunFolderError,
+            match=rf"{out} is in use by another zoo run \(pid {holder.pid} on "
+            r"host .+; wait for it to finish or use another --out",
+        ):
             claim_run_folder(out)
     finally:
         holder.send_signal(signal.SIGKILL)

@@ -25,6 +25,7 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def no_teacher(monkeypatch):
     """Fails the test if the teacher (or any model) starts to load: the checks must come first."""
+
     def boom(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the recipe was checked")
 
@@ -66,7 +67,10 @@ def metrics_rows(out: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------ the user's files
 
-def test_out_into_a_foreign_folder_is_refused_and_nothing_is_touched(tiny_world, tmp_path, capsys, no_teacher):
+
+def test_out_into_a_foreign_folder_is_refused_and_nothing_is_touched(
+    tiny_world, tmp_path, capsys, no_teacher
+):
     out = tmp_path / "mine"
     (out / "model").mkdir(parents=True)
     (out / "model" / "important.txt").write_text("keep me")
@@ -87,8 +91,10 @@ def test_a_file_put_into_a_runs_model_folder_is_never_deleted(finished, tmp_path
 
 # ------------------------------------------------------------------------------ a finished run
 
-def test_a_finished_run_reports_its_summary_without_loading_anything(finished, tmp_path, tiny_world, capsys,
-                                                                      no_teacher):
+
+def test_a_finished_run_reports_its_summary_without_loading_anything(
+    finished, tmp_path, tiny_world, capsys, no_teacher
+):
     out = copy_run(finished, tmp_path / "run")
     before = (out / "model" / "model.safetensors").read_bytes()
     assert run(tiny_world, out) == 0
@@ -97,7 +103,9 @@ def test_a_finished_run_reports_its_summary_without_loading_anything(finished, t
     assert (out / "model" / "model.safetensors").read_bytes() == before
 
 
-def test_a_corrupt_checkpoint_is_named_with_the_command_that_redoes_its_stage(finished, tmp_path, tiny_world, capsys):
+def test_a_corrupt_checkpoint_is_named_with_the_command_that_redoes_its_stage(
+    finished, tmp_path, tiny_world, capsys
+):
     out = copy_run(finished, tmp_path / "run")
     ckpt = out / "checkpoints" / "stage1" / "trainable.safetensors"
     data = bytearray(ckpt.read_bytes())
@@ -112,16 +120,27 @@ def test_a_corrupt_checkpoint_is_named_with_the_command_that_redoes_its_stage(fi
     assert run(tiny_world, out, redo=["stage1"]) == 0  # the command it named
     assert "superseded" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
-    assert all(v == v for v in load_file(str(out / "model" / "model.safetensors"))["lm_head.weight"].flatten()[:8])
+    assert all(
+        v == v for v in load_file(str(out / "model" / "model.safetensors"))["lm_head.weight"].flatten()[:8]
+    )
     assert summary["ppl_final"]["heldout"] < 1e4
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "trainable.safetensors").write_bytes((d / "trainable.safetensors").read_bytes()[:100]), "size"),
-    (lambda d: (d / "trainer.json").write_text(""), "trainer.json"),
-])
-def test_a_damaged_checkpoint_without_checksums_names_the_file(finished, tmp_path, tiny_world, capsys, damage,
-                                                               message):
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda d: (d / "trainable.safetensors").write_bytes(
+                (d / "trainable.safetensors").read_bytes()[:100]
+            ),
+            "size",
+        ),
+        (lambda d: (d / "trainer.json").write_text(""), "trainer.json"),
+    ],
+)
+def test_a_damaged_checkpoint_without_checksums_names_the_file(
+    finished, tmp_path, tiny_world, capsys, damage, message
+):
     out = copy_run(finished, tmp_path / "run")
     ckpt = out / "checkpoints" / "stage2"
     damage(ckpt)
@@ -150,7 +169,10 @@ def test_non_finite_checkpoint_weights_are_an_error(finished, tmp_path, tiny_wor
 
 # ------------------------------------------------------------------------------ one writer
 
-def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(tiny_world, tmp_path, capsys, no_teacher):
+
+def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(
+    tiny_world, tmp_path, capsys, no_teacher
+):
     out = tmp_path / "run"
     holder = claim_run_folder(out)  # another run, as far as the lock can tell (its own open file)
     try:
@@ -176,6 +198,7 @@ def test_two_runs_started_together_one_refuses(tiny_world, tmp_path):
 
 
 # ------------------------------------------------------------------------------ changes redo what they touch
+
 
 def test_a_stage2_change_after_the_nan_guard_keeps_stage1(tiny_world, tmp_path, capsys):
     out = tmp_path / "run"
@@ -217,11 +240,17 @@ def test_a_run_folder_as_recipe_continues_that_run(finished, tmp_path, capsys, n
 
 # ------------------------------------------------------------------------------ data
 
-@pytest.mark.parametrize("key, value, message", [
-    ("data.train", "nothere.txt", "'nothere.txt' is not an embedded source"),
-    ("data.eval_ood", "browm", "did you mean 'brown'"),
-])
-def test_a_data_source_that_cannot_load_is_an_error(tiny_world, tmp_path, capsys, no_teacher, key, value, message):
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("data.train", "nothere.txt", "'nothere.txt' is not an embedded source"),
+        ("data.eval_ood", "browm", "did you mean 'brown'"),
+    ],
+)
+def test_a_data_source_that_cannot_load_is_an_error(
+    tiny_world, tmp_path, capsys, no_teacher, key, value, message
+):
     specs = [tiny_world["train" if key == "data.train" else "ood"], value]
     out = tmp_path / "run"
     assert run(tiny_world, out, **{key: specs}) == 2
@@ -234,13 +263,18 @@ def test_skip_unavailable_makes_a_missing_source_a_warning(tiny_world):
     from zoo.preflight import check_data
     from zoo.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE, tiny_overrides(tiny_world, **{"data.eval_ood": [tiny_world["ood"], "browm"],
-                                                                "data.skip_unavailable": True}))
+    recipe = load_recipe(
+        RECIPE,
+        tiny_overrides(
+            tiny_world, **{"data.eval_ood": [tiny_world["ood"], "browm"], "data.skip_unavailable": True}
+        ),
+    )
     (warning,) = check_data(recipe)
     assert "browm" in warning and "skipping" in warning
 
 
 # ------------------------------------------------------------------------------ one line, early
+
 
 def _gpt2_folder(tmp_path: Path) -> str:
     folder = tmp_path / "gpt2"
@@ -249,8 +283,19 @@ def _gpt2_folder(tmp_path: Path) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("case", ["unknown mixer", "bad option", "bad layers", "gpt2", "missing model",
-                                  "out is a file", "out under a file", "recipe is a folder"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown mixer",
+        "bad option",
+        "bad layers",
+        "gpt2",
+        "missing model",
+        "out is a file",
+        "out under a file",
+        "recipe is a folder",
+    ],
+)
 def test_bad_input_is_one_line_before_the_teacher_loads(tiny_world, tmp_path, capsys, no_teacher, case):
     out = tmp_path / "run"
     extra = {
@@ -271,10 +316,16 @@ def test_bad_input_is_one_line_before_the_teacher_loads(tiny_world, tmp_path, ca
         code = run(tiny_world, out, **extra)
     assert code == 2
     err = capsys.readouterr().err
-    expected = {"unknown mixer": "unknown mixer 'nope'", "bad option": "feature_dim", "bad layers": "out of range",
-                "gpt2": "'gpt2' model, which zoo cannot convert", "missing model": "no model folder at",
-                "out is a file": "is a file", "out under a file": "is a file",
-                "recipe is a folder": "folder without recipe.yaml"}[case]
+    expected = {
+        "unknown mixer": "unknown mixer 'nope'",
+        "bad option": "feature_dim",
+        "bad layers": "out of range",
+        "gpt2": "'gpt2' model, which zoo cannot convert",
+        "missing model": "no model folder at",
+        "out is a file": "is a file",
+        "out under a file": "is a file",
+        "recipe is a folder": "folder without recipe.yaml",
+    }[case]
     assert expected in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("zoo: error:")]) == 1
     if case not in ("out is a file", "out under a file"):
@@ -286,7 +337,9 @@ def test_a_read_only_out_folder_is_one_line(tiny_world, tmp_path, capsys, monkey
     (tmp_path / "ro").mkdir()
     if os.geteuid() == 0:  # root writes anywhere: let os.access say what a user would see
         real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == tmp_path / "ro" else real(p, mode))
+        monkeypatch.setattr(
+            os, "access", lambda p, mode, **kw: False if Path(p) == tmp_path / "ro" else real(p, mode)
+        )
     else:
         (tmp_path / "ro").chmod(0o555)
     assert run(tiny_world, out) == 2
@@ -329,7 +382,9 @@ def test_an_unexpected_exception_is_a_bug_with_its_traceback(monkeypatch, capsys
 
 def test_a_bad_recipe_fails_in_seconds_in_a_fresh_process(tiny_world, tmp_path):
     start = time.perf_counter()
-    result = zoo_subprocess(["run", RECIPE, *tiny_overrides(tiny_world, mixer="nope"), "--out", str(tmp_path / "r")])
+    result = zoo_subprocess(
+        ["run", RECIPE, *tiny_overrides(tiny_world, mixer="nope"), "--out", str(tmp_path / "r")]
+    )
     seconds = time.perf_counter() - start
     assert result.returncode == 2 and "unknown mixer 'nope'" in result.stderr
     assert seconds < 10, f"a bad recipe took {seconds:.1f} s to fail"
@@ -338,8 +393,13 @@ def test_a_bad_recipe_fails_in_seconds_in_a_fresh_process(tiny_world, tmp_path):
 
 # ------------------------------------------------------------------------------ housekeeping
 
+
 def test_files_follow_the_umask(finished):
-    for path in (finished / "summary.json", finished / "progress.json", finished / "model" / "model.safetensors"):
+    for path in (
+        finished / "summary.json",
+        finished / "progress.json",
+        finished / "model" / "model.safetensors",
+    ):
         assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path  # readable by others under umask 022
     assert stat.S_IMODE((finished / "model").stat().st_mode) & 0o055 == 0o055
 

@@ -46,8 +46,10 @@ def test_embedded_smollm2_loads_from_its_cache():
     c = model.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (30, 9, 3)
     assert model.dtype == torch.float32
-    text = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of "
-            "boiled cabbage and old rag mats.")
+    text = (
+        "It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of "
+        "boiled cabbage and old rag mats."
+    )
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
         ppl = model(ids, labels=ids).loss.exp().item()

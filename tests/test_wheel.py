@@ -20,8 +20,21 @@ def run(args, cwd, **kwargs):
 
 
 def test_the_wheel_installs_into_a_fresh_venv_and_runs(tiny_world, tmp_path):
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
-         str(ROOT)], cwd=tmp_path)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("zoo_linearize-*.whl")
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
@@ -29,19 +42,35 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(tiny_world, tmp_path):
     run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path)
     # zoo comes from the wheel; its dependencies (torch, transformers, ...) from this environment's
     # site-packages, appended after the venv's own (a .pth line adds a path, not the editable install in it)
-    purelib = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       cwd=tmp_path).strip())
+    purelib = Path(
+        run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path
+        ).strip()
+    )
     (purelib / "zoo-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     zoo = str(venv / "bin" / "zoo")
     listed = run([zoo, "list"], cwd=tmp_path)
     assert "lolcats" in listed and "gated-delta-conv" in listed
-    where = run([str(python), "-c", "import zoo, zoo.cli; print(zoo.__file__); print(zoo.cli.RECIPES_ROOT)"],
-                cwd=tmp_path).split()
-    assert all(Path(p).is_relative_to(venv) for p in where), where  # the package and its recipes, from the wheel
+    where = run(
+        [str(python), "-c", "import zoo, zoo.cli; print(zoo.__file__); print(zoo.cli.RECIPES_ROOT)"],
+        cwd=tmp_path,
+    ).split()
+    assert all(Path(p).is_relative_to(venv) for p in where), (
+        where
+    )  # the package and its recipes, from the wheel
     recipe = Path(where[1]) / "smollm2-135m" / "hedgehog.yaml"
     overrides = tiny_overrides(tiny_world, **{"stage2.enabled": False, "eval.generation_prompts": 0})
-    run([zoo, "run", str(recipe), *overrides, "--out", str(tmp_path / "run")], cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ZOO_CACHE": str(tmp_path / "cache"),
-             "OMP_NUM_THREADS": "1"})
-    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "model" / "config.json").is_file()
+    run(
+        [zoo, "run", str(recipe), *overrides, "--out", str(tmp_path / "run")],
+        cwd=tmp_path,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "ZOO_CACHE": str(tmp_path / "cache"),
+            "OMP_NUM_THREADS": "1",
+        },
+    )
+    assert (tmp_path / "run" / "summary.json").is_file() and (
+        tmp_path / "run" / "model" / "config.json"
+    ).is_file()

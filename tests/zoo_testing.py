@@ -18,9 +18,19 @@ def tiny_config(family: str, **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
-    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+    )
     if family in ("qwen2", "qwen3"):
         kwargs["head_dim"] = 16
     kwargs.update(overrides)
@@ -36,14 +46,15 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-
-WORDS = ("the of and to a in that he was it his for with as had you not be her on at by which have or from "
-         "this him but all she they were my are me one their so an said them we who would been will no when "
-         "there if more out up into do any your what has man could other than our some very time upon about "
-         "may its only now like little then can should made did us such great before must two these see "
-         "know over much down after first mr good men own never most old shall day where those came come "
-         "himself way work life without go make well through being long say might how am too even def "
-         "lady house mother father sister letter morning evening walk garden road river king people city").split()
+WORDS = (
+    "the of and to a in that he was it his for with as had you not be her on at by which have or from "
+    "this him but all she they were my are me one their so an said them we who would been will no when "
+    "there if more out up into do any your what has man could other than our some very time upon about "
+    "may its only now like little then can should made did us such great before must two these see "
+    "know over much down after first mr good men own never most old shall day where those came come "
+    "himself way work life without go make well through being long say might how am too even def "
+    "lady house mother father sister letter morning evening walk garden road river king people city"
+).split()
 
 
 def write_text_files(folder, n_files: int, words_per_file: int, seed: int) -> list:
@@ -74,10 +85,16 @@ def tiny_tokenizer(texts: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256 + 64, special_tokens=["<pad>", "<eos>", "<bos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + 64,
+        special_tokens=["<pad>", "<eos>", "<bos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
 
 
 #: the recipe the run tests start from (their overrides replace the model, data and budgets)
@@ -87,11 +104,24 @@ RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m"
 def tiny_overrides(world, mixer="hedgehog", **extra) -> list[str]:
     """`zoo run` overrides for a run of seconds: the tiny world's model and text, 6 steps a stage."""
     values = {
-        "model.name": world["model"], "mixer.name": mixer, "mixer.options": {},
-        "data.train": [world["train"]], "data.eval_ood": [world["ood"]], "data.seq_len": 32,
-        "stage1.tokens": 32 * 2 * 6, "stage1.batch_size": 2, "stage1.checkpoint_every": 2, "stage1.log_every": 1,
-        "stage2.tokens": 32 * 2 * 6, "stage2.batch_size": 2, "stage2.checkpoint_every": 2, "stage2.log_every": 1,
-        "stage2.lora.rank": 4, "eval.max_blocks": 4, "eval.generate_tokens": 5, "device": "cpu",
+        "model.name": world["model"],
+        "mixer.name": mixer,
+        "mixer.options": {},
+        "data.train": [world["train"]],
+        "data.eval_ood": [world["ood"]],
+        "data.seq_len": 32,
+        "stage1.tokens": 32 * 2 * 6,
+        "stage1.batch_size": 2,
+        "stage1.checkpoint_every": 2,
+        "stage1.log_every": 1,
+        "stage2.tokens": 32 * 2 * 6,
+        "stage2.batch_size": 2,
+        "stage2.checkpoint_every": 2,
+        "stage2.log_every": 1,
+        "stage2.lora.rank": 4,
+        "eval.max_blocks": 4,
+        "eval.generate_tokens": 5,
+        "device": "cpu",
     }
     values.update(extra)
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
@@ -103,8 +133,14 @@ def zoo_subprocess(args, env_extra=None, cwd=None, timeout=600):
     import sys
 
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "zoo.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def _forked_main(args: list[str], env: dict, log: str) -> None:

@@ -26,8 +26,18 @@ _LAZY = {
     "load_teacher": "zoo.teacher",
 }
 
-__all__ = ["Mixer", "get_mixer", "list_mixers", "register_mixer", "linearize", "load_linearized",
-           "save_linearized", "load_teacher", "register_families", "__version__"]
+__all__ = [
+    "Mixer",
+    "get_mixer",
+    "list_mixers",
+    "register_mixer",
+    "linearize",
+    "load_linearized",
+    "save_linearized",
+    "load_teacher",
+    "register_families",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

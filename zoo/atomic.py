@@ -134,8 +134,9 @@ def _read_manifest(folder: Path) -> dict | None:
         raise ChecksumError(f"{manifest}: unreadable ({err}); delete the folder and write it again") from err
     for rel in files:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise ChecksumError(f"{manifest}: lists {rel!r}, a path outside the folder; delete the folder "
-                                "and write it again")
+            raise ChecksumError(
+                f"{manifest}: lists {rel!r}, a path outside the folder; delete the folder and write it again"
+            )
     return files
 
 
@@ -149,8 +150,9 @@ def verify_dir(path: str | os.PathLike, required: bool = False) -> bool:
     files = _read_manifest(path)
     if files is None:
         if required:
-            raise ChecksumError(f"{path}: no {CHECKSUMS}, so its files cannot be checked; write it again "
-                                "with this zoo")
+            raise ChecksumError(
+                f"{path}: no {CHECKSUMS}, so its files cannot be checked; write it again with this zoo"
+            )
         return False
     for rel, entry in files.items():
         file = path / rel
@@ -176,8 +178,11 @@ def _foreign_files(path: Path, known: tuple[str, ...] = ()) -> list[str]:
     A folder without a manifest (written by an older zoo) is foreign but for the file names in `known`.
     """
     files = _read_manifest(path) or dict.fromkeys(known)
-    return [rel for rel in _files(path)
-            if rel != CHECKSUMS and rel not in files and not any(map(_is_litter, rel.split("/")))]
+    return [
+        rel
+        for rel in _files(path)
+        if rel != CHECKSUMS and rel not in files and not any(map(_is_litter, rel.split("/")))
+    ]
 
 
 def _names(items: list[str]) -> str:
@@ -209,8 +214,10 @@ def _swap(tmp: Path, path: Path, label: str, known: tuple[str, ...]) -> None:
             raise ForeignFilesError(f"{path} is a file, not a folder zoo wrote; move it away, then run again")
         foreign = _foreign_files(path, known)
         if foreign:
-            raise ForeignFilesError(f"{path} holds files zoo did not write ({_names(foreign)}); "
-                                    "move them out of it, then run again")
+            raise ForeignFilesError(
+                f"{path} holds files zoo did not write ({_names(foreign)}); "
+                "move them out of it, then run again"
+            )
         os.rename(path, old)
         fault_point(f"swap:{label}")
         try:
@@ -225,8 +232,9 @@ def _swap(tmp: Path, path: Path, label: str, known: tuple[str, ...]) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, checksums: bool = True, label: str | None = None,
-               known: tuple[str, ...] = ()) -> Iterator[Path]:
+def atomic_dir(
+    path: str | os.PathLike, checksums: bool = True, label: str | None = None, known: tuple[str, ...] = ()
+) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; when the body succeeds it replaces `path` in one rename.
 
     The folder gets zoo-checksums.json (sizes only without `checksums`) and its files are flushed to disk
@@ -300,7 +308,7 @@ def clean_litter(folder: str | os.PathLike, depth: int = 3) -> list[Path]:
                 entry.unlink()
             handled.append(entry)
         elif name.startswith(OLD_PREFIX) and len(name) > len(OLD_PREFIX):
-            original = folder / name[len(OLD_PREFIX):]
+            original = folder / name[len(OLD_PREFIX) :]
             if os.path.lexists(original):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)

@@ -18,7 +18,9 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 #: the keyword a causal LM's forward takes its cache by and the attribute its output returns it in:
 #: `past_key_values` up to transformers 5.23, `cache` from 5.24 (which still reads the old name, with a warning)
-CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+)
 
 
 def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: Any) -> Any:
@@ -28,8 +30,10 @@ def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: Any) -> Any:
     if isinstance(state, torch.Tensor):
         return fn(state)
     if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        return dataclasses.replace(state, **{f.name: map_state(fn, getattr(state, f.name))
-                                             for f in dataclasses.fields(state) if f.init})
+        return dataclasses.replace(
+            state,
+            **{f.name: map_state(fn, getattr(state, f.name)) for f in dataclasses.fields(state) if f.init},
+        )
     if isinstance(state, tuple) and hasattr(state, "_fields"):  # namedtuple
         return type(state)(*(map_state(fn, s) for s in state))
     if isinstance(state, (tuple, list)):
@@ -82,7 +86,9 @@ class MixerStateLayer(DynamicLayer):
         self.state = map_state(lambda t: t[indices], self.state)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a recurrent mixer state cannot be cropped (assisted decoding is not supported)")
+        raise NotImplementedError(
+            "a recurrent mixer state cannot be cropped (assisted decoding is not supported)"
+        )
 
     def offload(self):
         self.state = map_state(lambda t: t.to("cpu", non_blocking=True), self.state)
@@ -100,7 +106,9 @@ class ZooCache(DynamicCache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, MixerStateLayer):
             if layer.get_seq_length():
-                raise RuntimeError(f"layer {layer_idx} already holds keys/values; it cannot hold a mixer state")
+                raise RuntimeError(
+                    f"layer {layer_idx} already holds keys/values; it cannot hold a mixer state"
+                )
             layer = self.layers[layer_idx] = MixerStateLayer()
         return layer
 

@@ -41,8 +41,10 @@ def cmd_info(args) -> int:
     from zoo.teacher import teacher_cache_path
 
     print("environment")
-    print(f"  zoo {zoo.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"python {sys.version.split()[0]}")
+    print(
+        f"  zoo {zoo.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"python {sys.version.split()[0]}"
+    )
     dev = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
     print(f"  device: {dev}, threads: {torch.get_num_threads()}")
     print(f"  mixers: {', '.join(zoo.list_mixers())}")
@@ -50,19 +52,25 @@ def cmd_info(args) -> int:
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
     print(f"teacher {args.model}")
-    print(f"  {c.model_type}: {c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
-          f"{c.num_key_value_heads} KV heads, hidden {c.hidden_size}, vocab {c.vocab_size}, "
-          f"{n_params / 1e6:.1f}M parameters")
+    print(
+        f"  {c.model_type}: {c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
+        f"{c.num_key_value_heads} KV heads, hidden {c.hidden_size}, vocab {c.vocab_size}, "
+        f"{n_params / 1e6:.1f}M parameters"
+    )
     if args.model == "smollm2-135m":
         print(f"  cache: {teacher_cache_path(args.model)}")
     from zoo.data import load_corpus
 
     corpus = load_corpus(args.sources)
     print("corpus")
-    print(f"  {'source':<10} {'train docs':>10} {'train tokens':>13} {'held-out docs':>13} {'held-out tokens':>15}")
+    print(
+        f"  {'source':<10} {'train docs':>10} {'train tokens':>13} {'held-out docs':>13} {'held-out tokens':>15}"
+    )
     for source, st in corpus.token_stats(tokenizer).items():
-        print(f"  {source:<10} {st['train_documents']:>10} {st['train_tokens']:>13,} {st['heldout_documents']:>13} "
-              f"{st['heldout_tokens']:>15,}")
+        print(
+            f"  {source:<10} {st['train_documents']:>10} {st['train_tokens']:>13,} {st['heldout_documents']:>13} "
+            f"{st['heldout_tokens']:>15,}"
+        )
     return 0
 
 
@@ -73,11 +81,17 @@ def _load_recipe(path: str, overrides: list[str]):
 
 
 def print_table(summary: dict) -> None:
-    rows = [("teacher", summary.get("ppl_teacher")), ("teacher + LoRA (fair ref.)", summary.get("ppl_teacher_lora")),
-            ("swap only", summary.get("ppl_swap")), ("after stage 1", summary.get("ppl_stage1")),
-            ("final (stage 2)", summary.get("ppl_final"))]
-    print(f"\n{summary['model']} -> {summary['mixer']}  ({summary['trainable_params']:,} trainable parameters, "
-          f"{summary['tokens_stage1']:,} + {summary['tokens_stage2']:,} tokens)")
+    rows = [
+        ("teacher", summary.get("ppl_teacher")),
+        ("teacher + LoRA (fair ref.)", summary.get("ppl_teacher_lora")),
+        ("swap only", summary.get("ppl_swap")),
+        ("after stage 1", summary.get("ppl_stage1")),
+        ("final (stage 2)", summary.get("ppl_final")),
+    ]
+    print(
+        f"\n{summary['model']} -> {summary['mixer']}  ({summary['trainable_params']:,} trainable parameters, "
+        f"{summary['tokens_stage1']:,} + {summary['tokens_stage2']:,} tokens)"
+    )
     print(f"{'':<28} {'ppl held-out':>12} {'ppl OOD':>10} {'bpb held-out':>12} {'bpb OOD':>10}")
     rows = [(label, r) for label, r in rows if r is not None]
     for label, r in rows:
@@ -91,13 +105,17 @@ def print_table(summary: dict) -> None:
         cells = [f"{r['per_source'][s]['ppl']:.2f} / {r['per_source'][s]['bpb']:.3f}" for s in sources]
         print(f"{label:<28} " + " ".join(f"{c:>16}" for c in cells))
     if summary.get("mmlu"):
-        print("\nMMLU 5-shot accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})"
-                                                  for k, v in summary["mmlu"].items()))
+        print(
+            "\nMMLU 5-shot accuracy: "
+            + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in summary["mmlu"].items())
+        )
     generation = summary.get("generation")
     if generation:
         n = generation["final"]
-        print(f"\nrepeated 4-grams in greedy continuations ({n['prompts']} held-out prompts, {n['new_tokens']} tokens): "
-              + ", ".join(f"{k} {v['repeated_4grams']:.2f}" for k, v in generation.items()))
+        print(
+            f"\nrepeated 4-grams in greedy continuations ({n['prompts']} held-out prompts, {n['new_tokens']} tokens): "
+            + ", ".join(f"{k} {v['repeated_4grams']:.2f}" for k, v in generation.items())
+        )
 
 
 def recipe_and_out(recipe: str, out: str | None) -> tuple[Path, str]:
@@ -106,8 +124,10 @@ def recipe_and_out(recipe: str, out: str | None) -> tuple[Path, str]:
     path = Path(recipe)
     if path.is_dir():
         if not (path / "recipe.yaml").is_file():
-            raise ValueError(f"{path} is a folder without recipe.yaml: give a recipe file (recipes/<model>/<mixer>.yaml) "
-                             "or a run folder")
+            raise ValueError(
+                f"{path} is a folder without recipe.yaml: give a recipe file (recipes/<model>/<mixer>.yaml) "
+                "or a run folder"
+            )
         return path / "recipe.yaml", out or str(path)
     return path, out or str(Path("runs") / f"{path.parent.name}-{path.stem}")
 
@@ -157,15 +177,27 @@ def cmd_generate(args) -> int:
     model, tokenizer = zoo.load_linearized(folder)
     if tokenizer is None:
         raise SystemExit(f"{folder} has no tokenizer saved with the model")
-    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, do_sample=args.sample,
-                        temperature=args.temperature))
+    print(
+        generate_text(
+            model,
+            tokenizer,
+            args.prompt,
+            args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+        )
+    )
     return 0
 
 
 def _add_redo(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redo", action="append", choices=("stage1", "stage2", "eval"),
-                        help="redo this stage and what follows it (repeatable); what it replaces is kept in "
-                             "DIR/superseded/; --redo eval evaluates a finished run again")
+    parser.add_argument(
+        "--redo",
+        action="append",
+        choices=("stage1", "stage2", "eval"),
+        help="redo this stage and what follows it (repeatable); what it replaces is kept in "
+        "DIR/superseded/; --redo eval evaluates a finished run again",
+    )
 
 
 def _command_words(argv: list[str]) -> list[str]:
@@ -182,17 +214,23 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser of `argv`'s command. Commands whose arguments live in a heavy module (eval, bench, plan)
     import it only when `argv` names them, so `zoo --help` and `zoo run` start fast."""
     words = _command_words(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="zoo", description="Linearize pretrained LLMs with registered token mixers.")
+    p = argparse.ArgumentParser(
+        prog="zoo", description="Linearize pretrained LLMs with registered token mixers."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered mixers").set_defaults(func=cmd_list)
     info = sub.add_parser("info", help="environment, embedded teacher and corpus")
     info.add_argument("--model", default="smollm2-135m")
     info.add_argument("--sources", nargs="+", default=["austen", "bible", "brown"])
     info.set_defaults(func=cmd_info)
-    run = sub.add_parser("run", help="run a recipe: RECIPE [key.sub=value ...] [--out DIR]; RECIPE may be a run folder")
+    run = sub.add_parser(
+        "run", help="run a recipe: RECIPE [key.sub=value ...] [--out DIR]; RECIPE may be a run folder"
+    )
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
-    run.add_argument("--out", help="run folder (default runs/<model>-<mixer>; a run folder as RECIPE: that folder)")
+    run.add_argument(
+        "--out", help="run folder (default runs/<model>-<mixer>; a run folder as RECIPE: that folder)"
+    )
     _add_redo(run)
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="the lolcats recipe on the embedded SmolLM2 teacher and corpus")
@@ -200,8 +238,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--out")
     _add_redo(demo)
     demo.set_defaults(func=cmd_demo)
-    ev = sub.add_parser("eval", help="perplexity / bits per byte, MMLU, passkey, decode cost, lm_eval tasks "
-                                     "of a saved linearized model")
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity / bits per byte, MMLU, passkey, decode cost, lm_eval tasks "
+        "of a saved linearized model",
+    )
     if words[:1] == ["eval"]:
         ev.add_argument("dir")
         ev.add_argument("--sources", nargs="+", default=["austen", "bible", "brown"])
@@ -225,8 +266,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 # Commands whose code lives in its own module: each module has add_arguments(parser) and main(args) -> int.
 MODULE_COMMANDS = {
-    ("bench", "speed"): ("zoo.bench.speed", "time mixers against softmax attention (prefill, fwd+bwd, decode, memory)"),
-    ("bench", "quality"): ("zoo.bench.quality", "every mixer through one recipe template, one budget: leaderboard"),
+    ("bench", "speed"): (
+        "zoo.bench.speed",
+        "time mixers against softmax attention (prefill, fwd+bwd, decode, memory)",
+    ),
+    ("bench", "quality"): (
+        "zoo.bench.quality",
+        "every mixer through one recipe template, one budget: leaderboard",
+    ),
     ("plan",): ("zoo.scale.plan", "disk, memory, GPUs and time for block-wise linearization of a model"),
 }
 
@@ -244,7 +291,7 @@ def _add_module_commands(sub, words: list[str]) -> None:
                 groups[names[0]] = group.add_subparsers(dest=f"{names[0]}_command", required=True)
             parent = groups[names[0]]
         parser = parent.add_parser(names[-1], help=help_text)
-        if tuple(words[:len(names)]) == names:
+        if tuple(words[: len(names)]) == names:
             module = importlib.import_module(module_name)
             module.add_arguments(parser)
             parser.set_defaults(func=module.main)
@@ -255,7 +302,9 @@ def _raised_in_zoo(err: BaseException) -> bool:
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).parent)
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(
+        Path(__file__).parent
+    )
 
 
 def expected_error(err: BaseException) -> str | None:
@@ -268,11 +317,16 @@ def expected_error(err: BaseException) -> str | None:
         where = f": {err.filename}" if err.filename else ""
         message = f"{err.strerror or err}{where}"
         if err.errno == 28:  # ENOSPC
-            message += "; free some space and run the same command again (a run resumes from its last checkpoint)"
+            message += (
+                "; free some space and run the same command again (a run resumes from its last checkpoint)"
+            )
         return message
     if isinstance(err, SafetensorError):
-        return f"safetensors: {err}" + ("; free some space and run the same command again"
-                                        if "StorageFull" in str(err) or "No space" in str(err) else "")
+        return f"safetensors: {err}" + (
+            "; free some space and run the same command again"
+            if "StorageFull" in str(err) or "No space" in str(err)
+            else ""
+        )
     if isinstance(err, ValueError) or (isinstance(err, RuntimeError) and _raised_in_zoo(err)):
         return str(err)
     return None
@@ -293,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
             if message is None:
-                print(f"zoo: internal error ({type(err).__name__}); this is a bug in zoo, please report it with "
-                      "the traceback above and the command", file=sys.stderr)
+                print(
+                    f"zoo: internal error ({type(err).__name__}); this is a bug in zoo, please report it with "
+                    "the traceback above and the command",
+                    file=sys.stderr,
+                )
                 return 1
         print(f"zoo: error: {message}", file=sys.stderr)
         return 2

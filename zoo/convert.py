@@ -69,13 +69,18 @@ class LinearizedAttention(nn.Module):
     def __init__(self, attn: nn.Module, mixer: Mixer, context: ForwardContext | None = None):
         super().__init__()
         context = ForwardContext() if context is None else context
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+        )
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
         self.mixer = mixer
         self.layer_idx = attn.layer_idx
         self.head_dim = mixer.head_dim
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         object.__setattr__(self, "context", context)  # shared, not a submodule
         self._mode: _TeacherForcing | _SoftmaxTeacher | None = None  # None: the mixer
 
@@ -92,8 +97,15 @@ class LinearizedAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                cache=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        past_key_values=None,
+        cache=None,
+        **kwargs,
+    ):
         cache = past_key_values if cache is None else cache  # the decoder layer's name for it: see CACHE_ARG
         B, T, _ = hidden_states.shape
         q, k, v = self.project(hidden_states, position_embeddings)
@@ -102,7 +114,9 @@ class LinearizedAttention(nn.Module):
         if full_mask is None and isinstance(mode, _TeacherForcing):
             full_mask = mode.mask
         mask = None if full_mask is None else full_mask[:, -T:].to(q.device)
-        if isinstance(mode, _TeacherForcing):  # the teacher's modes use no cache: a forward sees its own tokens
+        if isinstance(
+            mode, _TeacherForcing
+        ):  # the teacher's modes use no cache: a forward sees its own tokens
             return self._transfer(q, k, v, hidden_states, mask, mode), None
         if isinstance(mode, _SoftmaxTeacher):
             return self._teacher_output(q, k, v, mask), None
@@ -151,6 +165,7 @@ class LinearizedAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # modes: the only way into the wrapper's modes
 
+
 def linearized_layers(model: nn.Module) -> list[LinearizedAttention]:
     """Every converted layer inside `model` (a converted model, a peft or FSDP wrapper around one, a
     part of one, or a wrapper itself), in module order."""
@@ -174,8 +189,12 @@ def _layers_in_mode(model: nn.Module, mode: _TeacherForcing | _SoftmaxTeacher) -
 
 
 @contextmanager
-def teacher_forced(model: nn.Module, attention_ce: float = 0.0, attention_ce_max_len: int = 128,
-                   mask: torch.Tensor | None = None) -> Iterator[dict[int, torch.Tensor]]:
+def teacher_forced(
+    model: nn.Module,
+    attention_ce: float = 0.0,
+    attention_ce_max_len: int = 128,
+    mask: torch.Tensor | None = None,
+) -> Iterator[dict[int, torch.Tensor]]:
     """Stage 1's attention transfer: `with teacher_forced(model) as losses:` each converted layer computes
     the teacher's softmax output and its mixer's from the same q, k, v, passes the teacher's on (so the
     model's output is the teacher's) and records its transfer loss in `losses` (layer index -> scalar
@@ -204,8 +223,11 @@ def softmax_teacher(model: nn.Module) -> Iterator[nn.Module]:
 
 def hybrid_mixers(model: nn.Module) -> list[Mixer]:
     """The mixers of `model`'s converted layers that can switch branch (the window hybrids: `BRANCHES`)."""
-    return [layer.mixer for layer in linearized_layers(model)
-            if hasattr(layer.mixer, "BRANCHES") and hasattr(layer.mixer, "branch")]
+    return [
+        layer.mixer
+        for layer in linearized_layers(model)
+        if hasattr(layer.mixer, "BRANCHES") and hasattr(layer.mixer, "branch")
+    ]
 
 
 @contextmanager
@@ -215,8 +237,10 @@ def branch(model: nn.Module, name: str) -> Iterator[None]:
     A ValueError for a branch a hybrid does not have, or for "window"/"linear" on a model without hybrids."""
     mixers = hybrid_mixers(model)
     if not mixers and name != "both":
-        raise ValueError(f"the model has no hybrid mixer (window + linear) whose branch can be chosen: "
-                         f"cannot run branch {name!r}")
+        raise ValueError(
+            f"the model has no hybrid mixer (window + linear) whose branch can be chosen: "
+            f"cannot run branch {name!r}"
+        )
     for mixer in mixers:
         if name not in mixer.BRANCHES:
             raise ValueError(f"{mixer.name}: branch must be one of {mixer.BRANCHES}, got {name!r}")
@@ -232,6 +256,7 @@ def branch(model: nn.Module, name: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------
 # families
+
 
 def _family_classes():
     from transformers import (
@@ -266,16 +291,26 @@ class ZooModelMixin:
             object.__setattr__(self, "_zoo_ctx", ctx)
         return ctx
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, position_ids=None,
-                use_cache=None, cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=None,
+        use_cache=None,
+        cache=None,
+        **kwargs,
+    ):
         if cache is not None and past_key_values is not None:
             raise ValueError("give the cache as `cache` or as `past_key_values`, not both")
         cache = past_key_values if cache is None else cache  # either name, whatever the transformers version
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if cache is not None and not isinstance(cache, ZooCache):
             if cache.get_seq_length():
-                raise TypeError("a converted model needs a zoo.cache.ZooCache, not a "
-                                f"{type(cache).__name__} that already holds tokens")
+                raise TypeError(
+                    "a converted model needs a zoo.cache.ZooCache, not a "
+                    f"{type(cache).__name__} that already holds tokens"
+                )
             cache = ZooCache()
         if cache is None and use_cache:
             cache = ZooCache()
@@ -286,8 +321,14 @@ class ZooModelMixin:
         ctx = self._zoo_context()
         ctx.mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         try:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=use_cache, **{CACHE_ARG: cache}, **kwargs)
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{CACHE_ARG: cache},
+                **kwargs,
+            )
         finally:
             ctx.mask = None
 
@@ -299,26 +340,37 @@ class ZooModelMixin:
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def converted_layers(self) -> dict[int, LinearizedAttention]:
-        return {i: layer.self_attn for i, layer in enumerate(self.model.layers)
-                if isinstance(layer.self_attn, LinearizedAttention)}
+        return {
+            i: layer.self_attn
+            for i, layer in enumerate(self.model.layers)
+            if isinstance(layer.self_attn, LinearizedAttention)
+        }
 
 
 def _make_zoo_classes(family: str, config_cls: type, model_cls: type) -> tuple[type, type]:
     model_type = f"zoo_{family}"
-    zoo_config = type(f"Zoo{config_cls.__name__}", (config_cls,), {
-        "model_type": model_type,
-        "__doc__": f"A {family} config whose `zoo_mixers` lists each layer's mixer (None: softmax kept).",
-    })
+    zoo_config = type(
+        f"Zoo{config_cls.__name__}",
+        (config_cls,),
+        {
+            "model_type": model_type,
+            "__doc__": f"A {family} config whose `zoo_mixers` lists each layer's mixer (None: softmax kept).",
+        },
+    )
 
     def __init__(self, config):
         model_cls.__init__(self, config)
         _apply_mixers(self, getattr(config, "zoo_mixers", None) or [])
 
-    zoo_model = type(f"Zoo{model_cls.__name__}", (ZooModelMixin, model_cls), {
-        "config_class": zoo_config,
-        "__init__": __init__,
-        "__doc__": f"A {family} causal LM with some attention layers converted to zoo mixers.",
-    })
+    zoo_model = type(
+        f"Zoo{model_cls.__name__}",
+        (ZooModelMixin, model_cls),
+        {
+            "config_class": zoo_config,
+            "__init__": __init__,
+            "__doc__": f"A {family} causal LM with some attention layers converted to zoo mixers.",
+        },
+    )
     AutoConfig.register(model_type, zoo_config, exist_ok=True)
     AutoModelForCausalLM.register(zoo_config, zoo_model, exist_ok=True)
     return zoo_config, zoo_model
@@ -336,13 +388,16 @@ def model_family(model: nn.Module) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = model_type[4:] if model_type and model_type.startswith("zoo_") else model_type
     if family not in SUPPORTED_FAMILIES:
-        raise ValueError(f"cannot convert a model of type {model_type!r}; supported families: "
-                         f"{', '.join(SUPPORTED_FAMILIES)}")
+        raise ValueError(
+            f"cannot convert a model of type {model_type!r}; supported families: "
+            f"{', '.join(SUPPORTED_FAMILIES)}"
+        )
     return family
 
 
 # ---------------------------------------------------------------------------------------------
 # conversion
+
 
 def resolve_layers(layers: Any, num_layers: int) -> list[int]:
     """None: all layers; a list of ints; a Python slice; or a "start:stop[:step]" string."""
@@ -363,8 +418,15 @@ def _apply_mixers(model: nn.Module, zoo_mixers: list) -> None:
         attn = layer.self_attn
         if isinstance(attn, LinearizedAttention):
             raise ValueError(f"layer {idx} is already converted (to {attn.mixer.name!r})")
-        mixer = build_mixer(spec["mixer"], config.num_attention_heads, config.num_key_value_heads, head_dim,
-                            config.hidden_size, idx, **spec.get("options", {}))
+        mixer = build_mixer(
+            spec["mixer"],
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim,
+            config.hidden_size,
+            idx,
+            **spec.get("options", {}),
+        )
         param = attn.q_proj.weight
         mixer.to(device=param.device, dtype=param.dtype if param.dtype.is_floating_point else None)
         layer.self_attn = LinearizedAttention(attn, mixer, ctx)

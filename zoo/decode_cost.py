@@ -52,7 +52,9 @@ def extrapolate_state_bytes(points: dict[int, int], target: int) -> tuple[int | 
         return values[-1] * target // ctx[-1], "linear"
     c0, c1 = ctx[-2], ctx[-1]
     slope_num, slope_den = points[c1] - points[c0], c1 - c0
-    collinear = len(ctx) >= 3 and all((points[c] - points[c0]) * slope_den == slope_num * (c - c0) for c in ctx)
+    collinear = len(ctx) >= 3 and all(
+        (points[c] - points[c0]) * slope_den == slope_num * (c - c0) for c in ctx
+    )
     if collinear:
         return points[c1] + slope_num * (target - c1) // slope_den, "linear"
     return None, "irregular"
@@ -63,8 +65,9 @@ def _vocab_size(model: Any) -> int:
 
 
 @torch.no_grad()
-def measure_decode(model: Any, contexts: Sequence[int], steps: int = 8, seed: int = 0,
-                   extrapolate_to: int = 32_768) -> dict[str, Any]:
+def measure_decode(
+    model: Any, contexts: Sequence[int], steps: int = 8, seed: int = 0, extrapolate_to: int = 32_768
+) -> dict[str, Any]:
     """Decode tokens/s and state bytes at each context (tokens) for one sequence; see the module doc.
 
     Returns ``{"contexts": {"<ctx>": {"decode_tokens_per_s", "decode_ms_per_token", "state_bytes",
@@ -72,8 +75,11 @@ def measure_decode(model: Any, contexts: Sequence[int], steps: int = 8, seed: in
     contexts = [int(c) for c in contexts]
     if not contexts or steps < 1:
         raise ValueError(f"decode: need at least one context and steps >= 1, got {contexts} and {steps}")
-    if contexts != sorted(contexts) or any(b - a <= steps for a, b in zip(contexts, contexts[1:])) \
-            or contexts[0] < 1:
+    if (
+        contexts != sorted(contexts)
+        or any(b - a <= steps for a, b in zip(contexts, contexts[1:]))
+        or contexts[0] < 1
+    ):
         raise ValueError(f"decode: contexts must grow by more than steps ({steps}) each time, got {contexts}")
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
@@ -90,10 +96,12 @@ def measure_decode(model: Any, contexts: Sequence[int], steps: int = 8, seed: in
             cache = getattr(out, CACHE_ARG)
             held = cache_state_bytes(cache)
             if held == 0:  # a cache no layer wrote to: every decode step would start from nothing
-                raise RuntimeError(f"decode: after a {context}-token prefill the model's cache "
-                                   f"({type(cache).__name__}) holds no state; the cache argument "
-                                   f"{CACHE_ARG!r} did not reach its layers (a transformers version whose "
-                                   "cache argument zoo does not know?)")
+                raise RuntimeError(
+                    f"decode: after a {context}-token prefill the model's cache "
+                    f"({type(cache).__name__}) holds no state; the cache argument "
+                    f"{CACHE_ARG!r} did not reach its layers (a transformers version whose "
+                    "cache argument zoo does not know?)"
+                )
             token = out.logits[:, -1:].argmax(-1)
             times = []
             for _ in range(steps):
@@ -103,12 +111,21 @@ def measure_decode(model: Any, contexts: Sequence[int], steps: int = 8, seed: in
                 times.append(time.perf_counter() - t0)
             seen = context + steps
             step = statistics.median(times)  # robust to a step slowed by other work on the machine
-            rows[str(context)] = {"decode_tokens_per_s": 1.0 / step, "decode_ms_per_token": 1e3 * step,
-                                  "state_bytes": held, "prefill_seconds": prefill}
+            rows[str(context)] = {
+                "decode_tokens_per_s": 1.0 / step,
+                "decode_ms_per_token": 1e3 * step,
+                "state_bytes": held,
+                "prefill_seconds": prefill,
+            }
     finally:
         if was_training:
             model.train()
-    extrapolated, growth = extrapolate_state_bytes({int(c): r["state_bytes"] for c, r in rows.items()},
-                                                   extrapolate_to)
-    return {"contexts": rows, "steps": steps, "state_growth": growth,
-            "state_bytes_extrapolated": {str(extrapolate_to): extrapolated}}
+    extrapolated, growth = extrapolate_state_bytes(
+        {int(c): r["state_bytes"] for c, r in rows.items()}, extrapolate_to
+    )
+    return {
+        "contexts": rows,
+        "steps": steps,
+        "state_growth": growth,
+        "state_bytes_extrapolated": {str(extrapolate_to): extrapolated},
+    }

@@ -25,18 +25,28 @@ _EVAL_DEFAULTS = EvalConfig()
 #: a BPE tokenizer (one or more per word, number and punctuation run; zoo.passkey), plus some filler
 PASSKEY_MIN_TOKENS = 64
 
-RUN_COST_KEYS = ("trainable_params", "trainable_percent", "tokens_stage1", "tokens_stage2", "seconds_stage1",
-                 "seconds_stage2", "peak_memory_stage1", "peak_memory_stage2")
+RUN_COST_KEYS = (
+    "trainable_params",
+    "trainable_percent",
+    "tokens_stage1",
+    "tokens_stage2",
+    "seconds_stage1",
+    "seconds_stage2",
+    "peak_memory_stage1",
+    "peak_memory_stage2",
+)
 
 
 def parse_ints(text: str | None, flag: str, minimum: int = 1) -> list[int]:
-    """"512,1024" -> [512, 1024]; a clear error names the flag, also for a count below `minimum`."""
+    """ "512,1024" -> [512, 1024]; a clear error names the flag, also for a count below `minimum`."""
     if not text:
         return []
     try:
         counts = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{flag} takes comma-separated token counts such as 512,1024, got {text!r}") from None
+        raise ValueError(
+            f"{flag} takes comma-separated token counts such as 512,1024, got {text!r}"
+        ) from None
     too_small = [n for n in counts if n < minimum]
     if too_small:
         raise ValueError(f"{flag}: context lengths must be >= {minimum} tokens, got {too_small[0]}")
@@ -48,18 +58,27 @@ def check_eval_arguments(args) -> tuple[list[int], list[int]]:
     its flag; nothing is loaded."""
     passkey = parse_ints(args.passkey, "--passkey", PASSKEY_MIN_TOKENS)
     decode = parse_ints(args.decode, "--decode")
-    at_least = {"--seq-len": (args.seq_len, 2), "--max-blocks": (args.max_blocks, 1),
-                "--mmlu": (args.mmlu, 0), "--passkey-trials": (args.passkey_trials, 1),
-                "--decode-steps": (args.decode_steps, 1), "--mse": (args.mse, 0),
-                "--generation": (args.generation, 0), "--generation-tokens": (args.generation_tokens, 1),
-                "--lm-eval-limit": (args.lm_eval_limit, 1), "--lm-eval-fewshot": (args.lm_eval_fewshot, 0)}
+    at_least = {
+        "--seq-len": (args.seq_len, 2),
+        "--max-blocks": (args.max_blocks, 1),
+        "--mmlu": (args.mmlu, 0),
+        "--passkey-trials": (args.passkey_trials, 1),
+        "--decode-steps": (args.decode_steps, 1),
+        "--mse": (args.mse, 0),
+        "--generation": (args.generation, 0),
+        "--generation-tokens": (args.generation_tokens, 1),
+        "--lm-eval-limit": (args.lm_eval_limit, 1),
+        "--lm-eval-fewshot": (args.lm_eval_fewshot, 0),
+    }
     for flag, (value, minimum) in at_least.items():
         if value is not None and value < minimum:
             raise ValueError(f"{flag} must be >= {minimum}, got {value}")
     steps = args.decode_steps
     if any(b - a <= steps for a, b in zip(decode, decode[1:])):
-        raise ValueError(f"--decode: context lengths must grow by more than --decode-steps ({steps}) "
-                         f"each time, got {args.decode}")
+        raise ValueError(
+            f"--decode: context lengths must grow by more than --decode-steps ({steps}) "
+            f"each time, got {args.decode}"
+        )
     return passkey, decode
 
 
@@ -68,14 +87,30 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--passkey", help="passkey retrieval at these contexts (tokens), e.g. 512,1024,2048")
     parser.add_argument("--passkey-trials", type=int, default=4, help="prompts per context (default 4)")
     parser.add_argument("--decode", help="decode tok/s and state bytes at these contexts, e.g. 512,1024,2048")
-    parser.add_argument("--decode-steps", type=int, default=8, help="timed decoding steps per context (default 8)")
-    parser.add_argument("--mse", type=int, default=0, help="mean per-layer transfer MSE on this many held-out blocks")
-    parser.add_argument("--generation", type=int, default=0,
-                        help="greedy continuations of this many held-out prompts, scored for repeated 4-grams")
-    parser.add_argument("--generation-tokens", type=int, default=_EVAL_DEFAULTS.generation_tokens,
-                        help=f"tokens generated per prompt (default {_EVAL_DEFAULTS.generation_tokens})")
-    parser.add_argument("--branches", action="store_true", help="hybrids: also each branch alone (window, linear)")
-    parser.add_argument("--lm-eval", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval installed)")
+    parser.add_argument(
+        "--decode-steps", type=int, default=8, help="timed decoding steps per context (default 8)"
+    )
+    parser.add_argument(
+        "--mse", type=int, default=0, help="mean per-layer transfer MSE on this many held-out blocks"
+    )
+    parser.add_argument(
+        "--generation",
+        type=int,
+        default=0,
+        help="greedy continuations of this many held-out prompts, scored for repeated 4-grams",
+    )
+    parser.add_argument(
+        "--generation-tokens",
+        type=int,
+        default=_EVAL_DEFAULTS.generation_tokens,
+        help=f"tokens generated per prompt (default {_EVAL_DEFAULTS.generation_tokens})",
+    )
+    parser.add_argument(
+        "--branches", action="store_true", help="hybrids: also each branch alone (window, linear)"
+    )
+    parser.add_argument(
+        "--lm-eval", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval installed)"
+    )
     parser.add_argument("--lm-eval-include", help="a folder of lm_eval task YAML files of your own")
     parser.add_argument("--lm-eval-limit", type=int, help="at most this many examples per lm_eval task")
     parser.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples for the lm_eval tasks")
@@ -108,8 +143,9 @@ def evaluate_saved_model(args) -> dict[str, Any]:
     if passkey:
         from zoo.passkey import evaluate_passkey
 
-        results["passkey"] = evaluate_passkey(model, tokenizer, corpus.heldout(corpus.sources[-1]), passkey,
-                                              args.passkey_trials)
+        results["passkey"] = evaluate_passkey(
+            model, tokenizer, corpus.heldout(corpus.sources[-1]), passkey, args.passkey_trials
+        )
     if decode:
         from zoo.decode_cost import measure_decode
 
@@ -124,8 +160,12 @@ def evaluate_saved_model(args) -> dict[str, Any]:
     if args.generation:
         from zoo.generation import evaluate_generation, generation_prompts
 
-        prompts = generation_prompts(tokenizer, corpus.heldout(corpus.sources[0]), args.generation,
-                                     _EVAL_DEFAULTS.generation_prompt_tokens)
+        prompts = generation_prompts(
+            tokenizer,
+            corpus.heldout(corpus.sources[0]),
+            args.generation,
+            _EVAL_DEFAULTS.generation_prompt_tokens,
+        )
         results["generation"] = evaluate_generation(model, tokenizer, prompts, args.generation_tokens)
     if args.branches:
         from zoo.measures import use_branch
@@ -137,8 +177,14 @@ def evaluate_saved_model(args) -> dict[str, Any]:
     if args.lm_eval:
         from zoo.lm_eval_bridge import run_lm_eval
 
-        results["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval.split(","), include_path=args.lm_eval_include,
-                                         limit=args.lm_eval_limit, num_fewshot=args.lm_eval_fewshot)
+        results["lm_eval"] = run_lm_eval(
+            model,
+            tokenizer,
+            args.lm_eval.split(","),
+            include_path=args.lm_eval_include,
+            limit=args.lm_eval_limit,
+            num_fewshot=args.lm_eval_fewshot,
+        )
     summary_path = folder / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())

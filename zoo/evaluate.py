@@ -42,14 +42,15 @@ def _summed_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     rows = max(1, _CHUNK_ELEMENTS // vocab)
     total = 0.0
     for start in range(0, flat_logits.shape[0], rows):
-        chunk = flat_logits[start:start + rows].float()
-        total += F.cross_entropy(chunk, flat_targets[start:start + rows], reduction="sum").item()
+        chunk = flat_logits[start : start + rows].float()
+        total += F.cross_entropy(chunk, flat_targets[start : start + rows], reduction="sum").item()
     return total
 
 
 @torch.no_grad()
-def nll(model: Any, blocks: torch.Tensor, batch_size: int = 8,
-        device: torch.device | str | None = None) -> tuple[float, int]:
+def nll(
+    model: Any, blocks: torch.Tensor, batch_size: int = 8, device: torch.device | str | None = None
+) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (nats) over ``blocks`` [N, T], and the number of
     predicted tokens, N * (T - 1): each block predicts its tokens 1..T-1 from the ones before.
 
@@ -68,7 +69,7 @@ def nll(model: Any, blocks: torch.Tensor, batch_size: int = 8,
     total, count = 0.0, 0
     try:
         for start in range(0, blocks.shape[0], batch_size):
-            batch = blocks[start:start + batch_size].to(device=device, dtype=torch.long)
+            batch = blocks[start : start + batch_size].to(device=device, dtype=torch.long)
             logits = model(input_ids=batch, use_cache=False).logits
             total += _summed_token_nll(logits[:, :-1], batch[:, 1:])
             count += batch.shape[0] * (batch.shape[1] - 1)
@@ -94,8 +95,14 @@ def bits_per_byte(nll_nats: float, n_tokens: int, bytes_per_token: float) -> flo
     return nll_nats / n_tokens / math.log(2) / bytes_per_token
 
 
-def evaluate_texts(model: Any, tokenizer: Any, texts_or_docs: Sequence[Any], block_size: int,
-                   max_blocks: int | None = None, batch_size: int = 8) -> dict[str, float]:
+def evaluate_texts(
+    model: Any,
+    tokenizer: Any,
+    texts_or_docs: Sequence[Any],
+    block_size: int,
+    max_blocks: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
     """Perplexity and bits per byte of ``model`` on texts (or ``zoo.data.Document`` s).
 
     The texts are cut into blocks of ``block_size`` tokens (``zoo.data.token_blocks``, at most
@@ -119,11 +126,19 @@ def evaluate_texts(model: Any, tokenizer: Any, texts_or_docs: Sequence[Any], blo
     }
 
 
-def evaluate_corpus(model: Any, tokenizer: Any, corpus: Any, sources: Iterable[str], block_size: int,
-                    max_blocks: int | None, batch_size: int = 8) -> dict[str, dict[str, float]]:
+def evaluate_corpus(
+    model: Any,
+    tokenizer: Any,
+    corpus: Any,
+    sources: Iterable[str],
+    block_size: int,
+    max_blocks: int | None,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float]]:
     """``evaluate_texts`` on each source's held-out documents (``corpus.heldout(source)``)."""
     return {
-        source: evaluate_texts(model, tokenizer, corpus.heldout(source), block_size,
-                               max_blocks=max_blocks, batch_size=batch_size)
+        source: evaluate_texts(
+            model, tokenizer, corpus.heldout(source), block_size, max_blocks=max_blocks, batch_size=batch_size
+        )
         for source in sources
     }

@@ -20,8 +20,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 #: what save_linearized writes for a one-file model (an older zoo wrote it without zoo-checksums.json)
-SAVED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+SAVED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def save_linearized(model: nn.Module, tokenizer, path: str | os.PathLike, merge: bool = True) -> Path:
@@ -33,8 +40,10 @@ def save_linearized(model: nn.Module, tokenizer, path: str | os.PathLike, merge:
     if merge:
         model = merge_lora(model)
     elif hasattr(model, "peft_config"):
-        raise ValueError("save_linearized(merge=False) of a peft model: save the adapter with "
-                         "model.save_pretrained() instead, or merge it")
+        raise ValueError(
+            "save_linearized(merge=False) of a peft model: save the adapter with "
+            "model.save_pretrained() instead, or merge it"
+        )
     path = Path(path)
     with atomic_dir(path, known=SAVED_FILES) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -43,7 +52,9 @@ def save_linearized(model: nn.Module, tokenizer, path: str | os.PathLike, merge:
     return path
 
 
-def load_linearized(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | None = None):
+def load_linearized(
+    path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | None = None
+):
     """Return `(model, tokenizer)` from a folder written by `save_linearized` (tokenizer None if absent).
 
     The folder's zoo-checksums.json, when it has one, is checked first: a file changed since it was saved

@@ -40,8 +40,10 @@ def parse_layers(spec: list[int] | str | None, num_layers: int) -> list[int]:
             if isinstance(layer, bool) or not isinstance(layer, int):
                 raise ValueError(f"layers: {layer!r} is not a layer index")
             if not -num_layers <= layer < num_layers:
-                raise ValueError(f"layers: {layer} is out of range for {num_layers} layers "
-                                 f"(0..{num_layers - 1}, or negative from the end)")
+                raise ValueError(
+                    f"layers: {layer} is out of range for {num_layers} layers "
+                    f"(0..{num_layers - 1}, or negative from the end)"
+                )
             chosen.append(layer % num_layers)
         if len(set(chosen)) != len(chosen):
             raise ValueError(f"layers: {list(spec)} names a layer twice")

@@ -44,9 +44,16 @@ def _task_manager(TaskManager, tasks: list[str], include_path: str | Path | None
     return TaskManager(include_path=str(include_path) if include_path else None)
 
 
-def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], include_path: str | Path | None = None,
-                limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 1,
-                seed: int = 0) -> dict[str, Any]:
+def run_lm_eval(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    include_path: str | Path | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Evaluate `model` on lm_eval `tasks`; returns {"results": {task: {metric: value}}, "n_samples",
     "configs": {task: the task's resolved config}} as plain JSON-able values."""
     lm_eval, HFLM, TaskManager = _import_lm_eval()
@@ -59,9 +66,21 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], include_path: 
         where = f" (nor in {include_path})" if include_path else ""
         raise ValueError(f"lm_eval: unknown task(s) {unknown}{where}; see `lm_eval ls tasks` for the names")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                  log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed)
-    keep = {"results": out["results"], "n_samples": out.get("n-samples"),
-            "configs": {t: out.get("configs", {}).get(t) for t in out["results"]}}
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    keep = {
+        "results": out["results"],
+        "n_samples": out.get("n-samples"),
+        "configs": {t: out.get("configs", {}).get(t) for t in out["results"]},
+    }
     return json.loads(json.dumps(keep, default=str))  # numpy numbers and callables become plain values

@@ -23,8 +23,19 @@ import torch
 from zoo.atomic import write_json
 from zoo.recipe import Recipe
 
-__all__ = ["MEASURES", "wanted_measures", "cached_reference", "read_reference", "write_reference", "measure",
-           "teacher_reference", "teacher_measures", "hybrid_mixers", "use_branch", "branch_ablation"]
+__all__ = [
+    "MEASURES",
+    "wanted_measures",
+    "cached_reference",
+    "read_reference",
+    "write_reference",
+    "measure",
+    "teacher_reference",
+    "teacher_measures",
+    "hybrid_mixers",
+    "use_branch",
+    "branch_ablation",
+]
 
 #: the measures a recipe can ask for (eval.mmlu, eval.passkey_lengths, eval.decode_contexts, eval.generation_prompts)
 MEASURES = ("mmlu", "passkey", "decode", "generation")
@@ -73,10 +84,19 @@ def _measure_key(name: str, recipe: Recipe, device: torch.device) -> dict:
     if name == "mmlu":
         key["questions"] = e.mmlu
     elif name == "passkey":
-        key |= {"data": recipe.data_key(), "lengths": e.passkey_lengths, "trials": e.passkey_trials, "seed": recipe.seed}
+        key |= {
+            "data": recipe.data_key(),
+            "lengths": e.passkey_lengths,
+            "trials": e.passkey_trials,
+            "seed": recipe.seed,
+        }
     elif name == "generation":
-        key |= {"data": recipe.data_key(), "prompts": e.generation_prompts, "prompt_tokens": e.generation_prompt_tokens,
-                "tokens": e.generation_tokens}
+        key |= {
+            "data": recipe.data_key(),
+            "prompts": e.generation_prompts,
+            "prompt_tokens": e.generation_prompt_tokens,
+            "tokens": e.generation_tokens,
+        }
     return key
 
 
@@ -90,8 +110,9 @@ def measure(name: str, recipe: Recipe, data: Any, model: Any, tokenizer: Any) ->
     if name == "passkey":
         from zoo.passkey import evaluate_passkey
 
-        return evaluate_passkey(model, tokenizer, data.passkey_filler(), e.passkey_lengths, e.passkey_trials,
-                                seed=recipe.seed)
+        return evaluate_passkey(
+            model, tokenizer, data.passkey_filler(), e.passkey_lengths, e.passkey_trials, seed=recipe.seed
+        )
     if name == "decode":
         from zoo.decode_cost import measure_decode
 
@@ -99,8 +120,9 @@ def measure(name: str, recipe: Recipe, data: Any, model: Any, tokenizer: Any) ->
     if name == "generation":
         from zoo.generation import evaluate_generation, generation_prompts
 
-        prompts = generation_prompts(tokenizer, data.generation_documents(), e.generation_prompts,
-                                     e.generation_prompt_tokens)
+        prompts = generation_prompts(
+            tokenizer, data.generation_documents(), e.generation_prompts, e.generation_prompt_tokens
+        )
         return evaluate_generation(model, tokenizer, prompts, e.generation_tokens)
     raise ValueError(f"unknown measure {name!r}; known: {', '.join(MEASURES)}")
 
@@ -110,18 +132,23 @@ def teacher_reference(name: str, recipe: Recipe, device: torch.device) -> tuple[
     return f"teacher-{name}", _measure_key(name, recipe, device)
 
 
-def teacher_measures(recipe: Recipe, data: Any, teacher: Any, tokenizer: Any, device: torch.device,
-                     names: list[str]) -> dict[str, dict]:
+def teacher_measures(
+    recipe: Recipe, data: Any, teacher: Any, tokenizer: Any, device: torch.device, names: list[str]
+) -> dict[str, dict]:
     """The teacher's result of each measure in `names`: from the reference cache or computed now (decode
     timings always now)."""
     results = {}
     for name in names:
+
         def compute(name=name):
             _say(f"teacher: {name}" + ("" if name == "decode" else " (computed once, then cached)"))
             return measure(name, recipe, data, teacher, tokenizer)
 
-        results[name] = compute() if name == "decode" else \
-            cached_reference(*teacher_reference(name, recipe, device), compute)
+        results[name] = (
+            compute()
+            if name == "decode"
+            else cached_reference(*teacher_reference(name, recipe, device), compute)
+        )
     return results
 
 

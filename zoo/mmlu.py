@@ -30,8 +30,18 @@ import torch
 
 from zoo.evaluate import model_device
 
-__all__ = ["MMLUQuestion", "LETTERS", "mmlu_path", "read_mmlu", "load_mmlu", "select_shots",
-           "build_prompt", "letter_token_ids", "spread", "evaluate_mmlu"]
+__all__ = [
+    "MMLUQuestion",
+    "LETTERS",
+    "mmlu_path",
+    "read_mmlu",
+    "load_mmlu",
+    "select_shots",
+    "build_prompt",
+    "letter_token_ids",
+    "spread",
+    "evaluate_mmlu",
+]
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +159,7 @@ def letter_token_ids(tokenizer: Any) -> list[int]:
     ids = []
     for letter in LETTERS:
         full = tokenizer.encode(f"Answer: {letter}", add_special_tokens=False)
-        if len(full) == len(prefix) + 1 and list(full[:len(prefix)]) == list(prefix):
+        if len(full) == len(prefix) + 1 and list(full[: len(prefix)]) == list(prefix):
             ids.append(int(full[-1]))
         else:
             ids.append(int(tokenizer.encode(f" {letter}", add_special_tokens=False)[-1]))
@@ -177,8 +187,9 @@ def spread(questions: Sequence[MMLUQuestion], limit: int | None) -> list[MMLUQue
     return chosen
 
 
-def _encode_prompt(tokenizer: Any, question: MMLUQuestion, shots: list[MMLUQuestion],
-                   max_length: int) -> list[int]:
+def _encode_prompt(
+    tokenizer: Any, question: MMLUQuestion, shots: list[MMLUQuestion], max_length: int
+) -> list[int]:
     """Token ids of the prompt; drops shots from the front while it is longer than ``max_length``,
     and as a last resort keeps only its last ``max_length`` tokens."""
     shots = list(shots)
@@ -212,27 +223,44 @@ def _accepts_logits_to_keep(model: Any) -> bool:
 
 
 @torch.no_grad()
-def _score_batch(model: Any, batch: list[list[int]], pad_id: int, letter_ids: list[int],
-                 device: torch.device, last_only: bool = False) -> torch.Tensor:
+def _score_batch(
+    model: Any,
+    batch: list[list[int]],
+    pad_id: int,
+    letter_ids: list[int],
+    device: torch.device,
+    last_only: bool = False,
+) -> torch.Tensor:
     """Log-probabilities [B, 4] of the letter tokens after each (left-padded) prompt."""
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
     # positions count real tokens only, so a left-padded prompt sees the positions it would alone
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     extra = {"logits_to_keep": 1} if last_only else {}
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                   position_ids=position_ids.to(device), use_cache=False, **extra).logits
+    logits = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        use_cache=False,
+        **extra,
+    ).logits
     last = logits[:, -1, :].float().log_softmax(-1)
     return last[:, letter_ids].cpu()
 
 
-def evaluate_mmlu(model: Any, tokenizer: Any, shots: int = 5, limit: int | None = None,
-                  subjects: Iterable[str] | None = None, batch_size: int = 4,
-                  max_length: int = 2048) -> dict[str, Any]:
+def evaluate_mmlu(
+    model: Any,
+    tokenizer: Any,
+    shots: int = 5,
+    limit: int | None = None,
+    subjects: Iterable[str] | None = None,
+    batch_size: int = 4,
+    max_length: int = 2048,
+) -> dict[str, Any]:
     """k-shot MMLU accuracy of a causal LM.
 
     shots: worked examples per prompt (the first ``shots`` other questions of the same topic).
@@ -252,14 +280,22 @@ def evaluate_mmlu(model: Any, tokenizer: Any, shots: int = 5, limit: int | None 
         questions = [q for q in pool if q.topic in wanted]
     questions = spread(questions, limit)
     if not questions:
-        return {"accuracy": float("nan"), "macro_accuracy": float("nan"), "n": 0, "correct": 0,
-                "shots": shots, "per_topic": {}, "per_topic_n": {}}
+        return {
+            "accuracy": float("nan"),
+            "macro_accuracy": float("nan"),
+            "n": 0,
+            "correct": 0,
+            "shots": shots,
+            "per_topic": {},
+            "per_topic_n": {},
+        }
 
     grouped = _by_topic(pool)
     letter_ids = letter_token_ids(tokenizer)
     pad_id = _pad_id(tokenizer)
-    encoded = [_encode_prompt(tokenizer, q, select_shots(q, grouped[q.topic], shots), max_length)
-               for q in questions]
+    encoded = [
+        _encode_prompt(tokenizer, q, select_shots(q, grouped[q.topic], shots), max_length) for q in questions
+    ]
     # batch prompts of similar length together to waste little on padding
     order = sorted(range(len(questions)), key=lambda i: len(encoded[i]))
 
@@ -270,7 +306,7 @@ def evaluate_mmlu(model: Any, tokenizer: Any, shots: int = 5, limit: int | None 
     predictions: dict[int, str] = {}
     try:
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             scores = _score_batch(model, [encoded[i] for i in idx], pad_id, letter_ids, device, last_only)
             for i, best in zip(idx, scores.argmax(-1).tolist()):
                 predictions[i] = LETTERS[best]

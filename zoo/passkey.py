@@ -25,8 +25,10 @@ from zoo.evaluate import model_device
 
 __all__ = ["INTRO", "passkey_prompt", "filler_tokens", "evaluate_passkey"]
 
-INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the pass key.\n\n")
+INTRO = (
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the pass key.\n\n"
+)
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
@@ -44,11 +46,12 @@ def filler_tokens(tokenizer: Any, texts: Sequence[Any], needed: int) -> torch.Te
     if stream.numel() == 0:
         raise ValueError("passkey: the filler texts hold no tokens")
     repeats = -(-needed // stream.numel())
-    return stream.repeat(repeats)[:max(needed, stream.numel())]
+    return stream.repeat(repeats)[: max(needed, stream.numel())]
 
 
-def passkey_prompt(tokenizer: Any, filler: torch.Tensor, length: int, key: int, depth: float,
-                   offset: int = 0) -> tuple[list[int], list[int]]:
+def passkey_prompt(
+    tokenizer: Any, filler: torch.Tensor, length: int, key: int, depth: float, offset: int = 0
+) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) with len(prompt) + len(answer) == `length`; the needle sits after
     `depth` (0..1) of the filler, which is read from `filler` starting at `offset` (wrapping around)."""
     intro, needle = _encode(tokenizer, INTRO), _encode(tokenizer, NEEDLE.format(key=key))
@@ -56,8 +59,10 @@ def passkey_prompt(tokenizer: Any, filler: torch.Tensor, length: int, key: int, 
     fixed = len(intro) + len(needle) + len(question) + len(answer)
     n_filler = length - fixed
     if n_filler < 1:
-        raise ValueError(f"passkey: a context of {length} tokens is too short; the instructions, needle, question "
-                         f"and answer alone take {fixed} tokens with this tokenizer")
+        raise ValueError(
+            f"passkey: a context of {length} tokens is too short; the instructions, needle, question "
+            f"and answer alone take {fixed} tokens with this tokenizer"
+        )
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"passkey: depth must be in [0, 1], got {depth}")
     index = (torch.arange(n_filler) + offset) % filler.numel()
@@ -74,8 +79,14 @@ def _retrieved(model: Any, prompt: list[int], answer: list[int], device: torch.d
     return predicted == answer
 
 
-def evaluate_passkey(model: Any, tokenizer: Any, filler_texts: Sequence[Any], lengths: Sequence[int],
-                     trials: int = 4, seed: int = 0) -> dict[str, Any]:
+def evaluate_passkey(
+    model: Any,
+    tokenizer: Any,
+    filler_texts: Sequence[Any],
+    lengths: Sequence[int],
+    trials: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Passkey retrieval accuracy of a causal LM at each context length (in tokens).
 
     Returns ``{"lengths": {"<length>": {"accuracy", "correct", "n"}}, "mean_accuracy", "trials"}``. The
@@ -97,7 +108,9 @@ def evaluate_passkey(model: Any, tokenizer: Any, filler_texts: Sequence[Any], le
             for trial in range(trials):
                 key = rng.randint(10_000, 99_999)
                 offset = rng.randrange(filler.numel())
-                prompt, answer = passkey_prompt(tokenizer, filler, int(length), key, (trial + 0.5) / trials, offset)
+                prompt, answer = passkey_prompt(
+                    tokenizer, filler, int(length), key, (trial + 0.5) / trials, offset
+                )
                 correct += _retrieved(model, prompt, answer, device)
             per_length[str(length)] = {"accuracy": correct / trials, "correct": correct, "n": trials}
     finally:

@@ -83,5 +83,8 @@ class PeakMemory:
             self.peak_cuda = int(torch.cuda.max_memory_allocated())
 
     def result(self) -> dict:
-        return {"peak_rss_bytes": self.peak_rss, "rss_method": "sampled" if self._sampled else "rusage-high-water",
-                "peak_cuda_bytes": self.peak_cuda}
+        return {
+            "peak_rss_bytes": self.peak_rss,
+            "rss_method": "sampled" if self._sampled else "rusage-high-water",
+            "peak_cuda_bytes": self.peak_cuda,
+        }

@@ -20,6 +20,7 @@ from zoo.recipe import Recipe, RecipeError
 @dataclass(frozen=True)
 class ModelFacts:
     """What a run needs to know of the teacher before loading it."""
+
     model_type: str
     num_layers: int
     num_heads: int
@@ -42,19 +43,26 @@ def read_model_config(name: str) -> dict:
     if path.exists():
         config = path / "config.json" if path.is_dir() else path
         if not config.is_file():
-            raise RecipeError(f"model.name: {name} is a folder without config.json, not a saved model", key="model.name")
+            raise RecipeError(
+                f"model.name: {name} is a folder without config.json, not a saved model", key="model.name"
+            )
         return _read_json(config)
     if not _is_hub_id(name):
-        raise RecipeError(f"model.name: no model folder at {name}, and not a hub id of the form owner/name "
-                          f"(nor an embedded teacher: {', '.join(EMBEDDED_CONFIGS)})", key="model.name")
+        raise RecipeError(
+            f"model.name: no model folder at {name}, and not a hub id of the form owner/name "
+            f"(nor an embedded teacher: {', '.join(EMBEDDED_CONFIGS)})",
+            key="model.name",
+        )
     try:
         from huggingface_hub import hf_hub_download
 
         return _read_json(Path(hf_hub_download(name, "config.json")))
     except Exception as err:  # offline, unknown repo, gated: say so in one line
-        raise RecipeError(f"model.name: could not read the config.json of hub model {name} "
-                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
-                          key="model.name") from None
+        raise RecipeError(
+            f"model.name: could not read the config.json of hub model {name} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+            key="model.name",
+        ) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -70,15 +78,25 @@ def model_facts(name: str) -> ModelFacts:
     model_type = str(config.get("model_type"))
     family = model_type.removeprefix("zoo_")
     if family not in SUPPORTED_FAMILIES:
-        raise RecipeError(f"model.name: {name} is a {model_type!r} model, which zoo cannot convert; supported "
-                          f"families: {', '.join(SUPPORTED_FAMILIES)}", key="model.name")
+        raise RecipeError(
+            f"model.name: {name} is a {model_type!r} model, which zoo cannot convert; supported "
+            f"families: {', '.join(SUPPORTED_FAMILIES)}",
+            key="model.name",
+        )
     try:
         heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
-        return ModelFacts(model_type=family, num_layers=int(config["num_hidden_layers"]), num_heads=heads,
-                          num_kv_heads=int(config.get("num_key_value_heads") or heads), hidden_size=hidden,
-                          head_dim=int(config.get("head_dim") or hidden // heads))
+        return ModelFacts(
+            model_type=family,
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            hidden_size=hidden,
+            head_dim=int(config.get("head_dim") or hidden // heads),
+        )
     except (KeyError, TypeError, ValueError) as err:
-        raise RecipeError(f"model.name: the config.json of {name} lacks a usable {err}", key="model.name") from None
+        raise RecipeError(
+            f"model.name: the config.json of {name} lacks a usable {err}", key="model.name"
+        ) from None
 
 
 def check_mixer(recipe: Recipe, facts: ModelFacts) -> list[int]:
@@ -98,8 +116,14 @@ def check_mixer(recipe: Recipe, facts: ModelFacts) -> list[int]:
         raise RecipeError(f"mixer.name: {err.args[0]}", key="mixer.name") from None
     try:
         with torch.device("meta"):
-            cls(facts.num_heads, facts.num_kv_heads, facts.head_dim, facts.hidden_size, layers[0],
-                **recipe.mixer.options)
+            cls(
+                facts.num_heads,
+                facts.num_kv_heads,
+                facts.head_dim,
+                facts.hidden_size,
+                layers[0],
+                **recipe.mixer.options,
+            )
     except (ValueError, TypeError) as err:
         message = str(err)
         where = "" if message.startswith("mixer.options") else "mixer.options: "
@@ -115,8 +139,10 @@ def check_data(recipe: Recipe) -> list[str]:
     d = recipe.data
     overlap = sorted(set(d.train) & set(d.eval_ood))
     if overlap:
-        raise RecipeError(f"data.eval_ood must be corpora never trained on, but {overlap} is also in data.train",
-                          key="data.eval_ood")
+        raise RecipeError(
+            f"data.eval_ood must be corpora never trained on, but {overlap} is also in data.train",
+            key="data.eval_ood",
+        )
     warnings = []
     for key, specs in (("data.train", d.train), ("data.eval_ood", d.eval_ood)):
         for spec in specs:
@@ -124,8 +150,9 @@ def check_data(recipe: Recipe) -> list[str]:
             if problem is None:
                 continue
             if not d.skip_unavailable:
-                raise RecipeError(f"{key}: {problem} (data.skip_unavailable=true skips a source that fails)",
-                                  key=key)
+                raise RecipeError(
+                    f"{key}: {problem} (data.skip_unavailable=true skips a source that fails)", key=key
+                )
             warnings.append(f"{key}: skipping {problem}")
     if d.skip_unavailable and all(spec_problem(s) for s in d.train):
         raise RecipeError(f"data.train: none of {list(d.train)} can be loaded", key="data.train")
@@ -136,8 +163,10 @@ def check_device(recipe: Recipe) -> None:
     import torch
 
     if recipe.device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("device: cuda was asked for, but no CUDA device is available; use device=cpu or auto",
-                          key="device")
+        raise RecipeError(
+            "device: cuda was asked for, but no CUDA device is available; use device=cpu or auto",
+            key="device",
+        )
 
 
 def check_run(recipe: Recipe, out: Path | None = None) -> tuple[ModelFacts, list[str]]:

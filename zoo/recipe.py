@@ -35,8 +35,20 @@ from zoo.layers import SLICE, parse_layers, parse_slice
 from zoo.transfer.loop import LR_SCHEDULES, TrainingConfig
 
 __all__ = [
-    "RecipeError", "Recipe", "ModelConfig", "MixerConfig", "DataConfig", "StageConfig", "Stage1Config", "Stage2Config",
-    "LoraConfig", "EvalConfig", "BlockwiseConfig", "load_recipe", "parse_layers", "parse_override",
+    "RecipeError",
+    "Recipe",
+    "ModelConfig",
+    "MixerConfig",
+    "DataConfig",
+    "StageConfig",
+    "Stage1Config",
+    "Stage2Config",
+    "LoraConfig",
+    "EvalConfig",
+    "BlockwiseConfig",
+    "load_recipe",
+    "parse_layers",
+    "parse_override",
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -56,6 +68,7 @@ class RecipeError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- schema
+
 
 def _rule_problems(section, rules):
     """(key, message) for each (key, what is allowed, whether the value is allowed) rule that fails."""
@@ -119,18 +132,22 @@ class DataConfig:
 @dataclass(kw_only=True)
 class StageConfig(TrainingConfig):
     """A training stage: whether it runs, and how it trains (the fields the loop shares, zoo.transfer.loop)."""
+
     enabled: bool = True
 
     def _problems(self):
-        yield from _rule_problems(self, (
-            ("tokens", ">= 0", self.tokens >= 0),
-            ("batch_size", ">= 1", self.batch_size >= 1),
-            ("lr", "> 0", self.lr > 0),
-            ("weight_decay", ">= 0", self.weight_decay >= 0),
-            ("checkpoint_every", ">= 0 (0: only at the end)", self.checkpoint_every >= 0),
-            ("log_every", ">= 1", self.log_every >= 1),
-            ("grad_clip", ">= 0 (0 = off)", self.grad_clip >= 0),
-        ))
+        yield from _rule_problems(
+            self,
+            (
+                ("tokens", ">= 0", self.tokens >= 0),
+                ("batch_size", ">= 1", self.batch_size >= 1),
+                ("lr", "> 0", self.lr > 0),
+                ("weight_decay", ">= 0", self.weight_decay >= 0),
+                ("checkpoint_every", ">= 0 (0: only at the end)", self.checkpoint_every >= 0),
+                ("log_every", ">= 1", self.log_every >= 1),
+                ("grad_clip", ">= 0 (0 = off)", self.grad_clip >= 0),
+            ),
+        )
         if self.lr_schedule not in LR_SCHEDULES:
             yield "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -143,10 +160,13 @@ class BlockwiseConfig:
     of `block_size`; the teacher's hidden states entering each block are computed once and stored on
     disk; each block's mixers then train alone from them, blocks spread over the ranks of a torchrun
     launch. Off (0) trains all layers jointly, as before."""
+
     block_size: int = 0  # layers per block; 0 = off
     store: str | None = None  # hidden-state store folder (shared by all ranks); None: <run folder>/store
     shard_sequences: int = 64  # sequences per store shard: bounds memory, and the unit written or redone
-    sequences: int = 0  # training sequences stored and trained on (a seeded sample); 0 = those stage1.tokens reach
+    sequences: int = (
+        0  # training sequences stored and trained on (a seeded sample); 0 = those stage1.tokens reach
+    )
 
     def _problems(self):
         if self.block_size < 0:
@@ -162,6 +182,7 @@ class BlockwiseConfig:
 @dataclass(kw_only=True)
 class Stage1Config(StageConfig):
     """Attention transfer: train only the mixers' own parameters to match the teacher's attention."""
+
     tokens: int = 200_000
     lr: float = 1e-2
     attention_ce: float = 0.0  # weight of the attention-weight cross-entropy (Hedgehog); 0 = off
@@ -200,13 +221,18 @@ DISTILL_FROM = ("teacher", "reference")
 @dataclass(kw_only=True)
 class Stage2Config(StageConfig):
     """LoRA fine-tuning with the next-token loss."""
+
     tokens: int = 200_000
     lr: float = 1e-3
     train_mixer: bool = False  # also train the mixers' own parameters
     distill: float = 0.0  # weight of the KL to the teacher's next-token distribution, added to the next-token loss; 0 = off
-    distill_from: str = "teacher"  # "teacher" (untouched) or "reference" (the teacher + the same LoRA budget, cached)
+    distill_from: str = (
+        "teacher"  # "teacher" (untouched) or "reference" (the teacher + the same LoRA budget, cached)
+    )
     merge_on_save: bool = True  # merge LoRA into the weights of the saved model
-    gradient_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = (
+        False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def _problems(self):
@@ -226,9 +252,13 @@ class EvalConfig:
     generate_prompt: str = "Once upon a time"
     generate_tokens: int = 32
     mse_blocks: int = 8  # training blocks for the per-layer transfer MSE (swap and after stage 1)
-    passkey_lengths: list[int] = field(default_factory=list)  # contexts (tokens) for passkey retrieval; [] = skip
+    passkey_lengths: list[int] = field(
+        default_factory=list
+    )  # contexts (tokens) for passkey retrieval; [] = skip
     passkey_trials: int = 4  # prompts per context length
-    decode_contexts: list[int] = field(default_factory=list)  # contexts for decode tok/s and state bytes; [] = skip
+    decode_contexts: list[int] = field(
+        default_factory=list
+    )  # contexts for decode tok/s and state bytes; [] = skip
     decode_steps: int = 8  # timed decoding steps at each of decode_contexts
     branches: bool = False  # hybrids: also evaluate the window branch alone and the linear branch alone
     generation_prompts: int = 4  # held-out texts continued greedily, scored for repeated 4-grams; 0 = skip
@@ -236,23 +266,35 @@ class EvalConfig:
     generation_tokens: int = 48  # tokens generated after each prompt
 
     def _problems(self):
-        yield from _rule_problems(self, (
-            ("max_blocks", ">= 1", self.max_blocks >= 1),
-            ("batch_size", ">= 1", self.batch_size >= 1),
-            ("mmlu", ">= 0 (0 = skip)", self.mmlu >= 0),
-            ("generate_tokens", ">= 0", self.generate_tokens >= 0),
-            ("mse_blocks", ">= 1", self.mse_blocks >= 1),
-            ("passkey_lengths", "context lengths >= 2 tokens", all(n >= 2 for n in self.passkey_lengths)),
-            ("passkey_trials", ">= 1", self.passkey_trials >= 1),
-            ("decode_steps", ">= 1", self.decode_steps >= 1),
-            ("generation_prompts", ">= 0 (0 = skip)", self.generation_prompts >= 0),
-            ("generation_prompt_tokens", ">= 1", self.generation_prompt_tokens >= 1),
-            ("generation_tokens", ">= 4 (the repeats are counted in 4-grams)", self.generation_tokens >= 4),
-        ))
+        yield from _rule_problems(
+            self,
+            (
+                ("max_blocks", ">= 1", self.max_blocks >= 1),
+                ("batch_size", ">= 1", self.batch_size >= 1),
+                ("mmlu", ">= 0 (0 = skip)", self.mmlu >= 0),
+                ("generate_tokens", ">= 0", self.generate_tokens >= 0),
+                ("mse_blocks", ">= 1", self.mse_blocks >= 1),
+                ("passkey_lengths", "context lengths >= 2 tokens", all(n >= 2 for n in self.passkey_lengths)),
+                ("passkey_trials", ">= 1", self.passkey_trials >= 1),
+                ("decode_steps", ">= 1", self.decode_steps >= 1),
+                ("generation_prompts", ">= 0 (0 = skip)", self.generation_prompts >= 0),
+                ("generation_prompt_tokens", ">= 1", self.generation_prompt_tokens >= 1),
+                (
+                    "generation_tokens",
+                    ">= 4 (the repeats are counted in 4-grams)",
+                    self.generation_tokens >= 4,
+                ),
+            ),
+        )
         ctx = self.decode_contexts
         if ctx and (ctx[0] < 1 or any(b - a <= self.decode_steps for a, b in zip(ctx, ctx[1:]))):
-            yield "decode_contexts", (f"must be >= 1 and grow by more than decode_steps ({self.decode_steps}) "
-                                      f"each time, got {ctx}")
+            yield (
+                "decode_contexts",
+                (
+                    f"must be >= 1 and grow by more than decode_steps ({self.decode_steps}) "
+                    f"each time, got {ctx}"
+                ),
+            )
 
 
 @dataclass(kw_only=True)
@@ -273,7 +315,9 @@ class Recipe:
     # ------------------------------------------------------------------ construction and output
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Recipe:
+    def from_dict(
+        cls, data: Mapping[str, Any] | None, overrides: Iterable[str] | Mapping[str, Any] = ()
+    ) -> Recipe:
         """Validate a mapping (as read from YAML), after applying ``overrides``."""
         if data is None:
             data = {}
@@ -337,14 +381,18 @@ def read_recipe_file(path: Path, inheriting: tuple[Path, ...] = ()) -> Any:
     which wins, except `mixer`, which this file replaces whole when it has one (another mixer has other
     options)."""
     if path.is_dir():
-        raise RecipeError(f"{path} is a folder, not a recipe file (recipes/<model>/<mixer>.yaml, or a run folder's "
-                          "recipe.yaml)")
+        raise RecipeError(
+            f"{path} is a folder, not a recipe file (recipes/<model>/<mixer>.yaml, or a run folder's "
+            "recipe.yaml)"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"no recipe at {path}") from None
     except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not a recipe (not UTF-8 text: byte {e.start} is {e.object[e.start]:#04x})") from None
+        raise RecipeError(
+            f"{path}: not a recipe (not UTF-8 text: byte {e.start} is {e.object[e.start]:#04x})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -354,7 +402,9 @@ def read_recipe_file(path: Path, inheriting: tuple[Path, ...] = ()) -> Any:
     data = dict(data)
     base = data.pop("base")
     if not isinstance(base, str) or not base.strip():
-        raise RecipeError(f"{path}: base must name a recipe file (relative to {path.parent}), got {base!r}", key="base")
+        raise RecipeError(
+            f"{path}: base must name a recipe file (relative to {path.parent}), got {base!r}", key="base"
+        )
     base_path = path.parent / base
     if base_path.resolve() in inheriting + (path.resolve(),):
         raise RecipeError(f"{path}: base {base} inherits from itself", key="base")
@@ -378,6 +428,7 @@ def _inherit(base: dict, child: Mapping) -> dict:
 
 
 # ------------------------------------------------------------------------------------ overrides
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"stage1.lr=1e-3"`` -> (["stage1", "lr"], "1e-3" read as YAML). See the module docstring."""
@@ -430,7 +481,7 @@ def _set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node: dict[str, Any] = raw
     tp: Any = Recipe
     for depth, part in enumerate(path):
-        dotted = ".".join(path[:depth + 1])
+        dotted = ".".join(path[: depth + 1])
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             hints = typing.get_type_hints(tp)
             if part not in hints:
@@ -440,12 +491,17 @@ def _set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
             tp = Any
         elif depth > 0:
             parent = ".".join(path[:depth])
-            raise RecipeError(f"cannot set {dotted!r}: {parent!r} is a value ({_type_name(tp)}), not a section",
-                              key=dotted)
+            raise RecipeError(
+                f"cannot set {dotted!r}: {parent!r} is a value ({_type_name(tp)}), not a section", key=dotted
+            )
         last = depth == len(path) - 1
         if last:
-            if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, Mapping) \
-                    and isinstance(node.get(part), Mapping):
+            if (
+                isinstance(tp, type)
+                and dataclasses.is_dataclass(tp)
+                and isinstance(value, Mapping)
+                and isinstance(node.get(part), Mapping)
+            ):
                 merged = dict(node[part])
                 merged.update(value)
                 node[part] = merged
@@ -456,20 +512,25 @@ def _set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise RecipeError(f"cannot set {'.'.join(path)!r}: {dotted!r} is {child!r}, not a section",
-                                  key=dotted)
+                raise RecipeError(
+                    f"cannot set {'.'.join(path)!r}: {dotted!r} is {child!r}, not a section", key=dotted
+                )
             node = child
 
 
 # ----------------------------------------------------------------------------- type checking
+
 
 def _unknown_key(dotted: str, allowed: list[str]) -> RecipeError:
     leaf = dotted.rsplit(".", 1)[-1]
     where = f"under {dotted.rsplit('.', 1)[0]!r}" if "." in dotted else "at the top level"
     hint = difflib.get_close_matches(leaf, allowed, n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return RecipeError(f"unknown key {dotted!r}{did_you_mean}; allowed keys {where}: {', '.join(allowed)}",
-                       key=dotted, allowed=allowed)
+    return RecipeError(
+        f"unknown key {dotted!r}{did_you_mean}; allowed keys {where}: {', '.join(allowed)}",
+        key=dotted,
+        allowed=allowed,
+    )
 
 
 def _is_union(tp: Any) -> bool:
@@ -549,7 +610,7 @@ def _coerce_union(value: Any, tp: Any, key: str) -> Any:
             continue
     hint = ""
     if key.endswith("layers") and isinstance(value, (int, dict)):
-        hint = " (quote slices in YAML: layers: \"0:10\"; unquoted, 1:30 reads as a base-60 number)"
+        hint = ' (quote slices in YAML: layers: "0:10"; unquoted, 1:30 reads as a base-60 number)'
     raise _wrong_type(key, tp, value, hint)
 
 
@@ -577,8 +638,12 @@ def _coerce_mapping(value: Any, tp: Any, key: str) -> dict:
 
 
 #: plain schema types and how a value becomes one
-_PLAIN = {bool: _coerce_exact, str: _coerce_exact, int: lambda v, tp, key: _to_int(v, key),
-          float: lambda v, tp, key: _to_float(v, key)}
+_PLAIN = {
+    bool: _coerce_exact,
+    str: _coerce_exact,
+    int: lambda v, tp, key: _to_int(v, key),
+    float: lambda v, tp, key: _to_float(v, key),
+}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -607,8 +672,11 @@ def _build(cls: type, value: Any, prefix: str) -> Any:
         value = {}
     if not isinstance(value, Mapping):
         where = prefix or "the recipe"
-        raise RecipeError(f"{where}: expected a mapping with keys {', '.join(allowed)}, got {_describe(value)}",
-                          key=prefix, allowed=allowed)
+        raise RecipeError(
+            f"{where}: expected a mapping with keys {', '.join(allowed)}, got {_describe(value)}",
+            key=prefix,
+            allowed=allowed,
+        )
     for key in value:
         if key not in hints:
             raise _unknown_key(f"{prefix}.{key}" if prefix else str(key), allowed)

@@ -34,10 +34,14 @@ def teacher_lora_folder(recipe: Recipe) -> tuple[Path, str]:
     # only what changes the fine-tuned teacher: new recipe keys (logging, memory savers) must not void the cache
     stage2 = {k: d["stage2"][k] for k in REFERENCE_STAGE2_KEYS}
     default = Stage2Config()
-    stage2 |= {k: d["stage2"][k] for k in REFERENCE_STAGE2_KEYS_IF_SET if d["stage2"][k] != getattr(default, k)}
-    key_src = json.dumps({"model": d["model"], "data": recipe.data_key(), "seed": d["seed"]}
-                         | {"stage2": stage2, "eval": d["eval"]["max_blocks"]},
-                         sort_keys=True)
+    stage2 |= {
+        k: d["stage2"][k] for k in REFERENCE_STAGE2_KEYS_IF_SET if d["stage2"][k] != getattr(default, k)
+    }
+    key_src = json.dumps(
+        {"model": d["model"], "data": recipe.data_key(), "seed": d["seed"]}
+        | {"stage2": stage2, "eval": d["eval"]["max_blocks"]},
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     return cache_dir() / "references" / f"teacher-lora-{key}", key_src
 
@@ -59,8 +63,10 @@ def teacher_lora_reference(recipe: Recipe, data: RunData, device, dtype) -> dict
     teacher = add_lora(teacher, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets)
     with PeakMemory() as peak:
         stats = run_stage2(teacher, data.train_blocks, s2.loop("teacher_lora", recipe.seed), folder, device)
-    stats |= {"peak_memory": peak.result(),
-              "trainable_params": sum(p.numel() for p in teacher.parameters() if p.requires_grad)}
+    stats |= {
+        "peak_memory": peak.result(),
+        "trainable_params": sum(p.numel() for p in teacher.parameters() if p.requires_grad),
+    }
     result = {"eval": data.evaluate(teacher), "train": stats, "recipe_key": json.loads(key_src)}
     write_json(result_path, result)
     return result
@@ -73,4 +79,6 @@ def teacher_lora_weights(recipe: Recipe, data: RunData, device, dtype) -> dict[s
 
     teacher_lora_reference(recipe, data, device, dtype)
     folder, _ = teacher_lora_folder(recipe)
-    return load_file(str(folder / "checkpoints" / "teacher_lora" / "trainable.safetensors"), device=str(device))
+    return load_file(
+        str(folder / "checkpoints" / "teacher_lora" / "trainable.safetensors"), device=str(device)
+    )

@@ -26,10 +26,16 @@ class RunData:
         d = recipe.data
         overlap = sorted(set(d.train) & set(d.eval_ood))
         if overlap:
-            raise ValueError(f"data.eval_ood must be corpora never trained on, but {overlap} is also in data.train")
+            raise ValueError(
+                f"data.eval_ood must be corpora never trained on, but {overlap} is also in data.train"
+            )
         # a source that fails is an error, unless the recipe says data.skip_unavailable
-        self.corpus = load_corpus(list(d.train) + list(d.eval_ood), heldout_fraction=d.heldout_fraction, seed=d.seed,
-                                  strict=not d.skip_unavailable)
+        self.corpus = load_corpus(
+            list(d.train) + list(d.eval_ood),
+            heldout_fraction=d.heldout_fraction,
+            seed=d.seed,
+            strict=not d.skip_unavailable,
+        )
         self.train_sources = [s for s in d.train if s in self.corpus.sources]
         self.ood_sources = [s for s in d.eval_ood if s in self.corpus.sources]
         self.skipped_sources = [s for s in [*d.train, *d.eval_ood] if s not in self.corpus.sources]
@@ -44,16 +50,26 @@ class RunData:
         from zoo.evaluate import evaluate_corpus
 
         e = self.recipe.eval
-        per = evaluate_corpus(model, self.tokenizer, self.corpus, self.train_sources + self.ood_sources,
-                              self.recipe.data.seq_len, e.max_blocks)
-        return {"heldout": pooled({s: per[s] for s in self.train_sources}),
-                "ood": pooled({s: per[s] for s in self.ood_sources}) if self.ood_sources else None,
-                "per_source": per}
+        per = evaluate_corpus(
+            model,
+            self.tokenizer,
+            self.corpus,
+            self.train_sources + self.ood_sources,
+            self.recipe.data.seq_len,
+            e.max_blocks,
+        )
+        return {
+            "heldout": pooled({s: per[s] for s in self.train_sources}),
+            "ood": pooled({s: per[s] for s in self.ood_sources}) if self.ood_sources else None,
+            "per_source": per,
+        }
 
     def generation_documents(self) -> list:
         """Held-out documents of the training corpora, taking each corpus in turn: the prompts to continue."""
         by_source = [self.corpus.heldout(s) for s in self.train_sources]
-        return [docs[i] for i in range(max(map(len, by_source), default=0)) for docs in by_source if i < len(docs)]
+        return [
+            docs[i] for i in range(max(map(len, by_source), default=0)) for docs in by_source if i < len(docs)
+        ]
 
     def passkey_filler(self) -> list:
         """Held-out documents to hide passkeys in: the out-of-domain corpora's, else the training corpora's."""

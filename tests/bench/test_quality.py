@@ -43,18 +43,38 @@ def tiny_recipes(tmp_path_factory) -> Path:
 
 
 def bench_args(world, out: Path, recipes: Path, mixers: str = MIXERS, budget: str = "smoke") -> list[str]:
-    return ["bench", "quality", "--model", world["model"], "--mixers", mixers, "--budget", budget, "--out", str(out),
-            "--recipes", str(recipes),
-            "--set", f"data.train={json.dumps([world['train']])}", "--set", f"data.eval_ood={json.dumps([world['ood']])}",
-            "--set", "device=cpu"]
+    return [
+        "bench",
+        "quality",
+        "--model",
+        world["model"],
+        "--mixers",
+        mixers,
+        "--budget",
+        budget,
+        "--out",
+        str(out),
+        "--recipes",
+        str(recipes),
+        "--set",
+        f"data.train={json.dumps([world['train']])}",
+        "--set",
+        f"data.eval_ood={json.dumps([world['ood']])}",
+        "--set",
+        "device=cpu",
+    ]
 
 
 @pytest.fixture(scope="module")
 def bench(tiny_world, tiny_recipes, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quality"
     code = main(bench_args(tiny_world, out, tiny_recipes))
-    return {"out": out, "code": code, "recipes": tiny_recipes,
-            "results": json.loads((out / "results.json").read_text())}
+    return {
+        "out": out,
+        "code": code,
+        "recipes": tiny_recipes,
+        "results": json.loads((out / "results.json").read_text()),
+    }
 
 
 def rows_by_name(results: dict) -> dict[str, dict]:
@@ -64,9 +84,18 @@ def rows_by_name(results: dict) -> dict[str, dict]:
 def test_bench_runs_every_mixer_reference_and_ablation(bench):
     assert bench["code"] == 0
     rows = rows_by_name(bench["results"])
-    assert set(rows) == {"teacher", "teacher + LoRA", "lolcats", "hedgehog", "softmax",
-                         "t2r", "linear-elu",  # the feature-map ablation adds the maps not asked for
-                         "lolcats [LoRA only]", "lolcats [window branch]", "lolcats [linear branch]"}
+    assert set(rows) == {
+        "teacher",
+        "teacher + LoRA",
+        "lolcats",
+        "hedgehog",
+        "softmax",
+        "t2r",
+        "linear-elu",  # the feature-map ablation adds the maps not asked for
+        "lolcats [LoRA only]",
+        "lolcats [window branch]",
+        "lolcats [linear branch]",
+    }
     for row in rows.values():
         assert tuple(row) == ROW_FIELDS, row["name"]
         assert row["status"] == "done" and row["error"] is None
@@ -94,16 +123,34 @@ def test_every_metric_of_a_mixer_row(bench):
         row = rows[name]
         for key in ("ppl_heldout", "ppl_ood"):
             assert row[key] > 1, (name, key)
-        for key in ("bpb_heldout", "bpb_ood", "ratio_to_fair_reference", "ratio_ood_to_teacher", "gap_closed_heldout",
-                    "gap_closed_ood", "mean_layer_mse_swap", "seconds_stage2", "decode_tokens_per_s"):
-            if (name, key) != ("softmax", "gap_closed_ood"):  # softmax swapped in is the teacher: no gap to close
+        for key in (
+            "bpb_heldout",
+            "bpb_ood",
+            "ratio_to_fair_reference",
+            "ratio_ood_to_teacher",
+            "gap_closed_heldout",
+            "gap_closed_ood",
+            "mean_layer_mse_swap",
+            "seconds_stage2",
+            "decode_tokens_per_s",
+        ):
+            if (name, key) != (
+                "softmax",
+                "gap_closed_ood",
+            ):  # softmax swapped in is the teacher: no gap to close
                 assert _finite(row[key]), (name, key)
         assert len(row["per_source"]) == 2  # the training corpus and the out-of-domain one
         assert set(row["stages"]) == {"teacher", "swap", "stage1", "final"}
-        assert 0 <= row["mmlu_accuracy"] <= 1 and row["mmlu_n"] == smoke.mmlu and row["mmlu_teacher_accuracy"] is not None
+        assert (
+            0 <= row["mmlu_accuracy"] <= 1
+            and row["mmlu_n"] == smoke.mmlu
+            and row["mmlu_teacher_accuracy"] is not None
+        )
         assert set(row["passkey"]) == set(row["passkey_teacher"]) == {"256"}
         assert 0 <= row["repeated_4grams"] <= 1 and 0 <= row["repeated_4grams_teacher"] <= 1
-        assert len(row["generation_samples"]) == 2 and all(isinstance(t, str) for t in row["generation_samples"])
+        assert len(row["generation_samples"]) == 2 and all(
+            isinstance(t, str) for t in row["generation_samples"]
+        )
         assert 0 < row["trainable_params"] and 0 < row["trainable_percent"] < 100
         assert row["tokens_stage2"] == smoke.stage2_tokens
         assert row["peak_rss_bytes_stage2"] > 10 * 2**20  # the process holds torch: tens of MiB at least
@@ -111,13 +158,17 @@ def test_every_metric_of_a_mixer_row(bench):
         assert set(row["decode_by_context"]) == {str(c) for c in smoke.decode_contexts}
         assert len(row["loss_curve_stage2"]) == smoke.stage2_tokens // (smoke.batch_size * smoke.seq_len)
         assert row["run_dir"] == name and row["ppl_heldout"] == row["stages"]["final"]["heldout"]
-        assert row["device"] == bench["results"]["device"] and row["device"].startswith("cpu (")  # where it ran
+        assert row["device"] == bench["results"]["device"] and row["device"].startswith(
+            "cpu ("
+        )  # where it ran
     for name in ("lolcats", "hedgehog", "t2r"):  # mixers with parameters go through stage 1
         assert rows[name]["tokens_stage1"] == smoke.stage1_tokens and rows[name]["peak_rss_bytes_stage1"] > 0
         assert _finite(rows[name]["mean_layer_mse_stage1"]) and _finite(rows[name]["seconds_stage1"])
     for name in ("softmax", "linear-elu"):  # nothing to transfer
         assert rows[name]["tokens_stage1"] == 0 and rows[name]["mean_layer_mse_stage1"] is None
-    assert rows["softmax"]["mean_layer_mse_swap"] == pytest.approx(0.0, abs=1e-8)  # the teacher's own attention
+    assert rows["softmax"]["mean_layer_mse_swap"] == pytest.approx(
+        0.0, abs=1e-8
+    )  # the teacher's own attention
     assert rows["softmax"]["stages"]["swap"]["ood"] == rows["teacher"]["ppl_ood"]
     assert rows["softmax"]["gap_closed_ood"] is None
 
@@ -145,7 +196,9 @@ def test_reference_rows(bench):
     assert teacher["repeated_4grams"] == rows["hedgehog"]["repeated_4grams_teacher"] is not None
     assert fair["ratio_to_fair_reference"] == 1.0 and fair["trainable_params"] > 0
     assert fair["tokens_stage2"] == BUDGETS["smoke"].stage2_tokens and fair["loss_curve_stage2"]
-    assert rows["lolcats"]["ratio_to_fair_reference"] == pytest.approx(rows["lolcats"]["ppl_heldout"] / fair["ppl_heldout"])
+    assert rows["lolcats"]["ratio_to_fair_reference"] == pytest.approx(
+        rows["lolcats"]["ppl_heldout"] / fair["ppl_heldout"]
+    )
 
 
 def test_ablation_rows(bench):
@@ -154,7 +207,9 @@ def test_ablation_rows(bench):
     lora_only = rows["lolcats [LoRA only]"]
     assert lora_only["ablation"] == "lora-only" and lora_only["tokens_stage1"] == 0
     assert lora_only["tokens_stage2"] == smoke.stage1_tokens + smoke.stage2_tokens
-    assert lora_only["ratio_to_fair_reference"] == pytest.approx(lora_only["ppl_heldout"] / rows["teacher + LoRA"]["ppl_heldout"])
+    assert lora_only["ratio_to_fair_reference"] == pytest.approx(
+        lora_only["ppl_heldout"] / rows["teacher + LoRA"]["ppl_heldout"]
+    )
     window, linear = rows["lolcats [window branch]"], rows["lolcats [linear branch]"]
     assert window["ablation"] == "window-branch" and linear["ablation"] == "linear-branch"
     assert len({window["ppl_heldout"], linear["ppl_heldout"], rows["lolcats"]["ppl_heldout"]}) == 3
@@ -167,8 +222,10 @@ def test_leaderboard_and_plots(bench):
     board = (out / "leaderboard.md").read_text()
     assert board.startswith("# Quality leaderboard")
     smoke = BUDGETS["smoke"]
-    assert (f"stage 1 {smoke.stage1_tokens:,} tokens (batch {smoke.stage1_batch_size}), "
-            f"stage 2 {smoke.stage2_tokens:,} tokens (batch {smoke.batch_size})") in board
+    assert (
+        f"stage 1 {smoke.stage1_tokens:,} tokens (batch {smoke.stage1_batch_size}), "
+        f"stage 2 {smoke.stage2_tokens:,} tokens (batch {smoke.batch_size})"
+    ) in board
     quality = board.split("## Quality")[1].split("## Cost")[0]
     lines = [line for line in quality.splitlines() if line.startswith("| ")][1:]
     assert lines[0].startswith("| **teacher**") and lines[1].startswith("| **teacher + LoRA**")
@@ -176,11 +233,19 @@ def test_leaderboard_and_plots(bench):
     assert "| passkey 256 | repeats | transfer MSE |" in header
     teacher_repeats = rows_by_name(bench["results"])["teacher"]["repeated_4grams"]
     assert lines[0].split(" | ")[header.split(" | ").index("repeats")] == f"{teacher_repeats:.2f}"
-    ratios = [rows_by_name(bench["results"])[line.split(" | ")[0][2:]]["ratio_to_fair_reference"] for line in lines[2:]]
+    ratios = [
+        rows_by_name(bench["results"])[line.split(" | ")[0][2:]]["ratio_to_fair_reference"]
+        for line in lines[2:]
+    ]
     assert len(ratios) == 3 and ratios == sorted(ratios)  # the mixers, best first
     for section in ("## Cost", "## Perplexity by stage", "LoRA alone", "feature maps", "window branch alone"):
         assert section in board
-    for name in ("quality_vs_params.png", "loss_curves_stage2.png", "decode_vs_context.png", "state_vs_context.png"):
+    for name in (
+        "quality_vs_params.png",
+        "loss_curves_stage2.png",
+        "decode_vs_context.png",
+        "state_vs_context.png",
+    ):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
@@ -209,12 +274,15 @@ def test_a_changed_budget_in_the_same_folder_is_an_error(bench, tiny_world, tmp_
     assert "holds a run of another recipe" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--mixers", "lolcats,nope", "unknown mixer(s) ['nope']; registered mixers: "),
-    ("--budget", "huge", "unknown budget 'huge'; named budgets: smoke, quick, standard"),
-    ("--ablations", "lora-only,dropout", "unknown ablation(s) ['dropout']"),
-    ("--jobs", "0", "--jobs must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--mixers", "lolcats,nope", "unknown mixer(s) ['nope']; registered mixers: "),
+        ("--budget", "huge", "unknown budget 'huge'; named budgets: smoke, quick, standard"),
+        ("--ablations", "lora-only,dropout", "unknown ablation(s) ['dropout']"),
+        ("--jobs", "0", "--jobs must be >= 1, got 0"),
+    ],
+)
 def test_bad_input_gets_a_clear_error(tiny_world, tiny_recipes, tmp_path, capsys, flag, value, message):
     args = bench_args(tiny_world, tmp_path / "x", tiny_recipes) + [flag, value]  # the last occurrence wins
     assert main(args) == 2
@@ -225,20 +293,39 @@ def test_bad_input_gets_a_clear_error(tiny_world, tiny_recipes, tmp_path, capsys
 def test_every_mixer_gets_its_own_settings_and_the_same_stage2():
     template = load_recipe(RECIPES / "bench.yaml")
     budget = BUDGETS["quick"]
-    recipes = {m: mixer_recipe(template, m, RECIPES, "smollm2-135m", budget, ["device=cpu"]) for m in zoo.list_mixers()}
+    recipes = {
+        m: mixer_recipe(template, m, RECIPES, "smollm2-135m", budget, ["device=cpu"])
+        for m in zoo.list_mixers()
+    }
     based = load_recipe(RECIPES / "based.yaml")
-    assert recipes["based"].mixer == based.mixer and recipes["based"].stage1.lr == based.stage1.lr != template.stage1.lr
+    assert (
+        recipes["based"].mixer == based.mixer
+        and recipes["based"].stage1.lr == based.stage1.lr != template.stage1.lr
+    )
     # lolcats.yaml runs the terraced window; the bench's plain lolcats is the template's own
     assert recipes["lolcats-terraced"].mixer == load_recipe(RECIPES / "lolcats.yaml").mixer
     assert recipes["lolcats"].mixer == template.mixer and template.mixer.name == "lolcats"
     for m, r in recipes.items():
         own = RECIPES / f"{m}.yaml"
         if m not in ("lolcats", "lolcats-terraced"):
-            expected = load_recipe(own).mixer if own.exists() else MixerConfig(name=m, layers=template.mixer.layers)
+            expected = (
+                load_recipe(own).mixer if own.exists() else MixerConfig(name=m, layers=template.mixer.layers)
+            )
             assert r.mixer == expected, m
-        assert r.mixer.name == m and r.stage1.tokens == budget.stage1_tokens and r.data.seq_len == budget.seq_len
-        assert r.eval.passkey_lengths == list(budget.passkey_lengths) and r.eval.teacher_lora and r.device == "cpu"
-        assert (r.stage1.batch_size, r.stage2.batch_size) == (budget.stage1_batch_size, budget.batch_size) == (1, 4)
+        assert (
+            r.mixer.name == m and r.stage1.tokens == budget.stage1_tokens and r.data.seq_len == budget.seq_len
+        )
+        assert (
+            r.eval.passkey_lengths == list(budget.passkey_lengths)
+            and r.eval.teacher_lora
+            and r.device == "cpu"
+        )
+        assert (
+            (r.stage1.batch_size, r.stage2.batch_size)
+            == (budget.stage1_batch_size, budget.batch_size)
+            == (1, 4)
+        )
+
     # one fair reference serves all: stage 2 (but for whether the mixer trains in it), data, model and eval
     # blocks are the same for every mixer
     def shared(r):
@@ -251,41 +338,61 @@ def test_every_mixer_gets_its_own_settings_and_the_same_stage2():
     # whether the mixer keeps learning in stage 2 is the mixer's own recipe's (lolcats.yaml: the terraced window's)
     for m, r in recipes.items():
         own = own_recipe(m, RECIPES)
-        assert r.stage2.train_mixer == (load_recipe(own).stage2.train_mixer if own else template.stage2.train_mixer), m
+        assert r.stage2.train_mixer == (
+            load_recipe(own).stage2.train_mixer if own else template.stage2.train_mixer
+        ), m
     assert recipes["lolcats-terraced"].stage2.train_mixer and recipes["gated-delta-conv"].stage2.train_mixer
     assert not recipes["hedgehog"].stage2.train_mixer and not recipes["lolcats"].stage2.train_mixer
 
 
 def _recipe_for(folder: Path, file: str, mixer: str, lr: float) -> None:
-    (folder / file).write_text(load_recipe(RECIPES / "bench.yaml", [f"mixer.name={mixer}", f"stage1.lr={lr}"]).to_yaml())
+    (folder / file).write_text(
+        load_recipe(RECIPES / "bench.yaml", [f"mixer.name={mixer}", f"stage1.lr={lr}"]).to_yaml()
+    )
 
 
 def test_a_mixers_own_recipe_is_the_file_for_that_mixer(tmp_path):
     _recipe_for(tmp_path, "bench.yaml", "lolcats", 1e-2)
-    _recipe_for(tmp_path, "lolcats.yaml", "lolcats-terraced", 2e-2)  # named after one mixer, a recipe for another
+    _recipe_for(
+        tmp_path, "lolcats.yaml", "lolcats-terraced", 2e-2
+    )  # named after one mixer, a recipe for another
     _recipe_for(tmp_path, "hedgehog.yaml", "hedgehog", 3e-2)
     _recipe_for(tmp_path, "my-t2r.yaml", "t2r", 4e-2)
     (tmp_path / "notes.yaml").write_text("- not a recipe\n")
     own = {m: own_recipe(m, tmp_path) for m in ("lolcats", "lolcats-terraced", "hedgehog", "t2r", "based")}
-    assert own == {"lolcats": tmp_path / "bench.yaml", "lolcats-terraced": tmp_path / "lolcats.yaml",
-                   "hedgehog": tmp_path / "hedgehog.yaml", "t2r": tmp_path / "my-t2r.yaml", "based": None}
+    assert own == {
+        "lolcats": tmp_path / "bench.yaml",
+        "lolcats-terraced": tmp_path / "lolcats.yaml",
+        "hedgehog": tmp_path / "hedgehog.yaml",
+        "t2r": tmp_path / "my-t2r.yaml",
+        "based": None,
+    }
     template = load_recipe(tmp_path / "bench.yaml")
     lr = {m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage1.lr for m in own}
     assert lr == {"lolcats": 1e-2, "lolcats-terraced": 2e-2, "hedgehog": 3e-2, "t2r": 4e-2, "based": 1e-2}
     # the other stage-1 optimizer settings come along with the learning rate
-    (tmp_path / "hedgehog.yaml").write_text(load_recipe(tmp_path / "hedgehog.yaml", ["stage1.adam_betas=[0.8,0.95]"]).to_yaml())
-    betas = {m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage1.adam_betas
-             for m in ("hedgehog", "t2r")}
+    (tmp_path / "hedgehog.yaml").write_text(
+        load_recipe(tmp_path / "hedgehog.yaml", ["stage1.adam_betas=[0.8,0.95]"]).to_yaml()
+    )
+    betas = {
+        m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage1.adam_betas
+        for m in ("hedgehog", "t2r")
+    }
     assert betas == {"hedgehog": [0.8, 0.95], "t2r": [0.9, 0.999]}
     # and from stage 2 only whether the mixer trains: the rest of stage 2 is the template's, for every mixer
     (tmp_path / "hedgehog.yaml").write_text(
-        load_recipe(tmp_path / "hedgehog.yaml", ["stage2.train_mixer=true", "stage2.lr=1e-3"]).to_yaml())
-    stage2 = {m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage2
-              for m in ("hedgehog", "t2r")}
+        load_recipe(tmp_path / "hedgehog.yaml", ["stage2.train_mixer=true", "stage2.lr=1e-3"]).to_yaml()
+    )
+    stage2 = {
+        m: mixer_recipe(template, m, tmp_path, "smollm2-135m", BUDGETS["smoke"], []).stage2
+        for m in ("hedgehog", "t2r")
+    }
     assert (stage2["hedgehog"].train_mixer, stage2["t2r"].train_mixer) == (True, False)
     assert stage2["hedgehog"].lr == stage2["t2r"].lr == template.stage2.lr != 1e-3
     _recipe_for(tmp_path, "t2r-again.yaml", "t2r", 5e-2)
-    with pytest.raises(ValueError, match=r"several recipes in .* are for mixer 't2r' \(my-t2r.yaml, t2r-again.yaml\)"):
+    with pytest.raises(
+        ValueError, match=r"several recipes in .* are for mixer 't2r' \(my-t2r.yaml, t2r-again.yaml\)"
+    ):
         own_recipe("t2r", tmp_path)
     _recipe_for(tmp_path, "t2r.yaml", "t2r", 6e-2)  # the file named after it settles it
     assert own_recipe("t2r", tmp_path) == tmp_path / "t2r.yaml"
@@ -296,7 +403,10 @@ def test_a_recipes_folder_without_the_template_is_an_error(tiny_world, tmp_path,
     folder.mkdir()
     (folder / "hedgehog.yaml").write_text((RECIPES / "hedgehog.yaml").read_text())
     assert main(bench_args(tiny_world, tmp_path / "x", folder)) == 2
-    assert f"{folder} has no bench.yaml (the recipe every mixer of the bench starts from)" in capsys.readouterr().err
+    assert (
+        f"{folder} has no bench.yaml (the recipe every mixer of the bench starts from)"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -326,7 +436,11 @@ def test_parallel_jobs_give_the_rows_of_one_process(bench, tiny_world, tmp_path,
     assert set(parallel) == set(serial)
     for name, row in serial.items():
         assert parallel[name]["status"] == "done", name
-        for key in ("ppl_heldout", "ppl_ood", "mean_layer_mse_stage1"):  # 1 thread per worker: fp32 sums may differ
+        for key in (
+            "ppl_heldout",
+            "ppl_ood",
+            "mean_layer_mse_stage1",
+        ):  # 1 thread per worker: fp32 sums may differ
             assert (parallel[name][key] is None) == (row[key] is None), (name, key)
             if row[key] is not None:
                 assert parallel[name][key] == pytest.approx(row[key], rel=1e-3), (name, key)
@@ -362,7 +476,10 @@ def test_a_subset_run_into_the_folder_keeps_the_rows_already_there(bench, tiny_w
     results = json.loads((out / "results.json").read_text())
     rows, before = rows_by_name(results), rows_by_name(bench["results"])
     assert set(rows) == set(before) | {"gla"} and rows["gla"]["status"] == "done"
-    assert rows["lolcats"] == before["lolcats"] and rows["lolcats [window branch]"] == before["lolcats [window branch]"]
+    assert (
+        rows["lolcats"] == before["lolcats"]
+        and rows["lolcats [window branch]"] == before["lolcats [window branch]"]
+    )
     assert [r["name"] for r in results["rows"][:2]] == ["teacher", "teacher + LoRA"]
     assert results["earlier_commands"] == [bench["results"]["command"]] and "gla" in results["command"]
     board = (out / "leaderboard.md").read_text()
@@ -381,16 +498,23 @@ def test_a_folder_holding_a_bench_of_another_budget_is_an_error(bench, tiny_worl
     budget = tmp_path / "more.yaml"
     budget.write_text("base: smoke\nstage2_tokens: 128\n")
     capsys.readouterr()
-    args = bench_args(tiny_world, out, bench["recipes"], mixers="gla", budget=str(budget)) + ["--ablations", "none"]
+    args = bench_args(tiny_world, out, bench["recipes"], mixers="gla", budget=str(budget)) + [
+        "--ablations",
+        "none",
+    ]
     assert main(args) == 2
-    assert "holds a bench of another model or budget" in capsys.readouterr().err and not (out / "gla").exists()
+    assert (
+        "holds a bench of another model or budget" in capsys.readouterr().err and not (out / "gla").exists()
+    )
 
 
 def test_leaderboard_names_the_devices_of_runs_made_elsewhere(bench):
     from zoo.bench.leaderboard import leaderboard_markdown
 
     results = copy.deepcopy(bench["results"])
-    assert "more than one device" not in leaderboard_markdown(results)  # every run here, on the bench's device
+    assert "more than one device" not in leaderboard_markdown(
+        results
+    )  # every run here, on the bench's device
     for row in results["rows"]:
         if row["name"].startswith("lolcats"):
             row["device"] = "cuda (NVIDIA H100 80GB HBM3)"

@@ -13,11 +13,42 @@ from zoo.bench.report import format_bytes, format_seconds, markdown_table, pivot
 from zoo.bench.speed_report import plot_names, write_report
 from zoo.cli import main as cli_main
 
-TINY = ["--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--hidden", "32", "--seq-lens", "32", "64",
-        "--repeats", "1", "--decode-steps", "2", "--threads", "1"]
+TINY = [
+    "--heads",
+    "2",
+    "--kv-heads",
+    "1",
+    "--head-dim",
+    "16",
+    "--hidden",
+    "32",
+    "--seq-lens",
+    "32",
+    "64",
+    "--repeats",
+    "1",
+    "--decode-steps",
+    "2",
+    "--threads",
+    "1",
+]
 MIXERS = ["gla", "lolcats"]
-RECORD_FIELDS = {"name", "kind", "family", "backend", "mode", "seq_len", "status", "note", "times_s", "median_s",
-                 "min_s", "tokens_per_s", "peak_memory_bytes", "state_bytes"}
+RECORD_FIELDS = {
+    "name",
+    "kind",
+    "family",
+    "backend",
+    "mode",
+    "seq_len",
+    "status",
+    "note",
+    "times_s",
+    "median_s",
+    "min_s",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "state_bytes",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +69,9 @@ def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     threads = torch.get_num_threads()
     try:
-        results = speed.run_bench(parse(["--mixers", *MIXERS, *TINY, "--out", str(out)]), log=lambda line: None)
+        results = speed.run_bench(
+            parse(["--mixers", *MIXERS, *TINY, "--out", str(out)]), log=lambda line: None
+        )
     finally:
         torch.set_num_threads(threads)
     write_report(results, out)
@@ -50,7 +83,8 @@ def test_every_case_mode_and_length_is_measured(bench):
     names = [c["name"] for c in results["cases"]]
     assert names == ["sdpa", *MIXERS]
     assert {(r["name"], r["mode"], r["seq_len"]) for r in results["results"]} == {
-        (n, m, T) for n in names for m in speed.MODES for T in (32, 64)}
+        (n, m, T) for n in names for m in speed.MODES for T in (32, 64)
+    }
     for r in results["results"]:
         assert set(r) == RECORD_FIELDS
         assert r["status"] == "ok", r
@@ -69,9 +103,26 @@ def test_results_json_has_the_conditions(bench):
     results, out = bench
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(results["results"]))
-    for key in ("command", "argv", "created", "device", "threads", "dtype", "shape", "seq_lens", "repeats", "warmup",
-                "decode_steps", "max_seconds", "modes", "reference", "cases", "memory_method", "cpu_allocator",
-                "versions"):
+    for key in (
+        "command",
+        "argv",
+        "created",
+        "device",
+        "threads",
+        "dtype",
+        "shape",
+        "seq_lens",
+        "repeats",
+        "warmup",
+        "decode_steps",
+        "max_seconds",
+        "modes",
+        "reference",
+        "cases",
+        "memory_method",
+        "cpu_allocator",
+        "versions",
+    ):
         assert key in on_disk, key
     assert on_disk["device"]["type"] == "cpu" and on_disk["device"]["name"]
     assert on_disk["dtype"] == "float32" and on_disk["threads"] == 1
@@ -99,21 +150,53 @@ def test_markdown_and_plots(bench):
 
 def test_cli_path(tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["bench", "speed", "--mixers", "hedgehog", *TINY, "--seq-lens", "16", "--modes", "forward", "decode",
-            "--out", str(out)]
+    argv = [
+        "bench",
+        "speed",
+        "--mixers",
+        "hedgehog",
+        *TINY,
+        "--seq-lens",
+        "16",
+        "--modes",
+        "forward",
+        "decode",
+        "--out",
+        str(out),
+    ]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert "hedgehog" in printed and "results.md" in printed
     results = json.loads((out / "results.json").read_text())
     assert {(r["name"], r["mode"]) for r in results["results"]} == {
-        (n, m) for n in ("sdpa", "hedgehog") for m in ("forward", "decode")}
-    assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "time_forward.png", "time_decode.png",
-                                               "state_bytes.png"}
+        (n, m) for n in ("sdpa", "hedgehog") for m in ("forward", "decode")
+    }
+    assert {p.name for p in out.iterdir()} >= {
+        "results.json",
+        "results.md",
+        "time_forward.png",
+        "time_decode.png",
+        "state_bytes.png",
+    }
 
 
 def test_time_guard_skips_with_a_note(tmp_path):
-    args = parse(["--mixers", "linear-elu", *TINY, "--seq-lens", "16", "32", "--max-seconds", "1e-9",
-                  "--modes", "forward", "--out", str(tmp_path)])
+    args = parse(
+        [
+            "--mixers",
+            "linear-elu",
+            *TINY,
+            "--seq-lens",
+            "16",
+            "32",
+            "--max-seconds",
+            "1e-9",
+            "--modes",
+            "forward",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     results = speed.run_bench(args, log=lambda line: None)
     rows = {(r["name"], r["seq_len"]): r for r in results["results"]}
     assert rows["sdpa", 16]["status"] == "ok" and "one run only" in rows["sdpa", 16]["note"]
@@ -131,20 +214,32 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 
 
 def test_report_helpers_are_generic():
-    records = [{"who": "a", "n": 2, "t": 0.5}, {"who": "b", "n": 1, "t": 2e-3}, {"who": "a", "n": 1, "t": 1.5}]
+    records = [
+        {"who": "a", "n": 2, "t": 0.5},
+        {"who": "b", "n": 1, "t": 2e-3},
+        {"who": "a", "n": 1, "t": 1.5},
+    ]
     grid = pivot(records, row="who", column="n", value="t")
     assert grid.rows == ["a", "b"] and grid.columns == [1, 2] and grid.get("b", 2) is None
     table = markdown_table(["who", "n=1", "n=2"], grid.rows_as_text(format_seconds))
-    assert table.splitlines() == ["| who | n=1 | n=2 |", "|:---|---:|---:|", "| a | 1.5 s | 500 ms |",
-                                  "| b | 2 ms | - |"]
+    assert table.splitlines() == [
+        "| who | n=1 | n=2 |",
+        "|:---|---:|---:|",
+        "| a | 1.5 s | 500 ms |",
+        "| b | 2 ms | - |",
+    ]
     assert format_bytes(1536) == "1.5 KiB" and format_bytes(100) == "100 B"
     with pytest.raises(ValueError, match="cells"):
         markdown_table(["a", "b"], [["only one"]])
 
 
 def test_decode_only_builds_the_state_untimed(tmp_path):
-    args = parse(["--mixers", "retention", *TINY, "--seq-lens", "16", "--modes", "decode", "--out", str(tmp_path)])
+    args = parse(
+        ["--mixers", "retention", *TINY, "--seq-lens", "16", "--modes", "decode", "--out", str(tmp_path)]
+    )
     results = speed.run_bench(args, log=lambda line: None)
     assert [(r["name"], r["mode"], r["status"]) for r in results["results"]] == [
-        ("sdpa", "decode", "ok"), ("retention", "decode", "ok")]
+        ("sdpa", "decode", "ok"),
+        ("retention", "decode", "ok"),
+    ]
     assert all(r["state_bytes"] > 0 for r in results["results"])

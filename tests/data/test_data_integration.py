@@ -12,7 +12,9 @@ from zoo.data.sources.austen import NOVELS
 pytestmark = pytest.mark.integration
 
 # a word/TAG pair left behind ("County/nn-tl"); the text itself has "and/or", "material/hr./*0F./in."
-TAG = re.compile(r"(?<!\S)[A-Za-z]+/(?:at|nn|nns|np|in|jj|vbd|vbn|vbz|cc|rb|cs|pps|ppss|md|to|be|,|\.)(?:-tl|-hl)?(?=\s|$)")
+TAG = re.compile(
+    r"(?<!\S)[A-Za-z]+/(?:at|nn|nns|np|in|jj|vbd|vbn|vbz|cc|rb|cs|pps|ppss|md|to|be|,|\.)(?:-tl|-hl)?(?=\s|$)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,9 @@ def test_real_corpus_sizes_and_cleanliness(corpus, smollm2_tokenizer):
     total = sum(s["train_tokens"] + s["heldout_tokens"] for s in stats.values())
     assert 2_500_000 < total < 4_500_000  # "about 3.5M tokens"
     for source, s in stats.items():
-        assert s["train_tokens"] > 500_000 and 0.05 < s["heldout_documents"] / s["train_documents"] < 0.15, source
+        assert s["train_tokens"] > 500_000 and 0.05 < s["heldout_documents"] / s["train_documents"] < 0.15, (
+            source
+        )
     blocks = token_blocks(smollm2_tokenizer, corpus.heldout("brown"), 512, max_blocks=8)
     assert blocks.shape == (8, 512)
 

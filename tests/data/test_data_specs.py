@@ -46,8 +46,14 @@ def test_user_file_folder_and_glob(text_tree):
     one = load_documents(str(text_tree / "a.txt"))
     assert one == [Document(str(text_tree / "a.txt"), str(text_tree / "a.txt"), "Alpha text.")]
     folder = load_documents(str(text_tree))
-    assert [d.doc_id for d in folder] == ["a.txt", "b.md", "sub/c.txt"]  # text files, recursive, no hidden/empty
-    assert folder[1].text == "# Beta\n\nSome *markdown* — naïve." and {d.source for d in folder} == {str(text_tree)}
+    assert [d.doc_id for d in folder] == [
+        "a.txt",
+        "b.md",
+        "sub/c.txt",
+    ]  # text files, recursive, no hidden/empty
+    assert folder[1].text == "# Beta\n\nSome *markdown* — naïve." and {d.source for d in folder} == {
+        str(text_tree)
+    }
     flat = load_documents(str(text_tree / "*.txt"))
     assert [d.text for d in flat] == ["Alpha text."]
     deep = load_documents(str(text_tree / "**" / "*.txt"))
@@ -112,7 +118,9 @@ def test_hf_dataset_with_stub(monkeypatch):
     docs = load_documents("hf:org/data:cfg@test")
     assert seen == {"name": "org/data", "config": "cfg", "split": "test"}
     assert [(d.source, d.doc_id, d.text) for d in docs] == [
-        ("hf:org/data:cfg@test", "test/0", "first row"), ("hf:org/data:cfg@test", "test/3", "second row")]
+        ("hf:org/data:cfg@test", "test/0", "first row"),
+        ("hf:org/data:cfg@test", "test/3", "second row"),
+    ]
 
 
 def test_hf_errors(monkeypatch):
@@ -178,8 +186,11 @@ def test_apt_failure_suggests_update_and_retries_as_root(zoo_cache, monkeypatch)
     monkeypatch.setattr(fetch.os, "geteuid", lambda: 0, raising=False)
     with pytest.raises(SourceUnavailable, match=r"(?s)'bible'.*Unable to locate.*apt-get update"):
         load_documents("bible")
-    assert commands == [["apt-get", "download", "sword-text-web"], ["apt-get", "update"],
-                        ["apt-get", "download", "sword-text-web"]]
+    assert commands == [
+        ["apt-get", "download", "sword-text-web"],
+        ["apt-get", "update"],
+        ["apt-get", "download", "sword-text-web"],
+    ]
     assert not (zoo_cache / "raw" / "debian" / "sword-text-web").exists()  # nothing half-made left behind
     assert not list(zoo_cache.glob("corpus/*.jsonl"))
 

@@ -27,7 +27,9 @@ def test_split_is_disjoint_complete_and_by_document():
     count = lambda ds, s: sum(d.source == s for d in ds)  # noqa: E731
     assert count(held, "a") == 5 and count(held, "b") == 1 and count(held, "c") == 1 and count(held, "d") == 0
     assert count(train, "c") == 1 and count(train, "d") == 1
-    assert train == [d for d in docs if d in train] and held == [d for d in docs if d in held]  # input order kept
+    assert train == [d for d in docs if d in train] and held == [
+        d for d in docs if d in held
+    ]  # input order kept
 
 
 def test_split_is_deterministic_and_order_free():
@@ -59,15 +61,26 @@ def test_split_edge_cases():
 
 def test_token_blocks_shapes_and_eos_joins(char_tokenizer):
     blocks_ = token_blocks(char_tokenizer, ["abcd", "efg", "hijklm"], block_size=4)
-    stream = [ord(c) + 3 for c in "abcd"] + [2] + [ord(c) + 3 for c in "efg"] + [2] + [ord(c) + 3 for c in "hijklm"]
+    stream = (
+        [ord(c) + 3 for c in "abcd"]
+        + [2]
+        + [ord(c) + 3 for c in "efg"]
+        + [2]
+        + [ord(c) + 3 for c in "hijklm"]
+    )
     assert blocks_.dtype == torch.long and blocks_.shape == (3, 4)  # 15 tokens -> 3 blocks, 3 dropped
     assert blocks_.flatten().tolist() == stream[:12]
-    assert token_blocks(char_tokenizer, ["abcd", "efg", "hijklm"], 4, max_blocks=2).tolist() == blocks_[:2].tolist()
+    assert (
+        token_blocks(char_tokenizer, ["abcd", "efg", "hijklm"], 4, max_blocks=2).tolist()
+        == blocks_[:2].tolist()
+    )
     assert token_blocks(char_tokenizer, ["abcd", "efg", "hijklm"], 4, max_blocks=10).shape == (3, 4)
     docs = [Document("s", "1", "abcd"), Document("s", "2", "efg"), Document("s", "3", "hijklm")]
     assert torch.equal(token_blocks(char_tokenizer, docs, 4), blocks_)
     assert token_blocks(char_tokenizer, "abcdefgh", 8).tolist() == [[ord(c) + 3 for c in "abcdefgh"]]
-    assert token_blocks(char_tokenizer, ["ab", "", "cd"], 5).tolist() == [[100, 101, 2, 102, 103]]  # empty doc skipped
+    assert token_blocks(char_tokenizer, ["ab", "", "cd"], 5).tolist() == [
+        [100, 101, 2, 102, 103]
+    ]  # empty doc skipped
 
 
 def test_token_blocks_without_eos(make_char_tokenizer):
@@ -88,7 +101,9 @@ def test_token_blocks_too_short(char_tokenizer):
 
 def test_bytes_per_token(char_tokenizer):
     assert bytes_per_token(char_tokenizer, ["abcd", "ef"]) == 1.0
-    assert bytes_per_token(char_tokenizer, [Document("s", "1", "naïve — ok")]) == pytest.approx(13 / 10)  # ï: 2 bytes, —: 3 bytes
+    assert bytes_per_token(char_tokenizer, [Document("s", "1", "naïve — ok")]) == pytest.approx(
+        13 / 10
+    )  # ï: 2 bytes, —: 3 bytes
     with pytest.raises(ValueError):
         bytes_per_token(char_tokenizer, [""])
 
@@ -116,11 +131,14 @@ def test_token_cache_on_disk(zoo_cache, make_char_tokenizer, monkeypatch):
 
 def test_smollm2_blocks(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    texts = ["It is a truth universally acknowledged.", "In the beginning, God created the heavens and the earth."]
+    texts = [
+        "It is a truth universally acknowledged.",
+        "In the beginning, God created the heavens and the earth.",
+    ]
     ids = [tok.encode(t, add_special_tokens=False) for t in texts]
     stream = ids[0] + [tok.eos_token_id] + ids[1]
     out = token_blocks(tok, texts, 8)
-    assert out.shape == (len(stream) // 8, 8) and out.flatten().tolist() == stream[:out.numel()]
+    assert out.shape == (len(stream) // 8, 8) and out.flatten().tolist() == stream[: out.numel()]
     bpt = bytes_per_token(tok, texts)
     assert bpt == pytest.approx(sum(len(t.encode()) for t in texts) / (len(ids[0]) + len(ids[1])))
     assert 3.0 < bpt < 6.0

@@ -95,7 +95,10 @@ def test_delta_rule_limits_of_fla():
     h = q.bfloat16()
     assert dispatch._delta_mode(h, h, h, beta, None, None) == ("chunk", None)
     short = q[:, :, :3]  # decoding
-    assert dispatch._delta_mode(short, short, short, beta[..., :3], gate[..., :3], None) == ("recurrent", None)
+    assert dispatch._delta_mode(short, short, short, beta[..., :3], gate[..., :3], None) == (
+        "recurrent",
+        None,
+    )
     with torch.enable_grad():  # fla's fused recurrent gated delta rule has no backward: chunked instead
         leaf = short.clone().requires_grad_()
         assert dispatch._delta_mode(leaf, short, short, beta[..., :3], gate[..., :3], None) == ("chunk", None)
@@ -145,7 +148,9 @@ def test_padded_prefill_takes_the_pytorch_form_even_when_triton_is_forced(monkey
     y0, st0 = torch_hybrid.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=8, key_mask=mask)
     assert torch.equal(y, y0) and torch.equal(st.S, st0.S)
     y, _ = dispatch.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)  # nor float64
-    assert torch.equal(y, torch_hybrid.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)[0])
+    assert torch.equal(
+        y, torch_hybrid.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)[0]
+    )
     # attention sinks have the PyTorch forms only: prefill and decoding steps alike
     y, st = dispatch.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=8, sinks=2)
     y0, st0 = torch_hybrid.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=8, sinks=2)
@@ -155,14 +160,17 @@ def test_padded_prefill_takes_the_pytorch_form_even_when_triton_is_forced(monkey
     assert torch.equal(y, torch_hybrid.window_hybrid_step(*step, 0.5, 0.5, window=8, sinks=2, state=st0)[0])
 
 
-@pytest.mark.parametrize("capability, triton, tilelang, refused", [
-    ((9, 0), "3.6.0", False, True),  # an H100 with the Triton CUDA torch 2.11 pins: seen refused
-    ((9, 0), "3.4.0", False, True),
-    ((9, 0), "3.7.1", False, False),  # fixed there
-    ((9, 0), "3.3.1", False, False),  # before the regression
-    ((9, 0), "3.6.0", True, False),  # fla takes tilelang's kernel instead
-    ((8, 0), "3.6.0", False, False),  # an A100: not affected
-])
+@pytest.mark.parametrize(
+    "capability, triton, tilelang, refused",
+    [
+        ((9, 0), "3.6.0", False, True),  # an H100 with the Triton CUDA torch 2.11 pins: seen refused
+        ((9, 0), "3.4.0", False, True),
+        ((9, 0), "3.7.1", False, False),  # fixed there
+        ((9, 0), "3.3.1", False, False),  # before the regression
+        ((9, 0), "3.6.0", True, False),  # fla takes tilelang's kernel instead
+        ((8, 0), "3.6.0", False, False),  # an A100: not affected
+    ],
+)
 def test_fla_gated_chunk_backward_refused(capability, triton, tilelang, refused):
     from zoo.kernels.fla_backend import gated_chunk_backward_refused
 
@@ -211,21 +219,63 @@ def test_window_hybrid_keeps_a_grouped_state_once_per_key_value_head(sinks):
     fk = fk.abs()
     a = torch.rand(Hkv * groups)
     first, last = slice(0, T), slice(T, T + 1)
-    y, st = dispatch.window_hybrid(q[:, :, first], k[:, :, first], v[:, :, first], fq[:, :, first], fk[:, :, first],
-                                   a, 1 - a, window=8, kv_groups=groups, sinks=sinks)
-    y_ref, st_ref = dispatch.window_hybrid(q[:, :, first], k[:, :, first], v[:, :, first], fq[:, :, first],
-                                           fk[:, :, first], a, 1 - a, window=8, sinks=sinks)
+    y, st = dispatch.window_hybrid(
+        q[:, :, first],
+        k[:, :, first],
+        v[:, :, first],
+        fq[:, :, first],
+        fk[:, :, first],
+        a,
+        1 - a,
+        window=8,
+        kv_groups=groups,
+        sinks=sinks,
+    )
+    y_ref, st_ref = dispatch.window_hybrid(
+        q[:, :, first],
+        k[:, :, first],
+        v[:, :, first],
+        fq[:, :, first],
+        fk[:, :, first],
+        a,
+        1 - a,
+        window=8,
+        sinks=sinks,
+    )
     torch.testing.assert_close(y, y_ref)
-    assert st.k.shape == (B, Hkv, 8, D) and st.S.shape == (B, Hkv, F_, D) and st_ref.k.shape[1] == Hkv * groups
+    assert (
+        st.k.shape == (B, Hkv, 8, D) and st.S.shape == (B, Hkv, F_, D) and st_ref.k.shape[1] == Hkv * groups
+    )
     assert st.sinks == sinks and (not sinks or st.sink_k.shape == (B, Hkv, sinks, D))
     for name in ("k", "v", "fk", "S", "z") + (("sink_k", "sink_v") if sinks else ()):
         torch.testing.assert_close(getattr(st.repeat_heads(groups), name), getattr(st_ref, name))
         assert getattr(st, name).is_contiguous()
     # one decoding step from each state: the same output, the grouped state still per KV head
-    y1, st1 = dispatch.window_hybrid(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
-                                     a, 1 - a, window=8, state=st, kv_groups=groups, sinks=sinks)
-    y1_ref, _ = dispatch.window_hybrid(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
-                                       a, 1 - a, window=8, state=st_ref, sinks=sinks)
+    y1, st1 = dispatch.window_hybrid(
+        q[:, :, last],
+        k[:, :, last],
+        v[:, :, last],
+        fq[:, :, last],
+        fk[:, :, last],
+        a,
+        1 - a,
+        window=8,
+        state=st,
+        kv_groups=groups,
+        sinks=sinks,
+    )
+    y1_ref, _ = dispatch.window_hybrid(
+        q[:, :, last],
+        k[:, :, last],
+        v[:, :, last],
+        fq[:, :, last],
+        fk[:, :, last],
+        a,
+        1 - a,
+        window=8,
+        state=st_ref,
+        sinks=sinks,
+    )
     torch.testing.assert_close(y1, y1_ref)
     assert st1.k.shape[1] == Hkv and int(st1.n[0]) == T + 1
     with pytest.raises(ValueError, match="does not split into groups of 4"):
@@ -242,15 +292,20 @@ def test_linear_attention_keeps_a_grouped_state_once_per_key_value_head(gate):
 
     q = torch.randn(B, Hkv * groups, T, D).abs()
     k, v = shared(T, D).abs(), shared(T, D)
-    g = None if gate is None else -torch.rand(*((B, Hkv, T) if gate == "scalar" else (B, Hkv, T, D))).repeat_interleave(
-        groups, 1)
+    g = (
+        None
+        if gate is None
+        else -torch.rand(*((B, Hkv, T) if gate == "scalar" else (B, Hkv, T, D))).repeat_interleave(groups, 1)
+    )
     state, state_ref, ys, ys_ref = None, None, [], []
     for piece in (slice(0, 20), slice(20, 21), slice(21, T)):  # a prefill, a decoding step, the rest
         gp = None if g is None else g[:, :, piece]
-        y, state = dispatch.linear_attention(q[:, :, piece], k[:, :, piece], v[:, :, piece], gp, state, normalize=True,
-                                             kv_groups=groups)
-        y_ref, state_ref = dispatch.linear_attention(q[:, :, piece], k[:, :, piece], v[:, :, piece], gp, state_ref,
-                                                     normalize=True)
+        y, state = dispatch.linear_attention(
+            q[:, :, piece], k[:, :, piece], v[:, :, piece], gp, state, normalize=True, kv_groups=groups
+        )
+        y_ref, state_ref = dispatch.linear_attention(
+            q[:, :, piece], k[:, :, piece], v[:, :, piece], gp, state_ref, normalize=True
+        )
         ys.append(y)
         ys_ref.append(y_ref)
         assert state.S.shape == (B, Hkv, D, D) and state.z.shape == (B, Hkv, D) and state.S.is_contiguous()

@@ -22,8 +22,13 @@ def inputs(T, seed):
     return q, k, v, fk
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+    ),
+]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention warns that it runs unfused (eager)
@@ -38,14 +43,25 @@ def test_window_softmax_matches_reference(terraced, device):
     grad = device == "cuda"
     mask = torch.ones(B, T0, dtype=torch.bool, device=device)
     mask[1, :5] = False  # rows that have seen different numbers of tokens
-    _, state = window_hybrid_chunked(q[:, :, :T0], k[:, :, :T0], v[:, :, :T0], fk[:, :, :T0], fk[:, :, :T0], 1.0, 0.0,
-                                     window=W, terraced=terraced, key_mask=mask)
+    _, state = window_hybrid_chunked(
+        q[:, :, :T0],
+        k[:, :, :T0],
+        v[:, :, :T0],
+        fk[:, :, :T0],
+        fk[:, :, :T0],
+        1.0,
+        0.0,
+        window=W,
+        terraced=terraced,
+        key_mask=mask,
+    )
     for st in (None, state):
         leaves = [t[:, :, T0:].clone().requires_grad_(grad) for t in (q, k, v)]
         y, new = window_softmax_flex(*leaves, fk[:, :, T0:], window=W, terraced=terraced, state=st)
         ref = [t[:, :, T0:].clone().requires_grad_(grad) for t in (q, k, v)]
-        y0, new0 = window_hybrid_naive(*ref, fk[:, :, T0:], fk[:, :, T0:], 1.0, 0.0, window=W, terraced=terraced,
-                                       state=st)
+        y0, new0 = window_hybrid_naive(
+            *ref, fk[:, :, T0:], fk[:, :, T0:], 1.0, 0.0, window=W, terraced=terraced, state=st
+        )
         torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
         if grad:
             y.square().sum().backward()
@@ -64,7 +80,9 @@ def test_only_window_softmax_goes_to_flex(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "flex")
     q, k, v, fk = inputs(12, seed=3)
     calls = []
-    monkeypatch.setattr("zoo.kernels.flex_window.window_softmax_flex", lambda *a, **kw: calls.append(1) or "flex")
+    monkeypatch.setattr(
+        "zoo.kernels.flex_window.window_softmax_flex", lambda *a, **kw: calls.append(1) or "flex"
+    )
     assert dispatch.window_hybrid(q, k, v, fk, fk, 1.0, 0.0, window=4) == "flex"
     y, _ = dispatch.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=4)  # a linear branch: the PyTorch form
     torch.testing.assert_close(y, window_hybrid_chunked(q, k, v, fk, fk, 0.5, 0.5, window=4)[0])

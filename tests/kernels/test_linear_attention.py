@@ -58,8 +58,11 @@ def run_with_grads(fn, inputs, normalize, state=None, **kw):
     if st.z is not None:
         loss = loss + (st.z * torch.randn(st.z.shape, generator=g)).sum()
     loss.backward()
-    return y.detach(), LinearAttentionState(st.S.detach(), None if st.z is None else st.z.detach()), \
-        [None if t is None else t.grad for t in leaves]
+    return (
+        y.detach(),
+        LinearAttentionState(st.S.detach(), None if st.z is None else st.z.detach()),
+        [None if t is None else t.grad for t in leaves],
+    )
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -118,8 +121,9 @@ def test_bf16_inputs(gate, normalize):
 @pytest.mark.parametrize("gate", GATES)
 def test_starting_state(gate, normalize):
     g = torch.Generator().manual_seed(3)
-    state = LinearAttentionState(torch.randn(B, H, D, D, generator=g),
-                                 torch.rand(B, H, D, generator=g) * 5 if normalize else None)
+    state = LinearAttentionState(
+        torch.randn(B, H, D, D, generator=g), torch.rand(B, H, D, generator=g) * 5 if normalize else None
+    )
     inputs = make(100, gate, normalize, seed=4)
     y0, s0, g0 = run_with_grads(linear_attention_naive, inputs, normalize, state=state)
     for fn in (linear_attention_chunked, linear_attention_step):
@@ -192,7 +196,9 @@ def test_padding_adds_and_decays_nothing():
     v2[:, :, ~keep] = 0
     lg2[:, :, ~keep] = 0
     y, s = linear_attention_chunked(q, k2, v2, lg2, normalize=True)
-    y0, s0 = linear_attention_naive(q[:, :, keep], k[:, :, keep], v[:, :, keep], lg[:, :, keep], normalize=True)
+    y0, s0 = linear_attention_naive(
+        q[:, :, keep], k[:, :, keep], v[:, :, keep], lg[:, :, keep], normalize=True
+    )
     close(y[:, :, keep], y0, 1e-5)
     close_state(s, s0, 1e-5)
 

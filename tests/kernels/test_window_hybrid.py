@@ -49,8 +49,13 @@ def close_state(s1, s2, atol=1e-5, rtol=1e-5):
     assert torch.equal(s1.n, s2.n)
     assert s1.sinks == s2.sinks
     for name in ("k", "v", "fk", "S", "z") + (("sink_k", "sink_v") if s1.sinks else ()):
-        torch.testing.assert_close(getattr(s1, name).float(), getattr(s2, name).float(), atol=atol, rtol=rtol,
-                                   msg=lambda m, name=name: f"state.{name}: {m}")
+        torch.testing.assert_close(
+            getattr(s1, name).float(),
+            getattr(s2, name).float(),
+            atol=atol,
+            rtol=rtol,
+            msg=lambda m, name=name: f"state.{name}: {m}",
+        )
 
 
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
@@ -108,9 +113,12 @@ def test_split_and_carry(terraced, W, masked, sinks):
     torch.testing.assert_close(yc, y0, atol=1e-5, rtol=1e-5)
     close_state(sc, s0)
     cuts = [0, 1, 17, 100, T]
-    for forms in [(window_hybrid_chunked,) * 4, (window_hybrid_step,) * 4,
-                  (window_hybrid_step, window_hybrid_chunked, window_hybrid_step, window_hybrid_chunked),
-                  (window_hybrid_naive, window_hybrid_naive, window_hybrid_chunked, window_hybrid_naive)]:
+    for forms in [
+        (window_hybrid_chunked,) * 4,
+        (window_hybrid_step,) * 4,
+        (window_hybrid_step, window_hybrid_chunked, window_hybrid_step, window_hybrid_chunked),
+        (window_hybrid_naive, window_hybrid_naive, window_hybrid_chunked, window_hybrid_naive),
+    ]:
         st, ys = None, []
         for fn, lo, hi in zip(forms, cuts[:-1], cuts[1:]):
             piece = [t[:, :, lo:hi] for t in xs]
@@ -131,11 +139,11 @@ def test_state_stays_bounded(terraced, sinks):
     assert s_whole.cached_tokens <= limit
     st, sizes = None, []
     for lo in range(0, T - 20, 40):  # prefill in pieces, then decode the last 20 tokens one at a time
-        _, st = window_hybrid(*[t[:, :, lo:min(lo + 40, T - 20)] for t in xs], a, b, state=st, **kw)
+        _, st = window_hybrid(*[t[:, :, lo : min(lo + 40, T - 20)] for t in xs], a, b, state=st, **kw)
         sizes.append(st.nbytes())
         assert st.cached_tokens <= limit
     for lo in range(T - 20, T):
-        _, st = window_hybrid_step(*[t[:, :, lo:lo + 1] for t in xs], a, b, state=st, **kw)
+        _, st = window_hybrid_step(*[t[:, :, lo : lo + 1] for t in xs], a, b, state=st, **kw)
         sizes.append(st.nbytes())
         assert st.cached_tokens <= limit
     assert len(set(sizes)) == 1  # the state's size does not grow with the context
@@ -144,8 +152,9 @@ def test_state_stays_bounded(terraced, sinks):
 
 
 @pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
-@pytest.mark.parametrize("fn", [window_hybrid_chunked, window_hybrid_step, window_hybrid_naive],
-                         ids=["chunked", "step", "naive"])
+@pytest.mark.parametrize(
+    "fn", [window_hybrid_chunked, window_hybrid_step, window_hybrid_naive], ids=["chunked", "step", "naive"]
+)
 @with_sinks
 def test_padded_keys_contribute_nothing(terraced, fn, sinks):
     W, T = 16, 90
@@ -162,11 +171,11 @@ def test_padded_keys_contribute_nothing(terraced, fn, sinks):
         assert torch.all(t.permute(0, 2, 1, 3)[~mask] == 0)
     for row in range(B):  # each row equals the same row with its padding removed
         keep = mask[row]
-        sub = [t[row:row + 1, :, keep] for t in xs]
+        sub = [t[row : row + 1, :, keep] for t in xs]
         ys, ss, _ = run(window_hybrid_naive, sub, a, b, **kw)
-        torch.testing.assert_close(y[row:row + 1, :, keep], ys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(st.S[row:row + 1], ss.S, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(st.k[row:row + 1], ss.k)
+        torch.testing.assert_close(y[row : row + 1, :, keep], ys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(st.S[row : row + 1], ss.S, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(st.k[row : row + 1], ss.k)
         assert int(st.n[row]) == int(keep.sum())
 
 
@@ -181,12 +190,14 @@ def dense_reference(q, k, v, fq, fk, a, b, W, terraced, c=None, sinks=0):
         else:
             win = [s for s in range(t + 1) if t - s < W or s < sinks]
         lin = [s for s in range(t + 1) if s not in win]
-        s = (q[:, :, t:t + 1] @ k[:, :, win].transpose(-1, -2))[:, :, 0].double() * D ** -0.5
+        s = (q[:, :, t : t + 1] @ k[:, :, win].transpose(-1, -2))[:, :, 0].double() * D**-0.5
         e = torch.exp(s - s.amax(-1, keepdim=True)) * a.double()[:, None]
-        wl = (fq[:, :, t:t + 1] @ fk[:, :, lin].transpose(-1, -2))[:, :, 0].double() * b.double()[:, None]
+        wl = (fq[:, :, t : t + 1] @ fk[:, :, lin].transpose(-1, -2))[:, :, 0].double() * b.double()[:, None]
         w = torch.cat([e, wl], -1)
         if c is not None:
-            wc = (fq[:, :, t:t + 1] @ fk[:, :, win].transpose(-1, -2))[:, :, 0].double() * c.double()[:, None]
+            wc = (fq[:, :, t : t + 1] @ fk[:, :, win].transpose(-1, -2))[:, :, 0].double() * c.double()[
+                :, None
+            ]
             wc = wc * torch.tensor([s >= sinks for s in win], dtype=torch.float64)
             w = w + torch.cat([wc, torch.zeros_like(wl)], -1)
         y[:, :, t] = (w[..., None] * v[:, :, win + lin].double()).sum(2) / w.sum(-1, keepdim=True)
@@ -206,7 +217,9 @@ def test_reference_matches_definition(terraced, sinks):
     one, zero = torch.ones(H), torch.zeros(H)
     for fa, fb, fc in ((one, zero, None), (zero, one, one)):
         y_def = dense_reference(*xs, fa, fb, W, terraced, c=fc, sinks=sinks)
-        y, _ = window_hybrid_chunked(*xs, fa, fb, c=fc, window=W, terraced=terraced, chunk_size=16, sinks=sinks)
+        y, _ = window_hybrid_chunked(
+            *xs, fa, fb, c=fc, window=W, terraced=terraced, chunk_size=16, sinks=sinks
+        )
         torch.testing.assert_close(y[:, :, sinks:].double(), y_def[:, :, sinks:], atol=1e-5, rtol=1e-5)
     # the weights form: rows sum to one and reproduce the output
     wts = window_hybrid_weights(xs[0], xs[1], xs[3], xs[4], a, b, window=W, terraced=terraced, sinks=sinks)
@@ -265,13 +278,20 @@ def test_no_window_only_sinks():
     kw = dict(window=0, sinks=3)
     y0, s0 = assert_forms_agree(xs, a, b, **kw)
     assert s0.cached_tokens == 0 and s0.sinks == 3
-    torch.testing.assert_close(y0[:, :, :40].double(), dense_reference(*(t[:, :, :40] for t in xs), a, b, 0, False,
-                                                                       sinks=3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        y0[:, :, :40].double(),
+        dense_reference(*(t[:, :, :40] for t in xs), a, b, 0, False, sinks=3),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     mask = torch.rand(B, T, generator=torch.Generator().manual_seed(31)) > 0.25
     y0, s0, _ = run(window_hybrid_naive, xs, a, b, key_mask=mask, **kw)
     st, ys = None, []
-    for fn, lo, hi in zip((window_hybrid_chunked, window_hybrid_step, window_hybrid_chunked, window_hybrid_step),
-                          (0, 2, 5, 120), (2, 5, 120, T)):
+    for fn, lo, hi in zip(
+        (window_hybrid_chunked, window_hybrid_step, window_hybrid_chunked, window_hybrid_step),
+        (0, 2, 5, 120),
+        (2, 5, 120, T),
+    ):
         y, st = fn(*[t[:, :, lo:hi] for t in xs], a, b, state=st, key_mask=mask[:, lo:hi], **kw)
         ys.append(y)
     torch.testing.assert_close(torch.cat(ys, 2), y0, atol=1e-5, rtol=1e-5)

@@ -58,7 +58,9 @@ def make_test_mixer(name, options=None, seed=0, perturb=0.1):
     """Registered mixer `name` with its `test_options` (or `options` instead), its parameters moved off their
     (often input-independent) start so that every learned part matters."""
     torch.manual_seed(seed)
-    m = build_mixer(name, H, HKV, D, HIDDEN, 0, **(get_mixer(name).test_options if options is None else options))
+    m = build_mixer(
+        name, H, HKV, D, HIDDEN, 0, **(get_mixer(name).test_options if options is None else options)
+    )
     with torch.no_grad():
         for p in m.parameters():
             p.add_(perturb * torch.randn_like(p))
@@ -97,7 +99,7 @@ def with_padding(t, at, pads, seed):
     g = torch.Generator().manual_seed(seed)
     rows = []
     for b, i in enumerate(at):
-        row = t[b:b + 1]
+        row = t[b : b + 1]
         garbage = 3.0 * torch.randn(row.narrow(dim, 0, pads).shape, generator=g)
         rows.append(torch.cat([row.narrow(dim, 0, i), garbage, row.narrow(dim, i, row.shape[dim] - i)], dim))
     return torch.cat(rows)
@@ -113,7 +115,7 @@ def check_padding_adds_nothing(name, options=None, length=100, pads=3):
     padded = [with_padding(t, at, pads, seed=i) for i, t in enumerate(ts)]
     mask = torch.ones(2, length + pads, dtype=torch.long)
     for b, i in enumerate(at):
-        mask[b, i:i + pads] = 0
+        mask[b, i : i + pads] = 0
     real = mask.bool()
     with torch.no_grad():
         y, state = m(*ts)

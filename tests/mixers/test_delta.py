@@ -95,18 +95,20 @@ def test_left_padding_adds_nothing(name):
     T, pad = 70, 9
     q, k, v, x = inputs(T)
     # padded positions carry junk (large values): they must not reach anything
-    q2, k2, v2, x2 = (torch.cat([torch.randn_like(sl(t, 0, pad)) * 50, t], t.dim() - 2 if t.dim() == 4 else 1)
-                      for t in (q, k, v, x))
+    q2, k2, v2, x2 = (
+        torch.cat([torch.randn_like(sl(t, 0, pad)) * 50, t], t.dim() - 2 if t.dim() == 4 else 1)
+        for t in (q, k, v, x)
+    )
     mask = torch.ones(2, T + pad, dtype=torch.long)
     mask[:, :pad] = 0
-    mask[1, pad - 3:pad] = 1  # row 1 has 3 real tokens more at the front
+    mask[1, pad - 3 : pad] = 1  # row 1 has 3 real tokens more at the front
     with torch.no_grad():
         y_ref, s_ref = m(q, k, v, x)
         y_pad, s_pad = m(q2, k2, v2, x2, mask=mask)
         y_ref1, s_ref1 = m(*(sl(t, pad - 3, T + pad)[1:] for t in (q2, k2, v2, x2)))
         assert torch.isfinite(y_pad).all()
         torch.testing.assert_close(y_pad[0:1, :, pad:], y_ref[0:1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(y_pad[1:, :, pad - 3:], y_ref1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y_pad[1:, :, pad - 3 :], y_ref1, atol=1e-5, rtol=1e-5)
         assert torch.all(y_pad[0, :, :pad] == 0)
         torch.testing.assert_close(s_pad[0:1], s_ref[0:1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s_pad[1:], s_ref1, atol=1e-5, rtol=1e-5)
@@ -118,8 +120,14 @@ def test_left_padding_adds_nothing(name):
     torch.testing.assert_close(y3, torch.cat([y3r, y3r1]), atol=1e-5, rtol=1e-5)
     # a padded position in the middle of a decode batch (mask 0 there) changes no state
     with torch.no_grad():
-        _, s_skip = m(q3[:, :, :1], k3[:, :, :1] * 50, v3[:, :, :1], x3[:, :1], state=s_pad,
-                      mask=torch.zeros(2, 1, dtype=torch.long))
+        _, s_skip = m(
+            q3[:, :, :1],
+            k3[:, :, :1] * 50,
+            v3[:, :, :1],
+            x3[:, :1],
+            state=s_pad,
+            mask=torch.zeros(2, 1, dtype=torch.long),
+        )
     torch.testing.assert_close(s_skip, s_pad, atol=0, rtol=0)
 
 
@@ -128,8 +136,12 @@ def test_gqa_shapes_and_equals_repeated_heads(name):
     m = make_mixer(name)
     full = build_mixer(name, H, H, D, HIDDEN, 0)
     # the key map is per key/value head: each serves its query group
-    full.load_state_dict({key: t.repeat_interleave(H // HKV, 0) if key.startswith("k_map") else t
-                          for key, t in m.state_dict().items()})
+    full.load_state_dict(
+        {
+            key: t.repeat_interleave(H // HKV, 0) if key.startswith("k_map") else t
+            for key, t in m.state_dict().items()
+        }
+    )
     q, k, v, x = inputs(40)
     with torch.no_grad():
         y, s = m(q, k, v, x)
@@ -151,7 +163,7 @@ def test_gradients_reach_all_parameters(name, feature_map):
     q.requires_grad_(True)
     x.requires_grad_(True)
     y, s = m(q, k, v, x)
-    ((y ** 2).mean() + (s ** 2).mean()).backward()
+    ((y**2).mean() + (s**2).mean()).backward()
     for pname, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
     assert q.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
@@ -160,7 +172,7 @@ def test_gradients_reach_all_parameters(name, feature_map):
     # at the untouched init too (W_beta, W_a at 0): gradients flow to every parameter
     m = build_mixer(name, H, HKV, D, HIDDEN, 0, feature_map=feature_map)
     y, _ = m(*inputs(80))
-    (y ** 2).mean().backward()
+    (y**2).mean().backward()
     for pname, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
 

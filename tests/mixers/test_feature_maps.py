@@ -95,15 +95,15 @@ def test_left_padding_adds_nothing(name):
         mask[b, :p] = 0
         for t, pt in zip(ts, padded):
             if t.dim() == 4:
-                pt[b, :, p:] = t[b, :, :T - p]
+                pt[b, :, p:] = t[b, :, : T - p]
             else:
-                pt[b, p:] = t[b, :T - p]
+                pt[b, p:] = t[b, : T - p]
     y, s = m(*padded, mask=mask)
     for b, p in enumerate(pads):
-        yb, sb = m(*[t[b:b + 1, ..., :T - p, :] if t.dim() == 4 else t[b:b + 1, :T - p] for t in ts])
-        close(y[b:b + 1, :, p:], yb)
-        close(s.S[b:b + 1], sb.S)
-        close(s.z[b:b + 1], sb.z)
+        yb, sb = m(*[t[b : b + 1, ..., : T - p, :] if t.dim() == 4 else t[b : b + 1, : T - p] for t in ts])
+        close(y[b : b + 1, :, p:], yb)
+        close(s.S[b : b + 1], sb.S)
+        close(s.z[b : b + 1], sb.z)
     # decoding on from the padded prefix matches decoding on from the unpadded one
     extra = inputs(3, seed=4)
     y_next, _ = m(*extra, state=s, mask=torch.ones(B, 3))

@@ -52,7 +52,16 @@ def state_tensors(s):
         return {"S": s.S, "z": s.z}
     assert isinstance(s, LigerState)
     w = s.window
-    return {"S": s.linear.S, "z": s.linear.z, "wk": w.k, "wv": w.v, "wfk": w.fk, "wS": w.S, "wz": w.z, "wn": w.n}
+    return {
+        "S": s.linear.S,
+        "z": s.linear.z,
+        "wk": w.k,
+        "wv": w.v,
+        "wfk": w.fk,
+        "wS": w.S,
+        "wz": w.z,
+        "wn": w.n,
+    }
 
 
 def assert_state_close(s1, s2, **tol):
@@ -83,15 +92,18 @@ def gated_reference(fq, fk, v, log_gate, eps=1e-6):
 def window_reference(q, k, v, W):
     T = q.shape[2]
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]
-    s = (q @ k.transpose(-1, -2) * D ** -0.5).masked_fill(~((j <= i) & (i - j < W)), float("-inf"))
+    s = (q @ k.transpose(-1, -2) * D**-0.5).masked_fill(~((j <= i) & (i - j < W)), float("-inf"))
     return s.softmax(-1) @ v
 
 
 def test_registered_with_attributes_and_options():
     assert set(NAMES) <= set(list_mixers())
-    expected = {"gla": {"feature_dim": None, "rank": 16, "tau": 16.0, "gate_bias": 6.0},
-                "liger-gla": {"tau": 16.0}, "liger": {"tau": 16.0, "window": 64, "alpha": 0.5},
-                "retention": {"first_exponent": 5.0, "exponent_step": 1.0}}
+    expected = {
+        "gla": {"feature_dim": None, "rank": 16, "tau": 16.0, "gate_bias": 6.0},
+        "liger-gla": {"tau": 16.0},
+        "liger": {"tau": 16.0, "window": 64, "alpha": 0.5},
+        "retention": {"first_exponent": 5.0, "exponent_step": 1.0},
+    }
     for name in NAMES:
         cls = get_mixer(name)
         assert cls.options == expected[name]
@@ -108,8 +120,13 @@ def test_parameter_free_mixers_add_nothing():
         assert list(m.parameters()) == [] and list(m.buffers()) == [] and m.state_dict() == {}, name
     gla = build_mixer("gla", H, HKV, D, HIDDEN, 0, feature_dim=8, rank=4)
     shapes = {n: tuple(p.shape) for n, p in gla.named_parameters()}
-    assert shapes == {"feature_map_q.weight": (H, D, 8), "feature_map_k.weight": (HKV, D, 8),
-                      "gate_down.weight": (4, HIDDEN), "gate_up.weight": (H * 16, 4), "gate_up.bias": (H * 16,)}
+    assert shapes == {
+        "feature_map_q.weight": (H, D, 8),
+        "feature_map_k.weight": (HKV, D, 8),
+        "gate_down.weight": (4, HIDDEN),
+        "gate_up.weight": (H * 16, 4),
+        "gate_up.bias": (H * 16,),
+    }
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -130,17 +147,18 @@ def test_left_padding_adds_nothing(name):
     m = make_mixer(name)
     T, pad = 70, 9
     q, k, v, x = inputs(T)
-    q2, k2, v2, x2 = (torch.cat([torch.randn_like(sl(t, 0, pad)) * 50, t], 1 if t.dim() == 3 else 2)
-                      for t in (q, k, v, x))
+    q2, k2, v2, x2 = (
+        torch.cat([torch.randn_like(sl(t, 0, pad)) * 50, t], 1 if t.dim() == 3 else 2) for t in (q, k, v, x)
+    )
     mask = torch.ones(2, T + pad, dtype=torch.long)
     mask[:, :pad] = 0
-    mask[1, pad - 3:pad] = 1  # row 1 has 3 real tokens more at the front
+    mask[1, pad - 3 : pad] = 1  # row 1 has 3 real tokens more at the front
     with torch.no_grad():
         y_ref, s_ref = m(q, k, v, x)
         y_pad, s_pad = m(q2, k2, v2, x2, mask=mask)
         y_ref1, s_ref1 = m(*(rows(sl(t, pad - 3, T + pad), 1, 2) for t in (q2, k2, v2, x2)))
     torch.testing.assert_close(y_pad[0:1, :, pad:], y_ref[0:1], **TOL)
-    torch.testing.assert_close(y_pad[1:, :, pad - 3:], y_ref1, **TOL)
+    torch.testing.assert_close(y_pad[1:, :, pad - 3 :], y_ref1, **TOL)
     assert torch.all(y_pad[0, :, :pad] == 0)
     assert_state_close(state_rows(s_pad, 0, 1), state_rows(s_ref, 0, 1))
     assert_state_close(state_rows(s_pad, 1, 2), s_ref1)
@@ -160,10 +178,12 @@ def test_padding_inside_neither_writes_nor_decays(name):
     T, at, n = 60, 25, 7
     q, k, v, x = inputs(T)
     junk = inputs(n, seed=5)
-    q2, k2, v2, x2 = (torch.cat([sl(t, 0, at), j * 50, sl(t, at, T)], 1 if t.dim() == 3 else 2)
-                      for t, j in zip((q, k, v, x), junk))
+    q2, k2, v2, x2 = (
+        torch.cat([sl(t, 0, at), j * 50, sl(t, at, T)], 1 if t.dim() == 3 else 2)
+        for t, j in zip((q, k, v, x), junk)
+    )
     mask = torch.ones(2, T + n, dtype=torch.long)
-    mask[:, at:at + n] = 0
+    mask[:, at : at + n] = 0
     with torch.no_grad():
         y_ref, s_ref = m(q, k, v, x)
         y_pad, s_pad = m(q2, k2, v2, x2, mask=mask)
@@ -177,8 +197,12 @@ def test_gqa_equals_repeated_heads(name):
     m = make_mixer(name)
     full = build_mixer(name, H, H, D, HIDDEN, 0, **small(name))
     # the key feature map is per key/value head: each serves its query group; gates are per query head
-    full.load_state_dict({key: t.repeat_interleave(H // HKV, 0) if key.startswith("feature_map_k") else t
-                          for key, t in m.state_dict().items()})
+    full.load_state_dict(
+        {
+            key: t.repeat_interleave(H // HKV, 0) if key.startswith("feature_map_k") else t
+            for key, t in m.state_dict().items()
+        }
+    )
     q, k, v, x = inputs(40)
     with torch.no_grad():
         y, st = m(q, k, v, x)
@@ -192,7 +216,7 @@ def test_gqa_equals_repeated_heads(name):
     assert m.gates_per_kv_head == (name in ("liger-gla", "liger"))
     for key, t in s.items():
         if key != "wn":  # the window's state is per key/value head in liger too
-            per_group = s_full[key][:, ::H // HKV] if t.shape[1] == HKV else s_full[key]
+            per_group = s_full[key][:, :: H // HKV] if t.shape[1] == HKV else s_full[key]
             torch.testing.assert_close(t, per_group, **TOL, msg=lambda msg, key=key: f"state {key}: {msg}")
 
 
@@ -247,7 +271,7 @@ def test_gla_gradients_reach_all_parameters_from_the_start():
     q, k, v, x = inputs(80)
     q.requires_grad_(True)
     y, _ = m(q, k, v, x)
-    (y ** 2).mean().backward()
+    (y**2).mean().backward()
     for pname, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
     assert q.grad.abs().sum() > 0
@@ -273,7 +297,7 @@ def test_liger_gate_ignores_rope():
     m = make_mixer("liger-gla")
     q, k, v, x = inputs(20)
     theta = torch.rand(1, 1, 20, D // 2) * 2 * math.pi
-    a, b = k[..., :D // 2], k[..., D // 2:]
+    a, b = k[..., : D // 2], k[..., D // 2 :]
     k_rot = torch.cat([a * theta.cos() - b * theta.sin(), a * theta.sin() + b * theta.cos()], -1)
     tokens = Tokens.of(q, x, None)
     torch.testing.assert_close(m.log_gate(q, k_rot, tokens), m.log_gate(q, k, tokens), **TOL)

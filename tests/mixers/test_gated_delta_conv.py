@@ -33,7 +33,7 @@ def make_mixer(seed=0, num_kv_heads=HKV, **options):
 def naive_conv(x, w):
     """x [B, h, T, D], w [h, D, K] (tap K-1: the current token), zeros before the start."""
     K = w.shape[-1]
-    return sum(w[None, :, None, :, K - 1 - j] * F.pad(x, (0, 0, j, 0))[:, :, :x.shape[2]] for j in range(K))
+    return sum(w[None, :, None, :, K - 1 - j] * F.pad(x, (0, 0, j, 0))[:, :, : x.shape[2]] for j in range(K))
 
 
 def reference(m, q, k, v, x):
@@ -47,7 +47,9 @@ def reference(m, q, k, v, x):
         fk = F.normalize(F.silu(kc @ m.k_map.weight[kv_rows]), dim=-1).repeat_interleave(H // Hkv, 1)
         beta = torch.sigmoid(x @ m.beta_proj.weight[rows].T + m.beta_proj.bias[rows]).transpose(1, 2)
         dt = F.softplus((x @ m.a_proj.weight[rows].T).transpose(1, 2) + m.dt_bias[rows, None])
-        y_i, _ = delta_rule_naive(fq, fk, vc.repeat_interleave(H // Hkv, 1), beta, -m.A_log[rows].exp()[:, None] * dt)
+        y_i, _ = delta_rule_naive(
+            fq, fk, vc.repeat_interleave(H // Hkv, 1), beta, -m.A_log[rows].exp()[:, None] * dt
+        )
         y = y + m.memory_weight[i][:, None, None] * y_i
     gate = 2 * torch.sigmoid(x @ m.gate_proj.weight.T + m.gate_proj.bias).transpose(1, 2)
     y = y * gate[..., None] + naive_conv(vc.repeat_interleave(H // Hkv, 1), m.conv_o)
@@ -67,11 +69,22 @@ def assert_states_close(a, b, atol=1e-5):
 def test_registered_options_and_errors():
     cls = get_mixer(NAME)
     assert cls is GatedDeltaConvMixer and cls.family == "delta" and "arXiv" in cls.source
-    assert cls.options == {"feature_dim": 128, "feature_map": "silu", "beta_init": 0.5,
-                           "decays": [[1e-3, 1e-1], [5e-2, 5e-1]], "conv_size": 8}
-    for bad, match in (({"decays": []}, "decays"), ({"decays": [[0.1]]}, "decays"), ({"decays": 0.1}, "decays"),
-                       ({"decays": [[0.2, 0.1]]}, "dt_min"), ({"decays": [[0.0, 0.1]]}, "dt_min"),
-                       ({"conv_size": 0}, "conv_size"), ({"dt_min": 1e-3}, "unknown option")):
+    assert cls.options == {
+        "feature_dim": 128,
+        "feature_map": "silu",
+        "beta_init": 0.5,
+        "decays": [[1e-3, 1e-1], [5e-2, 5e-1]],
+        "conv_size": 8,
+    }
+    for bad, match in (
+        ({"decays": []}, "decays"),
+        ({"decays": [[0.1]]}, "decays"),
+        ({"decays": 0.1}, "decays"),
+        ({"decays": [[0.2, 0.1]]}, "dt_min"),
+        ({"decays": [[0.0, 0.1]]}, "dt_min"),
+        ({"conv_size": 0}, "conv_size"),
+        ({"dt_min": 1e-3}, "unknown option"),
+    ):
         with pytest.raises(ValueError, match=match):
             build_mixer(NAME, H, HKV, D, HIDDEN, 0, **bad)
 
@@ -80,10 +93,18 @@ def test_start_is_the_mean_of_the_memories_without_mixing_tokens():
     """At the start the convs pass each token through, the output conv adds nothing, the gate is 1 and
     each of the M memories weighs 1/M; its heads' decays start at their memory's range."""
     m = build_mixer(NAME, H, HKV, D, HIDDEN, 0, feature_dim=24, decays=[[1e-3, 1e-2], [0.1, 1.0], [1.0, 2.0]])
-    assert m.memories == 3 and m.q_map.weight.shape == (3 * H, D, 24) and m.k_map.weight.shape == (3 * HKV, D, 24)
+    assert (
+        m.memories == 3
+        and m.q_map.weight.shape == (3 * H, D, 24)
+        and m.k_map.weight.shape == (3 * HKV, D, 24)
+    )
     assert not m.conv_o.any() and torch.equal(m.memory_weight, torch.full((3, H), 1 / 3))
-    torch.testing.assert_close(F.softplus(m.dt_bias), torch.cat([torch.logspace(-3, -2, H), torch.logspace(-1, 0, H),
-                                                                 torch.logspace(0, math.log10(2.0), H)]))
+    torch.testing.assert_close(
+        F.softplus(m.dt_bias),
+        torch.cat(
+            [torch.logspace(-3, -2, H), torch.logspace(-1, 0, H), torch.logspace(0, math.log10(2.0), H)]
+        ),
+    )
     q, k, v, x = inputs(30, seed=3)
     with torch.no_grad():
         assert torch.equal(naive_conv(q, m.conv_q), q) and torch.equal(naive_conv(k, m.conv_k), k)
@@ -113,7 +134,9 @@ def test_split_and_carry(cuts):
     with torch.no_grad():
         y_all, s_all = m(*ts)
         y_pieces, st = run_pieces(m, ts, cuts)
-    torch.testing.assert_close(y_pieces, y_all, atol=5e-5, rtol=1e-4)  # the delta rule's chunked vs step forms
+    torch.testing.assert_close(
+        y_pieces, y_all, atol=5e-5, rtol=1e-4
+    )  # the delta rule's chunked vs step forms
     assert_states_close(st, s_all, atol=5e-5)
 
 
@@ -158,7 +181,7 @@ def test_gradients_reach_all_parameters():
     for m in (make_mixer(), build_mixer(NAME, H, HKV, D, HIDDEN, 0)):  # moved away from the init, and at it
         q, k, v, x = inputs(80)
         y, s = m(q, k, v, x)
-        ((y ** 2).mean() + (s.S ** 2).mean()).backward()
+        ((y**2).mean() + (s.S**2).mean()).backward()
         for pname, p in m.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
 

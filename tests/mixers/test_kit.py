@@ -28,7 +28,10 @@ def test_tokens_give_positions_counting_real_tokens_only():
     assert tokens.positions[real].tolist() == [0, 1, 2, 7, 8, 9]
     assert tokens.seen_after.tolist() == [3, 10] and torch.equal(tokens.real, real)
     plain = Tokens.of(q, None, None, seen=torch.tensor([0, 7]))
-    assert plain.positions.tolist() == [[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]] and plain.seen_after.tolist() == [5, 12]
+    assert plain.positions.tolist() == [[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]] and plain.seen_after.tolist() == [
+        5,
+        12,
+    ]
     assert Tokens.whole(q).positions.tolist() == [[0, 1, 2, 3, 4]] * 2
     with pytest.raises(ValueError, match="keeps no token count"):
         _ = Tokens.of(q, None, mask).positions
@@ -77,8 +80,13 @@ def test_counts_tokens_gives_the_hooks_positions_that_survive_splits_and_padding
         with pytest.raises(AssertionError):
             check_split_and_carry("test-positions-restart")
         m = make_test_mixer("test-position-scaled")
-        _, state = m(torch.zeros(2, 4, 5, 16), torch.zeros(2, 2, 5, 16), torch.zeros(2, 2, 5, 16),
-                     torch.zeros(2, 5, 32), mask=torch.tensor([[1, 1, 0, 1, 1], [0, 0, 0, 0, 1]]))
+        _, state = m(
+            torch.zeros(2, 4, 5, 16),
+            torch.zeros(2, 2, 5, 16),
+            torch.zeros(2, 2, 5, 16),
+            torch.zeros(2, 5, 32),
+            mask=torch.tensor([[1, 1, 0, 1, 1], [0, 0, 0, 0, 1]]),
+        )
         assert isinstance(state, CountedState) and state.seen.tolist() == [4, 1]
         assert state.state.S.shape == (2, 2, 16, 16)  # the kernel's own state, once per key/value head
     finally:
@@ -88,11 +96,15 @@ def test_counts_tokens_gives_the_hooks_positions_that_survive_splits_and_padding
 
 def test_test_options_are_checked_when_the_class_is_made():
     with pytest.raises(TypeError, match=r"test_options: unknown option\(s\) \['windw'\]"):
+
         class Typo(HedgehogMixer):
             test_options = {"windw": 4}
+
     with pytest.raises(ValueError, match="test_options.feature_dim"):
+
         class Negative(HedgehogMixer):
             test_options = {"feature_dim": -1}
+
     assert Mixer.test_options == {} and get_mixer("softmax").test_options == {}
 
 

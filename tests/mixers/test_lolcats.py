@@ -36,14 +36,21 @@ def make_mixer(name, seed=0, num_kv_heads=HKV, **options):
 def assert_state_close(s1, s2, atol=1e-5):
     assert torch.equal(s1.n, s2.n) and s1.sinks == s2.sinks
     for name in ("k", "v", "fk", "S", "z") + (("sink_k", "sink_v") if s1.sinks else ()):
-        torch.testing.assert_close(getattr(s1, name), getattr(s2, name), atol=atol, rtol=1e-5,
-                                   msg=lambda m, name=name: f"state.{name}: {m}")
+        torch.testing.assert_close(
+            getattr(s1, name),
+            getattr(s2, name),
+            atol=atol,
+            rtol=1e-5,
+            msg=lambda m, name=name: f"state.{name}: {m}",
+        )
 
 
 def test_registered():
     assert {"lolcats", "lolcats-terraced"} <= set(list_mixers())
     assert get_mixer("lolcats") is Lolcats and get_mixer("lolcats-terraced") is LolcatsTerraced
-    assert get_mixer("lolcats-sink") is LolcatsSink and get_mixer("lolcats-terraced-sink") is LolcatsTerracedSink
+    assert (
+        get_mixer("lolcats-sink") is LolcatsSink and get_mixer("lolcats-terraced-sink") is LolcatsTerracedSink
+    )
     for name in NAMES:
         cls = get_mixer(name)
         assert cls.family == "hybrid" and cls.description and cls.source and "W" in cls.state_size
@@ -56,7 +63,11 @@ def test_registered():
     m = build_mixer("lolcats-terraced", H, HKV, D, HIDDEN, 0, feature_dim=8)
     assert m.feature_map_q.weight.shape == (H, D, 8) and m.window == 64
     torch.testing.assert_close(torch.sigmoid(m.window_logit), torch.full((H,), 0.5))
-    assert {n for n, _ in m.named_parameters()} == {"feature_map_q.weight", "feature_map_k.weight", "window_logit"}
+    assert {n for n, _ in m.named_parameters()} == {
+        "feature_map_q.weight",
+        "feature_map_k.weight",
+        "window_logit",
+    }
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -77,20 +88,24 @@ def test_left_padding(name):
     m = make_mixer(name, window=16)
     T, pad = 70, 9
     q, k, v, x = inputs(T)
-    q2, k2, v2, x2 = (torch.cat([torch.randn_like(sl(t, 0, pad)) * 50, t], t.dim() - 2 if t.dim() == 4 else 1)
-                      for t in (q, k, v, x))
+    q2, k2, v2, x2 = (
+        torch.cat([torch.randn_like(sl(t, 0, pad)) * 50, t], t.dim() - 2 if t.dim() == 4 else 1)
+        for t in (q, k, v, x)
+    )
     mask = torch.ones(2, T + pad, dtype=torch.long)
     mask[:, :pad] = 0
-    mask[1, pad - 3:pad] = 1  # row 1 has 3 real tokens more at the front
+    mask[1, pad - 3 : pad] = 1  # row 1 has 3 real tokens more at the front
     with torch.no_grad():
         y_ref, s_ref = m(q, k, v, x)
         y_pad, s_pad = m(q2, k2, v2, x2, mask=mask)
         y_ref1, s_ref1 = m(*(sl(t, pad - 3, T + pad)[1:] for t in (q2, k2, v2, x2)))
     torch.testing.assert_close(y_pad[0:1, :, pad:], y_ref[0:1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y_pad[1:, :, pad - 3:], y_ref1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_pad[1:, :, pad - 3 :], y_ref1, atol=1e-5, rtol=1e-5)
     assert torch.all(y_pad[0, :, :pad] == 0)
-    for name_ in STATE_FIELDS[:6 if s_ref.sinks == 0 else 8]:
-        torch.testing.assert_close(getattr(s_pad, name_)[0:1], getattr(s_ref, name_)[0:1], atol=1e-5, rtol=1e-5)
+    for name_ in STATE_FIELDS[: 6 if s_ref.sinks == 0 else 8]:
+        torch.testing.assert_close(
+            getattr(s_pad, name_)[0:1], getattr(s_ref, name_)[0:1], atol=1e-5, rtol=1e-5
+        )
         torch.testing.assert_close(getattr(s_pad, name_)[1:], getattr(s_ref1, name_), atol=1e-5, rtol=1e-5)
     # decoding on from the padded state continues both rows exactly
     q3, k3, v3, x3 = inputs(5, seed=9)
@@ -106,8 +121,10 @@ def test_gqa_equals_repeated_heads(name):
     m = make_mixer(name, window=16)
     full = build_mixer(name, H, H, D, HIDDEN, 0, window=16)
     # the key feature map is per key/value head: each serves its query group
-    state = {key: t.repeat_interleave(H // HKV, 0) if key.startswith("feature_map_k") else t
-             for key, t in m.state_dict().items()}
+    state = {
+        key: t.repeat_interleave(H // HKV, 0) if key.startswith("feature_map_k") else t
+        for key, t in m.state_dict().items()
+    }
     full.load_state_dict(state)
     q, k, v, x = inputs(40)
     with torch.no_grad():
@@ -127,7 +144,7 @@ def test_gradients_reach_parameters(name):
     q, k, v, x = inputs(80)
     q.requires_grad_(True)
     y, _ = m(q, k, v, x)
-    (y ** 2).mean().backward()
+    (y**2).mean().backward()
     for pname, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
     assert q.grad.abs().sum() > 0
@@ -159,11 +176,13 @@ def test_branch_ablations(name):
     kr, vr = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]
     win = (j // 8 >= i // 8 - 1) & (j <= i) if terraced(name) else (j <= i) & (i - j < 8)
-    win = win | ((j < sinks(name)) & (j <= i))  # the window branch alone: window + sinks softmax (StreamingLLM)
+    win = win | (
+        (j < sinks(name)) & (j <= i)
+    )  # the window branch alone: window + sinks softmax (StreamingLLM)
     with torch.no_grad():
         m.branch = "window"
         y_w, _ = m(q, k, v, x)
-        s = (q @ kr.transpose(-1, -2) * D ** -0.5).masked_fill(~win, float("-inf"))
+        s = (q @ kr.transpose(-1, -2) * D**-0.5).masked_fill(~win, float("-inf"))
         torch.testing.assert_close(y_w, s.softmax(-1) @ vr, atol=1e-5, rtol=1e-5)
         m.branch = "linear"
         y_l, _ = m(q, k, v, x)
@@ -205,7 +224,7 @@ def test_hedgehog_sink_has_no_window():
     with torch.no_grad():
         y, st = m(q, k, v, x)
         a = torch.sigmoid(m.window_logit)[:, None, None]
-        s = (q @ kr.transpose(-1, -2) * D ** -0.5).masked_fill(~sink, float("-inf"))
+        s = (q @ kr.transpose(-1, -2) * D**-0.5).masked_fill(~sink, float("-inf"))
         w = a * torch.exp(s - s.amax(-1, keepdim=True)) + (1 - a) * (fq @ fk.transpose(-1, -2)) * lin
         torch.testing.assert_close(y, (w / w.sum(-1, keepdim=True)) @ vr, atol=1e-5, rtol=1e-5)
         assert st.cached_tokens == 0 and st.sinks == 4
@@ -213,7 +232,9 @@ def test_hedgehog_sink_has_no_window():
         torch.testing.assert_close(m(q, k, v, x)[0], s.softmax(-1) @ vr, atol=1e-5, rtol=1e-5)
         m.branch = "linear"  # linear attention over every key
         lw = (fq @ fk.transpose(-1, -2)).masked_fill(j > i, 0)
-        torch.testing.assert_close(m(q, k, v, x)[0], (lw / lw.sum(-1, keepdim=True)) @ vr, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            m(q, k, v, x)[0], (lw / lw.sum(-1, keepdim=True)) @ vr, atol=1e-5, rtol=1e-5
+        )
     for name, options in (("lolcats", {"window": 0}), ("lolcats-terraced-sink", {"window": 0})):
         with pytest.raises(ValueError, match=r"window >= 1 \(or 0 with sinks >= 1, plain window\)"):
             build_mixer(name, H, HKV, D, HIDDEN, 0, **options)

@@ -18,8 +18,13 @@ NAMES = zoo.list_mixers()
 SHAPE = (9, 3, 64, 576, 0)  # heads, key/value heads, head dim, hidden size, layer: SmolLM2-135M's
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*/*.yaml"))
 #: values of the wrong kind for each kind of option
-WRONG_KIND = {int: [2.0, "2", True, [2]], float: ["fast", True, [1.0], float("nan")], bool: [1, "yes", None],
-              str: [3, ["silu"]], list: ["x", 0.1]}
+WRONG_KIND = {
+    int: [2.0, "2", True, [2]],
+    float: ["fast", True, [1.0], float("nan")],
+    bool: [1, "yes", None],
+    str: [3, ["silu"]],
+    list: ["x", 0.1],
+}
 
 
 class TensorSpy(TorchFunctionMode):
@@ -116,14 +121,16 @@ def test_the_messages_say_what_was_wrong_and_what_is_allowed():
 
 
 def test_cross_option_rules_stay_one_line_errors_naming_the_options():
-    for name, options, words in (("lolcats", {"window": 0}, ("window", "sinks")),
-                                 ("lolcats-terraced-sink", {"window": 0}, ("window", "sinks")),
-                                 ("gated-delta", {"dt_min": 0.2, "dt_max": 0.1}, ("dt_min", "dt_max")),
-                                 ("mamba2", {"dt_min": 0.2, "dt_max": 0.1}, ("dt_min", "dt_max")),
-                                 ("gated-delta-conv", {"decays": [[0.2, 0.1]]}, ("dt_min", "dt_max")),
-                                 ("gated-delta-conv", {"decays": [[0.1]]}, ("decays",)),
-                                 ("gated-delta-conv", {"decays": [[0.1, "fast"]]}, ("decays[0][1]",)),
-                                 ("based", {"feature_dim": 15}, ("feature_dim", "even"))):
+    for name, options, words in (
+        ("lolcats", {"window": 0}, ("window", "sinks")),
+        ("lolcats-terraced-sink", {"window": 0}, ("window", "sinks")),
+        ("gated-delta", {"dt_min": 0.2, "dt_max": 0.1}, ("dt_min", "dt_max")),
+        ("mamba2", {"dt_min": 0.2, "dt_max": 0.1}, ("dt_min", "dt_max")),
+        ("gated-delta-conv", {"decays": [[0.2, 0.1]]}, ("dt_min", "dt_max")),
+        ("gated-delta-conv", {"decays": [[0.1]]}, ("decays",)),
+        ("gated-delta-conv", {"decays": [[0.1, "fast"]]}, ("decays[0][1]",)),
+        ("based", {"feature_dim": 15}, ("feature_dim", "even")),
+    ):
         with torch.device("meta"), pytest.raises(ValueError) as err:
             build_mixer(name, *SHAPE, **options)
         assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
@@ -154,8 +161,15 @@ def test_option_describes_its_kind_and_range():
     choice = Option("a", str, choices=("a", "b"), nullable=True, doc="x; null: a")
     assert choice.describe() == "one of a, b or null"
     assert Option(1, float, doc="a").check(2, "k") == 2.0
-    for bad_spec in (dict(kind=dict), dict(kind=str, min=1), dict(kind=int, min=1, above=0), dict(doc=""),
-                     dict(doc="two\nlines"), dict(kind=None), dict(nullable=True)):
+    for bad_spec in (
+        dict(kind=dict),
+        dict(kind=str, min=1),
+        dict(kind=int, min=1, above=0),
+        dict(doc=""),
+        dict(doc="two\nlines"),
+        dict(kind=None),
+        dict(nullable=True),
+    ):
         with pytest.raises(TypeError):
             Option(**{"default": 1, "kind": int, "doc": "a", **bad_spec})
 

@@ -35,8 +35,10 @@ def test_test_options_reach_the_limits(name):
     options = cls.check_options(cls.test_options)
     for key, limit in LIMITS.items():
         if key in options:
-            assert options[key] <= limit, (f"{name}: {key}={options[key]} in the registry tests; declare "
-                                           f"test_options = {{'{key}': <= {limit}}} on {cls.__qualname__}")
+            assert options[key] <= limit, (
+                f"{name}: {key}={options[key]} in the registry tests; declare "
+                f"test_options = {{'{key}': <= {limit}}} on {cls.__qualname__}"
+            )
     y, _ = make_test_mixer(name)(*[torch.zeros(2, h, 3, 16) for h in (4, 2, 2)], torch.zeros(2, 3, 32))
     assert y.shape == (2, 4, 3, 16)
 
@@ -81,4 +83,6 @@ def test_the_checks_cross_chunks_and_decode_single_tokens():
     pieces = [hi - lo for lo, hi in zip(CUTS[:-1], CUTS[1:])]
     assert CUTS[0] == 0 and CUTS[-1] == LENGTH > 2 * 64
     assert pieces.count(1) >= 4 and max(pieces) > 4  # recurrent steps and chunked prefills after a state
-    assert 64 in CUTS and any(lo < 128 < hi for lo, hi in zip(CUTS[:-1], CUTS[1:]))  # on and across chunk edges
+    assert 64 in CUTS and any(
+        lo < 128 < hi for lo, hi in zip(CUTS[:-1], CUTS[1:])
+    )  # on and across chunk edges

@@ -46,7 +46,9 @@ def assert_states_close(a, b, atol=2e-5):
     ta, tb = tensors(a), tensors(b)
     assert len(ta) == len(tb)
     for i, (x, y) in enumerate(zip(ta, tb)):
-        torch.testing.assert_close(x.double(), y.double(), atol=atol, rtol=1e-4, msg=lambda m, i=i: f"state[{i}]: {m}")
+        torch.testing.assert_close(
+            x.double(), y.double(), atol=atol, rtol=1e-4, msg=lambda m, i=i: f"state[{i}]: {m}"
+        )
 
 
 def test_registered_with_attributes():
@@ -57,8 +59,12 @@ def test_registered_with_attributes():
         assert cls.options == OPTIONS[name]
         with pytest.raises(ValueError, match="unknown option"):
             build_mixer(name, H, HKV, D, HIDDEN, 0, no_such_option=1)
-    assert {n: get_mixer(n).family for n in NAMES} == {"mamba2": "ssm", "flow": "linear", "based": "linear",
-                                                       "based-window": "hybrid"}
+    assert {n: get_mixer(n).family for n in NAMES} == {
+        "mamba2": "ssm",
+        "flow": "linear",
+        "based": "linear",
+        "based-window": "hybrid",
+    }
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -83,18 +89,18 @@ def test_left_padding_adds_nothing(name):
     more = inputs(5, seed=3)
     mask = torch.ones(2, T + max(pads), dtype=torch.long)
     for row, p in enumerate(pads):
-        mask[row, :max(pads) - p] = 0  # row 0 has 13 pads, row 1 none
+        mask[row, : max(pads) - p] = 0  # row 0 has 13 pads, row 1 none
     with torch.no_grad():
         y_pad, s_pad = m(*ts, mask=mask)
         y_next, _ = m(*more, state=s_pad)
         for row in range(2):
             lo = int((mask[row] == 0).sum())
-            one = [t[row:row + 1] for t in part(ts, lo, T + max(pads))]
+            one = [t[row : row + 1] for t in part(ts, lo, T + max(pads))]
             y1, s1 = m(*one, state=None)
-            torch.testing.assert_close(y_pad[row:row + 1, :, lo:], y1, atol=2e-5, rtol=1e-4)
-            assert_states_close(map_state(lambda t, r=row: t[r:r + 1], s_pad), s1)
-            yn, _ = m(*[t[row:row + 1] for t in more], state=s1)
-            torch.testing.assert_close(y_next[row:row + 1], yn, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(y_pad[row : row + 1, :, lo:], y1, atol=2e-5, rtol=1e-4)
+            assert_states_close(map_state(lambda t, r=row: t[r : r + 1], s_pad), s1)
+            yn, _ = m(*[t[row : row + 1] for t in more], state=s1)
+            torch.testing.assert_close(y_next[row : row + 1], yn, atol=2e-5, rtol=1e-4)
         assert torch.isfinite(y_pad).all()
 
 
@@ -104,7 +110,9 @@ def test_gqa_shapes(name):
     ts = inputs(20)
     y, state = m(*ts)
     assert y.shape == (2, H, 20, D) and y.dtype == torch.float32 and torch.isfinite(y).all()
-    F = {"mamba2": 2 * D, "flow": D, "based": num_taylor_features(8), "based-window": num_taylor_features(8)}[name]
+    F = {"mamba2": 2 * D, "flow": D, "based": num_taylor_features(8), "based-window": num_taylor_features(8)}[
+        name
+    ]
     # based and based-window keep their state once per key/value head (a query group shares its keys)
     heads = HKV if name in ("based", "based-window") else H
     assert state.S.shape == (2, heads, F, D) and state.S.dtype == torch.float32
@@ -114,7 +122,9 @@ def test_gqa_shapes(name):
     mha = make_mixer(name, num_kv_heads=H, perturb=0.0)
     gqa = make_mixer(name, perturb=0.0)
     q, k, v, x = ts
-    torch.testing.assert_close(gqa(q, k, v, x)[0], mha(q, repeat_kv(k, H), repeat_kv(v, H), x)[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        gqa(q, k, v, x)[0], mha(q, repeat_kv(k, H), repeat_kv(v, H), x)[0], atol=1e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -139,12 +149,21 @@ def test_mamba2_starts_from_the_teachers_weights():
     torch.manual_seed(1)
     b = build_mixer("mamba2", H, HKV, D, HIDDEN, 0)
     shapes = {n: tuple(p.shape) for n, p in a.named_parameters()}
-    assert shapes == {"dt_proj.weight": (H, HIDDEN), "dt_bias": (H,), "A_log": (H,), "D": (H,),
-                      "conv_delta": (HKV, D, 4), "c_map.weight": (H, D, D), "b_map.weight": (HKV, D, D)}
+    assert shapes == {
+        "dt_proj.weight": (H, HIDDEN),
+        "dt_bias": (H,),
+        "A_log": (H,),
+        "D": (H,),
+        "conv_delta": (HKV, D, 4),
+        "c_map.weight": (H, D, D),
+        "b_map.weight": (HKV, D, D),
+    }
     for (n, p), (_, p2) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, p2), f"{n} is random"
     assert not a.dt_proj.weight.any() and not a.D.any() and not a.conv_delta.any() and not a.A_log.any()
-    assert torch.equal(a.c_map.weight, torch.eye(D).expand(H, D, D)) and torch.equal(a.b_map.weight, torch.eye(D).expand(HKV, D, D))
+    assert torch.equal(a.c_map.weight, torch.eye(D).expand(H, D, D)) and torch.equal(
+        a.b_map.weight, torch.eye(D).expand(HKV, D, D)
+    )
     q, k, v, x = inputs(30, seed=5)
     xs, hist = causal_conv(v, a.conv_weight(), torch.zeros(2, HKV, 3, D))
     assert torch.equal(xs, v) and torch.equal(hist, v[:, :, -3:])  # identity: x = v
@@ -155,8 +174,9 @@ def test_mamba2_starts_from_the_teachers_weights():
         return torch.cat([t.softmax(-1), (-t).softmax(-1)], -1)
 
     gate = (-dt)[None, :, None].expand(2, H, 30)
-    ref, _ = linear_attention(phi(q), phi(repeat_kv(k, H)) * dt[:, None, None], repeat_kv(v, H), log_gate=gate,
-                              normalize=True)
+    ref, _ = linear_attention(
+        phi(q), phi(repeat_kv(k, H)) * dt[:, None, None], repeat_kv(v, H), log_gate=gate, normalize=True
+    )
     with torch.no_grad():
         torch.testing.assert_close(a(q, k, v, x)[0], ref, atol=1e-5, rtol=1e-4)
 
@@ -230,7 +250,9 @@ def test_taylor_dot_product(d):
     fa, fb = taylor_features(a), taylor_features(b)
     assert fa.shape == (50, num_taylor_features(d)) == (50, 1 + d + d * (d + 1) // 2)
     dot = (a * b).sum(-1)
-    torch.testing.assert_close((fa * fb).sum(-1), 1 + dot / math.sqrt(d) + dot ** 2 / (2 * d), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        (fa * fb).sum(-1), 1 + dot / math.sqrt(d) + dot**2 / (2 * d), atol=1e-4, rtol=1e-5
+    )
     assert ((fa * fb).sum(-1) >= 0.5 - 1e-5).all()
 
 
@@ -253,7 +275,9 @@ def test_based_init_keeps_whole_rotary_pairs_at_the_teachers_temperature():
     for h in range(H):
         dims = [2 + h // 2, 5, 2 + h // 2 + D // 2, 5 + D // 2]
         partial = (q[:, h, :, None, dims] * kk[:, h, None, :, dims]).sum(-1) / math.sqrt(D)
-        torch.testing.assert_close(fq[:, h] @ fk[:, h].transpose(-1, -2) / math.sqrt(4), partial, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            fq[:, h] @ fk[:, h].transpose(-1, -2) / math.sqrt(4), partial, atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("name", ["based", "based-window"])

@@ -30,8 +30,17 @@ def test_blocks_cover_the_layers_in_order():
 
 def test_seeds_depend_on_seed_kind_and_index_only():
     assert derived_seed(0, "layer", 3) == derived_seed(0, "layer", 3)
-    assert len({derived_seed(0, "layer", 3), derived_seed(1, "layer", 3), derived_seed(0, "block", 3),
-                derived_seed(0, "layer", 4)}) == 4
+    assert (
+        len(
+            {
+                derived_seed(0, "layer", 3),
+                derived_seed(1, "layer", 3),
+                derived_seed(0, "block", 3),
+                derived_seed(0, "layer", 4),
+            }
+        )
+        == 4
+    )
 
 
 @pytest.mark.parametrize("mixer, options", [("hedgehog", {}), ("lolcats", {"window": 4})])
@@ -49,8 +58,17 @@ def test_a_block_fed_stored_states_sees_what_the_joint_forward_sees(tmp_path, mi
     joint = transfer_losses(whole, ids)
 
     blocks = plan_blocks(4, 2, list(range(4)))
-    layout = StoreLayout(model=str(folder), num_layers=4, layers=[b.start for b in blocks], sequences=3, seq_len=24,
-                         hidden_size=64, dtype="float32", shard_sequences=2, tokens_sha256=tokens_fingerprint(ids))
+    layout = StoreLayout(
+        model=str(folder),
+        num_layers=4,
+        layers=[b.start for b in blocks],
+        sequences=3,
+        seq_len=24,
+        hidden_size=64,
+        dtype="float32",
+        shard_sequences=2,
+        tokens_sha256=tokens_fingerprint(ids),
+    )
     store = HiddenStateStore.open(tmp_path / "store", layout, create=True)
     reader = CheckpointReader(folder)
     build_store(store, reader, ids, torch.float32, torch.device("cpu"), batch_size=2)
@@ -69,5 +87,7 @@ def test_a_block_fed_stored_states_sees_what_the_joint_forward_sees(tmp_path, mi
 def test_decode_speed_is_the_one_eval_distributed_runs_refuse(deep_world, tmp_path, capsys):
     args = overrides(deep_world, **{"eval.decode_contexts": [64]})
     assert main(["run", RECIPE, *args, "--out", str(tmp_path / "x")]) == 2
-    assert "eval.decode_contexts: decode speed is not measured by block-wise or torchrun runs" in \
-        capsys.readouterr().err
+    assert (
+        "eval.decode_contexts: decode speed is not measured by block-wise or torchrun runs"
+        in capsys.readouterr().err
+    )

@@ -18,8 +18,11 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def plan(model="Llama-3.1-405B", k=9, **changes):
-    return make_plan(PlanInputs(**({"model": model, "block_size": k, "tokens": 50_000_000,
-                                    "activations": False} | changes)))
+    return make_plan(
+        PlanInputs(
+            **({"model": model, "block_size": k, "tokens": 50_000_000, "activations": False} | changes)
+        )
+    )
 
 
 def test_store_size_reproduces_the_lolcats_blog_for_405b(capsys):
@@ -28,7 +31,10 @@ def test_store_size_reproduces_the_lolcats_blog_for_405b(capsys):
     assert plan(k=1)["store_bytes"] == 2 * 126 * 50_000_000 * 16384  # 206.4e12
     assert plan(k=9)["store_bytes"] == 2 * 14 * 50_000_000 * 16384  # 22.9e12
     for k, shown in ((1, "= 206.4 TB"), (9, "= 22.9 TB")):
-        assert main(["plan", "Llama-3.1-405B", "--block-size", str(k), "--tokens", "50M", "--no-activations"]) == 0
+        assert (
+            main(["plan", "Llama-3.1-405B", "--block-size", str(k), "--tokens", "50M", "--no-activations"])
+            == 0
+        )
         out = capsys.readouterr().out
         assert shown in out and "ASSUMED" in out and "GPUs in parallel" in out
 
@@ -41,10 +47,13 @@ def test_memory_gpus_and_time_for_405b_blocks_of_9():
     assert p["fits"] and p["gpu"] == "H100-80GB"
     # stage 1 per block: 9 layers x 50M tokens x FLOPs per token and layer, at 40% of 989 TFLOP/s
     assert p["seconds_stage1_per_block"] == pytest.approx(
-        50e6 * 9 * p["flops_per_token_layer_stage1"] / (989e12 * 0.4))
+        50e6 * 9 * p["flops_per_token_layer_stage1"] / (989e12 * 0.4)
+    )
     assert 2 * 3.18e9 < p["flops_per_token_layer_stage1"] < 3 * 3.19e9
     measured = plan(k=9, tflops=300.0)
-    assert measured["seconds_stage1_per_block"] == pytest.approx(p["seconds_stage1_per_block"] * 989 * 0.4 / 300)
+    assert measured["seconds_stage1_per_block"] == pytest.approx(
+        p["seconds_stage1_per_block"] * 989 * 0.4 / 300
+    )
 
 
 def test_a_block_too_big_for_the_gpu_is_flagged():
@@ -63,16 +72,38 @@ def test_presets_match_the_published_model_sizes():
 
 def test_activation_memory_is_measured_for_a_local_config(tmp_path, capsys):
     tiny_config("llama", num_hidden_layers=4).save_pretrained(tmp_path)
-    p = plan(str(tmp_path / "config.json"), k=2, tokens=10_000, seq_len=64, activations=True, mixer="hedgehog")
+    p = plan(
+        str(tmp_path / "config.json"), k=2, tokens=10_000, seq_len=64, activations=True, mixer="hedgehog"
+    )
     assert p["layers"] == 4 and p["blocks"] == 2 and p["activation_probe_tokens"] == 64
     per_token = p["activation_bytes_per_token_layer"]
     assert per_token > 64 * 2  # at least one hidden-size vector in bf16 is kept per token
     # a linear mixer keeps the same bytes per token whatever the length: the scaling to seq_len holds
     config = load_config(str(tmp_path / "config.json"))
-    assert activation_bytes_per_token(config, "hedgehog", {}, torch.bfloat16, 128) == pytest.approx(per_token, rel=0.1)
-    assert p["memory_per_block"]["saved_activations"] == pytest.approx(2 * 64 * p["activation_bytes_per_token_layer"])
-    assert main(["plan", str(tmp_path), "-k", "2", "--tokens", "10k", "--seq-len", "64", "--mixer", "hedgehog",
-                 "--json"]) == 0
+    assert activation_bytes_per_token(config, "hedgehog", {}, torch.bfloat16, 128) == pytest.approx(
+        per_token, rel=0.1
+    )
+    assert p["memory_per_block"]["saved_activations"] == pytest.approx(
+        2 * 64 * p["activation_bytes_per_token_layer"]
+    )
+    assert (
+        main(
+            [
+                "plan",
+                str(tmp_path),
+                "-k",
+                "2",
+                "--tokens",
+                "10k",
+                "--seq-len",
+                "64",
+                "--mixer",
+                "hedgehog",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["activation_bytes_per_token_layer"] > 0
 
 
@@ -88,7 +119,9 @@ def test_bad_input_is_a_clear_error(capsys):
 def test_the_big_recipes_are_block_wise_as_the_authors_ran_them():
     for name, k, blocks in (("llama-3.1-405b", 9, 14), ("llama-3.1-70b", 5, 16)):
         r = load_recipe(RECIPES / name / "lolcats.yaml")
-        layers = load_config({"llama-3.1-405b": "Llama-3.1-405B", "llama-3.1-70b": "Llama-3.1-70B"}[name]).num_hidden_layers
+        layers = load_config(
+            {"llama-3.1-405b": "Llama-3.1-405B", "llama-3.1-70b": "Llama-3.1-70B"}[name]
+        ).num_hidden_layers
         assert r.stage1.blockwise.block_size == k and -(-layers // k) == blocks
         assert r.mixer.name == "lolcats-terraced" and r.mixer.options["window_factor"] == 0.1
         assert r.stage2.lora.targets == ["q_proj", "v_proj"] and r.stage2.lora.dropout == 0.05
@@ -97,21 +130,24 @@ def test_the_big_recipes_are_block_wise_as_the_authors_ran_them():
         assert r.stage1.tokens == r.stage2.tokens == 2 * r.stage1.blockwise.sequences * r.data.seq_len
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--mfu", "0"], "--mfu must be a fraction in (0, 1], got 0"),
-    (["--mfu", "-1"], "--mfu must be a fraction in (0, 1], got -1"),
-    (["--mfu", "5"], "--mfu must be a fraction in (0, 1], got 5"),
-    (["--mfu", "nan"], "--mfu must be a fraction in (0, 1], got nan"),
-    (["--tflops", "0"], "--tflops must be a number > 0"),
-    (["--tflops", "-300"], "--tflops must be a number > 0"),
-    (["--block-size", "0"], "--block-size must be a whole number >= 1, got 0"),
-    (["--seq-len", "0"], "--seq-len must be a whole number >= 1, got 0"),
-    (["--batch-size", "-2"], "--batch-size must be a whole number >= 1, got -2"),
-    (["--tokens", "0"], "--tokens must be a whole number >= 1, got 0"),
-    (["--tokens=-5M"], "--tokens must be a whole number >= 1, got -5000000"),
-    (["--tokens", "inf"], "--tokens 'inf' is not a count"),
-    (["--option", "feature_dim=-3"], "mixer.options.feature_dim: must be an int >= 1 or null"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mfu", "0"], "--mfu must be a fraction in (0, 1], got 0"),
+        (["--mfu", "-1"], "--mfu must be a fraction in (0, 1], got -1"),
+        (["--mfu", "5"], "--mfu must be a fraction in (0, 1], got 5"),
+        (["--mfu", "nan"], "--mfu must be a fraction in (0, 1], got nan"),
+        (["--tflops", "0"], "--tflops must be a number > 0"),
+        (["--tflops", "-300"], "--tflops must be a number > 0"),
+        (["--block-size", "0"], "--block-size must be a whole number >= 1, got 0"),
+        (["--seq-len", "0"], "--seq-len must be a whole number >= 1, got 0"),
+        (["--batch-size", "-2"], "--batch-size must be a whole number >= 1, got -2"),
+        (["--tokens", "0"], "--tokens must be a whole number >= 1, got 0"),
+        (["--tokens=-5M"], "--tokens must be a whole number >= 1, got -5000000"),
+        (["--tokens", "inf"], "--tokens 'inf' is not a count"),
+        (["--option", "feature_dim=-3"], "mixer.options.feature_dim: must be an int >= 1 or null"),
+    ],
+)
 def test_impossible_values_are_refused_before_any_work(capsys, monkeypatch, flags, message):
     import zoo.scale.plan
 

@@ -24,16 +24,32 @@ def teacher(tmp_path_factory):
 
 
 def layout_for(teacher, layers=(0, 2), shard_sequences=4, **changes) -> StoreLayout:
-    values = dict(model=str(teacher["folder"]), num_layers=4, layers=list(layers), sequences=10, seq_len=16,
-                  hidden_size=64, dtype="float32", shard_sequences=shard_sequences,
-                  tokens_sha256=tokens_fingerprint(teacher["ids"]))
+    values = dict(
+        model=str(teacher["folder"]),
+        num_layers=4,
+        layers=list(layers),
+        sequences=10,
+        seq_len=16,
+        hidden_size=64,
+        dtype="float32",
+        shard_sequences=shard_sequences,
+        tokens_sha256=tokens_fingerprint(teacher["ids"]),
+    )
     return StoreLayout(**(values | changes))
 
 
 def build(teacher, root, rank=0, world=1, **layout) -> tuple[HiddenStateStore, int]:
     store = HiddenStateStore.open(root, layout_for(teacher, **layout), create=True)
-    written = build_store(store, CheckpointReader(teacher["folder"]), teacher["ids"], torch.float32,
-                          torch.device("cpu"), batch_size=3, rank=rank, world=world)
+    written = build_store(
+        store,
+        CheckpointReader(teacher["folder"]),
+        teacher["ids"],
+        torch.float32,
+        torch.device("cpu"),
+        batch_size=3,
+        rank=rank,
+        world=world,
+    )
     return store, written
 
 
@@ -72,8 +88,9 @@ def test_ranks_write_disjoint_shards_that_make_the_whole_store(teacher, tmp_path
     assert (first, second) == (4, 2)  # shards 0, 2 and shard 1 of each stored layer
     split = HiddenStateStore.open(tmp_path / "two", layout_for(teacher), create=False)
     for layer in (0, 2):
-        torch.testing.assert_close(split.read_rows(layer, torch.arange(10)), whole.read_rows(layer, torch.arange(10)),
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            split.read_rows(layer, torch.arange(10)), whole.read_rows(layer, torch.arange(10)), atol=0, rtol=0
+        )
 
 
 def test_a_store_of_another_run_is_refused(teacher, tmp_path):
@@ -85,8 +102,17 @@ def test_a_store_of_another_run_is_refused(teacher, tmp_path):
 
 
 def test_store_size_is_bytes_times_stored_layers_times_tokens_times_hidden():
-    layout = StoreLayout(model="m", num_layers=126, layers=list(range(0, 126, 9)), sequences=50_000, seq_len=1000,
-                         hidden_size=16384, dtype="bfloat16", shard_sequences=64, tokens_sha256="")
+    layout = StoreLayout(
+        model="m",
+        num_layers=126,
+        layers=list(range(0, 126, 9)),
+        sequences=50_000,
+        seq_len=1000,
+        hidden_size=16384,
+        dtype="bfloat16",
+        shard_sequences=64,
+        tokens_sha256="",
+    )
     assert layout.nbytes() == 2 * 14 * 50_000_000 * 16384
 
 
@@ -99,9 +125,20 @@ def test_every_family_streams_block_by_block(family, tmp_path):
     ids = torch.randint(3, 128, (5, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         states = model(input_ids=ids, output_hidden_states=True).hidden_states
-    layout = StoreLayout(model=family, num_layers=4, layers=[0, 1, 3], sequences=5, seq_len=16, hidden_size=64,
-                         dtype="float32", shard_sequences=2, tokens_sha256=tokens_fingerprint(ids))
+    layout = StoreLayout(
+        model=family,
+        num_layers=4,
+        layers=[0, 1, 3],
+        sequences=5,
+        seq_len=16,
+        hidden_size=64,
+        dtype="float32",
+        shard_sequences=2,
+        tokens_sha256=tokens_fingerprint(ids),
+    )
     store = HiddenStateStore.open(tmp_path / "store", layout, create=True)
     build_store(store, CheckpointReader(folder), ids, torch.float32, torch.device("cpu"), batch_size=2)
     for layer in (0, 1, 3):
-        torch.testing.assert_close(store.read_rows(layer, torch.arange(5)), states[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            store.read_rows(layer, torch.arange(5)), states[layer], atol=1e-5, rtol=1e-5
+        )

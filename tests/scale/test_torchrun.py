@@ -29,11 +29,23 @@ def runs(deep_world, tmp_path_factory):
     gradient checkpointing, the fair reference, MMLU, passkey, generation repeats and the branch ablation)
     on 1 and on 2 ranks, each with its own cache (each computes the teacher's side and the reference)."""
     root = tmp_path_factory.mktemp("torchrun")
-    args = overrides(deep_world, **{"stage2.gradient_checkpointing": True, "stage2.distill": 0.5, "eval.mmlu": 4,
-                                    "stage2.distill_from": "reference", "eval.teacher_lora": True,
-                                    "eval.branches": True, "mixer.name": "lolcats", "mixer.options": {"window": 8},
-                                    "eval.passkey_lengths": [256, 320], "eval.passkey_trials": 2,
-                                    "eval.generation_prompts": 2, "eval.generation_tokens": 8})
+    args = overrides(
+        deep_world,
+        **{
+            "stage2.gradient_checkpointing": True,
+            "stage2.distill": 0.5,
+            "eval.mmlu": 4,
+            "stage2.distill_from": "reference",
+            "eval.teacher_lora": True,
+            "eval.branches": True,
+            "mixer.name": "lolcats",
+            "mixer.options": {"window": 8},
+            "eval.passkey_lengths": [256, 320],
+            "eval.passkey_trials": 2,
+            "eval.generation_prompts": 2,
+            "eval.generation_tokens": 8,
+        },
+    )
     done = {}
     for n in (1, 2):
         result = torchrun(n, args, root / f"ranks{n}", root / f"cache{n}")
@@ -65,13 +77,16 @@ def test_the_fair_reference_and_branches_on_two_ranks_match_one_process(runs):
     assert s2["ppl_teacher_lora"]["heldout"] == pytest.approx(s1["ppl_teacher_lora"]["heldout"], rel=1e-5)
     for branch in ("window", "linear"):
         assert s2["branches"][branch]["ppl"]["heldout"] == pytest.approx(
-            s1["branches"][branch]["ppl"]["heldout"], rel=1e-5)
+            s1["branches"][branch]["ppl"]["heldout"], rel=1e-5
+        )
 
 
 def test_two_ranks_stitch_the_mixers_of_one(runs):
     one, two = runs[1], runs[2]
-    assert_same_tensors(load_file(str(one / "stage1" / "mixers.safetensors")),
-                        load_file(str(two / "stage1" / "mixers.safetensors")))
+    assert_same_tensors(
+        load_file(str(one / "stage1" / "mixers.safetensors")),
+        load_file(str(two / "stage1" / "mixers.safetensors")),
+    )
     blocks = json.loads((two / "stage1" / "blocks.json").read_text())
     assert [b["block"] for b in blocks] == [0, 1, 2, 3]
     for n in (1, 2):
@@ -90,8 +105,12 @@ def test_fsdp2_lora_on_two_ranks_matches_one_process(runs):
         rows = [json.loads(line) for line in (runs[n] / "metrics.jsonl").read_text().splitlines()]
         assert all(r["kl"] > 0 for r in rows if r["stage"] == "stage2")
     assert two == pytest.approx(one, rel=1e-5)
-    assert_same_tensors(load_file(str(runs[1] / "model" / "model.safetensors")),
-                        load_file(str(runs[2] / "model" / "model.safetensors")), atol=1e-6, rtol=1e-5)
+    assert_same_tensors(
+        load_file(str(runs[1] / "model" / "model.safetensors")),
+        load_file(str(runs[2] / "model" / "model.safetensors")),
+        atol=1e-6,
+        rtol=1e-5,
+    )
     s1, s2 = (json.loads((runs[n] / "summary.json").read_text()) for n in (1, 2))
     assert s2["ppl_final"]["heldout"] == pytest.approx(s1["ppl_final"]["heldout"], rel=1e-5)
     assert s2["ppl_teacher"]["heldout"] == pytest.approx(s1["ppl_teacher"]["heldout"], rel=1e-6)
@@ -102,7 +121,9 @@ def test_killed_rank_is_relaunched_without_redoing_finished_blocks(runs):
     # rank 0 trains blocks 0 and 2, rank 1 blocks 1 and 3: rank 0 dies after 2 steps of block 2
     killed = torchrun(2, args, out, cache, {"ZOO_FAULT_KILL_AT": "stage1-block-002:2"})
     assert killed.returncode != 0
-    finished = {d.parent.name: (d / "result.json").stat().st_mtime_ns for d in (out / "blocks").glob("*/done")}
+    finished = {
+        d.parent.name: (d / "result.json").stat().st_mtime_ns for d in (out / "blocks").glob("*/done")
+    }
     assert "block-000" in finished and "block-002" not in finished
     store = {f: f.stat().st_mtime_ns for f in (out / "store").glob("layer-*/*.safetensors")}
 
@@ -119,8 +140,14 @@ def test_killed_rank_is_relaunched_without_redoing_finished_blocks(runs):
     last = torchrun(2, args, out, cache)
     assert last.returncode == 0, last.stderr[-3000:]
     assert "stage2: resuming from step 2/6" in last.stderr and "trains block" not in last.stderr
-    assert_same_tensors(load_file(str(runs[2] / "stage1" / "mixers.safetensors")),
-                        load_file(str(out / "stage1" / "mixers.safetensors")))
+    assert_same_tensors(
+        load_file(str(runs[2] / "stage1" / "mixers.safetensors")),
+        load_file(str(out / "stage1" / "mixers.safetensors")),
+    )
     assert stage_losses(out, "stage2") == pytest.approx(stage_losses(runs[2], "stage2"), rel=1e-6)
-    assert_same_tensors(load_file(str(runs[2] / "model" / "model.safetensors")),
-                        load_file(str(out / "model" / "model.safetensors")), atol=1e-7, rtol=1e-6)
+    assert_same_tensors(
+        load_file(str(runs[2] / "model" / "model.safetensors")),
+        load_file(str(out / "model" / "model.safetensors")),
+        atol=1e-7,
+        rtol=1e-6,
+    )

@@ -54,33 +54,53 @@ def ranked(rows: list[dict]) -> list[dict]:
     (then by held-out perplexity), then failed ones."""
     refs = [r for r in rows if r["kind"] == "reference"]
     mixers = [r for r in rows if r["kind"] == "mixer" and r["status"] == "done"]
-    mixers.sort(key=lambda r: (r["ratio_to_fair_reference"] is None, r["ratio_to_fair_reference"] or 0.0,
-                               r["ppl_heldout"] if r["ppl_heldout"] is not None else math.inf))
+    mixers.sort(
+        key=lambda r: (
+            r["ratio_to_fair_reference"] is None,
+            r["ratio_to_fair_reference"] or 0.0,
+            r["ppl_heldout"] if r["ppl_heldout"] is not None else math.inf,
+        )
+    )
     return refs + mixers
 
 
 def _quality_cells(row: dict) -> list[str]:
-    return [f"**{row['name']}**" if row["kind"] == "reference" else row["name"], row["family"] or "-",
-            _num(row["ppl_heldout"]), _num(row["ratio_to_fair_reference"], 3), _num(row["gap_closed_heldout"], 2),
-            _num(row["ppl_ood"]), _num(row["ratio_ood_to_teacher"], 3), _num(row["bpb_heldout"], 3),
-            _num(row["bpb_ood"], 3), _num(row["mmlu_accuracy"], 3), _passkey(row), _num(row["repeated_4grams"], 2),
-            _pair(_num(row["mean_layer_mse_swap"], 4), _num(row["mean_layer_mse_stage1"], 4))]
+    return [
+        f"**{row['name']}**" if row["kind"] == "reference" else row["name"],
+        row["family"] or "-",
+        _num(row["ppl_heldout"]),
+        _num(row["ratio_to_fair_reference"], 3),
+        _num(row["gap_closed_heldout"], 2),
+        _num(row["ppl_ood"]),
+        _num(row["ratio_ood_to_teacher"], 3),
+        _num(row["bpb_heldout"], 3),
+        _num(row["bpb_ood"], 3),
+        _num(row["mmlu_accuracy"], 3),
+        _passkey(row),
+        _num(row["repeated_4grams"], 2),
+        _pair(_num(row["mean_layer_mse_swap"], 4), _num(row["mean_layer_mse_stage1"], 4)),
+    ]
 
 
 def _cost_cells(row: dict) -> list[str]:
     percent = f" ({row['trainable_percent']:.2f}%)" if row["trainable_percent"] is not None else ""
-    return [row["name"], _count(row["trainable_params"]) + percent,
-            _pair(_count(row["tokens_stage1"]), _count(row["tokens_stage2"])),
-            _pair(_num(row["seconds_stage1"], 0), _num(row["seconds_stage2"], 0)),
-            _pair(_bytes(row["peak_rss_bytes_stage1"]), _bytes(row["peak_rss_bytes_stage2"])),
-            _num(row["decode_tokens_per_s"], 1), _bytes(row["state_bytes"]),
-            _bytes(row["state_bytes_32k_extrapolated"])]
+    return [
+        row["name"],
+        _count(row["trainable_params"]) + percent,
+        _pair(_count(row["tokens_stage1"]), _count(row["tokens_stage2"])),
+        _pair(_num(row["seconds_stage1"], 0), _num(row["seconds_stage2"], 0)),
+        _pair(_bytes(row["peak_rss_bytes_stage1"]), _bytes(row["peak_rss_bytes_stage2"])),
+        _num(row["decode_tokens_per_s"], 1),
+        _bytes(row["state_bytes"]),
+        _bytes(row["state_bytes_32k_extrapolated"]),
+    ]
 
 
 def _stage_cells(row: dict) -> list[str]:
     def cell(stage: str) -> str:
         entry = (row["stages"] or {}).get(stage)
         return "-" if not entry else _pair(_num(entry["heldout"]), _num(entry["ood"]))
+
     return [row["name"], cell("teacher"), cell("swap"), cell("stage1"), cell("final")]
 
 
@@ -89,7 +109,11 @@ def _devices_lines(results: dict) -> list[str]:
     completed on another machine): their time and decode-speed columns do not compare across devices."""
     by_device: dict[str, list[str]] = {}
     for r in results["rows"]:
-        if r["kind"] != "reference" and r["status"] == "done" and not (r.get("ablation") or "").endswith("-branch"):
+        if (
+            r["kind"] != "reference"
+            and r["status"] == "done"
+            and not (r.get("ablation") or "").endswith("-branch")
+        ):
             by_device.setdefault(r.get("device") or "not recorded", []).append(r["name"])
     if not by_device or list(by_device) == [results["device"]]:
         return []
@@ -101,8 +125,10 @@ def _header(results: dict) -> list[str]:
     b = results["budget"]
     passkey = ", ".join(map(str, b["passkey_lengths"])) or "none"
     return [
-        f"# Quality leaderboard: {results['model']}, budget `{b['name']}`", "",
-        f"{b['description']}.", "",
+        f"# Quality leaderboard: {results['model']}, budget `{b['name']}`",
+        "",
+        f"{b['description']}.",
+        "",
         f"- budget: seq_len {b['seq_len']}, stage 1 {b['stage1_tokens']:,} tokens (batch {b['stage1_batch_size']}), "
         f"stage 2 {b['stage2_tokens']:,} tokens (batch {b['batch_size']}), {b['eval_blocks']} held-out blocks per "
         f"corpus, MMLU {b['mmlu']} questions (5-shot), passkey at {passkey} tokens x {b['passkey_trials']}",
@@ -110,21 +136,36 @@ def _header(results: dict) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         *_devices_lines(results),
         f"- command: `{results['command']}`",
-        *(f"- rows kept from an earlier command: `{c}`" for c in results.get("earlier_commands", [])), "",
+        *(f"- rows kept from an earlier command: `{c}`" for c in results.get("earlier_commands", [])),
+        "",
         "Perplexity (ppl) and bits per byte (bpb) on held-out text of the training corpora and on a corpus never "
         "trained on (OOD). **x fair ref.**: final held-out ppl / the teacher fine-tuned with the same LoRA budget; "
         "**x teacher**: OOD ppl / the untouched teacher's. **gap closed**: share of the swap-only to fair-reference "
         "gap closed, in bpb. Passkey: retrieval accuracy at each context length. Repeats: share of repeated 4-grams "
         "in greedy continuations of held-out prompts (loops, which perplexity does not see; read it beside perplexity: "
         "text without sense need not repeat). Transfer MSE: mean over "
-        "layers, swap-only / after stage 1.", "",
+        "layers, swap-only / after stage 1.",
+        "",
     ]
 
 
 def _ablation_sections(rows: list[dict]) -> list[str]:
     by_name = {r["name"]: r for r in rows}
-    heads = ["", "family", "ppl held-out", "x fair ref.", "gap closed", "ppl OOD", "x teacher", "bpb held-out",
-             "bpb OOD", "MMLU", "passkey", "repeats", "transfer MSE"]
+    heads = [
+        "",
+        "family",
+        "ppl held-out",
+        "x fair ref.",
+        "gap closed",
+        "ppl OOD",
+        "x teacher",
+        "bpb held-out",
+        "bpb OOD",
+        "MMLU",
+        "passkey",
+        "repeats",
+        "transfer MSE",
+    ]
     out: list[str] = []
     lora_only = [r for r in rows if r["ablation"] == "lora-only"]
     if lora_only:
@@ -138,8 +179,12 @@ def _ablation_sections(rows: list[dict]) -> list[str]:
     branch_rows = [r for r in rows if r["ablation"] in ("window-branch", "linear-branch")]
     if branch_rows:
         hybrids = list(dict.fromkeys(r["mixer"] for r in branch_rows))
-        table = [x for m in hybrids for x in [by_name.get(m)] + [r for r in branch_rows if r["mixer"] == m]
-                 if x is not None]
+        table = [
+            x
+            for m in hybrids
+            for x in [by_name.get(m)] + [r for r in branch_rows if r["mixer"] == m]
+            if x is not None
+        ]
         out += ["## Ablation: each hybrid's window branch alone and linear branch alone (after training)", ""]
         out += _table(heads, table, _quality_cells)
     return out
@@ -152,12 +197,40 @@ def leaderboard_markdown(results: dict) -> str:
     ctx = next((r["decode_context"] for r in board if r["decode_context"]), None)
     lines = _header(results)
     lines += ["## Quality", ""]
-    lines += _table(["", "family", "ppl held-out", "x fair ref.", "gap closed", "ppl OOD", "x teacher", "bpb held-out",
-                     "bpb OOD", "MMLU", f"passkey {passkey}", "repeats", "transfer MSE"], board, _quality_cells)
+    lines += _table(
+        [
+            "",
+            "family",
+            "ppl held-out",
+            "x fair ref.",
+            "gap closed",
+            "ppl OOD",
+            "x teacher",
+            "bpb held-out",
+            "bpb OOD",
+            "MMLU",
+            f"passkey {passkey}",
+            "repeats",
+            "transfer MSE",
+        ],
+        board,
+        _quality_cells,
+    )
     lines += ["## Cost", ""]
-    lines += _table(["", "trainable", "tokens s1 / s2", "seconds s1 / s2", "peak RSS s1 / s2",
-                     f"decode tok/s @{ctx or '-'}", f"state @{ctx or '-'}", "state @32k (extrapolated)"],
-                    board, _cost_cells)
+    lines += _table(
+        [
+            "",
+            "trainable",
+            "tokens s1 / s2",
+            "seconds s1 / s2",
+            "peak RSS s1 / s2",
+            f"decode tok/s @{ctx or '-'}",
+            f"state @{ctx or '-'}",
+            "state @32k (extrapolated)",
+        ],
+        board,
+        _cost_cells,
+    )
     lines += ["## Perplexity by stage (held-out / OOD)", ""]
     lines += _table(["", "teacher", "swap only", "after stage 1", "final"], board, _stage_cells)
     lines += _ablation_sections(rows)
@@ -166,5 +239,10 @@ def leaderboard_markdown(results: dict) -> str:
         lines += ["## Failed", ""] + [f"- {r['name']}: {r['error']}" for r in failed] + [""]
     pending = [r["name"] for r in rows if r["status"] == "pending"]
     if pending:
-        lines += ["## Not run yet", "", f"{', '.join(pending)} (the bench command runs them; finished ones are kept)", ""]
+        lines += [
+            "## Not run yet",
+            "",
+            f"{', '.join(pending)} (the bench command runs them; finished ones are kept)",
+            "",
+        ]
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Generic line plots for bench reports (matplotlib, the Agg backend: no display needed).
 
-    line_plot("time_forward.png", {"sdpa": [(1024, 0.1), (2048, 0.4)], "gla": [(1024, 0.05), ...]},
-              title="prefill forward", xlabel="context length T", ylabel="seconds")
+line_plot("time_forward.png", {"sdpa": [(1024, 0.1), (2048, 0.4)], "gla": [(1024, 0.05), ...]},
+          title="prefill forward", xlabel="context length T", ylabel="seconds")
 """
 
 from __future__ import annotations
@@ -21,9 +21,18 @@ def pyplot():
     return plt
 
 
-def line_plot(path: str | Path, series: Mapping[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str,
-              ylabel: str, logx: bool = True, logy: bool = True, emphasize: Sequence[str] = (),
-              note: str | None = None) -> Path:
+def line_plot(
+    path: str | Path,
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = True,
+    logy: bool = True,
+    emphasize: Sequence[str] = (),
+    note: str | None = None,
+) -> Path:
     """One line per series (name -> (x, y) points, drawn in x order; series without points are left
     out), log-log by default. Series named in `emphasize` (e.g. the reference) are drawn thick and black.
     `note` is printed small under the title. Returns the path written (a PNG)."""
@@ -47,8 +56,15 @@ def line_plot(path: str | Path, series: Mapping[str, Sequence[tuple[float, float
         if name in emphasize:
             ax.plot(xs, ys, color="black", linewidth=2.5, marker="o", label=name, zorder=5)
         else:
-            ax.plot(xs, ys, color=colors[i % 20], linewidth=1.4, marker=markers[i % len(markers)], markersize=4,
-                    label=name)
+            ax.plot(
+                xs,
+                ys,
+                color=colors[i % 20],
+                linewidth=1.4,
+                marker=markers[i % len(markers)],
+                markersize=4,
+                label=name,
+            )
         drawn += 1
     if logx:
         ax.set_xscale("log", base=2)

@@ -39,13 +39,31 @@ import yaml
 from zoo.bench.budgets import BUDGETS, Budget, get_budget
 from zoo.recipe import Recipe, load_recipe
 
-__all__ = ["ABLATIONS", "STAGE1_KEYS", "STAGE2_KEYS", "BenchItem", "add_arguments", "main", "mixer_recipe", "own_recipe", "plan_bench",
-           "run_bench"]
+__all__ = [
+    "ABLATIONS",
+    "STAGE1_KEYS",
+    "STAGE2_KEYS",
+    "BenchItem",
+    "add_arguments",
+    "main",
+    "mixer_recipe",
+    "own_recipe",
+    "plan_bench",
+    "run_bench",
+]
 
 ABLATIONS = ("lora-only", "feature-maps", "branches")
 FEATURE_MAP_MIXERS = ("hedgehog", "t2r", "linear-elu")
 #: stage-1 keys a mixer's own recipe contributes besides its `mixer` section
-STAGE1_KEYS = ("lr", "lr_schedule", "adam_betas", "weight_decay", "grad_clip", "attention_ce", "attention_ce_max_len")
+STAGE1_KEYS = (
+    "lr",
+    "lr_schedule",
+    "adam_betas",
+    "weight_decay",
+    "grad_clip",
+    "attention_ce",
+    "attention_ce_max_len",
+)
 #: stage-2 keys of a mixer's own recipe that its bench run takes: only those that leave the fair reference
 #: (the teacher + the same LoRA, zoo.reference.teacher_lora_folder) as it is, so one reference still serves every mixer
 STAGE2_KEYS = ("train_mixer",)
@@ -62,6 +80,7 @@ def _say(msg: str) -> None:
 @dataclass
 class BenchItem:
     """One run of the bench: a mixer, or an ablation of one."""
+
     name: str  # the row's name
     mixer: str
     kind: str  # "mixer" or "ablation"
@@ -75,6 +94,7 @@ class BenchItem:
 
 
 # ---------------------------------------------------------------------------------------- plan
+
 
 def resolve_mixers(names: list[str] | None) -> list[str]:
     """Registered mixer names from `--mixers` (names or comma lists; none or "all": every registered one)."""
@@ -99,7 +119,9 @@ def parse_ablations(text: str) -> list[str]:
     chosen = [a.strip() for a in text.split(",") if a.strip()]
     unknown = [a for a in chosen if a not in ABLATIONS]
     if unknown:
-        raise ValueError(f"unknown ablation(s) {unknown}; allowed: all, none, or a comma list of {', '.join(ABLATIONS)}")
+        raise ValueError(
+            f"unknown ablation(s) {unknown}; allowed: all, none, or a comma list of {', '.join(ABLATIONS)}"
+        )
     return chosen
 
 
@@ -120,8 +142,10 @@ def template_path(recipes: Path, given: str | None) -> Path:
         return Path(given)
     path = recipes / TEMPLATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{recipes} has no {TEMPLATE_FILE} (the recipe every mixer of the bench starts from); "
-                                "add one or name one with --template")
+        raise FileNotFoundError(
+            f"{recipes} has no {TEMPLATE_FILE} (the recipe every mixer of the bench starts from); "
+            "add one or name one with --template"
+        )
     return path
 
 
@@ -140,13 +164,22 @@ def own_recipe(mixer: str, recipes: Path) -> Path | None:
     if named in candidates:
         return named
     if len(candidates) > 1:
-        raise ValueError(f"several recipes in {recipes} are for mixer {mixer!r} "
-                         f"({', '.join(p.name for p in candidates)}); rename the one the bench should take {mixer}.yaml")
+        raise ValueError(
+            f"several recipes in {recipes} are for mixer {mixer!r} "
+            f"({', '.join(p.name for p in candidates)}); rename the one the bench should take {mixer}.yaml"
+        )
     return candidates[0] if candidates else None
 
 
-def mixer_recipe(template: Recipe, mixer: str, recipes: Path, model: str, budget: Budget,
-                 settings: list[str], branches: bool = False) -> Recipe:
+def mixer_recipe(
+    template: Recipe,
+    mixer: str,
+    recipes: Path,
+    model: str,
+    budget: Budget,
+    settings: list[str],
+    branches: bool = False,
+) -> Recipe:
     """The template with `mixer`'s own settings (from its recipe in `recipes`, `own_recipe`), the
     model, the budget and `settings` (key=value) applied, in that order."""
     raw = template.to_dict()
@@ -168,13 +201,29 @@ def mixer_recipe(template: Recipe, mixer: str, recipes: Path, model: str, budget
 def lora_only_recipe(recipe: Recipe) -> Recipe:
     """No attention transfer: LoRA and the mixer's own parameters on the next-token loss, for the
     tokens of both stages; measured against the bench's shared references (decode cost is the mixer's)."""
-    return recipe.override({"stage1.enabled": False, "stage2.tokens": recipe.stage1.tokens + recipe.stage2.tokens,
-                            "stage2.train_mixer": True, "eval.teacher_lora": False, "eval.branches": False,
-                            "eval.decode_contexts": []})
+    return recipe.override(
+        {
+            "stage1.enabled": False,
+            "stage2.tokens": recipe.stage1.tokens + recipe.stage2.tokens,
+            "stage2.train_mixer": True,
+            "eval.teacher_lora": False,
+            "eval.branches": False,
+            "eval.decode_contexts": [],
+        }
+    )
 
 
-def plan_bench(model: str, mixers: list[str], budget: Budget, out: Path, ablations: list[str],
-               lora_only_mixers: list[str], recipes: Path, template: Recipe, settings: list[str]) -> list[BenchItem]:
+def plan_bench(
+    model: str,
+    mixers: list[str],
+    budget: Budget,
+    out: Path,
+    ablations: list[str],
+    lora_only_mixers: list[str],
+    recipes: Path,
+    template: Recipe,
+    settings: list[str],
+) -> list[BenchItem]:
     """The runs of a bench, in order: the mixers, feature-map mixers the ablation adds, LoRA-only runs."""
     from zoo.mixers import get_mixer
 
@@ -192,8 +241,16 @@ def plan_bench(model: str, mixers: list[str], budget: Budget, out: Path, ablatio
                 _say(f"LoRA-only ablation of {m} skipped: {m} is not among the bench's mixers")
                 continue
             base = next(i for i in items if i.mixer == m)
-            items.append(BenchItem(f"{m} [LoRA only]", m, "ablation", "lora-only", lora_only_recipe(base.recipe),
-                                   out / "ablations" / f"{m}-lora-only"))
+            items.append(
+                BenchItem(
+                    f"{m} [LoRA only]",
+                    m,
+                    "ablation",
+                    "lora-only",
+                    lora_only_recipe(base.recipe),
+                    out / "ablations" / f"{m}-lora-only",
+                )
+            )
     return items
 
 
@@ -204,11 +261,14 @@ def check_folders(items: list[BenchItem]) -> None:
     for it in items:
         path = it.folder / "recipe.yaml"
         if path.exists() and not same_recipe(path, it.recipe):
-            raise ValueError(f"{it.folder} holds a run of another recipe (another budget, --set or template?); "
-                             "use another --out or remove that folder")
+            raise ValueError(
+                f"{it.folder} holds a run of another recipe (another budget, --set or template?); "
+                "use another --out or remove that folder"
+            )
 
 
 # ----------------------------------------------------------------------------------------- run
+
 
 def _clock(seconds: float) -> str:
     s = int(seconds)
@@ -236,8 +296,10 @@ def run_bench(items: list[BenchItem], budget: Budget, on_progress=None, jobs: in
             eta = budget.estimate_seconds() * left / min(jobs, left)
             basis = "budget estimate for SmolLM2 on 2 CPU cores"
         state = "resuming" if (it.folder / "progress.json").exists() else "starting"
-        _say(f"{tag}: {state} in {it.folder} (bench {_clock(time.time() - started)} so far; "
-             f"ETA {_clock(eta)} for {left} run(s) left, {basis})")
+        _say(
+            f"{tag}: {state} in {it.folder} (bench {_clock(time.time() - started)} so far; "
+            f"ETA {_clock(eta)} for {left} run(s) left, {basis})"
+        )
         t0 = time.time()
         error = _run_item(it.recipe, it.folder)
         if error:  # one mixer's failure (a NaN loss, a bad option) must not sink the bench
@@ -247,8 +309,8 @@ def run_bench(items: list[BenchItem], budget: Budget, on_progress=None, jobs: in
         _release_memory()
         if on_progress is not None:
             on_progress(failures)
-    if todo[len(alone):]:
-        _run_parallel(todo[len(alone):], jobs, failures, on_progress, started)
+    if todo[len(alone) :]:
+        _run_parallel(todo[len(alone) :], jobs, failures, on_progress, started)
     return failures
 
 
@@ -278,7 +340,9 @@ def _run_item(recipe: Recipe, folder: Path, threads: int | None = None) -> str |
     return None
 
 
-def _run_parallel(items: list[BenchItem], jobs: int, failures: dict[str, str], on_progress, started: float) -> None:
+def _run_parallel(
+    items: list[BenchItem], jobs: int, failures: dict[str, str], on_progress, started: float
+) -> None:
     """`items` in `jobs` spawned worker processes, one CPU thread share each."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -297,13 +361,16 @@ def _run_parallel(items: list[BenchItem], jobs: int, failures: dict[str, str], o
                 error = f"{type(err).__name__}: {err}"
             if error:
                 failures[it.name] = error
-            _say(f"{it.name}: {'FAILED (' + error + ')' if error else 'finished'} in {it.folder} "
-                 f"({done}/{len(items)} of the parallel runs; bench {_clock(time.time() - started)} so far)")
+            _say(
+                f"{it.name}: {'FAILED (' + error + ')' if error else 'finished'} in {it.folder} "
+                f"({done}/{len(items)} of the parallel runs; bench {_clock(time.time() - started)} so far)"
+            )
             if on_progress is not None:
                 on_progress(failures)
 
 
 # ------------------------------------------------------------------------------------- outputs
+
 
 def device_description(recipe: Recipe) -> str:
     from zoo.devices import describe_device, pick_device
@@ -330,12 +397,18 @@ def collect_rows(items: list[BenchItem], out: Path, failures: dict[str, str]) ->
         family = get_mixer(it.mixer).family
         relative = str(it.folder.relative_to(out)) if it.folder.is_relative_to(out) else str(it.folder)
         if it.name in summaries:
-            rows += mixer_rows(summaries[it.name], it.name, it.kind, family, it.ablation, it.folder, references, out)
+            rows += mixer_rows(
+                summaries[it.name], it.name, it.kind, family, it.ablation, it.folder, references, out
+            )
         elif it.name in failures:
-            rows.append(failed_row(it.name, it.kind, it.mixer, family, it.ablation, failures[it.name], relative))
+            rows.append(
+                failed_row(it.name, it.kind, it.mixer, family, it.ablation, failures[it.name], relative)
+            )
         else:
-            rows.append(empty_row(it.name, it.kind, it.mixer, family, it.ablation) | {"status": "pending",
-                                                                                       "run_dir": relative})
+            rows.append(
+                empty_row(it.name, it.kind, it.mixer, family, it.ablation)
+                | {"status": "pending", "run_dir": relative}
+            )
     return rows
 
 
@@ -352,8 +425,10 @@ def earlier_results(out: Path, meta: dict) -> dict | None:
     budget, old_budget = json.loads(json.dumps(meta["budget"])), old.get("budget") or {}
     same_budget = all(old_budget[k] == budget[k] for k in old_budget.keys() & budget.keys())
     if finished and (old.get("model") != meta["model"] or not same_budget):
-        raise ValueError(f"{out} holds a bench of another model or budget ({old.get('model')}, budget "
-                         f"{old_budget.get('name')}); use another --out")
+        raise ValueError(
+            f"{out} holds a bench of another model or budget ({old.get('model')}, budget "
+            f"{old_budget.get('name')}); use another --out"
+        )
     return old
 
 
@@ -368,12 +443,18 @@ def earlier_rows(out: Path, meta: dict, rows: list[dict]) -> tuple[list[dict], l
     if old is None:
         return [], []
     planned = {r["name"] for r in rows}
-    kept = [dict.fromkeys(ROW_FIELDS) | r for r in old.get("rows", [])  # fields added since: None
-            if r["name"] not in planned and r.get("status") == "done"
-            and (r["kind"] == "reference" or (out / str(r.get("run_dir")) / "summary.json").is_file())]
+    kept = [
+        dict.fromkeys(ROW_FIELDS) | r
+        for r in old.get("rows", [])  # fields added since: None
+        if r["name"] not in planned
+        and r.get("status") == "done"
+        and (r["kind"] == "reference" or (out / str(r.get("run_dir")) / "summary.json").is_file())
+    ]
     if not any(r["kind"] != "reference" for r in kept):
         return [], []
-    commands = [c for c in old.get("earlier_commands", []) + [old.get("command")] if c and c != meta["command"]]
+    commands = [
+        c for c in old.get("earlier_commands", []) + [old.get("command")] if c and c != meta["command"]
+    ]
     return kept, list(dict.fromkeys(commands))
 
 
@@ -387,8 +468,11 @@ def write_outputs(out: Path, meta: dict, items: list[BenchItem], failures: dict[
     rows = collect_rows(items, out, failures)
     kept, commands = earlier_rows(out, meta, rows)
     rows = sorted(rows + kept, key=lambda r: r["kind"] != "reference")  # stable: the references first
-    results = meta | {"updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "earlier_commands": commands, "rows": rows}
+    results = meta | {
+        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "earlier_commands": commands,
+        "rows": rows,
+    }
     write_json(out / "results.json", results)
     with atomic_file(out / "leaderboard.md") as f:
         f.write(leaderboard_markdown(results))
@@ -398,33 +482,77 @@ def write_outputs(out: Path, meta: dict, items: list[BenchItem], failures: dict[
 
 # ------------------------------------------------------------------------------------------ CLI
 
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="teacher: smollm2-135m, a hub id or a local folder")
-    parser.add_argument("--mixers", nargs="+", help="mixers to bench (names or comma lists; default: all registered)")
-    parser.add_argument("--budget", default="quick",
-                        help=f"a named budget ({', '.join(BUDGETS)}) or a YAML file of budget fields (default quick)")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="teacher: smollm2-135m, a hub id or a local folder"
+    )
+    parser.add_argument(
+        "--mixers", nargs="+", help="mixers to bench (names or comma lists; default: all registered)"
+    )
+    parser.add_argument(
+        "--budget",
+        default="quick",
+        help=f"a named budget ({', '.join(BUDGETS)}) or a YAML file of budget fields (default quick)",
+    )
     parser.add_argument("--out", help="bench folder (default runs/bench-quality-<model>-<budget>)")
-    parser.add_argument("--ablations", default="all",
-                        help=f"all (default), none, or a comma list of {', '.join(ABLATIONS)}")
-    parser.add_argument("--lora-only-mixers", default=LORA_ONLY_DEFAULT,
-                        help=f"comma list of mixers for the LoRA-only ablation (default {LORA_ONLY_DEFAULT})")
-    parser.add_argument("--recipes", help="folder of per-mixer recipes (default recipes/<model>, else the SmolLM2 ones)")
-    parser.add_argument("--template", help=f"the recipe every mixer starts from (default <recipes>/{TEMPLATE_FILE})")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, each in its own process with a share of the CPU threads (default 1); "
-                             "on a GPU they share its memory, and a run that finds too little fails and is redone "
-                             "by the next invocation")
-    parser.add_argument("--report", action="store_true",
-                        help="run nothing: write results.json, leaderboard.md and the plots from what DIR holds "
-                             "(unfinished runs show as pending)")
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override for every run, after the budget (e.g. device=cpu); repeatable")
+    parser.add_argument(
+        "--ablations", default="all", help=f"all (default), none, or a comma list of {', '.join(ABLATIONS)}"
+    )
+    parser.add_argument(
+        "--lora-only-mixers",
+        default=LORA_ONLY_DEFAULT,
+        help=f"comma list of mixers for the LoRA-only ablation (default {LORA_ONLY_DEFAULT})",
+    )
+    parser.add_argument(
+        "--recipes", help="folder of per-mixer recipes (default recipes/<model>, else the SmolLM2 ones)"
+    )
+    parser.add_argument(
+        "--template", help=f"the recipe every mixer starts from (default <recipes>/{TEMPLATE_FILE})"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process with a share of the CPU threads (default 1); "
+        "on a GPU they share its memory, and a run that finds too little fails and is redone "
+        "by the next invocation",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: write results.json, leaderboard.md and the plots from what DIR holds "
+        "(unfinished runs show as pending)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every run, after the budget (e.g. device=cpu); repeatable",
+    )
 
 
 def command_line(args, mixers: list[str], out: Path) -> str:
     """The command that reproduces this bench (canonical form of the arguments)."""
-    parts = ["zoo", "bench", "quality", "--model", args.model, "--mixers", ",".join(mixers), "--budget", args.budget,
-             "--out", str(out), "--ablations", args.ablations, "--lora-only-mixers", args.lora_only_mixers]
+    parts = [
+        "zoo",
+        "bench",
+        "quality",
+        "--model",
+        args.model,
+        "--mixers",
+        ",".join(mixers),
+        "--budget",
+        args.budget,
+        "--out",
+        str(out),
+        "--ablations",
+        args.ablations,
+        "--lora-only-mixers",
+        args.lora_only_mixers,
+    ]
     if args.jobs > 1:
         parts += ["--jobs", str(args.jobs)]
     for flag, value in (("--recipes", args.recipes), ("--template", args.template)):
@@ -448,25 +576,40 @@ def main(args) -> int:
     template = load_recipe(template_path(recipes, args.template))
     slug = Path(args.model).name if Path(args.model).exists() else args.model.replace("/", "-")
     out = Path(args.out or Path("runs") / f"bench-quality-{slug}-{budget.name}")
-    items = plan_bench(args.model, mixers, budget, out, ablations, lora_only, recipes, template, args.settings)
+    items = plan_bench(
+        args.model, mixers, budget, out, ablations, lora_only, recipes, template, args.settings
+    )
     check_folders(items)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"bench": "quality", "model": args.model, "budget": budget.to_dict(), "seed": items[0].recipe.seed,
-            "device": device_description(items[0].recipe),
-            "versions": versions() | {"python": platform.python_version(), "platform": platform.platform()},
-            "command": command_line(args, mixers, out), "argv": sys.argv, "mixers": mixers, "ablations": ablations,
-            "recipes": str(recipes)}
+    meta = {
+        "bench": "quality",
+        "model": args.model,
+        "budget": budget.to_dict(),
+        "seed": items[0].recipe.seed,
+        "device": device_description(items[0].recipe),
+        "versions": versions() | {"python": platform.python_version(), "platform": platform.platform()},
+        "command": command_line(args, mixers, out),
+        "argv": sys.argv,
+        "mixers": mixers,
+        "ablations": ablations,
+        "recipes": str(recipes),
+    }
     earlier_results(out, meta)  # a folder of another bench is an error before anything runs
     if args.report:
         write_outputs(out, meta, items, {})
-        _say(f"{sum(it.finished for it in items)} of {len(items)} run(s) finished in {out}; wrote results.json, "
-             "leaderboard.md and the plots (ran nothing)")
+        _say(
+            f"{sum(it.finished for it in items)} of {len(items)} run(s) finished in {out}; wrote results.json, "
+            "leaderboard.md and the plots (ran nothing)"
+        )
         return 0
     _say(f"{len(items)} run(s) into {out}: budget {budget.name} ({budget.description})")
-    failures = run_bench(items, budget, on_progress=lambda failed: write_outputs(out, meta, items, failed),
-                         jobs=args.jobs)
+    failures = run_bench(
+        items, budget, on_progress=lambda failed: write_outputs(out, meta, items, failed), jobs=args.jobs
+    )
     results = write_outputs(out, meta, items, failures)
     done = sum(r["status"] == "done" for r in results["rows"] if r["kind"] != "reference")
-    _say(f"{done} row(s) done, {len(failures)} failed; wrote {out / 'results.json'}, {out / 'leaderboard.md'} "
-         "and the plots")
+    _say(
+        f"{done} row(s) done, {len(failures)} failed; wrote {out / 'results.json'}, {out / 'leaderboard.md'} "
+        "and the plots"
+    )
     return 1 if failures else 0

@@ -48,16 +48,27 @@ def spread_labels(anchors: list[tuple[float, float]], gap: float, width: float) 
 
 def _quality_vs_params(plt, rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    points = [r for r in rows if r["kind"] != "reference" and r["trainable_params"] and r["ppl_heldout"]
-              and r["ablation"] not in ("window-branch", "linear-branch")]
+    points = [
+        r
+        for r in rows
+        if r["kind"] != "reference"
+        and r["trainable_params"]
+        and r["ppl_heldout"]
+        and r["ablation"] not in ("window-branch", "linear-branch")
+    ]
     for r, color in zip(points, _colors(len(points))):
         marker = "x" if r["kind"] == "ablation" else "o"
         ax.scatter(r["trainable_params"], r["ppl_heldout"], color=color, marker=marker, zorder=3)
     for name, style in (("teacher", "--"), ("teacher + LoRA", ":")):
         ref = _reference(rows, name)
         if ref and ref["ppl_heldout"]:
-            ax.axhline(ref["ppl_heldout"], color="black", linestyle=style, linewidth=1,
-                       label=f"{name}: {ref['ppl_heldout']:.2f}")
+            ax.axhline(
+                ref["ppl_heldout"],
+                color="black",
+                linestyle=style,
+                linewidth=1,
+                label=f"{name}: {ref['ppl_heldout']:.2f}",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     fig.canvas.draw()  # fixes the limits, so data map to display points
@@ -65,8 +76,13 @@ def _quality_vs_params(plt, rows: list[dict], path: Path, title: str) -> None:
     pixels_per_point = fig.dpi / 72
     heights = spread_labels(anchors, gap=9 * pixels_per_point, width=90 * pixels_per_point)
     for r, (_, y), height in zip(points, anchors, heights):
-        ax.annotate(r["name"], (r["trainable_params"], r["ppl_heldout"]), fontsize=7,
-                    xytext=(3, 3 + (height - y) / pixels_per_point), textcoords="offset points")
+        ax.annotate(
+            r["name"],
+            (r["trainable_params"], r["ppl_heldout"]),
+            fontsize=7,
+            xytext=(3, 3 + (height - y) / pixels_per_point),
+            textcoords="offset points",
+        )
     ax.set_xlabel("trainable parameters (stage 1 + stage 2)")
     ax.set_ylabel("held-out perplexity after stage 2")
     ax.set_title(title)
@@ -77,12 +93,22 @@ def _quality_vs_params(plt, rows: list[dict], path: Path, title: str) -> None:
 
 
 def _loss_curves(rows: list[dict], path: Path, title: str) -> None:
-    series = {r["name"]: r["loss_curve_stage2"] for r in rows if r["loss_curve_stage2"] and r["kind"] != "reference"}
+    series = {
+        r["name"]: r["loss_curve_stage2"] for r in rows if r["loss_curve_stage2"] and r["kind"] != "reference"
+    }
     ref = _reference(rows, "teacher + LoRA")
     if ref and ref["loss_curve_stage2"]:
         series["teacher + LoRA (fair ref.)"] = ref["loss_curve_stage2"]
-    line_plot(path, series, title=title, xlabel="stage-2 training tokens", ylabel="next-token loss (nats)",
-              logx=False, logy=False, emphasize=["teacher + LoRA (fair ref.)"])
+    line_plot(
+        path,
+        series,
+        title=title,
+        xlabel="stage-2 training tokens",
+        ylabel="next-token loss (nats)",
+        logx=False,
+        logy=False,
+        emphasize=["teacher + LoRA (fair ref.)"],
+    )
 
 
 def _measured(rows: list[dict]) -> list[dict]:
@@ -90,10 +116,19 @@ def _measured(rows: list[dict]) -> list[dict]:
 
 
 def _decode_time(rows: list[dict], path: Path, title: str) -> None:
-    series = {r["name"]: [(int(c), v["decode_ms_per_token"]) for c, v in r["decode_by_context"].items()]
-              for r in _measured(rows)}
-    line_plot(path, series, title=title, xlabel="context (tokens)", ylabel="decode time per token (ms), batch 1",
-              logy=False, emphasize=["teacher"])
+    series = {
+        r["name"]: [(int(c), v["decode_ms_per_token"]) for c, v in r["decode_by_context"].items()]
+        for r in _measured(rows)
+    }
+    line_plot(
+        path,
+        series,
+        title=title,
+        xlabel="context (tokens)",
+        ylabel="decode time per token (ms), batch 1",
+        logy=False,
+        emphasize=["teacher"],
+    )
 
 
 def _state(plt, rows: list[dict], path: Path, title: str) -> None:
@@ -105,8 +140,12 @@ def _state(plt, rows: list[dict], path: Path, title: str) -> None:
         state = [r["decode_by_context"][c]["state_bytes"] / 2**20 for c in contexts]
         ax.plot(x, state, marker="o", color=color, label=r["name"])
         if r["state_bytes_32k_extrapolated"] is not None:
-            ax.plot([x[-1], 32_768], [state[-1], r["state_bytes_32k_extrapolated"] / 2**20], linestyle="--",
-                    color=color)
+            ax.plot(
+                [x[-1], 32_768],
+                [state[-1], r["state_bytes_32k_extrapolated"] / 2**20],
+                linestyle="--",
+                color=color,
+            )
     ax.set_xlabel("context (tokens); dashed: extrapolated to 32k")
     ax.set_ylabel("state per sequence (MiB)")
     ax.set_xscale("log", base=2)

@@ -16,7 +16,9 @@ from typing import Any
 __all__ = ["Pivot", "format_bytes", "format_ratio", "format_seconds", "markdown_table", "pivot"]
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: Sequence[str] | None = None) -> str:
+def markdown_table(
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], align: Sequence[str] | None = None
+) -> str:
     """A GitHub Markdown table. rows: sequences of cells (None renders as "-"); align: one of "l", "r",
     "c" per column (default: the first column left, the others right)."""
     headers = [str(h) for h in headers]
@@ -47,7 +49,10 @@ class Pivot:
 
     def rows_as_text(self, fmt: Callable[[Any], str] = str) -> list[list[str | None]]:
         """[row name, fmt(value), ...] per row; missing values stay None (rendered "-")."""
-        return [[str(name), *(None if v is None else fmt(v) for v in vals)] for name, vals in zip(self.rows, self.values)]
+        return [
+            [str(name), *(None if v is None else fmt(v) for v in vals)]
+            for name, vals in zip(self.rows, self.values)
+        ]
 
 
 def pivot(records: Iterable[dict], row: str, column: str, value: str | Callable[[dict], Any]) -> Pivot:

@@ -30,28 +30,78 @@ from pathlib import Path
 __all__ = ["ROW_FIELDS", "empty_row", "mixer_rows", "reference_rows", "failed_row", "loss_curve"]
 
 ROW_FIELDS = (
-    "name", "kind", "mixer", "family", "ablation", "status", "error", "run_dir", "device",
-    "ppl_heldout", "ppl_ood", "bpb_heldout", "bpb_ood", "per_source", "stages",
-    "ratio_to_fair_reference", "ratio_ood_to_teacher", "gap_closed_heldout", "gap_closed_ood",
-    "mmlu_accuracy", "mmlu_n", "mmlu_teacher_accuracy", "passkey", "passkey_teacher",
-    "repeated_4grams", "repeated_4grams_teacher", "generation_samples",
-    "mean_layer_mse_swap", "mean_layer_mse_stage1", "trainable_params", "trainable_percent",
-    "tokens_stage1", "tokens_stage2", "seconds_stage1", "seconds_stage2",
-    "peak_rss_bytes_stage1", "peak_rss_bytes_stage2", "peak_cuda_bytes_stage1", "peak_cuda_bytes_stage2",
-    "decode_context", "decode_tokens_per_s", "state_bytes", "state_bytes_32k_extrapolated", "state_growth",
-    "decode_by_context", "loss_curve_stage2",
+    "name",
+    "kind",
+    "mixer",
+    "family",
+    "ablation",
+    "status",
+    "error",
+    "run_dir",
+    "device",
+    "ppl_heldout",
+    "ppl_ood",
+    "bpb_heldout",
+    "bpb_ood",
+    "per_source",
+    "stages",
+    "ratio_to_fair_reference",
+    "ratio_ood_to_teacher",
+    "gap_closed_heldout",
+    "gap_closed_ood",
+    "mmlu_accuracy",
+    "mmlu_n",
+    "mmlu_teacher_accuracy",
+    "passkey",
+    "passkey_teacher",
+    "repeated_4grams",
+    "repeated_4grams_teacher",
+    "generation_samples",
+    "mean_layer_mse_swap",
+    "mean_layer_mse_stage1",
+    "trainable_params",
+    "trainable_percent",
+    "tokens_stage1",
+    "tokens_stage2",
+    "seconds_stage1",
+    "seconds_stage2",
+    "peak_rss_bytes_stage1",
+    "peak_rss_bytes_stage2",
+    "peak_cuda_bytes_stage1",
+    "peak_cuda_bytes_stage2",
+    "decode_context",
+    "decode_tokens_per_s",
+    "state_bytes",
+    "state_bytes_32k_extrapolated",
+    "state_growth",
+    "decode_by_context",
+    "loss_curve_stage2",
 )
 
 
-def empty_row(name: str, kind: str, mixer: str | None, family: str | None, ablation: str | None = None) -> dict:
+def empty_row(
+    name: str, kind: str, mixer: str | None, family: str | None, ablation: str | None = None
+) -> dict:
     row = dict.fromkeys(ROW_FIELDS)
-    row |= {"name": name, "kind": kind, "mixer": mixer, "family": family, "ablation": ablation, "status": "done"}
+    row |= {
+        "name": name,
+        "kind": kind,
+        "mixer": mixer,
+        "family": family,
+        "ablation": ablation,
+        "status": "done",
+    }
     return row
 
 
-def failed_row(name: str, kind: str, mixer: str, family: str | None, ablation: str | None, error: str,
-               run_dir: str) -> dict:
-    return empty_row(name, kind, mixer, family, ablation) | {"status": "failed", "error": error, "run_dir": run_dir}
+def failed_row(
+    name: str, kind: str, mixer: str, family: str | None, ablation: str | None, error: str, run_dir: str
+) -> dict:
+    return empty_row(name, kind, mixer, family, ablation) | {
+        "status": "failed",
+        "error": error,
+        "run_dir": run_dir,
+    }
 
 
 def loss_curve(metrics_path: Path, stage: str) -> list[list[float]] | None:
@@ -62,12 +112,19 @@ def loss_curve(metrics_path: Path, stage: str) -> list[list[float]] | None:
     return [[r["tokens"], r["loss"]] for r in rows if r.get("stage") == stage] or None
 
 
-def _quality(row: dict, final: dict | None, swap: dict | None, teacher: dict | None, fair: dict | None) -> dict:
+def _quality(
+    row: dict, final: dict | None, swap: dict | None, teacher: dict | None, fair: dict | None
+) -> dict:
     """The final quality columns of a row and how they compare with the references."""
     if final is None:
         return row
-    row |= {"ppl_heldout": final["heldout"], "ppl_ood": final["ood"], "bpb_heldout": final["bpb_heldout"],
-            "bpb_ood": final["bpb_ood"], "per_source": final["per_source"]}
+    row |= {
+        "ppl_heldout": final["heldout"],
+        "ppl_ood": final["ood"],
+        "bpb_heldout": final["bpb_heldout"],
+        "bpb_ood": final["bpb_ood"],
+        "per_source": final["per_source"],
+    }
     if fair:
         row["ratio_to_fair_reference"] = final["heldout"] / fair["heldout"]
         row["gap_closed_heldout"] = _gap_closed(swap, final, fair, "bpb_heldout")
@@ -91,35 +148,58 @@ def _passkey_by_length(result: dict | None) -> dict | None:
 def _decode_columns(result: dict | None) -> dict:
     if not result:
         return {}
-    by_context = {ctx: {"decode_tokens_per_s": r["decode_tokens_per_s"], "decode_ms_per_token": r["decode_ms_per_token"],
-                        "state_bytes": r["state_bytes"]} for ctx, r in result["contexts"].items()}
+    by_context = {
+        ctx: {
+            "decode_tokens_per_s": r["decode_tokens_per_s"],
+            "decode_ms_per_token": r["decode_ms_per_token"],
+            "state_bytes": r["state_bytes"],
+        }
+        for ctx, r in result["contexts"].items()
+    }
     last = max(by_context, key=int)
-    return {"decode_context": int(last), "decode_tokens_per_s": by_context[last]["decode_tokens_per_s"],
-            "state_bytes": by_context[last]["state_bytes"],
-            "state_bytes_32k_extrapolated": result["state_bytes_extrapolated"].get("32768"),
-            "state_growth": result["state_growth"], "decode_by_context": by_context}
+    return {
+        "decode_context": int(last),
+        "decode_tokens_per_s": by_context[last]["decode_tokens_per_s"],
+        "state_bytes": by_context[last]["state_bytes"],
+        "state_bytes_32k_extrapolated": result["state_bytes_extrapolated"].get("32768"),
+        "state_growth": result["state_growth"],
+        "decode_by_context": by_context,
+    }
 
 
 def _generation_columns(summary: dict, side: str) -> dict:
     """The repeats columns from a summary's generation measure, `side` "teacher" or "final"."""
     generation = summary.get("generation") or {}
     mine, teacher = generation.get(side) or {}, generation.get("teacher") or {}
-    return {"repeated_4grams": mine.get("repeated_4grams"), "repeated_4grams_teacher": teacher.get("repeated_4grams"),
-            "generation_samples": mine.get("samples")}
+    return {
+        "repeated_4grams": mine.get("repeated_4grams"),
+        "repeated_4grams_teacher": teacher.get("repeated_4grams"),
+        "generation_samples": mine.get("samples"),
+    }
 
 
 def _peak(entry: dict | None, key: str) -> int | None:
     return entry.get(key) if entry else None
 
 
-def mixer_rows(summary: dict, name: str, kind: str, family: str | None, ablation: str | None, run_dir: Path,
-               references: dict, relative_to: Path) -> list[dict]:
+def mixer_rows(
+    summary: dict,
+    name: str,
+    kind: str,
+    family: str | None,
+    ablation: str | None,
+    run_dir: Path,
+    references: dict,
+    relative_to: Path,
+) -> list[dict]:
     """The row of one finished run, plus its branch-ablation rows for a hybrid. `references` holds the
     bench-wide "teacher" and "fair" perplexity entries, used where the run has none of its own."""
     teacher = summary.get("ppl_teacher") or references.get("teacher")
     fair = summary.get("ppl_teacher_lora") or references.get("fair")
     row = empty_row(name, kind, summary["mixer"], family, ablation)
-    row["run_dir"] = str(run_dir.relative_to(relative_to)) if run_dir.is_relative_to(relative_to) else str(run_dir)
+    row["run_dir"] = (
+        str(run_dir.relative_to(relative_to)) if run_dir.is_relative_to(relative_to) else str(run_dir)
+    )
     row["stages"] = {k: summary.get(f"ppl_{k}") for k in ("teacher", "swap", "stage1", "final")}
     _quality(row, summary.get("ppl_final"), summary.get("ppl_swap"), teacher, fair)
     mmlu = summary.get("mmlu") or {}
@@ -127,15 +207,20 @@ def mixer_rows(summary: dict, name: str, kind: str, family: str | None, ablation
     decode = summary.get("decode") or {}
     row |= {
         "device": summary.get("device"),  # None for runs made before summaries recorded it
-        "mmlu_accuracy": mmlu.get("final", {}).get("accuracy"), "mmlu_n": mmlu.get("final", {}).get("n"),
+        "mmlu_accuracy": mmlu.get("final", {}).get("accuracy"),
+        "mmlu_n": mmlu.get("final", {}).get("n"),
         "mmlu_teacher_accuracy": mmlu.get("teacher", {}).get("accuracy"),
-        "passkey": _passkey_by_length(passkey.get("final")), "passkey_teacher": _passkey_by_length(passkey.get("teacher")),
+        "passkey": _passkey_by_length(passkey.get("final")),
+        "passkey_teacher": _passkey_by_length(passkey.get("teacher")),
         **_generation_columns(summary, "final"),
         "mean_layer_mse_swap": summary.get("mean_layer_mse_swap"),
         "mean_layer_mse_stage1": summary.get("mean_layer_mse_stage1"),
-        "trainable_params": summary.get("trainable_params"), "trainable_percent": summary.get("trainable_percent"),
-        "tokens_stage1": summary.get("tokens_stage1"), "tokens_stage2": summary.get("tokens_stage2"),
-        "seconds_stage1": summary.get("seconds_stage1"), "seconds_stage2": summary.get("seconds_stage2"),
+        "trainable_params": summary.get("trainable_params"),
+        "trainable_percent": summary.get("trainable_percent"),
+        "tokens_stage1": summary.get("tokens_stage1"),
+        "tokens_stage2": summary.get("tokens_stage2"),
+        "seconds_stage1": summary.get("seconds_stage1"),
+        "seconds_stage2": summary.get("seconds_stage2"),
         "peak_rss_bytes_stage1": _peak(summary.get("peak_memory_stage1"), "peak_rss_bytes"),
         "peak_rss_bytes_stage2": _peak(summary.get("peak_memory_stage2"), "peak_rss_bytes"),
         "peak_cuda_bytes_stage1": _peak(summary.get("peak_memory_stage1"), "peak_cuda_bytes"),
@@ -166,11 +251,20 @@ def reference_rows(summary: dict, teacher_lora_metrics: Path | None) -> list[dic
     t = empty_row("teacher", "reference", None, "softmax")
     t["stages"] = {"teacher": teacher}
     _quality(t, teacher, None, teacher, fair)  # no swap: no gap to close
-    t |= {"mmlu_accuracy": mmlu.get("accuracy"), "mmlu_n": mmlu.get("n"), "mmlu_teacher_accuracy": mmlu.get("accuracy"),
-          "passkey": passkey, "passkey_teacher": passkey, **_generation_columns(summary, "teacher"),
-          "trainable_params": 0, "trainable_percent": 0.0,
-          "tokens_stage1": 0, "tokens_stage2": 0, "device": summary.get("device"),
-          **_decode_columns((summary.get("decode") or {}).get("teacher"))}
+    t |= {
+        "mmlu_accuracy": mmlu.get("accuracy"),
+        "mmlu_n": mmlu.get("n"),
+        "mmlu_teacher_accuracy": mmlu.get("accuracy"),
+        "passkey": passkey,
+        "passkey_teacher": passkey,
+        **_generation_columns(summary, "teacher"),
+        "trainable_params": 0,
+        "trainable_percent": 0.0,
+        "tokens_stage1": 0,
+        "tokens_stage2": 0,
+        "device": summary.get("device"),
+        **_decode_columns((summary.get("decode") or {}).get("teacher")),
+    }
     rows = [t]
     if fair:
         train = summary.get("teacher_lora_train") or {}
@@ -179,12 +273,19 @@ def reference_rows(summary: dict, teacher_lora_metrics: Path | None) -> list[dic
         f["stages"] = {"teacher": teacher, "final": fair}
         _quality(f, fair, None, teacher, fair)
         model_params = summary.get("model_params")
-        f |= {"trainable_params": params, "trainable_percent": 100.0 * params / model_params
-              if params and model_params else None,
-              "tokens_stage1": 0, "tokens_stage2": train.get("tokens"), "seconds_stage2": train.get("seconds"),
-              "peak_rss_bytes_stage2": _peak(train.get("peak_memory"), "peak_rss_bytes"),
-              "peak_cuda_bytes_stage2": _peak(train.get("peak_memory"), "peak_cuda_bytes"),
-              "mmlu_teacher_accuracy": t["mmlu_accuracy"], "passkey_teacher": passkey,
-              "loss_curve_stage2": loss_curve(teacher_lora_metrics, "teacher_lora") if teacher_lora_metrics else None}
+        f |= {
+            "trainable_params": params,
+            "trainable_percent": 100.0 * params / model_params if params and model_params else None,
+            "tokens_stage1": 0,
+            "tokens_stage2": train.get("tokens"),
+            "seconds_stage2": train.get("seconds"),
+            "peak_rss_bytes_stage2": _peak(train.get("peak_memory"), "peak_rss_bytes"),
+            "peak_cuda_bytes_stage2": _peak(train.get("peak_memory"), "peak_cuda_bytes"),
+            "mmlu_teacher_accuracy": t["mmlu_accuracy"],
+            "passkey_teacher": passkey,
+            "loss_curve_stage2": loss_curve(teacher_lora_metrics, "teacher_lora")
+            if teacher_lora_metrics
+            else None,
+        }
         rows.append(f)
     return rows

@@ -45,7 +45,11 @@ from zoo.bench.timing import measure_peak, memory_method, synchronize, time_runs
 __all__ = ["MODES", "add_arguments", "default_mixers", "main", "run_bench"]
 
 #: mode -> what it times, in words
-MODES = {"forward": "prefill forward", "forward_backward": "forward + backward", "decode": "decode step (1 token)"}
+MODES = {
+    "forward": "prefill forward",
+    "forward_backward": "forward + backward",
+    "decode": "decode step (1 token)",
+}
 REFERENCE = "sdpa"
 DEFAULT_SEQ_LENS = {"cpu": [1024, 2048, 4096], "cuda": [1024, 2048, 4096, 8192, 16384, 32768]}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,32 +63,56 @@ def default_mixers() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mixers", nargs="+", default=None,
-                        help="mixer names (space or comma separated; default: every registered mixer but the "
-                             "softmax reference). SDPA, and FlashAttention where installed, are always timed")
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=None,
-                        help=f"context lengths (default: {DEFAULT_SEQ_LENS['cpu']} on cpu, {DEFAULT_SEQ_LENS['cuda']} on cuda)")
+    parser.add_argument(
+        "--mixers",
+        nargs="+",
+        default=None,
+        help="mixer names (space or comma separated; default: every registered mixer but the "
+        "softmax reference). SDPA, and FlashAttention where installed, are always timed",
+    )
+    parser.add_argument(
+        "--seq-lens",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"context lengths (default: {DEFAULT_SEQ_LENS['cpu']} on cpu, {DEFAULT_SEQ_LENS['cuda']} on cuda)",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda"
+    )
     parser.add_argument("--heads", type=int, default=32, help="query heads (default: Llama-3-8B's 32)")
     parser.add_argument("--kv-heads", type=int, default=8, help="key/value heads (default 8)")
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=4096, help="hidden size of the layer input x (default 4096)")
+    parser.add_argument(
+        "--hidden", type=int, default=4096, help="hidden size of the layer input x (default 4096)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (>= 1; the first measures memory)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs first (>= 1; the first measures memory)"
+    )
     parser.add_argument("--decode-steps", type=int, default=16, help="decode steps averaged per timed run")
-    parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="skip a measurement estimated (from the previous T) to take longer than this per run")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="skip a measurement estimated (from the previous T) to take longer than this per run",
+    )
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--backends", default="auto",
-                        help="kernel backends per mixer: auto (one row, automatic choice), all (one row per "
-                             "backend available on the device), or a comma list (torch,triton,fla)")
+    parser.add_argument(
+        "--backends",
+        default="auto",
+        help="kernel backends per mixer: auto (one row, automatic choice), all (one row per "
+        "backend available on the device), or a comma list (torch,triton,fla)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--reuse-freed-memory", action="store_true",
-                        help="CPU: make glibc malloc keep freed memory for reuse (as jemalloc/tcmalloc would); "
-                             "recorded in the results")
+    parser.add_argument(
+        "--reuse-freed-memory",
+        action="store_true",
+        help="CPU: make glibc malloc keep freed memory for reuse (as jemalloc/tcmalloc would); "
+        "recorded in the results",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: bench-speed-<device>)")
 
 
@@ -139,20 +167,53 @@ def _backend_list(spec: str, device: torch.device) -> list[str | None]:
     names = [b for b in spec.split(",") if b]
     for name in names:
         if name not in dispatch.BACKENDS:
-            raise ValueError(f"--backends: unknown backend {name!r}; choose from auto, all, {', '.join(dispatch.BACKENDS)}")
+            raise ValueError(
+                f"--backends: unknown backend {name!r}; choose from auto, all, {', '.join(dispatch.BACKENDS)}"
+            )
         if name not in available:
-            raise ValueError(f"--backends: {name!r} is not available on {device}; available: {', '.join(available)}")
+            raise ValueError(
+                f"--backends: {name!r} is not available on {device}; available: {', '.join(available)}"
+            )
     return names
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The resolved options as one `zoo bench speed` command that repeats this run."""
-    parts = ["zoo", "bench", "speed", "--mixers", *args.mixers, "--seq-lens", *map(str, args.seq_lens),
-             "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype,
-             "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
-             "--hidden", str(args.hidden), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-             "--decode-steps", str(args.decode_steps), "--max-seconds", f"{args.max_seconds:g}",
-             "--modes", *args.modes, "--backends", args.backends]
+    parts = [
+        "zoo",
+        "bench",
+        "speed",
+        "--mixers",
+        *args.mixers,
+        "--seq-lens",
+        *map(str, args.seq_lens),
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--heads",
+        str(args.heads),
+        "--kv-heads",
+        str(args.kv_heads),
+        "--head-dim",
+        str(args.head_dim),
+        "--hidden",
+        str(args.hidden),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--decode-steps",
+        str(args.decode_steps),
+        "--max-seconds",
+        f"{args.max_seconds:g}",
+        "--modes",
+        *args.modes,
+        "--backends",
+        args.backends,
+    ]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.reuse_freed_memory:
@@ -219,14 +280,28 @@ class _Guard:
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)) or (
-        isinstance(err, RuntimeError) and any(s in str(err).lower() for s in ("out of memory", "can't allocate",
-                                                                               "not enough memory")))
+        isinstance(err, RuntimeError)
+        and any(s in str(err).lower() for s in ("out of memory", "can't allocate", "not enough memory"))
+    )
 
 
 def _record(case, mode: str, T: int, **fields) -> dict:
-    row = {"name": case.name, "kind": case.kind, "family": case.family, "backend": case.backend, "mode": mode,
-           "seq_len": T, "status": "ok", "note": None, "times_s": None, "median_s": None, "min_s": None,
-           "tokens_per_s": None, "peak_memory_bytes": None, "state_bytes": None}
+    row = {
+        "name": case.name,
+        "kind": case.kind,
+        "family": case.family,
+        "backend": case.backend,
+        "mode": mode,
+        "seq_len": T,
+        "status": "ok",
+        "note": None,
+        "times_s": None,
+        "median_s": None,
+        "min_s": None,
+        "tokens_per_s": None,
+        "peak_memory_bytes": None,
+        "state_bytes": None,
+    }
     row.update(fields)
     return row
 
@@ -261,13 +336,26 @@ def _measure(case, mode: str, T: int, fn, args, device, guard: _Guard, inner: in
             torch.cuda.empty_cache()
         if _is_oom(err):
             guard.over[(case.name, mode)] = f"skipped: out of memory at T={T}"
-            return _record(case, mode, T, status="skipped", note=f"out of memory: {str(err).splitlines()[0][:200]}"), None
-        return _record(case, mode, T, status="error", note=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"), None
+            return _record(
+                case, mode, T, status="skipped", note=f"out of memory: {str(err).splitlines()[0][:200]}"
+            ), None
+        return _record(
+            case, mode, T, status="error", note=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        ), None
     median = statistics.median(times)
     guard.record(case, mode, T, median)
     tokens = 1 if mode == "decode" else T
-    return _record(case, mode, T, note=note, times_s=times, median_s=median, min_s=min(times),
-                   tokens_per_s=args.batch * tokens / median, peak_memory_bytes=peak), out
+    return _record(
+        case,
+        mode,
+        T,
+        note=note,
+        times_s=times,
+        median_s=median,
+        min_s=min(times),
+        tokens_per_s=args.batch * tokens / median,
+        peak_memory_bytes=peak,
+    ), out
 
 
 def _bench_case(case, T: int, inputs, train_inputs, step, dy, args, device, guard) -> list[dict]:
@@ -284,22 +372,52 @@ def _bench_case(case, T: int, inputs, train_inputs, step, dy, args, device, guar
         try:
             state = case.decode_state(inputs, case.prefill(inputs) if case.kind == "mixer" else None)
         except Exception as err:  # noqa: BLE001 - recorded as the decode measurement's note below
-            records.append(_record(case, "decode", T, status="error",
-                                   note=f"prefill for the state failed: {type(err).__name__}: {err}"[:300]))
+            records.append(
+                _record(
+                    case,
+                    "decode",
+                    T,
+                    status="error",
+                    note=f"prefill for the state failed: {type(err).__name__}: {err}"[:300],
+                )
+            )
             return records
     if "decode" in args.modes:
         if state is None:
-            records.append(_record(case, "decode", T, status="skipped",
-                                   note="skipped: no state (the prefill of T tokens was skipped or failed)"))
+            records.append(
+                _record(
+                    case,
+                    "decode",
+                    T,
+                    status="skipped",
+                    note="skipped: no state (the prefill of T tokens was skipped or failed)",
+                )
+            )
         else:
-            rec, _ = _measure(case, "decode", T, lambda: case.decode(state, step), args, device, guard,
-                              inner=args.decode_steps)
+            rec, _ = _measure(
+                case,
+                "decode",
+                T,
+                lambda: case.decode(state, step),
+                args,
+                device,
+                guard,
+                inner=args.decode_steps,
+            )
             rec["state_bytes"] = case.state_bytes(state) // args.batch
             records.append(rec)
         del state
     if "forward_backward" in args.modes:
-        rec, _ = _measure(case, "forward_backward", T, lambda: case.train(train_inputs, dy), args, device, guard,
-                          before=train_inputs.clear_grads)
+        rec, _ = _measure(
+            case,
+            "forward_backward",
+            T,
+            lambda: case.train(train_inputs, dy),
+            args,
+            device,
+            guard,
+            before=train_inputs.clear_grads,
+        )
         records.append(rec)
     return records
 
@@ -311,7 +429,9 @@ def build_cases(args, device: torch.device, dtype: torch.dtype) -> list:
         cases.append(FlashAttentionCase())
     for name in args.mixers:
         for backend in args.backend_list:
-            cases.append(MixerCase(name, args.heads, args.kv_heads, args.head_dim, args.hidden, dtype, device, backend))
+            cases.append(
+                MixerCase(name, args.heads, args.kv_heads, args.head_dim, args.hidden, dtype, device, backend)
+            )
     return cases
 
 
@@ -329,23 +449,42 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = build_cases(args, device, dtype)
     results = {
-        "bench": "speed", "command": command_line(args), "argv": sys.argv,
+        "bench": "speed",
+        "command": command_line(args),
+        "argv": sys.argv,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": {"type": device.type, "name": _device_name(device)},
-        "threads": torch.get_num_threads(), "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "ZOO_KERNEL_BACKEND")},
+        "threads": torch.get_num_threads(),
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "ZOO_KERNEL_BACKEND")},
         "dtype": args.dtype,
-        "shape": {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-                  "hidden": args.hidden},
-        "seq_lens": args.seq_lens, "repeats": args.repeats, "warmup": args.warmup, "decode_steps": args.decode_steps,
-        "max_seconds": args.max_seconds, "modes": {m: MODES[m] for m in args.modes}, "reference": REFERENCE,
+        "shape": {
+            "batch": args.batch,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "head_dim": args.head_dim,
+            "hidden": args.hidden,
+        },
+        "seq_lens": args.seq_lens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "decode_steps": args.decode_steps,
+        "max_seconds": args.max_seconds,
+        "modes": {m: MODES[m] for m in args.modes},
+        "reference": REFERENCE,
         "cases": [{"name": c.name, "kind": c.kind, "family": c.family, "backend": c.backend} for c in cases],
-        "memory_method": memory_method(device), "cpu_allocator": allocator or "default",
-        "versions": _versions(), "results": [],
+        "memory_method": memory_method(device),
+        "cpu_allocator": allocator or "default",
+        "versions": _versions(),
+        "results": [],
     }
     guard = _Guard(args.max_seconds)
     for T in args.seq_lens:
-        inputs = make_inputs(args.batch, args.heads, args.kv_heads, args.head_dim, args.hidden, T, dtype, device)
-        step = make_inputs(args.batch, args.heads, args.kv_heads, args.head_dim, args.hidden, 1, dtype, device, seed=1)
+        inputs = make_inputs(
+            args.batch, args.heads, args.kv_heads, args.head_dim, args.hidden, T, dtype, device
+        )
+        step = make_inputs(
+            args.batch, args.heads, args.kv_heads, args.head_dim, args.hidden, 1, dtype, device, seed=1
+        )
         train_inputs = inputs.requiring_grad()
         dy = random_tensor(inputs.q.shape, dtype, device, seed=2)  # the gradient reaching the output
         for case in cases:
@@ -360,8 +499,11 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
 def _progress_line(rec: dict) -> str:
     from zoo.bench.report import format_bytes, format_seconds
 
-    what = (f"{format_seconds(rec['median_s'])}  peak {format_bytes(rec['peak_memory_bytes'])}"
-            if rec["status"] == "ok" else rec["note"])
+    what = (
+        f"{format_seconds(rec['median_s'])}  peak {format_bytes(rec['peak_memory_bytes'])}"
+        if rec["status"] == "ok"
+        else rec["note"]
+    )
     return f"  {rec['name']:<22} {rec['mode']:<17} T={rec['seq_len']:<6} {what}"
 
 

@@ -23,8 +23,15 @@ import torch.nn.functional as F
 
 from zoo.cache import state_bytes
 
-__all__ = ["Inputs", "MixerCase", "SdpaCase", "FlashAttentionCase", "flash_attn_available", "make_inputs",
-           "random_tensor"]
+__all__ = [
+    "Inputs",
+    "MixerCase",
+    "SdpaCase",
+    "FlashAttentionCase",
+    "flash_attn_available",
+    "make_inputs",
+    "random_tensor",
+]
 
 
 @dataclass
@@ -50,11 +57,24 @@ def random_tensor(shape, dtype: torch.dtype, device: torch.device, seed: int) ->
     return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
 
-def make_inputs(batch: int, heads: int, kv_heads: int, head_dim: int, hidden: int, seq_len: int,
-                dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+def make_inputs(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    hidden: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+) -> Inputs:
     """Random inputs: q, k, v ~ N(0, 1) (as after a projection and RoPE), x ~ N(0, 1) (an RMS-normed input)."""
-    shapes = [(batch, heads, seq_len, head_dim), (batch, kv_heads, seq_len, head_dim),
-              (batch, kv_heads, seq_len, head_dim), (batch, seq_len, hidden)]
+    shapes = [
+        (batch, heads, seq_len, head_dim),
+        (batch, kv_heads, seq_len, head_dim),
+        (batch, kv_heads, seq_len, head_dim),
+        (batch, seq_len, hidden),
+    ]
     return Inputs(*(random_tensor(shape, dtype, device, seed * 4 + i) for i, shape in enumerate(shapes)))
 
 
@@ -68,8 +88,9 @@ class SdpaCase:
 
     def prefill(self, inp: Inputs) -> Any:
         with torch.no_grad():
-            return F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=True,
-                                                  enable_gqa=inp.q.shape[1] != inp.k.shape[1])
+            return F.scaled_dot_product_attention(
+                inp.q, inp.k, inp.v, is_causal=True, enable_gqa=inp.q.shape[1] != inp.k.shape[1]
+            )
 
     def decode_state(self, inp: Inputs, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """A KV cache holding the T keys and values, with room for one more: [B, Hkv, T + 1, D] each."""
@@ -79,7 +100,9 @@ class SdpaCase:
         return kc, vc
 
     def train(self, inp: Inputs, dy: torch.Tensor) -> None:
-        y = F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=True, enable_gqa=inp.q.shape[1] != inp.k.shape[1])
+        y = F.scaled_dot_product_attention(
+            inp.q, inp.k, inp.v, is_causal=True, enable_gqa=inp.q.shape[1] != inp.k.shape[1]
+        )
         y.backward(dy)
 
     def decode(self, state: Any, step: Inputs) -> None:
@@ -115,7 +138,9 @@ class FlashAttentionCase(SdpaCase):
         self._fn = flash_attn_func
 
     def _attend(self, q, k, v, causal: bool):
-        return self._fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+        return self._fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(
+            1, 2
+        )
 
     def prefill(self, inp: Inputs) -> Any:
         with torch.no_grad():
@@ -155,8 +180,17 @@ class MixerCase:
 
     kind = "mixer"
 
-    def __init__(self, mixer_name: str, heads: int, kv_heads: int, head_dim: int, hidden: int,
-                 dtype: torch.dtype, device: torch.device, backend: str | None = None):
+    def __init__(
+        self,
+        mixer_name: str,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        backend: str | None = None,
+    ):
         from zoo.mixers import get_mixer
 
         cls = get_mixer(mixer_name)

@@ -26,7 +26,9 @@ def plot_names(results: dict) -> list[str]:
 
 def _records(results: dict, mode: str) -> list[dict]:
     order = {c["name"]: i for i, c in enumerate(results["cases"])}
-    return sorted((r for r in results["results"] if r["mode"] == mode), key=lambda r: order.get(r["name"], 1e9))
+    return sorted(
+        (r for r in results["results"] if r["mode"] == mode), key=lambda r: order.get(r["name"], 1e9)
+    )
 
 
 def _cell(fmt):
@@ -58,8 +60,12 @@ def _header(results: dict) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
     env = ", ".join(f"{k}={v}" for k, v in results["env"].items() if v is not None) or "none set"
     return [
-        "# zoo bench speed", "",
-        "```", results["command"], "```", "",
+        "# zoo bench speed",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
         f"- device: {results['device']['name']} ({results['device']['type']}), torch threads {results['threads']} "
         f"(env: {env})",
         f"- dtype {results['dtype']}; batch {shape['batch']}, {shape['heads']} query heads, {shape['kv_heads']} "
@@ -68,7 +74,8 @@ def _header(results: dict) -> list[str]:
         f"{results['decode_steps']} steps per timed run, each from the state after T tokens",
         f"- peak memory: {results['memory_method']}",
         f"- CPU allocator: {results['cpu_allocator']}",
-        f"- versions: {versions}; created {results['created']}", "",
+        f"- versions: {versions}; created {results['created']}",
+        "",
     ]
 
 
@@ -81,23 +88,41 @@ def results_markdown(results: dict) -> str:
             continue
         unit = "per token" if mode == "decode" else "per call"
         cols, rows = _grid(records, _cell(lambda r: format_seconds(r["median_s"])))
-        lines += [f"## {what}: median time {unit}", "", markdown_table(["mixer", *[f"T={t}" for t in cols]], rows)]
+        lines += [
+            f"## {what}: median time {unit}",
+            "",
+            markdown_table(["mixer", *[f"T={t}" for t in cols]], rows),
+        ]
         cols, rows = _speedups(records, ref)
-        lines += [f"### {what}: speed-up against {ref} ({ref}'s time / the mixer's; above 1 is faster)", "",
-                  markdown_table(["mixer", *[f"T={t}" for t in cols]], rows)]
+        lines += [
+            f"### {what}: speed-up against {ref} ({ref}'s time / the mixer's; above 1 is faster)",
+            "",
+            markdown_table(["mixer", *[f"T={t}" for t in cols]], rows),
+        ]
     for mode, what in results["modes"].items():
         records = _records(results, mode)
         if records:
             cols, rows = _grid(records, _cell(lambda r: format_bytes(r["peak_memory_bytes"])))
-            lines += [f"## peak memory, {what}", "", markdown_table(["mixer", *[f"T={t}" for t in cols]], rows)]
+            lines += [
+                f"## peak memory, {what}",
+                "",
+                markdown_table(["mixer", *[f"T={t}" for t in cols]], rows),
+            ]
     states = _state_records(results)
     if states:
         cols, rows = _grid(states, lambda r: format_bytes(r["state_bytes"]))
-        lines += ["## state / KV-cache bytes per sequence after T tokens", "",
-                  markdown_table(["mixer", *[f"T={t}" for t in cols]], rows)]
+        lines += [
+            "## state / KV-cache bytes per sequence after T tokens",
+            "",
+            markdown_table(["mixer", *[f"T={t}" for t in cols]], rows),
+        ]
     notes = [r for r in results["results"] if r["note"]]
     if notes:
-        lines += ["## notes", ""] + [f"- {r['name']}, {r['mode']}, T={r['seq_len']}: {r['note']}" for r in notes] + [""]
+        lines += (
+            ["## notes", ""]
+            + [f"- {r['name']}, {r['mode']}, T={r['seq_len']}: {r['note']}" for r in notes]
+            + [""]
+        )
     return "\n".join(lines)
 
 
@@ -124,16 +149,33 @@ def write_report(results: dict, out_dir: Path) -> list[Path]:
     with atomic_file(md) as f:
         f.write(results_markdown(results))
     shape = results["shape"]
-    note = (f"{results['device']['name']}, {results['dtype']}, B={shape['batch']}, H={shape['heads']}/"
-            f"{shape['kv_heads']}, D={shape['head_dim']}")
+    note = (
+        f"{results['device']['name']}, {results['dtype']}, B={shape['batch']}, H={shape['heads']}/"
+        f"{shape['kv_heads']}, D={shape['head_dim']}"
+    )
     baselines = [c["name"] for c in results["cases"] if c["kind"] == "attention"]
     paths = [md]
     for mode, what in results["modes"].items():
-        paths.append(line_plot(out_dir / f"time_{mode}.png", _series(_records(results, mode), "median_s"),
-                               title=f"{what}: time against context length", xlabel="context length T (tokens)",
-                               ylabel="seconds per token" if mode == "decode" else "seconds per call",
-                               emphasize=baselines, note=note))
-    paths.append(line_plot(out_dir / "state_bytes.png", _series(_state_records(results), "state_bytes"),
-                           title="state / KV-cache bytes per sequence", xlabel="context length T (tokens)",
-                           ylabel="bytes", emphasize=baselines, note=note))
+        paths.append(
+            line_plot(
+                out_dir / f"time_{mode}.png",
+                _series(_records(results, mode), "median_s"),
+                title=f"{what}: time against context length",
+                xlabel="context length T (tokens)",
+                ylabel="seconds per token" if mode == "decode" else "seconds per call",
+                emphasize=baselines,
+                note=note,
+            )
+        )
+    paths.append(
+        line_plot(
+            out_dir / "state_bytes.png",
+            _series(_state_records(results), "state_bytes"),
+            title="state / KV-cache bytes per sequence",
+            xlabel="context length T (tokens)",
+            ylabel="bytes",
+            emphasize=baselines,
+            note=note,
+        )
+    )
     return paths

@@ -78,9 +78,13 @@ def memory_method(device: torch.device) -> str:
     if device.type == "cuda":
         return "CUDA: torch.cuda.max_memory_allocated during the call minus memory allocated before it"
     if _can_reset_high_water():
-        return ("CPU: peak resident set size during the call minus RSS before it (VmHWM reset via "
-                "/proc/self/clear_refs after malloc_trim; whole process, allocator slack included)")
-    return "CPU: resident set size sampled every 5 ms during the call, peak minus RSS before it (whole process)"
+        return (
+            "CPU: peak resident set size during the call minus RSS before it (VmHWM reset via "
+            "/proc/self/clear_refs after malloc_trim; whole process, allocator slack included)"
+        )
+    return (
+        "CPU: resident set size sampled every 5 ms during the call, peak minus RSS before it (whole process)"
+    )
 
 
 def measure_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int | None]:

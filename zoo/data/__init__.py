@@ -15,6 +15,17 @@ from zoo.data.sources import EMBEDDED_SOURCES, OUT_OF_DOMAIN
 from zoo.data.split import split_documents
 
 __all__ = [
-    "Corpus", "Document", "EMBEDDED_SOURCES", "OUT_OF_DOMAIN", "SourceUnavailable", "bytes_per_token", "cache_dir",
-    "count_tokens", "encode_texts", "load_corpus", "load_documents", "split_documents", "token_blocks",
+    "Corpus",
+    "Document",
+    "EMBEDDED_SOURCES",
+    "OUT_OF_DOMAIN",
+    "SourceUnavailable",
+    "bytes_per_token",
+    "cache_dir",
+    "count_tokens",
+    "encode_texts",
+    "load_corpus",
+    "load_documents",
+    "split_documents",
+    "token_blocks",
 ]

@@ -17,7 +17,9 @@ from zoo.data.document import Document, text_of
 MIN_CACHED_CHARS = 65536  # smaller inputs are re-tokenized: quicker than a file
 _PROBE = "Zoo probe: The quick brown fox jumps over the lazy dog; 1234 “quotes” — naïve café.\n\n  tabs\t."
 _BATCH = 64
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ((name, size), fingerprint)
+_FINGERPRINTS: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # tokenizer -> ((name, size), fingerprint)
 
 
 def _texts(docs_or_texts: Iterable[Document | str] | str) -> list[str]:
@@ -35,7 +37,9 @@ def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     if _is_hf_tokenizer(tokenizer):
         out = []
         for i in range(0, len(texts), _BATCH):
-            out += tokenizer(list(texts[i:i + _BATCH]), add_special_tokens=False, verbose=False)["input_ids"]
+            out += tokenizer(list(texts[i : i + _BATCH]), add_special_tokens=False, verbose=False)[
+                "input_ids"
+            ]
         return out
     try:
         return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
@@ -121,7 +125,9 @@ def token_stream(tokenizer, docs_or_texts) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
-def token_blocks(tokenizer, docs_or_texts, block_size: int, max_blocks: int | None = None) -> torch.LongTensor:
+def token_blocks(
+    tokenizer, docs_or_texts, block_size: int, max_blocks: int | None = None
+) -> torch.LongTensor:
     """[N, block_size] token ids: the texts tokenized (no special tokens), joined with EOS between
     documents, cut into non-overlapping blocks (the remainder dropped); the first `max_blocks` only."""
     if block_size < 1:
@@ -131,11 +137,13 @@ def token_blocks(tokenizer, docs_or_texts, block_size: int, max_blocks: int | No
     stream = token_stream(tokenizer, docs_or_texts)
     n = stream.numel() // block_size
     if n == 0:
-        raise ValueError(f"the texts hold {stream.numel()} tokens (EOS separators included), fewer than "
-                         f"the {block_size} needed for one block of block_size={block_size}")
+        raise ValueError(
+            f"the texts hold {stream.numel()} tokens (EOS separators included), fewer than "
+            f"the {block_size} needed for one block of block_size={block_size}"
+        )
     if max_blocks is not None:
         n = min(n, max_blocks)
-    return stream[:n * block_size].view(n, block_size).clone()
+    return stream[: n * block_size].view(n, block_size).clone()
 
 
 def count_tokens(tokenizer, docs_or_texts) -> int:

@@ -27,8 +27,10 @@ def load_documents(spec: str) -> list[Document]:
     elif is_glob(spec) or matching_files(spec):
         docs = load_files(spec)
     else:
-        raise ValueError(f"unknown data spec {spec!r}: not an embedded source ({', '.join(EMBEDDED_SOURCES)}), "
-                         f"not an existing file, folder or glob of text files, and not hf:<dataset>[:<config>][@<split>]")
+        raise ValueError(
+            f"unknown data spec {spec!r}: not an embedded source ({', '.join(EMBEDDED_SOURCES)}), "
+            f"not an existing file, folder or glob of text files, and not hf:<dataset>[:<config>][@<split>]"
+        )
     if not docs:
         raise ValueError(f"data spec {spec!r} gave no documents (no non-empty text files matched)")
     return docs
@@ -60,8 +62,10 @@ def spec_problem(spec: str) -> str | None:
         return f"the glob {spec!r} matches no file"
     hint = difflib.get_close_matches(spec, EMBEDDED_SOURCES, n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return (f"{spec!r}{did_you_mean} is not an embedded source ({', '.join(EMBEDDED_SOURCES)}), not an "
-            "existing text file, folder or glob, and not hf:<dataset>[:<config>][@<split>]")
+    return (
+        f"{spec!r}{did_you_mean} is not an embedded source ({', '.join(EMBEDDED_SOURCES)}), not an "
+        "existing text file, folder or glob, and not hf:<dataset>[:<config>][@<split>]"
+    )
 
 
 def _pick(splits: dict[str, list[Document]], source: str | Iterable[str] | None) -> list[Document]:
@@ -90,10 +94,15 @@ class Corpus:
 
     def stats(self) -> dict[str, dict]:
         """Per source: train/held-out documents and characters."""
-        return {s: {"train_documents": len(self._train[s]),
-                    "train_characters": sum(len(d.text) for d in self._train[s]),
-                    "heldout_documents": len(self._heldout[s]),
-                    "heldout_characters": sum(len(d.text) for d in self._heldout[s])} for s in self.sources}
+        return {
+            s: {
+                "train_documents": len(self._train[s]),
+                "train_characters": sum(len(d.text) for d in self._train[s]),
+                "heldout_documents": len(self._heldout[s]),
+                "heldout_characters": sum(len(d.text) for d in self._heldout[s]),
+            }
+            for s in self.sources
+        }
 
     def token_stats(self, tokenizer) -> dict[str, dict]:
         """`stats()` plus train/held-out tokens under `tokenizer` (tokenized once, then cached)."""
@@ -110,8 +119,12 @@ class Corpus:
         return f"Corpus({'; '.join(parts)})"
 
 
-def load_corpus(specs: str | Iterable[str] = DEFAULT_SPECS, heldout_fraction: float = 0.1, seed: int = 0,
-                strict: bool = False) -> Corpus:
+def load_corpus(
+    specs: str | Iterable[str] = DEFAULT_SPECS,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = False,
+) -> Corpus:
     """Load each spec and split it by document. A spec that fails is reported on stderr and skipped
     (raised when `strict`); it is an error only when no spec gives any documents."""
     specs = [specs] if isinstance(specs, str) else list(dict.fromkeys(specs))
@@ -127,5 +140,7 @@ def load_corpus(specs: str | Iterable[str] = DEFAULT_SPECS, heldout_fraction: fl
             continue
         splits[spec] = split_documents(docs, heldout_fraction, seed)
     if not splits:
-        raise SourceUnavailable("no data source could be loaded:\n  " + "\n  ".join(failures or ["no specs given"]))
+        raise SourceUnavailable(
+            "no data source could be loaded:\n  " + "\n  ".join(failures or ["no specs given"])
+        )
     return Corpus(splits)

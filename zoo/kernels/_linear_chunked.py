@@ -45,6 +45,7 @@ def _advance(S: torch.Tensor, z: torch.Tensor | None, f, v_n: torch.Tensor) -> N
             z.mul_(f.decay)
         z.add_(f.write.sum(1)[..., None])
 
+
 class _Fold(NamedTuple):
     """One chunk's operands with its gates folded in ([BH, C, .]).
 
@@ -78,8 +79,19 @@ def _fold(kind: str | None, q, k, g, strong: bool, above: torch.Tensor) -> _Fold
         b, b_last = g[..., None], g[:, -1:, None]  # [BH, C, 1], [BH, 1, 1]
         rel = (g[:, :, None] - g[:, None, :]).masked_fill(above, float("-inf")).exp()
         read_scale, write_scale = b.exp(), (b_last - b).exp()
-        return _Fold(q, k, rel, q * read_scale, k * write_scale, b_last.exp(), None, None, read_scale, write_scale,
-                     None)
+        return _Fold(
+            q,
+            k,
+            rel,
+            q * read_scale,
+            k * write_scale,
+            b_last.exp(),
+            None,
+            None,
+            read_scale,
+            write_scale,
+            None,
+        )
     b = g.cumsum(dim=1)
     b_last = b[:, -1:]
     read_scale = b.exp()
@@ -90,11 +102,33 @@ def _fold(kind: str | None, q, k, g, strong: bool, above: torch.Tensor) -> _Fold
         attend_scale = torch.exp(-b)
         attend = k * attend_scale
         chunk_decay = read_scale[:, -1:]
-        return _Fold(read, attend, None, read, attend * chunk_decay, chunk_decay.transpose(1, 2), read_scale,
-                     attend_scale, read_scale, attend_scale * chunk_decay, None)
+        return _Fold(
+            read,
+            attend,
+            None,
+            read,
+            attend * chunk_decay,
+            chunk_decay.transpose(1, 2),
+            read_scale,
+            attend_scale,
+            read_scale,
+            attend_scale * chunk_decay,
+            None,
+        )
     write_scale = (b_last - b).exp()
-    return _Fold(None, None, None, read, k * write_scale, b_last.exp().transpose(1, 2), None, None, read_scale,
-                 write_scale, b)
+    return _Fold(
+        None,
+        None,
+        None,
+        read,
+        k * write_scale,
+        b_last.exp().transpose(1, 2),
+        None,
+        None,
+        read_scale,
+        write_scale,
+        b,
+    )
 
 
 def intra_key_gated(q, k, v, b, sub: int) -> torch.Tensor:
@@ -104,7 +138,10 @@ def intra_key_gated(q, k, v, b, sub: int) -> torch.Tensor:
     P = C // sub
     qs, ks, bs, vs = (t.reshape(*lead, P, sub, t.shape[-1]) for t in (q, k, b, v))
     # inside each sub-chunk: the decay per element, exp(b_i - b_j) for j <= i, one key column at a time
-    cols = [(qs * (bs - bs[..., j:j + 1, :]).clamp(max=0).exp() * ks[..., j:j + 1, :]).sum(-1) for j in range(sub)]
+    cols = [
+        (qs * (bs - bs[..., j : j + 1, :]).clamp(max=0).exp() * ks[..., j : j + 1, :]).sum(-1)
+        for j in range(sub)
+    ]
     a = torch.stack(cols, dim=-1).masked_fill(~lower_triangle(sub, q.device), 0.0)
     y = a @ vs  # [..., P, sub, Dv]
     if P > 1:
@@ -141,8 +178,14 @@ class _Chunks:
             self.strong = (totals < -FACTOR_LIMIT).tolist()
 
     def fold(self, n: int) -> _Fold:
-        return _fold(self.kind, self.q[n], self.k[n], None if self.kind is None else self.g[n], self.strong[n],
-                     self.above)
+        return _fold(
+            self.kind,
+            self.q[n],
+            self.k[n],
+            None if self.kind is None else self.g[n],
+            self.strong[n],
+            self.above,
+        )
 
     def scores(self, f: _Fold) -> torch.Tensor:
         """The in-chunk scores [BH, C, C]: masked and decayed."""

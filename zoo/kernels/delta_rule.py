@@ -50,13 +50,17 @@ _MIN_CHUNK = 16
 
 def _check(q, k, v, beta, log_gate, state) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"expected q, k [B, H, T, Dk] and v [B, H, T, Dv] alike; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q, k [B, H, T, Dk] and v [B, H, T, Dv] alike; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if beta.shape != q.shape[:3]:
         raise ValueError(f"beta must be [B, H, T] {tuple(q.shape[:3])}, got {tuple(beta.shape)}")
     if log_gate is not None and log_gate.shape != q.shape[:3]:
-        raise ValueError(f"log_gate must be [B, H, T] {tuple(q.shape[:3])} (one scalar per head and step), "
-                         f"got {tuple(log_gate.shape)}")
+        raise ValueError(
+            f"log_gate must be [B, H, T] {tuple(q.shape[:3])} (one scalar per head and step), "
+            f"got {tuple(log_gate.shape)}"
+        )
     B, H, _, Dk = q.shape
     if state is not None and tuple(state.shape) != (B, H, Dk, v.shape[-1]):
         raise ValueError(f"state must be [B, H, Dk, Dv] {(B, H, Dk, v.shape[-1])}, got {tuple(state.shape)}")

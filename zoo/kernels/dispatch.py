@@ -57,7 +57,9 @@ def requested_backend(backend: str | None = None) -> str | None:
         return None
     if name not in BACKENDS:
         source = "backend=" if backend is not None else f"{ENV_VAR}="
-        raise ValueError(f"{source}{name!r} is not a kernel backend; choose one of {', '.join(BACKENDS)} or auto")
+        raise ValueError(
+            f"{source}{name!r} is not a kernel backend; choose one of {', '.join(BACKENDS)} or auto"
+        )
     return name
 
 
@@ -65,7 +67,9 @@ def _usable(name: str, device: torch.device) -> bool:
     if name == "torch":
         return True
     if name == "triton":
-        return triton_installed() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()))
+        return triton_installed() and (
+            device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+        )
     if name == "flex":
         return flex_available() and (device.type == "cpu" or (device.type == "cuda" and triton_installed()))
     return device.type == "cuda" and fla_installed() and triton_installed()
@@ -78,12 +82,16 @@ def available_backends(device: torch.device | str | None = None, include_emulate
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    return [name for name in BACKENDS
-            if _usable(name, device) and (include_emulated or name == "torch" or device.type == "cuda")]
+    return [
+        name
+        for name in BACKENDS
+        if _usable(name, device) and (include_emulated or name == "torch" or device.type == "cuda")
+    ]
 
 
-def backend_for(op: str, device: torch.device | str, backend: str | None = None,
-                fits: Callable[[str], bool] | None = None) -> str:
+def backend_for(
+    op: str, device: torch.device | str, backend: str | None = None, fits: Callable[[str], bool] | None = None
+) -> str:
     """The backend that runs `op` on `device`. fits(name) says whether the call's inputs meet that
     backend's limits (asked only about the backend that would run; default: they do)."""
     if op not in FAST_BACKENDS:
@@ -96,8 +104,10 @@ def backend_for(op: str, device: torch.device | str, backend: str | None = None,
             return "torch"
         if not _usable(forced, device):
             hint = " (Triton runs on the CPU only with TRITON_INTERPRET=1)" if forced == "triton" else ""
-            raise RuntimeError(f"kernel backend {forced!r} was asked for ({ENV_VAR} or backend=) but is not "
-                               f"available on {device}; available there: {', '.join(available_backends(device, True))}{hint}")
+            raise RuntimeError(
+                f"kernel backend {forced!r} was asked for ({ENV_VAR} or backend=) but is not "
+                f"available on {device}; available there: {', '.join(available_backends(device, True))}{hint}"
+            )
         return forced if fits(forced) else "torch"
     if device.type != "cuda":
         return "torch"
@@ -121,25 +131,65 @@ def _gated_chunk_backward_refused(mode: str, log_gate, *inputs) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=None, state=None, key_mask=None, c=None,
-                  chunk_size=None, step_max_tokens=STEP_MAX_TOKENS, backend=None, kv_groups=1, sinks=0):
+def window_hybrid(
+    q,
+    k,
+    v,
+    fq,
+    fk,
+    a,
+    b,
+    *,
+    window=64,
+    terraced=False,
+    scale=None,
+    state=None,
+    key_mask=None,
+    c=None,
+    chunk_size=None,
+    step_max_tokens=STEP_MAX_TOKENS,
+    backend=None,
+    kv_groups=1,
+    sinks=0,
+):
     """zoo.kernels.window_hybrid.window_hybrid on the chosen backend (same arguments and results).
     `chunk_size` applies to the PyTorch form only; the Triton kernels pick their own tiles. Attention
     sinks (`sinks` > 0) have the PyTorch forms only so far.
 
     `kv_groups`: see `_state_per_kv_head`."""
     if kv_groups > 1:
-        return _state_per_kv_head(kv_groups, state, lambda st: window_hybrid(
-            q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale, state=st, key_mask=key_mask, c=c,
-            chunk_size=chunk_size, step_max_tokens=step_max_tokens, backend=backend, sinks=sinks))
+        return _state_per_kv_head(
+            kv_groups,
+            state,
+            lambda st: window_hybrid(
+                q,
+                k,
+                v,
+                fq,
+                fk,
+                a,
+                b,
+                window=window,
+                terraced=terraced,
+                scale=scale,
+                state=st,
+                key_mask=key_mask,
+                c=c,
+                chunk_size=chunk_size,
+                step_max_tokens=step_max_tokens,
+                backend=backend,
+                sinks=sinks,
+            ),
+        )
     T = q.shape[2]
     decoding = state is not None and T <= step_max_tokens and not _needs_grad(q, k, v, fq, fk, a, b, c)
 
     def fits(name):  # the fused prefill kernels take no padding; the Triton step kernel does
         if sinks or not (all(x.dtype in _FUSED_DTYPES for x in (q, k, v, fq, fk)) and T > 0):
             return False
-        if name == "flex" and (decoding or not is_window_only(a, b, c)
-                               or (q.device.type == "cpu" and _needs_grad(q, k, v, a))):  # no CPU backward
+        if name == "flex" and (
+            decoding or not is_window_only(a, b, c) or (q.device.type == "cpu" and _needs_grad(q, k, v, a))
+        ):  # no CPU backward
             return False
         return decoding or key_mask is None or bool(key_mask.bool().all())
 
@@ -148,15 +198,43 @@ def window_hybrid(q, k, v, fq, fk, a, b, *, window=64, terraced=False, scale=Non
         from zoo.kernels.triton.window_hybrid import window_hybrid_step_triton, window_hybrid_triton
 
         fn = window_hybrid_step_triton if decoding else window_hybrid_triton
-        return fn(q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale, state=state,
-                  key_mask=key_mask, c=c)
+        return fn(
+            q,
+            k,
+            v,
+            fq,
+            fk,
+            a,
+            b,
+            window=window,
+            terraced=terraced,
+            scale=scale,
+            state=state,
+            key_mask=key_mask,
+            c=c,
+        )
     if chosen == "flex":
         from zoo.kernels.flex_window import window_softmax_flex
 
         return window_softmax_flex(q, k, v, fk, window=window, terraced=terraced, scale=scale, state=state)
-    return torch_hybrid.window_hybrid(q, k, v, fq, fk, a, b, window=window, terraced=terraced, scale=scale,
-                                      state=state, key_mask=key_mask, c=c, chunk_size=chunk_size,
-                                      step_max_tokens=step_max_tokens, sinks=sinks)
+    return torch_hybrid.window_hybrid(
+        q,
+        k,
+        v,
+        fq,
+        fk,
+        a,
+        b,
+        window=window,
+        terraced=terraced,
+        scale=scale,
+        state=state,
+        key_mask=key_mask,
+        c=c,
+        chunk_size=chunk_size,
+        step_max_tokens=step_max_tokens,
+        sinks=sinks,
+    )
 
 
 def _state_per_kv_head(kv_groups: int, state, call):
@@ -168,18 +246,24 @@ def _state_per_kv_head(kv_groups: int, state, call):
     return y, new.group_heads(kv_groups)
 
 
-def linear_attention(q, k, v, log_gate=None, state=None, normalize=False, eps=1e-6, chunk_size=64, backend=None,
-                     kv_groups=1):
+def linear_attention(
+    q, k, v, log_gate=None, state=None, normalize=False, eps=1e-6, chunk_size=64, backend=None, kv_groups=1
+):
     """zoo.kernels.linear_attention.linear_attention on the chosen backend (same arguments and results);
     `kv_groups`: see `_state_per_kv_head`."""
     if kv_groups > 1:
-        return _state_per_kv_head(kv_groups, state, lambda st: linear_attention(
-            q, k, v, log_gate, st, normalize, eps, chunk_size, backend))
+        return _state_per_kv_head(
+            kv_groups,
+            state,
+            lambda st: linear_attention(q, k, v, log_gate, st, normalize, eps, chunk_size, backend),
+        )
 
     mode = "recurrent" if q.shape[2] <= torch_linear.STEP_THRESHOLD else "chunk"
 
     def fits(name):
-        if not (all(x.dtype in _FUSED_DTYPES for x in (q, k, v)) and q.shape[2] > 0 and q.shape[-1] <= MAX_KEY_DIM):
+        if not (
+            all(x.dtype in _FUSED_DTYPES for x in (q, k, v)) and q.shape[2] > 0 and q.shape[-1] <= MAX_KEY_DIM
+        ):
             return False
         return not _gated_chunk_backward_refused(mode, log_gate, q, k, v, log_gate, state)
 
@@ -197,7 +281,10 @@ def _delta_mode(q, k, v, beta, log_gate, state) -> tuple[str, str | None]:
     if dtype not in _FUSED_DTYPES or q.shape[2] == 0 or q.shape[-1] > MAX_KEY_DIM:
         return "chunk", f"no fla delta rule for {dtype}, empty inputs or keys wider than {MAX_KEY_DIM}"
     gated, grad = log_gate is not None, _needs_grad(q, k, v, beta, log_gate, state)
-    if q.shape[2] <= torch_delta.STEP_THRESHOLD and delta_rule_mode_supported("recurrent", dtype, gated, grad) is None:
+    if (
+        q.shape[2] <= torch_delta.STEP_THRESHOLD
+        and delta_rule_mode_supported("recurrent", dtype, gated, grad) is None
+    ):
         return "recurrent", None
     if _gated_chunk_backward_refused("chunk", log_gate, q, k, v, beta, log_gate, state):
         return "chunk", "fla refuses the gated chunked backward on this GPU with this Triton (fla issue #640)"
@@ -206,9 +293,18 @@ def _delta_mode(q, k, v, beta, log_gate, state) -> tuple[str, str | None]:
 
 def delta_rule(q, k, v, beta, log_gate=None, state=None, chunk_size=64, backend=None):
     """zoo.kernels.delta_rule.delta_rule on the chosen backend (same arguments and results)."""
-    if backend_for("delta_rule", q.device, backend,
-                   lambda name: _delta_mode(q, k, v, beta, log_gate, state)[1] is None) == "fla":
+    if (
+        backend_for(
+            "delta_rule",
+            q.device,
+            backend,
+            lambda name: _delta_mode(q, k, v, beta, log_gate, state)[1] is None,
+        )
+        == "fla"
+    ):
         from zoo.kernels.fla_backend import delta_rule_fla
 
-        return delta_rule_fla(q, k, v, beta, log_gate, state, mode=_delta_mode(q, k, v, beta, log_gate, state)[0])
+        return delta_rule_fla(
+            q, k, v, beta, log_gate, state, mode=_delta_mode(q, k, v, beta, log_gate, state)[0]
+        )
     return torch_delta.delta_rule(q, k, v, beta, log_gate, state, chunk_size)

@@ -42,7 +42,9 @@ def _fla_ops():
     try:
         import fla.ops as ops
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("the fla backend needs flash-linear-attention: pip install flash-linear-attention") from e
+        raise RuntimeError(
+            "the fla backend needs flash-linear-attention: pip install flash-linear-attention"
+        ) from e
     return ops
 
 
@@ -70,8 +72,10 @@ def linear_attention_fla(q, k, v, log_gate=None, state=None, normalize=False, ep
     (v's dtype) and the new LinearAttentionState (fp32)."""
     _check_mode(mode)
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"expected q, k [B, H, T, Dk] and v [B, H, T, Dv]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"expected q, k [B, H, T, Dk] and v [B, H, T, Dv]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
     if log_gate is not None and log_gate.shape not in (q.shape[:3], q.shape):
         raise ValueError(f"log_gate must be [B, H, T] or [B, H, T, Dk]; got {tuple(log_gate.shape)}")
     if normalize and state is not None and state.z is None:
@@ -125,8 +129,11 @@ def gated_chunk_backward_works(device: torch.device) -> bool:
         return True
     import triton
 
-    return not gated_chunk_backward_refused(torch.cuda.get_device_capability(device), triton.__version__,
-                                            importlib.util.find_spec("tilelang") is not None)
+    return not gated_chunk_backward_refused(
+        torch.cuda.get_device_capability(device),
+        triton.__version__,
+        importlib.util.find_spec("tilelang") is not None,
+    )
 
 
 def delta_rule_mode_supported(mode: str, dtype: torch.dtype, gated: bool, needs_grad: bool) -> str | None:
@@ -144,13 +151,16 @@ def delta_rule_fla(q, k, v, beta, log_gate=None, state=None, *, mode="chunk"):
     the new state [B, H, Dk, Dv] fp32."""
     _check_mode(mode)
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or beta.shape != q.shape[:3]:
-        raise ValueError(f"expected q, k [B, H, T, Dk], v [B, H, T, Dv], beta [B, H, T]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(beta.shape)}")
+        raise ValueError(
+            f"expected q, k [B, H, T, Dk], v [B, H, T, Dv], beta [B, H, T]; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(beta.shape)}"
+        )
     if log_gate is not None and log_gate.shape != q.shape[:3]:
         raise ValueError(f"log_gate must be [B, H, T]; got {tuple(log_gate.shape)}")
     dtype = _common_dtype(q, k, v)
     needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, beta, log_gate, state))
+        x is not None and x.requires_grad for x in (q, k, v, beta, log_gate, state)
+    )
     why = delta_rule_mode_supported(mode, dtype, log_gate is not None, needs_grad)
     if why:
         raise ValueError(why)

@@ -42,8 +42,9 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def window_softmax_flex(q, k, v, fk, *, window=64, terraced=False, scale=None,
-                        state: WindowHybridState | None = None):
+def window_softmax_flex(
+    q, k, v, fk, *, window=64, terraced=False, scale=None, state: WindowHybridState | None = None
+):
     """Sliding-window softmax of q [B, H, T, D] over k, v (and the cached slots of `state`). fk [B, H, T, F]
     are the key features only the next state keeps. Returns y [B, H, T, Dv] (q's dtype) and the state."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -64,5 +65,5 @@ def window_softmax_flex(q, k, v, fk, *, window=64, terraced=False, scale=None,
 
     mask = create_block_mask(in_window, B, None, T, N, device=q.device)
     attend = _compiled_flex() if q.is_cuda else flex_attention
-    y = attend(q, ext.k, ext.v, block_mask=mask, scale=D ** -0.5 if scale is None else float(scale))
+    y = attend(q, ext.k, ext.v, block_mask=mask, scale=D**-0.5 if scale is None else float(scale))
     return y.to(q.dtype), advance_state(ext, window, terraced, like=state)

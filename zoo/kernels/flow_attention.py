@@ -55,8 +55,15 @@ class FlowState(NamedTuple):
     @classmethod
     def empty(cls, B, H, F, Dv, device):
         z = lambda *s: torch.zeros(*s, device=device)  # noqa: E731
-        return cls(z(B, H, F), z(B, H, F), z(B, H, F), z(B, H, F), z(B, H, F, Dv),
-                   torch.full((B, H), EMPTY, device=device), torch.zeros(B, dtype=torch.long, device=device))
+        return cls(
+            z(B, H, F),
+            z(B, H, F),
+            z(B, H, F),
+            z(B, H, F),
+            z(B, H, F, Dv),
+            torch.full((B, H), EMPTY, device=device),
+            torch.zeros(B, dtype=torch.long, device=device),
+        )
 
 
 def flow_attention(fq, fk, v, state: FlowState | None = None, mask=None, eps: float = 1e-6):
@@ -65,8 +72,10 @@ def flow_attention(fq, fk, v, state: FlowState | None = None, mask=None, eps: fl
     the new FlowState."""
     B, H, T, F = fq.shape
     if fk.shape != fq.shape or v.shape[:3] != fq.shape[:3]:
-        raise ValueError(f"expected fq, fk [B, H, T, F] alike and v [B, H, T, Dv]; got {tuple(fq.shape)}, "
-                         f"{tuple(fk.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected fq, fk [B, H, T, F] alike and v [B, H, T, Dv]; got {tuple(fq.shape)}, "
+            f"{tuple(fk.shape)}, {tuple(v.shape)}"
+        )
     dtype = v.dtype
     st = FlowState.empty(B, H, F, v.shape[-1], fq.device) if state is None else state
     fq, fk, v = fq.float(), fk.float(), v.float()
@@ -85,19 +94,33 @@ def flow_attention(fq, fk, v, state: FlowState | None = None, mask=None, eps: fl
         out_hat = out_hat.masked_fill(~real[..., 0], EMPTY)
     lse = torch.logaddexp(st.lse[..., None], torch.logcumsumexp(out_hat, dim=2))  # [B, H, T]
     prev = torch.cat([st.lse[..., None], lse[..., :-1]], dim=2)
-    log_gate = torch.where(prev > EMPTY / 2, prev - lse, torch.zeros_like(lse))  # an empty state decays nothing
+    log_gate = torch.where(
+        prev > EMPTY / 2, prev - lse, torch.zeros_like(lse)
+    )  # an empty state decays nothing
     weight = (out_hat - lse).exp()  # competition weight of source t among the sources so far, <= 1
     if real is not None:
         weight = weight * real[..., 0]
     steps = torch.ones(B, T, device=fq.device) if mask is None else real[:, 0, :, 0].float()
     count = st.n[:, None] + steps.cumsum(1)  # t: real tokens through t, [B, T]
-    y, lin = linear_attention(fq, fk * weight[..., None], v, log_gate=log_gate,
-                              state=LinearAttentionState(st.S), normalize=False)
+    y, lin = linear_attention(
+        fq, fk * weight[..., None], v, log_gate=log_gate, state=LinearAttentionState(st.S), normalize=False
+    )
     y = y * (torch.sigmoid(in_hat) * count[:, None] / inflow)[..., None]
     if real is not None:
         y = y * real
-    new = FlowState(qsum[:, :, -1], ksum[:, :, -1], qn[:, :, -1], kn[:, :, -1], lin.S, lse[..., -1],
-                    st.n + steps.sum(1).long()) if T else st
+    new = (
+        FlowState(
+            qsum[:, :, -1],
+            ksum[:, :, -1],
+            qn[:, :, -1],
+            kn[:, :, -1],
+            lin.S,
+            lse[..., -1],
+            st.n + steps.sum(1).long(),
+        )
+        if T
+        else st
+    )
     return y.to(dtype), new
 
 
@@ -119,8 +142,13 @@ def flow_attention_naive(fq, fk, v, mask=None, eps: float = 1e-6):
             # source t's conserved outflow uses the sinks i <= t (fixed from now on); sink t's inflow all j <= t
             out_hat[t] = (fk[b, :, t] * sum(fq[b, :, i] / inflow[i][:, None] for i in hist)).sum(-1)
             in_hat = (fq[b, :, t] * sum(fk[b, :, j] / outflow[j][:, None] for j in hist)).sum(-1)
-            compete = len(hist) * torch.softmax(torch.stack([out_hat[j] for j in hist], dim=1), dim=1)  # [H, n]
+            compete = len(hist) * torch.softmax(
+                torch.stack([out_hat[j] for j in hist], dim=1), dim=1
+            )  # [H, n]
             capacity = torch.einsum("hf,hnf->hn", fq[b, :, t], fk[b][:, hist])
-            y[b, :, t] = torch.sigmoid(in_hat)[:, None] * torch.einsum("hn,hnd->hd", capacity * compete,
-                                                                       v[b][:, hist]) / inflow[t][:, None]
+            y[b, :, t] = (
+                torch.sigmoid(in_hat)[:, None]
+                * torch.einsum("hn,hnd->hd", capacity * compete, v[b][:, hist])
+                / inflow[t][:, None]
+            )
     return y.float()

@@ -77,14 +77,18 @@ def _gate_kind(q: torch.Tensor, log_gate: torch.Tensor | None) -> str | None:
         return "scalar"
     if log_gate.shape == q.shape:
         return "key"
-    raise ValueError(f"log_gate must be [B, H, T] {tuple(q.shape[:3])} or [B, H, T, Dk] {tuple(q.shape)}, "
-                     f"got {tuple(log_gate.shape)}")
+    raise ValueError(
+        f"log_gate must be [B, H, T] {tuple(q.shape[:3])} or [B, H, T, Dk] {tuple(q.shape)}, "
+        f"got {tuple(log_gate.shape)}"
+    )
 
 
 def _check(q, k, v, log_gate, state, normalize) -> str | None:
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"expected q, k [B, H, T, Dk] and v [B, H, T, Dv] alike; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q, k [B, H, T, Dk] and v [B, H, T, Dv] alike; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     B, H, _, Dk = q.shape
     if state is not None:
         if tuple(state.S.shape) != (B, H, Dk, v.shape[-1]):
@@ -94,7 +98,9 @@ def _check(q, k, v, log_gate, state, normalize) -> str | None:
     return _gate_kind(q, log_gate)
 
 
-def _initial(q: torch.Tensor, v: torch.Tensor, state: LinearAttentionState | None, normalize: bool) -> torch.Tensor:
+def _initial(
+    q: torch.Tensor, v: torch.Tensor, state: LinearAttentionState | None, normalize: bool
+) -> torch.Tensor:
     """The augmented fp32 state [B, H, Dk, Dv (+1)]."""
     B, H, _, Dk = q.shape
     Dv = v.shape[-1]
@@ -187,7 +193,11 @@ def linear_attention_chunked(q, k, v, log_gate=None, state=None, normalize=False
     S0 = q.new_zeros(B * H, Dk, Dv, dtype=torch.float32) if state is None else state.S.float().flatten(0, 1)
     z0 = None
     if normalize:
-        z0 = q.new_zeros(B * H, Dk, 1, dtype=torch.float32) if state is None else state.z.float().flatten(0, 1)[..., None]
+        z0 = (
+            q.new_zeros(B * H, Dk, 1, dtype=torch.float32)
+            if state is None
+            else state.z.float().flatten(0, 1)[..., None]
+        )
     y, S, z = ChunkedLinearAttention.apply(flat(q), flat(k), flat(v), gate, S0, z0, kind, normalize, eps, C)
     y = y.view(B, H, Tp, Dv)[:, :, :T].to(dtype)
     return y, LinearAttentionState(S.view(B, H, Dk, Dv), None if z is None else z.view(B, H, Dk))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def token_positions(seen: torch.Tensor | int, mask: torch.Tensor | None, T: int,
-                    device: torch.device | str | None = None) -> torch.Tensor:
+def token_positions(
+    seen: torch.Tensor | int, mask: torch.Tensor | None, T: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """[B, T] int64: the position of each token of a call within its sequence (0 for the first real token).
 
     seen: [B] int64 (or one int for every row), the real tokens before this call, as a state counts them.

@@ -12,7 +12,9 @@ import torch
 __all__ = ["causal_conv"]
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, history: torch.Tensor, mask: torch.Tensor | None = None):
+def causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, history: torch.Tensor, mask: torch.Tensor | None = None
+):
     """Depthwise causal conv. x [B, h, T, D], weight [h, D, K] (tap K-1 reads the current token),
     history [B, h, K-1, D] (the previous K-1 real inputs); mask [B, T] or None. Padded inputs are
     skipped: each real token sees the K-1 real tokens before it. Returns the output [B, h, T, D] (0 at
@@ -30,8 +32,8 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, history: torch.Tensor, ma
     win = ext.unfold(2, K, 1)  # [B, h, N-K+1, D, K]: window ending at each position
     out = (win * weight[None, :, None]).sum(-1)
     if mask is None:
-        return out, ext[:, :, N - K + 1:]
-    idx = (rank[:, K - 1:] - (K - 1)).clamp(min=0)  # [B, T]
+        return out, ext[:, :, N - K + 1 :]
+    idx = (rank[:, K - 1 :] - (K - 1)).clamp(min=0)  # [B, T]
     out = out.gather(2, idx[:, None, :, None].expand(B, h, -1, D)) * mask[:, None, :, None]
     last = (count[:, None] - K + 1 + torch.arange(K - 1, device=x.device)).clamp(min=0)
     return out, ext.gather(2, last[:, None, :, None].expand(B, h, K - 1, D))

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             key_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+def causal_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """q: [B, H, T, D]; k, v: [B, Hkv, S, D] with S >= T, the last T keys aligned with the queries.
 
     key_mask: [B, S] (1 real, 0 padding) or None. Returns [B, H, T, D]. Query i sees keys up to

@@ -29,8 +29,9 @@ class Extended(NamedTuple):
     prefix: int
 
 
-def extend_with_state(k, v, fk, state: WindowHybridState | None, window: int, terraced: bool,
-                      acc_dtype=torch.float32) -> Extended:
+def extend_with_state(
+    k, v, fk, state: WindowHybridState | None, window: int, terraced: bool, acc_dtype=torch.float32
+) -> Extended:
     """Lay the cached slots of `state` (None: nothing) before k, v, fk [B, H, T, *]."""
     B, H, _, _ = k.shape
     if state is None:
@@ -38,18 +39,26 @@ def extend_with_state(k, v, fk, state: WindowHybridState | None, window: int, te
         zeros = k.new_zeros(B, H, F_, Dv, dtype=acc_dtype)
         return Extended(k, v, fk, zeros, zeros[..., 0], torch.zeros(B, dtype=torch.long, device=k.device), 0)
     if state.window != window or state.terraced != terraced:
-        raise ValueError(f"state was made with window={state.window}, terraced={state.terraced}; "
-                         f"called with window={window}, terraced={terraced}")
+        raise ValueError(
+            f"state was made with window={state.window}, terraced={state.terraced}; "
+            f"called with window={window}, terraced={terraced}"
+        )
     if state.k.shape[:2] != (B, H) or state.cached_tokens != state_len(window, terraced):
-        raise ValueError(f"state holds {tuple(state.k.shape)} slots; expected [{B}, {H}, "
-                         f"{state_len(window, terraced)}, D]")
+        raise ValueError(
+            f"state holds {tuple(state.k.shape)} slots; expected [{B}, {H}, {state_len(window, terraced)}, D]"
+        )
     # unused slots are zero already; the product also keeps gradients off them
     used = state.slot_valid()[:, None, :, None]
-    ext = [torch.cat([(slots * used).to(x.dtype), x], dim=2) for slots, x in ((state.k, k), (state.v, v), (state.fk, fk))]
+    ext = [
+        torch.cat([(slots * used).to(x.dtype), x], dim=2)
+        for slots, x in ((state.k, k), (state.v, v), (state.fk, fk))
+    ]
     return Extended(*ext, state.S.to(acc_dtype), state.z.to(acc_dtype), state.n, state.cached_tokens)
 
 
-def advance_state(ext: Extended, window: int, terraced: bool, like: WindowHybridState | None = None) -> WindowHybridState:
+def advance_state(
+    ext: Extended, window: int, terraced: bool, like: WindowHybridState | None = None
+) -> WindowHybridState:
     """The state after the extended sequence: its last L rows (right-aligned, zero-padded on the left
     when fewer), and S, z plus every older row's phi(k)^T v, phi(k). `like` (the state it continues)
     gives the slots' dtypes."""
@@ -58,7 +67,7 @@ def advance_state(ext: Extended, window: int, terraced: bool, like: WindowHybrid
     T = N - ext.prefix
 
     def last_rows(x, dtype):
-        x = x[:, :, max(N - L, 0):]
+        x = x[:, :, max(N - L, 0) :]
         if x.shape[2] < L:
             x = torch.cat([x.new_zeros(*x.shape[:2], L - x.shape[2], x.shape[3]), x], dim=2)
         return x.to(dtype)
@@ -71,5 +80,13 @@ def advance_state(ext: Extended, window: int, terraced: bool, like: WindowHybrid
         z = z + old_fk.sum(2)
     # as WindowHybridState.empty: a fresh state keeps every slot in k's dtype
     dtypes = (ext.k.dtype,) * 3 if like is None else (like.k.dtype, like.v.dtype, like.fk.dtype)
-    return WindowHybridState(last_rows(ext.k, dtypes[0]), last_rows(ext.v, dtypes[1]), last_rows(ext.fk, dtypes[2]),
-                             S, z, ext.n_seen + T, window, terraced)
+    return WindowHybridState(
+        last_rows(ext.k, dtypes[0]),
+        last_rows(ext.v, dtypes[1]),
+        last_rows(ext.fk, dtypes[2]),
+        S,
+        z,
+        ext.n_seen + T,
+        window,
+        terraced,
+    )

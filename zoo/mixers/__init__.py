@@ -21,5 +21,15 @@ from zoo.mixers.tokens import Tokens
 for _module in pkgutil.iter_modules(__path__):
     import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Mixer", "Option", "Tokens", "build_mixer", "get_mixer", "list_mixers", "register_mixer", "repeat_kv",
-           "token_positions", "unregister_mixer"]
+__all__ = [
+    "Mixer",
+    "Option",
+    "Tokens",
+    "build_mixer",
+    "get_mixer",
+    "list_mixers",
+    "register_mixer",
+    "repeat_kv",
+    "token_positions",
+    "unregister_mixer",
+]

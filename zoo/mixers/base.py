@@ -119,12 +119,20 @@ class Mixer(nn.Module):
         if unknown:
             allowed = ", ".join(sorted(cls.option_specs)) or "none"
             raise ValueError(f"mixer {cls.name!r} got unknown option(s) {unknown}; allowed: {allowed}")
-        checked = {key: cls.option_specs[key].check(value, f"mixer.options.{key}")
-                   for key, value in options.items()}
+        checked = {
+            key: cls.option_specs[key].check(value, f"mixer.options.{key}") for key, value in options.items()
+        }
         return {**cls.options, **checked}
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int, layer_idx: int,
-                 **options: Any):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        hidden_size: int,
+        layer_idx: int,
+        **options: Any,
+    ):
         super().__init__()
         config = self.check_options(options)
         if num_heads % num_kv_heads:
@@ -143,8 +151,9 @@ class Mixer(nn.Module):
         """Query heads per key/value head (1 without grouped-query attention): see the module docstring."""
         return self.num_heads // self.num_kv_heads
 
-    def tokens_and_state(self, q: torch.Tensor, x: torch.Tensor, state: Any,
-                         mask: torch.Tensor | None) -> tuple[Tokens, Any]:
+    def tokens_and_state(
+        self, q: torch.Tensor, x: torch.Tensor, state: Any, mask: torch.Tensor | None
+    ) -> tuple[Tokens, Any]:
         """The call's Tokens (mask checked) and the kernel's part of `state`. With `counts_tokens` the
         state is a CountedState, whose count gives the Tokens their positions; otherwise it passes as is."""
         if not self.counts_tokens:
@@ -157,8 +166,15 @@ class Mixer(nn.Module):
         """The state a forward returns: the kernel's, with the new count when `counts_tokens`."""
         return CountedState(state, tokens.seen_after) if self.counts_tokens else state
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
-                state: Any = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        x: torch.Tensor,
+        state: Any = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Any]:
         """q: [B, H, T, D] (RoPE applied); k, v: [B, Hkv, T, D]; x: [B, T, hidden], the layer input.
 
         state: what earlier tokens left (None at the start). mask: [B, T], 1 for real tokens and 0
@@ -192,8 +208,10 @@ def register_mixer(name: str):
         if not (isinstance(cls, type) and issubclass(cls, Mixer)):
             raise TypeError(f"@register_mixer({name!r}) needs a subclass of zoo.Mixer, got {cls!r}")
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"a mixer named {name!r} is already registered ({_REGISTRY[name].__module__}."
-                             f"{_REGISTRY[name].__qualname__}); pick another name")
+            raise ValueError(
+                f"a mixer named {name!r} is already registered ({_REGISTRY[name].__module__}."
+                f"{_REGISTRY[name].__qualname__}); pick another name"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -240,8 +258,15 @@ def get_mixer(name: str) -> type[Mixer]:
         raise KeyError(f"unknown mixer {name!r}; registered mixers: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def build_mixer(name: str, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int, layer_idx: int,
-                **options: Any) -> Mixer:
+def build_mixer(
+    name: str,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    hidden_size: int,
+    layer_idx: int,
+    **options: Any,
+) -> Mixer:
     """Instantiate a registered mixer."""
     return get_mixer(name)(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
 

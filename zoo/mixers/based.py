@@ -60,14 +60,19 @@ class _TaylorMaps:
     def _check_dims(self) -> None:
         d, D = self.feature_dim, self.head_dim
         if d < 2 or d % 2 or d > D or D % 2:
-            raise ValueError(f"mixer.options.feature_dim: {self.name} needs it even and in [2, head_dim] "
-                             f"with an even head_dim ({D}), got {d}")
+            raise ValueError(
+                f"mixer.options.feature_dim: {self.name} needs it even and in [2, head_dim] "
+                f"with an even head_dim ({D}), got {d}"
+            )
 
     def _set_pairs(self, pairs: torch.Tensor) -> None:
         """pairs [Hkv, d/2]: the rotary pairs each key/value group keeps (its query heads too)."""
         wk = rope_pair_projection(pairs, self.head_dim)
         with torch.no_grad():
-            for m, w in ((self.feature_map_k, wk), (self.feature_map_q, repeat_kv(wk[None], self.num_heads)[0])):
+            for m, w in (
+                (self.feature_map_k, wk),
+                (self.feature_map_q, repeat_kv(wk[None], self.num_heads)[0]),
+            ):
                 m.weight.copy_(w.to(m.weight.dtype))
 
     def _default_pairs(self) -> None:  # the d/2 lowest rotary frequencies
@@ -80,7 +85,7 @@ class _TaylorMaps:
         eq = q_proj.weight.detach().float().view(H, D, -1).pow(2).sum(-1).view(Hkv, H // Hkv, D).sum(1)
         ek = k_proj.weight.detach().float().view(Hkv, D, -1).pow(2).sum(-1)
         energy = eq * ek  # [Hkv, D]: how much each dim weighs in the group's q.k, by weight norms
-        energy = energy[:, :D // 2] + energy[:, D // 2:]
+        energy = energy[:, : D // 2] + energy[:, D // 2 :]
         self._set_pairs(energy.topk(self.feature_dim // 2, dim=-1).indices)
 
 
@@ -88,11 +93,14 @@ class _TaylorMaps:
 class BasedMixer(_TaylorMaps, FeatureMapMixer):
     state_size = "4*Hkv*(F*D + F) bytes (fp32), F = 1 + d + d(d+1)/2 (153 at d = feature_dim = 16)"
     description = "Based linear attention: 2nd-order Taylor feature map of a learned d-dim projection of q, k"
-    source = ("Arora et al. 2024, Simple linear attention language models balance the recall-throughput "
-              "tradeoff (Based, arXiv:2402.18668)")
+    source = (
+        "Arora et al. 2024, Simple linear attention language models balance the recall-throughput "
+        "tradeoff (Based, arXiv:2402.18668)"
+    )
     options = {
-        "feature_dim": Option(16, int, min=2,
-                              doc="projected dim d the Taylor map expands (even, <= head_dim)"),
+        "feature_dim": Option(
+            16, int, min=2, doc="projected dim d the Taylor map expands (even, <= head_dim)"
+        ),
     }
     test_options = {"feature_dim": 4}
 
@@ -109,15 +117,26 @@ class BasedMixer(_TaylorMaps, FeatureMapMixer):
 @register_mixer("based-window")
 class BasedWindowMixer(_TaylorMaps, WindowHybridMixer):
     family = "hybrid"
-    state_size = ("Hkv*(F*D + F) fp32 + W*Hkv*(2D + F) (last W keys, values, phi(k)); F = 1 + d + d(d+1)/2, "
-                  "d = feature_dim (16)")
-    description = "Based Taylor linear attention + sliding-window softmax (W tokens), one normalizer, learned mixing"
-    source = ("Arora et al. 2024, Based (arXiv:2402.18668); window hybrid as in LoLCATs (Zhang et al. 2024, "
-              "arXiv:2410.10254)")
+    state_size = (
+        "Hkv*(F*D + F) fp32 + W*Hkv*(2D + F) (last W keys, values, phi(k)); F = 1 + d + d(d+1)/2, "
+        "d = feature_dim (16)"
+    )
+    description = (
+        "Based Taylor linear attention + sliding-window softmax (W tokens), one normalizer, learned mixing"
+    )
+    source = (
+        "Arora et al. 2024, Based (arXiv:2402.18668); window hybrid as in LoLCATs (Zhang et al. 2024, "
+        "arXiv:2410.10254)"
+    )
     options = {
         "window": 64,
-        "feature_dim": Option(16, int, min=2, nullable=True,
-                              doc="projected dim d the Taylor map expands (even, <= head_dim); null: head_dim"),
+        "feature_dim": Option(
+            16,
+            int,
+            min=2,
+            nullable=True,
+            doc="projected dim d the Taylor map expands (even, <= head_dim); null: head_dim",
+        ),
         "window_factor": 0.99,
         "sinks": 0,
     }

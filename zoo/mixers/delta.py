@@ -51,5 +51,7 @@ class DeltaMixer(DeltaRuleMixer):
 class GatedDeltaMixer(GatedDeltaRuleMixer):
     description = "Gated DeltaNet: delta rule + data-dependent scalar decay per head (Mamba2-style gate)"
     state_size = "4*H*F*D bytes (fp32 S), F = feature_dim (default D; 2F with feature_map=hedgehog)"
-    source = ("Yang, Kautz, Hatamizadeh 2024, Gated Delta Networks: Improving Mamba2 with Delta Rule "
-              "(arXiv:2412.06464); DeltaNet (arXiv:2406.06484)")
+    source = (
+        "Yang, Kautz, Hatamizadeh 2024, Gated Delta Networks: Improving Mamba2 with Delta Rule "
+        "(arXiv:2412.06464); DeltaNet (arXiv:2406.06484)"
+    )

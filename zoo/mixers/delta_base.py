@@ -41,13 +41,20 @@ class DeltaRuleMixer(Mixer):
     (memory m of head h is row m * H + h), so one delta-rule call runs them all."""
 
     family = "delta"
-    source = ("Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
-              "(DeltaNet, arXiv:2406.06484)")
+    source = (
+        "Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
+        "(DeltaNet, arXiv:2406.06484)"
+    )
     options = {
-        "feature_dim": Option(None, int, min=1, nullable=True,
-                              doc="F, the projections per head; null: head_dim"),
-        "feature_map": Option("silu", str, choices=tuple(ACTIVATIONS),
-                              doc="act in phi = L2norm(act(x W)); hedgehog gives 2F features"),
+        "feature_dim": Option(
+            None, int, min=1, nullable=True, doc="F, the projections per head; null: head_dim"
+        ),
+        "feature_map": Option(
+            "silu",
+            str,
+            choices=tuple(ACTIVATIONS),
+            doc="act in phi = L2norm(act(x W)); hedgehog gives 2F features",
+        ),
         "beta_init": Option(0.5, float, above=0, below=1, doc="the write strength every head starts with"),
     }
     test_options = {"feature_dim": 8}
@@ -114,8 +121,9 @@ class GatedDeltaRuleMixer(DeltaRuleMixer):
 
     options = {
         **DeltaRuleMixer.options,
-        "dt_min": Option(1e-3, float, above=0,
-                         doc="initial per-step decay rate -log g of head 0 (log-uniform to dt_max)"),
+        "dt_min": Option(
+            1e-3, float, above=0, doc="initial per-step decay rate -log g of head 0 (log-uniform to dt_max)"
+        ),
         "dt_max": Option(1e-1, float, above=0, doc="initial per-step decay rate -log g of the last head"),
     }
     test_options = {"feature_dim": 8, "dt_min": 0.05, "dt_max": 0.5}  # forgetting within the tests

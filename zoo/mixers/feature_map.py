@@ -61,8 +61,9 @@ class FeatureMapMixer(FeatureMapped):
         tokens, state = self.tokens_and_state(q, x, state, mask)
         fq, fk = self.features(q, k, tokens)
         fk, v = tokens.zero_padding(fk, repeat_kv(v, self.num_heads))  # padded tokens add nothing
-        y, state = linear_attention(fq, fk, v, state=state, normalize=True, eps=self.eps,
-                                    kv_groups=self.kv_group_size)  # phi(k), v: one per KV head
+        y, state = linear_attention(
+            fq, fk, v, state=state, normalize=True, eps=self.eps, kv_groups=self.kv_group_size
+        )  # phi(k), v: one per KV head
         return y, self.carry(tokens, state)
 
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     i, j = torch.triu_indices(d, d, device=x.device)
     pair = x[..., i] * x[..., j] * torch.where(i == j, 1.0, math.sqrt(2.0)).to(x.device)
-    return torch.cat([torch.ones_like(x[..., :1]), x * d ** -0.25, pair / math.sqrt(2.0 * d)], dim=-1)
+    return torch.cat([torch.ones_like(x[..., :1]), x * d**-0.25, pair / math.sqrt(2.0 * d)], dim=-1)
 
 
 def num_taylor_features(d: int) -> int:

@@ -21,8 +21,10 @@ from zoo.mixers.tokens import real_tokens
 class FlowMixer(Mixer):
     family = "linear"
     state_size = "4*H*(F*D + 4F + 1) + 8 bytes (fp32 running sums), F = feature_dim (default D)"
-    description = ("causal Flow-Attention: sigmoid features, source competition (causal softmax of conserved "
-                   "outflow) and sink allocation (sigmoid of conserved inflow)")
+    description = (
+        "causal Flow-Attention: sigmoid features, source competition (causal softmax of conserved "
+        "outflow) and sink allocation (sigmoid of conserved inflow)"
+    )
     source = "Wu et al. 2022, Flowformer: Linearizing Transformers with Conservation Flows (arXiv:2202.06258)"
     options = {
         "feature_dim": Option(None, int, min=1, nullable=True, doc="features per head; null: head_dim"),

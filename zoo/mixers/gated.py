@@ -51,6 +51,7 @@ class GatedLinearMixer(FeatureMapped):
     def forward(self, q, k, v, x, state=None, mask=None):
         tokens, state = self.tokens_and_state(q, x, state, mask)
         fq, fk, v, g = self.gated_inputs(q, k, v, tokens)
-        y, state = linear_attention(fq, fk, v, log_gate=g, state=state, normalize=True, eps=self.eps,
-                                    kv_groups=self.state_groups())
+        y, state = linear_attention(
+            fq, fk, v, log_gate=g, state=state, normalize=True, eps=self.eps, kv_groups=self.state_groups()
+        )
         return y, self.carry(tokens, state)

@@ -55,17 +55,26 @@ def _identity_taps(heads: int, dim: int, taps: int) -> torch.Tensor:
 
 @register_mixer("gated-delta-conv")
 class GatedDeltaConvMixer(GatedDeltaRuleMixer):
-    description = ("Gated DeltaNet layer: short convs on q/k/v, a slow and a fast memory per head, output gate "
-                   "and conv, a share of the first token's value; no window, no softmax")
-    state_size = ("4*M*H*F*D bytes (fp32 S; M memories, F = feature_dim) + 4*(conv_size-1)*(H+3*Hkv)*D (conv "
-                  "inputs) + 4*Hkv*D (first value) + 8")
-    source = ("Yang, Kautz, Hatamizadeh 2024, Gated Delta Networks (arXiv:2412.06464): short convs, output "
-              "gate; the fast memory is zoo's")
+    description = (
+        "Gated DeltaNet layer: short convs on q/k/v, a slow and a fast memory per head, output gate "
+        "and conv, a share of the first token's value; no window, no softmax"
+    )
+    state_size = (
+        "4*M*H*F*D bytes (fp32 S; M memories, F = feature_dim) + 4*(conv_size-1)*(H+3*Hkv)*D (conv "
+        "inputs) + 4*Hkv*D (first value) + 8"
+    )
+    source = (
+        "Yang, Kautz, Hatamizadeh 2024, Gated Delta Networks (arXiv:2412.06464): short convs, output "
+        "gate; the fast memory is zoo's"
+    )
     options = {
         **{k: v for k, v in GatedDeltaRuleMixer.options.items() if k not in ("dt_min", "dt_max")},
         "feature_dim": 128,
-        "decays": Option([[1e-3, 1e-1], [5e-2, 5e-1]], list,
-                         doc="one memory per [dt_min, dt_max] pair: its heads' initial decay rates -log g"),
+        "decays": Option(
+            [[1e-3, 1e-1], [5e-2, 5e-1]],
+            list,
+            doc="one memory per [dt_min, dt_max] pair: its heads' initial decay rates -log g",
+        ),
         "conv_size": Option(8, int, min=1, doc="taps of the short convs (1: each token alone, no mixing)"),
     }
     test_options = {"feature_dim": 8, "decays": [[0.05, 0.5], [0.2, 1.0]], "conv_size": 3}
@@ -79,12 +88,16 @@ class GatedDeltaConvMixer(GatedDeltaRuleMixer):
 
     def decay_ranges(self) -> list[tuple[float, float]]:
         decays = self.config["decays"]
-        pairs = isinstance(decays, (list, tuple)) and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in decays)
+        pairs = isinstance(decays, (list, tuple)) and all(
+            isinstance(r, (list, tuple)) and len(r) == 2 for r in decays
+        )
         key = "mixer.options.decays"
         if not decays or not pairs:
             raise ValueError(f"{key}: must be a non-empty list of [dt_min, dt_max] pairs, got {decays!r}")
-        return [(DECAY_RATE.check(lo, f"{key}[{i}][0]"), DECAY_RATE.check(hi, f"{key}[{i}][1]"))
-                for i, (lo, hi) in enumerate(decays)]
+        return [
+            (DECAY_RATE.check(lo, f"{key}[{i}][0]"), DECAY_RATE.check(hi, f"{key}[{i}][1]"))
+            for i, (lo, hi) in enumerate(decays)
+        ]
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
@@ -111,11 +124,20 @@ class GatedDeltaConvMixer(GatedDeltaRuleMixer):
         tokens = Tokens.of(q, x, mask, seen)  # the mask checked before anything is computed
         if state is None:
             kv_history = self._empty_history(q, self.num_kv_heads)
-            state = GatedDeltaConvState(None, self._empty_history(q, H), kv_history, kv_history, kv_history,
-                                        v.new_zeros(B, self.num_kv_heads, D, dtype=torch.float32), seen)
+            state = GatedDeltaConvState(
+                None,
+                self._empty_history(q, H),
+                kv_history,
+                kv_history,
+                kv_history,
+                v.new_zeros(B, self.num_kv_heads, D, dtype=torch.float32),
+                seen,
+            )
         real = tokens.real
         first = real & (tokens.positions == 0)  # [B, T]: the sequence's first real token
-        at_first = v.float().gather(2, first.long().argmax(1)[:, None, None, None].expand(-1, v.shape[1], 1, D))
+        at_first = v.float().gather(
+            2, first.long().argmax(1)[:, None, None, None].expand(-1, v.shape[1], 1, D)
+        )
         sink_v = torch.where(first.any(1)[:, None, None], at_first[:, :, 0], state.sink_v)  # [B, Hkv, D]
         qc, hq = causal_conv(q.float(), self.conv_q.float(), state.conv_q, mask)
         kc, hk = causal_conv(k.float(), self.conv_k.float(), state.conv_k, mask)
@@ -124,9 +146,11 @@ class GatedDeltaConvMixer(GatedDeltaRuleMixer):
         y = torch.einsum("bmhtd,mh->bhtd", y.reshape(B, self.memories, H, T, D), self.memory_weight.float())
         y = y * (2.0 * torch.sigmoid(self.read_x(self.gate_proj, x)))[..., None]
         local, ho = causal_conv(repeat_kv(vc, H), self.conv_o.float(), repeat_kv(state.conv_o, H), mask)
-        ho = ho[:, ::self.kv_group_size]  # one history per key/value head: its query group's inputs agree
+        ho = ho[:, :: self.kv_group_size]  # one history per key/value head: its query group's inputs agree
         share = torch.sigmoid(self.read_x(self.sink_proj, x))[..., None]
         y = (1.0 - share) * (y + local) + share * repeat_kv(sink_v[:, :, None], H)
         # the first token attends to itself alone: softmax gives its value exactly, q.S (no normalizer) does not
-        y = torch.where(first[:, None, :, None], repeat_kv(v, H).float(), y) * real[:, None, :, None]  # pads: 0
+        y = (
+            torch.where(first[:, None, :, None], repeat_kv(v, H).float(), y) * real[:, None, :, None]
+        )  # pads: 0
         return y.to(q.dtype), GatedDeltaConvState(S, hq, hk, hv, ho, sink_v, tokens.seen_after)

@@ -26,16 +26,22 @@ from zoo.mixers.options import Option
 @register_mixer("gla")
 class GLAMixer(GatedLinearMixer):
     state_size = "4*H*(2F*D + 2F) bytes (fp32 S and z), F = feature_dim (default D)"
-    description = ("gated linear attention: Hedgehog feature maps + per-feature gates logsigmoid(low-rank(x))/tau, "
-                   "starting near no decay")
+    description = (
+        "gated linear attention: Hedgehog feature maps + per-feature gates logsigmoid(low-rank(x))/tau, "
+        "starting near no decay"
+    )
     source = "Yang et al. 2024, Gated Linear Attention Transformers (arXiv:2312.06635); Hedgehog (arXiv:2402.04347)"
     options = {
-        "feature_dim": Option(None, int, min=1, nullable=True,
-                              doc="projections per head (2x as many features); null: head_dim"),
+        "feature_dim": Option(
+            None, int, min=1, nullable=True, doc="projections per head (2x as many features); null: head_dim"
+        ),
         "rank": Option(16, int, min=1, doc="rank of the gate projection x -> gate logits"),
         "tau": Option(16.0, float, above=0, doc="gate logit normalizer: log g = logsigmoid(.) / tau"),
-        "gate_bias": Option(6.0, float, doc="initial gate logit: the start's log decay per token is "
-                                            "logsigmoid(gate_bias) / tau"),
+        "gate_bias": Option(
+            6.0,
+            float,
+            doc="initial gate logit: the start's log decay per token is logsigmoid(gate_bias) / tau",
+        ),
     }
     test_options = {"feature_dim": 8, "rank": 4, "gate_bias": 1.0}
 

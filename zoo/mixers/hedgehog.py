@@ -14,11 +14,14 @@ from zoo.mixers.options import Option
 @register_mixer("hedgehog")
 class HedgehogMixer(FeatureMapMixer):
     state_size = "4*Hkv*(2F*D+2F) bytes (fp32), F = feature_dim (default D)"
-    description = "causal linear attention, learned feature map [softmax(Wx), softmax(-Wx)] per head (W starts as I)"
+    description = (
+        "causal linear attention, learned feature map [softmax(Wx), softmax(-Wx)] per head (W starts as I)"
+    )
     source = "Zhang et al. 2024, The Hedgehog & the Porcupine (arXiv:2402.04347); LoLCATs (arXiv:2410.10254)"
     options = {
-        "feature_dim": Option(None, int, min=1, nullable=True,
-                              doc="projections per head (2x as many features); null: head_dim"),
+        "feature_dim": Option(
+            None, int, min=1, nullable=True, doc="projections per head (2x as many features); null: head_dim"
+        ),
         "tie_qk": Option(False, bool, doc="one map for queries and keys (per key/value head) instead of two"),
     }
     test_options = {"feature_dim": 8}

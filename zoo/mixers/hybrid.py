@@ -38,14 +38,26 @@ class WindowHybridMixer(FeatureMapped):
 
     family = "hybrid"
     options = {
-        "window": Option(64, int, min=0, doc="softmax window in tokens (block size when terraced); 0: none, "
-                                              "allowed with sinks >= 1 on a plain window"),
-        "feature_dim": Option(None, int, min=1, nullable=True,
-                              doc="projections per head the feature map reads; null: head_dim"),
-        "window_factor": Option(0.5, float, above=0, below=1,
-                                doc="initial window share a of every head (the linear branch gets 1 - a)"),
-        "sinks": Option(0, int, min=0,
-                        doc="first tokens kept as softmax keys of every query (attention sinks)"),
+        "window": Option(
+            64,
+            int,
+            min=0,
+            doc="softmax window in tokens (block size when terraced); 0: none, "
+            "allowed with sinks >= 1 on a plain window",
+        ),
+        "feature_dim": Option(
+            None, int, min=1, nullable=True, doc="projections per head the feature map reads; null: head_dim"
+        ),
+        "window_factor": Option(
+            0.5,
+            float,
+            above=0,
+            below=1,
+            doc="initial window share a of every head (the linear branch gets 1 - a)",
+        ),
+        "sinks": Option(
+            0, int, min=0, doc="first tokens kept as softmax keys of every query (attention sinks)"
+        ),
     }
     terraced = False
     BRANCHES = ("both", "window", "linear")
@@ -57,8 +69,10 @@ class WindowHybridMixer(FeatureMapped):
         self.sinks = int(self.config["sinks"])
         a0 = float(self.config["window_factor"])
         if self.window == 0 and (self.sinks < 1 or self.terraced):
-            raise ValueError(f"{self.name}: need window >= 1 (or 0 with sinks >= 1, plain window); "
-                             f"got window=0, sinks={self.sinks}")
+            raise ValueError(
+                f"{self.name}: need window >= 1 (or 0 with sinks >= 1, plain window); "
+                f"got window=0, sinks={self.sinks}"
+            )
         # projections of queries per head, of keys per key/value head
         self.feature_map_q = HeadwiseLinear(num_heads, head_dim, self.feature_dim)
         self.feature_map_k = HeadwiseLinear(num_kv_heads, head_dim, self.feature_dim)
@@ -91,16 +105,41 @@ class WindowHybridMixer(FeatureMapped):
         k, v, fk = tokens.zero_padding(repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads), fk)
         a, b, c = self.factors()
         window, sinks = self.window_and_sinks()
-        return window_hybrid(q, k, v, fq, fk, a, b, c=c, window=window, terraced=self.terraced,
-                             scale=self.head_dim ** -0.5, state=state, key_mask=tokens.mask, sinks=sinks,
-                             kv_groups=self.kv_group_size)  # k, v, fk: one per KV head
+        return window_hybrid(
+            q,
+            k,
+            v,
+            fq,
+            fk,
+            a,
+            b,
+            c=c,
+            window=window,
+            terraced=self.terraced,
+            scale=self.head_dim**-0.5,
+            state=state,
+            key_mask=tokens.mask,
+            sinks=sinks,
+            kv_groups=self.kv_group_size,
+        )  # k, v, fk: one per KV head
 
     def attention_weights(self, q, k):
         fq, fk = self.features(q, k, Tokens.whole(q))
         a, b, c = self.factors()
         window, sinks = self.window_and_sinks()
-        return window_hybrid_weights(q, repeat_kv(k, self.num_heads), fq, fk, a, b, c=c, window=window,
-                                     terraced=self.terraced, scale=self.head_dim ** -0.5, sinks=sinks)
+        return window_hybrid_weights(
+            q,
+            repeat_kv(k, self.num_heads),
+            fq,
+            fk,
+            a,
+            b,
+            c=c,
+            window=window,
+            terraced=self.terraced,
+            scale=self.head_dim**-0.5,
+            sinks=sinks,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, branch={self.branch!r}"

@@ -57,7 +57,9 @@ def rotary_pair_rms(k: torch.Tensor) -> torch.Tensor:
 @register_mixer("liger-gla")
 class LigerGLAMixer(GatedLinearMixer):
     state_size = "4*Hkv*(D*D + D) bytes (fp32 S and z)"
-    description = "Liger gated linear attention: softmax feature map, per-feature gates pooled from k; no parameters"
+    description = (
+        "Liger gated linear attention: softmax feature map, per-feature gates pooled from k; no parameters"
+    )
     source = SOURCE
     options = {
         "tau": Option(16.0, float, above=0, doc="gate logit normalizer: log g = logsigmoid(pool(k)) / tau"),
@@ -92,9 +94,13 @@ class LigerState:
 @register_mixer("liger")
 class LigerMixer(LigerGLAMixer):
     family = "hybrid"
-    state_size = ("4*Hkv*(D*D + D) bytes (fp32 gated state) + W*Hkv*(2D + 1) input-dtype values (last W keys, "
-                  "values) + 4*Hkv*(D + 1) + 8 bytes")
-    description = "Liger Attention: alpha * liger-gla + (1 - alpha) * sliding-window softmax (W tokens); no parameters"
+    state_size = (
+        "4*Hkv*(D*D + D) bytes (fp32 gated state) + W*Hkv*(2D + 1) input-dtype values (last W keys, "
+        "values) + 4*Hkv*(D + 1) + 8 bytes"
+    )
+    description = (
+        "Liger Attention: alpha * liger-gla + (1 - alpha) * sliding-window softmax (W tokens); no parameters"
+    )
     options = {
         "tau": 16.0,
         "window": Option(64, int, min=1, doc="sliding-window softmax over the last W tokens"),
@@ -118,13 +124,34 @@ class LigerMixer(LigerGLAMixer):
         alpha = self.mix()
         tokens = Tokens.of(q, x, mask)
         fq, fk, vg, g = self.gated_inputs(q, k, v, tokens)
-        y_lin, lin = linear_attention(fq, fk, vg, log_gate=g, state=None if state is None else state.linear,
-                                      normalize=True, eps=self.eps, kv_groups=self.state_groups())
+        y_lin, lin = linear_attention(
+            fq,
+            fk,
+            vg,
+            log_gate=g,
+            state=None if state is None else state.linear,
+            normalize=True,
+            eps=self.eps,
+            kv_groups=self.state_groups(),
+        )
         k, v = tokens.zero_padding(repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads))
-        none = q.new_zeros(*q.shape[:3], 1)  # b = 0: the kernel's linear features are unused, keep them 1-wide
-        y_win, win = window_hybrid(q, k, v, none, none, 1.0, 0.0, window=self.window, scale=self.head_dim ** -0.5,
-                                   state=None if state is None else state.window, key_mask=tokens.mask,
-                                   kv_groups=self.kv_group_size)  # k, v: one per KV head
+        none = q.new_zeros(
+            *q.shape[:3], 1
+        )  # b = 0: the kernel's linear features are unused, keep them 1-wide
+        y_win, win = window_hybrid(
+            q,
+            k,
+            v,
+            none,
+            none,
+            1.0,
+            0.0,
+            window=self.window,
+            scale=self.head_dim**-0.5,
+            state=None if state is None else state.window,
+            key_mask=tokens.mask,
+            kv_groups=self.kv_group_size,
+        )  # k, v: one per KV head
         y = alpha * y_lin.float() + (1.0 - alpha) * y_win.float()
         return y.to(v.dtype), LigerState(lin, win)
 

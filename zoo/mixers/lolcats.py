@@ -41,8 +41,13 @@ class LolcatsBase(WindowHybridMixer):
     source = "LoLCATs (Zhang et al. 2024, arXiv:2410.10254); Hedgehog (Zhang et al. 2024, arXiv:2402.04347)"
     options = {
         "window": 64,
-        "feature_dim": Option(None, int, min=1, nullable=True,
-                              doc="Hedgehog projections per head (2x as many features); null: head_dim"),
+        "feature_dim": Option(
+            None,
+            int,
+            min=1,
+            nullable=True,
+            doc="Hedgehog projections per head (2x as many features); null: head_dim",
+        ),
         "window_factor": 0.5,
         "sinks": 0,
     }
@@ -57,7 +62,9 @@ class Lolcats(LolcatsBase):
     """Hedgehog linear attention + plain sliding-window softmax (last `window` tokens), learned mixing."""
 
     description = "Hedgehog linear attention + sliding-window softmax (W tokens), learned per-head mixing"
-    state_size = "Hkv*(2F*D + 2F) fp32 + W*Hkv*(2D + 2F) (last W keys, values, phi(k)); F = feature_dim (default D)"
+    state_size = (
+        "Hkv*(2F*D + 2F) fp32 + W*Hkv*(2D + 2F) (last W keys, values, phi(k)); F = feature_dim (default D)"
+    )
     terraced = False
 
 
@@ -66,8 +73,12 @@ class LolcatsTerraced(LolcatsBase):
     """Hedgehog linear attention + terraced window: softmax over the previous and current `window`-token
     block (causal within the current one), learned mixing."""
 
-    description = "Hedgehog linear attention + terraced block window softmax (64-token blocks), learned mixing"
-    state_size = "Hkv*(2F*D + 2F) fp32 + 2W*Hkv*(2D + 2F) (last 2W keys, values, phi(k)); F = feature_dim (default D)"
+    description = (
+        "Hedgehog linear attention + terraced block window softmax (64-token blocks), learned mixing"
+    )
+    state_size = (
+        "Hkv*(2F*D + 2F) fp32 + 2W*Hkv*(2D + 2F) (last 2W keys, values, phi(k)); F = feature_dim (default D)"
+    )
     terraced = True
 
 
@@ -77,8 +88,10 @@ class LolcatsSink(Lolcats):
 
     description = "lolcats + 4 attention sinks (the first tokens: softmax keys of every query)"
     options = {**Lolcats.options, "sinks": 4}
-    state_size = ("Hkv*(2F*D + 2F) fp32 + W*Hkv*(2D + 2F) (last W keys, values, phi(k)) + S*Hkv*2D (first S keys, "
-                  "values); F = feature_dim (default D), S = sinks (4)")
+    state_size = (
+        "Hkv*(2F*D + 2F) fp32 + W*Hkv*(2D + 2F) (last W keys, values, phi(k)) + S*Hkv*2D (first S keys, "
+        "values); F = feature_dim (default D), S = sinks (4)"
+    )
 
 
 @register_mixer("lolcats-terraced-sink")
@@ -87,8 +100,10 @@ class LolcatsTerracedSink(LolcatsTerraced):
 
     description = "lolcats-terraced + 4 attention sinks (the first tokens: softmax keys of every query)"
     options = {**LolcatsTerraced.options, "sinks": 4}
-    state_size = ("Hkv*(2F*D + 2F) fp32 + 2W*Hkv*(2D + 2F) (last 2W keys, values, phi(k)) + S*Hkv*2D (first S "
-                  "keys, values); F = feature_dim (default D), S = sinks (4)")
+    state_size = (
+        "Hkv*(2F*D + 2F) fp32 + 2W*Hkv*(2D + 2F) (last 2W keys, values, phi(k)) + S*Hkv*2D (first S "
+        "keys, values); F = feature_dim (default D), S = sinks (4)"
+    )
 
 
 @register_mixer("hedgehog-sink")
@@ -100,4 +115,6 @@ class HedgehogSink(Lolcats):
     description = "Hedgehog linear attention + 4 attention sinks (softmax over the first 4 tokens), no window"
     options = {**Lolcats.options, "window": 0, "sinks": 4}
     test_options = {"feature_dim": 8}  # no window to shorten
-    state_size = "Hkv*(2F*D + 2F) fp32 + S*Hkv*2D (first S keys, values); F = feature_dim (default D), S = sinks (4)"
+    state_size = (
+        "Hkv*(2F*D + 2F) fp32 + S*Hkv*2D (first S keys, values); F = feature_dim (default D), S = sinks (4)"
+    )

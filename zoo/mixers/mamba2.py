@@ -67,9 +67,13 @@ class Mamba2State(NamedTuple):
 class Mamba2Mixer(Mixer):
     family = "ssm"
     state_size = "4*H*(2D*D + 2D) bytes (fp32 S, z) + 4*(conv_size-1)*Hkv*D bytes (fp32 conv history)"
-    description = "Mamba2 SSD: scalar per-head decay exp(dt*A), dt from the input, C/B/x = teacher q/k/v, short conv"
-    source = ("Dao & Gu 2024, Transformers are SSMs (Mamba2, arXiv:2405.21060); Wang et al. 2024, "
-              "The Mamba in the Llama (arXiv:2408.15237)")
+    description = (
+        "Mamba2 SSD: scalar per-head decay exp(dt*A), dt from the input, C/B/x = teacher q/k/v, short conv"
+    )
+    source = (
+        "Dao & Gu 2024, Transformers are SSMs (Mamba2, arXiv:2405.21060); Wang et al. 2024, "
+        "The Mamba in the Llama (arXiv:2408.15237)"
+    )
     options = {
         "conv_size": Option(4, int, min=1, doc="taps of the causal depthwise conv over x (= v); 1: none"),
         "dt_min": Option(1e-3, float, above=0, doc="initial dt of head 0, log-spaced over heads to dt_max"),
@@ -93,7 +97,9 @@ class Mamba2Mixer(Mixer):
         self.dt_bias = nn.Parameter(decay_bias(lo, hi, num_heads))
         self.A_log = nn.Parameter(torch.zeros(num_heads))  # A = -exp(A_log) = -1
         self.D = nn.Parameter(torch.zeros(num_heads))  # the skip is STEP * D
-        self.conv_delta = nn.Parameter(torch.zeros(num_kv_heads, head_dim, K))  # conv = identity + STEP * delta
+        self.conv_delta = nn.Parameter(
+            torch.zeros(num_kv_heads, head_dim, K)
+        )  # conv = identity + STEP * delta
         self.c_map = HeadwiseLinear(num_heads, head_dim, head_dim)  # C = q W_C, W_C = I at the start
         self.b_map = HeadwiseLinear(num_kv_heads, head_dim, head_dim)  # B = k W_B (per key/value head)
 
@@ -105,17 +111,27 @@ class Mamba2Mixer(Mixer):
     def forward(self, q, k, v, x, state: Mamba2State | None = None, mask=None):
         B, H, T, Dh = q.shape
         tokens = Tokens.of(q, x, mask)
-        history = (v.new_zeros(B, self.num_kv_heads, self.conv_size - 1, Dh, dtype=torch.float32)
-                   if state is None else state.conv)
+        history = (
+            v.new_zeros(B, self.num_kv_heads, self.conv_size - 1, Dh, dtype=torch.float32)
+            if state is None
+            else state.conv
+        )
         xs, history = causal_conv(v.float(), self.conv_weight(), history, mask)
-        sel = self.dt_proj(x).float().transpose(1, 2) * self.hidden_size ** -0.5
+        sel = self.dt_proj(x).float().transpose(1, 2) * self.hidden_size**-0.5
         dt = F.softplus(sel + self.dt_bias.float()[:, None])  # [B, H, T]
         log_gate = dt * -self.A_log.float().exp()[:, None]
         fk = repeat_kv(hedgehog_features(self.b_map(k)), H) * dt[..., None]  # phi(B_t) dt_t
         log_gate, fk = tokens.zero_padding(log_gate, fk)  # padding neither decays nor adds
         xs = repeat_kv(xs, H)
         lin = None if state is None else LinearAttentionState(state.S, state.z)
-        y, lin = linear_attention(hedgehog_features(self.c_map(q)), fk, xs, log_gate=log_gate, state=lin, normalize=True,
-                                  eps=self.eps)
+        y, lin = linear_attention(
+            hedgehog_features(self.c_map(q)),
+            fk,
+            xs,
+            log_gate=log_gate,
+            state=lin,
+            normalize=True,
+            eps=self.eps,
+        )
         y = y + self.STEP * self.D.float()[:, None, None] * xs
         return y.to(q.dtype), Mamba2State(lin.S, lin.z, history)

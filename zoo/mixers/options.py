@@ -46,10 +46,13 @@ class Option:
         if self.min is not None and self.above is not None or self.max is not None and self.below is not None:
             raise TypeError("Option takes at most one lower bound (min or above) and one upper (max, below)")
         if self.declared and (self.kind is None or not self.doc or "\n" in self.doc):
-            raise TypeError(f"a declared Option needs a kind and a one-line doc, got {self.kind!r}, {self.doc!r}")
+            raise TypeError(
+                f"a declared Option needs a kind and a one-line doc, got {self.kind!r}, {self.doc!r}"
+            )
         if self.declared and self.nullable and NULL_MARK not in self.doc:
-            raise TypeError(f"a nullable Option's doc must say what null means ('{NULL_MARK}...'), "
-                            f"got {self.doc!r}")
+            raise TypeError(
+                f"a nullable Option's doc must say what null means ('{NULL_MARK}...'), got {self.doc!r}"
+            )
 
     @property
     def null_meaning(self) -> str:
@@ -57,7 +60,7 @@ class Option:
         return self.doc.split(NULL_MARK, 1)[1].strip() if NULL_MARK in self.doc else ""
 
     def _range(self) -> str:
-        """">= 1", "< 3", "in (0, 1]" or "" (no bound)."""
+        """ ">= 1", "< 3", "in (0, 1]" or "" (no bound)."""
         low = high = None  # each (interval end, comparison)
         if self.min is not None:
             low = (f"[{self.min}", f">= {self.min}")
@@ -124,10 +127,12 @@ class Option:
         if self.choices is not None and coerced not in self.choices:
             raise self._refuse(key, value)
         if self.kind in (int, float):
-            out_of_range = ((self.min is not None and coerced < self.min)
-                            or (self.above is not None and coerced <= self.above)
-                            or (self.max is not None and coerced > self.max)
-                            or (self.below is not None and coerced >= self.below))
+            out_of_range = (
+                (self.min is not None and coerced < self.min)
+                or (self.above is not None and coerced <= self.above)
+                or (self.max is not None and coerced > self.max)
+                or (self.below is not None and coerced >= self.below)
+            )
             if out_of_range:
                 raise self._refuse(key, value)
         return coerced

@@ -31,12 +31,15 @@ from zoo.mixers.options import Option
 @register_mixer("retention")
 class RetentionMixer(GatedLinearMixer):
     state_size = "4*H*(D*D + D) bytes (fp32 S and z)"
-    description = "RetNet decay gamma_h = 1 - 2^-(5+h) per head on softmax-feature linear attention; no parameters"
+    description = (
+        "RetNet decay gamma_h = 1 - 2^-(5+h) per head on softmax-feature linear attention; no parameters"
+    )
     source = "Sun et al. 2023, Retentive Network (arXiv:2307.08621)"
     options = {
         "first_exponent": Option(5.0, float, above=0, doc="head 0: gamma = 1 - 2^-first_exponent"),
-        "exponent_step": Option(1.0, float, min=0,
-                                doc="head h: gamma = 1 - 2^-(first_exponent + h * exponent_step)"),
+        "exponent_step": Option(
+            1.0, float, min=0, doc="head h: gamma = 1 - 2^-(first_exponent + h * exponent_step)"
+        ),
     }
     test_options = {"first_exponent": 2.0}  # half-lives of 2.4 to 22 tokens: forgetting within the tests
 
@@ -45,7 +48,7 @@ class RetentionMixer(GatedLinearMixer):
         e0, step = float(self.config["first_exponent"]), float(self.config["exponent_step"])
         #: log gamma_h per head, in Python floats (float64: 1 - 2^-e rounds to 1 in fp32 for e > 24), so
         #: that nothing here is a tensor (models are built on the meta device when loaded)
-        self.log_decay = tuple(math.log1p(-2.0 ** -(e0 + step * h)) for h in range(num_heads))
+        self.log_decay = tuple(math.log1p(-(2.0 ** -(e0 + step * h))) for h in range(num_heads))
 
     def feature_map(self, h, is_query, tokens):
         return softmax_features(h)

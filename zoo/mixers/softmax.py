@@ -24,7 +24,9 @@ class KVState:
 class SoftmaxMixer(Mixer):
     family = "softmax"
     state_size = "2*Hkv*D*T floats (grows with the context T)"
-    description = "Exact causal softmax attention with a KV cache: linearizing with it reproduces the teacher."
+    description = (
+        "Exact causal softmax attention with a KV cache: linearizing with it reproduces the teacher."
+    )
     source = "Vaswani et al. 2017 (the teacher itself)"
     options = {}
 
@@ -38,5 +40,5 @@ class SoftmaxMixer(Mixer):
             v = torch.cat([state.v, v], dim=2)
             mask = torch.cat([state.mask, mask], dim=1)
         key_mask = None if bool(mask.all()) else mask
-        y = causal_softmax_attention(q, k, v, key_mask=key_mask, scale=self.head_dim ** -0.5)
+        y = causal_softmax_attention(q, k, v, key_mask=key_mask, scale=self.head_dim**-0.5)
         return y, KVState(k, v, mask)

@@ -55,8 +55,13 @@ class Tokens:
     device: torch.device
 
     @classmethod
-    def of(cls, q: torch.Tensor, x: torch.Tensor | None, mask: torch.Tensor | None,
-           seen: torch.Tensor | None = None) -> Tokens:
+    def of(
+        cls,
+        q: torch.Tensor,
+        x: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        seen: torch.Tensor | None = None,
+    ) -> Tokens:
         """The Tokens of a call with queries q [B, H, T, D]; the mask is checked here."""
         return cls(x, real_tokens(mask, q), seen, q.shape[0], q.shape[2], q.device)
 
@@ -78,8 +83,10 @@ class Tokens:
         """[B, T] int64: each token's position in its sequence, counting real tokens only (a pad repeats the
         position of the real token before it)."""
         if self.seen is None:
-            raise ValueError("positions are unknown here: this mixer's state keeps no token count (set "
-                             "counts_tokens = True on the mixer class, or keep a count in its state)")
+            raise ValueError(
+                "positions are unknown here: this mixer's state keeps no token count (set "
+                "counts_tokens = True on the mixer class, or keep a count in its state)"
+            )
         return token_positions(self.seen, self.mask, self.length)
 
     @property
@@ -95,5 +102,7 @@ class Tokens:
         if self.mask is None:
             return tensors
         pad = ~self.mask[:, None, :]  # [B, 1, T]
-        return tuple(None if t is None else t.masked_fill(pad.view(*pad.shape, *[1] * (t.dim() - 3)), 0.0)
-                     for t in tensors)
+        return tuple(
+            None if t is None else t.masked_fill(pad.view(*pad.shape, *[1] * (t.dim() - 3)), 0.0)
+            for t in tensors
+        )

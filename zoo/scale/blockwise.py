@@ -84,7 +84,9 @@ def linearize_layers(model: nn.Module, recipe: Recipe, layers) -> None:
 
 def mixer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The mixers' parameters by their state-dict names (model.layers.<i>.self_attn.mixer.*)."""
-    return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if ".mixer." in name}
+    return {
+        name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if ".mixer." in name
+    }
 
 
 def mixer_names(folder: Path, recipe: Recipe, converted: list[int]) -> list[str]:
@@ -99,8 +101,15 @@ def block_done(out: Path, block: Block) -> bool:
     return (out / "blocks" / block.name / "done" / "result.json").is_file()
 
 
-def train_block(block: Block, recipe: Recipe, reader: CheckpointReader, store: HiddenStateStore, out: Path,
-                dtype: torch.dtype, device: torch.device) -> dict:
+def train_block(
+    block: Block,
+    recipe: Recipe,
+    reader: CheckpointReader,
+    store: HiddenStateStore,
+    out: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict:
     """Train one block's mixers from its stored inputs; write blocks/<name>/done/ atomically."""
     from zoo.transfer.stage1 import run_stage1
 
@@ -109,30 +118,55 @@ def train_block(block: Block, recipe: Recipe, reader: CheckpointReader, store: H
     linearize_layers(model, recipe, block.converted)
     folder = out / "blocks" / block.name
     torch.manual_seed(derived_seed(recipe.seed, "block", block.index))
-    stats = run_stage1(model, store.inputs(block.start), s1.loop(f"stage1-{block.name}", recipe.seed),
-                       folder, attention_ce=s1.attention_ce, attention_ce_max_len=s1.attention_ce_max_len,
-                       device=device)
-    result = {"block": block.index, "layers": [block.start, block.stop], "converted": list(block.converted),
-              "train": stats}
+    stats = run_stage1(
+        model,
+        store.inputs(block.start),
+        s1.loop(f"stage1-{block.name}", recipe.seed),
+        folder,
+        attention_ce=s1.attention_ce,
+        attention_ce_max_len=s1.attention_ce_max_len,
+        device=device,
+    )
+    result = {
+        "block": block.index,
+        "layers": [block.start, block.stop],
+        "converted": list(block.converted),
+        "train": stats,
+    }
     with atomic_dir(folder / "done") as tmp:
         save_file(mixer_state(model), str(tmp / "mixers.safetensors"))
         (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def train_blocks(blocks: list[Block], recipe: Recipe, reader: CheckpointReader, store: HiddenStateStore,
-                 out: Path, dtype: torch.dtype, device: torch.device, rank: int = 0, world: int = 1) -> list[int]:
+def train_blocks(
+    blocks: list[Block],
+    recipe: Recipe,
+    reader: CheckpointReader,
+    store: HiddenStateStore,
+    out: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> list[int]:
     """Train this rank's unfinished blocks (block i goes to rank i % world); returns those trained."""
     trained = []
     for position, block in enumerate(blocks):
         if position % world != rank:
             continue
         if block_done(out, block):
-            print(f"zoo: stage 1: {block.name} (layers {block.start}-{block.stop - 1}) is done; not trained again",
-                  file=sys.stderr, flush=True)
+            print(
+                f"zoo: stage 1: {block.name} (layers {block.start}-{block.stop - 1}) is done; not trained again",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
-        print(f"zoo: stage 1: rank {rank} trains {block.name} (layers {block.start}-{block.stop - 1})",
-              file=sys.stderr, flush=True)
+        print(
+            f"zoo: stage 1: rank {rank} trains {block.name} (layers {block.start}-{block.stop - 1})",
+            file=sys.stderr,
+            flush=True,
+        )
         train_block(block, recipe, reader, store, out, dtype, device)
         trained.append(block.index)
     return trained
@@ -151,18 +185,25 @@ def stitch(blocks: list[Block], out: Path, expected: list[str]) -> dict:
         rows += metrics.read_text().splitlines() if metrics.exists() else []
     if sorted(merged) != sorted(expected):
         lacking = sorted(set(expected) - set(merged))
-        raise RuntimeError(f"stitching stage 1: the blocks' mixers lack {lacking[:5]} and have "
-                           f"{sorted(set(merged) - set(expected))[:5]} too many")
+        raise RuntimeError(
+            f"stitching stage 1: the blocks' mixers lack {lacking[:5]} and have "
+            f"{sorted(set(merged) - set(expected))[:5]} too many"
+        )
     with atomic_dir(out / STITCHED.parent) as tmp:
         save_file(merged, str(tmp / STITCHED.name))
         (tmp / "blocks.json").write_text(json.dumps(results, indent=2) + "\n")
     run_metrics = out / "metrics.jsonl"
-    kept = [line for line in (run_metrics.read_text().splitlines() if run_metrics.exists() else [])
-            if line.strip() and not json.loads(line).get("stage", "").startswith("stage1-block")]
+    kept = [
+        line
+        for line in (run_metrics.read_text().splitlines() if run_metrics.exists() else [])
+        if line.strip() and not json.loads(line).get("stage", "").startswith("stage1-block")
+    ]
     with atomic_file(run_metrics) as f:
         f.write("".join(line + "\n" for line in kept + rows if line.strip()))
     finals = [r["train"]["final_loss"] for r in results]
-    return {"tokens": max(r["train"]["tokens"] for r in results),
-            "seconds": sum(r["train"]["seconds"] for r in results),
-            "final_loss": sum(finals) if None not in finals else None,
-            "blocks": len(results)}
+    return {
+        "tokens": max(r["train"]["tokens"] for r in results),
+        "seconds": sum(r["train"]["seconds"] for r in results),
+        "final_loss": sum(finals) if None not in finals else None,
+        "blocks": len(results),
+    }

@@ -78,8 +78,10 @@ def init_distributed(device: str = "auto") -> Distributed:
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                             "start at most that many processes per node (torchrun --nproc-per-node)")
+            raise ValueError(
+                f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                "start at most that many processes per node (torchrun --nproc-per-node)"
+            )
         torch.cuda.set_device(local_rank)
         where = torch.device("cuda", local_rank)
     else:
@@ -88,7 +90,10 @@ def init_distributed(device: str = "auto") -> Distributed:
         return Distributed(device=where)
     timeout = _timeout()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
-                                device_id=where if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=timeout, device_id=where if use_cuda else None
+        )
     coordination = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else dist.group.WORLD
-    return Distributed(rank=rank, world=world, local_rank=local_rank, device=where, _coordination=coordination)
+    return Distributed(
+        rank=rank, world=world, local_rank=local_rank, device=where, _coordination=coordination
+    )

@@ -63,8 +63,11 @@ def shard_model(model: nn.Module, ctx: Distributed, dtype: torch.dtype) -> nn.Mo
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-    policy = MixedPrecisionPolicy() if dtype == torch.float32 else \
-        MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    policy = (
+        MixedPrecisionPolicy()
+        if dtype == torch.float32
+        else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    )
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -86,7 +89,9 @@ def load_sharded(ctx: Distributed, build_full, build_meta, dtype: torch.dtype) -
     shard_model(model, ctx, dtype)
     if not ctx.is_main:
         model.to_empty(device=ctx.device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
     del full
     base = _causal_lm(model).model  # RoPE's buffers are in no state dict: rebuilt on every rank
     base.rotary_emb = type(base.rotary_emb)(base.config).to(ctx.device)
@@ -97,19 +102,30 @@ def data_parallel_loss(local_loss, ctx: Distributed):
     """loss_fn for train_loop from `local_loss` (a loss_fn for one process): this rank's share of the
     global batch; the value returned is the global batch's mean loss (the same on every rank), its
     gradient this rank's share's. The extra numbers logged are this rank's."""
+
     def loss_fn(batch: torch.Tensor):
         if batch.shape[0] % ctx.world:
-            raise ValueError(f"stage2.batch_size={batch.shape[0]} must be a multiple of the number of ranks "
-                             f"({ctx.world}): each rank takes an equal share of every batch")
+            raise ValueError(
+                f"stage2.batch_size={batch.shape[0]} must be a multiple of the number of ranks "
+                f"({ctx.world}): each rank takes an equal share of every batch"
+            )
         loss, extra = local_loss(batch.chunk(ctx.world)[ctx.rank])
         total = loss.detach().clone()
         dist.all_reduce(total)
         return loss + (total / ctx.world - loss.detach()), extra
+
     return loss_fn
 
 
-def run_sharded_stage2(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir, ctx: Distributed,
-                       distill: float = 0.0, teacher_lora: dict[str, torch.Tensor] | None = None) -> dict:
+def run_sharded_stage2(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    cfg: LoopConfig,
+    run_dir,
+    ctx: Distributed,
+    distill: float = 0.0,
+    teacher_lora: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Stage 2 on an FSDP2-sharded model from `shard_model` (every rank calls it with the same data).
     `teacher_lora` (whole tensors by parameter name, as a checkpoint holds them) is sharded like the
     model's own LoRA before distilling from it."""
@@ -117,5 +133,12 @@ def run_sharded_stage2(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, 
     if teacher_lora is not None:
         params = dict(model.named_parameters())
         teacher_lora = {n: io.place(t, params[n]) if n in params else t for n, t in teacher_lora.items()}
-    return train_loop(model, blocks, cfg, data_parallel_loss(stage2_loss(model, distill, teacher_lora), ctx),
-                      run_dir, device=ctx.device, io=io)
+    return train_loop(
+        model,
+        blocks,
+        cfg,
+        data_parallel_loss(stage2_loss(model, distill, teacher_lora), ctx),
+        run_dir,
+        device=ctx.device,
+        io=io,
+    )

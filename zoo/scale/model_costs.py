@@ -8,19 +8,63 @@ import torch
 
 # from each model's config.json on the Hugging Face hub
 PRESETS = {
-    "Llama-3-8B": ("llama", "meta-llama/Meta-Llama-3-8B", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)),
-    "Llama-3.1-70B": ("llama", "meta-llama/Llama-3.1-70B", dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)),
-    "Llama-3.1-405B": ("llama", "meta-llama/Llama-3.1-405B", dict(
-        hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)),
-    "Mistral-7B": ("mistral", "mistralai/Mistral-7B-v0.1", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rope_theta=10000.0,
-        sliding_window=4096)),
+    "Llama-3-8B": (
+        "llama",
+        "meta-llama/Meta-Llama-3-8B",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+    ),
+    "Llama-3.1-70B": (
+        "llama",
+        "meta-llama/Llama-3.1-70B",
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+        ),
+    ),
+    "Llama-3.1-405B": (
+        "llama",
+        "meta-llama/Llama-3.1-405B",
+        dict(
+            hidden_size=16384,
+            intermediate_size=53248,
+            num_hidden_layers=126,
+            num_attention_heads=128,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+        ),
+    ),
+    "Mistral-7B": (
+        "mistral",
+        "mistralai/Mistral-7B-v0.1",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=32768,
+            rope_theta=10000.0,
+            sliding_window=4096,
+        ),
+    ),
 }
 
 
@@ -39,8 +83,10 @@ def load_config(spec: str):
         return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
     if path.is_dir() or ("/" in spec and not spec.startswith((".", "/"))):
         return AutoConfig.from_pretrained(spec)
-    raise ValueError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), not a config.json or "
-                     "model folder, and not a hub id owner/name")
+    raise ValueError(
+        f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), not a config.json or "
+        "model folder, and not a hub id owner/name"
+    )
 
 
 def head_dim(config) -> int:
@@ -60,10 +106,12 @@ def count_parameters(config, mixer: str, options: dict) -> dict:
         zoo.linearize(model, mixer, layers=[0], **options)
     layer = model.model.layers[0]
     mixer_params = sum(p.numel() for p in layer.self_attn.mixer.parameters())
-    return {"total": sum(p.numel() for n, p in model.named_parameters() if ".mixer." not in n),
-            "layer": sum(p.numel() for n, p in layer.named_parameters() if ".mixer." not in n),
-            "o_proj": layer.self_attn.o_proj.weight.numel(),
-            "mixer_per_layer": mixer_params}
+    return {
+        "total": sum(p.numel() for n, p in model.named_parameters() if ".mixer." not in n),
+        "layer": sum(p.numel() for n, p in layer.named_parameters() if ".mixer." not in n),
+        "o_proj": layer.self_attn.o_proj.weight.numel(),
+        "mixer_per_layer": mixer_params,
+    }
 
 
 @torch.no_grad()
@@ -83,11 +131,20 @@ def activation_bytes_per_token(config, mixer: str, options: dict, dtype: torch.d
     from zoo.mixers.base import build_mixer
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), dtype=dtype, attn_implementation="sdpa"
+        )
     attn = model.model.layers[0].self_attn.to_empty(device="cpu")
     _zero(attn)
-    mix = build_mixer(mixer, config.num_attention_heads, config.num_key_value_heads, head_dim(config),
-                      config.hidden_size, 0, **options).to(dtype=dtype)
+    mix = build_mixer(
+        mixer,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        head_dim(config),
+        config.hidden_size,
+        0,
+        **options,
+    ).to(dtype=dtype)
     mix.init_from_teacher(attn.q_proj, attn.k_proj, attn.v_proj)
     wrapper = LinearizedAttention(attn, mix)
     for name, p in wrapper.named_parameters():
@@ -104,6 +161,10 @@ def activation_bytes_per_token(config, mixer: str, options: dict, dtype: torch.d
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with teacher_forced(wrapper), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        teacher_forced(wrapper),
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         wrapper(x, position_embeddings=position)
     return sum(kept.values()) / tokens

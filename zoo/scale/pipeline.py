@@ -56,9 +56,11 @@ def _say(ctx: Distributed, msg: str) -> None:
 
 def check_supported(recipe: Recipe) -> None:
     if recipe.eval.decode_contexts:
-        raise ValueError("eval.decode_contexts: decode speed is not measured by block-wise or torchrun runs (a "
-                         "sharded model's decoding times no one device); set eval.decode_contexts=[] and time the "
-                         "saved model with `zoo eval DIR --decode ...`")
+        raise ValueError(
+            "eval.decode_contexts: decode speed is not measured by block-wise or torchrun runs (a "
+            "sharded model's decoding times no one device); set eval.decode_contexts=[] and time the "
+            "saved model with `zoo eval DIR --decode ...`"
+        )
 
 
 def run_scaled(recipe: Recipe, out_dir: str | Path, redo: tuple[str, ...] = ()) -> dict | None:
@@ -100,7 +102,9 @@ class ScaledRun:
             finished = self.state.finished_summary
             checkpoint_folder(self.recipe.model.name)  # an embedded teacher is materialized once, here
         self.ctx.barrier()
-        self.progress, finished = self.ctx.broadcast((self.progress, finished))  # every rank takes the same branches
+        self.progress, finished = self.ctx.broadcast(
+            (self.progress, finished)
+        )  # every rank takes the same branches
         return finished
 
     # ------------------------------------------------------------------------------ the run
@@ -110,7 +114,10 @@ class ScaledRun:
         try:
             finished = self._prepare()
             if finished is not None:
-                _say(self.ctx, f"{self.out} is a finished run: its summary follows (--redo eval evaluates it again)")
+                _say(
+                    self.ctx,
+                    f"{self.out} is a finished run: its summary follows (--redo eval evaluates it again)",
+                )
                 return finished if self.ctx.is_main else None
             return self._run(t_start)
         finally:
@@ -132,8 +139,11 @@ class ScaledRun:
             self.data = RunData(recipe, self.tokenizer)
         num_layers = AutoConfig.from_pretrained(self.folder).num_hidden_layers
         self.converted = recipe.mixer.layer_indices(num_layers)
-        _say(ctx, f"{ctx.world} process(es) on {ctx.device.type}; {self.data.train_blocks.shape[0]} training "
-                  f"sequences of {recipe.data.seq_len} tokens")
+        _say(
+            ctx,
+            f"{ctx.world} process(es) on {ctx.device.type}; {self.data.train_blocks.shape[0]} training "
+            f"sequences of {recipe.data.seq_len} tokens",
+        )
         self.stitched = self.stage1(num_layers)
         self.stage2()
         summary = self.finish(time.time() - t_start) if ctx.is_main else None
@@ -155,9 +165,14 @@ class ScaledRun:
         blocks = plan_blocks(num_layers, s1.blockwise.block_size or num_layers, self.converted)
         reader = CheckpointReader(self.folder)
         store = self.open_store(blocks)
-        _say(ctx, f"store: {store.root}: the inputs of {len(blocks)} block(s) of {s1.blockwise.block_size or num_layers} "
-                  f"layer(s) for {store.layout.sequences} sequences, {store.layout.nbytes() / 1e9:.3g} GB")
-        build_store(store, reader, self.stage1_sequences(), self.dtype, ctx.device, s1.batch_size, ctx.rank, ctx.world)
+        _say(
+            ctx,
+            f"store: {store.root}: the inputs of {len(blocks)} block(s) of {s1.blockwise.block_size or num_layers} "
+            f"layer(s) for {store.layout.sequences} sequences, {store.layout.nbytes() / 1e9:.3g} GB",
+        )
+        build_store(
+            store, reader, self.stage1_sequences(), self.dtype, ctx.device, s1.batch_size, ctx.rank, ctx.world
+        )
         ctx.barrier()
         train_blocks(blocks, recipe, reader, store, out, self.dtype, ctx.device, ctx.rank, ctx.world)
         ctx.barrier()
@@ -183,10 +198,17 @@ class ScaledRun:
 
         s1, ids = self.recipe.stage1, self.stage1_sequences()
         config = AutoConfig.from_pretrained(self.folder)
-        layout = StoreLayout(model=self.recipe.model.name, num_layers=config.num_hidden_layers,
-                             layers=[b.start for b in blocks], sequences=ids.shape[0], seq_len=ids.shape[1],
-                             hidden_size=config.hidden_size, dtype=str(self.dtype).removeprefix("torch."),
-                             shard_sequences=s1.blockwise.shard_sequences, tokens_sha256=tokens_fingerprint(ids))
+        layout = StoreLayout(
+            model=self.recipe.model.name,
+            num_layers=config.num_hidden_layers,
+            layers=[b.start for b in blocks],
+            sequences=ids.shape[0],
+            seq_len=ids.shape[1],
+            hidden_size=config.hidden_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            shard_sequences=s1.blockwise.shard_sequences,
+            tokens_sha256=tokens_fingerprint(ids),
+        )
         root = Path(s1.blockwise.store) if s1.blockwise.store else self.out / "store"
         if self.ctx.is_main:
             store = HiddenStateStore.open(root, layout, create=True)
@@ -217,15 +239,21 @@ class ScaledRun:
             missing, unexpected = model.load_state_dict(load_file(str(self.stitched)), strict=False)
             lacking = [k for k in missing if ".mixer." in k]
             if lacking or unexpected:
-                raise RuntimeError(f"{self.stitched} does not fit the model: lacks {lacking[:5]}, "
-                                   f"has unknown {unexpected[:5]}")
+                raise RuntimeError(
+                    f"{self.stitched} does not fit the model: lacks {lacking[:5]}, "
+                    f"has unknown {unexpected[:5]}"
+                )
         return with_stage2_lora(model, s2, self.recipe.seed) if lora else model  # as zoo run: seeded alike
 
     def teacher(self, meta: bool = False):
         import zoo
         from zoo.scale.skeleton import skeleton
 
-        return skeleton(self.folder, self.dtype) if meta else zoo.load_teacher(str(self.folder), dtype=self.dtype)[0]
+        return (
+            skeleton(self.folder, self.dtype)
+            if meta
+            else zoo.load_teacher(str(self.folder), dtype=self.dtype)[0]
+        )
 
     def build(self, make):
         """`make(meta)`'s model on this run's device(s): sharded over the ranks (FSDP2, rank 0's
@@ -244,8 +272,14 @@ class ScaledRun:
         recipe, ctx, s2 = self.recipe, self.ctx, self.recipe.stage2
         measures = [n for n in wanted_measures(recipe) if n in SCALED_MEASURES and n not in self.progress]
         teacher_side = self.teacher_side(measures)
-        pending = [key for key, wanted in (("teacher_lora", recipe.eval.teacher_lora), ("branches", recipe.eval.branches))
-                   if wanted and key not in self.progress]
+        pending = [
+            key
+            for key, wanted in (
+                ("teacher_lora", recipe.eval.teacher_lora),
+                ("branches", recipe.eval.branches),
+            )
+            if wanted and key not in self.progress
+        ]
         if "final" in self.progress and not measures and not pending:
             return
         if recipe.eval.teacher_lora and "teacher_lora" not in self.progress:
@@ -267,23 +301,38 @@ class ScaledRun:
             self.remember("final", self.data.evaluate(model))
         for name in measures:
             _say(ctx, f"{name}: final model")
-            self.remember(name, {"teacher": teacher_side[name],
-                                 "final": measure(name, recipe, self.data, model, self.tokenizer)})
+            self.remember(
+                name,
+                {
+                    "teacher": teacher_side[name],
+                    "final": measure(name, recipe, self.data, model, self.tokenizer),
+                },
+            )
         if recipe.eval.branches and "branches" not in self.progress:
             from zoo.measures import branch_ablation
 
             self.remember("branches", branch_ablation(recipe, self.data, model, self.tokenizer))
 
-    def train_stage2(self, model, cfg, run_dir: Path, distill: float = 0.0, reference: dict | None = None) -> dict:
+    def train_stage2(
+        self, model, cfg, run_dir: Path, distill: float = 0.0, reference: dict | None = None
+    ) -> dict:
         """LoRA training of `model` (sharded over the ranks, or on the one device)."""
         from zoo.scale.fsdp_lora import run_sharded_stage2
         from zoo.transfer.stage2 import run_stage2
 
         if self.ctx.world > 1:
-            return run_sharded_stage2(model, self.data.train_blocks, cfg, run_dir, self.ctx, distill=distill,
-                                      teacher_lora=reference)
-        return run_stage2(model, self.data.train_blocks, cfg, run_dir, device=self.ctx.device, distill=distill,
-                          teacher_lora=reference)
+            return run_sharded_stage2(
+                model, self.data.train_blocks, cfg, run_dir, self.ctx, distill=distill, teacher_lora=reference
+            )
+        return run_stage2(
+            model,
+            self.data.train_blocks,
+            cfg,
+            run_dir,
+            device=self.ctx.device,
+            distill=distill,
+            teacher_lora=reference,
+        )
 
     def fair_reference(self) -> dict:
         """The fair reference (the teacher + the same LoRA budget on the same data), from the zoo cache (the
@@ -294,10 +343,15 @@ class ScaledRun:
         recipe, ctx, s2 = self.recipe, self.ctx, self.recipe.stage2
         folder, key_src = teacher_lora_folder(recipe)
         result_path = folder / "result.json"
-        known = ctx.broadcast(json.loads(result_path.read_text()) if ctx.is_main and result_path.exists() else None)
+        known = ctx.broadcast(
+            json.loads(result_path.read_text()) if ctx.is_main and result_path.exists() else None
+        )
         if known is not None:
             return known
-        _say(ctx, "fair reference: fine-tuning the teacher with the same LoRA budget (computed once, then cached)")
+        _say(
+            ctx,
+            "fair reference: fine-tuning the teacher with the same LoRA budget (computed once, then cached)",
+        )
 
         def make(meta: bool):
             torch.manual_seed(recipe.seed)  # as a one-process run: LoRA's init depends on the seed only
@@ -328,8 +382,9 @@ class ScaledRun:
 
         recipe, ctx = self.recipe, self.ctx
         references = {name: teacher_reference(name, recipe, ctx.device) for name in measures}
-        known = ctx.broadcast({name: read_reference(*ref) for name, ref in references.items()} if ctx.is_main
-                              else None)
+        known = ctx.broadcast(
+            {name: read_reference(*ref) for name, ref in references.items()} if ctx.is_main else None
+        )
         missing = [name for name in measures if known[name] is None]
         if "teacher" in self.progress and not missing:
             return known
@@ -358,10 +413,17 @@ class ScaledRun:
             if missing:
                 raise RuntimeError(f"stage 2's checkpoint has parameters the model lacks: {missing[:5]}")
             model.load_state_dict(weights, strict=False)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + (0 if s2.train_mixer else mixers)
-        model_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and ".mixer." not in n)
-        sample = (generate_text(model, self.tokenizer, recipe.eval.generate_prompt, recipe.eval.generate_tokens)
-                  if recipe.eval.generate_tokens else "")
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + (
+                0 if s2.train_mixer else mixers
+            )
+        model_params = sum(
+            p.numel() for n, p in model.named_parameters() if "lora_" not in n and ".mixer." not in n
+        )
+        sample = (
+            generate_text(model, self.tokenizer, recipe.eval.generate_prompt, recipe.eval.generate_tokens)
+            if recipe.eval.generate_tokens
+            else ""
+        )
         save_run_model(model, self.tokenizer, self.out, merge=s2.merge_on_save)
         summary = build_summary(recipe, self.progress, trainable, sample, wall, model_params)
         summary["processes"] = self.ctx.world

@@ -52,6 +52,7 @@ DEFAULT_MFU = 0.40  # an assumption, not a measurement: stated wherever it is us
 FREE_FRACTION = 0.10  # of GPU memory kept free (CUDA context, allocator): an assumption
 GPUS_PER_NODE = 8
 
+
 @dataclass
 class PlanInputs:
     model: str
@@ -68,12 +69,16 @@ class PlanInputs:
     activations: bool = True  # measure activation memory on the CPU (a few seconds for 405B shapes)
 
 
-def _block_memory(k: int, params: dict, element: int, act_per_token: float | None, inputs: PlanInputs,
-                  config) -> dict:
+def _block_memory(
+    k: int, params: dict, element: int, act_per_token: float | None, inputs: PlanInputs, config
+) -> dict:
     tokens = inputs.batch_size * inputs.seq_len
     memory = {
         "teacher_weights": k * params["layer"] * element,
-        "mixer_training_state": k * params["mixer_per_layer"] * element * 4,  # weights, grads, 2 AdamW moments
+        "mixer_training_state": k
+        * params["mixer_per_layer"]
+        * element
+        * 4,  # weights, grads, 2 AdamW moments
         "saved_activations": None if act_per_token is None else k * act_per_token * tokens,
         "block_inputs_and_one_mlp": tokens * element * (config.hidden_size + 3 * config.intermediate_size),
     }
@@ -85,8 +90,12 @@ def check_inputs(inputs: PlanInputs) -> None:
     """A one-line ValueError (KeyError for an unknown mixer) naming the flag of the first impossible input."""
     from zoo.mixers import get_mixer
 
-    for flag, value in (("--block-size", inputs.block_size), ("--tokens", inputs.tokens),
-                        ("--seq-len", inputs.seq_len), ("--batch-size", inputs.batch_size)):
+    for flag, value in (
+        ("--block-size", inputs.block_size),
+        ("--tokens", inputs.tokens),
+        ("--seq-len", inputs.seq_len),
+        ("--batch-size", inputs.batch_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{flag} must be a whole number >= 1, got {value!r}")
     if not 0 < inputs.mfu <= 1:  # also refuses NaN
@@ -114,11 +123,21 @@ def make_plan(inputs: PlanInputs) -> dict:
     params = count_parameters(config, inputs.mixer, options)
     gpu = GPUS[inputs.gpu]
     probe = min(inputs.seq_len, 256)
-    act = activation_bytes_per_token(config, inputs.mixer, options, dtype, probe) if inputs.activations else None
+    act = (
+        activation_bytes_per_token(config, inputs.mixer, options, dtype, probe)
+        if inputs.activations
+        else None
+    )
     memory = _block_memory(inputs.block_size, params, element, act, inputs, config)
     usable = gpu.memory_gb * 1e9 * (1 - FREE_FRACTION)
-    largest_fit = next((k for k in range(min(inputs.block_size, layers), 0, -1)
-                        if _block_memory(k, params, element, act, inputs, config)["total"] <= usable), 0)
+    largest_fit = next(
+        (
+            k
+            for k in range(min(inputs.block_size, layers), 0, -1)
+            if _block_memory(k, params, element, act, inputs, config)["total"] <= usable
+        ),
+        0,
+    )
     heads, dim = config.num_attention_heads, head_dim(config)
     attention = 2 * inputs.seq_len * heads * dim
     teacher_flops = 2 * params["layer"] + attention
@@ -127,22 +146,44 @@ def make_plan(inputs: PlanInputs) -> dict:
     gpus = len(blocks)
     stored = len(blocks)
     return {
-        "model": inputs.model, "layers": layers, "hidden_size": config.hidden_size, "heads": heads,
-        "kv_heads": config.num_key_value_heads, "parameters": params["total"], "parameters_per_layer": params["layer"],
-        "mixer": inputs.mixer, "mixer_options": options, "mixer_parameters_per_layer": params["mixer_per_layer"],
-        "block_size": inputs.block_size, "blocks": len(blocks), "last_block_layers": blocks[-1].stop - blocks[-1].start,
-        "tokens": inputs.tokens, "seq_len": inputs.seq_len, "batch_size": inputs.batch_size, "dtype": inputs.dtype,
-        "bytes_per_element": element, "stored_layers": stored,
+        "model": inputs.model,
+        "layers": layers,
+        "hidden_size": config.hidden_size,
+        "heads": heads,
+        "kv_heads": config.num_key_value_heads,
+        "parameters": params["total"],
+        "parameters_per_layer": params["layer"],
+        "mixer": inputs.mixer,
+        "mixer_options": options,
+        "mixer_parameters_per_layer": params["mixer_per_layer"],
+        "block_size": inputs.block_size,
+        "blocks": len(blocks),
+        "last_block_layers": blocks[-1].stop - blocks[-1].start,
+        "tokens": inputs.tokens,
+        "seq_len": inputs.seq_len,
+        "batch_size": inputs.batch_size,
+        "dtype": inputs.dtype,
+        "bytes_per_element": element,
+        "stored_layers": stored,
         "store_bytes": element * stored * inputs.tokens * config.hidden_size,
-        "activation_bytes_per_token_layer": act, "activation_probe_tokens": probe if act is not None else None,
-        "memory_per_block": memory, "gpu": inputs.gpu, "gpu_memory_bytes": gpu.memory_gb * 1e9,
-        "fits": memory["total"] <= usable, "largest_block_that_fits": largest_fit,
-        "gpus": gpus, "nodes": math.ceil(gpus / GPUS_PER_NODE),
-        "flops_per_token_layer_stage1": stage1_flops, "flops_per_token_layer_teacher": teacher_flops,
+        "activation_bytes_per_token_layer": act,
+        "activation_probe_tokens": probe if act is not None else None,
+        "memory_per_block": memory,
+        "gpu": inputs.gpu,
+        "gpu_memory_bytes": gpu.memory_gb * 1e9,
+        "fits": memory["total"] <= usable,
+        "largest_block_that_fits": largest_fit,
+        "gpus": gpus,
+        "nodes": math.ceil(gpus / GPUS_PER_NODE),
+        "flops_per_token_layer_stage1": stage1_flops,
+        "flops_per_token_layer_teacher": teacher_flops,
         "throughput_flops": rate,
-        "throughput_source": (f"given: {inputs.tflops} TFLOP/s" if inputs.tflops is not None else
-                              f"ASSUMED: {gpu.bf16_tflops:g} TFLOP/s peak ({gpu.source}) x {inputs.mfu:.0%} "
-                              "utilization (an assumption, not measured)"),
+        "throughput_source": (
+            f"given: {inputs.tflops} TFLOP/s"
+            if inputs.tflops is not None
+            else f"ASSUMED: {gpu.bf16_tflops:g} TFLOP/s peak ({gpu.source}) x {inputs.mfu:.0%} "
+            "utilization (an assumption, not measured)"
+        ),
         "seconds_store": inputs.tokens * layers * teacher_flops / (rate * gpus),
         "seconds_stage1_per_block": inputs.tokens * inputs.block_size * stage1_flops / rate,
         "stage2_weight_bytes_per_gpu": params["total"] * element / gpus,
@@ -165,13 +206,18 @@ def render(plan: dict) -> str:
     m = plan["memory_per_block"]
     k, b = plan["block_size"], plan["blocks"]
     act = plan["activation_bytes_per_token_layer"]
-    act_line = ("not measured (--no-activations)" if act is None else
-                f"{_size(m['saved_activations'])}   measured on this CPU: {act / 1e6:.2f} MB per token per layer "
-                f"at {plan['activation_probe_tokens']} tokens, scaled to {plan['seq_len']}")
-    fit = (f"fits one {plan['gpu']} ({plan['gpu_memory_bytes'] / 1e9:.0f} GB, {FREE_FRACTION:.0%} kept free)"
-           if plan["fits"] else
-           f"does NOT fit one {plan['gpu']} ({plan['gpu_memory_bytes'] / 1e9:.0f} GB, {FREE_FRACTION:.0%} kept free); "
-           f"largest block that fits: {plan['largest_block_that_fits']} layers")
+    act_line = (
+        "not measured (--no-activations)"
+        if act is None
+        else f"{_size(m['saved_activations'])}   measured on this CPU: {act / 1e6:.2f} MB per token per layer "
+        f"at {plan['activation_probe_tokens']} tokens, scaled to {plan['seq_len']}"
+    )
+    fit = (
+        f"fits one {plan['gpu']} ({plan['gpu_memory_bytes'] / 1e9:.0f} GB, {FREE_FRACTION:.0%} kept free)"
+        if plan["fits"]
+        else f"does NOT fit one {plan['gpu']} ({plan['gpu_memory_bytes'] / 1e9:.0f} GB, {FREE_FRACTION:.0%} kept free); "
+        f"largest block that fits: {plan['largest_block_that_fits']} layers"
+    )
     options = ", ".join(f"{key}={v}" for key, v in plan["mixer_options"].items()) or "defaults"
     lines = [
         f"{plan['model']}: {plan['layers']} layers, hidden {plan['hidden_size']}, {plan['heads']} heads "
@@ -214,19 +260,34 @@ def _tokens(text: str) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a config.json or model folder, or a hub id")
-    parser.add_argument("--block-size", "-k", type=int, default=9, help="layers per block (default 9, as LoLCATs for 405B)")
+    parser.add_argument(
+        "model", help=f"a preset ({', '.join(PRESETS)}), a config.json or model folder, or a hub id"
+    )
+    parser.add_argument(
+        "--block-size", "-k", type=int, default=9, help="layers per block (default 9, as LoLCATs for 405B)"
+    )
     parser.add_argument("--tokens", default="50M", help="stage-1 tokens, all stored (default 50M)")
     parser.add_argument("--gpu", default="H100-80GB", help=f"one of {', '.join(GPUS)} (default H100-80GB)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step on one GPU (default 1)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--mixer", default="lolcats")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a mixer option (repeatable), e.g. --option window=64 --option feature_dim=64")
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
-                        help=f"assumed fraction of the GPU's peak reached (default {DEFAULT_MFU})")
-    parser.add_argument("--tflops", type=float, help="your measured sustained TFLOP/s per GPU (replaces peak x mfu)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a mixer option (repeatable), e.g. --option window=64 --option feature_dim=64",
+    )
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        default=DEFAULT_MFU,
+        help=f"assumed fraction of the GPU's peak reached (default {DEFAULT_MFU})",
+    )
+    parser.add_argument(
+        "--tflops", type=float, help="your measured sustained TFLOP/s per GPU (replaces peak x mfu)"
+    )
     parser.add_argument("--no-activations", action="store_true", help="skip measuring activation memory")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -244,9 +305,21 @@ def _options(pairs: list[str]) -> dict:
 
 
 def main(args) -> int:
-    plan = make_plan(PlanInputs(model=args.model, block_size=args.block_size, tokens=_tokens(args.tokens),
-                                seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, mixer=args.mixer,
-                                options=_options(args.option), gpu=args.gpu, mfu=args.mfu, tflops=args.tflops,
-                                activations=not args.no_activations))
+    plan = make_plan(
+        PlanInputs(
+            model=args.model,
+            block_size=args.block_size,
+            tokens=_tokens(args.tokens),
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            mixer=args.mixer,
+            options=_options(args.option),
+            gpu=args.gpu,
+            mfu=args.mfu,
+            tflops=args.tflops,
+            activations=not args.no_activations,
+        )
+    )
     print(json.dumps(plan, indent=2) if args.json else render(plan))
     return 0

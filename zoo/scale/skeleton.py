@@ -47,8 +47,10 @@ class CheckpointReader:
             with safe_open(str(single), "pt") as f:
                 self.file_of = {key: single for key in f.keys()}
         else:
-            raise FileNotFoundError(f"{self.folder} has neither model.safetensors nor model.safetensors.index.json "
-                                    "(only safetensors checkpoints are read)")
+            raise FileNotFoundError(
+                f"{self.folder} has neither model.safetensors nor model.safetensors.index.json "
+                "(only safetensors checkpoints are read)"
+            )
 
     def load_into(self, module: nn.Module, prefix: str, device: torch.device | str) -> None:
         """Materialize `module` (built on the meta device) on `device` from the tensors named
@@ -57,7 +59,9 @@ class CheckpointReader:
         targets = module.state_dict(keep_vars=True)
         missing = [prefix + name for name in targets if prefix + name not in self.file_of]
         if missing:
-            raise KeyError(f"{self.folder}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            raise KeyError(
+                f"{self.folder}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            )
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in targets:
             by_file[self.file_of[prefix + name]].append(name)
@@ -86,8 +90,13 @@ def skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
 
 
-def partial_model(reader: CheckpointReader, dtype: torch.dtype, layers: range, device: torch.device | str,
-                  embeddings: bool = False) -> nn.Module:
+def partial_model(
+    reader: CheckpointReader,
+    dtype: torch.dtype,
+    layers: range,
+    device: torch.device | str,
+    embeddings: bool = False,
+) -> nn.Module:
     """A model holding only decoder `layers` (and the token embeddings if asked) on `device`; the
     other layers are `SkippedLayer`s, the rest stays on the meta device."""
     model = skeleton(reader.folder, dtype)
@@ -99,7 +108,9 @@ def partial_model(reader: CheckpointReader, dtype: torch.dtype, layers: range, d
             decoder.layers[i] = SkippedLayer()
     if embeddings:
         reader.load_into(decoder.embed_tokens, "model.embed_tokens.", device)
-    decoder.rotary_emb = type(decoder.rotary_emb)(model.config).to(device)  # its buffers are not in checkpoints
+    decoder.rotary_emb = type(decoder.rotary_emb)(model.config).to(
+        device
+    )  # its buffers are not in checkpoints
     return model
 
 
@@ -112,6 +123,7 @@ class _Captured(Exception):
 def run_layers(model: nn.Module, hidden: torch.Tensor, last: int) -> torch.Tensor:
     """Feed `hidden` [B, T, hidden] to the decoder as its input and return what leaves layer `last`
     (the layers before the ones held are skipped). Causal, no padding, positions 0..T-1."""
+
     def capture(module, args, output):
         raise _Captured(output[0] if isinstance(output, tuple) else output)
 

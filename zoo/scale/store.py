@@ -105,8 +105,10 @@ class HiddenStateStore:
             wanted = asdict(layout)
             differ = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             if differ:
-                raise ValueError(f"the hidden-state store {root} was built for another run (it differs in "
-                                 f"{', '.join(differ)}); give stage1.blockwise.store another folder or delete it")
+                raise ValueError(
+                    f"the hidden-state store {root} was built for another run (it differs in "
+                    f"{', '.join(differ)}); give stage1.blockwise.store another folder or delete it"
+                )
         elif create:
             write_json(index, asdict(layout))
         else:
@@ -119,9 +121,11 @@ class HiddenStateStore:
             return False
         rows = self.layout.shard_rows(shard)
         dtype = _SAFETENSORS_DTYPES[getattr(torch, self.layout.dtype)]
-        return (header["hidden"]["shape"] == [len(rows), self.layout.seq_len, self.layout.hidden_size]
-                and header["hidden"]["dtype"] == dtype
-                and header.get("__metadata__", {}).get("rows") == f"{rows.start}:{rows.stop}")
+        return (
+            header["hidden"]["shape"] == [len(rows), self.layout.seq_len, self.layout.hidden_size]
+            and header["hidden"]["dtype"] == dtype
+            and header.get("__metadata__", {}).get("rows") == f"{rows.start}:{rows.stop}"
+        )
 
     def missing(self, layer: int, shards) -> list[int]:
         return [s for s in shards if not self.shard_is_whole(layer, s)]
@@ -130,8 +134,10 @@ class HiddenStateStore:
         """Write one shard atomically: whole under its name, or not there at all."""
         rows = self.layout.shard_rows(shard)
         tensor = hidden.detach().to("cpu", getattr(torch, self.layout.dtype)).contiguous()
-        payload = save({"hidden": tensor}, metadata={"layer": str(layer), "rows": f"{rows.start}:{rows.stop}",
-                                                     "model": self.layout.model})
+        payload = save(
+            {"hidden": tensor},
+            metadata={"layer": str(layer), "rows": f"{rows.start}:{rows.stop}", "model": self.layout.model},
+        )
         with atomic_file(shard_path(self.root, layer, shard), "wb") as f:
             f.write(payload)
 
@@ -150,7 +156,7 @@ class HiddenStateStore:
                 sliced = f.get_slice("hidden")
                 for r in shard_rows:
                     local = r - shard * self.layout.shard_sequences
-                    found[r] = sliced[local:local + 1]
+                    found[r] = sliced[local : local + 1]
         return torch.cat([found[r] for r in wanted])
 
     def inputs(self, layer: int) -> StoredInputs:
@@ -172,23 +178,36 @@ class StoredInputs:
 
 
 @torch.no_grad()
-def build_store(store: HiddenStateStore, reader: CheckpointReader, input_ids: torch.Tensor,
-                dtype: torch.dtype, device: torch.device, batch_size: int, rank: int = 0, world: int = 1) -> int:
+def build_store(
+    store: HiddenStateStore,
+    reader: CheckpointReader,
+    input_ids: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+) -> int:
     """Write this rank's missing shards of every stored layer; returns how many it wrote.
 
     Stored layer l_j is computed from stored layer l_{j-1} (the embeddings for the first) through
     the teacher's layers l_{j-1} .. l_j - 1, which are the only layers in memory meanwhile."""
     layout = store.layout
     if tuple(input_ids.shape) != (layout.sequences, layout.seq_len):
-        raise ValueError(f"the store holds {layout.sequences} x {layout.seq_len} tokens, got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"the store holds {layout.sequences} x {layout.seq_len} tokens, got {tuple(input_ids.shape)}"
+        )
     mine = [s for s in range(layout.num_shards) if s % world == rank]
     written = 0
     previous: int | None = None
     for layer in layout.layers:
         todo = store.missing(layer, mine)
         if todo:
-            print(f"zoo: store: rank {rank} writes {len(todo)} shard(s) of the input of layer {layer}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"zoo: store: rank {rank} writes {len(todo)} shard(s) of the input of layer {layer}",
+                file=sys.stderr,
+                flush=True,
+            )
             if previous is None:
                 model = partial_model(reader, dtype, range(0, layer), device, embeddings=True)
             else:

@@ -43,6 +43,7 @@ ADAM_BETAS = (0.9, 0.999)
 @dataclass(kw_only=True)
 class TrainingConfig:
     """How a stage trains: the fields that recipes' stage sections (zoo.recipe) and the loop share."""
+
     tokens: int = 0  # training tokens (steps = tokens / (batch_size * seq_len))
     batch_size: int = 4
     lr: float = 1e-3
@@ -62,6 +63,7 @@ class TrainingConfig:
 @dataclass(kw_only=True)
 class LoopConfig(TrainingConfig):
     """One run of `train_loop`: how it trains, what it is called and its seed."""
+
     name: str  # "stage1", "stage2", ...: names the checkpoint folder and the metrics rows
     seed: int = 0
 
@@ -80,7 +82,7 @@ def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         perm = torch.randperm(n_blocks, generator=g)
         take = min(batch_size - len(rows), n_blocks - offset)
-        rows.extend(perm[offset:offset + take].tolist())
+        rows.extend(perm[offset : offset + take].tolist())
     return torch.tensor(rows)
 
 
@@ -101,6 +103,7 @@ def lr_schedule(kind: str, lr: float, steps: int) -> Callable[[int], float]:
             return lr
         progress = (step - warmup) / max(1, steps - 1 - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
     return lr_at
 
 
@@ -127,8 +130,14 @@ class CheckpointIO:
         """Wait until every process is here (after a checkpoint is written)."""
 
 
-def _save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-                     extra: dict, io: CheckpointIO) -> None:
+def _save_checkpoint(
+    folder: Path,
+    step: int,
+    params: dict[str, nn.Parameter],
+    opt: torch.optim.Optimizer,
+    extra: dict,
+    io: CheckpointIO,
+) -> None:
     names = list(params)
     opt_tensors = {}
     for i, name in enumerate(names):
@@ -166,12 +175,19 @@ def _read_checkpoint(folder: Path, name: str) -> tuple[dict, dict, dict]:
     return meta, weights, opt_tensors
 
 
-def _load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-                     io: CheckpointIO, name: str = "") -> dict:
+def _load_checkpoint(
+    folder: Path,
+    params: dict[str, nn.Parameter],
+    opt: torch.optim.Optimizer,
+    io: CheckpointIO,
+    name: str = "",
+) -> dict:
     meta, weights, opt_tensors = _read_checkpoint(folder, name or folder.name)
     if meta.get("names") != list(params):
-        raise RuntimeError(f"checkpoint {folder} was written for other trainable parameters; "
-                           "delete it or use the recipe it was written with")
+        raise RuntimeError(
+            f"checkpoint {folder} was written for other trainable parameters; "
+            "delete it or use the recipe it was written with"
+        )
     with torch.no_grad():
         for pname, p in params.items():
             p.copy_(io.place(weights[pname], p))
@@ -188,14 +204,25 @@ def _trim_metrics(metrics_path: Path, name: str, after_step: int) -> None:
     """Drop rows of this stage past the checkpoint we resume from, so the log reads as one clean run."""
     if not metrics_path.exists():
         return
-    kept = [line for line in metrics_path.read_text().splitlines()
-            if line.strip() and not (json.loads(line).get("stage") == name and json.loads(line).get("step", 0) > after_step)]
+    kept = [
+        line
+        for line in metrics_path.read_text().splitlines()
+        if line.strip()
+        and not (json.loads(line).get("stage") == name and json.loads(line).get("step", 0) > after_step)
+    ]
     with atomic_file(metrics_path) as f:
         f.write("".join(line + "\n" for line in kept))
 
 
-def _resume(ckpt: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, io: CheckpointIO,
-            name: str, steps: int, metrics_path: Path) -> tuple[int, float, float | None]:
+def _resume(
+    ckpt: Path,
+    params: dict[str, nn.Parameter],
+    opt: torch.optim.Optimizer,
+    io: CheckpointIO,
+    name: str,
+    steps: int,
+    metrics_path: Path,
+) -> tuple[int, float, float | None]:
     """(step, seconds, loss) to go on from: the checkpoint's, or (0, 0.0, None) with none. Metrics rows past
     that step (all of them, starting afresh) were never kept, and are dropped."""
     start, seconds, loss = 0, 0.0, None
@@ -209,17 +236,36 @@ def _resume(ckpt: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimi
     return start, seconds, loss
 
 
-def _log_step(metrics_path: Path, cfg: LoopConfig, done: int, steps: int, start: int, seq_len: int,
-              elapsed: float, values: dict) -> None:
+def _log_step(
+    metrics_path: Path,
+    cfg: LoopConfig,
+    done: int,
+    steps: int,
+    start: int,
+    seq_len: int,
+    elapsed: float,
+    values: dict,
+) -> None:
     """One metrics row (appended to metrics.jsonl) and one progress line with the speed and ETA."""
     tok_s = (done - start) * cfg.batch_size * seq_len / max(elapsed, 1e-9)
     eta = (steps - done) * elapsed / max(done - start, 1)
-    row = {"stage": cfg.name, "step": done, "steps": steps, "loss": values["loss"],
-           "tokens": done * cfg.batch_size * seq_len, "tokens_per_s": tok_s, **values}
+    row = {
+        "stage": cfg.name,
+        "step": done,
+        "steps": steps,
+        "loss": values["loss"],
+        "tokens": done * cfg.batch_size * seq_len,
+        "tokens_per_s": tok_s,
+        **values,
+    }
     with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"zoo: {cfg.name} step {done}/{steps} loss {values['loss']:.5g} {tok_s:,.0f} tok/s "
-          f"ETA {_fmt_seconds(eta)}", file=sys.stderr, flush=True)
+    print(
+        f"zoo: {cfg.name} step {done}/{steps} loss {values['loss']:.5g} {tok_s:,.0f} tok/s "
+        f"ETA {_fmt_seconds(eta)}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _fmt_seconds(s: float) -> str:
@@ -227,9 +273,15 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
-               loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
-               run_dir: Path, device: torch.device | str = "cpu", io: CheckpointIO | None = None) -> dict:
+def train_loop(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    cfg: LoopConfig,
+    loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
+    run_dir: Path,
+    device: torch.device | str = "cpu",
+    io: CheckpointIO | None = None,
+) -> dict:
     """Train the parameters of `model` that require grad on `blocks` [N, T].
 
     `blocks` is a tensor of token ids or anything with `.ndim`, `.shape` (N, T) and tensor indexing
@@ -251,7 +303,9 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
     if not params:
         raise ValueError(f"{cfg.name}: nothing to train (no parameter requires grad)")
     io = io or CheckpointIO()
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        list(params.values()), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+    )
     lr_at = lr_schedule(cfg.lr_schedule, cfg.lr, steps)
     ckpt = run_dir / "checkpoints" / cfg.name
     metrics_path = run_dir / "metrics.jsonl"
@@ -264,9 +318,11 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
         loss, extra = loss_fn(batch)
         if not torch.isfinite(loss):
             model.eval()
-            raise NaNLossError(f"{cfg.name}: the loss is {loss.item()} at step {step + 1}; the last good checkpoint "
-                               f"({ckpt if ckpt.exists() else 'none yet'}) is kept. Lower the learning rate "
-                               f"({cfg.name}.lr={cfg.lr}) or check the data.")
+            raise NaNLossError(
+                f"{cfg.name}: the loss is {loss.item()} at step {step + 1}; the last good checkpoint "
+                f"({ckpt if ckpt.exists() else 'none yet'}) is kept. Lower the learning rate "
+                f"({cfg.name}.lr={cfg.lr}) or check the data."
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -278,12 +334,26 @@ def train_loop(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig,
         done = step + 1
         elapsed = time.time() - t0
         if io.writes and (done % cfg.log_every == 0 or done == steps):
-            _log_step(metrics_path, cfg, done, steps, start, seq_len, elapsed,
-                      {"loss": last_loss, "lr": lr_at(step), **extra})
+            _log_step(
+                metrics_path,
+                cfg,
+                done,
+                steps,
+                start,
+                seq_len,
+                elapsed,
+                {"loss": last_loss, "lr": lr_at(step), **extra},
+            )
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
-            _save_checkpoint(ckpt, done, params, opt,
-                             {"seconds": seconds_before + elapsed, "loss": last_loss}, io)
+            _save_checkpoint(
+                ckpt, done, params, opt, {"seconds": seconds_before + elapsed, "loss": last_loss}, io
+            )
         fault_point(f"{cfg.name}:{done}")  # the kill-and-resume tests crash here (zoo.faults)
     model.eval()
     seconds = seconds_before + (time.time() - t0)
-    return {"steps": steps, "tokens": steps * cfg.batch_size * seq_len, "seconds": seconds, "final_loss": last_loss}
+    return {
+        "steps": steps,
+        "tokens": steps * cfg.batch_size * seq_len,
+        "seconds": seconds,
+        "final_loss": last_loss,
+    }

@@ -20,22 +20,32 @@ def converted_attention(model: nn.Module) -> dict[int, LinearizedAttention]:
     return dict(sorted(found.items()))
 
 
-def transfer_losses(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
-                    attention_ce: float = 0.0, attention_ce_max_len: int = 128,
-                    inputs_embeds: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+def transfer_losses(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    attention_ce: float = 0.0,
+    attention_ce_max_len: int = 128,
+    inputs_embeds: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
     """One teacher-forced forward (zoo.convert.teacher_forced); returns each converted layer's transfer
     loss (MSE of the attention output after o_proj, plus the optional attention-weight cross-entropy).
 
     Give `input_ids` [B, T], or `inputs_embeds` [B, T, hidden] to start from given hidden states
     (block-wise transfer feeds a block the stored teacher states entering it this way)."""
     converted = converted_attention(model)
-    with teacher_forced(model, attention_ce=attention_ce, attention_ce_max_len=attention_ce_max_len,
-                        mask=attention_mask) as losses:
+    with teacher_forced(
+        model, attention_ce=attention_ce, attention_ce_max_len=attention_ce_max_len, mask=attention_mask
+    ) as losses:
         # run the decoder only up to the last converted layer: later layers and the LM head teach nothing
         handle = converted[max(converted)].register_forward_hook(_stop_forward)
         try:
-            model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                        use_cache=False)
+            model.model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                use_cache=False,
+            )
         except _LastConvertedLayerDone:
             pass
         finally:
@@ -51,8 +61,15 @@ def _stop_forward(module, args, output):
     raise _LastConvertedLayerDone
 
 
-def run_stage1(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir: Path,
-               attention_ce: float = 0.0, attention_ce_max_len: int = 128, device="cpu") -> dict:
+def run_stage1(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    cfg: LoopConfig,
+    run_dir: Path,
+    attention_ce: float = 0.0,
+    attention_ce_max_len: int = 128,
+    device="cpu",
+) -> dict:
     """Train only the mixers' parameters by attention transfer. Logs the per-layer losses.
 
     `blocks` holds token ids [N, T], or hidden states entering the first layer held (block-wise
@@ -61,8 +78,13 @@ def run_stage1(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir:
 
     def loss_fn(batch):
         hidden = batch.is_floating_point()
-        losses = transfer_losses(model, None if hidden else batch, attention_ce=attention_ce,
-                                 attention_ce_max_len=attention_ce_max_len, inputs_embeds=batch if hidden else None)
+        losses = transfer_losses(
+            model,
+            None if hidden else batch,
+            attention_ce=attention_ce,
+            attention_ce_max_len=attention_ce_max_len,
+            inputs_embeds=batch if hidden else None,
+        )
         total = torch.stack(list(losses.values())).sum()
         return total, {"layer_loss": {str(i): round(v.item(), 8) for i, v in losses.items()}}
 
@@ -77,7 +99,7 @@ def layer_mse(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> di
     sums: dict[int, float] = {}
     n = 0
     for i in range(0, blocks.shape[0], batch_size):
-        batch = blocks[i:i + batch_size].to(next(model.parameters()).device)
+        batch = blocks[i : i + batch_size].to(next(model.parameters()).device)
         for idx, loss in transfer_losses(model, batch).items():
             sums[idx] = sums.get(idx, 0.0) + loss.item() * batch.shape[0]
         n += batch.shape[0]

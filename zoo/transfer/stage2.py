@@ -18,15 +18,27 @@ from zoo.convert import linearized_layers, softmax_teacher
 from zoo.transfer.loop import LoopConfig, train_loop
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: int = 16, dropout: float = 0.0,
-             targets=("q_proj", "k_proj", "v_proj", "o_proj"), train_mixer: bool = False) -> nn.Module:
+def add_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    train_mixer: bool = False,
+) -> nn.Module:
     """Wrap `model` with peft LoRA on `targets`; only LoRA (and, if asked, mixer) parameters train."""
     from peft import LoraConfig, get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                        bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config)
     for name, p in peft_model.named_parameters():
         if "lora_" in name:
@@ -68,7 +80,9 @@ def as_teacher(model: nn.Module, lora: dict[str, torch.Tensor] | None = None) ->
 
 def _require_converted(model: nn.Module) -> None:
     if not linearized_layers(model):
-        raise ValueError("distillation needs a converted model (zoo.linearize): this one has no converted layer")
+        raise ValueError(
+            "distillation needs a converted model (zoo.linearize): this one has no converted layer"
+        )
 
 
 @contextmanager
@@ -94,8 +108,10 @@ def check_lora_fits(model: nn.Module, lora: dict[str, torch.Tensor]) -> None:
     unknown = [n for n in lora if n not in params or "lora_" not in n]
     wrong = [n for n in lora if n in params and params[n].shape != lora[n].shape]
     if unknown or wrong:
-        raise ValueError("the reference LoRA does not fit this model's LoRA (it needs the same stage2.lora "
-                         f"settings): not LoRA parameters of the model {unknown[:3]}, other shapes {wrong[:3]}")
+        raise ValueError(
+            "the reference LoRA does not fit this model's LoRA (it needs the same stage2.lora "
+            f"settings): not LoRA parameters of the model {unknown[:3]}, other shapes {wrong[:3]}"
+        )
 
 
 def teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -105,8 +121,9 @@ def teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
 
 
-def stage2_loss(model: nn.Module, distill: float = 0.0, teacher_lora: dict[str, torch.Tensor] | None = None
-                ) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
+def stage2_loss(
+    model: nn.Module, distill: float = 0.0, teacher_lora: dict[str, torch.Tensor] | None = None
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
     """loss_fn for train_loop: the next-token loss, plus `distill` x the KL to the teacher's next-token
     distribution when `distill` > 0 (both parts logged). With `teacher_lora`, the teacher is the teacher
     fine-tuned with that LoRA (see `as_teacher`)."""
@@ -124,11 +141,19 @@ def stage2_loss(model: nn.Module, distill: float = 0.0, teacher_lora: dict[str, 
         out = model(input_ids=batch, labels=batch, use_cache=False)
         kl = teacher_kl(out.logits, teacher_logits)
         return out.loss + distill * kl, {"ce": out.loss.item(), "kl": kl.item()}
+
     return loss_fn
 
 
-def run_stage2(model: nn.Module, blocks: torch.Tensor, cfg: LoopConfig, run_dir: Path, device="cpu",
-               distill: float = 0.0, teacher_lora: dict[str, torch.Tensor] | None = None) -> dict:
+def run_stage2(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    cfg: LoopConfig,
+    run_dir: Path,
+    device="cpu",
+    distill: float = 0.0,
+    teacher_lora: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Fine-tune the trainable parameters of a model from `add_lora` with the next-token loss
     (+ `distill` x the KL to the teacher, or to the teacher + `teacher_lora`)."""
     return train_loop(model, blocks, cfg, stage2_loss(model, distill, teacher_lora), run_dir, device=device)
@@ -138,8 +163,14 @@ def with_stage2_lora(model: nn.Module, stage2, seed: int) -> nn.Module:
     """`model` with stage 2's LoRA (`stage2`: a recipe's Stage2Config) added, and gradient checkpointing if
     it asks. LoRA's random init is seeded from `seed` alone, so it does not depend on what ran before."""
     torch.manual_seed(seed + 1)
-    model = add_lora(model, stage2.lora.rank, stage2.lora.alpha, stage2.lora.dropout, stage2.lora.targets,
-                     stage2.train_mixer)
+    model = add_lora(
+        model,
+        stage2.lora.rank,
+        stage2.lora.alpha,
+        stage2.lora.dropout,
+        stage2.lora.targets,
+        stage2.train_mixer,
+    )
     if stage2.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

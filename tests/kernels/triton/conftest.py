@@ -20,8 +20,10 @@ if not torch.cuda.is_available():
         pass
     else:
         if isinstance(tl.sum, JITFunction):
-            raise pytest.UsageError("triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py): "
-                                    "its kernels cannot run on the CPU in this process")
+            raise pytest.UsageError(
+                "triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py): "
+                "its kernels cannot run on the CPU in this process"
+            )
         autotuner.Autotuner.prune_configs = lambda self, kwargs: self.configs[:1]
 
 

@@ -15,11 +15,25 @@ pytest.importorskip("triton")
 
 
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a fresh process, compiled kernels
+    env = {
+        k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"
+    }  # a fresh process, compiled kernels
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-m", "zoo.kernels.triton.compile_check", "--arch", "90"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "zoo.kernels.triton.compile_check", "--arch", "90"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(report["shared"]) == {"fwd", "bwd_dq", "bwd_dkv", "chunk_states", "chunk_states_reverse", "step"}
+    assert set(report["shared"]) == {
+        "fwd",
+        "bwd_dq",
+        "bwd_dkv",
+        "chunk_states",
+        "chunk_states_reverse",
+        "step",
+    }
     assert max(report["shared"].values()) <= report["shared_limit"]

@@ -30,10 +30,14 @@ def linear_inputs(gate, normalize, T=20, B=1, H=2, K=8, V=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, T, K, generator=g).softmax(-1) for _ in range(2))
     v = torch.randn(B, H, T, V, generator=g)
-    log_gate = {None: None, "scalar": F.logsigmoid(torch.randn(B, H, T, generator=g) + 3),
-                "key": F.logsigmoid(torch.randn(B, H, T, K, generator=g) + 3)}[gate]
-    state = LinearAttentionState(torch.randn(B, H, K, V, generator=g).abs(),
-                                 torch.rand(B, H, K, generator=g) if normalize else None)
+    log_gate = {
+        None: None,
+        "scalar": F.logsigmoid(torch.randn(B, H, T, generator=g) + 3),
+        "key": F.logsigmoid(torch.randn(B, H, T, K, generator=g) + 3),
+    }[gate]
+    state = LinearAttentionState(
+        torch.randn(B, H, K, V, generator=g).abs(), torch.rand(B, H, K, generator=g) if normalize else None
+    )
     move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return [move(t) for t in (q, k, v, log_gate)], LinearAttentionState(*(move(t) for t in state))
 
@@ -68,8 +72,11 @@ def assert_close_all(got, want, atol, rtol):
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("gate, normalize", [("key", True), ("scalar", True), (None, False)],
-                         ids=["gla-normalized", "simple-gla-normalized", "no-gate"])
+@pytest.mark.parametrize(
+    "gate, normalize",
+    [("key", True), ("scalar", True), (None, False)],
+    ids=["gla-normalized", "simple-gla-normalized", "no-gate"],
+)
 def test_linear_attention_recurrent(gate, normalize):
     linear_attention_fla, _ = fla_forms()
     xs, state = linear_inputs(gate, normalize)
@@ -123,7 +130,9 @@ def test_gpu_linear_attention(mode, gate, normalize, dtype):
     xs, state = linear_inputs(gate, normalize, T=1000, B=2, H=4, K=128, V=64)
     cast = [t if t is None or i == 3 else t.to(dtype) for i, t in enumerate(xs)]
     y, s, g = with_grads(linear_attention_fla, cast, state, normalize, mode=mode)
-    y0, s0, g0 = with_grads(linear_attention_naive, [None if t is None else t.float() for t in cast], state, normalize)
+    y0, s0, g0 = with_grads(
+        linear_attention_naive, [None if t is None else t.float() for t in cast], state, normalize
+    )
     tol = 2e-3 if dtype == torch.float32 else 5e-2  # fla computes fp32 products in TF32
     assert_close_all([y, s.S, s.z], [y0, s0.S, s0.z], atol=tol, rtol=tol)
     for a, b in zip(g, g0):

@@ -32,7 +32,9 @@ def prefill_and_decode(name, backend, monkeypatch, T=40, steps=2):
     with torch.no_grad():
         decoded = []
         for t in range(T, T + steps):
-            y_t, state = mixer(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], x[:, t:t + 1], state=state)
+            y_t, state = mixer(
+                q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], x[:, t : t + 1], state=state
+            )
             decoded.append(y_t)
     return y.detach(), grads, decoded
 

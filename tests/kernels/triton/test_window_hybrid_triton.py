@@ -49,7 +49,9 @@ def leaf(t: torch.Tensor, grad=True) -> torch.Tensor:
 
 
 def copy_state(st: WindowHybridState, grad=False) -> WindowHybridState:
-    return WindowHybridState(*(leaf(getattr(st, n), grad) for n in STATE_FIELDS), st.n.clone(), st.window, st.terraced)
+    return WindowHybridState(
+        *(leaf(getattr(st, n), grad) for n in STATE_FIELDS), st.n.clone(), st.window, st.terraced
+    )
 
 
 def run(fn, xs, factors, state=None, grad=True, **kw):
@@ -62,9 +64,15 @@ def run(fn, xs, factors, state=None, grad=True, **kw):
         return y, new, None
     g = torch.Generator().manual_seed(7)
     loss = (y.float() * torch.randn(y.shape, generator=g).to(y.device)).sum()
-    loss = loss + 0.3 * new.S.sum() + 0.7 * new.z.sum() + 0.5 * new.k.float().sum() + 0.2 * new.fk.float().sum()
+    loss = (
+        loss + 0.3 * new.S.sum() + 0.7 * new.z.sum() + 0.5 * new.k.float().sum() + 0.2 * new.fk.float().sum()
+    )
     loss.backward()
-    leaves = xs + [f for f in factors if f is not None] + ([] if st is None else [getattr(st, n) for n in STATE_FIELDS])
+    leaves = (
+        xs
+        + [f for f in factors if f is not None]
+        + ([] if st is None else [getattr(st, n) for n in STATE_FIELDS])
+    )
     return y, new, [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
 
 
@@ -74,13 +82,23 @@ def assert_same(got, want, atol, rtol, what):
     torch.testing.assert_close(y1.float(), y0.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what} y: {m}")
     assert torch.equal(s1.n, s0.n) and s1.cached_tokens == s0.cached_tokens
     for n in STATE_FIELDS:
-        torch.testing.assert_close(getattr(s1, n).float(), getattr(s0, n).float(), atol=atol, rtol=rtol,
-                                   msg=lambda m, n=n: f"{what} state.{n}: {m}")
+        torch.testing.assert_close(
+            getattr(s1, n).float(),
+            getattr(s0, n).float(),
+            atol=atol,
+            rtol=rtol,
+            msg=lambda m, n=n: f"{what} state.{n}: {m}",
+        )
     if g1 is not None:
         assert len(g1) == len(g0)
         for i, (a, b) in enumerate(zip(g1, g0)):
-            torch.testing.assert_close(a.float(), b.float(), atol=atol * 4, rtol=rtol * 4,
-                                       msg=lambda m, i=i: f"{what} gradient #{i}: {m}")
+            torch.testing.assert_close(
+                a.float(),
+                b.float(),
+                atol=atol * 4,
+                rtol=rtol * 4,
+                msg=lambda m, i=i: f"{what} gradient #{i}: {m}",
+            )
 
 
 def padded_prefill_state(xs, a, b, T0, window, terraced):
@@ -88,7 +106,9 @@ def padded_prefill_state(xs, a, b, T0, window, terraced):
     numbers of tokens, so the kernels' per-row positions and unused slots are exercised."""
     mask = torch.ones(B, T0, dtype=torch.bool, device=DEVICE)
     mask[1, :9] = False
-    _, st = window_hybrid_chunked(*[x[:, :, :T0] for x in xs], a, b, window=window, terraced=terraced, key_mask=mask)
+    _, st = window_hybrid_chunked(
+        *[x[:, :, :T0] for x in xs], a, b, window=window, terraced=terraced, key_mask=mask
+    )
     return st
 
 
@@ -151,9 +171,14 @@ def test_prefill_then_decode_equals_whole_sequence():
     xs, a, b = make(T, seed=13, **PREFILL)
     y0, s0, _ = run(window_hybrid_naive, xs, [a, b, None], grad=False, window=W, terraced=True)
     parts, st = [], None
-    for lo, hi, fn in ((0, 2, window_hybrid_step_triton), (2, 50, window_hybrid_triton),
-                       (50, 53, window_hybrid_step_triton)):
-        y, st, _ = run(fn, [x[:, :, lo:hi] for x in xs], [a, b, None], grad=False, window=W, terraced=True, state=st)
+    for lo, hi, fn in (
+        (0, 2, window_hybrid_step_triton),
+        (2, 50, window_hybrid_triton),
+        (50, 53, window_hybrid_step_triton),
+    ):
+        y, st, _ = run(
+            fn, [x[:, :, lo:hi] for x in xs], [a, b, None], grad=False, window=W, terraced=True, state=st
+        )
         parts.append(y)
     assert_same((torch.cat(parts, 2), st, None), (y0, s0, None), 1e-5, 1e-5, "split")
 
@@ -165,7 +190,9 @@ def test_half_precision_forward():
     half = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     xs, a, b = make(40, seed=17, **PREFILL)
     xs16 = [x.to(half) for x in xs[:3]] + xs[3:]
-    y, st, _ = run(window_hybrid_triton, xs16, [a, b, None], grad=False, window=16, chunk_size=16, state_chunk=16)
+    y, st, _ = run(
+        window_hybrid_triton, xs16, [a, b, None], grad=False, window=16, chunk_size=16, state_chunk=16
+    )
     y0, s0, _ = run(window_hybrid_naive, [x.float() for x in xs16], [a, b, None], grad=False, window=16)
     assert y.dtype == half and st.k.dtype == half
     torch.testing.assert_close(y.float(), y0, atol=2e-2, rtol=2e-2)

@@ -66,7 +66,7 @@ def read_lazyload_db(rdx: str | Path, rdb: str | Path) -> dict[str, Any]:
     blob = Path(rdb).read_bytes()
     out = {}
     for name, (offset, length) in index["variables"].items():
-        out[str(name)] = _unserialize(_decompress_entry(blob[int(offset):int(offset) + int(length)]))
+        out[str(name)] = _unserialize(_decompress_entry(blob[int(offset) : int(offset) + int(length)]))
     return out
 
 

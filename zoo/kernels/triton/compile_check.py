@@ -47,14 +47,24 @@ def _signature(fn, const: dict, pointer_types: dict[str, str]) -> dict[str, str]
 
 
 def _build(fn, const: dict, pointer_types: dict[str, str], arch: int, options: dict) -> int:
-    kernel = triton.compile(ASTSource(fn, _signature(fn, const, pointer_types), const),
-                            target=GPUTarget("cuda", arch, 32), options=options)
+    kernel = triton.compile(
+        ASTSource(fn, _signature(fn, const, pointer_types), const),
+        target=GPUTarget("cuda", arch, 32),
+        options=options,
+    )
     return int(kernel.metadata.shared)
 
 
-def compile_window_hybrid(arch: int = 90, head_dim: int = 128, features: int = 256, dtype=torch.bfloat16,
-                          feature_dtype=torch.float32, window: int = 64, terraced: bool = True,
-                          has_c: bool = True) -> dict[str, int]:
+def compile_window_hybrid(
+    arch: int = 90,
+    head_dim: int = 128,
+    features: int = 256,
+    dtype=torch.bfloat16,
+    feature_dtype=torch.float32,
+    window: int = 64,
+    terraced: bool = True,
+    has_c: bool = True,
+) -> dict[str, int]:
     """Build every kernel of the window hybrid for sm_<arch>; returns {kernel: shared memory bytes}."""
     meta = lambda *shape, dt=dtype: torch.empty(*shape, device="meta", dtype=dt)  # noqa: E731
     q, v, fq = meta(1, 1, 1, head_dim), meta(1, 1, 1, head_dim), meta(1, 1, 1, features, dt=feature_dtype)
@@ -70,13 +80,21 @@ def compile_window_hybrid(arch: int = 90, head_dim: int = 128, features: int = 2
         "bwd_dkv": _build(bwd_dkv_kernel, dict(const, HAS_C=has_c, NJ=dims.NJ), inputs, arch, options),
     }
     for reverse in (False, True):
-        cs = chunk_state_constants(features, head_dim, STATE_CHUNK, reverse, not reverse, reverse, const["PREC"])
+        cs = chunk_state_constants(
+            features, head_dim, STATE_CHUNK, reverse, not reverse, reverse, const["PREC"]
+        )
         built[f"chunk_states{'_reverse' if reverse else ''}"] = _build(
-            chunk_states_kernel, cs, dict(X=f, Y="*fp32" if reverse else t), arch, {})
+            chunk_states_kernel, cs, dict(X=f, Y="*fp32" if reverse else t), arch, {}
+        )
     L = 2 * window if terraced else window
     step = step_constants(L, head_dim, head_dim, features, window, terraced, has_c)
-    built["step"] = _build(step_kernel, step, dict(inputs, KS=t, VS=t, FKS=t, KS_OUT=t, VS_OUT=t, FKS_OUT=t, Y=t,
-                                                    REAL="*i8"), arch, {})
+    built["step"] = _build(
+        step_kernel,
+        step,
+        dict(inputs, KS=t, VS=t, FKS=t, KS_OUT=t, VS_OUT=t, FKS_OUT=t, Y=t, REAL="*i8"),
+        arch,
+        {},
+    )
     return built
 
 
@@ -84,7 +102,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--features", type=int, default=256, help="feature-map size F (Hedgehog: 2 * feature_dim)")
+    parser.add_argument(
+        "--features", type=int, default=256, help="feature-map size F (Hedgehog: 2 * feature_dim)"
+    )
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     args = parser.parse_args(argv)
     dtype = {v: k for k, v in _TYPES.items()}[args.dtype]

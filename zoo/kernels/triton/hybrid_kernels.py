@@ -78,26 +78,73 @@ def _head_scalars(NSEEN, A, BB, CC, bh, H, P, W: tl.constexpr, HAS_C: tl.constex
 
 
 @triton.jit
-def _query_tile(Q, FQ, bh, j, T, N, P, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
-                C: tl.constexpr):
+def _query_tile(
+    Q,
+    FQ,
+    bh,
+    j,
+    T,
+    N,
+    P,
+    D: tl.constexpr,
+    F: tl.constexpr,
+    BD: tl.constexpr,
+    BF: tl.constexpr,
+    C: tl.constexpr,
+):
     """Query tile j (extended positions e_q, new-token positions t_q, which are real) and its q, phi(q)."""
     od, of = tl.arange(0, BD), tl.arange(0, BF)
     e_q = j * C + tl.arange(0, C)
     t_q = e_q - P
     q_ok = (e_q >= P) & (e_q < N)
-    q = tl.load(Q + bh * T * D + t_q[:, None] * D + od[None, :], mask=q_ok[:, None] & (od[None, :] < D), other=0.0)
-    fq = tl.load(FQ + bh * T * F + t_q[:, None] * F + of[None, :], mask=q_ok[:, None] & (of[None, :] < F), other=0.0)
+    q = tl.load(
+        Q + bh * T * D + t_q[:, None] * D + od[None, :], mask=q_ok[:, None] & (od[None, :] < D), other=0.0
+    )
+    fq = tl.load(
+        FQ + bh * T * F + t_q[:, None] * F + of[None, :], mask=q_ok[:, None] & (of[None, :] < F), other=0.0
+    )
     return e_q, t_q, q_ok, q, fq
 
 
 @triton.jit
-def fwd_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC,
-                Y, M, DEN, ARG,
-                T, N, P, NC, NS, H, scale,
-                D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-                BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr, VS: tl.constexpr,
-                C: tl.constexpr, R: tl.constexpr, W: tl.constexpr, TERRACED: tl.constexpr, HAS_C: tl.constexpr,
-                PREC: tl.constexpr):
+def fwd_kernel(
+    Q,
+    FQ,
+    K,
+    V,
+    FK,
+    HS,
+    HZ,
+    NSEEN,
+    A,
+    BB,
+    CC,
+    Y,
+    M,
+    DEN,
+    ARG,
+    T,
+    N,
+    P,
+    NC,
+    NS,
+    H,
+    scale,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    F: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    BF: tl.constexpr,
+    FS: tl.constexpr,
+    VS: tl.constexpr,
+    C: tl.constexpr,
+    R: tl.constexpr,
+    W: tl.constexpr,
+    TERRACED: tl.constexpr,
+    HAS_C: tl.constexpr,
+    PREC: tl.constexpr,
+):
     j = tl.program_id(0) + P // C
     bh = tl.program_id(1).to(tl.int64)
     first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh, H, P, W, HAS_C)
@@ -115,11 +162,19 @@ def fwd_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC,
     for kb in range(kb_lo, j + 1):
         e_k = kb * C + tl.arange(0, C)
         k_in = e_k < N
-        k = tl.load(K + bh * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0)
-        v = tl.load(V + bh * N * DV + e_k[:, None] * DV + ov[None, :], mask=k_in[:, None] & (ov[None, :] < DV),
-                    other=0.0)
-        fk = tl.load(FK + bh * N * F + e_k[:, None] * F + of[None, :], mask=k_in[:, None] & (of[None, :] < F),
-                     other=0.0)
+        k = tl.load(
+            K + bh * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0
+        )
+        v = tl.load(
+            V + bh * N * DV + e_k[:, None] * DV + ov[None, :],
+            mask=k_in[:, None] & (ov[None, :] < DV),
+            other=0.0,
+        )
+        fk = tl.load(
+            FK + bh * N * F + e_k[:, None] * F + of[None, :],
+            mask=k_in[:, None] & (of[None, :] < F),
+            other=0.0,
+        )
         win, lin = _band_masks(e_q[:, None], e_k[None, :], first_valid, N, shift, W, TERRACED)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s = tl.where(win, s, float("-inf"))
@@ -144,10 +199,16 @@ def fwd_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC,
     st = bh * (NS + 1) + kb_lo // R
     for f0 in range(0, BF, FS):
         ofs = f0 + tl.arange(0, FS)
-        fq_s = tl.load(FQ + bh * T * F + t_q[:, None] * F + ofs[None, :], mask=q_ok[:, None] & (ofs[None, :] < F),
-                       other=0.0).to(tl.float32)
-        S = tl.load(HS + st * F * DV + ofs[:, None] * DV + ov[None, :], mask=(ofs[:, None] < F) & (ov[None, :] < DV),
-                    other=0.0)
+        fq_s = tl.load(
+            FQ + bh * T * F + t_q[:, None] * F + ofs[None, :],
+            mask=q_ok[:, None] & (ofs[None, :] < F),
+            other=0.0,
+        ).to(tl.float32)
+        S = tl.load(
+            HS + st * F * DV + ofs[:, None] * DV + ov[None, :],
+            mask=(ofs[:, None] < F) & (ov[None, :] < DV),
+            other=0.0,
+        )
         z = tl.load(HZ + st * F + ofs, mask=ofs < F, other=0.0)
         acc_lin += fb * tl.dot(fq_s, S, input_precision=PREC)
         l_lin += fb * tl.sum(fq_s * z[None, :], 1)
@@ -155,29 +216,68 @@ def fwd_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC,
     den = fa * l_win + l_lin
     den = tl.where(q_ok, den, 1.0)
     y = (fa * acc_win + acc_lin) / den[:, None]
-    tl.store(Y + bh * T * DV + t_q[:, None] * DV + ov[None, :], y.to(Y.dtype.element_ty),
-             mask=q_ok[:, None] & (ov[None, :] < DV))
+    tl.store(
+        Y + bh * T * DV + t_q[:, None] * DV + ov[None, :],
+        y.to(Y.dtype.element_ty),
+        mask=q_ok[:, None] & (ov[None, :] < DV),
+    )
     tl.store(M + bh * T + t_q, tl.where(m_i == float("-inf"), 0.0, m_i), mask=q_ok)
     tl.store(DEN + bh * T + t_q, den, mask=q_ok)
     tl.store(ARG + bh * T + t_q, arg, mask=q_ok)
 
 
 @triton.jit
-def bwd_dq_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC, GN, GD, M,
-                   DQ, DFQ, PA, PB, PC,
-                   T, N, P, NC, NS, H, scale,
-                   D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-                   BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr, VS: tl.constexpr,
-                   C: tl.constexpr, R: tl.constexpr, W: tl.constexpr, TERRACED: tl.constexpr, HAS_C: tl.constexpr,
-                   PREC: tl.constexpr):
+def bwd_dq_kernel(
+    Q,
+    FQ,
+    K,
+    V,
+    FK,
+    HS,
+    HZ,
+    NSEEN,
+    A,
+    BB,
+    CC,
+    GN,
+    GD,
+    M,
+    DQ,
+    DFQ,
+    PA,
+    PB,
+    PC,
+    T,
+    N,
+    P,
+    NC,
+    NS,
+    H,
+    scale,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    F: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    BF: tl.constexpr,
+    FS: tl.constexpr,
+    VS: tl.constexpr,
+    C: tl.constexpr,
+    R: tl.constexpr,
+    W: tl.constexpr,
+    TERRACED: tl.constexpr,
+    HAS_C: tl.constexpr,
+    PREC: tl.constexpr,
+):
     j = tl.program_id(0) + P // C
     bh = tl.program_id(1).to(tl.int64)
     first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh, H, P, W, HAS_C)
 
     od, ov, of = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
     e_q, t_q, q_ok, q, fq = _query_tile(Q, FQ, bh, j, T, N, P, D, F, BD, BF, C)
-    gn = tl.load(GN + bh * T * DV + t_q[:, None] * DV + ov[None, :], mask=q_ok[:, None] & (ov[None, :] < DV),
-                 other=0.0)
+    gn = tl.load(
+        GN + bh * T * DV + t_q[:, None] * DV + ov[None, :], mask=q_ok[:, None] & (ov[None, :] < DV), other=0.0
+    )
     gd = tl.load(GD + bh * T + t_q, mask=q_ok, other=0.0)
     m = tl.load(M + bh * T + t_q, mask=q_ok, other=0.0)
 
@@ -190,11 +290,19 @@ def bwd_dq_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC, GN, GD, M,
     for kb in range(kb_lo, j + 1):
         e_k = kb * C + tl.arange(0, C)
         k_in = e_k < N
-        k = tl.load(K + bh * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0)
-        v = tl.load(V + bh * N * DV + e_k[:, None] * DV + ov[None, :], mask=k_in[:, None] & (ov[None, :] < DV),
-                    other=0.0).to(tl.float32)
-        fk = tl.load(FK + bh * N * F + e_k[:, None] * F + of[None, :], mask=k_in[:, None] & (of[None, :] < F),
-                     other=0.0)
+        k = tl.load(
+            K + bh * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0
+        )
+        v = tl.load(
+            V + bh * N * DV + e_k[:, None] * DV + ov[None, :],
+            mask=k_in[:, None] & (ov[None, :] < DV),
+            other=0.0,
+        ).to(tl.float32)
+        fk = tl.load(
+            FK + bh * N * F + e_k[:, None] * F + of[None, :],
+            mask=k_in[:, None] & (of[None, :] < F),
+            other=0.0,
+        )
         win, lin = _band_masks(e_q[:, None], e_k[None, :], first_valid, N, shift, W, TERRACED)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         p = tl.exp(tl.where(win, s, float("-inf")) - m[:, None])
@@ -215,10 +323,16 @@ def bwd_dq_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC, GN, GD, M,
     fq32 = fq.to(tl.float32)
     for v0 in range(0, BDV, VS):
         ovs = v0 + tl.arange(0, VS)
-        gn_s = tl.load(GN + bh * T * DV + t_q[:, None] * DV + ovs[None, :], mask=q_ok[:, None] & (ovs[None, :] < DV),
-                       other=0.0)
-        S = tl.load(HS + st * F * DV + of[:, None] * DV + ovs[None, :], mask=(of[:, None] < F) & (ovs[None, :] < DV),
-                    other=0.0)
+        gn_s = tl.load(
+            GN + bh * T * DV + t_q[:, None] * DV + ovs[None, :],
+            mask=q_ok[:, None] & (ovs[None, :] < DV),
+            other=0.0,
+        )
+        S = tl.load(
+            HS + st * F * DV + of[:, None] * DV + ovs[None, :],
+            mask=(of[:, None] < F) & (ovs[None, :] < DV),
+            other=0.0,
+        )
         g_s = tl.dot(gn_s, tl.trans(S), input_precision=PREC)  # [C, BF]: the far keys' dW, summed through S
         acc_dfq += fb * g_s
         pb += tl.sum(fq32 * g_s, 1)
@@ -236,13 +350,47 @@ def bwd_dq_kernel(Q, FQ, K, V, FK, HS, HZ, NSEEN, A, BB, CC, GN, GD, M,
 
 
 @triton.jit
-def bwd_dkv_kernel(Q, FQ, K, V, FK, GS, GZ, NSEEN, A, BB, CC, GN, GD, M,
-                    DK, DVAL, DFK,
-                    T, N, P, NC, NS, H, scale,
-                    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-                    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr, VS: tl.constexpr,
-                    C: tl.constexpr, R: tl.constexpr, W: tl.constexpr, TERRACED: tl.constexpr, HAS_C: tl.constexpr,
-                    NJ: tl.constexpr, PREC: tl.constexpr):
+def bwd_dkv_kernel(
+    Q,
+    FQ,
+    K,
+    V,
+    FK,
+    GS,
+    GZ,
+    NSEEN,
+    A,
+    BB,
+    CC,
+    GN,
+    GD,
+    M,
+    DK,
+    DVAL,
+    DFK,
+    T,
+    N,
+    P,
+    NC,
+    NS,
+    H,
+    scale,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    F: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    BF: tl.constexpr,
+    FS: tl.constexpr,
+    VS: tl.constexpr,
+    C: tl.constexpr,
+    R: tl.constexpr,
+    W: tl.constexpr,
+    TERRACED: tl.constexpr,
+    HAS_C: tl.constexpr,
+    NJ: tl.constexpr,
+    PREC: tl.constexpr,
+):
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh, H, P, W, HAS_C)
@@ -250,10 +398,15 @@ def bwd_dkv_kernel(Q, FQ, K, V, FK, GS, GZ, NSEEN, A, BB, CC, GN, GD, M,
     od, ov, of = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
     e_k = c * C + tl.arange(0, C)
     k_in = e_k < N
-    k = tl.load(K + bh * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0)
-    v = tl.load(V + bh * N * DV + e_k[:, None] * DV + ov[None, :], mask=k_in[:, None] & (ov[None, :] < DV),
-                other=0.0).to(tl.float32)
-    fk = tl.load(FK + bh * N * F + e_k[:, None] * F + of[None, :], mask=k_in[:, None] & (of[None, :] < F), other=0.0)
+    k = tl.load(
+        K + bh * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0
+    )
+    v = tl.load(
+        V + bh * N * DV + e_k[:, None] * DV + ov[None, :], mask=k_in[:, None] & (ov[None, :] < DV), other=0.0
+    ).to(tl.float32)
+    fk = tl.load(
+        FK + bh * N * F + e_k[:, None] * F + of[None, :], mask=k_in[:, None] & (of[None, :] < F), other=0.0
+    )
 
     acc_dk = tl.zeros([C, BD], dtype=tl.float32)
     acc_dv = tl.zeros([C, BDV], dtype=tl.float32)
@@ -267,8 +420,11 @@ def bwd_dkv_kernel(Q, FQ, K, V, FK, GS, GZ, NSEEN, A, BB, CC, GN, GD, M,
     j_end = tl.cdiv(c + n_band, R) * R
     for j in range(c, tl.minimum(j_end, NC)):
         e_q, t_q, q_ok, q, fq = _query_tile(Q, FQ, bh, j, T, N, P, D, F, BD, BF, C)
-        gn = tl.load(GN + bh * T * DV + t_q[:, None] * DV + ov[None, :], mask=q_ok[:, None] & (ov[None, :] < DV),
-                     other=0.0)
+        gn = tl.load(
+            GN + bh * T * DV + t_q[:, None] * DV + ov[None, :],
+            mask=q_ok[:, None] & (ov[None, :] < DV),
+            other=0.0,
+        )
         gd = tl.load(GD + bh * T + t_q, mask=q_ok, other=0.0)
         m = tl.load(M + bh * T + t_q, mask=q_ok, other=0.0)
         # everything transposed: rows are keys, columns queries
@@ -289,23 +445,42 @@ def bwd_dkv_kernel(Q, FQ, K, V, FK, GS, GZ, NSEEN, A, BB, CC, GN, GD, M,
     g_ptr = GS + st * F * DV
     for v0 in range(0, BDV, VS):
         ovs = v0 + tl.arange(0, VS)
-        v_s = tl.load(V + bh * N * DV + e_k[:, None] * DV + ovs[None, :], mask=k_in[:, None] & (ovs[None, :] < DV),
-                      other=0.0).to(tl.float32)
-        G = tl.load(g_ptr + of[:, None] * DV + ovs[None, :], mask=(of[:, None] < F) & (ovs[None, :] < DV), other=0.0)
+        v_s = tl.load(
+            V + bh * N * DV + e_k[:, None] * DV + ovs[None, :],
+            mask=k_in[:, None] & (ovs[None, :] < DV),
+            other=0.0,
+        ).to(tl.float32)
+        G = tl.load(
+            g_ptr + of[:, None] * DV + ovs[None, :], mask=(of[:, None] < F) & (ovs[None, :] < DV), other=0.0
+        )
         acc_dfk += fb * tl.dot(v_s, tl.trans(G), input_precision=PREC)
     for f0 in range(0, BF, FS):
         ofs = f0 + tl.arange(0, FS)
-        fk_s = tl.load(FK + bh * N * F + e_k[:, None] * F + ofs[None, :], mask=k_in[:, None] & (ofs[None, :] < F),
-                       other=0.0).to(tl.float32)
-        G = tl.load(g_ptr + ofs[:, None] * DV + ov[None, :], mask=(ofs[:, None] < F) & (ov[None, :] < DV), other=0.0)
+        fk_s = tl.load(
+            FK + bh * N * F + e_k[:, None] * F + ofs[None, :],
+            mask=k_in[:, None] & (ofs[None, :] < F),
+            other=0.0,
+        ).to(tl.float32)
+        G = tl.load(
+            g_ptr + ofs[:, None] * DV + ov[None, :], mask=(ofs[:, None] < F) & (ov[None, :] < DV), other=0.0
+        )
         acc_dv += fb * tl.dot(fk_s, G, input_precision=PREC)
     gz = tl.load(GZ + st * F + of, mask=of < F, other=0.0)
     acc_dfk += fb * gz[None, :]
 
     k_ok = (k_in & (e_k >= first_valid))[:, None]
-    tl.store(DK + bh * N * D + e_k[:, None] * D + od[None, :], tl.where(k_ok, acc_dk * scale, 0.0),
-             mask=k_in[:, None] & (od[None, :] < D))
-    tl.store(DVAL + bh * N * DV + e_k[:, None] * DV + ov[None, :], tl.where(k_ok, acc_dv, 0.0),
-             mask=k_in[:, None] & (ov[None, :] < DV))
-    tl.store(DFK + bh * N * F + e_k[:, None] * F + of[None, :], tl.where(k_ok, acc_dfk, 0.0),
-             mask=k_in[:, None] & (of[None, :] < F))
+    tl.store(
+        DK + bh * N * D + e_k[:, None] * D + od[None, :],
+        tl.where(k_ok, acc_dk * scale, 0.0),
+        mask=k_in[:, None] & (od[None, :] < D),
+    )
+    tl.store(
+        DVAL + bh * N * DV + e_k[:, None] * DV + ov[None, :],
+        tl.where(k_ok, acc_dv, 0.0),
+        mask=k_in[:, None] & (ov[None, :] < DV),
+    )
+    tl.store(
+        DFK + bh * N * F + e_k[:, None] * F + of[None, :],
+        tl.where(k_ok, acc_dfk, 0.0),
+        mask=k_in[:, None] & (of[None, :] < F),
+    )

@@ -17,11 +17,42 @@ from zoo.kernels.window_hybrid import WindowHybridState
 
 
 @triton.jit
-def step_kernel(Q, K, V, FQ, FK, KS, VS, FKS, S, Z, NSEEN, REAL, A, BB, CC,
-                 Y, KS_OUT, VS_OUT, FKS_OUT, S_OUT, Z_OUT, H, scale,
-                 L: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-                 BL: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
-                 W: tl.constexpr, TERRACED: tl.constexpr, HAS_C: tl.constexpr):
+def step_kernel(
+    Q,
+    K,
+    V,
+    FQ,
+    FK,
+    KS,
+    VS,
+    FKS,
+    S,
+    Z,
+    NSEEN,
+    REAL,
+    A,
+    BB,
+    CC,
+    Y,
+    KS_OUT,
+    VS_OUT,
+    FKS_OUT,
+    S_OUT,
+    Z_OUT,
+    H,
+    scale,
+    L: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    F: tl.constexpr,
+    BL: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    BF: tl.constexpr,
+    W: tl.constexpr,
+    TERRACED: tl.constexpr,
+    HAS_C: tl.constexpr,
+):
     bh = tl.program_id(0).to(tl.int64)
     b_idx, h_idx = bh // H, bh % H
     n_b = tl.load(NSEEN + b_idx).to(tl.int32)
@@ -83,11 +114,19 @@ def step_kernel(Q, K, V, FQ, FK, KS, VS, FKS, S, Z, NSEEN, REAL, A, BB, CC,
         ks2 = tl.where(real, tl.where(last, k_new[None, :].to(ks2.dtype), ks2), ks)
         vs2 = tl.where(real, tl.where(last, v_new[None, :].to(vs2.dtype), vs2), vs)
         fks2 = tl.where(real, tl.where(last, fk_new[None, :].to(fks2.dtype), fks2), fks)
-        tl.store(KS_OUT + bh * L * D + ol[:, None] * D + od[None, :], ks2, mask=in_l[:, None] & dmask[None, :])
-        tl.store(VS_OUT + bh * L * DV + ol[:, None] * DV + ov[None, :], vs2, mask=in_l[:, None] & vmask[None, :])
-        tl.store(FKS_OUT + bh * L * F + ol[:, None] * F + of[None, :], fks2, mask=in_l[:, None] & fmask[None, :])
+        tl.store(
+            KS_OUT + bh * L * D + ol[:, None] * D + od[None, :], ks2, mask=in_l[:, None] & dmask[None, :]
+        )
+        tl.store(
+            VS_OUT + bh * L * DV + ol[:, None] * DV + ov[None, :], vs2, mask=in_l[:, None] & vmask[None, :]
+        )
+        tl.store(
+            FKS_OUT + bh * L * F + ol[:, None] * F + of[None, :], fks2, mask=in_l[:, None] & fmask[None, :]
+        )
 
-    Sm = tl.load(S + bh * F * DV + of[:, None] * DV + ov[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0)
+    Sm = tl.load(
+        S + bh * F * DV + of[:, None] * DV + ov[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0
+    )
     z = tl.load(Z + bh * F + of, mask=fmask, other=0.0)
     num = fa * acc_win + acc_lin + fb * tl.sum(fq[:, None] * Sm, 0)
     den = fa * l_win + l_lin + fb * tl.sum(fq * z, 0)
@@ -97,15 +136,29 @@ def step_kernel(Q, K, V, FQ, FK, KS, VS, FKS, S, Z, NSEEN, REAL, A, BB, CC,
     evict = real & (n_b >= L)
     fk0 = tl.load(fks_ptr + of, mask=fmask, other=0.0).to(tl.float32)
     v0 = tl.load(vs_ptr + ov, mask=vmask, other=0.0).to(tl.float32)
-    tl.store(S_OUT + bh * F * DV + of[:, None] * DV + ov[None, :],
-             Sm + tl.where(evict, fk0[:, None] * v0[None, :], 0.0), mask=fmask[:, None] & vmask[None, :])
+    tl.store(
+        S_OUT + bh * F * DV + of[:, None] * DV + ov[None, :],
+        Sm + tl.where(evict, fk0[:, None] * v0[None, :], 0.0),
+        mask=fmask[:, None] & vmask[None, :],
+    )
     tl.store(Z_OUT + bh * F + of, z + tl.where(evict, fk0, 0.0), mask=fmask)
 
 
 def step_constants(L: int, D: int, DV: int, F: int, window: int, terraced: bool, has_c: bool) -> dict:
     """The step kernel's compile-time constants (slots are read in tiles of at most 32)."""
-    return dict(L=L, D=D, DV=DV, F=F, BL=pow2_block(L, lo=1, hi=32), BD=pow2_block(D, lo=1),
-                BDV=pow2_block(DV, lo=1), BF=pow2_block(F, lo=1), W=window, TERRACED=terraced, HAS_C=has_c)
+    return dict(
+        L=L,
+        D=D,
+        DV=DV,
+        F=F,
+        BL=pow2_block(L, lo=1, hi=32),
+        BD=pow2_block(D, lo=1),
+        BDV=pow2_block(DV, lo=1),
+        BF=pow2_block(F, lo=1),
+        W=window,
+        TERRACED=terraced,
+        HAS_C=has_c,
+    )
 
 
 def step_one_token(q, k, v, fq, fk, a, b, c, state: WindowHybridState, real: torch.Tensor, scale: float):
@@ -119,7 +172,22 @@ def step_one_token(q, k, v, fq, fk, a, b, c, state: WindowHybridState, real: tor
     outs = [torch.empty_like(x) for x in (ks, vs, fks, S, z)]
     has_c = c is not None
     token = [x.contiguous() for x in (q, k, v, fq, fk)]
-    step_kernel[(B * H,)](*token, ks, vs, fks, S, z, state.n, real.to(torch.int8), a, b, c if has_c else a,
-                           y, *outs, H, scale,
-                           **step_constants(state.cached_tokens, D, DV, F, state.window, state.terraced, has_c))
+    step_kernel[(B * H,)](
+        *token,
+        ks,
+        vs,
+        fks,
+        S,
+        z,
+        state.n,
+        real.to(torch.int8),
+        a,
+        b,
+        c if has_c else a,
+        y,
+        *outs,
+        H,
+        scale,
+        **step_constants(state.cached_tokens, D, DV, F, state.window, state.terraced, has_c),
+    )
     return y, WindowHybridState(*outs, state.n + real.long(), state.window, state.terraced)
