@@ -1,4 +1,5 @@
-"""Stage-2 distillation: the teacher computed inside the linearized model, the KL term, and its use in training."""
+"""Stage-2 distillation: the teacher computed inside the linearized model, the KL term, and its use in
+training."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def lora_tensors(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mixer", ["hedgehog", "lolcats", "gated-delta"])
 def test_as_teacher_with_the_references_lora_is_the_fine_tuned_teacher(mixer):
-    """The fair reference (the teacher + its own LoRA) computed inside the student, whose LoRA is back after."""
+    """The fair reference (the teacher + its own LoRA) computed inside the student, whose LoRA is back
+    after."""
     teacher = tiny_model("llama").eval()
     torch.manual_seed(5)
     reference = add_lora(copy.deepcopy(teacher), rank=4, alpha=8)

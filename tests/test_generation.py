@@ -42,7 +42,8 @@ def test_prompts_are_the_starts_of_documents_then_later_stretches(world):
 
 
 class Looper(nn.Module):
-    """A stand-in LM that always predicts (last token + 1) mod `period` + 100: greedy text loops with that period."""
+    """A stand-in LM that always predicts (last token + 1) mod `period` + 100: greedy text loops with that
+    period."""
 
     def __init__(self, period: int):
         super().__init__()

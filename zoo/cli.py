@@ -64,11 +64,13 @@ def cmd_info(args) -> int:
     corpus = load_corpus(args.sources)
     print("corpus")
     print(
-        f"  {'source':<10} {'train docs':>10} {'train tokens':>13} {'held-out docs':>13} {'held-out tokens':>15}"
+        f"  {'source':<10} {'train docs':>10} {'train tokens':>13} {'held-out docs':>13} "
+        f"{'held-out tokens':>15}"
     )
     for source, st in corpus.token_stats(tokenizer).items():
         print(
-            f"  {source:<10} {st['train_documents']:>10} {st['train_tokens']:>13,} {st['heldout_documents']:>13} "
+            f"  {source:<10} {st['train_documents']:>10} {st['train_tokens']:>13,} "
+            f"{st['heldout_documents']:>13} "
             f"{st['heldout_tokens']:>15,}"
         )
     return 0
@@ -113,8 +115,8 @@ def print_table(summary: dict) -> None:
     if generation:
         n = generation["final"]
         print(
-            f"\nrepeated 4-grams in greedy continuations ({n['prompts']} held-out prompts, {n['new_tokens']} tokens): "
-            + ", ".join(f"{k} {v['repeated_4grams']:.2f}" for k, v in generation.items())
+            f"\nrepeated 4-grams in greedy continuations ({n['prompts']} held-out prompts, {n['new_tokens']} "
+            "tokens): " + ", ".join(f"{k} {v['repeated_4grams']:.2f}" for k, v in generation.items())
         )
 
 
@@ -151,7 +153,8 @@ def cmd_run(args) -> int:
     return 0
 
 
-#: the demo's budget: a quarter of the recipe's stage-1 tokens, so it finishes in about 15 minutes on 2 CPU cores
+#: the demo's budget: a quarter of the recipe's stage-1 tokens, so it finishes in about 15 minutes on 2 CPU
+#: cores
 DEMO_OVERRIDES = ["stage1.tokens=61440"]
 
 
@@ -348,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             if message is None:
                 print(
-                    f"zoo: internal error ({type(err).__name__}); this is a bug in zoo, please report it with "
+                    f"zoo: internal error ({type(err).__name__}); this is a bug in zoo, please report it "
+                    "with "
                     "the traceback above and the command",
                     file=sys.stderr,
                 )

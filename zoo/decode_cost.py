@@ -3,7 +3,8 @@
 `measure_decode(model, contexts=[512, 1024, 2048], steps=8)` prefills one sequence of random tokens up
 to each context in turn (carrying the cache), then times `steps` greedy single-token decoding steps
 there (tokens/s from the median step, robust to a step slowed by other work on the machine); the next
-context's prefill continues from the same cache, so every figure is at exactly the stated context. The state is what the cache holds for one sequence: a linearized layer's mixer state
+context's prefill continues from the same cache, so every figure is at exactly the stated context. The state
+is what the cache holds for one sequence: a linearized layer's mixer state
 (`zoo.cache.ZooCache`), or a softmax layer's keys and values.
 
 Extrapolation to a longer context (default 32k, `state_bytes_extrapolated`) is made only where the

@@ -16,7 +16,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def describe_device(device: torch.device) -> str:
-    """The device in words, as results record it: "cuda (NVIDIA H100 80GB HBM3)", "cpu (x86_64, 2 threads)"."""
+    """The device in words, as results record it: "cuda (NVIDIA H100 80GB HBM3)", "cpu (x86_64, 2
+    threads)"."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"

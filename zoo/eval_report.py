@@ -83,7 +83,8 @@ def check_eval_arguments(args) -> tuple[list[int], list[int]]:
 
 
 def add_eval_arguments(parser) -> None:
-    """The optional measurements of `zoo eval` (the CLI adds DIR, --sources, --seq-len, --max-blocks, --mmlu)."""
+    """The optional measurements of `zoo eval` (the CLI adds DIR, --sources, --seq-len, --max-blocks,
+    --mmlu)."""
     parser.add_argument("--passkey", help="passkey retrieval at these contexts (tokens), e.g. 512,1024,2048")
     parser.add_argument("--passkey-trials", type=int, default=4, help="prompts per context (default 4)")
     parser.add_argument("--decode", help="decode tok/s and state bytes at these contexts, e.g. 512,1024,2048")

@@ -37,7 +37,8 @@ __all__ = [
     "branch_ablation",
 ]
 
-#: the measures a recipe can ask for (eval.mmlu, eval.passkey_lengths, eval.decode_contexts, eval.generation_prompts)
+#: the measures a recipe can ask for (eval.mmlu, eval.passkey_lengths, eval.decode_contexts,
+#: eval.generation_prompts)
 MEASURES = ("mmlu", "passkey", "decode", "generation")
 
 
@@ -128,7 +129,8 @@ def measure(name: str, recipe: Recipe, data: Any, model: Any, tokenizer: Any) ->
 
 
 def teacher_reference(name: str, recipe: Recipe, device: torch.device) -> tuple[str, dict]:
-    """The reference cache's (kind, key) of the teacher's result of measure `name` (not "decode": a timing)."""
+    """The reference cache's (kind, key) of the teacher's result of measure `name` (not "decode": a
+    timing)."""
     return f"teacher-{name}", _measure_key(name, recipe, device)
 
 

@@ -39,7 +39,8 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def filler_tokens(tokenizer: Any, texts: Sequence[Any], needed: int) -> torch.Tensor:
-    """At least `needed` token ids of filler from `texts` (strings or zoo.data.Document), repeated if short."""
+    """At least `needed` token ids of filler from `texts` (strings or zoo.data.Document), repeated if
+    short."""
     from zoo.data.blocks import token_stream
 
     stream = token_stream(tokenizer, list(texts))

@@ -131,7 +131,8 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class StageConfig(TrainingConfig):
-    """A training stage: whether it runs, and how it trains (the fields the loop shares, zoo.transfer.loop)."""
+    """A training stage: whether it runs, and how it trains (the fields the loop shares,
+    zoo.transfer.loop)."""
 
     enabled: bool = True
 
@@ -225,7 +226,8 @@ class Stage2Config(StageConfig):
     tokens: int = 200_000
     lr: float = 1e-3
     train_mixer: bool = False  # also train the mixers' own parameters
-    distill: float = 0.0  # weight of the KL to the teacher's next-token distribution, added to the next-token loss; 0 = off
+    # weight of the KL to the teacher's next-token distribution, added to the next-token loss; 0 = off
+    distill: float = 0.0
     distill_from: str = (
         "teacher"  # "teacher" (untouched) or "reference" (the teacher + the same LoRA budget, cached)
     )
@@ -343,7 +345,8 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def data_key(self) -> dict[str, Any]:
-        """The data section as cache keys see it: only what changes the documents (not how failures are met)."""
+        """The data section as cache keys see it: only what changes the documents (not how failures are
+        met)."""
         data = dataclasses.asdict(self.data)
         data.pop("skip_unavailable")
         return data
@@ -366,7 +369,8 @@ _Dumper.add_representer(list, _represent_list)
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Recipe:
-    """Read, override and validate a recipe file (and the base recipes it inherits, see `read_recipe_file`)."""
+    """Read, override and validate a recipe file (and the base recipes it inherits, see
+    `read_recipe_file`)."""
     path = Path(path)
     data = read_recipe_file(path)
     try:

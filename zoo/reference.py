@@ -27,11 +27,13 @@ REFERENCE_STAGE2_KEYS_IF_SET = ("adam_betas",)
 
 
 def teacher_lora_folder(recipe: Recipe) -> tuple[Path, str]:
-    """Where the fair reference of `recipe` is kept (one per model, data, stage 2, eval blocks, seed), and its key."""
+    """Where the fair reference of `recipe` is kept (one per model, data, stage 2, eval blocks, seed), and its
+    key."""
     from zoo.data.cache import cache_dir
 
     d = recipe.to_dict()
-    # only what changes the fine-tuned teacher: new recipe keys (logging, memory savers) must not void the cache
+    # only what changes the fine-tuned teacher: new recipe keys (logging, memory savers) must not void the
+    # cache
     stage2 = {k: d["stage2"][k] for k in REFERENCE_STAGE2_KEYS}
     default = Stage2Config()
     stage2 |= {

@@ -271,7 +271,8 @@ def warn_if_stage1_worse(progress: dict) -> None:
 
 
 def same_recipe(path: Path, recipe: Recipe) -> bool:
-    """Whether the run folder's recipe.yaml is `recipe` (keys added to the schema since take their defaults)."""
+    """Whether the run folder's recipe.yaml is `recipe` (keys added to the schema since take their
+    defaults)."""
     try:
         return load_recipe(path).to_dict() == recipe.to_dict()
     except ValueError:

@@ -72,5 +72,6 @@ class RunData:
         ]
 
     def passkey_filler(self) -> list:
-        """Held-out documents to hide passkeys in: the out-of-domain corpora's, else the training corpora's."""
+        """Held-out documents to hide passkeys in: the out-of-domain corpora's, else the training
+        corpora's."""
         return [doc for s in (self.ood_sources or self.train_sources) for doc in self.corpus.heldout(s)]

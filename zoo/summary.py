@@ -7,7 +7,8 @@ from zoo.recipe import Recipe
 
 
 def stage1_worse_than_swap(progress: dict) -> str | None:
-    """A warning when stage 1 ended with a higher held-out perplexity than the untrained swap (None otherwise)."""
+    """A warning when stage 1 ended with a higher held-out perplexity than the untrained swap (None
+    otherwise)."""
     swap, stage1 = progress.get("swap"), progress.get("stage1")
     if not (swap and stage1 and "heldout" in swap and "heldout" in stage1):
         return None

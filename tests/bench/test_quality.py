@@ -335,7 +335,8 @@ def test_every_mixer_gets_its_own_settings_and_the_same_stage2():
 
     assert len({shared(r) for r in recipes.values()}) == 1
     assert len({teacher_lora_folder(r)[0] for r in recipes.values()}) == 1
-    # whether the mixer keeps learning in stage 2 is the mixer's own recipe's (lolcats.yaml: the terraced window's)
+    # whether the mixer keeps learning in stage 2 is the mixer's own recipe's (lolcats.yaml: the terraced
+    # window's)
     for m, r in recipes.items():
         own = own_recipe(m, RECIPES)
         assert r.stage2.train_mixer == (

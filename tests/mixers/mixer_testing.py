@@ -82,7 +82,8 @@ def assert_states_close(a, b):
 
 
 def check_split_and_carry(name, options=None, length=LENGTH, cuts=CUTS):
-    """Mixer `name` run over `length` tokens cut at `cuts`, carrying the state, gives the outputs and the final
+    """Mixer `name` run over `length` tokens cut at `cuts`, carrying the state, gives the outputs and the
+    final
     state of one pass. Raises AssertionError where it does not."""
     m = make_test_mixer(name, options)
     ts = inputs(length)
@@ -94,7 +95,8 @@ def check_split_and_carry(name, options=None, length=LENGTH, cuts=CUTS):
 
 
 def with_padding(t, at, pads, seed):
-    """[B, h, T, ...] (or x [B, T, hidden]) with `pads` garbage tokens inserted before token at[b] of row b."""
+    """[B, h, T, ...] (or x [B, T, hidden]) with `pads` garbage tokens inserted before token at[b] of row
+    b."""
     dim = 2 if t.dim() == 4 else 1
     g = torch.Generator().manual_seed(seed)
     rows = []

@@ -1,4 +1,5 @@
-"""The gated mixers `gla`, `liger-gla`, `liger`, `retention`: carry, padding, GQA, gradients, decoding, decay."""
+"""The gated mixers `gla`, `liger-gla`, `liger`, `retention`: carry, padding, GQA, gradients, decoding,
+decay."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def state_rows(s, lo, hi):
 
 
 def gated_reference(fq, fk, v, log_gate, eps=1e-6):
-    """Quadratic reference: y_i = sum_{j<=i} w_ij v_j / sum_j w_ij, w_ij = sum_f fq_if fk_jf exp(sum_{j<s<=i} g_sf)."""
+    """Quadratic reference: y_i = sum_{j<=i} w_ij v_j / sum_j w_ij, w_ij = sum_f fq_if fk_jf exp(sum_{j<s<=i}
+    g_sf)."""
     T = fq.shape[2]
     if log_gate is None:
         log_gate = torch.zeros(fq.shape[:3])
@@ -293,7 +295,8 @@ def test_gla_starts_as_ungated_hedgehog():
 
 
 def test_liger_gate_ignores_rope():
-    """Rotating each pair (d, d + D/2) of the keys by any angle (what RoPE does) leaves the gates unchanged."""
+    """Rotating each pair (d, d + D/2) of the keys by any angle (what RoPE does) leaves the gates
+    unchanged."""
     m = make_mixer("liger-gla")
     q, k, v, x = inputs(20)
     theta = torch.rand(1, 1, 20, D // 2) * 2 * math.pi

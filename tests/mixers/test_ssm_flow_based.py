@@ -1,5 +1,6 @@
 """The `mamba2`, `flow`, `based` and `based-window` mixers: carry, padding, GQA, gradients, and what is
-particular to each (mamba2's teacher start and conv, Flow-Attention against a loop reference, the Taylor map)."""
+particular to each (mamba2's teacher start and conv, Flow-Attention against a loop reference, the Taylor
+map)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """`torchrun --nproc-per-node 2 -m zoo.cli run` on the CPU (gloo): block-wise stage 1 spread over two
-ranks gives the stitched mixers of one process; FSDP2 LoRA (distilled) on two ranks gives one process's losses;
+ranks gives the stitched mixers of one process; FSDP2 LoRA (distilled) on two ranks gives one process's
+losses;
 a killed rank's work is redone on relaunch, finished blocks are not."""
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ mixer's recipe alike, so every mixer (and the fair reference) trains and is meas
 (`base: quick`) and change some fields. The budget's name is the file's stem.
 
 Throughput behind the sizes (SmolLM2-135M, fp32, 2 CPU cores, seq_len 256): stage 1 ~280 tok/s,
-stage 2 ~130 tok/s, a forward pass ~450 tok/s, greedy generation ~10 tok/s. `Budget.estimate_seconds` turns a budget into an
+stage 2 ~130 tok/s, a forward pass ~450 tok/s, greedy generation ~10 tok/s. `Budget.estimate_seconds` turns a
+budget into an
 estimate of the wall time per mixer on that machine (the bench's ETA before a mixer has finished).
 """
 
@@ -37,7 +38,8 @@ class Budget:
     seq_len: int  # tokens per training and evaluation block
     batch_size: int  # blocks per optimizer step in stage 2 (and the fair reference)
     stage1_batch_size: int  # blocks per optimizer step in stage 1: small, because at these token budgets the
-    # number of steps limits attention transfer (lolcats, 61,440 tokens: batch 1 -> stage-1 ppl 36.1, batch 4 -> 41.4)
+    # number of steps limits attention transfer (lolcats, 61,440 tokens: batch 1 -> stage-1 ppl 36.1, batch 4
+    # -> 41.4)
     stage1_tokens: int  # attention transfer
     stage2_tokens: int  # LoRA (the fair reference gets the same)
     eval_blocks: int  # held-out blocks per corpus for perplexity / bits per byte
@@ -109,7 +111,8 @@ class Budget:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def estimate_seconds(self, stage1: bool = True, sources: int = 3) -> float:
-        """Wall time of one mixer's run on SmolLM2-135M on 2 CPU cores (see THROUGHPUT), references excluded."""
+        """Wall time of one mixer's run on SmolLM2-135M on 2 CPU cores (see THROUGHPUT), references
+        excluded."""
         forward = (
             3 * self.eval_blocks * sources * self.seq_len  # swap, after stage 1, final
             + 2 * self.mse_blocks * self.seq_len
@@ -131,7 +134,8 @@ BUDGETS: dict[str, Budget] = {
     for b in (
         Budget(
             name="smoke",
-            description="checks the whole pipeline in seconds per mixer (tiny models, CI); the numbers mean nothing",
+            description="checks the whole pipeline in seconds per mixer (tiny models, CI); "
+            "the numbers mean nothing",
             seq_len=32,
             batch_size=2,
             stage1_batch_size=1,
@@ -150,7 +154,8 @@ BUDGETS: dict[str, Budget] = {
         ),
         Budget(
             name="quick",
-            description="every mixer in about an hour on 2 CPU cores (SmolLM2-135M): a first look, not a verdict",
+            description="every mixer in about an hour on 2 CPU cores (SmolLM2-135M): "
+            "a first look, not a verdict",
             seq_len=256,
             batch_size=4,
             stage1_batch_size=1,
@@ -168,8 +173,8 @@ BUDGETS: dict[str, Budget] = {
         ),
         Budget(
             name="standard",
-            description="the README leaderboard: the recipes' stage-2 budget and a quarter of their stage-1 tokens "
-            "(about 20 minutes per mixer on 2 CPU cores)",
+            description="the README leaderboard: the recipes' stage-2 budget and a quarter of their "
+            "stage-1 tokens (about 20 minutes per mixer on 2 CPU cores)",
             seq_len=256,
             batch_size=4,
             stage1_batch_size=1,
@@ -220,7 +225,8 @@ def get_budget(name_or_path: str) -> Budget:
         )
         if not isinstance(value, expected) or isinstance(value, bool) or not items_ok:
             raise ValueError(
-                f"budget file {path}: {key} must be {'a list of ints' if expected is tuple else expected.__name__}"
+                f"budget file {path}: {key} must be "
+                f"{'a list of ints' if expected is tuple else expected.__name__}"
                 f", got {value!r}"
             )
     fields.setdefault(

@@ -129,8 +129,10 @@ def _header(results: dict) -> list[str]:
         "",
         f"{b['description']}.",
         "",
-        f"- budget: seq_len {b['seq_len']}, stage 1 {b['stage1_tokens']:,} tokens (batch {b['stage1_batch_size']}), "
-        f"stage 2 {b['stage2_tokens']:,} tokens (batch {b['batch_size']}), {b['eval_blocks']} held-out blocks per "
+        f"- budget: seq_len {b['seq_len']}, stage 1 {b['stage1_tokens']:,} tokens (batch "
+        f"{b['stage1_batch_size']}), "
+        f"stage 2 {b['stage2_tokens']:,} tokens (batch {b['batch_size']}), {b['eval_blocks']} held-out "
+        "blocks per "
         f"corpus, MMLU {b['mmlu']} questions (5-shot), passkey at {passkey} tokens x {b['passkey_trials']}",
         f"- seed {results['seed']}; device: {results['device']}; "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
@@ -138,11 +140,16 @@ def _header(results: dict) -> list[str]:
         f"- command: `{results['command']}`",
         *(f"- rows kept from an earlier command: `{c}`" for c in results.get("earlier_commands", [])),
         "",
-        "Perplexity (ppl) and bits per byte (bpb) on held-out text of the training corpora and on a corpus never "
-        "trained on (OOD). **x fair ref.**: final held-out ppl / the teacher fine-tuned with the same LoRA budget; "
-        "**x teacher**: OOD ppl / the untouched teacher's. **gap closed**: share of the swap-only to fair-reference "
-        "gap closed, in bpb. Passkey: retrieval accuracy at each context length. Repeats: share of repeated 4-grams "
-        "in greedy continuations of held-out prompts (loops, which perplexity does not see; read it beside perplexity: "
+        "Perplexity (ppl) and bits per byte (bpb) on held-out text of the training corpora and on a corpus "
+        "never "
+        "trained on (OOD). **x fair ref.**: final held-out ppl / the teacher fine-tuned with the same LoRA "
+        "budget; "
+        "**x teacher**: OOD ppl / the untouched teacher's. **gap closed**: share of the swap-only to "
+        "fair-reference "
+        "gap closed, in bpb. Passkey: retrieval accuracy at each context length. Repeats: share of repeated "
+        "4-grams "
+        "in greedy continuations of held-out prompts (loops, which perplexity does not see; read it beside "
+        "perplexity: "
         "text without sense need not repeat). Transfer MSE: mean over "
         "layers, swap-only / after stage 1.",
         "",

@@ -65,7 +65,8 @@ STAGE1_KEYS = (
     "attention_ce_max_len",
 )
 #: stage-2 keys of a mixer's own recipe that its bench run takes: only those that leave the fair reference
-#: (the teacher + the same LoRA, zoo.reference.teacher_lora_folder) as it is, so one reference still serves every mixer
+#: (the teacher + the same LoRA, zoo.reference.teacher_lora_folder) as it is, so one reference still serves
+#: every mixer
 STAGE2_KEYS = ("train_mixer",)
 RECIPES_ROOT = Path(__file__).resolve().parents[1] / "recipes"  # shipped in the package
 DEFAULT_RECIPES = "smollm2-135m"
@@ -317,7 +318,8 @@ def run_bench(items: list[BenchItem], budget: Budget, on_progress=None, jobs: in
 def _release_memory() -> None:
     """After a run in this process: free what it left, and hand the GPU memory torch's allocator still
     holds back to the device, or the worker processes started next (--jobs) find too little of it
-    (seen on an H100: while workers ran out of memory, one process, by its PID the bench's own, held 22 GB)."""
+    (seen on an H100: while workers ran out of memory, one process, by its PID the bench's own, held
+    22 GB)."""
     gc.collect()
     import torch
 
@@ -598,7 +600,8 @@ def main(args) -> int:
     if args.report:
         write_outputs(out, meta, items, {})
         _say(
-            f"{sum(it.finished for it in items)} of {len(items)} run(s) finished in {out}; wrote results.json, "
+            f"{sum(it.finished for it in items)} of {len(items)} run(s) finished in {out}; wrote "
+            "results.json, "
             "leaderboard.md and the plots (ran nothing)"
         )
         return 0

@@ -1,7 +1,8 @@
 """PNG plots of a quality bench, drawn from its results rows (see zoo.bench.results):
 
 - quality_vs_params.png: final held-out perplexity against trainable parameters, the references as lines;
-- loss_curves_stage2.png: the stage-2 (LoRA) training loss against tokens, per mixer and for the fair reference;
+- loss_curves_stage2.png: the stage-2 (LoRA) training loss against tokens, per mixer and for the fair
+reference;
 - decode_vs_context.png: decode time per token against the context, per mixer and for the teacher;
 - state_vs_context.png: state bytes per sequence against the context (measured points solid; the
   extrapolation to 32k dashed, where the state's shape allows it).

@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         type=int,
         default=None,
-        help=f"context lengths (default: {DEFAULT_SEQ_LENS['cpu']} on cpu, {DEFAULT_SEQ_LENS['cuda']} on cuda)",
+        help=f"context lengths (default: {DEFAULT_SEQ_LENS['cpu']} on cpu, "
+        f"{DEFAULT_SEQ_LENS['cuda']} on cuda)",
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")

@@ -68,7 +68,8 @@ def make_inputs(
     device: torch.device,
     seed: int = 0,
 ) -> Inputs:
-    """Random inputs: q, k, v ~ N(0, 1) (as after a projection and RoPE), x ~ N(0, 1) (an RMS-normed input)."""
+    """Random inputs: q, k, v ~ N(0, 1) (as after a projection and RoPE), x ~ N(0, 1) (an RMS-normed
+    input)."""
     shapes = [
         (batch, heads, seq_len, head_dim),
         (batch, kv_heads, seq_len, head_dim),

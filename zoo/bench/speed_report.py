@@ -66,11 +66,14 @@ def _header(results: dict) -> list[str]:
         results["command"],
         "```",
         "",
-        f"- device: {results['device']['name']} ({results['device']['type']}), torch threads {results['threads']} "
+        f"- device: {results['device']['name']} ({results['device']['type']}), torch threads "
+        f"{results['threads']} "
         f"(env: {env})",
-        f"- dtype {results['dtype']}; batch {shape['batch']}, {shape['heads']} query heads, {shape['kv_heads']} "
+        f"- dtype {results['dtype']}; batch {shape['batch']}, {shape['heads']} query heads, "
+        f"{shape['kv_heads']} "
         f"key/value heads, head dim {shape['head_dim']}, hidden {shape['hidden']}",
-        f"- {results['warmup']} warm-up run(s), then the median of {results['repeats']} timed run(s); decode: "
+        f"- {results['warmup']} warm-up run(s), then the median of {results['repeats']} timed run(s); "
+        "decode: "
         f"{results['decode_steps']} steps per timed run, each from the state after T tokens",
         f"- peak memory: {results['memory_method']}",
         f"- CPU allocator: {results['cpu_allocator']}",

@@ -115,7 +115,8 @@ def _eos_id(tokenizer) -> int | None:
 
 
 def token_stream(tokenizer, docs_or_texts) -> torch.Tensor:
-    """The texts' tokens in one 1-D LongTensor, `eos_token_id` between texts (none if the tokenizer has none)."""
+    """The texts' tokens in one 1-D LongTensor, `eos_token_id` between texts (none if the tokenizer has
+    none)."""
     ids, lengths = encode_texts(tokenizer, docs_or_texts)
     pieces = [p for p in torch.split(ids, lengths.tolist()) if p.numel()]
     eos = _eos_id(tokenizer)

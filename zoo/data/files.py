@@ -1,4 +1,5 @@
-"""The user's own text files: a file, a folder (its text files, recursively) or a glob; one document per file."""
+"""The user's own text files: a file, a folder (its text files, recursively) or a glob; one document per
+file."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ TEXT_COLUMN = "text"
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
-    """'hf:wikitext:wikitext-2-raw-v1@test' -> ('wikitext', 'wikitext-2-raw-v1', 'test'); split defaults to train."""
+    """'hf:wikitext:wikitext-2-raw-v1@test' -> ('wikitext', 'wikitext-2-raw-v1', 'test'); split defaults to
+    train."""
     if not spec.startswith(PREFIX) or not spec[len(PREFIX) :]:
         raise ValueError(
             f"not a Hugging Face dataset spec: {spec!r} (expected hf:<name>[:<config>][@<split>])"

@@ -139,7 +139,8 @@ def flow_attention_naive(fq, fk, v, mask=None, eps: float = 1e-6):
             hist.append(t)
             inflow[t] = (fq[b, :, t] * sum(fk[b, :, j] for j in hist)).sum(-1) + eps  # [H]
             outflow[t] = (fk[b, :, t] * sum(fq[b, :, i] for i in hist)).sum(-1) + eps
-            # source t's conserved outflow uses the sinks i <= t (fixed from now on); sink t's inflow all j <= t
+            # source t's conserved outflow uses the sinks i <= t (fixed from now on); sink t's inflow all j <=
+            # t
             out_hat[t] = (fk[b, :, t] * sum(fq[b, :, i] / inflow[i][:, None] for i in hist)).sum(-1)
             in_hat = (fq[b, :, t] * sum(fk[b, :, j] / outflow[j][:, None] for j in hist)).sum(-1)
             compete = len(hist) * torch.softmax(

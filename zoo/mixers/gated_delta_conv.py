@@ -3,7 +3,8 @@ beside the slow one in every head, and the first token kept exact. No softmax, n
 
 Per head, with q, k, v the teacher's (RoPE applied) and x the layer input:
 
-    q', k', v' = conv(q), conv(k), conv(v)          short causal depthwise convs (conv_size taps; start: identity)
+    q', k', v' = conv(q), conv(k), conv(v)          short causal depthwise convs (conv_size taps; start:
+    identity)
     y_m = GatedDelta_m(q', k', v')                  memory m: its own feature maps, write strength and gate
     u = (sum_m w_m y_m) * 2 sigmoid(x W_g) + conv_o(v')
     y = (1 - s) u + s v_1,  s = sigmoid(x W_s)     v_1: the value of the sequence's first real token
@@ -149,7 +150,8 @@ class GatedDeltaConvMixer(GatedDeltaRuleMixer):
         ho = ho[:, :: self.kv_group_size]  # one history per key/value head: its query group's inputs agree
         share = torch.sigmoid(self.read_x(self.sink_proj, x))[..., None]
         y = (1.0 - share) * (y + local) + share * repeat_kv(sink_v[:, :, None], H)
-        # the first token attends to itself alone: softmax gives its value exactly, q.S (no normalizer) does not
+        # the first token attends to itself alone: softmax gives its value exactly, q.S (no normalizer) does
+        # not
         y = (
             torch.where(first[:, None, :, None], repeat_kv(v, H).float(), y) * real[:, None, :, None]
         )  # pads: 0

@@ -30,7 +30,10 @@ class GLAMixer(GatedLinearMixer):
         "gated linear attention: Hedgehog feature maps + per-feature gates logsigmoid(low-rank(x))/tau, "
         "starting near no decay"
     )
-    source = "Yang et al. 2024, Gated Linear Attention Transformers (arXiv:2312.06635); Hedgehog (arXiv:2402.04347)"
+    source = (
+        "Yang et al. 2024, Gated Linear Attention Transformers (arXiv:2312.06635); "
+        "Hedgehog (arXiv:2402.04347)"
+    )
     options = {
         "feature_dim": Option(
             None, int, min=1, nullable=True, doc="projections per head (2x as many features); null: head_dim"

@@ -1,6 +1,7 @@
 """`retention`: RetNet's fixed multi-scale decay on normalized linear attention, no parameters.
 
-    S_t = gamma_h S_{t-1} + phi(k_t)^T v_t,   y_t = phi(q_t) S_t / phi(q_t) . z_t,   gamma_h = 1 - 2^-(e0 + h * step)
+    S_t = gamma_h S_{t-1} + phi(k_t)^T v_t,   y_t = phi(q_t) S_t / phi(q_t) . z_t,   gamma_h = 1 - 2^-(e0 + h
+    * step)
 
 with e0 = 5 and step = 1 as in RetNet (Sun et al. 2023): head 0 forgets with a half-life of 22 tokens,
 each next head twice as slowly. A constant scalar log gate per head; nothing is learned.

@@ -1,1 +1,2 @@
-"""Scale-out: hidden-state store, block-wise attention transfer over torch.distributed, FSDP2 LoRA, `zoo plan`."""
+"""Scale-out: hidden-state store, block-wise attention transfer over torch.distributed, FSDP2 LoRA, `zoo
+plan`."""

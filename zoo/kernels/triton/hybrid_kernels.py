@@ -18,7 +18,8 @@ Forward (`fwd_kernel`), per query block: online max over the window (m_t and its
 flash attention), window accumulators rescaled as m_t grows, linear accumulators not rescaled (the
 hybrid compares linear weights with the max-normalized window weights, not with e^{q.k}):
 
-    y_t = (a sum_win e^{s - m} v + sum_band coef w v + b phi_q S) / (a sum_win e^{s - m} + sum_band coef w + b phi_q z)
+    y_t = (a sum_win e^{s - m} v + sum_band coef w v + b phi_q S) / (a sum_win e^{s - m} + sum_band coef w + b
+    phi_q z)
 
 with w = phi_q . phi_k and coef = b outside the window, c inside (c = 0 unless given). It saves
 m_t, the denominator and argmax_t for the backward pass.
