@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.zoo-installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check zoo tests
+	$(BIN)/ruff format --check zoo tests
+
+format: $(STAMP)
+	$(BIN)/ruff format zoo tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -69,7 +69,8 @@ def test_forms_agree_with_reference(terraced, W, T, sinks):
 
 
 def assert_forms_agree(xs, a, b, **kw):
-    """The chunked and step forms give the loop reference's outputs, gradients and state; returns its y, state."""
+    """The chunked and step forms give the loop reference's outputs, gradients and state; returns its y,
+    state."""
     y0, s0, g0 = run(window_hybrid_naive, xs, a, b, grad=True, **kw)
     for fn in (window_hybrid_chunked, window_hybrid_step):
         y, s, g = run(fn, xs, a, b, grad=True, **kw)
