@@ -21,6 +21,16 @@ def test_recipes_exist():
     } <= names
 
 
+def test_each_smollm2_recipe_is_the_bench_template_plus_at_most_25_lines():
+    folder = RECIPES[0].parents[1] / "smollm2-135m"
+    for path in sorted(folder.glob("*.yaml")):
+        if path.name == "bench.yaml":
+            continue
+        lines = path.read_text().splitlines()
+        assert any(line.startswith("base: bench.yaml") for line in lines), path.name
+        assert len(lines) <= 25, f"{path.name}: {len(lines)} lines"
+
+
 def test_every_built_in_mixer_has_a_smollm2_recipe_naming_it():
     import zoo
     from zoo.bench.quality import own_recipe
@@ -252,3 +262,25 @@ def test_to_dict_round_trip():
     assert Recipe.from_dict(out) == r
     assert Recipe.from_dict(yaml.safe_load(r.to_yaml())) == r
     assert Recipe.from_dict(out).to_dict() == out
+
+
+def test_base_inherits_sections_key_by_key_and_the_mixer_whole(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "mixer: {name: lolcats, options: {window: 32}}\nstage1: {lr: 0.5, tokens: 100}\nseed: 3\n"
+    )
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmixer: {name: hedgehog}\nstage1: {tokens: 200}\n")
+    recipe = load_recipe(tmp_path / "child.yaml")
+    assert recipe.mixer.name == "hedgehog" and recipe.mixer.options == {}  # no lolcats window inherited
+    assert recipe.stage1.tokens == 200 and recipe.stage1.lr == 0.5 and recipe.seed == 3
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\nseed: 4\n")
+    assert load_recipe(tmp_path / "grandchild.yaml").stage1.tokens == 200
+
+
+def test_a_bad_base_is_a_clear_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nmixer: {name: hedgehog}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(RecipeError, match="inherits from itself"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\nmixer: {name: hedgehog}\n")
+    with pytest.raises(RecipeError, match="no recipe at"):
+        load_recipe(tmp_path / "c.yaml")
