@@ -37,9 +37,24 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(tiny_world, tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("zoo_linearize-*.whl")
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     python = venv / "bin" / "python"
-    run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path)
+    # this environment's pip installs into the fresh venv (pip --python), which needs no pip of its own
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        cwd=tmp_path,
+    )
     # zoo comes from the wheel; its dependencies (torch, transformers, ...) from this environment's
     # site-packages, appended after the venv's own (a .pth line adds a path, not the editable install in it)
     purelib = Path(

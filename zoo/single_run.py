@@ -9,25 +9,24 @@ import time
 
 import torch
 
-from zoo.atomic import write_json
 from zoo.devices import pick_device, pick_dtype
-from zoo.faults import fault_point
 from zoo.generation import generate_text
-from zoo.io import FINAL_MODEL_DIR, save_run_model
-from zoo.measures import branch_ablation, cached_reference, measure, teacher_measures, wanted_measures
+from zoo.io import FINAL_MODEL_DIR
+from zoo.measures import cached_reference, measure, teacher_measures, wanted_measures
 from zoo.peak_memory import PeakMemory
+from zoo.phases import FINAL_MEASURES, RunPhases
 from zoo.recipe import Recipe
 from zoo.reference import teacher_lora_reference, teacher_lora_weights
 from zoo.run_data import RunData
 from zoo.run_state import RunState
-from zoo.summary import build_summary, stage1_worse_than_swap
+from zoo.summary import stage1_worse_than_swap
 
 
 def _say(msg: str) -> None:
     print(f"zoo: {msg}", file=sys.stderr, flush=True)
 
 
-class SingleRun:
+class SingleRun(RunPhases):
     """A run in one process, phase by phase; each phase records its results as soon as they are known
     and skips what the folder's record already holds (zoo.run_state)."""
 
@@ -57,20 +56,9 @@ class SingleRun:
         self.stage1()
         trainable = self.stage2()
         self.evaluate(teacher_side)
-        sample = generate_text(
-            self.model, self.tokenizer, recipe.eval.generate_prompt, recipe.eval.generate_tokens, self.device
-        )
-        save_run_model(self.model, self.tokenizer, self.out, merge=recipe.stage2.merge_on_save)
+        sample = self.sample_and_save(self.model, self.device)
         self.decode(teacher_side)
-        summary = build_summary(recipe, self.progress, trainable, sample, time.time() - t_start, model_params)
-        summary["data_sources"] = {
-            "train": self.data.train_sources,
-            "eval_ood": self.data.ood_sources,
-            "skipped": self.data.skipped_sources,
-        }
-        write_json(self.out / "summary.json", summary)
-        fault_point("summary")
-        return summary
+        return self.record_summary(trainable, sample, time.time() - t_start, model_params)
 
     def teacher(self) -> dict:
         """The teacher's evaluation, fair reference, sample and side of each measure (cached across runs)."""
@@ -90,10 +78,7 @@ class SingleRun:
                 "device": self.device.type,
             }
             remember("teacher", cached_reference("teacher-eval", teacher_key, lambda: data.evaluate(model)))
-        if recipe.eval.teacher_lora and "teacher_lora" not in progress:
-            reference = teacher_lora_reference(recipe, data, self.device, self.dtype)
-            remember("teacher_lora_train", reference["train"])
-            remember("teacher_lora", reference["eval"])
+        self.record_reference(lambda: teacher_lora_reference(recipe, data, self.device, self.dtype))
         teacher_side = teacher_measures(
             recipe,
             data,
@@ -149,12 +134,11 @@ class SingleRun:
                 attention_ce_max_len=s1.attention_ce_max_len,
                 device=self.device,
             )
-        if "stage1_train" not in self.progress:
-            self.remember("stage1_train", stats | {"peak_memory": peak.result()})
-        if "stage1" not in self.progress:
-            self.remember(
-                "stage1", {**self.data.evaluate(model), "layer_mse": layer_mse(model, self.mse_blocks)}
-            )
+        self.record_stage1(
+            model,
+            stats | {"peak_memory": peak.result()},
+            lambda: {"layer_mse": layer_mse(model, self.mse_blocks)},
+        )
         warn_if_stage1_worse(self.progress)
 
     def stage2(self) -> int:
@@ -188,22 +172,11 @@ class SingleRun:
             0 if s2.train_mixer else mixer_params
         )
 
+    def say(self, message: str) -> None:
+        _say(message)
+
     def evaluate(self, teacher_side: dict) -> None:
-        recipe, model, remember = self.recipe, self.model, self.remember
-        if "final" not in self.progress:
-            remember("final", self.data.evaluate(model))
-        for name in ("mmlu", "passkey", "generation"):
-            if name in teacher_side:
-                _say(f"{name}: final model")
-                remember(
-                    name,
-                    {
-                        "teacher": teacher_side[name],
-                        "final": measure(name, recipe, self.data, model, self.tokenizer),
-                    },
-                )
-        if recipe.eval.branches and "branches" not in self.progress:
-            remember("branches", branch_ablation(recipe, self.data, model, self.tokenizer))
+        self.record_final(self.model, teacher_side, [m for m in FINAL_MEASURES if m in teacher_side])
 
     def decode(self, teacher_side: dict) -> None:
         """Decode speed and state bytes, timed on the model as saved (LoRA merged), not through peft."""

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from zoo.atomic import write_json
+from zoo.atomic import verify_dir, write_json
 from zoo.devices import pick_dtype
-from zoo.generation import generate_text
-from zoo.io import save_run_model
+from zoo.phases import FINAL_MEASURES, RunPhases
 from zoo.recipe import Recipe
 from zoo.run_data import RunData
 from zoo.scale.blockwise import (
@@ -42,11 +41,12 @@ from zoo.scale.blockwise import (
 from zoo.scale.dist import Distributed, init_distributed
 from zoo.scale.skeleton import CheckpointReader, checkpoint_folder
 from zoo.scale.store import HiddenStateStore, StoreLayout, build_store, tokens_fingerprint
-from zoo.summary import build_summary
+from zoo.transfer.loop import read_checkpoint
 
-#: the measures a scaled run takes on the sharded teacher and model, all ranks in step. Decode speed is the
-#: one a scaled run refuses: a timing of one device's decoding, which a sharded model does not show.
-SCALED_MEASURES = ("mmlu", "passkey", "generation")
+#: the measures a scaled run takes on the sharded teacher and model, all ranks in step: all of them but decode
+#: speed, the one eval a scaled run refuses (a timing of one device's decoding, which a sharded model does
+#: not show)
+SCALED_MEASURES = FINAL_MEASURES
 
 
 def _say(ctx: Distributed, msg: str) -> None:
@@ -74,7 +74,7 @@ def run_scaled(recipe: Recipe, out_dir: str | Path, redo: tuple[str, ...] = ()) 
         ctx.close()
 
 
-class ScaledRun:
+class ScaledRun(RunPhases):
     """One rank's part of a scaled run; every rank takes the same steps in the same order."""
 
     def __init__(self, recipe: Recipe, out: Path, ctx: Distributed, redo: tuple[str, ...] = ()):
@@ -237,6 +237,7 @@ class ScaledRun:
         model, _ = zoo.load_teacher(str(self.folder), dtype=self.dtype)
         linearize_layers(model, self.recipe, self.converted)
         if self.stitched is not None:
+            verify_dir(self.stitched.parent)  # a file changed since stage 1 wrote it is an error naming it
             missing, unexpected = model.load_state_dict(load_file(str(self.stitched)), strict=False)
             lacking = [k for k in missing if ".mixer." in k]
             if lacking or unexpected:
@@ -265,54 +266,28 @@ class ScaledRun:
             return make(False).to(self.ctx.device)
         return load_sharded(self.ctx, lambda: make(False), lambda: make(True), self.dtype)
 
+    def say(self, message: str) -> None:
+        _say(self.ctx, message)
+
     def stage2(self) -> None:
         """Teacher eval and measures, stage-1 eval, LoRA, final eval and measures: all ranks together on
-        the sharded models."""
-        from zoo.measures import measure, wanted_measures
+        the sharded models, recorded through the phases every run shares (zoo.phases)."""
+        from zoo.measures import wanted_measures
 
-        recipe, ctx, s2 = self.recipe, self.ctx, self.recipe.stage2
+        recipe, s2 = self.recipe, self.recipe.stage2
         measures = [n for n in wanted_measures(recipe) if n in SCALED_MEASURES and n not in self.progress]
         teacher_side = self.teacher_side(measures)
-        pending = [
-            key
-            for key, wanted in (
-                ("teacher_lora", recipe.eval.teacher_lora),
-                ("branches", recipe.eval.branches),
-            )
-            if wanted and key not in self.progress
-        ]
-        if "final" in self.progress and not measures and not pending:
+        self.record_reference(self.fair_reference)
+        if not self.final_pending(measures):
             return
-        if recipe.eval.teacher_lora and "teacher_lora" not in self.progress:
-            reference = self.fair_reference()
-            self.remember("teacher_lora_train", reference["train"])
-            self.remember("teacher_lora", reference["eval"])
         model = self.build(self.student)
-        if "stage1" not in self.progress:
-            _say(ctx, "evaluating the model after stage 1")
-            self.remember("stage1", self.data.evaluate(model))
-            self.remember("stage1_train", self.progress.get("stage1_blocks", {}))
+        self.record_stage1(model, lambda: self.progress.get("stage1_blocks", {}))
         if s2.enabled and s2.tokens > 0:  # after its last step, the checkpoint is loaded and nothing trains
             reference = self.reference_lora() if s2.distill and s2.distill_from == "reference" else None
             stats = self.train_stage2(model, s2.loop("stage2", recipe.seed), self.out, s2.distill, reference)
             if "stage2_train" not in self.progress:
                 self.remember("stage2_train", stats)
-        if "final" not in self.progress:
-            _say(ctx, "evaluating the final model")
-            self.remember("final", self.data.evaluate(model))
-        for name in measures:
-            _say(ctx, f"{name}: final model")
-            self.remember(
-                name,
-                {
-                    "teacher": teacher_side[name],
-                    "final": measure(name, recipe, self.data, model, self.tokenizer),
-                },
-            )
-        if recipe.eval.branches and "branches" not in self.progress:
-            from zoo.measures import branch_ablation
-
-            self.remember("branches", branch_ablation(recipe, self.data, model, self.tokenizer))
+        self.record_final(model, teacher_side, measures)
 
     def train_stage2(
         self, model, cfg, run_dir: Path, distill: float = 0.0, reference: dict | None = None
@@ -409,7 +384,7 @@ class ScaledRun:
         mixers = sum(p.numel() for n, p in model.named_parameters() if ".mixer." in n)
         trainable = mixers
         if s2.enabled and s2.tokens > 0:
-            weights = load_file(str(self.out / "checkpoints" / "stage2" / "trainable.safetensors"))
+            _, weights, _ = read_checkpoint(self.out / "checkpoints" / "stage2", "stage2")  # verified
             missing = sorted(set(weights) - {n for n, _ in model.named_parameters()})
             if missing:
                 raise RuntimeError(f"stage 2's checkpoint has parameters the model lacks: {missing[:5]}")
@@ -420,14 +395,6 @@ class ScaledRun:
         model_params = sum(
             p.numel() for n, p in model.named_parameters() if "lora_" not in n and ".mixer." not in n
         )
-        sample = (
-            generate_text(model, self.tokenizer, recipe.eval.generate_prompt, recipe.eval.generate_tokens)
-            if recipe.eval.generate_tokens
-            else ""
-        )
-        save_run_model(model, self.tokenizer, self.out, merge=s2.merge_on_save)
-        summary = build_summary(recipe, self.progress, trainable, sample, wall, model_params)
-        summary["processes"] = self.ctx.world
-        summary["block_size"] = recipe.stage1.blockwise.block_size
-        write_json(self.out / "summary.json", summary)
-        return summary
+        sample = self.sample_and_save(model)
+        extra = {"processes": self.ctx.world, "block_size": recipe.stage1.blockwise.block_size}
+        return self.record_summary(trainable, sample, wall, model_params, **extra)

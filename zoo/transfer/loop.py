@@ -152,7 +152,7 @@ def _save_checkpoint(
     io.barrier()
 
 
-def _read_checkpoint(folder: Path, name: str) -> tuple[dict, dict, dict]:
+def read_checkpoint(folder: Path, name: str) -> tuple[dict, dict, dict]:
     """trainer.json, the weights and the optimizer tensors of a checkpoint, each checked: the folder's
     checksums (when it has them), readable files, finite weights. Any fault is a CheckpointError naming
     the file."""
@@ -182,7 +182,7 @@ def _load_checkpoint(
     io: CheckpointIO,
     name: str = "",
 ) -> dict:
-    meta, weights, opt_tensors = _read_checkpoint(folder, name or folder.name)
+    meta, weights, opt_tensors = read_checkpoint(folder, name or folder.name)
     if meta.get("names") != list(params):
         raise RuntimeError(
             f"checkpoint {folder} was written for other trainable parameters; "
