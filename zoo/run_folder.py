@@ -63,7 +63,8 @@ def check_out_folder(out: str | os.PathLike) -> None:
     """Raise RunFolderError when `out` cannot be a run folder; touch nothing.
 
     Accepted: a missing folder whose nearest existing ancestor is a writable folder, an empty folder, a
-    folder with MARKER, and a run folder written by an older zoo (recipe.yaml and nothing zoo would not
+    folder with MARKER or LOCK (claimed by a zoo run, which takes the lock before writing the marker), and a
+    run folder written by an older zoo (recipe.yaml and nothing zoo would not
     write). Refused: a file, a path under a file, a folder without write permission, any other folder.
     """
     out = Path(out)
@@ -83,7 +84,7 @@ def check_out_folder(out: str | os.PathLike) -> None:
     except OSError as err:
         raise RunFolderError(f"--out {out}: cannot list it ({err.strerror}); choose another folder") from err
     names = [e.name for e in entries]
-    if not names or MARKER in names:
+    if not names or MARKER in names or LOCK in names:  # a lock: another zoo run is claiming it right now
         return
     if "recipe.yaml" in names and all(map(is_zoo_run_entry, names)):
         return  # a run folder written before zoo marked its folders

@@ -524,3 +524,14 @@ def test_leaderboard_names_the_devices_of_runs_made_elsewhere(bench):
     line = next(x for x in leaderboard_markdown(results).splitlines() if "more than one device" in x)
     assert "cuda (NVIDIA H100 80GB HBM3): lolcats, lolcats [LoRA only]" in line  # not the branch rows
     assert "not recorded: hedgehog" in line and results["device"] + ": softmax" in line
+
+
+def test_a_data_source_that_cannot_load_stops_the_bench_before_any_run(
+    tiny_world, tiny_recipes, tmp_path, capsys
+):
+    out = tmp_path / "quality"
+    args = [*bench_args(tiny_world, out, tiny_recipes), "--set", f"data.eval_ood={json.dumps(['browm'])}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.eval_ood" in err and "did you mean 'brown'" in err
+    assert not out.exists()

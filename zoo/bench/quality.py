@@ -268,6 +268,18 @@ def check_folders(items: list[BenchItem]) -> None:
             )
 
 
+def check_recipes(items: list[BenchItem]) -> None:
+    """Every run's recipe passes the checks `zoo run` makes before loading anything (the model family and
+    layers, each mixer's options, the data sources), so a bad one stops the bench before any run starts."""
+    from zoo.preflight import check_run
+
+    for it in items:
+        try:
+            check_run(it.recipe)
+        except ValueError as err:
+            raise ValueError(f"{it.name}: {err}") from None
+
+
 # ----------------------------------------------------------------------------------------- run
 
 
@@ -582,6 +594,7 @@ def main(args) -> int:
         args.model, mixers, budget, out, ablations, lora_only, recipes, template, args.settings
     )
     check_folders(items)
+    check_recipes(items)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "bench": "quality",
