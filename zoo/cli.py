@@ -22,14 +22,13 @@ def _quiet_transformers() -> None:
 
 
 def cmd_list(args) -> int:
-    import zoo
-    from zoo.mixers import get_mixer
+    from zoo.catalog import mixer_catalog
 
-    rows = [(name, get_mixer(name)) for name in zoo.list_mixers()]
-    width = max(len(n) for n, _ in rows)
+    rows = mixer_catalog()
+    width = max(len(row["name"]) for row in rows)
     print(f"{'mixer':<{width}}  {'family':<8}  {'state per sequence':<44}  description")
-    for name, cls in rows:
-        print(f"{name:<{width}}  {cls.family:<8}  {cls.state_size:<44}  {cls.description}")
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['family']:<8}  {row['state_size']:<44}  {row['description']}")
     return 0
 
 
@@ -337,7 +336,8 @@ def expected_error(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
-    _quiet_transformers()
+    if args.command != "list":  # the one command that loads no model: it starts without transformers
+        _quiet_transformers()
     try:
         return args.func(args)
     except KeyboardInterrupt:
