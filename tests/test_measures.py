@@ -7,8 +7,8 @@ import torch
 from zoo_testing import tiny_model
 
 import zoo
+from zoo.convert import branch, hybrid_mixers
 from zoo.decode_cost import extrapolate_state_bytes, measure_decode
-from zoo.measures import hybrid_mixers, use_branch
 
 
 @pytest.mark.parametrize(
@@ -105,17 +105,17 @@ def test_peak_memory_sees_a_real_allocation_in_a_fresh_process():
     assert 200 * 2**20 < grown < 400 * 2**20
 
 
-def test_use_branch_switches_every_hybrid_and_restores_it():
+def test_branch_switches_every_hybrid_and_restores_it():
     model = zoo.linearize(tiny_model("llama"), "lolcats", window=4)
     ids = torch.randint(0, 128, (1, 24))
     both = model(input_ids=ids).logits
-    with use_branch(model, "window"):
+    with branch(model, "window"):
         assert {m.branch for m in hybrid_mixers(model)} == {"window"}
         window = model(input_ids=ids).logits
     assert {m.branch for m in hybrid_mixers(model)} == {"both"}
     assert not torch.allclose(both, window) and torch.equal(model(input_ids=ids).logits, both)
     with (
         pytest.raises(ValueError, match="no hybrid mixer"),
-        use_branch(zoo.linearize(tiny_model("llama"), "hedgehog"), "window"),
+        branch(zoo.linearize(tiny_model("llama"), "hedgehog"), "window"),
     ):
         pass

@@ -12,7 +12,8 @@ what they were on exit, also on an exception, so the modes nest.
 
 A converted model becomes an instance of `Zoo<Family>ForCausalLM` (a subclass of the family's
 causal LM that knows its mixers from `config.zoo_mixers`), so `save_pretrained` writes a config that
-`AutoModelForCausalLM.from_pretrained` reads back after `import zoo`, with no remote code.
+`AutoModelForCausalLM.from_pretrained` reads back once this module is imported (`register_families`
+runs at its end), with no remote code.
 """
 
 from __future__ import annotations

@@ -169,11 +169,11 @@ def evaluate_saved_model(args) -> dict[str, Any]:
         )
         results["generation"] = evaluate_generation(model, tokenizer, prompts, args.generation_tokens)
     if args.branches:
-        from zoo.measures import use_branch
+        from zoo.convert import branch as hybrid_branch
 
         results["branches"] = {}
         for branch in ("window", "linear"):
-            with use_branch(model, branch):
+            with hybrid_branch(model, branch):
                 results["branches"][branch] = quality()
     if args.lm_eval:
         from zoo.lm_eval_bridge import run_lm_eval

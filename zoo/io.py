@@ -34,7 +34,7 @@ SAVED_FILES = (
 def save_linearized(model: nn.Module, tokenizer, path: str | os.PathLike, merge: bool = True) -> Path:
     """Write `model` (LoRA merged when `merge`) and `tokenizer` (may be None) to `path`, atomically.
 
-    The folder loads back with `zoo.load_linearized(path)` or, after `import zoo`,
+    The folder loads back with `zoo.load_linearized(path)` or, once `zoo.register_families()` has run,
     `AutoModelForCausalLM.from_pretrained(path)`.
     """
     if merge:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from zoo.atomic import write_json
+from zoo.convert import branch as only_branch
+from zoo.convert import hybrid_mixers
 from zoo.recipe import Recipe
 
 __all__ = [
@@ -32,8 +33,6 @@ __all__ = [
     "measure",
     "teacher_reference",
     "teacher_measures",
-    "hybrid_mixers",
-    "use_branch",
     "branch_ablation",
 ]
 
@@ -154,23 +153,6 @@ def teacher_measures(
     return results
 
 
-def hybrid_mixers(model: Any) -> list[Any]:
-    """The model's mixers that can switch branch (the window hybrids); see zoo.convert.hybrid_mixers."""
-    from zoo.convert import hybrid_mixers as converted_hybrids
-
-    return converted_hybrids(model)
-
-
-@contextmanager
-def use_branch(model: Any, branch: str) -> Iterator[None]:
-    """Run every hybrid mixer of `model` with one branch ("window", "linear"), then restore the previous
-    one: zoo.convert.branch, under the name this module has always exported."""
-    from zoo.convert import branch as only_branch
-
-    with only_branch(model, branch):
-        yield
-
-
 def branch_ablation(recipe: Recipe, data: Any, model: Any, tokenizer: Any) -> dict | None:
     """For a hybrid: held-out quality (and passkey, if the recipe measures it) with the window branch
     alone and with the linear branch alone. None for a mixer without branches."""
@@ -179,7 +161,7 @@ def branch_ablation(recipe: Recipe, data: Any, model: Any, tokenizer: Any) -> di
     results = {}
     for branch in ("window", "linear"):
         _say(f"branch ablation: {branch} branch alone")
-        with use_branch(model, branch):
+        with only_branch(model, branch):
             results[branch] = data.evaluate(model)
             if recipe.eval.passkey_lengths:
                 results[branch]["passkey"] = measure("passkey", recipe, data, model, tokenizer)
