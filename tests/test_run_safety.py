@@ -427,3 +427,12 @@ def test_a_kill_mid_swap_leaves_no_litter_and_loses_no_step(tiny_world, tmp_path
     assert not [p for p in out.rglob("*") if p.name.startswith((".zoo-tmp.", ".zoo-old."))]
     steps = [(r["stage"], r["step"]) for r in metrics_rows(out)]
     assert len(steps) == len(set(steps)) == 12
+
+
+def test_a_source_in_both_training_and_out_of_domain_data_is_refused(tiny_world):
+    from zoo.preflight import check_data
+    from zoo.recipe import RecipeError, load_recipe
+
+    recipe = load_recipe(RECIPE, tiny_overrides(tiny_world, **{"data.eval_ood": [tiny_world["train"]]}))
+    with pytest.raises(RecipeError, match="never trained on"):
+        check_data(recipe)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -45,6 +47,11 @@ def test_embedded_smollm2_loads_from_its_cache():
     assert "quantization_config" not in (path / "config.json").read_text()
     c = model.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (30, 9, 3)
+    # what the run's checks take for this teacher before loading it is what its config.json says
+    from zoo.families import EMBEDDED_CONFIGS
+
+    real = json.loads((path / "config.json").read_text())
+    assert {k: real.get(k) for k in EMBEDDED_CONFIGS["smollm2-135m"]} == EMBEDDED_CONFIGS["smollm2-135m"]
     assert model.dtype == torch.float32
     text = (
         "It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of "

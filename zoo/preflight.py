@@ -143,20 +143,18 @@ def check_data(recipe: Recipe) -> list[str]:
             f"data.eval_ood must be corpora never trained on, but {overlap} is also in data.train",
             key="data.eval_ood",
         )
-    warnings = []
-    for key, specs in (("data.train", d.train), ("data.eval_ood", d.eval_ood)):
-        for spec in specs:
-            problem = spec_problem(spec)
-            if problem is None:
-                continue
-            if not d.skip_unavailable:
-                raise RecipeError(
-                    f"{key}: {problem} (data.skip_unavailable=true skips a source that fails)", key=key
-                )
-            warnings.append(f"{key}: skipping {problem}")
-    if d.skip_unavailable and all(spec_problem(s) for s in d.train):
+    problems = [
+        (key, spec_problem(spec))
+        for key, specs in (("data.train", d.train), ("data.eval_ood", d.eval_ood))
+        for spec in specs
+    ]
+    problems = [(key, problem) for key, problem in problems if problem is not None]
+    if problems and not d.skip_unavailable:
+        key, problem = problems[0]
+        raise RecipeError(f"{key}: {problem} (data.skip_unavailable=true skips a source that fails)", key=key)
+    if sum(key == "data.train" for key, _ in problems) == len(d.train):
         raise RecipeError(f"data.train: none of {list(d.train)} can be loaded", key="data.train")
-    return warnings
+    return [f"{key}: skipping {problem}" for key, problem in problems]
 
 
 def check_device(recipe: Recipe) -> None:

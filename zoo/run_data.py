@@ -23,12 +23,7 @@ class RunData:
     def __init__(self, recipe: Recipe, tokenizer):
         from zoo.data import load_corpus, token_blocks
 
-        d = recipe.data
-        overlap = sorted(set(d.train) & set(d.eval_ood))
-        if overlap:
-            raise ValueError(
-                f"data.eval_ood must be corpora never trained on, but {overlap} is also in data.train"
-            )
+        d = recipe.data  # checked before anything loads (zoo.preflight.check_data): no source in both lists
         # a source that fails is an error, unless the recipe says data.skip_unavailable
         self.corpus = load_corpus(
             list(d.train) + list(d.eval_ood),

@@ -179,25 +179,25 @@ def open_run(recipe: Recipe, out: Path, redo: tuple[str, ...] = ()) -> RunState:
         raise
 
 
-def _read_progress(path: Path) -> dict:
+def _read_record(path: Path) -> dict:
+    """A JSON object the run wrote (progress.json, summary.json); {} when absent, an error naming it when
+    it cannot be read."""
     if not path.exists():
         return {}
     try:
-        progress = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(
-            f"{path}: unreadable ({err}); move it away to start the run's evaluations afresh"
-        ) from None
-    if not isinstance(progress, dict):
-        raise ValueError(f"{path}: not a record of a run; move it away to start afresh")
-    return migrate_progress(progress)
+        raise ValueError(f"{path}: unreadable ({err}); move it away and run again") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a record zoo wrote (not a JSON object); move it away and run again")
+    return record
 
 
 def _open_claimed(recipe: Recipe, out: Path, redo: tuple[str, ...], lock: RunLock) -> RunState:
     for path in clean_litter(out):
         _say(f"removed what a crash left: {path}")
     recipe_path, progress_path = out / "recipe.yaml", out / "progress.json"
-    progress = _read_progress(progress_path)
+    progress = migrate_progress(_read_record(progress_path))
     started = bool(progress) or (out / "checkpoints").exists()
     changed: list[str] = []
     if recipe_path.exists() and started:
@@ -229,7 +229,7 @@ def _open_claimed(recipe: Recipe, out: Path, redo: tuple[str, ...], lock: RunLoc
         )
     summary = None
     if not (changed or redo) and (out / "summary.json").exists():
-        summary = _read_progress(out / "summary.json")
+        summary = _read_record(out / "summary.json")
     with atomic_file(recipe_path) as f:
         f.write(recipe.to_yaml())
     return RunState(out, recipe, lock, progress, summary)
