@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from zoo_testing import tiny_model, tiny_tokenizer, write_text_files
 
-from zoo.passkey import INTRO, evaluate_passkey, filler_tokens, passkey_prompt
+from zoo.passkey import INTRO, NAMES, evaluate_passkey, filler_tokens, multikey_prompt, passkey_prompt
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def test_scoring_is_greedy_decoding_of_the_whole_answer(world):
         "accuracy": 1.0,
         "correct": 3,
         "n": 3,
+        "by_depth": {"0.167": 1, "0.500": 1, "0.833": 1},
     }
     off_by_one = evaluate_passkey(Predictor(vocab, shift=0), tokenizer, texts, [300, 500], trials=3)
     assert off_by_one["mean_accuracy"] == 0.0
@@ -80,3 +81,38 @@ def test_a_real_model_is_scored_the_same_way_every_time(world):
     a = evaluate_passkey(model, tokenizer, texts, [256], trials=2, seed=1)
     b = evaluate_passkey(model, tokenizer, texts, [256], trials=2, seed=1)
     assert a == b and 0.0 <= a["mean_accuracy"] <= 1.0 and a["trials"] == 2
+
+
+def test_multikey_prompts_hold_every_named_key_and_ask_one(world):
+    tokenizer, texts = world
+    filler = filler_tokens(tokenizer, texts, 900)
+    keys = [11111, 22222, 33333, 44444]
+    for asked, depth in ((0, 0.1), (2, 0.9), (3, 0.5)):
+        prompt, answer = multikey_prompt(tokenizer, filler, 700, keys, asked, depth, offset=5)
+        assert len(prompt) + len(answer) == 700
+        text = tokenizer.decode(prompt)
+        # parse the haystack back: every key with its owner, the asked one where asked, the question naming it
+        found = [text.index(f"The pass key of {NAMES[i]} is {key}.") for i, key in enumerate(keys)]
+        assert abs(found[asked] / len(text) - depth) < 0.2, (asked, depth, found)
+        assert text.endswith(f"What is the pass key of {NAMES[asked]}? The pass key of {NAMES[asked]} is")
+        assert tokenizer.decode(answer).strip() == str(keys[asked])
+    with pytest.raises(ValueError, match="asked"):
+        multikey_prompt(tokenizer, filler, 700, keys, 4, 0.5)
+    with pytest.raises(ValueError, match="keys per prompt"):
+        multikey_prompt(tokenizer, filler, 700, list(range(10_000, 10_009)), 0, 0.5)
+
+
+def test_multikey_scoring_and_its_prompts_differ_from_the_single_key_ones(world):
+    tokenizer, texts = world
+    vocab = len(tokenizer)
+    perfect = evaluate_passkey(Predictor(vocab, shift=1), tokenizer, texts, [400], trials=2, keys=3)
+    assert perfect["keys"] == 3 and perfect["mean_accuracy"] == 1.0
+    assert perfect["lengths"]["400"]["by_depth"] == {"0.250": 1, "0.750": 1}
+    assert (
+        evaluate_passkey(Predictor(vocab, shift=0), tokenizer, texts, [400], trials=2, keys=3)[
+            "mean_accuracy"
+        ]
+        == 0
+    )
+    with pytest.raises(ValueError, match="keys must be 1 to 8"):
+        evaluate_passkey(Predictor(vocab, shift=1), tokenizer, texts, [400], keys=9)

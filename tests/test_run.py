@@ -149,6 +149,61 @@ def test_generate_and_eval_commands(tiny_world, tmp_path, capsys):
     assert result[tiny_world["ood"]]["ppl"] > 1
 
 
+def test_a_run_measures_long_context_beside_the_teacher_and_the_free_window(tiny_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    extra = {
+        "mixer.options": {"window": 8, "sinks": 2},
+        "eval.long_context": 512,
+        "eval.long_context_blocks": 1,
+    }
+    assert main(["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **extra), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = json.loads((out / "summary.json").read_text())["long_context"]
+    assert table["free_window"] == [8, 2] and set(table["rows"]) == {"teacher", "free_window", "final"}
+    for name, per_source in table["rows"].items():
+        assert list(per_source) == [tiny_world["train"], tiny_world["ood"]], name
+        for cells in per_source.values():
+            assert list(cells) == ["0-256", "256-512"] and all(c["ppl"] > 1 for c in cells.values())
+    shares = table["gap_closed"]["final"][tiny_world["ood"]]
+    assert set(shares) == {"0-256", "256-512"}
+    assert (
+        "long context" in printed and "gap closed: model" in printed and "free window (8+2 sinks)" in printed
+    )
+    # the teacher's side (teacher and free window) is cached: a second run does not measure it again
+    again = tmp_path / "again"
+    assert main(["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **extra), "--out", str(again)]) == 0
+    assert "teacher: long_context" not in capsys.readouterr().err
+    second = json.loads((again / "summary.json").read_text())["long_context"]
+    assert second["rows"]["free_window"] == table["rows"]["free_window"]
+
+
+def test_eval_measures_long_context_and_the_teachers_passkey(tiny_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(
+        tiny_world, "lolcats", **{"mixer.options": {"window": 8}, "stage2.enabled": False}
+    )
+    assert main(["run", RECIPE, *overrides, "--out", str(out)]) == 0
+    capsys.readouterr()
+    args = ["eval", str(out), "--sources", tiny_world["ood"], "--max-blocks", "1", "--long", "512"]
+    assert (
+        main(
+            [*args, "--long-blocks", "1", "--passkey", "300", "--passkey-keys", "3", "--passkey-trials", "2"]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["long_context"]["free_window"] == [8, 0]  # the model's own window, no sinks
+    assert set(result["long_context"]["rows"]) == {"teacher", "free_window", "final"}
+    assert result["passkey"]["keys"] == 3 and result["passkey"]["teacher"]["keys"] == 3
+    assert main([*args, "--window", "16", "--sinks", "1", "--teacher", "none"]) == 0
+    alone = json.loads(capsys.readouterr().out)["long_context"]
+    assert set(alone["rows"]) == {"final"} and alone["free_window"] is None
+    assert main([*args, "--window", "0", "--sinks", "0"]) == 2
+    assert "no key to attend to" in capsys.readouterr().err
+    assert main([*args[:-1], "100"]) == 2
+    assert "--long must be a block length >= 512" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -226,6 +281,7 @@ def test_demo_runs_the_lolcats_recipe_at_the_demo_budget(monkeypatch, tmp_path):
     assert zoo.cli.DEMO_RECIPE.parent.name == "smollm2-135m" and zoo.cli.DEMO_RECIPE.name == "lolcats.yaml"
     assert seen["recipe"].mixer == recipe.mixer and seen["recipe"].mixer.name.startswith("lolcats")
     assert seen["recipe"].stage1.tokens == 61_440 < recipe.stage1.tokens
+    assert seen["recipe"].eval.long_context == 2048  # the demo prints the long-range figure too
     with pytest.raises(SystemExit):  # the user's overrides come after the demo's, so they win
         main(["demo", "stage1.tokens=1024", "--out", str(tmp_path / "demo")])
     assert seen["recipe"].stage1.tokens == 1024

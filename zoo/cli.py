@@ -119,6 +119,24 @@ def print_table(summary: dict) -> None:
         )
 
 
+def print_long_context(summary: dict) -> None:
+    """The long-context table of a run's summary, if it has one."""
+    table = summary.get("long_context")
+    if not table:
+        return
+    from zoo.long_context import format_table
+
+    print(
+        "\nlong context: perplexity by token position on held-out blocks; 'gap closed' is the share of the "
+        "gap between the free window (the teacher's own attention cut to the window and sinks, untrained) "
+        "and full attention that the model closes (1 = the teacher, 0 = the free window, < 0 = worse)"
+    )
+    window = table.get("free_window")
+    free = f"free window ({window[0]}+{window[1]} sinks)" if window else "free window"
+    for line in format_table(table, {"free_window": free, "final": "model"}):
+        print(line)
+
+
 def recipe_and_out(recipe: str, out: str | None) -> tuple[Path, str]:
     """The recipe file and run folder of `zoo run RECIPE [--out DIR]`. RECIPE may be a run folder: its
     recipe.yaml, and the folder itself as --out unless another is given (to fork the run)."""
@@ -142,6 +160,7 @@ def cmd_run(args) -> int:
     if summary is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return 0
     print_table(summary)
+    print_long_context(summary)
     for warning in summary.get("warnings") or ():
         print(f"WARNING: {warning}")
     print(f"\ngreedy continuation of {recipe.eval.generate_prompt!r}:")
@@ -153,8 +172,8 @@ def cmd_run(args) -> int:
 
 
 #: the demo's budget: a quarter of the recipe's stage-1 tokens, so it finishes in about 15 minutes on 2 CPU
-#: cores
-DEMO_OVERRIDES = ["stage1.tokens=61440"]
+#: cores; and the long-range figure (perplexity at positions 1k-2k beside the teacher and the free window)
+DEMO_OVERRIDES = ["stage1.tokens=61440", "eval.long_context=2048", "eval.long_context_blocks=2"]
 
 
 def cmd_demo(args) -> int:

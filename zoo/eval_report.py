@@ -1,11 +1,14 @@
 """`zoo eval DIR`: the quality bench's metrics for one saved linearized model.
 
 Always: perplexity and bits per byte on each corpus's held-out text (one top-level entry per source).
-On request: 5-shot MMLU (`--mmlu N`), passkey retrieval (`--passkey 512,1024`, the filler from the last
-`--sources` corpus, never trained on by default), decode tok/s and state bytes (`--decode 512,1024,2048`),
-mean per-layer transfer MSE (`--mse N` held-out blocks), repeats in greedy continuations of N held-out
-prompts from the first `--sources` corpus (`--generation N`), each hybrid branch alone (`--branches`) and
-lm-evaluation-harness tasks (`--lm-eval TASKS`). Where DIR is a run folder, its summary.json adds the
+On request: 5-shot MMLU (`--mmlu N`); passkey retrieval (`--passkey 512,1024`, the filler from the last
+`--sources` corpus, never trained on by default; `--passkey-keys N`: the multi-key variant); perplexity by
+token position on long held-out blocks beside the teacher and the free window (`--long 2048`); decode
+tok/s and state bytes (`--decode 512,1024,2048`); mean per-layer transfer MSE (`--mse N` held-out blocks);
+repeats in greedy continuations of N held-out prompts from the first `--sources` corpus (`--generation N`);
+each hybrid branch alone (`--branches`); lm-evaluation-harness tasks (`--lm-eval TASKS`). The teacher's
+passkey rate is measured beside the model's where a teacher is known (`--teacher`, else the run folder's
+recipe model). Where DIR is a run folder, its summary.json adds the
 training cost (trainable parameters, tokens, seconds and peak memory per stage).
 """
 
@@ -69,10 +72,21 @@ def check_eval_arguments(args) -> tuple[list[int], list[int]]:
         "--generation-tokens": (args.generation_tokens, 1),
         "--lm-eval-limit": (args.lm_eval_limit, 1),
         "--lm-eval-fewshot": (args.lm_eval_fewshot, 0),
+        "--long-blocks": (args.long_blocks, 1),
+        "--window": (args.window, 0),
+        "--sinks": (args.sinks, 0),
     }
     for flag, (value, minimum) in at_least.items():
         if value is not None and value < minimum:
             raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+    if args.long and args.long < 512:
+        raise ValueError(f"--long must be a block length >= 512 tokens, got {args.long}")
+    if not 1 <= args.passkey_keys <= 8:
+        raise ValueError(
+            f"--passkey-keys must be 1 (one key) to 8 (the multi-key variant), got {args.passkey_keys}"
+        )
+    if args.window == 0 and args.sinks == 0:
+        raise ValueError("--window 0 with --sinks 0 leaves the free window no key to attend to")
     steps = args.decode_steps
     if any(b - a <= steps for a, b in zip(decode, decode[1:])):
         raise ValueError(
@@ -86,7 +100,35 @@ def add_eval_arguments(parser) -> None:
     """The optional measurements of `zoo eval` (the CLI adds DIR, --sources, --seq-len, --max-blocks,
     --mmlu)."""
     parser.add_argument("--passkey", help="passkey retrieval at these contexts (tokens), e.g. 512,1024,2048")
-    parser.add_argument("--passkey-trials", type=int, default=4, help="prompts per context (default 4)")
+    parser.add_argument(
+        "--passkey-trials",
+        type=int,
+        default=4,
+        help="prompts per context, at evenly spread depths (default 4)",
+    )
+    parser.add_argument(
+        "--passkey-keys",
+        type=int,
+        default=1,
+        help="named keys hidden in every passkey prompt, one asked (2-8: the multi-key variant; default 1)",
+    )
+    parser.add_argument(
+        "--long",
+        type=int,
+        default=0,
+        help="perplexity by token position on held-out blocks of this many tokens (>= 512), beside the "
+        "teacher and the free window, and the share of their gap the model closes",
+    )
+    parser.add_argument("--long-blocks", type=int, default=4, help="blocks per source for --long (default 4)")
+    parser.add_argument(
+        "--window", type=int, help="the free window's tokens (default: the model's mixer window, else 64)"
+    )
+    parser.add_argument("--sinks", type=int, help="the free window's sinks (default: the mixer's, else 4)")
+    parser.add_argument(
+        "--teacher",
+        help="the teacher for --long and the passkey rate beside the model's (default: the run folder's "
+        "recipe model; 'none' to skip)",
+    )
     parser.add_argument("--decode", help="decode tok/s and state bytes at these contexts, e.g. 512,1024,2048")
     parser.add_argument(
         "--decode-steps", type=int, default=8, help="timed decoding steps per context (default 8)"
@@ -117,10 +159,64 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples for the lm_eval tasks")
 
 
+def _teacher(args, folder: Path):
+    """The teacher of `zoo eval`: --teacher, else the run folder's recipe model; None for 'none' or where
+    neither names one."""
+    name = args.teacher
+    if name is None and (folder / "recipe.yaml").is_file():
+        import yaml
+
+        name = (yaml.safe_load((folder / "recipe.yaml").read_text()).get("model") or {}).get("name")
+    if name in (None, "none"):
+        return None
+    from zoo.teacher import load_teacher
+
+    return load_teacher(name)[0]
+
+
+def _passkey(args, lengths, model, teacher, tokenizer, corpus) -> dict:
+    """Passkey retrieval of the model, with the teacher's beside it (under "teacher") where there is one;
+    the filler is the last source's held-out text."""
+    from zoo.passkey import evaluate_passkey
+
+    filler = corpus.heldout(corpus.sources[-1])
+    result = evaluate_passkey(model, tokenizer, filler, lengths, args.passkey_trials, keys=args.passkey_keys)
+    if teacher is not None:
+        result["teacher"] = evaluate_passkey(
+            teacher, tokenizer, filler, lengths, args.passkey_trials, keys=args.passkey_keys
+        )
+    return result
+
+
+def _long_context(args, model, teacher, tokenizer, corpus) -> dict:
+    """Perplexity by position of the model (and the teacher and free window, with a teacher) per source."""
+    from zoo.long_context import (
+        bucket_table,
+        document_blocks,
+        free_window_model,
+        long_context_table,
+        position_nll,
+        window_of,
+    )
+
+    own_window, own_sinks = window_of(model)
+    window = (
+        own_window if args.window is None else args.window,
+        own_sinks if args.sinks is None else args.sinks,
+    )
+    models = {"final": model}
+    if teacher is not None:
+        models = {"teacher": teacher, "free_window": free_window_model(teacher, *window), "final": model}
+    rows: dict[str, dict] = {name: {} for name in models}
+    for source in corpus.sources:
+        ids = document_blocks(tokenizer, corpus.heldout(source), args.long, max_blocks=args.long_blocks)
+        for name, m in models.items():
+            rows[name][source] = bucket_table(position_nll(m, ids), ids.shape[0])
+    return long_context_table(rows, window if teacher is not None else None)
+
+
 def evaluate_saved_model(args) -> dict[str, Any]:
     """Everything `zoo eval` was asked for, as one JSON-able dict."""
-    import json
-
     import zoo
     from zoo.data import load_corpus, token_blocks
     from zoo.evaluate import evaluate_corpus
@@ -141,12 +237,11 @@ def evaluate_saved_model(args) -> dict[str, Any]:
         from zoo.mmlu import evaluate_mmlu
 
         results["mmlu"] = evaluate_mmlu(model, tokenizer, limit=args.mmlu)
+    teacher = _teacher(args, folder) if (passkey or args.long) else None
     if passkey:
-        from zoo.passkey import evaluate_passkey
-
-        results["passkey"] = evaluate_passkey(
-            model, tokenizer, corpus.heldout(corpus.sources[-1]), passkey, args.passkey_trials
-        )
+        results["passkey"] = _passkey(args, passkey, model, teacher, tokenizer, corpus)
+    if args.long:
+        results["long_context"] = _long_context(args, model, teacher, tokenizer, corpus)
     if decode:
         from zoo.decode_cost import measure_decode
 
@@ -186,8 +281,15 @@ def evaluate_saved_model(args) -> dict[str, Any]:
             limit=args.lm_eval_limit,
             num_fewshot=args.lm_eval_fewshot,
         )
+    return results | _run_cost(folder)
+
+
+def _run_cost(folder: Path) -> dict:
+    """{"run": the training cost from a run folder's summary.json}, or {} for a bare model folder."""
+    import json
+
     summary_path = folder / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        results["run"] = {k: summary.get(k) for k in RUN_COST_KEYS}
-    return results
+    if not summary_path.is_file():
+        return {}
+    summary = json.loads(summary_path.read_text())
+    return {"run": {k: summary.get(k) for k in RUN_COST_KEYS}}

@@ -32,13 +32,15 @@ __all__ = [
     "write_reference",
     "measure",
     "teacher_reference",
+    "teacher_measure",
     "teacher_measures",
+    "long_context_of",
     "branch_ablation",
 ]
 
 #: the measures a recipe can ask for (eval.mmlu, eval.passkey_lengths, eval.decode_contexts,
-#: eval.generation_prompts)
-MEASURES = ("mmlu", "passkey", "decode", "generation")
+#: eval.generation_prompts, eval.long_context)
+MEASURES = ("mmlu", "passkey", "decode", "generation", "long_context")
 
 
 def _say(msg: str) -> None:
@@ -47,7 +49,13 @@ def _say(msg: str) -> None:
 
 def wanted_measures(recipe: Recipe) -> list[str]:
     e = recipe.eval
-    asked = (e.mmlu > 0, bool(e.passkey_lengths), bool(e.decode_contexts), e.generation_prompts > 0)
+    asked = (
+        e.mmlu > 0,
+        bool(e.passkey_lengths),
+        bool(e.decode_contexts),
+        e.generation_prompts > 0,
+        e.long_context > 0,
+    )
     return [name for name, on in zip(MEASURES, asked) if on]
 
 
@@ -88,7 +96,17 @@ def _measure_key(name: str, recipe: Recipe, device: torch.device) -> dict:
             "data": recipe.data_key(),
             "lengths": e.passkey_lengths,
             "trials": e.passkey_trials,
+            "multikey": e.passkey_multikey,
             "seed": recipe.seed,
+        }
+    elif name == "long_context":
+        from zoo.long_context import free_window_of
+
+        key |= {
+            "data": recipe.data_key(),
+            "length": e.long_context,
+            "blocks": e.long_context_blocks,
+            "free_window": list(free_window_of(recipe.mixer.name, recipe.mixer.options)),
         }
     elif name == "generation":
         key |= {
@@ -110,9 +128,17 @@ def measure(name: str, recipe: Recipe, data: Any, model: Any, tokenizer: Any) ->
     if name == "passkey":
         from zoo.passkey import evaluate_passkey
 
-        return evaluate_passkey(
-            model, tokenizer, data.passkey_filler(), e.passkey_lengths, e.passkey_trials, seed=recipe.seed
+        filler = data.passkey_filler()
+        result = evaluate_passkey(
+            model, tokenizer, filler, e.passkey_lengths, e.passkey_trials, seed=recipe.seed
         )
+        if e.passkey_multikey:
+            result["multikey"] = evaluate_passkey(
+                model, tokenizer, filler, e.passkey_lengths, e.passkey_trials, recipe.seed, e.passkey_multikey
+            )
+        return result
+    if name == "long_context":
+        return long_context_of(model, tokenizer, data, e.long_context, e.long_context_blocks)
     if name == "decode":
         from zoo.decode_cost import measure_decode
 
@@ -127,10 +153,36 @@ def measure(name: str, recipe: Recipe, data: Any, model: Any, tokenizer: Any) ->
     raise ValueError(f"unknown measure {name!r}; known: {', '.join(MEASURES)}")
 
 
+def long_context_of(model: Any, tokenizer: Any, data: Any, length: int, blocks: int) -> dict[str, dict]:
+    """Source -> `zoo.long_context.bucket_table` of `model` on `blocks` held-out blocks of `length` tokens
+    of each of the run's sources (`data.long_context_documents()`)."""
+    from zoo.long_context import bucket_table, document_blocks, position_nll
+
+    tables = {}
+    for source, docs in data.long_context_documents().items():
+        ids = document_blocks(tokenizer, docs, length, max_blocks=blocks)
+        tables[source] = bucket_table(position_nll(model, ids), ids.shape[0])
+    return tables
+
+
 def teacher_reference(name: str, recipe: Recipe, device: torch.device) -> tuple[str, dict]:
     """The reference cache's (kind, key) of the teacher's result of measure `name` (not "decode": a
     timing)."""
     return f"teacher-{name}", _measure_key(name, recipe, device)
+
+
+def teacher_measure(name: str, recipe: Recipe, data: Any, teacher: Any, tokenizer: Any) -> dict:
+    """`measure(name)` of the teacher; for "long_context" {"teacher": its tables, "free_window": those of the
+    teacher cut to the recipe's free window (zoo.long_context.free_window_of)}."""
+    if name != "long_context":
+        return measure(name, recipe, data, teacher, tokenizer)
+    from zoo.long_context import free_window_model, free_window_of
+
+    window = free_window_model(teacher, *free_window_of(recipe.mixer.name, recipe.mixer.options))
+    return {
+        "teacher": measure(name, recipe, data, teacher, tokenizer),
+        "free_window": measure(name, recipe, data, window, tokenizer),
+    }
 
 
 def teacher_measures(
@@ -143,7 +195,7 @@ def teacher_measures(
 
         def compute(name=name):
             _say(f"teacher: {name}" + ("" if name == "decode" else " (computed once, then cached)"))
-            return measure(name, recipe, data, teacher, tokenizer)
+            return teacher_measure(name, recipe, data, teacher, tokenizer)
 
         results[name] = (
             compute()

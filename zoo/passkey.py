@@ -23,7 +23,7 @@ import torch
 
 from zoo.evaluate import model_device
 
-__all__ = ["INTRO", "passkey_prompt", "filler_tokens", "evaluate_passkey"]
+__all__ = ["INTRO", "NAMES", "passkey_prompt", "multikey_prompt", "filler_tokens", "evaluate_passkey"]
 
 INTRO = (
     "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -32,6 +32,10 @@ INTRO = (
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
+NAMED_NEEDLE = " The pass key of {name} is {key}. Remember it. "
+NAMED_QUESTION = "\n\nWhat is the pass key of {name}? The pass key of {name} is"
+#: the owners of the keys in the multi-key variant
+NAMES = ("Alice", "Bruno", "Chen", "Dara", "Elif", "Farid", "Greta", "Hiro")
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -55,21 +59,67 @@ def passkey_prompt(
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) with len(prompt) + len(answer) == `length`; the needle sits after
     `depth` (0..1) of the filler, which is read from `filler` starting at `offset` (wrapping around)."""
-    intro, needle = _encode(tokenizer, INTRO), _encode(tokenizer, NEEDLE.format(key=key))
+    needle = _encode(tokenizer, NEEDLE.format(key=key))
     question, answer = _encode(tokenizer, QUESTION), _encode(tokenizer, ANSWER.format(key=key))
-    fixed = len(intro) + len(needle) + len(question) + len(answer)
+    return _haystack(tokenizer, filler, length, [(depth, needle)], question, answer, offset)
+
+
+def multikey_prompt(
+    tokenizer: Any,
+    filler: torch.Tensor,
+    length: int,
+    keys: Sequence[int],
+    asked: int,
+    depth: float,
+    offset: int = 0,
+) -> tuple[list[int], list[int]]:
+    """The multi-key variant: one needle per key, each naming its owner (`NAMES`), and the question asks
+    for key `asked`. Its needle sits after `depth` of the filler; the others are spread evenly over the rest
+    (needle i of the n - 1 others at (i + 0.5) / (n - 1)), so every trial holds every key."""
+    if not 1 <= len(keys) <= len(NAMES):
+        raise ValueError(f"passkey: 1 to {len(NAMES)} keys per prompt, got {len(keys)}")
+    if not 0 <= asked < len(keys):
+        raise ValueError(f"passkey: asked must index the keys (0..{len(keys) - 1}), got {asked}")
+    others = [i for i in range(len(keys)) if i != asked]
+    depths = {asked: depth} | {i: (j + 0.5) / len(others) for j, i in enumerate(others)}
+    needles = [
+        (depths[i], _encode(tokenizer, NAMED_NEEDLE.format(name=NAMES[i], key=keys[i])))
+        for i in sorted(depths, key=depths.get)
+    ]
+    question = _encode(tokenizer, NAMED_QUESTION.format(name=NAMES[asked]))
+    return _haystack(
+        tokenizer,
+        filler,
+        length,
+        needles,
+        question,
+        _encode(tokenizer, ANSWER.format(key=keys[asked])),
+        offset,
+    )
+
+
+def _haystack(tokenizer, filler, length, needles, question, answer, offset):
+    """INTRO, then `length` - (everything else) filler tokens from `offset` with each (depth, ids) needle cut
+    in after `depth` of them, then the question; and the answer."""
+    intro = _encode(tokenizer, INTRO)
+    fixed = len(intro) + sum(len(ids) for _, ids in needles) + len(question) + len(answer)
     n_filler = length - fixed
     if n_filler < 1:
         raise ValueError(
-            f"passkey: a context of {length} tokens is too short; the instructions, needle, question "
+            f"passkey: a context of {length} tokens is too short; the instructions, needle(s), question "
             f"and answer alone take {fixed} tokens with this tokenizer"
         )
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"passkey: depth must be in [0, 1], got {depth}")
+    for depth, _ in needles:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"passkey: depth must be in [0, 1], got {depth}")
     index = (torch.arange(n_filler) + offset) % filler.numel()
     text = filler[index].tolist()
-    cut = int(round(depth * n_filler))
-    return intro + text[:cut] + needle + text[cut:] + question, answer
+    prompt, at = list(intro), 0
+    for depth, ids in sorted(needles, key=lambda needle: needle[0]):
+        cut = int(round(depth * n_filler))
+        prompt += text[at:cut] + ids
+        at = cut
+    return prompt + text[at:] + question, answer
 
 
 @torch.no_grad()
@@ -87,14 +137,19 @@ def evaluate_passkey(
     lengths: Sequence[int],
     trials: int = 4,
     seed: int = 0,
+    keys: int = 1,
 ) -> dict[str, Any]:
-    """Passkey retrieval accuracy of a causal LM at each context length (in tokens).
+    """Passkey retrieval accuracy of a causal LM at each context length (in tokens); trial i of n puts the
+    asked needle at depth (i + 0.5) / n, so the trials sweep the depth. `keys` > 1: the multi-key variant
+    (`multikey_prompt`: that many named keys in every prompt, one asked).
 
-    Returns ``{"lengths": {"<length>": {"accuracy", "correct", "n"}}, "mean_accuracy", "trials"}``. The
-    keys, depths and filler offsets depend only on `seed`, `length` and the trial, so every model
-    gets the same prompts."""
+    Returns ``{"lengths": {"<length>": {"accuracy", "correct", "n", "by_depth": {"<depth>": 0 or 1}}},
+    "mean_accuracy", "trials", "keys"}``. The keys, depths and filler offsets depend only on `seed`,
+    `length`, `keys` and the trial, so every model gets the same prompts."""
     if trials < 1:
         raise ValueError(f"passkey: trials must be >= 1, got {trials}")
+    if not 1 <= keys <= len(NAMES):
+        raise ValueError(f"passkey: keys must be 1 to {len(NAMES)}, got {keys}")
     if not lengths:
         raise ValueError("passkey: give at least one context length")
     filler = filler_tokens(tokenizer, filler_texts, max(lengths))
@@ -104,18 +159,29 @@ def evaluate_passkey(
     per_length: dict[str, dict[str, Any]] = {}
     try:
         for length in lengths:
-            rng = random.Random(seed * 1_000_003 + int(length))
-            correct = 0
+            rng = random.Random(seed * 1_000_003 + int(length) + (keys - 1) * 7_919)
+            by_depth = {}
             for trial in range(trials):
-                key = rng.randint(10_000, 99_999)
+                depth = (trial + 0.5) / trials
+                drawn = [rng.randint(10_000, 99_999) for _ in range(keys)]
                 offset = rng.randrange(filler.numel())
-                prompt, answer = passkey_prompt(
-                    tokenizer, filler, int(length), key, (trial + 0.5) / trials, offset
-                )
-                correct += _retrieved(model, prompt, answer, device)
-            per_length[str(length)] = {"accuracy": correct / trials, "correct": correct, "n": trials}
+                if keys == 1:
+                    prompt, answer = passkey_prompt(tokenizer, filler, int(length), drawn[0], depth, offset)
+                else:
+                    asked = rng.randrange(keys)
+                    prompt, answer = multikey_prompt(
+                        tokenizer, filler, int(length), drawn, asked, depth, offset
+                    )
+                by_depth[f"{depth:.3f}"] = int(_retrieved(model, prompt, answer, device))
+            correct = sum(by_depth.values())
+            per_length[str(length)] = {
+                "accuracy": correct / trials,
+                "correct": correct,
+                "n": trials,
+                "by_depth": by_depth,
+            }
     finally:
         if was_training:
             model.train()
     mean = sum(r["accuracy"] for r in per_length.values()) / len(per_length)
-    return {"lengths": per_length, "mean_accuracy": mean, "trials": trials}
+    return {"lengths": per_length, "mean_accuracy": mean, "trials": trials, "keys": keys}

@@ -20,7 +20,7 @@ from zoo.measures import branch_ablation, measure
 from zoo.summary import build_summary
 
 #: the measures taken on the final model beside the teacher's (decode speed: timed apart, on the saved model)
-FINAL_MEASURES = ("mmlu", "passkey", "generation")
+FINAL_MEASURES = ("mmlu", "passkey", "generation", "long_context")
 
 
 class RunPhases:

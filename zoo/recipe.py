@@ -257,7 +257,10 @@ class EvalConfig:
     passkey_lengths: list[int] = field(
         default_factory=list
     )  # contexts (tokens) for passkey retrieval; [] = skip
-    passkey_trials: int = 4  # prompts per context length
+    passkey_trials: int = 4  # prompts per context length (trial i of n hides the key at depth (i + 0.5) / n)
+    passkey_multikey: int = 0  # also the multi-key variant with this many named keys (2..8); 0 = skip
+    long_context: int = 0  # perplexity by position on held-out blocks of this many tokens; 0 = skip
+    long_context_blocks: int = 4  # blocks per source for long_context
     decode_contexts: list[int] = field(
         default_factory=list
     )  # contexts for decode tok/s and state bytes; [] = skip
@@ -278,6 +281,17 @@ class EvalConfig:
                 ("mse_blocks", ">= 1", self.mse_blocks >= 1),
                 ("passkey_lengths", "context lengths >= 2 tokens", all(n >= 2 for n in self.passkey_lengths)),
                 ("passkey_trials", ">= 1", self.passkey_trials >= 1),
+                (
+                    "passkey_multikey",
+                    "0 (skip) or 2 to 8 keys",
+                    self.passkey_multikey == 0 or 2 <= self.passkey_multikey <= 8,
+                ),
+                (
+                    "long_context",
+                    "0 (skip) or a block length >= 512 tokens",
+                    self.long_context == 0 or self.long_context >= 512,
+                ),
+                ("long_context_blocks", ">= 1", self.long_context_blocks >= 1),
                 ("decode_steps", ">= 1", self.decode_steps >= 1),
                 ("generation_prompts", ">= 0 (0 = skip)", self.generation_prompts >= 0),
                 ("generation_prompt_tokens", ">= 1", self.generation_prompt_tokens >= 1),

@@ -59,6 +59,11 @@ class RunData:
             "per_source": per,
         }
 
+    def long_context_documents(self) -> dict[str, list]:
+        """Source -> held-out documents, for the long-context measures: the training corpora, then the
+        out-of-domain ones."""
+        return {s: self.corpus.heldout(s) for s in self.train_sources + self.ood_sources}
+
     def generation_documents(self) -> list:
         """Held-out documents of the training corpora, taking each corpus in turn: the prompts to continue."""
         by_source = [self.corpus.heldout(s) for s in self.train_sources]

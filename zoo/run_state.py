@@ -36,7 +36,7 @@ REDO_CHOICES = STAGE_SECTIONS
 NEUTRAL_KEYS = {"checkpoint_every", "log_every", "skip_unavailable"}
 
 #: what comes after the training stages: voided by any change to them
-AFTER_TRAINING = ("final", "mmlu", "passkey", "decode", "generation", "branches")
+AFTER_TRAINING = ("final", "mmlu", "passkey", "decode", "generation", "long_context", "branches")
 #: progress keys and checkpoint folders a change to each stage section voids
 STAGE_VOIDS = {
     "stage1": {
@@ -57,6 +57,9 @@ EVAL_VOIDS = {
     "mmlu": ("mmlu",),
     "passkey_lengths": ("passkey", "branches"),
     "passkey_trials": ("passkey", "branches"),
+    "passkey_multikey": ("passkey", "branches"),
+    "long_context": ("long_context",),
+    "long_context_blocks": ("long_context",),
     "decode_contexts": ("decode",),
     "decode_steps": ("decode",),
     "generation_prompts": ("generation",),

@@ -43,6 +43,19 @@ def _branches(entry: dict | None) -> dict | None:
     return {branch: {"ppl": _ppl_pair(r), "passkey": r.get("passkey")} for branch, r in entry.items()}
 
 
+def _long_context(entry: dict | None, recipe: Recipe) -> dict | None:
+    """The long-context rows (teacher, free window, final model) with the share of the gap each closes."""
+    if entry is None:
+        return None
+    from zoo.long_context import free_window_of, long_context_table
+
+    teacher = entry["teacher"]
+    return long_context_table(
+        {"teacher": teacher["teacher"], "free_window": teacher["free_window"], "final": entry["final"]},
+        free_window_of(recipe.mixer.name, recipe.mixer.options),
+    )
+
+
 def build_summary(
     recipe: Recipe, progress: dict, trainable: int, sample: str, wall: float, model_params: int | None = None
 ) -> dict:
@@ -80,6 +93,7 @@ def build_summary(
         "passkey": progress.get("passkey"),
         "decode": progress.get("decode"),
         "generation": progress.get("generation"),
+        "long_context": _long_context(progress.get("long_context"), recipe),
         "warnings": [w for w in (stage1_worse_than_swap(progress),) if w],
         "branches": _branches(progress.get("branches")),
         "prompt": recipe.eval.generate_prompt,

@@ -535,3 +535,38 @@ def test_a_data_source_that_cannot_load_stops_the_bench_before_any_run(
     err = capsys.readouterr().err
     assert "data.eval_ood" in err and "did you mean 'brown'" in err
     assert not out.exists()
+
+
+def test_the_leaderboard_leads_with_the_long_context_table_when_the_budget_measures_it(bench):
+    from zoo.bench.leaderboard import leaderboard_markdown
+    from zoo.long_context import long_context_table
+
+    results = copy.deepcopy(bench["results"])
+    assert "## Long context" not in leaderboard_markdown(results)  # the smoke budget does not measure it
+
+    def cells(ppl_1k, ppl_2k):
+        return {
+            "src": {
+                "0-256": {"nll": 3.0, "ppl": 20.0},
+                "1024-2048": {"nll": math.log(ppl_1k), "ppl": ppl_1k},
+                "2048-4096": {"nll": math.log(ppl_2k), "ppl": ppl_2k},
+            }
+        }
+
+    rows = rows_by_name(results)
+    for name, (a, b) in {"lolcats": (31.0, 32.0), "hedgehog": (45.0, 50.0)}.items():
+        rows[name]["long_context"] = long_context_table(
+            {"teacher": cells(30.0, 30.0), "free_window": cells(40.0, 42.0), "final": cells(a, b)}, (64, 4)
+        )
+        rows[name]["passkey_multikey"] = {"1024": 0.25}
+    board = leaderboard_markdown(results)
+    assert board.index("## Long context") < board.index("## Quality")
+    section = board.split("## Long context")[1].split("## Quality")[0]
+    assert "first 4 (StreamingLLM, untrained)" in section
+    lines = {line.split(" | ")[0][2:]: line for line in section.splitlines() if line.startswith("| ")}
+    assert "| ppl src | gap closed src | passkey | multi-key |" in lines[""]
+    assert "| 30.00 / 30.00 |" in lines["**teacher**"] and "| 40.00 / 42.00 |" in lines["**free window**"]
+    # lolcats: (log 40 - log 31) / (log 40 - log 30) at 1k-2k; hedgehog is worse than the free window (< 0)
+    share = (math.log(40) - math.log(31)) / (math.log(40) - math.log(30))
+    assert f"| {share:.2f} / " in lines["lolcats"] and "| 0.25 |" in lines["lolcats"]
+    assert "| -0.41 / -0.52 |" in lines["hedgehog"]

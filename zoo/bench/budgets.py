@@ -54,6 +54,9 @@ class Budget:
     generate_tokens: int = 16  # the sample in summary.json
     generation_prompts: int = 4  # held-out prompts continued greedily for the repeats measure (0: skip)
     generation_tokens: int = 48  # tokens generated per prompt
+    passkey_multikey: int = 0  # named keys in the multi-key passkey variant (0: skip)
+    long_context: int = 0  # block length for perplexity by position beside the free window (0: skip)
+    long_context_blocks: int = 4  # held-out blocks per corpus for long_context
 
     def __post_init__(self):
         for f in (
@@ -65,6 +68,7 @@ class Budget:
             "passkey_trials",
             "decode_steps",
             "log_every",
+            "long_context_blocks",
         ):
             if getattr(self, f) < 1:
                 raise ValueError(f"budget {self.name!r}: {f} must be >= 1, got {getattr(self, f)}")
@@ -75,6 +79,8 @@ class Budget:
             "checkpoint_every",
             "generate_tokens",
             "generation_prompts",
+            "passkey_multikey",
+            "long_context",
         ):
             if getattr(self, f) < 0:
                 raise ValueError(f"budget {self.name!r}: {f} must be >= 0, got {getattr(self, f)}")
@@ -105,6 +111,9 @@ class Budget:
             "eval.teacher_lora": True,
             "eval.generation_prompts": self.generation_prompts,
             "eval.generation_tokens": self.generation_tokens,
+            "eval.passkey_multikey": self.passkey_multikey,
+            "eval.long_context": self.long_context,
+            "eval.long_context_blocks": self.long_context_blocks,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,7 +126,8 @@ class Budget:
             3 * self.eval_blocks * sources * self.seq_len  # swap, after stage 1, final
             + 2 * self.mse_blocks * self.seq_len
             + self.mmlu * MMLU_PROMPT_TOKENS
-            + self.passkey_trials * sum(self.passkey_lengths)
+            + self.passkey_trials * sum(self.passkey_lengths) * (2 if self.passkey_multikey else 1)
+            + self.long_context * self.long_context_blocks * sources
             + sum(self.decode_contexts[-1:])
         )
         train = self.stage2_tokens / THROUGHPUT["stage2"]
@@ -187,6 +197,28 @@ BUDGETS: dict[str, Budget] = {
             passkey_trials=8,
             decode_contexts=(512, 1024, 2048),
             decode_steps=16,
+        ),
+        Budget(
+            name="long",
+            description="long context: training on 1,024-token blocks, perplexity by position to 4k beside "
+            "the free window, passkey (one key and four) to 4k (about 20 minutes per mixer on 2 CPU cores)",
+            seq_len=1024,
+            batch_size=1,
+            stage1_batch_size=1,
+            stage1_tokens=61_440,
+            stage2_tokens=40_960,
+            eval_blocks=4,
+            mse_blocks=4,
+            mmlu=0,
+            passkey_lengths=(1024, 2048, 4096),
+            passkey_trials=4,
+            passkey_multikey=4,
+            decode_contexts=(),
+            decode_steps=8,
+            generation_prompts=2,
+            generation_tokens=32,
+            long_context=4096,
+            long_context_blocks=4,
         ),
     )
 }

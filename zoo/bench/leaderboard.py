@@ -197,12 +197,65 @@ def _ablation_sections(rows: list[dict]) -> list[str]:
     return out
 
 
+#: the buckets the long-context table shows (the shorter ones are in results.json)
+LONG_BUCKETS = ("1024-2048", "2048-4096", "4096-8192")
+
+
+def _long_context_section(board: list[dict]) -> list[str]:
+    """The long-context table: per source, the teacher, the free window and each mixer's perplexity at
+    positions past 1k, the share of the free window's gap each closes, and passkey (one key / four keys)."""
+    measured = [r for r in board if r["kind"] == "mixer" and r.get("long_context")]
+    if not measured:
+        return []
+    first = measured[0]["long_context"]
+    sources = list(first["rows"]["teacher"])
+    buckets = [b for b in LONG_BUCKETS if b in first["rows"]["teacher"][sources[0]]]
+    window = first.get("free_window") or ["?", "?"]
+    teacher_row = next((r for r in board if r["name"] == "teacher"), {"passkey": None})
+
+    def cells(name, tables, shares, passkey, multikey):
+        ppl = [" / ".join(_num(tables[s][b]["ppl"]) for b in buckets) for s in sources]
+        gap = [" / ".join(_num((shares or {}).get(s, {}).get(b), 2) for b in buckets) for s in sources]
+        return [name, *ppl, *gap, passkey, multikey]
+
+    def passkeys(row):
+        return _passkey(row), _passkey({"passkey": row.get("passkey_multikey")})
+
+    lines = [
+        "## Long context",
+        "",
+        f"Perplexity by token position ({' / '.join(buckets)}) on held-out blocks that start at a document; "
+        f"**free window**: the teacher's own attention cut to its last {window[0]} tokens and first "
+        f"{window[1]} (StreamingLLM, untrained), the baseline a linearized model must beat past its window. "
+        "**gap closed**: share of the gap between the free window and the teacher that the model closes, "
+        "in log perplexity (1 = the teacher, 0 = the free window, below 0 = worse than not training).",
+        "",
+    ]
+    heads = [
+        "",
+        *(f"ppl {s}" for s in sources),
+        *(f"gap closed {s}" for s in sources),
+        "passkey",
+        "multi-key",
+    ]
+    body = [
+        cells("**teacher**", first["rows"]["teacher"], None, *passkeys(teacher_row)),
+        cells("**free window**", first["rows"]["free_window"], None, "-", "-"),
+    ]
+    for r in measured:
+        t = r["long_context"]
+        body.append(cells(r["name"], t["rows"]["final"], t["gap_closed"].get("final"), *passkeys(r)))
+    lines += ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    return lines + ["| " + " | ".join(c) + " |" for c in body] + [""]
+
+
 def leaderboard_markdown(results: dict) -> str:
     rows = results["rows"]
     board = ranked(rows)
     passkey = "/".join(map(str, results["budget"]["passkey_lengths"])) or "-"
     ctx = next((r["decode_context"] for r in board if r["decode_context"]), None)
     lines = _header(results)
+    lines += _long_context_section(board)
     lines += ["## Quality", ""]
     lines += _table(
         [

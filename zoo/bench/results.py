@@ -20,6 +20,10 @@ Quality relations: `ratio_to_fair_reference` = final held-out perplexity / the f
 closed is measured in bits per byte (log-perplexity, where equal steps mean equal gains):
 `gap_closed_heldout` = (swap - final) / (swap - fair reference), `gap_closed_ood` the same against the
 teacher out of domain. 1 means the reference was reached.
+
+`long_context`: the run's summary table of perplexity by position (zoo.long_context.long_context_table:
+the teacher, the free window and the model per source and bucket, and the share of the free window's gap
+the model closes); `passkey_multikey`: accuracy by length of the multi-key passkey variant.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ ROW_FIELDS = (
     "state_growth",
     "decode_by_context",
     "loss_curve_stage2",
+    "long_context",
+    "passkey_multikey",
 )
 
 
@@ -212,6 +218,8 @@ def mixer_rows(
         "mmlu_teacher_accuracy": mmlu.get("teacher", {}).get("accuracy"),
         "passkey": _passkey_by_length(passkey.get("final")),
         "passkey_teacher": _passkey_by_length(passkey.get("teacher")),
+        "passkey_multikey": _passkey_by_length((passkey.get("final") or {}).get("multikey")),
+        "long_context": summary.get("long_context"),
         **_generation_columns(summary, "final"),
         "mean_layer_mse_swap": summary.get("mean_layer_mse_swap"),
         "mean_layer_mse_stage1": summary.get("mean_layer_mse_stage1"),
@@ -257,6 +265,9 @@ def reference_rows(summary: dict, teacher_lora_metrics: Path | None) -> list[dic
         "mmlu_teacher_accuracy": mmlu.get("accuracy"),
         "passkey": passkey,
         "passkey_teacher": passkey,
+        "passkey_multikey": _passkey_by_length(
+            ((summary.get("passkey") or {}).get("teacher") or {}).get("multikey")
+        ),
         **_generation_columns(summary, "teacher"),
         "trainable_params": 0,
         "trainable_percent": 0.0,

@@ -107,7 +107,8 @@ def encode_texts(tokenizer, docs_or_texts) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, lengths
 
 
-def _eos_id(tokenizer) -> int | None:
+def eos_id(tokenizer) -> int | None:
+    """The tokenizer's end-of-sequence id (the first, where it lists several), or None."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
@@ -119,7 +120,7 @@ def token_stream(tokenizer, docs_or_texts) -> torch.Tensor:
     none)."""
     ids, lengths = encode_texts(tokenizer, docs_or_texts)
     pieces = [p for p in torch.split(ids, lengths.tolist()) if p.numel()]
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     if eos is not None and len(pieces) > 1:
         sep = torch.tensor([eos], dtype=torch.long)
         pieces = [x for p in pieces for x in (p, sep)][:-1]

@@ -44,9 +44,9 @@ from zoo.scale.store import HiddenStateStore, StoreLayout, build_store, tokens_f
 from zoo.transfer.loop import read_checkpoint
 
 #: the measures a scaled run takes on the sharded teacher and model, all ranks in step: all of them but decode
-#: speed, the one eval a scaled run refuses (a timing of one device's decoding, which a sharded model does
-#: not show)
-SCALED_MEASURES = FINAL_MEASURES
+#: speed (a timing of one device's decoding, which a sharded model does not show) and the long-context
+#: measures (their free-window baseline is a converted copy of the whole teacher), which it refuses
+SCALED_MEASURES = tuple(name for name in FINAL_MEASURES if name != "long_context")
 
 
 def _say(ctx: Distributed, msg: str) -> None:
@@ -60,6 +60,11 @@ def check_supported(recipe: Recipe) -> None:
             "eval.decode_contexts: decode speed is not measured by block-wise or torchrun runs (a "
             "sharded model's decoding times no one device); set eval.decode_contexts=[] and time the "
             "saved model with `zoo eval DIR --decode ...`"
+        )
+    if recipe.eval.long_context:
+        raise ValueError(
+            "eval.long_context: the long-context measures are not taken by block-wise or torchrun runs; set "
+            "eval.long_context=0 and measure the saved model with `zoo eval DIR --long 2048`"
         )
 
 
