@@ -115,13 +115,15 @@ def test_the_free_window_model_is_the_teacher_within_its_window_and_leaves_the_t
     assert (cut[:, :4] - expected[:, :4]).abs().max() < 1e-5  # the first 4 queries see all they would
     assert (cut[:, 10:] - expected[:, 10:]).abs().max() > 1e-3  # later ones do not
     torch.testing.assert_close(after, expected, atol=0, rtol=0)
-    assert window_of(free_window_model(teacher, window=7, sinks=3)) == (7, 3)
+    assert window_of(free_window_model(teacher, window=7, sinks=3)) == (7, 4)  # at least 4 sinks
+    assert window_of(free_window_model(teacher, window=7, sinks=6)) == (7, 6)
     assert window_of(teacher) == (64, 4)
 
 
 def test_the_free_window_of_a_mixer_is_its_own_window_else_the_default():
     assert free_window_of("lolcats-sink") == (64, 4)
-    assert free_window_of("lolcats", {"window": 32}) == (32, 0)
+    assert free_window_of("lolcats", {"window": 32}) == (32, 4)  # sinks are free: the baseline has 4
+    assert free_window_of("sliding-window", {"window": 16, "sinks": 8}) == (16, 8)
     assert free_window_of("gla") == (64, 4)
     assert free_window_of("hedgehog-sink") == (64, 4)  # window 0: no window of its own
 

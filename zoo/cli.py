@@ -296,6 +296,10 @@ MODULE_COMMANDS = {
         "every mixer through one recipe template, one budget: leaderboard",
     ),
     ("plan",): ("zoo.scale.plan", "disk, memory, GPUs and time for block-wise linearization of a model"),
+    ("select-layers",): (
+        "zoo.layer_select",
+        "score each converted layer by the held-out loss it recovers as softmax; choose k to keep",
+    ),
 }
 
 

@@ -18,7 +18,7 @@ runs at its end), with no remote code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,11 +174,20 @@ def linearized_layers(model: nn.Module) -> list[LinearizedAttention]:
 
 
 @contextmanager
-def _layers_in_mode(model: nn.Module, mode: _TeacherForcing | _SoftmaxTeacher) -> Iterator[None]:
-    """Every converted layer of `model` in `mode` within the block; each gets its own previous mode back."""
+def _layers_in_mode(
+    model: nn.Module, mode: _TeacherForcing | _SoftmaxTeacher, only: Iterable[int] | None = None
+) -> Iterator[None]:
+    """Every converted layer of `model` (those whose layer index is in `only`, if given) in `mode` within the
+    block; each gets its own previous mode back."""
     layers = linearized_layers(model)
     if not layers:
         raise ValueError("the model has no converted layer: call zoo.linearize(model, mixer) first")
+    if only is not None:
+        wanted = set(only)
+        unknown = wanted - {layer.mixer.layer_idx for layer in layers}
+        if unknown:
+            raise ValueError(f"layer(s) {sorted(unknown)} are not converted layers of the model")
+        layers = [layer for layer in layers if layer.mixer.layer_idx in wanted]
     previous = [layer._mode for layer in layers]
     try:
         for layer in layers:
@@ -215,10 +224,11 @@ def teacher_forced(
 
 
 @contextmanager
-def softmax_teacher(model: nn.Module) -> Iterator[nn.Module]:
+def softmax_teacher(model: nn.Module, layers: Iterable[int] | None = None) -> Iterator[nn.Module]:
     """Within the block every converted layer of `model` computes plain softmax attention: the teacher's,
-    with whatever projections it has (stage 2's distillation teacher; LoRA is the caller's business)."""
-    with _layers_in_mode(model, _SOFTMAX_TEACHER):
+    with whatever projections it has (stage 2's distillation teacher; LoRA is the caller's business).
+    `layers`: only the converted layers with these indices (zoo.layer_select gives one back at a time)."""
+    with _layers_in_mode(model, _SOFTMAX_TEACHER, layers):
         yield model
 
 

@@ -7,7 +7,8 @@ position p (the token at p predicted from tokens 0..p-1); `EDGES` cut the bucket
 in every block.
 
 The free window is the teacher with its softmax attention cut to the last `window` tokens and the first
-`sinks` ones (the `sliding-window` mixer, StreamingLLM), untrained. A linearizing mixer exists to beat it
+`sinks` ones (the `sliding-window` mixer, StreamingLLM), untrained: the mixer's own window (64 without one)
+and at least 4 sinks (`free_window_of`). A linearizing mixer exists to beat it
 past the window: `gap_closed` is the share of the gap between the free window and the teacher that a model
 closes, taken on the mean NLL (log perplexity) of a bucket: 1 = as good as full attention, 0 = no better
 than the free window, < 0 = worse than not training at all.
@@ -154,25 +155,28 @@ def gap_closed(model_nll: float, window_nll: float, teacher_nll: float) -> float
 
 
 def free_window_of(mixer: str, options: dict | None = None) -> tuple[int, int]:
-    """(window, sinks) of the free window to hold mixer `mixer` (with `options`) against: its own plain
-    window and sinks where it has a window (a terraced block of W tokens: W), else the defaults (64, 4)."""
+    """(window, sinks) of the free window to hold mixer `mixer` (with `options`) against: its own plain window
+    (a terraced block of W tokens: W), else 64; and its sinks, at least 4. Sinks cost 4 tokens of state and
+    StreamingLLM has them, so a baseline without them would flatter every mixer that has none."""
     from zoo.mixers import get_mixer
 
     config = get_mixer(mixer).check_options(dict(options or {}))
-    if config.get("window"):
-        return int(config["window"]), int(config.get("sinks") or 0)
-    return DEFAULT_WINDOW, DEFAULT_SINKS
+    return _window_and_sinks(config)
+
+
+def _window_and_sinks(config: dict) -> tuple[int, int]:
+    return int(config.get("window") or DEFAULT_WINDOW), max(int(config.get("sinks") or 0), DEFAULT_SINKS)
 
 
 def window_of(model: Any) -> tuple[int, int]:
-    """(window, sinks) of `model`'s first converted layer whose mixer has a window (the defaults, 64 and 4,
-    for a mixer without one or a model without converted layers)."""
+    """`free_window_of` for a converted model: from its first converted layer whose mixer has a window (the
+    defaults, 64 and 4, for a model without one)."""
     from zoo.convert import linearized_layers
 
     for layer in linearized_layers(model):
         config = getattr(layer.mixer, "config", {})
         if config.get("window"):
-            return int(config["window"]), int(config.get("sinks") or 0)
+            return _window_and_sinks(config)
     return DEFAULT_WINDOW, DEFAULT_SINKS
 
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mixer_testing import HIDDEN, HKV, D, H, assert_bf16_inputs_follow_fp32, inputs, run_pieces, sl
+from mixer_testing import (
+    HIDDEN,
+    HKV,
+    D,
+    H,
+    assert_bf16_inputs_follow_fp32,
+    check_padding_adds_nothing,
+    check_split_and_carry,
+    inputs,
+    run_pieces,
+    sl,
+)
 
 from zoo.mixers import build_mixer, get_mixer, list_mixers
 from zoo.mixers.features import hedgehog_features
@@ -238,3 +249,27 @@ def test_hedgehog_sink_has_no_window():
     for name, options in (("lolcats", {"window": 0}), ("lolcats-terraced-sink", {"window": 0})):
         with pytest.raises(ValueError, match=r"window >= 1 \(or 0 with sinks >= 1, plain window\)"):
             build_mixer(name, H, HKV, D, HIDDEN, 0, **options)
+
+
+@pytest.mark.parametrize("name", ["lolcats", "lolcats-terraced-sink", "based-window", "hedgehog-sink"])
+def test_the_linear_mass_cap_keeps_split_carry_and_padding_exact(name):
+    options = {**get_mixer(name).test_options, "linear_mass_tokens": 3}
+    check_split_and_carry(name, options)
+    check_padding_adds_nothing(name, options)
+
+
+def test_the_linear_mass_cap_bounds_the_linear_share_and_is_off_within_the_cap():
+    torch.manual_seed(0)
+    H, D, T, W = 2, 8, 300, 4
+    q, k = torch.randn(1, H, T, D), torch.randn(1, H, T, D)
+    plain = get_mixer("lolcats")(H, H, D, 16, 0, window=W, feature_dim=8)
+    capped = get_mixer("lolcats")(H, H, D, 16, 0, window=W, feature_dim=8, linear_mass_tokens=20)
+    capped.load_state_dict(plain.state_dict())
+    far = torch.arange(T)[None, :] <= torch.arange(T)[:, None] - W  # the linear keys of each query
+    share_plain = (plain.attention_weights(q, k)[0] * far).sum(-1).mean(0)  # [T]
+    share_capped = (capped.attention_weights(q, k)[0] * far).sum(-1).mean(0)
+    # up to 20 linear keys the cap changes nothing; past it the plain share keeps growing, the capped one not
+    torch.testing.assert_close(share_capped[: W + 20], share_plain[: W + 20])
+    assert share_plain[-1] > share_plain[W + 40] + 0.02
+    assert share_capped[-50:].max() < share_plain[W + 20] + 0.05 and share_capped[-1] < share_plain[-1] - 0.05
+    assert capped.linear_keys(torch.tensor([[0, 3, 4, 10]])).tolist() == [[0, 0, 1, 7]]

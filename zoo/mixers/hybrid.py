@@ -58,6 +58,14 @@ class WindowHybridMixer(FeatureMapped):
         "sinks": Option(
             0, int, min=0, doc="first tokens kept as softmax keys of every query (attention sinks)"
         ),
+        "linear_mass_tokens": Option(
+            None,
+            int,
+            min=1,
+            nullable=True,
+            doc="a query with more linear keys than this has its linear weights scaled by this number / its "
+            "count, so the linear branch's share stops growing with the context; null: off (LoLCATs)",
+        ),
     }
     terraced = False
     BRANCHES = ("both", "window", "linear")
@@ -89,6 +97,29 @@ class WindowHybridMixer(FeatureMapped):
         if self.branch == "linear":
             return torch.zeros_like(a), torch.ones_like(a), torch.ones_like(a)
         return a, 1.0 - a, None
+
+    def features(self, q, k, tokens):
+        """phi(q), phi(k) of zoo.mixers.feature_map; with `linear_mass_tokens` = N, phi(q_t) is scaled by
+        min(1, N / n_t), n_t = the linear keys of query t (`linear_keys`): the linear branch's total weight
+        then grows with the context only up to N keys' worth, as within the lengths it was trained at."""
+        fq, fk = super().features(q, k, tokens)
+        cap = self.config.get("linear_mass_tokens")
+        if cap:
+            n = self.linear_keys(tokens.positions).to(fq.dtype)
+            fq = fq * (cap / n.clamp(min=cap))[:, None, :, None]
+        return fq, fk
+
+    def linear_keys(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> the number of linear keys of the query at each position under `self.branch`: the keys
+        outside its window (the previous and current block when terraced), sinks excluded."""
+        window, sinks = self.window_and_sinks()
+        if self.branch == "linear":
+            return positions + 1
+        if self.terraced:
+            older = ((positions // window) - 1).clamp(min=0) * window
+        else:
+            older = (positions + 1 - window).clamp(min=0)
+        return (older - sinks).clamp(min=0)
 
     def window_and_sinks(self) -> tuple[int, int]:
         """(window, sinks) for the kernel. The linear branch alone is linear attention over all keys: the

@@ -50,6 +50,7 @@ class LolcatsBase(WindowHybridMixer):
         ),
         "window_factor": 0.5,
         "sinks": 0,
+        "linear_mass_tokens": None,
     }
     test_options = {"window": 4, "feature_dim": 8}
 

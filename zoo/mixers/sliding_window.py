@@ -22,7 +22,10 @@ from zoo.mixers.tokens import Tokens
 class SlidingWindowMixer(Mixer):
     family = "window"
     state_size = "2*Hkv*D*(window + sinks) floats (constant)"
-    description = "The teacher's softmax over its last `window` tokens and first `sinks` tokens; no training."
+    description = (
+        "The teacher's softmax over its last `window` tokens and first `sinks` tokens (StreamingLLM); "
+        "no training: the free baseline of long context"
+    )
     source = "StreamingLLM (Xiao et al. 2023, arXiv:2309.17453)"
     options = {
         "window": Option(64, int, min=0, doc="softmax window in tokens; 0: the sinks alone"),
