@@ -135,9 +135,22 @@ def check_data(recipe: Recipe) -> list[str]:
     """Problems of the data specs. Each is an error, unless data.skip_unavailable makes it a warning
     (returned, for the run to print)."""
     from zoo.data.corpus import spec_problem
+    from zoo.data.retrieval import PREFIX, parse_retrieval_spec
 
     d = recipe.data
     overlap = sorted(set(d.train) & set(d.eval_ood))
+    fillers = {
+        spec: parse_retrieval_spec(spec)[0]
+        for spec in d.train
+        if spec.startswith(PREFIX) and spec_problem(spec) is None
+    }
+    leaking = sorted(spec for spec, source in fillers.items() if source in d.eval_ood)
+    if leaking:
+        raise RecipeError(
+            f"data.train {leaking} hide keys in the text of an out-of-domain corpus: data.eval_ood must be "
+            "corpora never trained on",
+            key="data.train",
+        )
     if overlap:
         raise RecipeError(
             f"data.eval_ood must be corpora never trained on, but {overlap} is also in data.train",

@@ -14,13 +14,18 @@ DEFAULT_SPECS = EMBEDDED_SOURCES
 
 def load_documents(spec: str) -> list[Document]:
     """Documents for one spec: an embedded source ("austen", "bible", "brown"), a text file, a folder
-    of text files or a glob (one document per file), or "hf:<name>[:<config>][@<split>]"."""
+    of text files or a glob (one document per file), "hf:<name>[:<config>][@<split>]", or
+    "retrieval:<spec>[?keys=K&count=N&words=W]" (synthetic key retrieval over that spec's text,
+    zoo.data.retrieval)."""
+    from zoo.data import retrieval
     from zoo.data.files import is_glob, load_files, matching_files
     from zoo.data.hf import PREFIX, load_hf
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a data spec must be a non-empty string, got {spec!r}")
-    if spec in EMBEDDED_SOURCES:
+    if spec.startswith(retrieval.PREFIX):
+        docs = retrieval.retrieval_documents(spec)
+    elif spec in EMBEDDED_SOURCES:
         docs = load_embedded(spec)
     elif spec.startswith(PREFIX):
         docs = load_hf(spec)
@@ -43,11 +48,18 @@ def spec_problem(spec: str) -> str | None:
     an embedded source can be fetched, or a dataset downloaded, shows only when it loads."""
     import difflib
 
+    from zoo.data import retrieval
     from zoo.data.files import is_glob, matching_files
     from zoo.data.hf import PREFIX, parse_hf_spec
 
     if not isinstance(spec, str) or not spec.strip():
         return f"a data spec must be a non-empty string, got {spec!r}"
+    if spec.startswith(retrieval.PREFIX):
+        try:
+            source, _ = retrieval.parse_retrieval_spec(spec)
+        except ValueError as err:
+            return str(err)
+        return spec_problem(source)
     if spec in EMBEDDED_SOURCES:
         return None
     if spec.startswith(PREFIX):
@@ -64,7 +76,8 @@ def spec_problem(spec: str) -> str | None:
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     return (
         f"{spec!r}{did_you_mean} is not an embedded source ({', '.join(EMBEDDED_SOURCES)}), not an "
-        "existing text file, folder or glob, and not hf:<dataset>[:<config>][@<split>]"
+        "existing text file, folder or glob, not hf:<dataset>[:<config>][@<split>], and not "
+        "retrieval:<spec>[?keys=K&count=N&words=W]"
     )
 
 
