@@ -155,11 +155,13 @@ def test_a_run_measures_long_context_beside_the_teacher_and_the_free_window(tiny
         "mixer.options": {"window": 8, "sinks": 2},
         "eval.long_context": 512,
         "eval.long_context_blocks": 1,
+        "eval.teacher_lora": True,
     }
     assert main(["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **extra), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     table = json.loads((out / "summary.json").read_text())["long_context"]
-    assert table["free_window"] == [8, 4] and set(table["rows"]) == {"teacher", "free_window", "final"}
+    assert table["free_window"] == [8, 4]
+    assert set(table["rows"]) == {"teacher", "free_window", "fair_reference", "final"}
     for name, per_source in table["rows"].items():
         assert list(per_source) == [tiny_world["train"], tiny_world["ood"]], name
         for cells in per_source.values():
@@ -172,7 +174,8 @@ def test_a_run_measures_long_context_beside_the_teacher_and_the_free_window(tiny
     # the teacher's side (teacher and free window) is cached: a second run does not measure it again
     again = tmp_path / "again"
     assert main(["run", RECIPE, *tiny_overrides(tiny_world, "lolcats", **extra), "--out", str(again)]) == 0
-    assert "teacher: long_context" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "teacher: long_context" not in err and "fair reference: long_context" not in err
     second = json.loads((again / "summary.json").read_text())["long_context"]
     assert second["rows"]["free_window"] == table["rows"]["free_window"]
 

@@ -133,7 +133,8 @@ def print_long_context(summary: dict) -> None:
     )
     window = table.get("free_window")
     free = f"free window ({window[0]}+{window[1]} sinks)" if window else "free window"
-    for line in format_table(table, {"free_window": free, "final": "model"}):
+    names = {"free_window": free, "fair_reference": "fair reference", "final": "model"}
+    for line in format_table(table, names):
         print(line)
 
 

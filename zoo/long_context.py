@@ -191,13 +191,14 @@ def free_window_model(teacher: Any, window: int = DEFAULT_WINDOW, sinks: int = D
 def long_context_table(
     rows: dict[str, dict[str, dict]], window_and_sinks: tuple[int, int] | None = None
 ) -> dict[str, Any]:
-    """`rows`: model name -> source -> bucket table; "teacher" and "free_window" among them. Adds to every
-    other row, per source and bucket, the share of the free window's gap it closes; `window_and_sinks`: the
-    free window's, recorded beside them."""
+    """`rows`: model name -> source -> bucket table; "teacher" and "free_window" among them (and, where
+    measured, "fair_reference": the teacher with the run's LoRA budget). Adds to every other row, per source
+    and bucket, the share of the free window's gap it closes; `window_and_sinks`: the free window's,
+    recorded beside them."""
     shares: dict[str, dict] = {}
     teacher, window = rows.get("teacher"), rows.get("free_window")
     for name, per_source in rows.items():
-        if name in ("teacher", "free_window") or teacher is None or window is None:
+        if name in ("teacher", "free_window", "fair_reference") or teacher is None or window is None:
             continue
         shares[name] = {
             source: {

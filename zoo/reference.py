@@ -84,3 +84,20 @@ def teacher_lora_weights(recipe: Recipe, data: RunData, device, dtype) -> dict[s
     return load_file(
         str(folder / "checkpoints" / "teacher_lora" / "trainable.safetensors"), device=str(device)
     )
+
+
+def fair_reference_model(recipe: Recipe, data: RunData, device, dtype):
+    """The fair reference as a model: the teacher with the cached LoRA of `teacher_lora_reference` (computed
+    first if the cache lacks it), in eval mode."""
+    from zoo.teacher import load_teacher
+    from zoo.transfer.stage2 import add_lora
+
+    weights = teacher_lora_weights(recipe, data, device, dtype)
+    teacher, _ = load_teacher(recipe.model.name, dtype=dtype, device=str(device))
+    s2 = recipe.stage2
+    model = add_lora(teacher, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets)
+    missing = set(weights) - set(model.state_dict())
+    if missing:
+        raise RuntimeError(f"the fair reference's LoRA does not fit the teacher: {sorted(missing)[:3]}")
+    model.load_state_dict(weights, strict=False)
+    return model.eval()

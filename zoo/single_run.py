@@ -12,11 +12,23 @@ import torch
 from zoo.devices import pick_device, pick_dtype
 from zoo.generation import generate_text
 from zoo.io import FINAL_MODEL_DIR
-from zoo.measures import cached_reference, measure, teacher_measures, wanted_measures
+from zoo.measures import (
+    cached_reference,
+    long_context_of,
+    measure,
+    teacher_measures,
+    teacher_reference,
+    wanted_measures,
+)
 from zoo.peak_memory import PeakMemory
 from zoo.phases import FINAL_MEASURES, RunPhases
 from zoo.recipe import Recipe
-from zoo.reference import teacher_lora_reference, teacher_lora_weights
+from zoo.reference import (
+    fair_reference_model,
+    teacher_lora_folder,
+    teacher_lora_reference,
+    teacher_lora_weights,
+)
 from zoo.run_data import RunData
 from zoo.run_state import RunState
 from zoo.summary import stage1_worse_than_swap
@@ -87,6 +99,10 @@ class SingleRun(RunPhases):
             self.device,
             [m for m in wanted_measures(recipe) if m not in progress],
         )
+        if "long_context" in teacher_side and recipe.eval.teacher_lora:  # the fair reference at length too
+            teacher_side["long_context"] = teacher_side["long_context"] | {
+                "fair_reference": self.fair_reference_long_context()
+            }
         if "teacher_sample" not in progress:  # the teacher's own continuation, shown beside the model's
             remember(
                 "teacher_sample",
@@ -99,6 +115,21 @@ class SingleRun(RunPhases):
                 ),
             )
         return teacher_side
+
+    def fair_reference_long_context(self) -> dict:
+        """The fair reference's perplexity by position (cached like the teacher's measures)."""
+        recipe = self.recipe
+        kind, key = teacher_reference("long_context", recipe, self.device)
+        key = key | {"fair_reference": teacher_lora_folder(recipe)[0].name}
+
+        def compute():
+            _say("fair reference: long_context (computed once, then cached)")
+            fair = fair_reference_model(recipe, self.data, self.device, self.dtype)
+            return long_context_of(
+                fair, self.tokenizer, self.data, recipe.eval.long_context, recipe.eval.long_context_blocks
+            )
+
+        return cached_reference(f"fair-{kind}", key, compute)
 
     def convert(self) -> None:
         import zoo

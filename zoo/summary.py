@@ -50,9 +50,11 @@ def _long_context(entry: dict | None, recipe: Recipe) -> dict | None:
     from zoo.long_context import free_window_of, long_context_table
 
     teacher = entry["teacher"]
+    rows = {"teacher": teacher["teacher"], "free_window": teacher["free_window"]}
+    if teacher.get("fair_reference"):
+        rows["fair_reference"] = teacher["fair_reference"]
     return long_context_table(
-        {"teacher": teacher["teacher"], "free_window": teacher["free_window"], "final": entry["final"]},
-        free_window_of(recipe.mixer.name, recipe.mixer.options),
+        rows | {"final": entry["final"]}, free_window_of(recipe.mixer.name, recipe.mixer.options)
     )
 
 

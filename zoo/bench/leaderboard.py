@@ -242,6 +242,8 @@ def _long_context_section(board: list[dict]) -> list[str]:
         cells("**teacher**", first["rows"]["teacher"], None, *passkeys(teacher_row)),
         cells("**free window**", first["rows"]["free_window"], None, "-", "-"),
     ]
+    if first["rows"].get("fair_reference"):
+        body.insert(1, cells("**teacher + LoRA**", first["rows"]["fair_reference"], None, "-", "-"))
     for r in measured:
         t = r["long_context"]
         body.append(cells(r["name"], t["rows"]["final"], t["gap_closed"].get("final"), *passkeys(r)))
