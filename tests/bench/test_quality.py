@@ -570,3 +570,31 @@ def test_the_leaderboard_leads_with_the_long_context_table_when_the_budget_measu
     share = (math.log(40) - math.log(31)) / (math.log(40) - math.log(30))
     assert f"| {share:.2f} / " in lines["lolcats"] and "| 0.25 |" in lines["lolcats"]
     assert "| -0.41 / -0.52 |" in lines["hedgehog"]
+
+
+def test_the_long_budget_trains_at_length_and_measures_past_the_window():
+    long = BUDGETS["long"]
+    overrides = long.recipe_overrides()
+    assert overrides["data.seq_len"] >= 1024 and overrides["eval.long_context"] == 4096
+    assert overrides["eval.passkey_multikey"] == 4 and max(long.passkey_lengths) == 4096
+    # about 20 minutes per mixer on 2 CPU cores, so the leading mixers run in a few hours
+    assert 10 * 60 < long.estimate_seconds() < 30 * 60
+
+
+def test_the_softmax_layers_ablation_keeps_k_evenly_spaced_layers(tiny_world, tiny_recipes, tmp_path, capsys):
+    from zoo.bench.quality import plan_bench
+    from zoo.preflight import model_facts
+
+    template = load_recipe(tiny_recipes / "bench.yaml")
+    layers = model_facts(tiny_world["model"]).num_layers
+    args = (tiny_world["model"], ["lolcats", "hedgehog"], BUDGETS["smoke"], tmp_path, ["softmax-layers"], [])
+    items = plan_bench(*args, tiny_recipes, template, [], ["lolcats", "gla"])
+    added = [it for it in items if it.ablation and it.ablation.startswith("softmax-layers")]
+    assert [it.ablation for it in added] == [f"softmax-layers-{k}" for k in (1, 2, 4) if k < layers]
+    for it in added:
+        k = int(it.ablation.rsplit("-", 1)[1])
+        kept = [i for i in range(layers) if i not in it.recipe.mixer.layers]
+        assert len(kept) == k and it.mixer == "lolcats" and it.folder.parent.name == "ablations"
+        assert it.name == f"lolcats [softmax layers {','.join(map(str, kept))}]"
+        assert it.recipe.mixer.options == items[0].recipe.mixer.options  # otherwise the mixer's own run
+    assert "softmax-layers ablation of gla skipped" in capsys.readouterr().err

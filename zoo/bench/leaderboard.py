@@ -201,10 +201,13 @@ def _ablation_sections(rows: list[dict]) -> list[str]:
 LONG_BUCKETS = ("1024-2048", "2048-4096", "4096-8192")
 
 
-def _long_context_section(board: list[dict]) -> list[str]:
-    """The long-context table: per source, the teacher, the free window and each mixer's perplexity at
-    positions past 1k, the share of the free window's gap each closes, and passkey (one key / four keys)."""
-    measured = [r for r in board if r["kind"] == "mixer" and r.get("long_context")]
+def _long_context_section(board: list[dict], rows: list[dict]) -> list[str]:
+    """The long-context table: per source, the teacher, the free window and each mixer's (and ablation's)
+    perplexity at positions past 1k, the share of the free window's gap each closes, and passkey (one key /
+    four keys)."""
+    order = {id(r): i for i, r in enumerate(board)}
+    measured = [r for r in rows if r["kind"] in ("mixer", "ablation") and r.get("long_context")]
+    measured.sort(key=lambda r: order.get(id(r), len(order)))
     if not measured:
         return []
     first = measured[0]["long_context"]
@@ -257,7 +260,7 @@ def leaderboard_markdown(results: dict) -> str:
     passkey = "/".join(map(str, results["budget"]["passkey_lengths"])) or "-"
     ctx = next((r["decode_context"] for r in board if r["decode_context"]), None)
     lines = _header(results)
-    lines += _long_context_section(board)
+    lines += _long_context_section(board, rows)
     lines += ["## Quality", ""]
     lines += _table(
         [

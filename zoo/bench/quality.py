@@ -15,7 +15,10 @@ Ablations (`--ablations`, default all):
 - `lora-only`: for each mixer of `--lora-only-mixers` (default lolcats), no attention transfer, LoRA
   and the mixer's parameters trained on the next-token loss for the same total tokens (DIR/ablations/);
 - `feature-maps`: hedgehog, t2r and linear-elu run under the same budget (added if not in --mixers);
-- `branches`: each hybrid's trained model evaluated with its window branch alone and its linear branch alone.
+- `branches`: each hybrid's trained model evaluated with its window branch alone and its linear branch alone;
+- `softmax-layers`: for each mixer of `--softmax-layers-mixers` (default lolcats-terraced-sink), the same run
+  with k = 1, 2 and 4 evenly spaced layers kept as softmax (zoo.layer_select.evenly_spaced; to keep the
+  layers `zoo select-layers` chooses instead, run the recipe with the `mixer.layers` it prints).
 
 Outputs in DIR, rewritten after every run: results.json (zoo.bench.results), leaderboard.md
 (zoo.bench.leaderboard) and PNG plots (zoo.bench.quality_plots). They cover this invocation's runs
@@ -52,7 +55,10 @@ __all__ = [
     "run_bench",
 ]
 
-ABLATIONS = ("lora-only", "feature-maps", "branches")
+ABLATIONS = ("lora-only", "feature-maps", "branches", "softmax-layers")
+#: softmax layers kept by the softmax-layers ablation
+SOFTMAX_LAYER_COUNTS = (1, 2, 4)
+SOFTMAX_LAYERS_DEFAULT = "lolcats-terraced-sink"
 FEATURE_MAP_MIXERS = ("hedgehog", "t2r", "linear-elu")
 #: stage-1 keys a mixer's own recipe contributes besides its `mixer` section
 STAGE1_KEYS = (
@@ -214,6 +220,29 @@ def lora_only_recipe(recipe: Recipe) -> Recipe:
     )
 
 
+def softmax_layer_items(base: BenchItem, out: Path, num_layers: int) -> list[BenchItem]:
+    """`base` with k of its model's `num_layers` layers kept as softmax, evenly spaced, for each k of
+    SOFTMAX_LAYER_COUNTS (those below `num_layers`)."""
+    from zoo.layer_select import evenly_spaced, linearized_complement
+
+    items = []
+    for k in (k for k in SOFTMAX_LAYER_COUNTS if k < num_layers):
+        kept = evenly_spaced(num_layers, k)
+        recipe = base.recipe.override({"mixer.layers": linearized_complement(num_layers, kept)})
+        name = f"{base.mixer} [softmax layers {','.join(map(str, kept))}]"
+        items.append(
+            BenchItem(
+                name,
+                base.mixer,
+                "ablation",
+                f"softmax-layers-{k}",
+                recipe,
+                out / "ablations" / f"{base.mixer}-softmax-{k}",
+            )
+        )
+    return items
+
+
 def plan_bench(
     model: str,
     mixers: list[str],
@@ -224,6 +253,7 @@ def plan_bench(
     recipes: Path,
     template: Recipe,
     settings: list[str],
+    softmax_layers_mixers: list[str] = (),
 ) -> list[BenchItem]:
     """The runs of a bench, in order: the mixers, feature-map mixers the ablation adds, LoRA-only runs."""
     from zoo.mixers import get_mixer
@@ -252,7 +282,22 @@ def plan_bench(
                     out / "ablations" / f"{m}-lora-only",
                 )
             )
+    if "softmax-layers" in ablations:
+        items += _softmax_layer_ablation(model, items, mixers, softmax_layers_mixers, out)
     return items
+
+
+def _softmax_layer_ablation(model, items, mixers, chosen, out) -> list[BenchItem]:
+    from zoo.preflight import model_facts
+
+    added = []
+    for m in chosen:
+        if m not in mixers:
+            _say(f"softmax-layers ablation of {m} skipped: {m} is not among the bench's mixers")
+            continue
+        base = next(i for i in items if i.mixer == m and i.kind == "mixer")
+        added += softmax_layer_items(base, out, model_facts(model).num_layers)
+    return added
 
 
 def check_folders(items: list[BenchItem]) -> None:
@@ -519,6 +564,11 @@ def add_arguments(parser) -> None:
         help=f"comma list of mixers for the LoRA-only ablation (default {LORA_ONLY_DEFAULT})",
     )
     parser.add_argument(
+        "--softmax-layers-mixers",
+        default=SOFTMAX_LAYERS_DEFAULT,
+        help=f"comma list of mixers for the softmax-layers ablation (default {SOFTMAX_LAYERS_DEFAULT})",
+    )
+    parser.add_argument(
         "--recipes", help="folder of per-mixer recipes (default recipes/<model>, else the SmolLM2 ones)"
     )
     parser.add_argument(
@@ -566,6 +616,8 @@ def command_line(args, mixers: list[str], out: Path) -> str:
         args.ablations,
         "--lora-only-mixers",
         args.lora_only_mixers,
+        "--softmax-layers-mixers",
+        args.softmax_layers_mixers,
     ]
     if args.jobs > 1:
         parts += ["--jobs", str(args.jobs)]
@@ -586,12 +638,24 @@ def main(args) -> int:
     mixers = resolve_mixers(args.mixers)
     ablations = parse_ablations(args.ablations)
     lora_only = resolve_mixers([args.lora_only_mixers]) if args.lora_only_mixers.strip() else []
+    softmax_layers = (
+        resolve_mixers([args.softmax_layers_mixers]) if args.softmax_layers_mixers.strip() else []
+    )
     recipes = recipes_folder(args.model, args.recipes)
     template = load_recipe(template_path(recipes, args.template))
     slug = Path(args.model).name if Path(args.model).exists() else args.model.replace("/", "-")
     out = Path(args.out or Path("runs") / f"bench-quality-{slug}-{budget.name}")
     items = plan_bench(
-        args.model, mixers, budget, out, ablations, lora_only, recipes, template, args.settings
+        args.model,
+        mixers,
+        budget,
+        out,
+        ablations,
+        lora_only,
+        recipes,
+        template,
+        args.settings,
+        softmax_layers,
     )
     check_folders(items)
     check_recipes(items)
