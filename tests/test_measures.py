@@ -31,13 +31,14 @@ def test_decode_cost_of_a_teacher_and_of_a_linear_mixer():
     t = measure_decode(teacher, [24, 48], steps=3)
     per_token = 2 * 2 * 2 * 16 * 4  # keys and values, 2 layers, 2 KV heads, head dim 16, fp32
     assert t["contexts"]["48"]["state_bytes"] == 48 * per_token and t["state_growth"] == "linear"
-    assert t["state_bytes_extrapolated"] == {"32768": 32768 * per_token}
+    assert t["state_bytes_extrapolated"] == {"8192": 8192 * per_token, "32768": 32768 * per_token}
     assert t["contexts"]["24"]["decode_tokens_per_s"] > 0 and t["steps"] == 3
     linear = zoo.linearize(tiny_model("llama"), "hedgehog")
     h = measure_decode(linear, [24, 48], steps=3)
     assert h["state_growth"] == "constant"
     held = h["contexts"]["24"]["state_bytes"]
     assert held == h["contexts"]["48"]["state_bytes"] == h["state_bytes_extrapolated"]["32768"]
+    assert h["state_bytes_extrapolated"]["8192"] == held
     assert 0 < held < t["contexts"]["24"]["state_bytes"] * 4
 
 

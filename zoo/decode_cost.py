@@ -7,7 +7,7 @@ context's prefill continues from the same cache, so every figure is at exactly t
 is what the cache holds for one sequence: a linearized layer's mixer state
 (`zoo.cache.ZooCache`), or a softmax layer's keys and values.
 
-Extrapolation to a longer context (default 32k, `state_bytes_extrapolated`) is made only where the
+Extrapolation to longer contexts (default 8k and 32k, `state_bytes_extrapolated`) is made only where the
 measured points prove the shape: the same bytes at every measured context ("constant": a linear
 mixer, or a window hybrid whose window is full), bytes proportional to the context ("linear": a KV
 cache), or, with three or more points, bytes exactly on one line ("linear": a mix of both kinds of
@@ -67,7 +67,11 @@ def _vocab_size(model: Any) -> int:
 
 @torch.no_grad()
 def measure_decode(
-    model: Any, contexts: Sequence[int], steps: int = 8, seed: int = 0, extrapolate_to: int = 32_768
+    model: Any,
+    contexts: Sequence[int],
+    steps: int = 8,
+    seed: int = 0,
+    extrapolate_to: Sequence[int] = (8_192, 32_768),
 ) -> dict[str, Any]:
     """Decode tokens/s and state bytes at each context (tokens) for one sequence; see the module doc.
 
@@ -121,12 +125,11 @@ def measure_decode(
     finally:
         if was_training:
             model.train()
-    extrapolated, growth = extrapolate_state_bytes(
-        {int(c): r["state_bytes"] for c, r in rows.items()}, extrapolate_to
-    )
+    points = {int(c): r["state_bytes"] for c, r in rows.items()}
+    extrapolated = {str(t): extrapolate_state_bytes(points, t)[0] for t in extrapolate_to}
     return {
         "contexts": rows,
         "steps": steps,
-        "state_growth": growth,
-        "state_bytes_extrapolated": {str(extrapolate_to): extrapolated},
+        "state_growth": extrapolate_state_bytes(points, max(points))[1],
+        "state_bytes_extrapolated": extrapolated,
     }

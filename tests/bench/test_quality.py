@@ -559,6 +559,8 @@ def test_the_leaderboard_leads_with_the_long_context_table_when_the_budget_measu
             {"teacher": cells(30.0, 30.0), "free_window": cells(40.0, 42.0), "final": cells(a, b)}, (64, 4)
         )
         rows[name]["passkey_multikey"] = {"1024": 0.25}
+    rows["teacher"]["state_bytes_8k_extrapolated"] = 8 * 2**20
+    rows["lolcats"]["state_bytes_8k_extrapolated"] = 2**19
     board = leaderboard_markdown(results)
     assert board.index("## Long context") < board.index("## Quality")
     section = board.split("## Long context")[1].split("## Quality")[0]
@@ -568,7 +570,10 @@ def test_the_leaderboard_leads_with_the_long_context_table_when_the_budget_measu
     assert "| 30.00 / 30.00 |" in lines["**teacher**"] and "| 40.00 / 42.00 |" in lines["**free window**"]
     # lolcats: (log 40 - log 31) / (log 40 - log 30) at 1k-2k; hedgehog is worse than the free window (< 0)
     share = (math.log(40) - math.log(31)) / (math.log(40) - math.log(30))
-    assert f"| {share:.2f} / " in lines["lolcats"] and "| 0.25 |" in lines["lolcats"]
+    assert f"| {share:.2f} / " in lines["lolcats"] and "| 0.25 | 512.0 KiB (0.062x) |" in lines["lolcats"]
+    assert lines["**teacher**"].endswith("| 8.0 MiB (1.000x) |") and lines["**free window**"].endswith(
+        "| - |"
+    )
     assert "| -0.41 / -0.52 |" in lines["hedgehog"]
 
 

@@ -216,10 +216,18 @@ def _long_context_section(board: list[dict], rows: list[dict]) -> list[str]:
     window = first.get("free_window") or ["?", "?"]
     teacher_row = next((r for r in board if r["name"] == "teacher"), {"passkey": None})
 
-    def cells(name, tables, shares, passkey, multikey):
+    teacher_state = teacher_row.get("state_bytes_8k_extrapolated")
+
+    def state(row):
+        held = row.get("state_bytes_8k_extrapolated")
+        if held is None:
+            return "-"
+        return _bytes(held) + (f" ({held / teacher_state:.3f}x)" if teacher_state else "")
+
+    def cells(name, tables, shares, passkey, multikey, row=None):
         ppl = [" / ".join(_num(tables[s][b]["ppl"]) for b in buckets) for s in sources]
         gap = [" / ".join(_num((shares or {}).get(s, {}).get(b), 2) for b in buckets) for s in sources]
-        return [name, *ppl, *gap, passkey, multikey]
+        return [name, *ppl, *gap, passkey, multikey, state(row or {})]
 
     def passkeys(row):
         return _passkey(row), _passkey({"passkey": row.get("passkey_multikey")})
@@ -231,7 +239,9 @@ def _long_context_section(board: list[dict], rows: list[dict]) -> list[str]:
         f"**free window**: the teacher's own attention cut to its last {window[0]} tokens and first "
         f"{window[1]} (StreamingLLM, untrained), the baseline a linearized model must beat past its window. "
         "**gap closed**: share of the gap between the free window and the teacher that the model closes, "
-        "in log perplexity (1 = the teacher, 0 = the free window, below 0 = worse than not training).",
+        "in log perplexity (1 = the teacher, 0 = the free window, below 0 = worse than not training). "
+        "**state @8k**: decode state of one sequence at 8k context (extrapolated from the measured growth; a "
+        "KV cache for softmax layers), and its share of the teacher's KV cache.",
         "",
     ]
     heads = [
@@ -240,16 +250,17 @@ def _long_context_section(board: list[dict], rows: list[dict]) -> list[str]:
         *(f"gap closed {s}" for s in sources),
         "passkey",
         "multi-key",
+        "state @8k (x teacher)",
     ]
     body = [
-        cells("**teacher**", first["rows"]["teacher"], None, *passkeys(teacher_row)),
+        cells("**teacher**", first["rows"]["teacher"], None, *passkeys(teacher_row), teacher_row),
         cells("**free window**", first["rows"]["free_window"], None, "-", "-"),
     ]
     if first["rows"].get("fair_reference"):
         body.insert(1, cells("**teacher + LoRA**", first["rows"]["fair_reference"], None, "-", "-"))
     for r in measured:
         t = r["long_context"]
-        body.append(cells(r["name"], t["rows"]["final"], t["gap_closed"].get("final"), *passkeys(r)))
+        body.append(cells(r["name"], t["rows"]["final"], t["gap_closed"].get("final"), *passkeys(r), r))
     lines += ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
     return lines + ["| " + " | ".join(c) + " |" for c in body] + [""]
 

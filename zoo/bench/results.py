@@ -77,6 +77,7 @@ ROW_FIELDS = (
     "decode_tokens_per_s",
     "state_bytes",
     "state_bytes_32k_extrapolated",
+    "state_bytes_8k_extrapolated",
     "state_growth",
     "decode_by_context",
     "loss_curve_stage2",
@@ -168,6 +169,7 @@ def _decode_columns(result: dict | None) -> dict:
         "decode_tokens_per_s": by_context[last]["decode_tokens_per_s"],
         "state_bytes": by_context[last]["state_bytes"],
         "state_bytes_32k_extrapolated": result["state_bytes_extrapolated"].get("32768"),
+        "state_bytes_8k_extrapolated": result["state_bytes_extrapolated"].get("8192"),
         "state_growth": result["state_growth"],
         "decode_by_context": by_context,
     }
