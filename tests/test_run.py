@@ -180,6 +180,18 @@ def test_a_run_measures_long_context_beside_the_teacher_and_the_free_window(tiny
     assert second["rows"]["free_window"] == table["rows"]["free_window"]
 
 
+def test_stages_train_at_their_own_lengths_short_to_long(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_world, "hedgehog", **{"stage2.seq_len": 64, "eval.teacher_lora": True})
+    assert main(["run", RECIPE, *args, "--out", str(out)]) == 0
+    progress = json.loads((out / "progress.json").read_text())
+    s1, s2 = progress["stage1_train"], progress["stage2_train"]
+    assert s1["tokens"] == s1["steps"] * 2 * 32  # stage 1 at data.seq_len (32), batch 2
+    assert s2["tokens"] == s2["steps"] * 2 * 64 and s2["steps"] == 3  # stage 2 at 64: 384 tokens in 3 steps
+    assert progress["teacher_lora_train"]["steps"] == 3  # the fair reference trains as stage 2 does
+    assert main(["run", RECIPE, *args[:-1], "stage2.seq_len=1", "--out", str(tmp_path / "bad")]) == 2
+
+
 def test_eval_measures_long_context_and_the_teachers_passkey(tiny_world, tmp_path, capsys):
     out = tmp_path / "run"
     overrides = tiny_overrides(

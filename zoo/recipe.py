@@ -135,8 +135,12 @@ class StageConfig(TrainingConfig):
     zoo.transfer.loop)."""
 
     enabled: bool = True
+    # tokens per training block of this stage; null: data.seq_len (stage1 256, stage2 1024: short to long)
+    seq_len: int | None = None
 
     def _problems(self):
+        if self.seq_len is not None and self.seq_len < 2:
+            yield "seq_len", f"must be >= 2 or null (data.seq_len), got {self.seq_len}"
         yield from _rule_problems(
             self,
             (

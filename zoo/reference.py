@@ -23,7 +23,7 @@ def _say(msg: str) -> None:
 REFERENCE_STAGE2_KEYS = ("tokens", "batch_size", "lr", "weight_decay", "grad_clip", "lr_schedule", "lora")
 #: stage-2 keys added later that change the fine-tuned teacher: in the cache key only when set away from their
 #: default, so references cached before the key existed stay valid
-REFERENCE_STAGE2_KEYS_IF_SET = ("adam_betas",)
+REFERENCE_STAGE2_KEYS_IF_SET = ("adam_betas", "seq_len")
 
 
 def teacher_lora_folder(recipe: Recipe) -> tuple[Path, str]:
@@ -64,7 +64,9 @@ def teacher_lora_reference(recipe: Recipe, data: RunData, device, dtype) -> dict
     s2 = recipe.stage2
     teacher = add_lora(teacher, s2.lora.rank, s2.lora.alpha, s2.lora.dropout, s2.lora.targets)
     with PeakMemory() as peak:
-        stats = run_stage2(teacher, data.train_blocks, s2.loop("teacher_lora", recipe.seed), folder, device)
+        stats = run_stage2(
+            teacher, data.stage_blocks(s2), s2.loop("teacher_lora", recipe.seed), folder, device
+        )
     stats |= {
         "peak_memory": peak.result(),
         "trainable_params": sum(p.numel() for p in teacher.parameters() if p.requires_grad),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from zoo.recipe import Recipe
 
 
@@ -36,10 +38,20 @@ class RunData:
         self.skipped_sources = [s for s in [*d.train, *d.eval_ood] if s not in self.corpus.sources]
         if not self.train_sources:
             raise ValueError(f"none of the training sources {list(d.train)} could be loaded")
-        train_docs = [doc for s in self.train_sources for doc in self.corpus.train(s)]
-        self.train_blocks = token_blocks(tokenizer, train_docs, d.seq_len)
+        self._train_docs = [doc for s in self.train_sources for doc in self.corpus.train(s)]
+        self._blocks = {d.seq_len: token_blocks(tokenizer, self._train_docs, d.seq_len)}
+        self.train_blocks = self._blocks[d.seq_len]
         self.tokenizer = tokenizer
         self.recipe = recipe
+
+    def stage_blocks(self, stage) -> torch.Tensor:
+        """The training blocks of a stage config: of its `seq_len`, or data.seq_len where it has none."""
+        from zoo.data import token_blocks
+
+        length = stage.seq_len or self.recipe.data.seq_len
+        if length not in self._blocks:
+            self._blocks[length] = token_blocks(self.tokenizer, self._train_docs, length)
+        return self._blocks[length]
 
     def evaluate(self, model) -> dict:
         from zoo.evaluate import evaluate_corpus

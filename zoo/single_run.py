@@ -158,7 +158,7 @@ class SingleRun(RunPhases):
         with PeakMemory() as peak:
             stats = run_stage1(
                 model,
-                self.data.train_blocks,
+                self.data.stage_blocks(s1),
                 s1.loop("stage1", recipe.seed),
                 self.out,
                 attention_ce=s1.attention_ce,
@@ -190,7 +190,7 @@ class SingleRun(RunPhases):
         with PeakMemory() as peak:
             stats = run_stage2(
                 self.model,
-                self.data.train_blocks,
+                self.data.stage_blocks(s2),
                 s2.loop("stage2", recipe.seed),
                 self.out,
                 device=self.device,

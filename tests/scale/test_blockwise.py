@@ -84,10 +84,22 @@ def test_a_block_fed_stored_states_sees_what_the_joint_forward_sees(tmp_path, mi
         assert held == set(range(block.start, block.stop))
 
 
-def test_decode_speed_is_the_one_eval_distributed_runs_refuse(deep_world, tmp_path, capsys):
-    args = overrides(deep_world, **{"eval.decode_contexts": [64]})
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"eval.decode_contexts": [64]}, "eval.decode_contexts: decode speed is not measured by block-wise"),
+        (
+            {"eval.long_context": 512},
+            "eval.long_context: the long-context measures are not taken by block-wise",
+        ),
+        (
+            {"stage2.seq_len": 64},
+            "stage2.seq_len: block-wise and torchrun runs train every stage at data.seq_len",
+        ),
+    ],
+)
+def test_what_distributed_runs_refuse(deep_world, tmp_path, capsys, setting, message):
+    args = overrides(deep_world, **setting)
     assert main(["run", RECIPE, *args, "--out", str(tmp_path / "x")]) == 2
-    assert (
-        "eval.decode_contexts: decode speed is not measured by block-wise or torchrun runs"
-        in capsys.readouterr().err
-    )
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

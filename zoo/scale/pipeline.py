@@ -61,6 +61,12 @@ def check_supported(recipe: Recipe) -> None:
             "sharded model's decoding times no one device); set eval.decode_contexts=[] and time the "
             "saved model with `zoo eval DIR --decode ...`"
         )
+    for stage in ("stage1", "stage2"):
+        if getattr(recipe, stage).seq_len is not None:
+            raise ValueError(
+                f"{stage}.seq_len: block-wise and torchrun runs train every stage at data.seq_len; set "
+                f"{stage}.seq_len=null"
+            )
     if recipe.eval.long_context:
         raise ValueError(
             "eval.long_context: the long-context measures are not taken by block-wise or torchrun runs; set "
