@@ -21,21 +21,14 @@ from typing import Any
 
 import torch
 
+from zoo.data.retrieval import INTRO, NAMED_NEEDLE, NAMED_QUESTION, NAMES
 from zoo.evaluate import model_device
 
 __all__ = ["INTRO", "NAMES", "passkey_prompt", "multikey_prompt", "filler_tokens", "evaluate_passkey"]
 
-INTRO = (
-    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about the pass key.\n\n"
-)
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
-NAMED_NEEDLE = " The pass key of {name} is {key}. Remember it. "
-NAMED_QUESTION = "\n\nWhat is the pass key of {name}? The pass key of {name} is"
-#: the owners of the keys in the multi-key variant
-NAMES = ("Alice", "Bruno", "Chen", "Dara", "Elif", "Farid", "Greta", "Hiro")
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

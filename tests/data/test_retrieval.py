@@ -42,8 +42,10 @@ def test_the_spec_takes_a_source_and_three_options():
 
 def test_documents_parse_back_and_use_only_training_text(marked_files):
     spec = f"retrieval:{marked_files}?keys=3&count=40&words=120"
-    docs = retrieval_documents(spec)
-    assert len(docs) == 40 and docs == retrieval_documents(spec)  # the spec alone decides them
+    docs = retrieval_documents(spec, load_documents)
+    assert len(docs) == 40 and docs == retrieval_documents(
+        spec, load_documents
+    )  # the spec alone decides them
     assert load_documents(spec) == docs
     train, heldout = split_documents(load_documents(marked_files), 0.1, 0)
     held_marks = {doc.text.split()[0].split("x")[0] for doc in heldout}
@@ -61,7 +63,7 @@ def test_documents_parse_back_and_use_only_training_text(marked_files):
     with pytest.raises(ValueError, match="not a retrieval document"):
         parse_retrieval("plain text")
     with pytest.raises(ValueError, match="fewer than 5000"):
-        retrieval_documents(f"retrieval:{marked_files}?words=5000")
+        retrieval_documents(f"retrieval:{marked_files}?words=5000", load_documents)
 
 
 def test_a_corpus_mixes_them_in_as_one_more_source(marked_files):

@@ -65,7 +65,13 @@ def test_registered():
     for name in NAMES:
         cls = get_mixer(name)
         assert cls.family == "hybrid" and cls.description and cls.source and "W" in cls.state_size
-        assert cls.options == {"window": 64, "feature_dim": None, "window_factor": 0.5, "sinks": sinks(name)}
+        assert cls.options == {
+            "window": 64,
+            "feature_dim": None,
+            "window_factor": 0.5,
+            "sinks": sinks(name),
+            "linear_mass_tokens": None,
+        }
         assert cls.terraced == terraced(name) and ("S*Hkv" in cls.state_size) == bool(sinks(name))
     with pytest.raises(ValueError, match="sinks: must be an int >= 0"):
         build_mixer("lolcats", H, HKV, D, HIDDEN, 0, sinks=-1)

@@ -23,7 +23,13 @@ OPTIONS = {
     "mamba2": {"conv_size": 4, "dt_min": 1e-3, "dt_max": 1e-2},
     "flow": {"feature_dim": None, "eps": 1e-6},
     "based": {"feature_dim": 16},
-    "based-window": {"window": 64, "feature_dim": 16, "window_factor": 0.99, "sinks": 0},
+    "based-window": {
+        "window": 64,
+        "feature_dim": 16,
+        "window_factor": 0.99,
+        "sinks": 0,
+        "linear_mass_tokens": None,
+    },
 }
 SMALL = {"based-window": {"window": 8, "feature_dim": 8}, "based": {"feature_dim": 8}}
 

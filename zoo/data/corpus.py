@@ -17,14 +17,15 @@ def load_documents(spec: str) -> list[Document]:
     of text files or a glob (one document per file), "hf:<name>[:<config>][@<split>]", or
     "retrieval:<spec>[?keys=K&count=N&words=W]" (synthetic key retrieval over that spec's text,
     zoo.data.retrieval)."""
-    from zoo.data import retrieval
     from zoo.data.files import is_glob, load_files, matching_files
     from zoo.data.hf import PREFIX, load_hf
+    from zoo.data.retrieval import PREFIX as RETRIEVAL
+    from zoo.data.retrieval import retrieval_documents
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a data spec must be a non-empty string, got {spec!r}")
-    if spec.startswith(retrieval.PREFIX):
-        docs = retrieval.retrieval_documents(spec)
+    if spec.startswith(RETRIEVAL):
+        docs = retrieval_documents(spec, load_documents)
     elif spec in EMBEDDED_SOURCES:
         docs = load_embedded(spec)
     elif spec.startswith(PREFIX):
@@ -48,15 +49,16 @@ def spec_problem(spec: str) -> str | None:
     an embedded source can be fetched, or a dataset downloaded, shows only when it loads."""
     import difflib
 
-    from zoo.data import retrieval
     from zoo.data.files import is_glob, matching_files
     from zoo.data.hf import PREFIX, parse_hf_spec
+    from zoo.data.retrieval import PREFIX as RETRIEVAL
+    from zoo.data.retrieval import parse_retrieval_spec
 
     if not isinstance(spec, str) or not spec.strip():
         return f"a data spec must be a non-empty string, got {spec!r}"
-    if spec.startswith(retrieval.PREFIX):
+    if spec.startswith(RETRIEVAL):
         try:
-            source, _ = retrieval.parse_retrieval_spec(spec)
+            source, _ = parse_retrieval_spec(spec)
         except ValueError as err:
             return str(err)
         return spec_problem(source)

@@ -19,12 +19,31 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 
 from zoo.data.document import Document
 
-__all__ = ["PREFIX", "parse_retrieval_spec", "retrieval_documents", "parse_retrieval"]
+__all__ = [
+    "PREFIX",
+    "INTRO",
+    "NAMED_NEEDLE",
+    "NAMED_QUESTION",
+    "NAMES",
+    "parse_retrieval_spec",
+    "retrieval_documents",
+    "parse_retrieval",
+]
 
 PREFIX = "retrieval:"
+#: the wording of the passkey prompts (zoo.passkey asks in the same words at evaluation)
+INTRO = (
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the pass key.\n\n"
+)
+NAMED_NEEDLE = " The pass key of {name} is {key}. Remember it. "
+NAMED_QUESTION = "\n\nWhat is the pass key of {name}? The pass key of {name} is"
+#: the owners of the keys in the multi-key variant
+NAMES = ("Alice", "Bruno", "Chen", "Dara", "Elif", "Farid", "Greta", "Hiro")
 DEFAULTS = {"keys": 1, "count": 500, "words": 600}
 LIMITS = {"keys": (1, 8), "count": (1, 1_000_000), "words": (50, 1_000_000)}
 
@@ -50,14 +69,13 @@ def parse_retrieval_spec(spec: str) -> tuple[str, dict[str, int]]:
     return source, options
 
 
-def retrieval_documents(spec: str) -> list[Document]:
-    """The documents of a retrieval spec (see the module docstring)."""
-    from zoo.data.corpus import load_documents
+def retrieval_documents(spec: str, load: Callable[[str], list[Document]]) -> list[Document]:
+    """The documents of a retrieval spec (see the module docstring); `load(spec)` gives the documents of
+    the filler's source (zoo.data.corpus.load_documents)."""
     from zoo.data.split import split_documents
-    from zoo.passkey import INTRO, NAMED_NEEDLE, NAMED_QUESTION, NAMES
 
     source, o = parse_retrieval_spec(spec)
-    train, _ = split_documents(load_documents(source), 0.1, 0)
+    train, _ = split_documents(load(source), 0.1, 0)
     words = " ".join(doc.text for doc in train).split()
     if len(words) < o["words"]:
         raise ValueError(
