@@ -280,7 +280,7 @@ def test_plugin_mixers_register_through_entry_points(monkeypatch):
         base._REGISTRY.pop("plugin-test-mixer", None)
 
 
-def test_demo_runs_the_lolcats_recipe_at_the_demo_budget(monkeypatch, tmp_path):
+def test_demo_runs_the_lolcats_sink_recipe_at_the_demo_budget(monkeypatch, tmp_path):
     import zoo.run
 
     seen = {}
@@ -293,7 +293,8 @@ def test_demo_runs_the_lolcats_recipe_at_the_demo_budget(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(tmp_path / "demo")])
     recipe = zoo.recipe.load_recipe(zoo.cli.DEMO_RECIPE)
-    assert zoo.cli.DEMO_RECIPE.parent.name == "smollm2-135m" and zoo.cli.DEMO_RECIPE.name == "lolcats.yaml"
+    assert zoo.cli.DEMO_RECIPE.parent.name == "smollm2-135m"
+    assert zoo.cli.DEMO_RECIPE.name == "lolcats-terraced-sink.yaml"  # the best at 256 tokens and past 1k
     assert seen["recipe"].mixer == recipe.mixer and seen["recipe"].mixer.name.startswith("lolcats")
     assert seen["recipe"].stage1.tokens == 61_440 < recipe.stage1.tokens
     assert seen["recipe"].eval.long_context == 2048  # the demo prints the long-range figure too

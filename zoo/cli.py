@@ -10,7 +10,7 @@ from pathlib import Path
 
 #: the recipes ship inside the package (zoo/recipes; `recipes/` at the top of a checkout links to it)
 RECIPES_ROOT = Path(__file__).resolve().parent / "recipes"
-DEMO_RECIPE = RECIPES_ROOT / "smollm2-135m" / "lolcats.yaml"
+DEMO_RECIPE = RECIPES_ROOT / "smollm2-135m" / "lolcats-terraced-sink.yaml"
 
 
 def _quiet_transformers() -> None:
@@ -172,7 +172,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-#: the demo's budget: a quarter of the recipe's stage-1 tokens, so it finishes in about 15 minutes on 2 CPU
+#: the demo's budget: a quarter of the recipe's stage-1 tokens, so it finishes in about 20 minutes on 2 CPU
 #: cores; and the long-range figure (perplexity at positions 1k-2k beside the teacher and the free window)
 DEMO_OVERRIDES = ["stage1.tokens=61440", "eval.long_context=2048", "eval.long_context_blocks=2"]
 
@@ -255,7 +255,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     _add_redo(run)
     run.set_defaults(func=cmd_run)
-    demo = sub.add_parser("demo", help="the lolcats recipe on the embedded SmolLM2 teacher and corpus")
+    demo = sub.add_parser(
+        "demo", help="the lolcats-terraced-sink recipe on the embedded SmolLM2 teacher and corpus"
+    )
     demo.add_argument("overrides", nargs="*")
     demo.add_argument("--out")
     _add_redo(demo)
