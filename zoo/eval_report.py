@@ -190,14 +190,7 @@ def _passkey(args, lengths, model, teacher, tokenizer, corpus) -> dict:
 
 def _long_context(args, model, teacher, tokenizer, corpus) -> dict:
     """Perplexity by position of the model (and the teacher and free window, with a teacher) per source."""
-    from zoo.long_context import (
-        bucket_table,
-        document_blocks,
-        free_window_model,
-        long_context_table,
-        position_nll,
-        window_of,
-    )
+    from zoo.long_context import free_window_model, long_context_table, position_tables, window_of
 
     own_window, own_sinks = window_of(model)
     window = (
@@ -207,11 +200,10 @@ def _long_context(args, model, teacher, tokenizer, corpus) -> dict:
     models = {"final": model}
     if teacher is not None:
         models = {"teacher": teacher, "free_window": free_window_model(teacher, *window), "final": model}
-    rows: dict[str, dict] = {name: {} for name in models}
-    for source in corpus.sources:
-        ids = document_blocks(tokenizer, corpus.heldout(source), args.long, max_blocks=args.long_blocks)
-        for name, m in models.items():
-            rows[name][source] = bucket_table(position_nll(m, ids), ids.shape[0])
+    docs = {source: corpus.heldout(source) for source in corpus.sources}
+    rows = {
+        name: position_tables(m, tokenizer, docs, args.long, args.long_blocks) for name, m in models.items()
+    }
     return long_context_table(rows, window if teacher is not None else None)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "document_blocks",
     "position_nll",
     "bucket_table",
+    "position_tables",
     "gap_closed",
     "free_window_model",
     "free_window_of",
@@ -145,6 +146,18 @@ def bucket_table(sums: torch.Tensor, n_blocks: int, edges: Sequence[int] = EDGES
         nll = float(sums[first:hi].sum()) / tokens
         table[label(lo, hi)] = {"nll": nll, "ppl": math.exp(nll), "tokens": tokens}
     return table
+
+
+def position_tables(
+    model: Any, tokenizer: Any, docs_by_source: dict[str, Sequence[Any]], length: int, max_blocks: int
+) -> dict[str, dict]:
+    """Source -> `bucket_table` of `model` on up to `max_blocks` `document_blocks` of `length` tokens of each
+    source's documents."""
+    tables = {}
+    for source, docs in docs_by_source.items():
+        ids = document_blocks(tokenizer, docs, length, max_blocks=max_blocks)
+        tables[source] = bucket_table(position_nll(model, ids), ids.shape[0])
+    return tables
 
 
 def gap_closed(model_nll: float, window_nll: float, teacher_nll: float) -> float | None:

@@ -156,13 +156,9 @@ def measure(name: str, recipe: Recipe, data: Any, model: Any, tokenizer: Any) ->
 def long_context_of(model: Any, tokenizer: Any, data: Any, length: int, blocks: int) -> dict[str, dict]:
     """Source -> `zoo.long_context.bucket_table` of `model` on `blocks` held-out blocks of `length` tokens
     of each of the run's sources (`data.long_context_documents()`)."""
-    from zoo.long_context import bucket_table, document_blocks, position_nll
+    from zoo.long_context import position_tables
 
-    tables = {}
-    for source, docs in data.long_context_documents().items():
-        ids = document_blocks(tokenizer, docs, length, max_blocks=blocks)
-        tables[source] = bucket_table(position_nll(model, ids), ids.shape[0])
-    return tables
+    return position_tables(model, tokenizer, data.long_context_documents(), length, blocks)
 
 
 def teacher_reference(name: str, recipe: Recipe, device: torch.device) -> tuple[str, dict]:
