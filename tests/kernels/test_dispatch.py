@@ -151,13 +151,30 @@ def test_padded_prefill_takes_the_pytorch_form_even_when_triton_is_forced(monkey
     assert torch.equal(
         y, torch_hybrid.window_hybrid(*(x.double() for x in (q, k, v, fk, fk)), 0.5, 0.5, window=8)[0]
     )
-    # attention sinks have the PyTorch forms only: prefill and decoding steps alike
-    y, st = dispatch.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=8, sinks=2)
-    y0, st0 = torch_hybrid.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=8, sinks=2)
+    # no window (softmax over the sinks alone) has the PyTorch forms only: prefill and decoding steps alike
+    y, st = dispatch.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=0, sinks=2)
+    y0, st0 = torch_hybrid.window_hybrid(q, k, v, fk, fk, 0.5, 0.5, window=0, sinks=2)
     assert torch.equal(y, y0) and torch.equal(st.sink_k, st0.sink_k)
     step = [x[:, :, :1] for x in (q, k, v, fk, fk)]
-    y, _ = dispatch.window_hybrid(*step, 0.5, 0.5, window=8, sinks=2, state=st)
-    assert torch.equal(y, torch_hybrid.window_hybrid_step(*step, 0.5, 0.5, window=8, sinks=2, state=st0)[0])
+    y, _ = dispatch.window_hybrid(*step, 0.5, 0.5, window=0, sinks=2, state=st)
+    assert torch.equal(y, torch_hybrid.window_hybrid_step(*step, 0.5, 0.5, window=0, sinks=2, state=st0)[0])
+
+
+def test_sinks_skip_flex_but_not_triton(monkeypatch, no_override):
+    """FlexAttention has no sinks (such calls run on torch); the Triton kernels take them."""
+    monkeypatch.setattr(dispatch, "_usable", lambda name, device: True)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 20, 8, generator=g) for _ in range(3))
+    fits = {}
+
+    def spy(op, device, backend=None, fits_fn=None):
+        fits.update({name: fits_fn(name) for name in ("triton", "flex")})
+        return "torch"
+
+    monkeypatch.setattr(dispatch, "backend_for", spy)
+    y, _ = dispatch.window_hybrid(q, k, v, q, k, 1.0, 0.0, window=8, sinks=2)
+    assert fits == {"triton": True, "flex": False}
+    assert torch.equal(y, torch_hybrid.window_hybrid(q, k, v, q, k, 1.0, 0.0, window=8, sinks=2)[0])
 
 
 @pytest.mark.parametrize(

@@ -154,38 +154,25 @@ def window_hybrid(
 ):
     """zoo.kernels.window_hybrid.window_hybrid on the chosen backend (same arguments and results).
     `chunk_size` applies to the PyTorch form only; the Triton kernels pick their own tiles. Attention
-    sinks (`sinks` > 0) have the PyTorch forms only so far.
+    sinks (`sinks` > 0) run on Triton and PyTorch (not on FlexAttention); the window 0 of a sinks-only
+    softmax on PyTorch only.
 
-    `kv_groups`: see `_state_per_kv_head`."""
-    if kv_groups > 1:
-        return _state_per_kv_head(
-            kv_groups,
-            state,
-            lambda st: window_hybrid(
-                q,
-                k,
-                v,
-                fq,
-                fk,
-                a,
-                b,
-                window=window,
-                terraced=terraced,
-                scale=scale,
-                state=st,
-                key_mask=key_mask,
-                c=c,
-                chunk_size=chunk_size,
-                step_max_tokens=step_max_tokens,
-                backend=backend,
-                sinks=sinks,
-            ),
+    `kv_groups` > 1 (grouped-query attention): k, v and fk come either once per key/value head
+    ([B, H / kv_groups, T, *], which the Triton kernels read in place) or repeated to the H query heads;
+    the state is kept once per key/value head either way (see `_state_per_kv_head`)."""
+    H, HK = q.shape[1], k.shape[1]
+    if kv_groups < 1 or H % kv_groups or HK not in (H, H // kv_groups):
+        raise ValueError(
+            f"kv_groups={kv_groups} with {H} query heads: k, v and fk need {H} heads (repeated) or "
+            f"{H // max(kv_groups, 1)} (one per key/value head), got {HK}"
         )
     T = q.shape[2]
     decoding = state is not None and T <= step_max_tokens and not _needs_grad(q, k, v, fq, fk, a, b, c)
 
     def fits(name):  # the fused prefill kernels take no padding; the Triton step kernel does
-        if sinks or not (all(x.dtype in _FUSED_DTYPES for x in (q, k, v, fq, fk)) and T > 0):
+        if not (all(x.dtype in _FUSED_DTYPES for x in (q, k, v, fq, fk)) and T > 0) or window < 1:
+            return False
+        if sinks and name == "flex":
             return False
         if name == "flex" and (
             decoding or not is_window_only(a, b, c) or (q.device.type == "cpu" and _needs_grad(q, k, v, a))
@@ -194,11 +181,23 @@ def window_hybrid(
         return decoding or key_mask is None or bool(key_mask.bool().all())
 
     chosen = backend_for("window_hybrid", q.device, backend, fits)
-    if chosen == "triton":
+    options = dict(window=window, terraced=terraced, scale=scale, key_mask=key_mask, c=c)
+    if chosen == "triton":  # one key/value head per group, read in place; the state as it is kept
         from zoo.kernels.triton.window_hybrid import window_hybrid_step_triton, window_hybrid_triton
 
+        if kv_groups > 1 and HK == H:
+            k, v, fk = (x[:, ::kv_groups] for x in (k, v, fk))
         fn = window_hybrid_step_triton if decoding else window_hybrid_triton
-        return fn(
+        return fn(q, k, v, fq, fk, a, b, state=state, sinks=sinks, **options)
+    if HK != H:
+        k, v, fk = (x.repeat_interleave(kv_groups, dim=1) for x in (k, v, fk))
+
+    def per_head(st):
+        if chosen == "flex":
+            from zoo.kernels.flex_window import window_softmax_flex
+
+            return window_softmax_flex(q, k, v, fk, window=window, terraced=terraced, scale=scale, state=st)
+        return torch_hybrid.window_hybrid(
             q,
             k,
             v,
@@ -206,35 +205,14 @@ def window_hybrid(
             fk,
             a,
             b,
-            window=window,
-            terraced=terraced,
-            scale=scale,
-            state=state,
-            key_mask=key_mask,
-            c=c,
+            state=st,
+            chunk_size=chunk_size,
+            step_max_tokens=step_max_tokens,
+            sinks=sinks,
+            **options,
         )
-    if chosen == "flex":
-        from zoo.kernels.flex_window import window_softmax_flex
 
-        return window_softmax_flex(q, k, v, fk, window=window, terraced=terraced, scale=scale, state=state)
-    return torch_hybrid.window_hybrid(
-        q,
-        k,
-        v,
-        fq,
-        fk,
-        a,
-        b,
-        window=window,
-        terraced=terraced,
-        scale=scale,
-        state=state,
-        key_mask=key_mask,
-        c=c,
-        chunk_size=chunk_size,
-        step_max_tokens=step_max_tokens,
-        sinks=sinks,
-    )
+    return per_head(state) if kv_groups == 1 else _state_per_kv_head(kv_groups, state, per_head)
 
 
 def _state_per_kv_head(kv_groups: int, state, call):

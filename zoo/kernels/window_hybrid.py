@@ -146,7 +146,7 @@ def _member(pq: torch.Tensor, pk: torch.Tensor, window: int, terraced: bool) -> 
     return (pq - pk) < window
 
 
-def _sink_open(pq: torch.Tensor, sinks: int, window: int, terraced: bool) -> torch.Tensor:
+def sink_open(pq: torch.Tensor, sinks: int, window: int, terraced: bool) -> torch.Tensor:
     """[..., S]: is sink i a softmax key of query position pq through being a sink (i <= pq, outside
     pq's window; inside it, the window already has it)? pq: [...] positions."""
     i = torch.arange(sinks, device=pq.device)
@@ -154,7 +154,7 @@ def _sink_open(pq: torch.Tensor, sinks: int, window: int, terraced: bool) -> tor
     return (i <= pq) & ~_member(pq, i, window, terraced)
 
 
-def _drop_sink_features(fk, valid, n0, sinks):
+def drop_sink_features(fk, valid, n0, sinks):
     """fk with the rows of the sinks (real tokens at positions < sinks) zeroed: a sink is never a linear
     key."""
     if not sinks:
@@ -163,7 +163,7 @@ def _drop_sink_features(fk, valid, n0, sinks):
     return fk * ~is_sink[:, None, :, None]
 
 
-def _sink_slots(k, v, valid, st, sinks):
+def updated_sink_slots(k, v, valid, st, sinks):
     """The sinks' keys and values [B, H, S, *] after this call: the state's, and this call's real tokens at
     positions the state had not reached yet. (A query only looks at sinks at or before its own position.)"""
     B, H, T, _ = k.shape
@@ -235,8 +235,8 @@ def _prepare(q, k, v, fq, fk, a, b, c, window, terraced, scale, state, key_mask,
             f"sinks={sinks}"
         )
     # the sinks, once for every form: their key features zeroed (never linear keys), their keys and values
-    sink_slots = _sink_slots(k, v, valid, state, sinks) if sinks else None
-    return cdt, facs, scale, valid, state, fresh, _drop_sink_features(fk, valid, state.n, sinks), sink_slots
+    sink_slots = updated_sink_slots(k, v, valid, state, sinks) if sinks else None
+    return cdt, facs, scale, valid, state, fresh, drop_sink_features(fk, valid, state.n, sinks), sink_slots
 
 
 def _one_query(qt, fqt, keys, values, fks, win, lin, a, b, c, S, z, scale, sinks=None):
@@ -302,9 +302,7 @@ def window_hybrid_naive(
         causal = hvalid & (hpos <= pos[:, None])
         win = (causal & _member(pos[:, None], hpos, window, terraced))[:, None]  # [B, 1, N]
         lin = causal[:, None] & ~win
-        sink = (
-            None if sink_slots is None else (*sink_slots, _sink_open(pos, sinks, window, terraced)[:, None])
-        )
+        sink = None if sink_slots is None else (*sink_slots, sink_open(pos, sinks, window, terraced)[:, None])
         num, den = _one_query(
             q[:, :, t].to(cdt), fq[:, :, t].to(cdt), hk, hv, hfk, win, lin, a, b, c, st.S, st.z, scale, sink
         )
@@ -472,7 +470,7 @@ def _chunk_softmax(p: _ChunkPlan, qc, kb, vb, q0, q1, k0, u0):
     m = s.amax(-1, keepdim=True)
     if p.sink_k is not None:  # the sinks outside each query's window: extra softmax columns
         qpos = p.base[:, None] + torch.arange(q0, q1, device=qc.device)
-        closed = ~_sink_open(qpos, p.sinks, p.window, p.terraced)[:, None].expand(B, H, -1, -1).flatten(0, 1)
+        closed = ~sink_open(qpos, p.sinks, p.window, p.terraced)[:, None].expand(B, H, -1, -1).flatten(0, 1)
         s_sink = torch.bmm(qc, p.sink_k.transpose(1, 2)).mul_(p.scale).masked_fill_(closed, float("-inf"))
         m = torch.maximum(m, s_sink.amax(-1, keepdim=True))
     if not p.identity:  # rows of padding have no key at all
@@ -703,7 +701,7 @@ def window_hybrid_step(
         pos = torch.cat([n[:, None] - L + ar, n[:, None]], 1)
         member = _member(n[:, None], pos, window, terraced)
         win, lin = (ok & member)[:, None], (ok & ~member)[:, None]
-        sink = None if sink_cdt is None else (*sink_cdt, _sink_open(n, sinks, window, terraced)[:, None])
+        sink = None if sink_cdt is None else (*sink_cdt, sink_open(n, sinks, window, terraced)[:, None])
         num, den = _one_query(
             q[:, :, t].to(cdt), fq[:, :, t].to(cdt), kk, vv, ff, win, lin, a, b, c, S, z, scale, sink
         )

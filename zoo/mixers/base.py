@@ -20,7 +20,9 @@ The contract:
   h reads key/value head h // kv_group_size; `repeat_kv` repeats k and v to the query heads). The
   kernels' `kv_groups` argument (zoo.kernels.dispatch) says that the heads they are given come in runs
   of `kv_groups` that share their keys, values, key features and gates, hence their state: the kernel
-  then keeps that state once per run, [B, Hkv, ...], like the teacher's KV cache. Pass kv_group_size
+  then keeps that state once per run, [B, Hkv, ...], like the teacher's KV cache. The window hybrid's
+  dispatcher also takes k, v and key features once per key/value head (the window mixers pass them so:
+  its Triton kernels read them in place). Pass kv_group_size
   when everything the state holds is per key/value head, 1 when anything differs per query head (a gate
   made per query head gives each query head its own state).
 - Padding. `zoo.mixers.tokens` is the one place that checks the mask and zeroes padded tokens.

@@ -31,11 +31,14 @@ class FeatureMapped(Mixer):
         non-negative, fp32."""
         raise NotImplementedError
 
-    def features(self, q: torch.Tensor, k: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi(q) [B, H, T, F] and phi(k) repeated to the query heads [B, H, T, F], fp32."""
+    def features(
+        self, q: torch.Tensor, k: torch.Tensor, tokens: Tokens, per_kv_head: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi(q) [B, H, T, F] and phi(k) repeated to the query heads [B, H, T, F] (per_kv_head: once per
+        key/value head, [B, Hkv, T, F]), fp32."""
         fq = self.feature_map(q.float(), True, tokens)
-        fk = repeat_kv(self.feature_map(k.float(), False, tokens), self.num_heads)
-        return fq, fk
+        fk = self.feature_map(k.float(), False, tokens)
+        return fq, (fk if per_kv_head else repeat_kv(fk, self.num_heads))
 
     # --- helpers for learned per-head maps: separate query and key maps unless options tie them ---
 

@@ -98,11 +98,12 @@ class WindowHybridMixer(FeatureMapped):
             return torch.zeros_like(a), torch.ones_like(a), torch.ones_like(a)
         return a, 1.0 - a, None
 
-    def features(self, q, k, tokens):
-        """phi(q), phi(k) of zoo.mixers.feature_map; with `linear_mass_tokens` = N, phi(q_t) is scaled by
-        min(1, N / n_t), n_t = the linear keys of query t (`linear_keys`): the linear branch's total weight
-        then grows with the context only up to N keys' worth, as within the lengths it was trained at."""
-        fq, fk = super().features(q, k, tokens)
+    def features(self, q, k, tokens, per_kv_head=False):
+        """phi(q), phi(k) of zoo.mixers.feature_map (per_kv_head: phi(k) once per key/value head). With
+        `linear_mass_tokens` = N, phi(q_t) is scaled by min(1, N / n_t), n_t = the linear keys of query t
+        (`linear_keys`): the linear branch's total weight then grows with the context only up to N keys'
+        worth, as within the lengths it was trained at."""
+        fq, fk = super().features(q, k, tokens, per_kv_head)
         cap = self.config.get("linear_mass_tokens")
         if cap:
             n = self.linear_keys(tokens.positions).to(fq.dtype)
@@ -132,8 +133,8 @@ class WindowHybridMixer(FeatureMapped):
     def forward(self, q, k, v, x, state=None, mask=None):
         seen = torch.zeros(q.shape[0], dtype=torch.long, device=q.device) if state is None else state.n
         tokens = Tokens.of(q, x, mask, seen)
-        fq, fk = self.features(q, k, tokens)
-        k, v, fk = tokens.zero_padding(repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads), fk)
+        fq, fk = self.features(q, k, tokens, per_kv_head=True)
+        k, v, fk = tokens.zero_padding(k, v, fk)  # one per key/value head: the kernels repeat them if needed
         a, b, c = self.factors()
         window, sinks = self.window_and_sinks()
         return window_hybrid(
@@ -152,7 +153,7 @@ class WindowHybridMixer(FeatureMapped):
             key_mask=tokens.mask,
             sinks=sinks,
             kv_groups=self.kv_group_size,
-        )  # k, v, fk: one per KV head
+        )
 
     def attention_weights(self, q, k):
         fq, fk = self.features(q, k, Tokens.whole(q))

@@ -134,16 +134,14 @@ class LigerMixer(LigerGLAMixer):
             eps=self.eps,
             kv_groups=self.state_groups(),
         )
-        k, v = tokens.zero_padding(repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads))
-        none = q.new_zeros(
-            *q.shape[:3], 1
-        )  # b = 0: the kernel's linear features are unused, keep them 1-wide
+        k, v = tokens.zero_padding(k, v)  # one per key/value head: the kernels repeat them if needed
+        none = q.new_zeros(*q.shape[:3], 1)  # b = 0: the kernel's linear features are unused, 1 wide
         y_win, win = window_hybrid(
             q,
             k,
             v,
             none,
-            none,
+            none[:, : k.shape[1]],
             1.0,
             0.0,
             window=self.window,
@@ -151,7 +149,7 @@ class LigerMixer(LigerGLAMixer):
             state=None if state is None else state.window,
             key_mask=tokens.mask,
             kv_groups=self.kv_group_size,
-        )  # k, v: one per KV head
+        )
         y = alpha * y_lin.float() + (1.0 - alpha) * y_win.float()
         return y.to(v.dtype), LigerState(lin, win)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from zoo.kernels.dispatch import window_hybrid
-from zoo.mixers.base import Mixer, register_mixer, repeat_kv
+from zoo.mixers.base import Mixer, register_mixer
 from zoo.mixers.options import Option
 from zoo.mixers.tokens import Tokens
 
@@ -43,7 +43,7 @@ class SlidingWindowMixer(Mixer):
     def forward(self, q, k, v, x, state=None, mask=None):
         seen = torch.zeros(q.shape[0], dtype=torch.long, device=q.device) if state is None else state.n
         tokens = Tokens.of(q, x, mask, seen)
-        k, v = tokens.zero_padding(repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads))
+        k, v = tokens.zero_padding(k, v)  # one per key/value head: the kernels repeat them if needed
         no_features = q.new_zeros(*q.shape[:-1], 1)  # b = 0: the linear part is empty
         share = torch.ones(self.num_heads, device=q.device)
         return window_hybrid(
@@ -51,7 +51,7 @@ class SlidingWindowMixer(Mixer):
             k,
             v,
             no_features,
-            no_features,
+            no_features[:, : k.shape[1]],
             share,
             torch.zeros_like(share),
             window=self.window,

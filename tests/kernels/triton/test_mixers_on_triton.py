@@ -52,7 +52,9 @@ def count_calls(monkeypatch, module, names):
     return calls
 
 
-@pytest.mark.parametrize("name", ["lolcats", "lolcats-terraced", "liger"])
+@pytest.mark.parametrize(
+    "name", ["lolcats", "lolcats-terraced", "liger", "lolcats-terraced-sink", "sliding-window"]
+)
 def test_window_mixers_on_triton_match_torch(name, monkeypatch):
     from zoo.kernels.triton import window_hybrid as triton_hybrid
 

@@ -48,9 +48,14 @@ def leaf(t: torch.Tensor, grad=True) -> torch.Tensor:
     return t.detach().clone().requires_grad_(grad and t.is_floating_point())
 
 
+def state_fields(st: WindowHybridState) -> tuple[str, ...]:
+    return STATE_FIELDS + (("sink_k", "sink_v") if st.sinks else ())
+
+
 def copy_state(st: WindowHybridState, grad=False) -> WindowHybridState:
+    sinks = [leaf(getattr(st, n), grad) for n in ("sink_k", "sink_v")] if st.sinks else []
     return WindowHybridState(
-        *(leaf(getattr(st, n), grad) for n in STATE_FIELDS), st.n.clone(), st.window, st.terraced
+        *(leaf(getattr(st, n), grad) for n in STATE_FIELDS), st.n.clone(), st.window, st.terraced, *sinks
     )
 
 
@@ -67,11 +72,13 @@ def run(fn, xs, factors, state=None, grad=True, **kw):
     loss = (
         loss + 0.3 * new.S.sum() + 0.7 * new.z.sum() + 0.5 * new.k.float().sum() + 0.2 * new.fk.float().sum()
     )
+    if new.sinks:
+        loss = loss + 0.4 * new.sink_k.float().sum() + 0.6 * new.sink_v.float().sum()
     loss.backward()
     leaves = (
         xs
         + [f for f in factors if f is not None]
-        + ([] if st is None else [getattr(st, n) for n in STATE_FIELDS])
+        + ([] if st is None else [getattr(st, n) for n in state_fields(st)])
     )
     return y, new, [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
 
@@ -80,8 +87,8 @@ def assert_same(got, want, atol, rtol, what):
     y1, s1, g1 = got
     y0, s0, g0 = want
     torch.testing.assert_close(y1.float(), y0.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what} y: {m}")
-    assert torch.equal(s1.n, s0.n) and s1.cached_tokens == s0.cached_tokens
-    for n in STATE_FIELDS:
+    assert torch.equal(s1.n, s0.n) and s1.cached_tokens == s0.cached_tokens and s1.sinks == s0.sinks
+    for n in state_fields(s0):
         torch.testing.assert_close(
             getattr(s1, n).float(),
             getattr(s0, n).float(),
@@ -101,13 +108,13 @@ def assert_same(got, want, atol, rtol, what):
             )
 
 
-def padded_prefill_state(xs, a, b, T0, window, terraced):
-    """A state after T0 tokens where row 1 had 9 padding tokens on the left: rows have seen different
+def padded_prefill_state(xs, a, b, T0, window, terraced, sinks=0, pad=9):
+    """A state after T0 tokens where row 1 had `pad` padding tokens on the left: rows have seen different
     numbers of tokens, so the kernels' per-row positions and unused slots are exercised."""
     mask = torch.ones(B, T0, dtype=torch.bool, device=DEVICE)
-    mask[1, :9] = False
+    mask[1, :pad] = False
     _, st = window_hybrid_chunked(
-        *[x[:, :, :T0] for x in xs], a, b, window=window, terraced=terraced, key_mask=mask
+        *[x[:, :, :T0] for x in xs], a, b, window=window, terraced=terraced, key_mask=mask, sinks=sinks
     )
     return st
 
@@ -181,6 +188,153 @@ def test_prefill_then_decode_equals_whole_sequence():
         )
         parts.append(y)
     assert_same((torch.cat(parts, 2), st, None), (y0, s0, None), 1e-5, 1e-5, "split")
+
+
+def loud_sinks(xs, sinks, factor=3.0):
+    """The first `sinks` keys scaled up: the sinks then hold the window max of many queries, so the
+    gradient of that max through a sink column is exercised too."""
+    q, k, *rest = xs
+    k = k.clone()
+    k[:, :, :sinks] *= factor
+    return [q, k, *rest]
+
+
+# (terraced, window, T, tile, state chunk, sinks): sinks fewer than, equal to and more than a tile's 16
+# columns would need; a window that holds the sinks for the first queries only
+SINK_CASES = {
+    "plain-W16-S4": (False, 16, 45, 16, 16, 4),
+    "terraced-W8-S3-R2": (True, 8, 61, 16, 32, 3),
+    "plain-W24-S1": (False, 24, 50, 16, 32, 1),
+}
+
+
+@pytest.mark.parametrize("case", SINK_CASES)
+def test_prefill_with_sinks_matches_reference(case):
+    terraced, W, T, tile, state_chunk, sinks = SINK_CASES[case]
+    window_hybrid_triton, _ = triton_forms()
+    xs, a, b = make(T, seed=T + sinks, **PREFILL)
+    xs = loud_sinks(xs, sinks)
+    kw = dict(window=W, terraced=terraced, sinks=sinks)
+    got = run(window_hybrid_triton, xs, [a, b, None], chunk_size=tile, state_chunk=state_chunk, **kw)
+    assert_same(got, run(window_hybrid_naive, xs, [a, b, None], **kw), 1e-5, 1e-5, case)
+
+
+@pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
+def test_prefill_with_sinks_continues_a_state(terraced):
+    """A second prefill after a padded first one whose row 1 has seen fewer tokens than the sinks: that
+    row's remaining sink slots fill from the new tokens; gradients reach the state's sink slots."""
+    W, T0, T1, sinks = 8, 12, 30, 4
+    window_hybrid_triton, _ = triton_forms()
+    xs, a, b = make(T0 + T1, seed=6, **STATEFUL)
+    xs = loud_sinks(xs, sinks)
+    st = padded_prefill_state(xs, a, b, T0, W, terraced, sinks=sinks, pad=10)
+    rest = [x[:, :, T0:] for x in xs]
+    kw = dict(window=W, terraced=terraced, state=st, sinks=sinks)
+    got = run(window_hybrid_triton, rest, [a, b, 0.3 * a], chunk_size=16, state_chunk=16, **kw)
+    assert_same(got, run(window_hybrid_naive, rest, [a, b, 0.3 * a], **kw), 1e-5, 1e-5, "continued")
+
+
+@pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
+def test_decode_step_with_sinks_matches_step_form(terraced):
+    """Decoding from a state whose row 1 has seen 1 token (it fills sink slots while decoding) and row 0
+    many (its sinks are far outside the window), one step padding in row 1."""
+    W, T0, sinks = 8, 20, 3
+    _, window_hybrid_step_triton = triton_forms()
+    xs, a, b = make(T0 + 4, seed=12, **STATEFUL)
+    xs = loud_sinks(xs, sinks)
+    st = padded_prefill_state(xs, a, b, T0, W, terraced, sinks=sinks, pad=19)
+    mask = torch.ones(B, 4, dtype=torch.bool, device=DEVICE)
+    mask[1, 1] = False
+    new = [x[:, :, T0:] for x in xs]
+    kw = dict(window=W, terraced=terraced, state=st, key_mask=mask, sinks=sinks)
+    got = run(window_hybrid_step_triton, new, [a, b, None], grad=False, **kw)
+    assert_same(got, run(window_hybrid_step, new, [a, b, None], grad=False, **kw), 1e-5, 1e-5, "step")
+
+
+def test_sinks_prefill_then_decode_equals_whole_sequence():
+    """Decoding from nothing through the sinks, a prefill, more decoding: the whole sequence's result."""
+    W, T, sinks = 8, 45, 4
+    window_hybrid_triton, window_hybrid_step_triton = triton_forms()
+    xs, a, b = make(T, seed=14, **PREFILL)
+    kw = dict(window=W, terraced=False, sinks=sinks)
+    y0, s0, _ = run(window_hybrid_naive, xs, [a, b, None], grad=False, **kw)
+    parts, st = [], None
+    for lo, hi, fn in (
+        (0, 2, window_hybrid_step_triton),
+        (2, 42, window_hybrid_triton),
+        (42, 45, window_hybrid_step_triton),
+    ):
+        y, st, _ = run(fn, [x[:, :, lo:hi] for x in xs], [a, b, None], grad=False, state=st, **kw)
+        parts.append(y)
+    assert_same((torch.cat(parts, 2), st, None), (y0, s0, None), 1e-5, 1e-5, "split")
+
+
+def grouped(fn, groups):
+    """fn (a PyTorch form, on query-head tensors) called with keys, values, key features and the state of
+    grouped-query attention: [B, H / groups, ...] repeated to the H query heads, the new state grouped back.
+    Autograd sums each group's gradients into its one key/value head, as the fused kernels must."""
+
+    def call(q, k, v, fq, fk, a, b, state=None, **kw):
+        rep = [x.repeat_interleave(groups, dim=1) for x in (k, v, fk)]
+        st = None if state is None else state.repeat_heads(groups)
+        y, new = fn(q, rep[0], rep[1], fq, rep[2], a, b, state=st, **kw)
+        return y, new.group_heads(groups)
+
+    return call
+
+
+def grouped_inputs(T, seed, groups, heads, batch):
+    """Inputs with `heads` query heads and heads / groups key/value heads (k, v, fk)."""
+    xs, a, b = make(T, seed=seed, batch=batch, heads=heads)
+    q, k, v, fq, fk = xs
+    kv = heads // groups
+    return [q, k[:, :kv].contiguous(), v[:, :kv].contiguous(), fq, fk[:, :kv].contiguous()], a, b
+
+
+@pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "sinks"])
+def test_grouped_query_prefill_matches_reference(sinks):
+    """4 query heads on 2 key/value heads, terraced, with c: outputs, gradients (of the key/value heads'
+    own tensors) and the state per key/value head."""
+    window_hybrid_triton, _ = triton_forms()
+    xs, a, b = grouped_inputs(44, seed=21, groups=2, heads=4, batch=1)
+    xs = loud_sinks(xs, sinks)
+    kw = dict(window=8, terraced=True, sinks=sinks)
+    got = run(window_hybrid_triton, xs, [a, b, 0.4 * b], chunk_size=16, state_chunk=16, **kw)
+    want = run(grouped(window_hybrid_naive, 2), xs, [a, b, 0.4 * b], **kw)
+    assert got[1].k.shape[1] == 2
+    assert_same(got, want, 1e-5, 1e-5, "grouped prefill")
+
+
+def test_grouped_query_state_continues_and_decodes():
+    """2 query heads on 1 key/value head: a second prefill after a padded first one (gradients reach the
+    grouped state), then fused decoding steps against the PyTorch step form."""
+    W, T0, T1, sinks = 8, 12, 20, 2
+    window_hybrid_triton, window_hybrid_step_triton = triton_forms()
+    xs, a, b = grouped_inputs(T0 + T1 + 3, seed=22, groups=2, heads=2, batch=2)
+    mask = torch.ones(B, T0, dtype=torch.bool, device=DEVICE)
+    mask[1, :10] = False
+    _, st = grouped(window_hybrid_chunked, 2)(
+        *[x[:, :, :T0] for x in xs], a, b, window=W, key_mask=mask, sinks=sinks
+    )
+    mid = [x[:, :, T0 : T0 + T1] for x in xs]
+    kw = dict(window=W, sinks=sinks, state=st)
+    got = run(window_hybrid_triton, mid, [a, b, None], chunk_size=16, state_chunk=16, **kw)
+    assert_same(got, run(grouped(window_hybrid_naive, 2), mid, [a, b, None], **kw), 1e-5, 1e-5, "continued")
+    last = [x[:, :, T0 + T1 :] for x in xs]
+    kw["state"] = got[1]
+    stepped = run(window_hybrid_step_triton, last, [a, b, None], grad=False, **kw)
+    want = run(grouped(window_hybrid_step, 2), last, [a, b, None], grad=False, **kw)
+    assert_same(stepped, want, 1e-5, 1e-5, "grouped step")
+
+
+def test_grouped_query_decoding_from_nothing():
+    """The fused step with no state yet makes one per key/value head (sinks filling as it goes)."""
+    _, window_hybrid_step_triton = triton_forms()
+    xs, a, b = grouped_inputs(3, seed=23, groups=2, heads=2, batch=2)
+    kw = dict(window=8, sinks=2)
+    got = run(window_hybrid_step_triton, xs, [a, b, None], grad=False, **kw)
+    assert got[1].k.shape[1] == 1 and got[1].sink_k.shape[1] == 1
+    assert_same(got, run(grouped(window_hybrid_step, 2), xs, [a, b, None], grad=False, **kw), 1e-5, 1e-5, "")
 
 
 def test_half_precision_forward():

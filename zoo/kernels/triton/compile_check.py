@@ -5,7 +5,8 @@ compiled language is stricter (types of loop-carried values, layouts) and a kern
 shared memory than a GPU has. This builds every kernel to a cubin for a target architecture, with the
 constants and launch options the launchers use, and reports each one's shared memory:
 
-    python -m zoo.kernels.triton.compile_check [--arch 90] [--head-dim 128] [--features 256]
+    python -m zoo.kernels.triton.compile_check [--arch 90] [--head-dim 128] [--features 256] [--sinks 4]
+        [--groups 4]
 
 It needs triton (its bundled ptxas), no GPU and no driver. Run it without TRITON_INTERPRET.
 """
@@ -20,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from zoo.kernels.triton.chunk_states import chunk_state_constants, chunk_states_kernel
+from zoo.kernels.triton.chunk_states import chunk_state_constants, chunk_states_kernel, pow2_block
 from zoo.kernels.triton.hybrid_kernels import bwd_dkv_kernel, bwd_dq_kernel, fwd_kernel
 from zoo.kernels.triton.hybrid_step import step_constants, step_kernel
 from zoo.kernels.triton.window_hybrid import STATE_CHUNK, Dims, tile_rows
@@ -64,18 +65,25 @@ def compile_window_hybrid(
     window: int = 64,
     terraced: bool = True,
     has_c: bool = True,
+    sinks: int = 0,
+    groups: int = 1,
 ) -> dict[str, int]:
-    """Build every kernel of the window hybrid for sm_<arch>; returns {kernel: shared memory bytes}."""
+    """Build every kernel of the window hybrid for sm_<arch> with `sinks` attention sinks and `groups`
+    query heads per key/value head; returns {kernel: shared memory bytes}."""
     meta = lambda *shape, dt=dtype: torch.empty(*shape, device="meta", dtype=dt)  # noqa: E731
     q, v, fq = meta(1, 1, 1, head_dim), meta(1, 1, 1, head_dim), meta(1, 1, 1, features, dt=feature_dtype)
     tile = tile_rows(head_dim, head_dim, features)
     dims = Dims(q, q, v, fq, window, terraced, 1.0, tile, max(STATE_CHUNK, tile), 0)
     const = {k: v for k, v in dims.const.items() if k not in ("num_warps", "num_stages")}
+    const["G"] = groups
+    sink_const = dict(SINKS=sinks, BS=pow2_block(max(sinks, 1)))
     options = {k: dims.const[k] for k in ("num_warps", "num_stages")}
     t, f = "*" + _TYPES[dtype], "*" + _TYPES[feature_dtype]
-    inputs = dict(Q=t, K=t, V=t, FQ=f, FK=f, NSEEN="*i64")
+    inputs = dict(Q=t, K=t, V=t, FQ=f, FK=f, NSEEN="*i64", SK=t, SV=t)
     built = {
-        "fwd": _build(fwd_kernel, dict(const, HAS_C=has_c), dict(inputs, Y=t, ARG="*i64"), arch, options),
+        "fwd": _build(
+            fwd_kernel, dict(const, HAS_C=has_c, **sink_const), dict(inputs, Y=t, ARG="*i64"), arch, options
+        ),
         "bwd_dq": _build(bwd_dq_kernel, dict(const, HAS_C=has_c), inputs, arch, options),
         "bwd_dkv": _build(bwd_dkv_kernel, dict(const, HAS_C=has_c, NJ=dims.NJ), inputs, arch, options),
     }
@@ -87,7 +95,7 @@ def compile_window_hybrid(
             chunk_states_kernel, cs, dict(X=f, Y="*fp32" if reverse else t), arch, {}
         )
     L = 2 * window if terraced else window
-    step = step_constants(L, head_dim, head_dim, features, window, terraced, has_c)
+    step = step_constants(L, head_dim, head_dim, features, window, terraced, has_c, sinks, groups)
     built["step"] = _build(
         step_kernel,
         step,
@@ -106,9 +114,15 @@ def main(argv=None) -> int:
         "--features", type=int, default=256, help="feature-map size F (Hedgehog: 2 * feature_dim)"
     )
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--sinks", type=int, default=4, help="attention sinks (0: the kernels without them)")
+    parser.add_argument(
+        "--groups", type=int, default=4, help="query heads per key/value head (Llama-3-8B: 32 / 8 = 4)"
+    )
     args = parser.parse_args(argv)
     dtype = {v: k for k, v in _TYPES.items()}[args.dtype]
-    shared = compile_window_hybrid(args.arch, args.head_dim, args.features, dtype)
+    shared = compile_window_hybrid(
+        args.arch, args.head_dim, args.features, dtype, sinks=args.sinks, groups=args.groups
+    )
     limit = SHARED_LIMIT.get(args.arch)
     print(json.dumps({"arch": args.arch, "shared_limit": limit, "shared": shared}))
     return 0 if limit is None or max(shared.values()) <= limit else 1

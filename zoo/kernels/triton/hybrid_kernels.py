@@ -1,5 +1,9 @@
 """Triton kernels of the sliding-window + linear hybrid (the math of zoo.kernels.window_hybrid).
 
+Heads. Query-side tensors (q, phi(q), y and the backward's per-query rows) have B * H head rows; keys,
+values, key features and the linear states B * HKV (grouped-query attention, G = H / HKV query heads per
+key/value head, `kv_row`), read in place, never repeated.
+
 Layout. Keys live in an "extended" sequence of N = P + T rows per batch*head: P cached slots of a
 WindowHybridState (P = 0 without a state) followed by the T new tokens; queries are the new tokens,
 ext rows P .. N-1. Rows split into chunks (= tiles) of C. A row's absolute position is
@@ -22,7 +26,11 @@ hybrid compares linear weights with the max-normalized window weights, not with 
     phi_q z)
 
 with w = phi_q . phi_k and coef = b outside the window, c inside (c = 0 unless given). It saves
-m_t, the denominator and argmax_t for the backward pass.
+m_t, the denominator and argmax_t for the backward pass. Attention sinks (SINKS > 0): the sinks' keys
+and values [SINKS, *] per head row are extra softmax columns for the queries whose window does not hold
+them (`sink_open_mask`), numbered N + i for argmax_t; the caller zeroes their key features, so they are
+never linear keys. The backward pass takes the sink columns' terms in PyTorch (a [T, SINKS] product per
+head row; zoo.kernels.triton.window_hybrid), the kernels below only see m_t, which includes them.
 
 Backward. With g = dL/dy, gn = g / den, gd = -(g . y) / den, each weight's gradient is
 dW_ts = gn_t . v_s + gd_t. Softmax weights give ds_ts = a p_ts dW_ts, plus the max's own gradient
@@ -79,6 +87,39 @@ def _head_scalars(NSEEN, A, BB, CC, bh, H, P, W: tl.constexpr, HAS_C: tl.constex
 
 
 @triton.jit
+def kv_row(bh, H, G: tl.constexpr):
+    """The key/value head row (b * H / G + h / G) that query head row bh = b * H + h reads: grouped-query
+    attention keeps keys, values, key features and linear states once per group of G query heads."""
+    return (bh // H) * (H // G) + (bh % H) // G
+
+
+@triton.jit
+def sink_open_mask(pos_q, i, SINKS: tl.constexpr, W: tl.constexpr, TERRACED: tl.constexpr):
+    """Is sink i (a position < SINKS) an extra softmax key of the query at absolute position pos_q: at or
+    before it and outside its window (a sink inside the window is one of the window's keys already)?"""
+    if TERRACED:
+        inside = (i // W) >= (pos_q // W) - 1
+    else:
+        inside = (pos_q - i) < W
+    return (i < SINKS) & (i <= pos_q) & (~inside)
+
+
+@triton.jit
+def _online_softmax(s, v, m_i, arg, acc_win, l_win, offset, PREC: tl.constexpr):
+    """Fold the masked scores s [C, n] (-inf outside) of keys with values v [n, DV] into the running max
+    m_i (and its key's index arg, the keys numbered from `offset`), the max-normalized window sums."""
+    blk_max = tl.max(s, 1)
+    arg = tl.where(blk_max > m_i, tl.argmax(s, 1).to(tl.int64) + offset, arg)
+    m_new = tl.maximum(m_i, blk_max)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no window key yet: nothing to rescale
+    alpha = tl.exp(m_i - m_ref)
+    p = tl.exp(s - m_ref[:, None])
+    acc_win = acc_win * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    l_win = l_win * alpha + tl.sum(p, 1)
+    return m_new, arg, acc_win, l_win
+
+
+@triton.jit
 def _query_tile(
     Q,
     FQ,
@@ -120,6 +161,8 @@ def fwd_kernel(
     A,
     BB,
     CC,
+    SK,
+    SV,
     Y,
     M,
     DEN,
@@ -145,9 +188,13 @@ def fwd_kernel(
     TERRACED: tl.constexpr,
     HAS_C: tl.constexpr,
     PREC: tl.constexpr,
+    SINKS: tl.constexpr,
+    BS: tl.constexpr,
+    G: tl.constexpr,
 ):
     j = tl.program_id(0) + P // C
     bh = tl.program_id(1).to(tl.int64)
+    kv = kv_row(bh, H, G)
     first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh, H, P, W, HAS_C)
 
     od, ov, of = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
@@ -164,30 +211,22 @@ def fwd_kernel(
         e_k = kb * C + tl.arange(0, C)
         k_in = e_k < N
         k = tl.load(
-            K + bh * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0
+            K + kv * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0
         )
         v = tl.load(
-            V + bh * N * DV + e_k[:, None] * DV + ov[None, :],
+            V + kv * N * DV + e_k[:, None] * DV + ov[None, :],
             mask=k_in[:, None] & (ov[None, :] < DV),
             other=0.0,
         )
         fk = tl.load(
-            FK + bh * N * F + e_k[:, None] * F + of[None, :],
+            FK + kv * N * F + e_k[:, None] * F + of[None, :],
             mask=k_in[:, None] & (of[None, :] < F),
             other=0.0,
         )
         win, lin = _band_masks(e_q[:, None], e_k[None, :], first_valid, N, shift, W, TERRACED)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s = tl.where(win, s, float("-inf"))
-        blk_max = tl.max(s, 1)
-        arg = tl.where(blk_max > m_i, tl.argmax(s, 1).to(tl.int64) + kb * C, arg)
-        m_new = tl.maximum(m_i, blk_max)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no window key yet: nothing to rescale
-        alpha = tl.exp(m_i - m_ref)
-        p = tl.exp(s - m_ref[:, None])
-        acc_win = acc_win * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        l_win = l_win * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, arg, acc_win, l_win = _online_softmax(s, v, m_i, arg, acc_win, l_win, kb * C, PREC)
         coef = tl.where(lin, fb, 0.0)
         if HAS_C:
             coef += tl.where(win, fc, 0.0)
@@ -195,9 +234,25 @@ def fwd_kernel(
         acc_lin += tl.dot(lw.to(v.dtype), v, input_precision=PREC)
         l_lin += tl.sum(lw, 1)
 
+    if SINKS > 0:  # the sinks outside each query's window: extra softmax columns, numbered N + i
+        osk = tl.arange(0, BS)
+        sk = tl.load(
+            SK + kv * SINKS * D + osk[:, None] * D + od[None, :],
+            mask=(osk[:, None] < SINKS) & (od[None, :] < D),
+            other=0.0,
+        )
+        sv = tl.load(
+            SV + kv * SINKS * DV + osk[:, None] * DV + ov[None, :],
+            mask=(osk[:, None] < SINKS) & (ov[None, :] < DV),
+            other=0.0,
+        )
+        sink_on = sink_open_mask((e_q + shift - 2 * W)[:, None], osk[None, :], SINKS, W, TERRACED)
+        s = tl.where(sink_on, tl.dot(q, tl.trans(sk), input_precision=PREC) * scale, float("-inf"))
+        m_i, arg, acc_win, l_win = _online_softmax(s, sv, m_i, arg, acc_win, l_win, N, PREC)
+
     # keys before the band: the linear state at kb_lo, in slices of FS features (a whole [F, Dv] state
     # tile would not fit in shared memory for large F)
-    st = bh * (NS + 1) + kb_lo // R
+    st = kv * (NS + 1) + kb_lo // R
     for f0 in range(0, BF, FS):
         ofs = f0 + tl.arange(0, FS)
         fq_s = tl.load(
@@ -269,9 +324,11 @@ def bwd_dq_kernel(
     TERRACED: tl.constexpr,
     HAS_C: tl.constexpr,
     PREC: tl.constexpr,
+    G: tl.constexpr,
 ):
     j = tl.program_id(0) + P // C
     bh = tl.program_id(1).to(tl.int64)
+    kv = kv_row(bh, H, G)
     first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh, H, P, W, HAS_C)
 
     od, ov, of = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
@@ -292,15 +349,15 @@ def bwd_dq_kernel(
         e_k = kb * C + tl.arange(0, C)
         k_in = e_k < N
         k = tl.load(
-            K + bh * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0
+            K + kv * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0
         )
         v = tl.load(
-            V + bh * N * DV + e_k[:, None] * DV + ov[None, :],
+            V + kv * N * DV + e_k[:, None] * DV + ov[None, :],
             mask=k_in[:, None] & (ov[None, :] < DV),
             other=0.0,
         ).to(tl.float32)
         fk = tl.load(
-            FK + bh * N * F + e_k[:, None] * F + of[None, :],
+            FK + kv * N * F + e_k[:, None] * F + of[None, :],
             mask=k_in[:, None] & (of[None, :] < F),
             other=0.0,
         )
@@ -320,7 +377,7 @@ def bwd_dq_kernel(
         acc_dfq += tl.dot((dw * coef).to(fk.dtype), fk, input_precision=PREC)
 
     # keys before the band, through the state at kb_lo (in slices of VS value columns)
-    st = bh * (NS + 1) + kb_lo // R
+    st = kv * (NS + 1) + kb_lo // R
     fq32 = fq.to(tl.float32)
     for v0 in range(0, BDV, VS):
         ovs = v0 + tl.arange(0, VS)
@@ -391,22 +448,25 @@ def bwd_dkv_kernel(
     HAS_C: tl.constexpr,
     NJ: tl.constexpr,
     PREC: tl.constexpr,
+    G: tl.constexpr,
 ):
     c = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh, H, P, W, HAS_C)
+    kv = tl.program_id(1).to(tl.int64)
+    HKV = H // G
+    bh0 = (kv // HKV) * H + (kv % HKV) * G  # the first query head row of this key/value head
+    first_valid, shift, fa, fb, fc = _head_scalars(NSEEN, A, BB, CC, bh0, H, P, W, HAS_C)
 
     od, ov, of = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
     e_k = c * C + tl.arange(0, C)
     k_in = e_k < N
     k = tl.load(
-        K + bh * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0
+        K + kv * N * D + e_k[:, None] * D + od[None, :], mask=k_in[:, None] & (od[None, :] < D), other=0.0
     )
     v = tl.load(
-        V + bh * N * DV + e_k[:, None] * DV + ov[None, :], mask=k_in[:, None] & (ov[None, :] < DV), other=0.0
+        V + kv * N * DV + e_k[:, None] * DV + ov[None, :], mask=k_in[:, None] & (ov[None, :] < DV), other=0.0
     ).to(tl.float32)
     fk = tl.load(
-        FK + bh * N * F + e_k[:, None] * F + of[None, :], mask=k_in[:, None] & (of[None, :] < F), other=0.0
+        FK + kv * N * F + e_k[:, None] * F + of[None, :], mask=k_in[:, None] & (of[None, :] < F), other=0.0
     )
 
     acc_dk = tl.zeros([C, BD], dtype=tl.float32)
@@ -417,71 +477,80 @@ def bwd_dkv_kernel(
     for i in range(NJ):
         n_band += ((c + i < NC) & (_block_start(c + i, shift, C, R, W, TERRACED) <= c)).to(tl.int32)
     # ... read directly up to a state-chunk boundary (this key tile is all "linear" to the extra ones),
-    # the later ones through the dual state of that chunk
+    # the later ones through the dual state of that chunk; for each query head of the group in turn
     j_end = tl.cdiv(c + n_band, R) * R
-    for j in range(c, tl.minimum(j_end, NC)):
-        e_q, t_q, q_ok, q, fq = _query_tile(Q, FQ, bh, j, T, N, P, D, F, BD, BF, C)
-        gn = tl.load(
-            GN + bh * T * DV + t_q[:, None] * DV + ov[None, :],
-            mask=q_ok[:, None] & (ov[None, :] < DV),
-            other=0.0,
-        )
-        gd = tl.load(GD + bh * T + t_q, mask=q_ok, other=0.0)
-        m = tl.load(M + bh * T + t_q, mask=q_ok, other=0.0)
-        # everything transposed: rows are keys, columns queries
-        win, lin = _band_masks(e_q[None, :], e_k[:, None], first_valid, N, shift, W, TERRACED)
-        s = tl.dot(k, tl.trans(q), input_precision=PREC) * scale
-        p = tl.exp(tl.where(win, s, float("-inf")) - m[None, :])
-        dw = tl.dot(v, tl.trans(gn), input_precision=PREC) + gd[None, :]
-        coef = tl.where(lin, fb, 0.0)
+    for g in range(G):
+        bh = bh0 + g
+        fa, fb = tl.load(A + g + bh0 % H), tl.load(BB + g + bh0 % H)  # this query head's factors
         if HAS_C:
-            coef += tl.where(win, fc, 0.0)
-        lw = tl.dot(fk, tl.trans(fq), input_precision=PREC) * coef
-        acc_dv += tl.dot(fa * p + lw, gn, input_precision=PREC)
-        acc_dk += tl.dot((fa * p * dw).to(q.dtype), q, input_precision=PREC)
-        acc_dfk += tl.dot((dw * coef).to(fq.dtype), fq, input_precision=PREC)
+            fc = tl.load(CC + g + bh0 % H)
+        for j in range(c, tl.minimum(j_end, NC)):
+            e_q, t_q, q_ok, q, fq = _query_tile(Q, FQ, bh, j, T, N, P, D, F, BD, BF, C)
+            gn = tl.load(
+                GN + bh * T * DV + t_q[:, None] * DV + ov[None, :],
+                mask=q_ok[:, None] & (ov[None, :] < DV),
+                other=0.0,
+            )
+            gd = tl.load(GD + bh * T + t_q, mask=q_ok, other=0.0)
+            m = tl.load(M + bh * T + t_q, mask=q_ok, other=0.0)
+            # everything transposed: rows are keys, columns queries
+            win, lin = _band_masks(e_q[None, :], e_k[:, None], first_valid, N, shift, W, TERRACED)
+            s = tl.dot(k, tl.trans(q), input_precision=PREC) * scale
+            p = tl.exp(tl.where(win, s, float("-inf")) - m[None, :])
+            dw = tl.dot(v, tl.trans(gn), input_precision=PREC) + gd[None, :]
+            coef = tl.where(lin, fb, 0.0)
+            if HAS_C:
+                coef += tl.where(win, fc, 0.0)
+            lw = tl.dot(fk, tl.trans(fq), input_precision=PREC) * coef
+            acc_dv += tl.dot(fa * p + lw, gn, input_precision=PREC)
+            acc_dk += tl.dot((fa * p * dw).to(q.dtype), q, input_precision=PREC)
+            acc_dfk += tl.dot((dw * coef).to(fq.dtype), fq, input_precision=PREC)
 
-    # later queries, through the dual state at j_end (in slices, as in the forward pass)
-    st = bh * (NS + 1) + j_end // R
-    g_ptr = GS + st * F * DV
-    for v0 in range(0, BDV, VS):
-        ovs = v0 + tl.arange(0, VS)
-        v_s = tl.load(
-            V + bh * N * DV + e_k[:, None] * DV + ovs[None, :],
-            mask=k_in[:, None] & (ovs[None, :] < DV),
-            other=0.0,
-        ).to(tl.float32)
-        G = tl.load(
-            g_ptr + of[:, None] * DV + ovs[None, :], mask=(of[:, None] < F) & (ovs[None, :] < DV), other=0.0
-        )
-        acc_dfk += fb * tl.dot(v_s, tl.trans(G), input_precision=PREC)
-    for f0 in range(0, BF, FS):
-        ofs = f0 + tl.arange(0, FS)
-        fk_s = tl.load(
-            FK + bh * N * F + e_k[:, None] * F + ofs[None, :],
-            mask=k_in[:, None] & (ofs[None, :] < F),
-            other=0.0,
-        ).to(tl.float32)
-        G = tl.load(
-            g_ptr + ofs[:, None] * DV + ov[None, :], mask=(ofs[:, None] < F) & (ov[None, :] < DV), other=0.0
-        )
-        acc_dv += fb * tl.dot(fk_s, G, input_precision=PREC)
-    gz = tl.load(GZ + st * F + of, mask=of < F, other=0.0)
-    acc_dfk += fb * gz[None, :]
+        # later queries, through the dual state at j_end (in slices, as in the forward pass)
+        st = bh * (NS + 1) + j_end // R
+        g_ptr = GS + st * F * DV
+        for v0 in range(0, BDV, VS):
+            ovs = v0 + tl.arange(0, VS)
+            v_s = tl.load(
+                V + kv * N * DV + e_k[:, None] * DV + ovs[None, :],
+                mask=k_in[:, None] & (ovs[None, :] < DV),
+                other=0.0,
+            ).to(tl.float32)
+            Gs = tl.load(
+                g_ptr + of[:, None] * DV + ovs[None, :],
+                mask=(of[:, None] < F) & (ovs[None, :] < DV),
+                other=0.0,
+            )
+            acc_dfk += fb * tl.dot(v_s, tl.trans(Gs), input_precision=PREC)
+        for f0 in range(0, BF, FS):
+            ofs = f0 + tl.arange(0, FS)
+            fk_s = tl.load(
+                FK + kv * N * F + e_k[:, None] * F + ofs[None, :],
+                mask=k_in[:, None] & (ofs[None, :] < F),
+                other=0.0,
+            ).to(tl.float32)
+            Gs = tl.load(
+                g_ptr + ofs[:, None] * DV + ov[None, :],
+                mask=(ofs[:, None] < F) & (ov[None, :] < DV),
+                other=0.0,
+            )
+            acc_dv += fb * tl.dot(fk_s, Gs, input_precision=PREC)
+        gz = tl.load(GZ + st * F + of, mask=of < F, other=0.0)
+        acc_dfk += fb * gz[None, :]
 
     k_ok = (k_in & (e_k >= first_valid))[:, None]
     tl.store(
-        DK + bh * N * D + e_k[:, None] * D + od[None, :],
+        DK + kv * N * D + e_k[:, None] * D + od[None, :],
         tl.where(k_ok, acc_dk * scale, 0.0),
         mask=k_in[:, None] & (od[None, :] < D),
     )
     tl.store(
-        DVAL + bh * N * DV + e_k[:, None] * DV + ov[None, :],
+        DVAL + kv * N * DV + e_k[:, None] * DV + ov[None, :],
         tl.where(k_ok, acc_dv, 0.0),
         mask=k_in[:, None] & (ov[None, :] < DV),
     )
     tl.store(
-        DFK + bh * N * F + e_k[:, None] * F + of[None, :],
+        DFK + kv * N * F + e_k[:, None] * F + of[None, :],
         tl.where(k_ok, acc_dfk, 0.0),
         mask=k_in[:, None] & (of[None, :] < F),
     )

@@ -3,13 +3,18 @@
 `window_hybrid_triton` and `window_hybrid_step_triton` take the arguments of
 zoo.kernels.window_hybrid.window_hybrid_chunked / _step and return y [B, H, T, Dv] (q's dtype) and the
 next WindowHybridState, interchangeable with the PyTorch forms' states. Differentiable in q, k, v, fq,
-fk, a, b, c and the incoming state (the step form is for inference: no autograd).
+fk, a, b, c and the incoming state (the step form is for inference: no autograd). Beyond those forms:
+k, v and fk may have fewer heads than q (HKV dividing H: grouped-query attention, query head h reading
+key/value head h // (H / HKV)), and the state then has HKV heads. `sinks` as in the PyTorch forms.
 
 Limits (the dispatcher routes these to the PyTorch forms): no padding (key_mask must be all ones, or
-None) in the chunked form; dtypes float32, bfloat16, float16. The kernels are in hybrid_kernels.py.
+None) in the chunked form; a window of at least 1; dtypes float32, bfloat16, float16. The kernels are
+in hybrid_kernels.py.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -17,7 +22,12 @@ import triton
 from zoo.kernels.triton.chunk_states import chunk_states, pow2_block
 from zoo.kernels.triton.hybrid_kernels import bwd_dkv_kernel, bwd_dq_kernel, fwd_kernel
 from zoo.kernels.triton.hybrid_step import step_one_token
-from zoo.kernels.window_hybrid import WindowHybridState
+from zoo.kernels.window_hybrid import (
+    WindowHybridState,
+    drop_sink_features,
+    sink_open,
+    updated_sink_slots,
+)
 from zoo.kernels.window_state import advance_state, extend_with_state
 
 #: linear states are kept every this many rows (at least; a multiple of the tile)
@@ -56,6 +66,7 @@ class Dims:
     def __init__(self, q, k, v, fq, window, terraced, scale, block, state_chunk, prefix):
         self.B, self.H, self.T, self.D = q.shape
         self.N, self.DV, self.F = k.shape[2], v.shape[-1], fq.shape[-1]
+        self.HKV, self.G = k.shape[1], self.H // k.shape[1]  # key/value heads, query heads per group
         self.C, self.SC, self.P, self.scale = block, state_chunk, prefix, scale
         self.NC, self.NS = triton.cdiv(self.N, block), triton.cdiv(self.N, state_chunk)
         span = (2 * window if terraced else window) - 1
@@ -73,6 +84,7 @@ class Dims:
             W=window,
             TERRACED=terraced,
             PREC=dot_precision(q.dtype),
+            G=self.G,
             **launch_options(self.D, self.DV, self.F),
         )
         self.NJ = (
@@ -86,17 +98,48 @@ class Dims:
     def sizes(self):
         return self.T, self.N, self.P, self.NC, self.NS, self.H, self.scale
 
+    def kv_rows(self, device) -> torch.Tensor:
+        """[B * H]: the key/value head row of each query head row (as hybrid_kernels.kv_row)."""
+        rows = torch.arange(self.B * self.H, device=device)
+        return (rows // self.H) * self.HKV + (rows % self.H) // self.G
+
+    def per_kv_head(self, x: torch.Tensor) -> torch.Tensor:
+        """[B * H, *] per query head row -> [B * HKV, *]: each group's rows summed."""
+        return x.reshape(self.B * self.HKV, self.G, *x.shape[1:]).sum(1)
+
 
 class _WindowHybridFn(torch.autograd.Function):
-    """y from q, fq [B, H, T, *] and the extended k, v, fk [B, H, P + T, *]; see hybrid_kernels.py."""
+    """y from q, fq [B, H, T, *] and the extended k, v, fk [B, HKV, P + T, *] (HKV divides H: grouped-query
+    attention, the groups' keys never repeated); see hybrid_kernels.py."""
 
     @staticmethod
     def forward(
-        ctx, q, k, v, fq, fk, a, b, c, S0, z0, n_seen, prefix, window, terraced, scale, block, state_chunk
+        ctx,
+        q,
+        k,
+        v,
+        fq,
+        fk,
+        a,
+        b,
+        c,
+        sink_k,
+        sink_v,
+        S0,
+        z0,
+        n_seen,
+        prefix,
+        window,
+        terraced,
+        scale,
+        block,
+        state_chunk,
     ):
         dims = Dims(q, k, v, fq, window, terraced, scale, block, state_chunk, prefix)
         BH, T = dims.B * dims.H, dims.T
         q_, k_, v_, fq_, fk_ = (_flat(x) for x in (q, k, v, fq, fk))
+        sinks = 0 if sink_k is None else sink_k.shape[2]
+        sk_, sv_ = (q_, q_) if sinks == 0 else (_flat(sink_k.to(q.dtype)), _flat(sink_v.to(v.dtype)))
         s0_, z0_ = _flat(S0.float()), _flat(z0.float())
         HS, HZ = chunk_states(fk_, v_, dims.N, state_chunk, s0=s0_, z0=z0_, precision=dims.const["PREC"])
         y = q.new_empty(BH, T, dims.DV)
@@ -116,23 +159,28 @@ class _WindowHybridFn(torch.autograd.Function):
             a,
             b,
             c if has_c else a,
+            sk_,
+            sv_,
             y,
             m,
             den,
             arg,
             *dims.sizes(),
             HAS_C=has_c,
+            SINKS=sinks,
+            BS=pow2_block(max(sinks, 1)),
             **dims.const,
         )
         ctx.save_for_backward(
-            q_, k_, v_, fq_, fk_, a, b, c if has_c else None, s0_, z0_, n_seen, y, m, den, arg
+            q_, k_, v_, fq_, fk_, a, b, c if has_c else None, s0_, z0_, n_seen, y, m, den, arg, sk_, sv_
         )
-        ctx.dims = dims
+        ctx.dims, ctx.sinks = dims, sinks
+        ctx.sink_dtypes = None if sinks == 0 else (sink_k.dtype, sink_v.dtype)
         return y.view(dims.B, dims.H, T, dims.DV)
 
     @staticmethod
     def backward(ctx, dy):
-        q_, k_, v_, fq_, fk_, a, b, c, s0_, z0_, n_seen, y, m, den, arg = ctx.saved_tensors
+        q_, k_, v_, fq_, fk_, a, b, c, s0_, z0_, n_seen, y, m, den, arg, sk_, sv_ = ctx.saved_tensors
         d = ctx.dims
         B, H, T, N, SC = d.B, d.H, d.T, d.N, d.SC
         BH, prec = B * H, d.const["PREC"]
@@ -171,10 +219,11 @@ class _WindowHybridFn(torch.autograd.Function):
             HAS_C=has_c,
             **d.const,
         )
-        dk = torch.empty(BH, N, d.D, dtype=torch.float32, device=q_.device)
-        dv = torch.empty(BH, N, d.DV, dtype=torch.float32, device=q_.device)
-        dfk = torch.empty(BH, N, d.F, dtype=torch.float32, device=q_.device)
-        bwd_dkv_kernel[(d.NC, BH)](
+        BKV = B * d.HKV
+        dk = torch.empty(BKV, N, d.D, dtype=torch.float32, device=q_.device)
+        dv = torch.empty(BKV, N, d.DV, dtype=torch.float32, device=q_.device)
+        dfk = torch.empty(BKV, N, d.F, dtype=torch.float32, device=q_.device)
+        bwd_dkv_kernel[(d.NC, BKV)](
             q_,
             fq_,
             k_,
@@ -198,30 +247,65 @@ class _WindowHybridFn(torch.autograd.Function):
             **d.const,
         )
 
+        shape = lambda x, *tail: x.reshape(B, H, *tail)  # noqa: E731
+        kv_shape = lambda x, *tail: x.reshape(B, d.HKV, *tail)  # noqa: E731
+        kv_rows = d.kv_rows(q_.device)
+        a_rows = a.repeat(B)  # [BH]: each head row's a
+        keys, dkeys = k_.float(), dk
+        if ctx.sinks:
+            dsk, dsv = _sink_columns_backward(ctx, q_, sk_, sv_, gn, gd, m, n_seen, a_rows, pa, dq, kv_rows)
+            keys, dkeys = torch.cat([keys, sk_.float()], 1), torch.cat([dk, dsk], 1)
         # the window max m_t moves with its argmax key: dm_t = -a sum_win p dW = -a pa_t
-        dm = (-a.repeat(B)[:, None] * pa * d.scale)[..., None]  # [BH, T, 1], times the score scale
-        idx = arg[..., None].expand(-1, -1, d.D)
-        dq += dm * k_.float().gather(1, idx)
-        dk.scatter_add_(1, idx, dm * q_.float())
+        dm = (-a_rows[:, None] * pa * d.scale)[..., None]  # [BH, T, 1], times the score scale
+        at = (kv_rows[:, None] * keys.shape[1] + arg).reshape(
+            -1
+        )  # the argmax keys' rows in keys [BKV * keys]
+        dq += dm * keys.reshape(-1, d.D)[at].view(BH, T, d.D)
+        dkeys.view(-1, d.D).index_add_(0, at, (dm * q_.float()).reshape(-1, d.D))
+        if ctx.sinks:
+            dk, dsk = dkeys[:, :N], dkeys[:, N:]
+            sink_grads = (
+                kv_shape(dsk, ctx.sinks, d.D).to(ctx.sink_dtypes[0]),
+                kv_shape(dsv, ctx.sinks, d.DV).to(ctx.sink_dtypes[1]),
+            )
+        else:
+            sink_grads = (None, None)
 
-        shape = lambda x, *tail: x.view(B, H, *tail)  # noqa: E731
         da, db = pa.view(B, H, T).sum((0, 2)), pb.view(B, H, T).sum((0, 2))
         dc = pc.view(B, H, T).sum((0, 2)) if has_c else None
-        dS0 = b.view(1, H, 1, 1) * shape(GS[:, 0], d.F, d.DV)
-        dz0 = b.view(1, H, 1) * shape(GZ[:, 0], d.F)
+        dS0 = kv_shape(d.per_kv_head(b.repeat(B)[:, None, None] * GS[:, 0]), d.F, d.DV)
+        dz0 = kv_shape(d.per_kv_head(b.repeat(B)[:, None] * GZ[:, 0]), d.F)
         grads = (
             shape(dq, T, d.D).to(q_.dtype),
-            shape(dk, N, d.D).to(k_.dtype),
-            shape(dv, N, d.DV).to(v_.dtype),
+            kv_shape(dk, N, d.D).to(k_.dtype),
+            kv_shape(dv, N, d.DV).to(v_.dtype),
             shape(dfq, T, d.F).to(fq_.dtype),
-            shape(dfk, N, d.F).to(fk_.dtype),
+            kv_shape(dfk, N, d.F).to(fk_.dtype),
             da,
             db,
             dc,
+            *sink_grads,
             dS0,
             dz0,
         )
         return (*grads, None, None, None, None, None, None, None)
+
+
+def _sink_columns_backward(ctx, q_, sk_, sv_, gn, gd, m, n_seen, a_rows, pa, dq, kv_rows):
+    """The sink columns' part of the backward pass, in PyTorch ([BH, T, SINKS] products): adds their
+    terms to dq and pa (in place) and returns the sinks' dk, dv [B * HKV, SINKS, *] (fp32)."""
+    d = ctx.dims
+    pos = (n_seen[:, None] + torch.arange(d.T, device=q_.device)).repeat_interleave(d.H, 0)  # [BH, T]
+    window, terraced = d.const["W"], d.const["TERRACED"]
+    sink_on = sink_open(pos, ctx.sinks, window, terraced)  # [BH, T, SINKS]
+    qf, skf, svf = q_.float(), sk_.float()[kv_rows], sv_.float()[kv_rows]  # the sinks: SINKS rows a head
+    p = torch.exp(torch.bmm(qf, skf.transpose(1, 2)) * d.scale - m[..., None]) * sink_on
+    pdw = p * (torch.bmm(gn, svf.transpose(1, 2)) + gd[..., None])
+    pa += pdw.sum(-1)
+    a3 = a_rows[:, None, None]
+    dq += (a3 * d.scale) * torch.bmm(pdw, skf)
+    dsk = (a3 * d.scale) * torch.bmm(pdw.transpose(1, 2), qf)
+    return d.per_kv_head(dsk), d.per_kv_head(a3 * torch.bmm(p.transpose(1, 2), gn))
 
 
 def _factor(f, H: int, device) -> torch.Tensor:
@@ -229,12 +313,23 @@ def _factor(f, H: int, device) -> torch.Tensor:
     return torch.as_tensor(f, dtype=torch.float32, device=device).expand(H).contiguous()
 
 
-def _check(q, k, v, fq, fk, window, key_mask):
+def _check(q, k, v, fq, fk, window, key_mask, sinks=0):
     B, H, T, D = q.shape
-    if k.shape != q.shape or v.shape[:3] != (B, H, T) or fq.shape[:3] != (B, H, T) or fk.shape != fq.shape:
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0, got {sinks}")
+    HKV = k.shape[1] if k.dim() == 4 else 0
+    if (
+        HKV < 1
+        or H % HKV
+        or k.shape != (B, HKV, T, D)
+        or v.shape[:3] != (B, HKV, T)
+        or fq.shape[:3] != (B, H, T)
+        or fk.shape != (B, HKV, T, fq.shape[-1])
+    ):
         raise ValueError(
             f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-            f"fq {tuple(fq.shape)}, fk {tuple(fk.shape)} (k, v must be repeated to H heads)"
+            f"fq {tuple(fq.shape)}, fk {tuple(fk.shape)} (k, v, fk: [B, HKV, T, *] with HKV dividing H, "
+            "the query heads)"
         )
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
@@ -275,15 +370,24 @@ def window_hybrid_triton(
     c=None,
     chunk_size=None,
     state_chunk=None,
+    sinks=0,
 ):
     """Fused chunked form (see the module docstring). `chunk_size`: the kernel's query / key tile (a power
-    of two >= 16; default `tile_rows`); `state_chunk`: rows between stored linear states (default 64)."""
-    _check(q, k, v, fq, fk, window, key_mask)
+    of two >= 16; default `tile_rows`); `state_chunk`: rows between stored linear states (default 64);
+    `sinks`: attention sinks, as in the PyTorch forms (the state carries their keys and values)."""
+    _check(q, k, v, fq, fk, window, key_mask, sinks)
+    _check_state_sinks(state, sinks)
     block, state_chunk = _tiles(q, v, fq, chunk_size, state_chunk)
-    H, D = q.shape[1], q.shape[3]
+    B, H, T, D = q.shape
     scale = D**-0.5 if scale is None else float(scale)
     kdt = torch.promote_types(q.dtype, k.dtype)
     fdt = torch.promote_types(fq.dtype, fk.dtype)
+    sink_k = sink_v = None
+    if sinks:
+        held = state if state is not None else _empty_sinks(k, v, sinks)
+        every = torch.ones(B, T, dtype=torch.bool, device=q.device)
+        fk = drop_sink_features(fk, every, held.n, sinks)
+        sink_k, sink_v = updated_sink_slots(k, v, every, held, sinks)
     ext = extend_with_state(k.to(kdt), v, fk.to(fdt), state, window, terraced)
     factors = [None if f is None else _factor(f, H, q.device) for f in (a, b, c)]
     y = _WindowHybridFn.apply(
@@ -293,6 +397,8 @@ def window_hybrid_triton(
         fq.to(fdt),
         ext.fk,
         *factors,
+        sink_k,
+        sink_v,
         ext.S0,
         ext.z0,
         ext.n_seen,
@@ -303,7 +409,34 @@ def window_hybrid_triton(
         block,
         state_chunk,
     )
-    return y.to(q.dtype), advance_state(ext, window, terraced, like=state)
+    new = advance_state(ext, window, terraced, like=state)
+    if sinks:
+        new = dataclasses.replace(new, sink_k=sink_k, sink_v=sink_v)
+    return y.to(q.dtype), new
+
+
+def _empty_sinks(k, v, sinks: int) -> WindowHybridState:
+    """A stand-in for "no state yet" that `updated_sink_slots` reads: n = 0 and empty sink slots."""
+    B, H, _, D = k.shape
+    n = torch.zeros(B, dtype=torch.long, device=k.device)
+    slots = k.new_zeros(B, H, 0, D)
+    return WindowHybridState(
+        slots,
+        slots,
+        slots,
+        slots,
+        slots,
+        n,
+        1,
+        False,
+        k.new_zeros(B, H, sinks, D),
+        v.new_zeros(B, H, sinks, v.shape[-1]),
+    )
+
+
+def _check_state_sinks(state, sinks: int) -> None:
+    if state is not None and state.sinks != sinks:
+        raise ValueError(f"state was made with sinks={state.sinks}; called with sinks={sinks}")
 
 
 def window_hybrid_step_triton(
@@ -322,16 +455,16 @@ def window_hybrid_step_triton(
     key_mask=None,
     c=None,
     chunk_size=None,
+    sinks=0,
 ):
     """Fused decoding step, one kernel launch per new token (inference only: no autograd).
     key_mask [B, T] may mark tokens as padding: they get y = 0 and leave the state unchanged."""
     B, H, T, D = q.shape
-    _check(q, k, v, fq, fk, window, None)
-    if state is None:
-        cdt = torch.float32
-        state = WindowHybridState.empty(
-            B, H, D, v.shape[-1], fq.shape[-1], window, terraced, k.dtype, q.device, acc_dtype=cdt
-        )
+    _check(q, k, v, fq, fk, window, None, sinks)
+    _check_state_sinks(state, sinks)
+    if state is None:  # fp32 sums, one head per key/value head
+        dims = (*k.shape[:2], D, v.shape[-1], fq.shape[-1])
+        state = WindowHybridState.empty(*dims, window, terraced, k.dtype, q.device, sinks=sinks)
     elif state.window != window or state.terraced != terraced:
         raise ValueError(
             f"state was made with window={state.window}, terraced={state.terraced}; "
