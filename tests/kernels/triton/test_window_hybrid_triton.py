@@ -405,3 +405,27 @@ def test_gpu_bf16_training_shapes_and_decode():
     y1, s1, _ = run(window_hybrid_step_triton, post, [a, b, None], grad=False, window=64, state=st)
     y2, s2, _ = run(window_hybrid_step, post, [a, b, None], grad=False, window=64, state=st)
     assert_same((y1, s1, None), (y2, s2, None), 2e-2, 2e-2, "gpu decode")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
+def test_gpu_sinks_and_grouped_heads_llama_shape(terraced):
+    """Llama-3-8B's heads (32 query heads on 8 key/value heads, D = 128, Hedgehog F = 256) with 4 sinks,
+    bf16 q, k, v and fp32 features, T = 1000: prefill with gradients, then 4 decoding steps, against the
+    PyTorch forms in fp32 on the keys repeated to the query heads."""
+    window_hybrid_triton, window_hybrid_step_triton = triton_forms()
+    xs, a, b = grouped_inputs(1004, seed=8, groups=4, heads=32, batch=1)
+    xs = [x.to(torch.bfloat16) if i < 3 else x for i, x in enumerate(loud_sinks(xs, 4, factor=2.0))]
+    pre, post = [x[:, :, :1000] for x in xs], [x[:, :, 1000:] for x in xs]
+    kw = dict(window=64, terraced=terraced, sinks=4)
+    y, st, g = run(window_hybrid_triton, pre, [a, b, None], **kw)
+    y0, s0, g0 = run(grouped(window_hybrid_chunked, 4), [x.float() for x in pre], [a, b, None], **kw)
+    torch.testing.assert_close(y.float(), y0, atol=5e-2, rtol=5e-2)
+    for got, want in zip(g, g0):
+        scale = want.abs().max().clamp(min=1e-6)
+        assert ((got.float() - want).abs().max() / scale) < 5e-2
+    assert st.k.shape[1] == 8 and st.sink_k.shape[1] == 8
+    y1, s1, _ = run(window_hybrid_step_triton, post, [a, b, None], grad=False, state=st, **kw)
+    y2, s2, _ = run(grouped(window_hybrid_step, 4), post, [a, b, None], grad=False, state=st, **kw)
+    assert_same((y1, s1, None), (y2, s2, None), 2e-2, 2e-2, "gpu grouped decode")
