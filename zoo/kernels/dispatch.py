@@ -12,6 +12,9 @@ Backends:
   (b = 0, as in `liger`'s window branch), prefill only. An option: never chosen automatically (it
   comes after triton, which it needs on CUDA to compile); usable on the CPU too (eager, for tests).
 
+On torch, the window hybrid's decoding of one token per row without padding (what `generate` does after
+the prompt) takes zoo.kernels.window_decode, a few operations with the grouped heads in place.
+
 Automatic choice: on CUDA, the first available of the operation's fast backends whose limits the
 inputs meet (the window hybrid's fused kernels take no padding; fla's chunked delta rule no float32),
 else torch. The environment variable ZOO_KERNEL_BACKEND = torch | triton | fla | flex forces a backend
@@ -39,6 +42,7 @@ from zoo.kernels.fla_backend import (
 )
 from zoo.kernels.flex_window import flex_available, is_window_only
 from zoo.kernels.triton import interpreter_enabled, triton_installed
+from zoo.kernels.window_decode import decode_fits, window_hybrid_decode
 
 ENV_VAR = "ZOO_KERNEL_BACKEND"
 BACKENDS = ("torch", "triton", "fla", "flex")
@@ -185,10 +189,14 @@ def window_hybrid(
     if chosen == "triton":  # one key/value head per group, read in place; the state as it is kept
         from zoo.kernels.triton.window_hybrid import window_hybrid_step_triton, window_hybrid_triton
 
-        if kv_groups > 1 and HK == H:
-            k, v, fk = (x[:, ::kv_groups] for x in (k, v, fk))
+        k, v, fk = _one_per_group(kv_groups, H, k, v, fk)
         fn = window_hybrid_step_triton if decoding else window_hybrid_triton
         return fn(q, k, v, fq, fk, a, b, state=state, sinks=sinks, **options)
+    if chosen == "torch" and decoding and decode_fits(state, key_mask, T, sinks):  # generate's every token
+        k, v, fk = _one_per_group(kv_groups, H, k, v, fk)
+        return window_hybrid_decode(
+            q, k, v, fq, fk, a, b, state=state, scale=scale, c=c, window=window, terraced=terraced
+        )
     if HK != H:
         k, v, fk = (x.repeat_interleave(kv_groups, dim=1) for x in (k, v, fk))
 
@@ -213,6 +221,14 @@ def window_hybrid(
         )
 
     return per_head(state) if kv_groups == 1 else _state_per_kv_head(kv_groups, state, per_head)
+
+
+def _one_per_group(kv_groups: int, H: int, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tensors given repeated to the H query heads -> one head per group of `kv_groups` (a view);
+    tensors already given once per key/value head are returned as they are."""
+    if kv_groups == 1 or xs[0].shape[1] != H:
+        return xs
+    return tuple(x[:, ::kv_groups] for x in xs)
 
 
 def _state_per_kv_head(kv_groups: int, state, call):

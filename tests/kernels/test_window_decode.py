@@ -1,0 +1,141 @@
+"""The few-op decoding step of the window hybrid (zoo.kernels.window_decode) against the general step form:
+outputs and states over several tokens, plain and terraced windows, sinks, c, grouped heads, rows that
+have seen different numbers of tokens (fewer than the window's slots), and the dispatcher's use of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.kernels import dispatch
+from zoo.kernels.dispatch import ENV_VAR
+from zoo.kernels.window_decode import decode_fits, window_hybrid_decode
+from zoo.kernels.window_hybrid import window_hybrid_chunked, window_hybrid_step
+
+B, HKV, D, DV, F, W = 2, 2, 8, 5, 6, 8
+
+
+def setup(groups, sinks, terraced, c, T0=30, steps=5, seed=0, dtype=torch.float32):
+    """Inputs of T0 + steps tokens (k, v, fk once per key/value head) and the state after a prefill of T0
+    tokens in which row 1 had T0 - 5 padding tokens, kept once per key/value head and repeated."""
+    g = torch.Generator().manual_seed(seed)
+    H, T = HKV * groups, T0 + steps
+    q, fq = torch.randn(B, H, T, D, generator=g), torch.rand(B, H, T, F, generator=g)
+    k, v = torch.randn(B, HKV, T, D, generator=g), torch.randn(B, HKV, T, DV, generator=g)
+    fk = torch.rand(B, HKV, T, F, generator=g)
+    a = torch.rand(H, generator=g) * 0.8 + 0.1
+    factors = (a, 1 - a, None if c is None else c * a)
+    mask = torch.ones(B, T0, dtype=torch.bool)
+    mask[1, : T0 - 5] = False
+    rep = [x[:, :, :T0].repeat_interleave(groups, 1) for x in (k, v, fk)]
+    _, state = window_hybrid_chunked(
+        q[:, :, :T0],
+        rep[0],
+        rep[1],
+        fq[:, :, :T0],
+        rep[2],
+        *factors[:2],
+        c=factors[2],
+        window=W,
+        terraced=terraced,
+        key_mask=mask,
+        sinks=sinks,
+    )
+    xs = [x.to(dtype) for x in (q, k, v)] + [fq, fk]
+    return xs, factors, state
+
+
+@pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
+@pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "sinks"])
+@pytest.mark.parametrize("groups", [1, 3], ids=["mha", "gqa"])
+@pytest.mark.parametrize("c", [None, 0.3], ids=["no-c", "c"])
+def test_decode_matches_the_step_form(terraced, sinks, groups, c):
+    T0 = 30
+    xs, (a, b, cc), state = setup(groups, sinks, terraced, c, T0=T0)
+    grouped, ref = state.group_heads(groups), state
+    kw = dict(window=W, terraced=terraced, c=cc)
+    for t in range(T0, T0 + 5):
+        q, k, v, fq, fk = (x[:, :, t : t + 1] for x in xs)
+        rep = [x.repeat_interleave(groups, 1) for x in (k, v, fk)]
+        y0, ref = window_hybrid_step(q, rep[0], rep[1], fq, rep[2], a, b, state=ref, sinks=sinks, **kw)
+        assert decode_fits(grouped, None, 1, sinks)
+        y1, grouped = window_hybrid_decode(q, k, v, fq, fk, a, b, state=grouped, **kw)
+        torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+    assert grouped.k.shape[1] == HKV
+    for name in ("k", "v", "fk", "S", "z", "n") + (("sink_k", "sink_v") if sinks else ()):
+        torch.testing.assert_close(getattr(grouped.repeat_heads(groups), name), getattr(ref, name))
+
+
+def test_half_precision_slots():
+    """bf16 q, k, v and slots (fp32 sums), as on a GPU: close to the fp32 step."""
+    xs, (a, b, _), state = setup(3, 2, True, None)
+    half = state.group_heads(3)
+    half = type(half)(
+        *(x.to(torch.bfloat16) for x in (half.k, half.v)),
+        half.fk,
+        half.S,
+        half.z,
+        half.n,
+        half.window,
+        half.terraced,
+        half.sink_k.to(torch.bfloat16),
+        half.sink_v.to(torch.bfloat16),
+    )
+    q, k, v, fq, fk = (x[:, :, 30:31] for x in xs)
+    y, new = window_hybrid_decode(
+        q.bfloat16(), k.bfloat16(), v.bfloat16(), fq, fk, a, b, window=W, terraced=True, state=half
+    )
+    rep = [x.repeat_interleave(3, 1) for x in (k, v, fk)]
+    y0, _ = window_hybrid_step(
+        q, rep[0], rep[1], fq, rep[2], a, b, window=W, terraced=True, state=state, sinks=2
+    )
+    assert y.dtype == torch.bfloat16 and new.k.dtype == torch.bfloat16 and new.S.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y0, atol=3e-2, rtol=3e-2)
+
+
+def test_decode_fits_only_the_generate_case():
+    _, _, state = setup(1, 3, False, None, T0=30)
+    assert decode_fits(state, None, 1, 3)
+    assert not decode_fits(None, None, 1, 3)  # no state
+    assert not decode_fits(state, None, 2, 3)  # two tokens
+    assert not decode_fits(state, torch.tensor([[True], [False]]), 1, 3)  # padding
+    assert not decode_fits(state, None, 1, 0)  # sinks differ from the state's: the step form says why
+    young = type(state)(
+        state.k,
+        state.v,
+        state.fk,
+        state.S,
+        state.z,
+        torch.tensor([30, 2]),
+        W,
+        False,
+        state.sink_k,
+        state.sink_v,
+    )
+    assert not decode_fits(young, None, 1, 3)  # row 1 has not seen its 3 sinks yet
+
+
+def test_dispatcher_decodes_with_it_on_torch(monkeypatch):
+    """One token with a state and no gradient: the dispatcher's torch path takes the few-op step, from
+    keys given once per key/value head or repeated; its result is the step form's."""
+    monkeypatch.setenv(ENV_VAR, "torch")
+    calls = []
+    real = dispatch.window_hybrid_decode
+    monkeypatch.setattr(dispatch, "window_hybrid_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    xs, (a, b, _), state = setup(3, 2, False, None)
+    q, k, v, fq, fk = (x[:, :, 30:31] for x in xs)
+    rep = [x.repeat_interleave(3, 1) for x in (k, v, fk)]
+    want, _ = window_hybrid_step(q, rep[0], rep[1], fq, rep[2], a, b, window=W, state=state, sinks=2)
+    grouped = state.group_heads(3)
+    for keys in ([k, v, fk], rep):
+        y, new = dispatch.window_hybrid(
+            q, keys[0], keys[1], fq, keys[2], a, b, window=W, state=grouped, sinks=2, kv_groups=3
+        )
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+        assert new.k.shape[1] == HKV
+    assert len(calls) == 2
+    with torch.enable_grad():  # training through a one-token call keeps the general form
+        dispatch.window_hybrid(
+            q.requires_grad_(), k, v, fq, fk, a, b, window=W, state=grouped, sinks=2, kv_groups=3
+        )
+    assert len(calls) == 2
