@@ -294,6 +294,14 @@ MODULE_COMMANDS = {
         "zoo.bench.speed",
         "time mixers against softmax attention (prefill, fwd+bwd, decode, memory)",
     ),
+    ("bench", "generate"): (
+        "zoo.bench.generate",
+        "whole-model greedy decoding tokens/s by batch and context: a teacher against its linearized forms",
+    ),
+    ("bench", "gpu"): (
+        "zoo.bench.gpu_check",
+        "prove the GPU side in one command: gpu tests, speed, a short bf16 run, generation (--dry-run: cpu)",
+    ),
     ("bench", "quality"): (
         "zoo.bench.quality",
         "every mixer through one recipe template, one budget: leaderboard",

@@ -42,7 +42,16 @@ from zoo.bench.speed_cases import (
 )
 from zoo.bench.timing import measure_peak, memory_method, synchronize, time_runs, tune_cpu_allocator
 
-__all__ = ["MODES", "add_arguments", "default_mixers", "main", "run_bench"]
+__all__ = [
+    "MODES",
+    "add_arguments",
+    "default_mixers",
+    "device_name",
+    "is_out_of_memory",
+    "library_versions",
+    "main",
+    "run_bench",
+]
 
 #: mode -> what it times, in words
 MODES = {
@@ -223,7 +232,8 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The device in words for results: the GPU's name, or the CPU model and its logical CPU count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -235,7 +245,8 @@ def _device_name(device: torch.device) -> str:
     return f"{name} ({os.cpu_count()} logical CPUs)"
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
+    """Versions of python, torch, zoo and the libraries that change speed (those installed), and CUDA's."""
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for dist in ("zoo-linearize", "transformers", "triton", "flash-attn", "flash-linear-attention"):
         try:
@@ -279,7 +290,8 @@ class _Guard:
             self.over[(case.name, mode)] = f"skipped: T={T} already took {seconds:.3g} s > --max-seconds"
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is running out of memory (CUDA or CPU), as torch and the allocators word it."""
     return isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)) or (
         isinstance(err, RuntimeError)
         and any(s in str(err).lower() for s in ("out of memory", "can't allocate", "not enough memory"))
@@ -335,7 +347,7 @@ def _measure(case, mode: str, T: int, fn, args, device, guard: _Guard, inner: in
     except Exception as err:  # noqa: BLE001 - one failing case must not end the bench; the record says why
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if _is_oom(err):
+        if is_out_of_memory(err):
             guard.over[(case.name, mode)] = f"skipped: out of memory at T={T}"
             return _record(
                 case, mode, T, status="skipped", note=f"out of memory: {str(err).splitlines()[0][:200]}"
@@ -454,7 +466,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         "command": command_line(args),
         "argv": sys.argv,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"type": device.type, "name": _device_name(device)},
+        "device": {"type": device.type, "name": device_name(device)},
         "threads": torch.get_num_threads(),
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "ZOO_KERNEL_BACKEND")},
         "dtype": args.dtype,
@@ -475,7 +487,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         "cases": [{"name": c.name, "kind": c.kind, "family": c.family, "backend": c.backend} for c in cases],
         "memory_method": memory_method(device),
         "cpu_allocator": allocator or "default",
-        "versions": _versions(),
+        "versions": library_versions(),
         "results": [],
     }
     guard = _Guard(args.max_seconds)
