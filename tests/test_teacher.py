@@ -63,3 +63,22 @@ def test_embedded_smollm2_loads_from_its_cache():
     assert 5 < ppl < 200, f"perplexity {ppl}: a loading or tokenizing bug"
     again, _ = zoo.load_teacher("smollm2-135m")  # from the cache: same weights
     torch.testing.assert_close(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_a_mixer_builds_on_meta_after_a_teacher_loads(tiny_world):
+    """transformers swaps torch.linspace while it loads a model; were torch's first device block to fall
+    inside that swap, later meta builds would get CPU tensors (zoo.devices.keep_device_blocks_whole). A fresh
+    process, so that this is torch's first device block."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, zoo\n"
+        f"zoo.load_teacher({str(tiny_world['model'])!r})\n"
+        "with torch.device('meta'):\n"
+        "    mixer = zoo.get_mixer('mamba2')(4, 2, 16, 64, 0)\n"
+        "print([n for n, p in mixer.named_parameters() if not p.is_meta])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -35,3 +35,16 @@ def versions() -> dict:
     import zoo
 
     return {"zoo": zoo.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def keep_device_blocks_whole() -> None:
+    """Make `with torch.device(...)` blocks catch every tensor factory for the rest of the process; call it
+    before loading a model with transformers.
+
+    torch lists the factory functions such a block intercepts once, the first time one is used. transformers
+    swaps torch.linspace for a wrapper while `from_pretrained` initializes a model; if torch's first use of a
+    device block falls inside that swap, its list lacks torch.linspace for good, and a mixer later built on
+    the meta device (preflight, block-wise scale-out) gets CPU tensors from it. One block used here, outside
+    any swap, makes the list from the real functions. Cheap; later calls do nothing new."""
+    with torch.device("cpu"):
+        torch.empty(0)

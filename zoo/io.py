@@ -10,6 +10,7 @@ from torch import nn
 
 from zoo.atomic import atomic_dir, verify_dir
 from zoo.convert import register_families
+from zoo.devices import keep_device_blocks_whole
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -66,6 +67,7 @@ def load_linearized(
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
     verify_dir(path)
+    keep_device_blocks_whole()  # before transformers' initialization
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
     if not getattr(model.config, "zoo_mixers", None):
         raise ValueError(f"{path} holds a plain {model.config.model_type} model, not a linearized one")

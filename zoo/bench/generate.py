@@ -48,6 +48,7 @@ import torch
 from zoo.atomic import write_json
 from zoo.bench.speed import DTYPES, device_name, is_out_of_memory, library_versions
 from zoo.bench.timing import synchronize
+from zoo.devices import keep_device_blocks_whole
 
 __all__ = [
     "CONTEXT_FILLS",
@@ -306,6 +307,7 @@ def _model_forms(args: argparse.Namespace) -> list[ModelForm]:
     config = AutoConfig.for_model(family, **{k: v for k, v in raw.items() if k not in dropped})
 
     def build_teacher():
+        keep_device_blocks_whole()  # before transformers' initialization
         model = AutoModelForCausalLM.from_pretrained(saved, config=config, dtype=dtype, use_safetensors=True)
         return model.to(device).eval()
 
