@@ -66,6 +66,41 @@ def test_decode_matches_the_step_form(terraced, sinks, groups, c):
         torch.testing.assert_close(getattr(grouped.repeat_heads(groups), name), getattr(ref, name))
 
 
+@pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
+def test_rows_at_one_position_share_masks_over_a_long_decode(terraced):
+    """Every row at the same position (generate's case, masks made once per pattern): from 4 tokens seen
+    (fewer than the slots; the sinks inside the window, then outside it) through several window edges."""
+    g = torch.Generator().manual_seed(3)
+    T0, steps, groups = 4, 30, 3
+    H, T = HKV * groups, T0 + steps
+    q, fq = torch.randn(B, H, T, D, generator=g), torch.rand(B, H, T, F, generator=g)
+    k, v = torch.randn(B, HKV, T, D, generator=g), torch.randn(B, HKV, T, DV, generator=g)
+    fk = torch.rand(B, HKV, T, F, generator=g)
+    a = torch.rand(H, generator=g)
+    rep = lambda x: x.repeat_interleave(groups, 1)  # noqa: E731
+    kw = dict(window=W, terraced=terraced)
+    _, ref = window_hybrid_chunked(
+        q[:, :, :T0],
+        rep(k[:, :, :T0]),
+        rep(v[:, :, :T0]),
+        fq[:, :, :T0],
+        rep(fk[:, :, :T0]),
+        a,
+        1 - a,
+        sinks=3,
+        **kw,
+    )
+    grouped = ref.group_heads(groups)
+    for t in range(T0, T):
+        x = [z[:, :, t : t + 1] for z in (q, k, v, fq, fk)]
+        y0, ref = window_hybrid_step(
+            x[0], rep(x[1]), rep(x[2]), x[3], rep(x[4]), a, 1 - a, state=ref, sinks=3, **kw
+        )
+        y1, grouped = window_hybrid_decode(*x, a, 1 - a, state=grouped, **kw)
+        torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5, msg=lambda m, t=t: f"token {t}: {m}")
+    torch.testing.assert_close(grouped.repeat_heads(groups).S, ref.S)
+
+
 def test_half_precision_slots():
     """bf16 q, k, v and slots (fp32 sums), as on a GPU: close to the fp32 step."""
     xs, (a, b, _), state = setup(3, 2, True, None)

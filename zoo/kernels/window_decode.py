@@ -47,6 +47,43 @@ def _window_masks(n: torch.Tensor, L: int, window: int, terraced: bool):
     return win[:, None, None], lin[:, None, None]
 
 
+#: masks of a batch whose rows all stand at one position, by what they depend on (a few dozen at most)
+_SHARED_MASKS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _masks(n: torch.Tensor, L: int, window: int, terraced: bool, sinks: int):
+    """(inside the window, linear) [B or 1, 1, 1, L + 1] and the closed sinks [B or 1, 1, 1, sinks] (None
+    without sinks) for query positions n [B]. Rows at one position (what `generate` gives) share masks
+    made once per pattern: they depend on the position only through min(n, L), n mod W and which sinks are
+    open, so a few dozen patterns serve a whole generation."""
+    low, high = (int(x) for x in torch.aminmax(n))
+    if low != high:
+        win, lin = _window_masks(n, L, window, terraced)
+        closed = ~sink_open(n, sinks, window, terraced)[:, None, None] if sinks else None
+        return win, lin, closed
+    used_from = L - min(low, L)
+    win_from = max(window - low % window if terraced else 1, used_from)
+    inside = (lambda i: i // window >= low // window - 1) if terraced else (lambda i: low - i < window)
+    closed = tuple(not (i <= low and not inside(i)) for i in range(sinks))
+    key = (n.device, L, used_from, win_from, closed)
+    if key not in _SHARED_MASKS:
+        slot = torch.arange(L + 1, device=n.device)
+        win = (slot >= win_from).view(1, 1, 1, L + 1)
+        lin = ((slot >= used_from) & (slot < win_from)).view(1, 1, 1, L + 1)
+        shut = torch.tensor(closed, device=n.device).view(1, 1, 1, sinks) if sinks else None
+        _SHARED_MASKS[key] = (win, lin, shut)
+    return _SHARED_MASKS[key]
+
+
+def _bmm(x: torch.Tensor, y: torch.Tensor, y_transposed: bool = False) -> torch.Tensor:
+    """x [B, HKV, G, K] @ y [B, HKV, K, N] (or y [B, HKV, N, K] with y_transposed) -> [B, HKV, G, N], as one
+    batched matmul (4-d matmul broadcasting costs several more small operations)."""
+    b, h = x.shape[:2]
+    y3 = y.reshape(b * h, *y.shape[2:])
+    out = torch.bmm(x.reshape(b * h, *x.shape[2:]), y3.transpose(1, 2) if y_transposed else y3)
+    return out.view(b, h, *out.shape[1:])
+
+
 def window_hybrid_decode(
     q, k, v, fq, fk, a, b, *, window: int, terraced: bool, state: WindowHybridState, scale=None, c=None
 ):
@@ -72,23 +109,22 @@ def window_hybrid_decode(
     ff = torch.cat([state.fk, fk.to(state.fk.dtype)], 2)
     qg = q.reshape(B, HKV, G, D).to(cdt)
     fqg = fq.reshape(B, HKV, G, F_).to(cdt)
-    win, lin = _window_masks(state.n, L, window, terraced)
-    s = (qg @ kk.to(cdt).transpose(-1, -2)).mul_(scale).masked_fill_(~win, float("-inf"))
-    lw = fqg @ ff.to(cdt).transpose(-1, -2)
+    win, lin, closed = _masks(state.n, L, window, terraced, state.sinks)
+    s = _bmm(qg, kk.to(cdt), True).mul_(scale).masked_fill_(~win, float("-inf"))
+    lw = _bmm(fqg, ff.to(cdt), True)
     m = s.amax(-1, keepdim=True)
     if state.sinks:
-        closed = ~sink_open(state.n, state.sinks, window, terraced)[:, None, None]  # [B, 1, 1, S]
-        s_sink = (qg @ state.sink_k.to(cdt).transpose(-1, -2)).mul_(scale).masked_fill_(closed, float("-inf"))
+        s_sink = _bmm(qg, state.sink_k.to(cdt), True).mul_(scale).masked_fill_(closed, float("-inf"))
         m = torch.maximum(m, s_sink.amax(-1, keepdim=True))
     fa, fb = per_head(a), per_head(b)
     lin_coef = fb * lin if c is None else fb * lin + per_head(c) * win
     w = (s - m).exp_().mul_(fa).add_(lw * lin_coef)
     S, z = state.S.to(cdt), state.z.to(cdt)
-    num = w @ vv.to(cdt) + fb * (fqg @ S)
-    den = w.sum(-1, keepdim=True) + fb * (fqg @ z[..., None])
+    num = _bmm(w, vv.to(cdt)) + fb * _bmm(fqg, S)
+    den = w.sum(-1, keepdim=True) + fb * _bmm(fqg, z[..., None])
     if state.sinks:
         w_sink = (s_sink - m).exp_().mul_(fa)
-        num = num + w_sink @ state.sink_v.to(cdt)
+        num = num + _bmm(w_sink, state.sink_v.to(cdt))
         den = den + w_sink.sum(-1, keepdim=True)
     y = (num / den).reshape(B, H, 1, DV).to(q.dtype)
 
