@@ -294,6 +294,11 @@ MODULE_COMMANDS = {
         "zoo.bench.speed",
         "time mixers against softmax attention (prefill, fwd+bwd, decode, memory)",
     ),
+    ("bench", "guard"): (
+        "zoo.bench.guard",
+        "speed regression guard: each mixer's speed-up against SDPA (cpu, T=4096) checked against "
+        "docs/speed-guard.json (--record: write it)",
+    ),
     ("bench", "generate"): (
         "zoo.bench.generate",
         "whole-model greedy decoding tokens/s by batch and context: a teacher against its linearized forms",

@@ -15,7 +15,7 @@ from zoo.atomic import atomic_file
 from zoo.bench.plots import line_plot
 from zoo.bench.report import format_bytes, format_ratio, format_seconds, markdown_table, pivot
 
-__all__ = ["plot_names", "results_markdown", "write_report"]
+__all__ = ["plot_names", "results_markdown", "speedups", "write_report"]
 
 _STATUS_TEXT = {"skipped": "skipped", "error": "error"}
 
@@ -45,12 +45,30 @@ def _grid(records: list[dict], render) -> tuple[list, list[list]]:
     return grid.columns, [[name, *(render(r) for r in row)] for name, row in zip(grid.rows, grid.values)]
 
 
+def speedups(records: list[dict], reference: str) -> dict[tuple[str, str, int], float]:
+    """The speed-up of each measurement against the reference's (SDPA's) at the same mode and context
+    length: the reference's median seconds / the record's, keyed (name, mode, seq_len); above 1 is faster.
+    Only records with status "ok" and a median count: a failed or skipped record, or one whose reference
+    measurement failed or was skipped, has no entry."""
+    ref = {
+        (r["mode"], r["seq_len"]): r["median_s"]
+        for r in records
+        if r["name"] == reference and r["status"] == "ok" and r["median_s"]
+    }
+    out = {}
+    for r in records:
+        base = ref.get((r["mode"], r["seq_len"]))
+        if r["name"] != reference and r["status"] == "ok" and r["median_s"] and base:
+            out[(r["name"], r["mode"], r["seq_len"])] = base / r["median_s"]
+    return out
+
+
 def _speedups(records: list[dict], reference: str) -> tuple[list, list[list]]:
-    ref = {r["seq_len"]: r["median_s"] for r in records if r["name"] == reference and r["status"] == "ok"}
+    values = speedups(records, reference)
 
     def ratio(r: dict) -> str:
-        base = ref.get(r["seq_len"])
-        return format_ratio(base / r["median_s"]) if base and r["median_s"] else "-"
+        x = values.get((r["name"], r["mode"], r["seq_len"]))
+        return "-" if x is None else format_ratio(x)
 
     return _grid([r for r in records if r["name"] != reference], _cell(ratio))
 
