@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from zoo.data.offline_text import WORDS, small_bpe_tokenizer, write_text_files  # noqa: F401
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -46,55 +48,9 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-WORDS = (
-    "the of and to a in that he was it his for with as had you not be her on at by which have or from "
-    "this him but all she they were my are me one their so an said them we who would been will no when "
-    "there if more out up into do any your what has man could other than our some very time upon about "
-    "may its only now like little then can should made did us such great before must two these see "
-    "know over much down after first mr good men own never most old shall day where those came come "
-    "himself way work life without go make well through being long say might how am too even def "
-    "lady house mother father sister letter morning evening walk garden road river king people city"
-).split()
-
-
-def write_text_files(folder, n_files: int, words_per_file: int, seed: int) -> list:
-    """Plain English-like text files (sentences of common words) for offline corpus tests."""
-    import random
-
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n_files):
-        sentences = []
-        count = 0
-        while count < words_per_file:
-            n = rng.randint(5, 14)
-            sentences.append(" ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + ".")
-            count += n
-        path = folder / f"doc{i:03d}.txt"
-        path.write_text(" ".join(sentences) + "\n")
-        paths.append(path)
-    return paths
-
-
 def tiny_tokenizer(texts: list[str]):
     """A small byte-level BPE tokenizer trained offline on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=256 + 64,
-        special_tokens=["<pad>", "<eos>", "<bos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
-    )
+    return small_bpe_tokenizer(texts)
 
 
 #: the recipe the run tests start from (their overrides replace the model, data and budgets)

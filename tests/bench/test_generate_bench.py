@@ -25,13 +25,6 @@ MEMORY_LIMIT_GB = 50_000 / 1e9
 SWEEP = ["--contexts", "32", "64", "--batches", "1", "2", "--new-tokens", str(NEW_TOKENS), "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     generate.add_arguments(parser)

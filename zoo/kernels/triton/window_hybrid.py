@@ -384,7 +384,7 @@ def window_hybrid_triton(
     fdt = torch.promote_types(fq.dtype, fk.dtype)
     sink_k = sink_v = None
     if sinks:
-        held = state if state is not None else _empty_sinks(k, v, sinks)
+        held = state if state is not None else _fresh_state(k, v, fk, window, terraced, sinks)
         every = torch.ones(B, T, dtype=torch.bool, device=q.device)
         fk = drop_sink_features(fk, every, held.n, sinks)
         sink_k, sink_v = updated_sink_slots(k, v, every, held, sinks)
@@ -415,23 +415,10 @@ def window_hybrid_triton(
     return y.to(q.dtype), new
 
 
-def _empty_sinks(k, v, sinks: int) -> WindowHybridState:
-    """A stand-in for "no state yet" that `updated_sink_slots` reads: n = 0 and empty sink slots."""
-    B, H, _, D = k.shape
-    n = torch.zeros(B, dtype=torch.long, device=k.device)
-    slots = k.new_zeros(B, H, 0, D)
-    return WindowHybridState(
-        slots,
-        slots,
-        slots,
-        slots,
-        slots,
-        n,
-        1,
-        False,
-        k.new_zeros(B, H, sinks, D),
-        v.new_zeros(B, H, sinks, v.shape[-1]),
-    )
+def _fresh_state(k, v, fk, window: int, terraced: bool, sinks: int) -> WindowHybridState:
+    """The state before any token: one head per key/value head of k, fp32 sums."""
+    dims = (*k.shape[:2], k.shape[-1], v.shape[-1], fk.shape[-1])
+    return WindowHybridState.empty(*dims, window, terraced, k.dtype, k.device, sinks=sinks)
 
 
 def _check_state_sinks(state, sinks: int) -> None:
@@ -462,9 +449,8 @@ def window_hybrid_step_triton(
     B, H, T, D = q.shape
     _check(q, k, v, fq, fk, window, None, sinks)
     _check_state_sinks(state, sinks)
-    if state is None:  # fp32 sums, one head per key/value head
-        dims = (*k.shape[:2], D, v.shape[-1], fq.shape[-1])
-        state = WindowHybridState.empty(*dims, window, terraced, k.dtype, q.device, sinks=sinks)
+    if state is None:
+        state = _fresh_state(k, v, fk, window, terraced, sinks)
     elif state.window != window or state.terraced != terraced:
         raise ValueError(
             f"state was made with window={state.window}, terraced={state.terraced}; "
