@@ -52,6 +52,7 @@ def test_the_dry_run_records_every_step_ok(dry_run):
 
 
 def test_the_tests_step_counts_the_gpu_tests(dry_run):
+    """Two pytest runs, zoo's kernels then flash-linear-attention's (slow to autotune); counts summed."""
     _, record, out, _ = dry_run
     tests = record["steps"]["tests"]["results"]
     counts = {key: tests[key] for key in ("passed", "failed", "errors", "skipped")}
@@ -59,8 +60,15 @@ def test_the_tests_step_counts_the_gpu_tests(dry_run):
     assert counts["failed"] == 0 and counts["errors"] == 0
     if not torch.cuda.is_available():  # on the CPU every gpu test skips itself
         assert counts["skipped"] > 0 and counts["passed"] == 0
-    assert (out / "gpu_tests.xml").is_file() and "-m gpu" in tests["command"]
-    assert gpu_check.junit_counts(out / "gpu_tests.xml") == counts
+    assert list(tests["runs"]) == [stem for stem, _ in gpu_check.TEST_RUNS]
+    summed = {key: 0 for key in counts}
+    for stem, run in tests["runs"].items():
+        assert "-m gpu" in run["command"] and (out / f"{stem}.log").is_file()
+        per_run = gpu_check.junit_counts(out / f"{stem}.xml")
+        assert per_run["skipped"] > 0  # each run found gpu tests
+        summed = {key: summed[key] + per_run[key] for key in summed}
+    assert summed == counts
+    assert "--ignore " + gpu_check.FLA_TESTS in tests["runs"]["gpu_tests"]["command"]
 
 
 def test_the_speed_step_times_sdpa_and_every_mixer(dry_run):
@@ -160,3 +168,38 @@ def test_without_a_gpu_it_asks_for_a_dry_run(tmp_path, capsys):
     assert cli_main(["bench", "gpu", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "no CUDA device" in err and "--dry-run" in err and not (tmp_path / "x").exists()
+
+
+def test_the_tests_step_stopped_at_its_cap_says_which_tests_ran(tmp_path, monkeypatch):
+    """pytest's log is written as it runs, so a run past the cap still names what passed; a run that
+    was not reached says so."""
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "tests" / "test_planted.py").write_text(
+        "import time\nimport pytest\n\n"
+        "@pytest.mark.gpu\ndef test_quick():\n    pass\n\n"
+        "@pytest.mark.gpu\ndef test_slow():\n    time.sleep(120)\n"
+    )
+    monkeypatch.setattr(gpu_check, "TEST_RUNS", (("first", ["tests"]), ("second", ["tests"])))
+    out = tmp_path / "out"
+    out.mkdir()
+    check = gpu_check.Check(out, True, repo, 20.0, time.monotonic() + 20.0, lambda line: None)
+    with pytest.raises(gpu_check.StepFailed, match="first: cut at the step's cap") as caught:
+        gpu_check.step_tests(check)
+    runs = caught.value.results["runs"]
+    assert {key: runs["first"][key] for key in ("passed", "failed", "errors", "skipped")} == {
+        "passed": 1,
+        "failed": 0,
+        "errors": 0,
+        "skipped": 0,
+    }
+    assert runs["second"] == {"problem": "not started: the step's cap was reached"}
+    assert caught.value.results["passed"] == 1
+    assert "test_quick PASSED" in (out / "first.log").read_text()
+
+
+def test_unknown_speed_mixers_are_refused_before_anything_runs(tmp_path):
+    args = dry_run_args(out=str(tmp_path / "x"), speed_mixers=["lolcats", "no-such-mixer"])
+    with pytest.raises(ValueError, match="--speed-mixers: unknown mixer.*no-such-mixer"):
+        gpu_check.run_gpu_check(args)
+    assert not (tmp_path / "x").exists()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import pytest
 import torch
 
-from zoo.bench import speed
+from zoo.bench import speed, timing
 from zoo.bench.report import format_bytes, format_seconds, markdown_table, pivot
 from zoo.bench.speed_report import plot_names, write_report
 from zoo.cli import main as cli_main
@@ -236,3 +237,46 @@ def test_decode_only_builds_the_state_untimed(tmp_path):
         ("retention", "decode", "ok"),
     ]
     assert all(r["state_bytes"] > 0 for r in results["results"])
+
+
+class _FakeCase:
+    name, kind, family, backend = "fake", "mixer", "fake", "torch"
+
+
+@pytest.mark.parametrize("always_slow", [False, True])
+def test_a_slow_first_cuda_call_is_run_again_before_timing(monkeypatch, always_slow):
+    """On CUDA a first call that compiles kernels is not taken for the shape's speed: one more untimed call
+    decides. Only when that one is slow too does the measurement stop at one run."""
+    monkeypatch.setattr(speed, "synchronize", lambda device: None)
+    monkeypatch.setattr(timing, "synchronize", lambda device: None)
+    monkeypatch.setattr(speed, "measure_peak", lambda fn, device: (fn(), 0))
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) == 1 or always_slow:
+            time.sleep(0.25)
+
+    args = argparse.Namespace(max_seconds=0.1, warmup=1, repeats=3, batch=1)
+    guard = speed.SlowCaseGuard(args.max_seconds)
+    rec, _ = speed.measure_case(_FakeCase(), "forward", 64, fn, args, torch.device("cuda"), guard)
+    assert rec["status"] == "ok" and rec["note"].startswith("first call 0.2")
+    if always_slow:
+        assert len(calls) == 2 and rec["times_s"] == [pytest.approx(rec["median_s"])]
+        assert rec["median_s"] >= 0.25 and "one run only" in rec["note"]
+    else:
+        assert len(calls) == 5 and rec["median_s"] < 0.1 and "one run only" not in rec["note"]
+
+
+def test_a_slow_first_cpu_call_is_the_measurement(monkeypatch):
+    """On the CPU nothing compiles on a first call: a slow one is the shape's speed, run once."""
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.25 if len(calls) == 1 else 0)
+
+    args = argparse.Namespace(max_seconds=0.1, warmup=1, repeats=3, batch=1)
+    guard = speed.SlowCaseGuard(args.max_seconds)
+    rec, _ = speed.measure_case(_FakeCase(), "forward", 64, fn, args, torch.device("cpu"), guard)
+    assert len(calls) == 1 and rec["median_s"] >= 0.25 and rec["note"].startswith("one run only")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from zoo.kernels import dispatch
-from zoo.kernels.flex_window import flex_available, is_window_only
+from zoo.kernels.flex_window import MIN_COMPILED_HEAD_DIM, flex_available, flex_fits, is_window_only
 from zoo.kernels.window_hybrid import window_hybrid_chunked, window_hybrid_naive
 
 pytestmark = pytest.mark.skipif(not flex_available(), reason="needs torch.nn.attention.flex_attention")
-B, H, D = 2, 2, 8
+B, H, D = 2, 2, 16  # 16: the smallest head dim compiled FlexAttention takes (CUDA)
 
 
 def inputs(T, seed):
@@ -90,3 +90,16 @@ def test_only_window_softmax_goes_to_flex(monkeypatch):
     y, _ = dispatch.window_hybrid(q, k, v, fk, fk, 1.0, 0.0, window=4)
     assert isinstance(y, torch.Tensor) and y.requires_grad
     assert calls == [1]
+
+
+def test_compiled_flex_refuses_small_head_dims_before_running():
+    """Compiled FlexAttention (CUDA) takes head dims >= 16; the dispatcher asks flex_fits first, and a
+    direct call says what was wrong instead of an inductor lowering error."""
+    from zoo.kernels.flex_window import window_softmax_flex
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert flex_fits(cpu, 8, 8) and flex_fits(cuda, 16, 64) and flex_fits(cuda, 128, 128)
+    assert not flex_fits(cuda, 8, 64) and not flex_fits(cuda, 64, 8) and MIN_COMPILED_HEAD_DIM == 16
+    q, k, v, fk = (torch.empty(1, 2, 4, n, device="meta") for n in (8, 8, 8, 3))
+    with pytest.raises(ValueError, match="FlexAttention on meta needs head dims >= 16, got q/k 8 and v 8"):
+        window_softmax_flex(q, k, v, fk, window=4)

@@ -5,8 +5,10 @@ command cannot rot between the rare times a GPU is lent).
 Steps, each run even if an earlier one failed, each under its own time cap, all within
 `--budget-seconds` (a step that would start after the budget is spent is skipped); `--steps` selects:
 
-- tests: `python -m pytest -m gpu` in a subprocess at the repository root: passed / failed / skipped
-  counts from its junit XML (on the CPU the gpu tests skip themselves, and are counted so);
+- tests: `python -m pytest -m gpu` in subprocesses at the repository root, zoo's own kernels first and
+  flash-linear-attention's ops second (they autotune on first calls: tens of seconds a test); passed /
+  failed / skipped counts from each run's junit XML, or from its log (written as it runs) when the cap
+  cuts it (on the CPU the gpu tests skip themselves, and are counted so);
 - speed: `zoo bench speed` (its own run_bench) at Llama-3-8B's attention-layer shape in bf16, T = 4k,
   16k, 32k: prefill, forward + backward and decode of SDPA against the lolcats family, gla, delta,
   gated-delta, mamba2 and hedgehog;
@@ -20,7 +22,7 @@ Steps, each run even if an earlier one failed, each under its own time cap, all 
 
 Writes DIR/gpu_check.json (after each step: the GPU, versions, the command line, and per step its
 status ok / failed / skipped with a one-line reason, seconds and results) and DIR/gpu_check.md; each
-step's own outputs are in DIR (gpu_tests.xml, speed/, train/, generate/).
+step's own outputs are in DIR (gpu_tests*.xml and .log, speed/, train/, generate/).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -60,19 +63,21 @@ __all__ = [
 STEPS = ("tests", "speed", "train", "generate")
 #: seconds each step may take, on the GPU and in the dry run (the budget may cut them shorter)
 STEP_CAPS = {
-    "gpu": {"tests": 90, "speed": 150, "train": 150, "generate": 90},
+    "gpu": {"tests": 150, "speed": 150, "train": 100, "generate": 70},
     "dry": {"tests": 120, "speed": 120, "train": 120, "generate": 120},
 }
+#: zoo's own Triton kernels first; flash-linear-attention's ops last (their first call autotunes: over
+#: two minutes for gla on an H200 with Triton 3.6, which a short check may not have)
 SPEED_MIXERS = (
     "lolcats",
     "lolcats-terraced",
     "lolcats-sink",
     "lolcats-terraced-sink",
-    "gla",
+    "hedgehog",
+    "mamba2",
     "delta",
     "gated-delta",
-    "mamba2",
-    "hedgehog",
+    "gla",
 )
 TRAIN_MIXER = "lolcats-terraced-sink"
 MODEL_MARKER = "zoo-gpu-check"  # in the train step's model folder: the check may replace it
@@ -125,6 +130,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a step that would start after this many seconds is skipped (default 480)",
     )
     parser.add_argument(
+        "--speed-mixers",
+        nargs="+",
+        default=list(SPEED_MIXERS),
+        metavar="MIXER",
+        help="mixers the speed step times against SDPA, in order (default: %(default)s)",
+    )
+    parser.add_argument(
         "--repo",
         default=None,
         help="repository root the tests step runs pytest in (default: the checkout zoo is imported from)",
@@ -156,6 +168,7 @@ class Check:
     cap_seconds: float
     deadline: float  # time.monotonic() at which the step's cap is reached
     log: Callable[[str], None]
+    speed_mixers: tuple[str, ...] = SPEED_MIXERS
 
     @property
     def device(self) -> str:
@@ -183,6 +196,13 @@ def default_repo() -> Path | None:
     """The checkout zoo is imported from (it holds tests/ and pyproject.toml), or None for an install."""
     root = Path(__file__).resolve().parents[2]
     return root if (root / "tests").is_dir() and (root / "pyproject.toml").is_file() else None
+
+
+def _test_outcomes(log: str) -> dict[str, int]:
+    """Counts of PASSED / FAILED / SKIPPED / ERROR in a `pytest -v` log (for a run stopped before its
+    junit XML was written)."""
+    words = re.findall(r"::\S+ (PASSED|FAILED|SKIPPED|ERROR)\b", log)
+    return {word.lower(): words.count(word) for word in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
 
 
 def _last_line(text: str) -> str:
@@ -216,32 +236,66 @@ def junit_counts(path: Path) -> dict[str, int]:
     }
 
 
+#: the gpu tests in two runs, zoo's own kernels first: flash-linear-attention's ops autotune on their first
+#: calls (about 30-60 s a test on an H200 with Triton 3.6), so a short cap may cut that run and no other
+FLA_TESTS = "tests/kernels/triton/test_fla_backend.py"
+TEST_RUNS = (("gpu_tests", ["tests", "--ignore", FLA_TESTS]), ("gpu_tests_fla", [FLA_TESTS]))
+
+
+def _pytest_run(check: Check, stem: str, paths: list[str]) -> dict:
+    """One `pytest -m gpu` subprocess at the repository root: DIR/STEM.log (written as it runs, a line per
+    test, so a run stopped at the cap still says what passed) and DIR/STEM.xml; its counts and status."""
+    xml, log_path = check.out / f"{stem}.xml", check.out / f"{stem}.log"
+    xml.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-v",
+        "-rA",
+        "--durations=0",
+        "-p",
+        "no:cacheprovider",
+    ]
+    cmd += ["--junitxml", str(xml.resolve()), *paths]
+    run: dict[str, Any] = {"command": shlex.join(cmd), "log": log_path.name}
+    with open(log_path, "w") as log_file:
+        try:
+            proc = subprocess.run(
+                cmd, cwd=check.repo, stdout=log_file, stderr=subprocess.STDOUT, timeout=check.remaining()
+            )
+        except subprocess.TimeoutExpired:
+            outcomes = _test_outcomes(log_path.read_text())
+            counts = {"passed": outcomes["passed"], "failed": outcomes["failed"], "errors": outcomes["error"]}
+            counts["skipped"] = outcomes["skipped"]
+            return {**run, **counts, "problem": f"cut at the step's cap of {check.cap_seconds:.0f} s"}
+    run["returncode"] = proc.returncode
+    run["summary"] = _last_line(log_path.read_text())
+    if not xml.is_file():
+        return {**run, "problem": f"pytest wrote no junit XML (exit {proc.returncode}): {run['summary']}"}
+    run.update(junit_counts(xml), junit_xml=xml.name)
+    if run["failed"] or run["errors"] or proc.returncode not in (0, 5):  # 5: nothing collected
+        run["problem"] = f"{run['failed']} failed, {run['errors']} errors (exit {proc.returncode})"
+    return run
+
+
 def step_tests(check: Check) -> dict:
-    """The gpu-marked tests, in a pytest subprocess at the repository root."""
+    """The gpu-marked tests, in pytest subprocesses at the repository root (TEST_RUNS, in order)."""
     if check.repo is None:
         raise StepFailed("no repository with tests/ found beside the zoo package: give --repo", {})
-    xml = check.out / "gpu_tests.xml"
-    xml.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider"]
-    cmd += ["--junitxml", str(xml.resolve()), "tests"]
-    try:
-        proc = subprocess.run(cmd, cwd=check.repo, capture_output=True, text=True, timeout=check.remaining())
-    except subprocess.TimeoutExpired as err:
-        raise StepFailed(f"pytest ran past the step's cap of {check.cap_seconds:.0f} s", {}) from err
-    (check.out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
-    results: dict[str, Any] = {
-        "command": shlex.join(cmd),
-        "cwd": str(check.repo),
-        "returncode": proc.returncode,
-    }
-    results["summary"] = _last_line(proc.stdout)
-    if not xml.is_file():
-        raise StepFailed(f"pytest wrote no junit XML (exit {proc.returncode}): {results['summary']}", results)
-    results.update(junit_counts(xml), junit_xml=xml.name, log="gpu_tests.log")
-    if results["failed"] or results["errors"] or proc.returncode not in (0, 5):  # 5: nothing collected
-        raise StepFailed(
-            f"{results['failed']} failed, {results['errors']} errors (exit {proc.returncode})", results
-        )
+    results: dict[str, Any] = {"cwd": str(check.repo), "runs": {}}
+    for stem, paths in TEST_RUNS:
+        if time.monotonic() >= check.deadline:
+            results["runs"][stem] = {"problem": "not started: the step's cap was reached"}
+            continue
+        results["runs"][stem] = _pytest_run(check, stem, paths)
+    for key in ("passed", "failed", "errors", "skipped"):
+        results[key] = sum(run.get(key, 0) for run in results["runs"].values())
+    problems = [f"{stem}: {run['problem']}" for stem, run in results["runs"].items() if "problem" in run]
+    if problems:
+        raise StepFailed("; ".join(problems), results)
     return results
 
 
@@ -268,7 +322,7 @@ def step_speed(check: Check) -> dict:
     from zoo.bench.speed_report import write_report
     from zoo.mixers import list_mixers
 
-    mixers = [name for name in SPEED_MIXERS if name in list_mixers()]
+    mixers = [name for name in check.speed_mixers if name in list_mixers()]
     parser = argparse.ArgumentParser()
     speed.add_arguments(parser)
     args = parser.parse_args(speed_argv(check.dry_run, check.out / "speed", mixers))
@@ -288,7 +342,7 @@ def step_speed(check: Check) -> dict:
     summary = {
         "command": results["command"],
         "cases": [case["name"] for case in results["cases"]],
-        "mixers_missing": [name for name in SPEED_MIXERS if name not in mixers],
+        "mixers_missing": [name for name in check.speed_mixers if name not in mixers],
         "records": records,
         "counts": {status: statuses.count(status) for status in sorted(set(statuses))},
         "report": "speed/results.md",
@@ -554,6 +608,8 @@ def command_line(args: argparse.Namespace) -> str:
     """The options as one `zoo bench gpu` command that repeats this check."""
     parts = ["zoo", "bench", "gpu", "--out", str(args.out), "--steps", *args.steps]
     parts += ["--budget-seconds", f"{args.budget_seconds:g}"]
+    if list(args.speed_mixers) != list(SPEED_MIXERS):
+        parts += ["--speed-mixers", *args.speed_mixers]
     if args.repo:
         parts += ["--repo", str(args.repo)]
     if args.dry_run:
@@ -592,6 +648,13 @@ def run_gpu_check(args: argparse.Namespace, log=print) -> dict:
         raise ValueError("zoo bench gpu: no CUDA device is available; --dry-run rehearses it on the CPU")
     if args.budget_seconds <= 0:
         raise ValueError(f"--budget-seconds must be > 0, got {args.budget_seconds}")
+    from zoo.mixers import list_mixers
+
+    unknown = [name for name in args.speed_mixers if name not in list_mixers()]
+    if unknown:
+        raise ValueError(
+            f"--speed-mixers: unknown mixer(s) {', '.join(unknown)}; known: {', '.join(list_mixers())}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     repo = Path(args.repo).resolve() if args.repo else default_repo()
@@ -616,7 +679,9 @@ def run_gpu_check(args: argparse.Namespace, log=print) -> dict:
         else:
             cap = min(caps[name], left)
             log(f"zoo bench gpu: step {name} (cap {cap:.0f} s)")
-            check = Check(out.resolve(), args.dry_run, repo, cap, time.monotonic() + cap, log)
+            check = Check(
+                out.resolve(), args.dry_run, repo, cap, time.monotonic() + cap, log, tuple(args.speed_mixers)
+            )
             record["steps"][name] = _run_step(name, check)
         step = record["steps"][name]
         log(f"zoo bench gpu: {name}: {step['status']}" + (f" ({step['reason']})" if step["reason"] else ""))
@@ -668,7 +733,7 @@ def gpu_check_markdown(record: dict) -> str:
             f"```\n{record['command']}\n```\n",
             markdown_table(["step", "status", "seconds", "result"], rows, align="llrl"),
             f"Total {record.get('seconds', 0):.0f} s of a {record['budget_seconds']:.0f} s budget. "
-            "Every figure: gpu_check.json; each step's own outputs: gpu_tests.xml, speed/, train/, "
+            "Every figure: gpu_check.json; each step's own outputs: gpu_tests*.log/.xml, speed/, train/, "
             "generate/.\n",
         ]
     )

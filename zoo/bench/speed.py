@@ -50,7 +50,9 @@ __all__ = [
     "is_out_of_memory",
     "library_versions",
     "main",
+    "measure_case",
     "run_bench",
+    "SlowCaseGuard",
 ]
 
 #: mode -> what it times, in words
@@ -261,7 +263,7 @@ def library_versions() -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-class _Guard:
+class SlowCaseGuard:
     """Skips a measurement whose time, extrapolated from the last context length measured for the same
     case and mode (quadratic for softmax attention's forward passes, linear otherwise), would exceed
     --max-seconds, and everything after one that did."""
@@ -319,7 +321,9 @@ def _record(case, mode: str, T: int, **fields) -> dict:
     return row
 
 
-def _measure(case, mode: str, T: int, fn, args, device, guard: _Guard, inner: int = 1, before=None):
+def measure_case(
+    case, mode: str, T: int, fn, args, device, guard: SlowCaseGuard, inner: int = 1, before=None
+):
     """Warm up (the first run measures peak memory), then time. Returns (record, output of the first run)."""
     reason = guard.reason_to_skip(case, mode, T)
     if reason is not None:
@@ -337,9 +341,19 @@ def _measure(case, mode: str, T: int, fn, args, device, guard: _Guard, inner: in
         synchronize(device)
         first = time.perf_counter() - start
         note = None
+        if first > args.max_seconds and device.type == "cuda":
+            # a first CUDA call may compile and autotune kernels (Triton: seconds to minutes): one more
+            # untimed call says whether the slow part was that or the shape
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            compiled, first = first, time.perf_counter() - start
+            note = f"first call {compiled:.3g} s (compilation, not timed)"
         if first > args.max_seconds:
             times = [first]
-            note = f"one run only: the warm-up took {first:.3g} s > --max-seconds"
+            note = "; ".join(
+                filter(None, [note, f"one run only: the warm-up took {first:.3g} s > --max-seconds"])
+            )
         else:
             for _ in range(args.warmup - 1):
                 call()
@@ -376,7 +390,7 @@ def _bench_case(case, T: int, inputs, train_inputs, step, dy, args, device, guar
     records = []
     state = None
     if "forward" in args.modes:
-        rec, out = _measure(case, "forward", T, lambda: case.prefill(inputs), args, device, guard)
+        rec, out = measure_case(case, "forward", T, lambda: case.prefill(inputs), args, device, guard)
         if out is not None:
             state = case.decode_state(inputs, out)
             rec["state_bytes"] = case.state_bytes(state) // args.batch
@@ -407,7 +421,7 @@ def _bench_case(case, T: int, inputs, train_inputs, step, dy, args, device, guar
                 )
             )
         else:
-            rec, _ = _measure(
+            rec, _ = measure_case(
                 case,
                 "decode",
                 T,
@@ -421,7 +435,7 @@ def _bench_case(case, T: int, inputs, train_inputs, step, dy, args, device, guar
             records.append(rec)
         del state
     if "forward_backward" in args.modes:
-        rec, _ = _measure(
+        rec, _ = measure_case(
             case,
             "forward_backward",
             T,
@@ -490,7 +504,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         "versions": library_versions(),
         "results": [],
     }
-    guard = _Guard(args.max_seconds)
+    guard = SlowCaseGuard(args.max_seconds)
     for T in args.seq_lens:
         inputs = make_inputs(
             args.batch, args.heads, args.kv_heads, args.head_dim, args.hidden, T, dtype, device

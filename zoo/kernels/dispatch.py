@@ -40,7 +40,7 @@ from zoo.kernels.fla_backend import (
     fla_installed,
     gated_chunk_backward_works,
 )
-from zoo.kernels.flex_window import flex_available, is_window_only
+from zoo.kernels.flex_window import flex_available, flex_fits, is_window_only
 from zoo.kernels.triton import interpreter_enabled, triton_installed
 from zoo.kernels.window_decode import decode_fits, window_hybrid_decode
 
@@ -180,6 +180,7 @@ def window_hybrid(
             sinks
             or decoding
             or not is_window_only(a, b, c)
+            or not flex_fits(q.device, q.shape[-1], v.shape[-1])
             or (q.device.type == "cpu" and _needs_grad(q, k, v, a))
         ):
             return False

@@ -8,7 +8,8 @@ continues a WindowHybridState: the cached slots come before the new tokens (zoo.
 and the next state (slots, and S, z of the keys that leave the window) is built the same way as for
 the Triton kernels. An option (ZOO_KERNEL_BACKEND=flex), never the automatic choice: compiled on
 CUDA (torch.compile, which needs triton), eager (slow, unfused, and forward only: FlexAttention has
-no CPU backward) on the CPU, for tests.
+no CPU backward) on the CPU, for tests. Compiled, it needs head dims of at least 16 (seen on an H200
+with torch 2.11: "embedding dimension ... must be at least 16"); `flex_fits` says so before a call.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ def flex_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+#: the smallest query/key and value head dim the compiled (CUDA) FlexAttention kernel takes
+MIN_COMPILED_HEAD_DIM = 16
+
+
+def flex_fits(device: torch.device, head_dim: int, value_dim: int) -> bool:
+    """Can FlexAttention run these head dims on `device` (eager on the CPU: any; compiled: >= 16)?"""
+    return device.type == "cpu" or min(head_dim, value_dim) >= MIN_COMPILED_HEAD_DIM
 
 
 def is_window_only(a, b, c) -> bool:
@@ -50,6 +60,11 @@ def window_softmax_flex(
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     B, H, T, D = q.shape
+    if not flex_fits(q.device, D, v.shape[-1]):
+        raise ValueError(
+            f"FlexAttention on {q.device.type} needs head dims >= {MIN_COMPILED_HEAD_DIM}, got "
+            f"q/k {D} and v {v.shape[-1]}; use the triton or torch backend"
+        )
     ext = extend_with_state(k.to(q.dtype), v.to(q.dtype), fk, state, window, terraced)
     P, N = ext.prefix, ext.k.shape[2]
     first_used = P - ext.n_seen.clamp(max=P)  # [B]: slots before it are unused
