@@ -378,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "list":  # the one command that loads no model: it starts without transformers
         _quiet_transformers()
     try:
+        from zoo.cpu_memory import requested_policy
+
+        requested_policy()  # ZOO_CPU_ALLOCATOR checked before anything loads
         return args.func(args)
     except KeyboardInterrupt:
         print("zoo: interrupted; the same command resumes from the last checkpoint", file=sys.stderr)

@@ -40,7 +40,8 @@ from zoo.bench.speed_cases import (
     make_inputs,
     random_tensor,
 )
-from zoo.bench.timing import measure_peak, memory_method, synchronize, time_runs, tune_cpu_allocator
+from zoo.bench.timing import measure_peak, memory_method, synchronize, time_runs
+from zoo.cpu_memory import ensure_cpu_allocator
 
 __all__ = [
     "MODES",
@@ -120,10 +121,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
+        "--cpu-allocator",
+        choices=("reuse", "system"),
+        default="reuse",
+        help="CPU: reuse (zoo's default: glibc malloc keeps freed memory for reuse, see zoo.cpu_memory) or "
+        "system (as the process starts); recorded in the results",
+    )
+    parser.add_argument(  # the flag of earlier versions, when reuse was not the default
         "--reuse-freed-memory",
-        action="store_true",
-        help="CPU: make glibc malloc keep freed memory for reuse (as jemalloc/tcmalloc would); "
-        "recorded in the results",
+        action="store_const",
+        const="reuse",
+        dest="cpu_allocator",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--out", default=None, help="output folder (default: bench-speed-<device>)")
 
@@ -228,8 +237,8 @@ def command_line(args: argparse.Namespace) -> str:
     ]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
-    if args.reuse_freed_memory:
-        parts.append("--reuse-freed-memory")
+    if args.cpu_allocator != "reuse":
+        parts += ["--cpu-allocator", args.cpu_allocator]
     parts += ["--out", str(args.out)]
     return shlex.join(parts)
 
@@ -470,8 +479,10 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     allocator = None
-    if device.type == "cpu" and args.reuse_freed_memory:
-        allocator = tune_cpu_allocator() or "requested, but the allocator is not glibc's: unchanged"
+    if device.type == "cpu":  # before anything is timed, so SDPA and the mixers run under one allocator
+        allocator = ensure_cpu_allocator(args.cpu_allocator)
+        if args.cpu_allocator == "system" and "unchanged" not in allocator:
+            allocator += " (--cpu-allocator system came after this process had set it)"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = build_cases(args, device, dtype)
@@ -500,7 +511,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         "reference": REFERENCE,
         "cases": [{"name": c.name, "kind": c.kind, "family": c.family, "backend": c.backend} for c in cases],
         "memory_method": memory_method(device),
-        "cpu_allocator": allocator or "default",
+        "cpu_allocator": allocator or "not applicable (not the CPU)",
         "versions": library_versions(),
         "results": [],
     }

@@ -7,7 +7,6 @@
   peak resident set size during the call minus the RSS before it (Linux: the high-water mark is reset
   through /proc/self/clear_refs after glibc's malloc_trim returns free heap pages; elsewhere sampled
   every 5 ms). `memory_method(device)` says which, in words, for reports.
-- `tune_cpu_allocator()`: make glibc malloc keep freed memory for reuse (see its docstring).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 
 from zoo.peak_memory import PeakMemory, current_rss_bytes
 
-__all__ = ["measure_peak", "memory_method", "synchronize", "time_runs", "tune_cpu_allocator"]
+__all__ = ["measure_peak", "memory_method", "synchronize", "time_runs"]
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
@@ -110,19 +109,3 @@ def measure_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int 
         out = fn()
     peak = meter.result()["peak_rss_bytes"]
     return out, None if peak is None or base is None else max(peak - base, 0)
-
-
-def tune_cpu_allocator() -> str | None:
-    """Make glibc malloc keep freed memory in the process for reuse (mmap and trim thresholds at 1 GiB),
-    as jemalloc or tcmalloc would, instead of returning every large block to the OS and faulting it
-    back in on the next allocation. On a VM, page faults can cost more than the arithmetic of a chunked
-    kernel. Applies to everything measured afterwards, softmax attention included. Returns a
-    description, or None where the allocator is not glibc's."""
-    libc = _libc()
-    if not _glibc_malloc(libc):
-        return None
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    size = 1 << 30
-    if not (libc.mallopt(m_mmap_threshold, size) and libc.mallopt(m_trim_threshold, size)):
-        return None
-    return "glibc malloc: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD set to 1 GiB (freed memory kept for reuse)"

@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from zoo.cpu_memory import ensure_cpu_allocator
 from zoo.kernels import delta_rule as torch_delta
 from zoo.kernels import linear_attention as torch_linear
 from zoo.kernels import window_hybrid as torch_hybrid
@@ -101,6 +102,8 @@ def backend_for(
     if op not in FAST_BACKENDS:
         raise ValueError(f"unknown operation {op!r}; known: {', '.join(FAST_BACKENDS)}")
     device = torch.device(device)
+    if device.type == "cpu":  # the chunked forms allocate large temporaries: see zoo.cpu_memory
+        ensure_cpu_allocator()
     fits = fits or (lambda name: True)
     forced = requested_backend(backend)
     if forced is not None:

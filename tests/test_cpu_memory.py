@@ -1,0 +1,85 @@
+"""zoo.cpu_memory: glibc malloc keeps freed memory once zoo runs a CPU kernel, unless the user chose
+otherwise; the effect is checked by page faults in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zoo import cpu_memory
+from zoo.cli import main as cli_main
+
+# In a fresh process: optionally one CPU kernel call through the dispatcher, then a 256 MiB tensor filled,
+# freed and filled again; the second fill's minor page faults say whether the freed pages were kept.
+PROBE = """
+import json, resource, sys, torch
+from zoo import cpu_memory
+from zoo.kernels import dispatch
+if sys.argv[1] == "kernel":
+    q = torch.randn(1, 2, 8, 4)
+    dispatch.linear_attention(q, q, q, normalize=True)
+def faults_of_a_fill():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(64 << 20)
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_fill()
+print(json.dumps({"faults": faults_of_a_fill(), "policy": cpu_memory.cpu_allocator_policy()}))
+"""
+
+
+def probe(mode: str, **env) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k != cpu_memory.ENV_VAR} | env
+    environ["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=environ, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not cpu_memory.glibc_malloc_available(), reason="tunes glibc's malloc only")
+def test_a_cpu_kernel_call_makes_freed_memory_reused():
+    pages = (256 << 20) // 4096  # a fresh 256 MiB block faults in about this many pages
+    untouched = probe("none")
+    assert untouched["policy"].startswith("the system's (zoo has not run")
+    assert untouched["faults"] > pages // 2  # glibc unmaps the freed block: faulted in again
+    tuned = probe("kernel")
+    assert "1 GiB" in tuned["policy"]
+    assert tuned["faults"] < pages // 20  # the freed block was kept and reused
+    system = probe("kernel", ZOO_CPU_ALLOCATOR="system")
+    assert system["policy"] == "the system's (ZOO_CPU_ALLOCATOR=system): unchanged"
+    assert system["faults"] > pages // 2
+
+
+@pytest.mark.parametrize(
+    "environ, reason",
+    [
+        ({}, None),
+        ({"ZOO_CPU_ALLOCATOR": "reuse"}, None),
+        ({"ZOO_CPU_ALLOCATOR": "system"}, "the system's (ZOO_CPU_ALLOCATOR=system)"),
+        ({"MALLOC_TRIM_THRESHOLD_": "0"}, "the user's (MALLOC_TRIM_THRESHOLD_ set)"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"}, "the user's (GLIBC_TUNABLES set)"),
+        ({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}, None),
+        ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "jemalloc (LD_PRELOAD)"),
+        ({"LD_PRELOAD": "/usr/lib/libfoo.so"}, None),
+    ],
+)
+def test_the_allocator_is_left_alone_where_the_user_chose(environ, reason):
+    assert cpu_memory.reason_to_leave_alone(environ) == reason
+
+
+def test_a_bad_policy_is_a_one_line_error_before_anything_runs(monkeypatch, capsys):
+    monkeypatch.setenv(cpu_memory.ENV_VAR, "fast")
+    with pytest.raises(
+        ValueError, match="ZOO_CPU_ALLOCATOR='fast' is not a CPU allocator policy; choose one of"
+    ):
+        cpu_memory.requested_policy()
+    assert cli_main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reuse, system" in err
+    with pytest.raises(ValueError, match="policy 'fast' is unknown"):
+        cpu_memory.ensure_cpu_allocator("fast")

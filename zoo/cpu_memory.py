@@ -1,0 +1,131 @@
+"""How the CPU allocator treats the large blocks zoo's chunked kernels free and take again.
+
+glibc's malloc serves every block over 32 MiB with a fresh mmap and unmaps it when freed, so each large
+temporary (a [T, H * F] gate or feature tensor: 134 MB at T = 4096 for an 8B layer) is faulted in page
+by page on every call. On a VM those faults can cost more than the kernel's arithmetic: measured on this
+project's 2-core machine, `gla`'s forward at the 8B layer shape and T = 4096 went from 1.09 s to 0.64 s,
+and its forward + backward from 4.17 s to 2.11 s, with freed memory kept for reuse (as jemalloc or
+tcmalloc would), for 17-27% more peak resident memory (docs/speed-guard.md).
+
+`ensure_cpu_allocator()` therefore sets glibc's mmap and trim thresholds to 1 GiB, once per process, the
+first time zoo's kernel dispatcher runs an operation on the CPU (and when `zoo bench speed` starts, so
+SDPA is measured under the same allocator). Blocks under 1 GiB then come from the heap and stay in the
+process after they are freed, up to 1 GiB of free space at its top. It leaves the allocator alone:
+
+- where ZOO_CPU_ALLOCATOR=system;
+- where the user already tuned malloc (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_,
+  or glibc.malloc tunables in GLIBC_TUNABLES);
+- where another allocator is preloaded (jemalloc, tcmalloc, mimalloc in LD_PRELOAD);
+- where the C library is not glibc.
+
+`cpu_allocator_policy()` says in words which of these holds (the bench reports record it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+__all__ = [
+    "ENV_VAR",
+    "POLICIES",
+    "cpu_allocator_policy",
+    "ensure_cpu_allocator",
+    "glibc_malloc_available",
+    "keep_freed_memory",
+    "reason_to_leave_alone",
+    "requested_policy",
+]
+
+ENV_VAR = "ZOO_CPU_ALLOCATOR"
+POLICIES = ("reuse", "system")
+#: both thresholds: blocks below it come from the heap; free space at the heap's top up to it is kept
+THRESHOLD_BYTES = 1 << 30
+_USER_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+_applied: str | None = None  # the description, once this process's allocator was set (or left alone)
+
+
+def requested_policy() -> str:
+    """ZOO_CPU_ALLOCATOR: reuse (the default) or system; anything else is an error saying what is allowed."""
+    name = os.environ.get(ENV_VAR, "").strip().lower() or "reuse"
+    if name not in POLICIES:
+        raise ValueError(
+            f"{ENV_VAR}={name!r} is not a CPU allocator policy; choose one of {', '.join(POLICIES)}"
+        )
+    return name
+
+
+def _glibc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return (
+        libc
+        if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version")
+        else None
+    )
+
+
+def glibc_malloc_available() -> bool:
+    """Is the C library glibc, whose malloc `keep_freed_memory` tunes?"""
+    return _glibc() is not None
+
+
+def reason_to_leave_alone(environ=None) -> str | None:
+    """Why the allocator must not be changed in this process (in words), or None."""
+    environ = os.environ if environ is None else environ
+    if (environ.get(ENV_VAR, "").strip().lower() or "reuse") == "system":
+        return f"the system's ({ENV_VAR}=system)"
+    tuned = [name for name in _USER_MALLOC_ENV if name in environ]
+    if "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""):
+        tuned.append("GLIBC_TUNABLES")
+    if tuned:
+        return f"the user's ({', '.join(tuned)} set)"
+    preload = environ.get("LD_PRELOAD", "").lower()
+    other = [name for name in _OTHER_ALLOCATORS if name in preload]
+    if other:
+        return f"{other[0]} (LD_PRELOAD)"
+    return None
+
+
+def keep_freed_memory() -> str | None:
+    """Set glibc malloc's mmap and trim thresholds to THRESHOLD_BYTES (process-wide); the description, or
+    None where the C library is not glibc or refused."""
+    libc = _glibc()
+    if libc is None:
+        return None
+    if not (
+        libc.mallopt(_M_MMAP_THRESHOLD, THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, THRESHOLD_BYTES)
+    ):
+        return None
+    return "glibc malloc: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD set to 1 GiB (freed memory kept for reuse)"
+
+
+def ensure_cpu_allocator(policy: str | None = None) -> str:
+    """Apply a policy once per process (see the module docstring): `policy` (reuse or system) if given,
+    else ZOO_CPU_ALLOCATOR's. Returns the description of what holds; later calls change nothing."""
+    global _applied
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"CPU allocator policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
+    if _applied is None:
+        if policy == "system":
+            why_not = "the system's (asked for)"
+        else:
+            requested_policy()  # a bad ZOO_CPU_ALLOCATOR is an error, before anything is changed
+            why_not = reason_to_leave_alone()
+        if why_not is not None:
+            _applied = f"{why_not}: unchanged"
+        else:
+            _applied = keep_freed_memory() or "the system's (not glibc malloc): unchanged"
+    return _applied
+
+
+def cpu_allocator_policy() -> str:
+    """What holds in this process: the applied policy, or that zoo has not changed the allocator yet."""
+    return _applied if _applied is not None else "the system's (zoo has not run a CPU kernel yet)"
