@@ -2,10 +2,8 @@
 
 glibc's malloc serves every block over 32 MiB with a fresh mmap and unmaps it when freed, so each large
 temporary (a [T, H * F] gate or feature tensor: 134 MB at T = 4096 for an 8B layer) is faulted in page
-by page on every call. On a VM those faults can cost more than the kernel's arithmetic: measured on this
-project's 2-core machine, `gla`'s forward at the 8B layer shape and T = 4096 went from 1.09 s to 0.64 s,
-and its forward + backward from 4.17 s to 2.11 s, with freed memory kept for reuse (as jemalloc or
-tcmalloc would), for 17-27% more peak resident memory (docs/speed-guard.md).
+by page on every call. On a VM those faults can cost more than the kernel's arithmetic (measured:
+docs/kernels.md, "The CPU allocator").
 
 `ensure_cpu_allocator()` therefore sets glibc's mmap and trim thresholds to 1 GiB, once per process, the
 first time zoo's kernel dispatcher runs an operation on the CPU (and when `zoo bench speed` starts, so
