@@ -77,7 +77,10 @@ def test_the_speed_step_times_sdpa_and_every_mixer(dry_run):
     names = {r["name"] for r in speed["records"]}
     assert names == {"sdpa", *gpu_check.SPEED_MIXERS}
     assert {r["mode"] for r in speed["records"]} == {"forward", "forward_backward", "decode"}
-    assert {r["seq_len"] for r in speed["records"]} == {64, 128}
+    assert [r["seq_len"] for r in speed["records"] if r["name"] == "sdpa"] == [128] * 3 + [
+        64
+    ] * 3  # 128 first
+    assert "--first-seq-len 128" in speed["command"]
     assert all(r["status"] == "ok" for r in speed["records"])
     assert (out / "speed" / "results.json").is_file() and (out / "speed" / "results.md").is_file()
 

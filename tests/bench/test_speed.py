@@ -205,6 +205,13 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         speed._resolve(parse(["--heads", "3", "--kv-heads", "2"]))
     with pytest.raises(ValueError, match="--repeats"):
         speed._resolve(parse(["--repeats", "0"]))
+    with pytest.raises(ValueError, match="--first-seq-len 300 is not one of --seq-lens"):
+        speed._resolve(parse(["--seq-lens", "64", "128", "--first-seq-len", "300"]))
+
+
+def test_a_first_length_is_measured_before_the_rest():
+    assert speed.run_order([4096, 16384, 32768], 16384) == [16384, 4096, 32768]
+    assert speed.run_order([128, 64], None) == [64, 128]
 
 
 def test_report_helpers_are_generic():

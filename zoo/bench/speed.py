@@ -53,6 +53,7 @@ __all__ = [
     "main",
     "measure_case",
     "run_bench",
+    "run_order",
     "SlowCaseGuard",
 ]
 
@@ -114,6 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument(
+        "--first-seq-len",
+        type=int,
+        default=None,
+        help="measure this one of --seq-lens before the others (ascending otherwise): the length a short "
+        "budget must not miss",
+    )
+    parser.add_argument(
         "--backends",
         default="auto",
         help="kernel backends per mixer: auto (one row, automatic choice), all (one row per "
@@ -166,6 +174,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     if min(args.seq_lens) < 1:
         raise ValueError(f"--seq-lens must be >= 1, got {args.seq_lens}")
+    first = getattr(args, "first_seq_len", None)
+    if first is not None and first not in args.seq_lens:
+        raise ValueError(f"--first-seq-len {first} is not one of --seq-lens {args.seq_lens}")
     if args.heads % args.kv_heads:
         raise ValueError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     if args.max_seconds <= 0:
@@ -237,6 +248,8 @@ def command_line(args: argparse.Namespace) -> str:
     ]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
+    if getattr(args, "first_seq_len", None) is not None:
+        parts += ["--first-seq-len", str(args.first_seq_len)]
     if args.cpu_allocator != "reuse":
         parts += ["--cpu-allocator", args.cpu_allocator]
     parts += ["--out", str(args.out)]
@@ -516,7 +529,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         "results": [],
     }
     guard = SlowCaseGuard(args.max_seconds)
-    for T in args.seq_lens:
+    for T in run_order(args.seq_lens, getattr(args, "first_seq_len", None)):
         inputs = make_inputs(
             args.batch, args.heads, args.kv_heads, args.head_dim, args.hidden, T, dtype, device
         )
@@ -532,6 +545,11 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         write_json(out_dir / "results.json", results)
         del inputs, train_inputs, dy
     return results
+
+
+def run_order(seq_lens: list[int], first: int | None) -> list[int]:
+    """The context lengths in the order they are measured: `first` (if given), then the rest ascending."""
+    return ([first] if first is not None else []) + [T for T in sorted(seq_lens) if T != first]
 
 
 def _progress_line(rec: dict) -> str:
