@@ -103,13 +103,13 @@ def test_how_each_context_was_made(benches):
         assert (
             fake["prefill_tokens"] == 0 and fake["prefill_seconds"] is None
         )  # nothing measured, none claimed
-        for cells in (prefill, synthetic):  # decoding saw exactly C + the new tokens
-            assert cells["teacher", C, 1]["cache_tokens_after_decode"] == C + NEW_TOKENS
+        for cells in (prefill, synthetic):  # decoding saw exactly C + the warm-up step + the new tokens
+            assert cells["teacher", C, 1]["cache_tokens_after_decode"] == C + 1 + NEW_TOKENS
     # the linearized model: C=32 is under --synthetic-prefill 40, so it is a real prefill of C ...
     assert synthetic[MIXER, 32, 1]["context_made_by"] == "prefill of 32 random tokens"
     # ... C=64 a prefill of 40 tokens, whose state is shown constant
     short = synthetic[MIXER, 64, 2]
-    assert short["prefill_tokens"] == 40 and short["cache_tokens_after_decode"] == 40 + NEW_TOKENS
+    assert short["prefill_tokens"] == 40 and short["cache_tokens_after_decode"] == 40 + 1 + NEW_TOKENS
     assert short["context_made_by"].startswith("prefill of 40 random tokens, constant state")
     assert short["mixer_state_bytes_after_prefill"] == short["mixer_state_bytes_after_decode"] > 0
     assert prefill[MIXER, 64, 2]["prefill_tokens"] == 64
@@ -140,6 +140,7 @@ def test_report(benches):
     paths = write_report(results, out)
     md = (out / "results.md").read_text()
     assert "| model | context | B=1 | B=2 |" in md
+    assert results["warmup_steps"] == 1 and "tokens per sequence, timed after 1 untimed step(s)" in md
     teacher_row = next(line for line in md.splitlines() if line.startswith("| teacher | 64 |"))
     assert teacher_row.endswith("| skip |")
     for C in (32, 64):

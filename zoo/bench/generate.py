@@ -12,8 +12,9 @@ depend on the weights) runs one cell per (C, B), gpt-fast style, the prefill tim
   checked, not assumed: the mixer state's bytes after the prefill and after decoding are compared, and
   a cell whose state changed says it measured context N, not C. A linearized model that keeps softmax
   layers (a growing KV cache) prefills C real tokens instead. Every cell says how its context was made.
-- decoding: `--new-tokens` greedy steps of one token per sequence through the model's forward with its
-  cache (the teacher: transformers' StaticCache, preallocated for C + new tokens, or `--teacher-cache
+- decoding: one untimed warm-up step (first-call costs: lazy set-up, kernel compilation), then
+  `--new-tokens` greedy steps of one token per sequence through the model's forward with its
+  cache (the teacher: transformers' StaticCache, preallocated for C + 1 + new tokens, or `--teacher-cache
   dynamic`, model.generate's default, which grows by concatenation; a linearized model: zoo's ZooCache),
   timed as a whole, CUDA synchronized before each clock read: tokens/s = B * new tokens / seconds.
 - memory: CUDA, torch.cuda.max_memory_allocated over the cell, weights included; CPU, not measured: the
@@ -426,14 +427,19 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def _decode(model: Any, token: torch.Tensor, cache: Any, steps: int) -> Any:
-    """`steps` greedy steps, one token per sequence, each fed the previous step's argmax."""
+#: greedy steps decoded untimed before the timed ones (a first call's set-up is not decoding speed)
+WARMUP_STEPS = 1
+
+
+def _decode(model: Any, token: torch.Tensor, cache: Any, steps: int) -> tuple[Any, torch.Tensor]:
+    """`steps` greedy steps, one token per sequence, each fed the previous step's argmax; returns the cache
+    and the next token to feed."""
     from zoo.cache import CACHE_ARG
 
     for _ in range(steps):
         out = model(input_ids=token, use_cache=True, **{CACHE_ARG: cache})
         cache, token = getattr(out, CACHE_ARG), out.logits[:, -1:].argmax(-1)
-    return cache
+    return cache, token
 
 
 def _make_context(model: Any, cell: dict, args: argparse.Namespace, device: torch.device):
@@ -443,7 +449,7 @@ def _make_context(model: Any, cell: dict, args: argparse.Namespace, device: torc
     B, C = cell["batch"], cell["context"]
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(args.seed)
-    max_len = C + cell["new_tokens"]
+    max_len = C + WARMUP_STEPS + cell["new_tokens"]
     teacher = cell["kind"] == "teacher"
     if teacher and args.context_fill == "synthetic":
         dtype = model.get_input_embeddings().weight.dtype
@@ -488,7 +494,8 @@ def run_cell(model: Any, cell: dict, args: argparse.Namespace) -> dict:
     cache, token, fields = _make_context(model, cell, args, device)
     shortcut = fields["prefill_tokens"] not in (0, cell["context"])  # a linearized model's short prefill
     before = _mixer_state_bytes(cache) if shortcut else None
-    seconds, cache = _timed(lambda: _decode(model, token, cache, cell["new_tokens"]), device)
+    cache, token = _decode(model, token, cache, WARMUP_STEPS)
+    seconds, (cache, _) = _timed(lambda: _decode(model, token, cache, cell["new_tokens"]), device)
     if shortcut:
         after = _mixer_state_bytes(cache)
         fields["context_made_by"] = _constant_state_note(
@@ -528,7 +535,7 @@ class _Guard:
         context = cell["context"]
         if fill == "synthetic" and cell["kind"] == "linearized" and cell["softmax_layers"] == 0:
             context = min(context, synthetic_prefill)
-        return cell["batch"] * (context + cell["new_tokens"])
+        return cell["batch"] * (context + WARMUP_STEPS + cell["new_tokens"])
 
     def reason_to_skip(self, cell: dict, args: argparse.Namespace) -> str | None:
         model, B, C = cell["model"], cell["batch"], cell["context"]
@@ -681,6 +688,7 @@ def _results_header(args: argparse.Namespace, forms: Sequence[ModelForm], device
         "contexts": args.contexts,
         "batches": args.batches,
         "new_tokens": args.new_tokens,
+        "warmup_steps": WARMUP_STEPS,
         "max_seconds": args.max_seconds,
         "memory_limit_bytes": args.memory_limit_bytes,
         "memory_limit_source": args.memory_limit_source,

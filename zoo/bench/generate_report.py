@@ -76,7 +76,8 @@ def results_markdown(results: dict, plot_note: str | None = None) -> str:
         f"{results['device']['name']}, {results['dtype']}, {results['threads']} threads, torch "
         f"{versions.get('torch')}, transformers {versions.get('transformers')}. Context fill: "
         f"{results['context_fill']} ({results['context_fill_means']}); {results['new_tokens']} new "
-        f"tokens per sequence; the teacher's cache: {results['teacher_cache']}.\n",
+        f"tokens per sequence, timed after {results.get('warmup_steps', 0)} untimed step(s); the teacher's "
+        f"cache: {results['teacher_cache']}.\n",
         f"```\n{results['command']}\n```\n",
         "## Decode tokens/s (batch x new tokens / decode seconds)\n",
         markdown_table(headers, _grid(results, _cell_text)),
