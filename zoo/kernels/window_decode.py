@@ -48,19 +48,20 @@ def _window_masks(n: torch.Tensor, L: int, window: int, terraced: bool):
 
 
 #: masks of a batch whose rows all stand at one position, by what they depend on (a few dozen at most)
-_SHARED_MASKS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_SHARED_MASKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _masks(n: torch.Tensor, L: int, window: int, terraced: bool, sinks: int):
-    """(inside the window, linear) [B or 1, 1, 1, L + 1] and the closed sinks [B or 1, 1, 1, sinks] (None
-    without sinks) for query positions n [B]. Rows at one position (what `generate` gives) share masks
-    made once per pattern: they depend on the position only through min(n, L), n mod W and which sinks are
-    open, so a few dozen patterns serve a whole generation."""
+    """(shut [B or 1, 1, 1, sinks + L + 1]: the columns sinks, slots, new token that are NOT softmax keys of
+    the query; linear [B or 1, 1, 1, L + 1]: the slots and new token that are its linear keys) for query
+    positions n [B]. Rows at one position (what `generate` gives) share masks made once per pattern: they
+    depend on the position only through min(n, L), n mod W and which sinks are open, so a few dozen
+    patterns serve a whole generation."""
     low, high = (int(x) for x in torch.aminmax(n))
     if low != high:
         win, lin = _window_masks(n, L, window, terraced)
-        closed = ~sink_open(n, sinks, window, terraced)[:, None, None] if sinks else None
-        return win, lin, closed
+        open_sinks = sink_open(n, sinks, window, terraced)[:, None, None]
+        return torch.cat([~open_sinks, ~win], -1), lin
     used_from = L - min(low, L)
     win_from = max(window - low % window if terraced else 1, used_from)
     inside = (lambda i: i // window >= low // window - 1) if terraced else (lambda i: low - i < window)
@@ -68,10 +69,9 @@ def _masks(n: torch.Tensor, L: int, window: int, terraced: bool, sinks: int):
     key = (n.device, L, used_from, win_from, closed)
     if key not in _SHARED_MASKS:
         slot = torch.arange(L + 1, device=n.device)
-        win = (slot >= win_from).view(1, 1, 1, L + 1)
-        lin = ((slot >= used_from) & (slot < win_from)).view(1, 1, 1, L + 1)
-        shut = torch.tensor(closed, device=n.device).view(1, 1, 1, sinks) if sinks else None
-        _SHARED_MASKS[key] = (win, lin, shut)
+        shut = torch.cat([torch.tensor(closed, dtype=torch.bool, device=n.device), slot < win_from])
+        lin = (slot >= used_from) & (slot < win_from)
+        _SHARED_MASKS[key] = (shut.view(1, 1, 1, -1), lin.view(1, 1, 1, L + 1))
     return _SHARED_MASKS[key]
 
 
@@ -89,10 +89,14 @@ def window_hybrid_decode(
 ):
     """q [B, H, 1, D], fq [B, H, 1, F], k [B, HKV, 1, D], v [B, HKV, 1, Dv], fk [B, HKV, 1, F]; a, b, c
     per query head ([H], floats or None for c); `state` of HKV heads (its sinks, if any, already full).
-    Returns y [B, H, 1, Dv] in q's dtype and the next state (see the module docstring)."""
+    Returns y [B, H, 1, Dv] in q's dtype and the next state (see the module docstring).
+
+    The softmax columns are the sinks, the slots and the new token, scored in one matmul; the linear
+    weights of the slots and the new token are added to theirs, so one matmul with the values and one sum
+    give the window's numerator and denominator; two more read the linear state."""
     B, H, _, D = q.shape
     HKV, F_, DV = k.shape[1], fq.shape[-1], v.shape[-1]
-    G, L = H // HKV, state.cached_tokens
+    G, L, S = H // HKV, state.cached_tokens, state.sinks
     if state.window != window or state.terraced != terraced or state.k.shape[1] != HKV:
         raise ValueError(
             f"state of window={state.window}, terraced={state.terraced}, {state.k.shape[1]} heads; called "
@@ -104,38 +108,33 @@ def window_hybrid_decode(
     def per_head(f):  # a factor for each query head, as [1, HKV, G, 1]
         return torch.as_tensor(f, dtype=cdt, device=q.device).expand(H).reshape(1, HKV, G, 1)
 
-    kk = torch.cat([state.k, k.to(state.k.dtype)], 2)  # [B, HKV, L + 1, *]: the slots, then the token
-    vv = torch.cat([state.v, v.to(state.v.dtype)], 2)
-    ff = torch.cat([state.fk, fk.to(state.fk.dtype)], 2)
-    qg = q.reshape(B, HKV, G, D).to(cdt)
+    sink_k = () if not S else (state.sink_k,)
+    sink_v = () if not S else (state.sink_v,)
+    kk = torch.cat([*sink_k, state.k, k.to(state.k.dtype)], 2)  # [B, HKV, S + L + 1, *]
+    vv = torch.cat([*sink_v, state.v, v.to(state.v.dtype)], 2)
+    ff = torch.cat([state.fk, fk.to(state.fk.dtype)], 2)  # [B, HKV, L + 1, F]: the slots, then the token
+    qg = (q.reshape(B, HKV, G, D) * scale).to(cdt)
     fqg = fq.reshape(B, HKV, G, F_).to(cdt)
-    win, lin, closed = _masks(state.n, L, window, terraced, state.sinks)
-    s = _bmm(qg, kk.to(cdt), True).mul_(scale).masked_fill_(~win, float("-inf"))
-    lw = _bmm(fqg, ff.to(cdt), True)
-    m = s.amax(-1, keepdim=True)
-    if state.sinks:
-        s_sink = _bmm(qg, state.sink_k.to(cdt), True).mul_(scale).masked_fill_(closed, float("-inf"))
-        m = torch.maximum(m, s_sink.amax(-1, keepdim=True))
+    shut, lin = _masks(state.n, L, window, terraced, S)
     fa, fb = per_head(a), per_head(b)
-    lin_coef = fb * lin if c is None else fb * lin + per_head(c) * win
-    w = (s - m).exp_().mul_(fa).add_(lw * lin_coef)
-    S, z = state.S.to(cdt), state.z.to(cdt)
-    num = _bmm(w, vv.to(cdt)) + fb * _bmm(fqg, S)
-    den = w.sum(-1, keepdim=True) + fb * _bmm(fqg, z[..., None])
-    if state.sinks:
-        w_sink = (s_sink - m).exp_().mul_(fa)
-        num = num + _bmm(w_sink, state.sink_v.to(cdt))
-        den = den + w_sink.sum(-1, keepdim=True)
-    y = (num / den).reshape(B, H, 1, DV).to(q.dtype)
+    w = _bmm(qg, kk.to(cdt), True).masked_fill_(shut, float("-inf"))  # [B, HKV, G, S + L + 1]
+    w = w.sub_(w.amax(-1, keepdim=True)).exp_().mul_(fa)
+    lin_coef = fb * lin if c is None else fb * lin + per_head(c) * ~shut[..., S:]
+    w[..., S:].add_(_bmm(fqg, ff.to(cdt), True).mul_(lin_coef))
+    Sz = state.S.to(cdt)
+    num = _bmm(w, vv.to(cdt)).add_(_bmm(fqg, Sz).mul_(fb))
+    den = w.sum(-1, keepdim=True).add_(_bmm(fqg, state.z.to(cdt)[..., None]).mul_(fb))
+    y = num.div_(den).reshape(B, H, 1, DV).to(q.dtype)
 
     # the oldest slot leaves the window for the linear state (a zero slot adds nothing), the token enters
-    f0, v0 = ff[:, :, 0].to(S.dtype), vv[:, :, 0].to(S.dtype)
+    f0, v0 = ff[:, :, 0].to(Sz.dtype), vv[:, :, S].to(Sz.dtype)
+    new_S = torch.baddbmm(Sz.reshape(B * HKV, F_, DV), f0.reshape(B * HKV, F_, 1), v0.reshape(B * HKV, 1, DV))
     new = WindowHybridState(
-        kk[:, :, 1:],
-        vv[:, :, 1:],
+        kk[:, :, S + 1 :],
+        vv[:, :, S + 1 :],
         ff[:, :, 1:],
-        (S + f0[..., None] * v0[..., None, :]).to(state.S.dtype),
-        (z + f0).to(state.z.dtype),
+        new_S.view(B, HKV, F_, DV).to(state.S.dtype),
+        (state.z + f0).to(state.z.dtype),
         state.n + 1,
         window,
         terraced,
