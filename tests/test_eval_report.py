@@ -120,6 +120,20 @@ def test_eval_bad_lengths_are_a_clear_error(tiny_world, tmp_path, capsys):
         (["--decode", "512", "--decode-steps", "0"], "--decode-steps must be >= 1, got 0"),
         (["--mse", "-1"], "--mse must be >= 0, got -1"),
         (["--generation-tokens", "0"], "--generation-tokens must be >= 1, got 0"),
+        (["--mixer", "nope"], "--mixer: unknown mixer 'nope'; registered mixers: "),
+        (["--mixer-option", "cache_size=3"], "--mixer-option needs --mixer"),
+        (
+            ["--mixer", "lola", "--mixer-option", "cache_size"],
+            "--mixer-option takes KEY=VALUE, got 'cache_size'",
+        ),
+        (
+            ["--mixer", "lola", "--mixer-option", "cache_size=-1"],
+            "--mixer-option: mixer.options.cache_size: must be an int >= 0, got -1",
+        ),
+        (
+            ["--mixer", "lola", "--mixer-option", "cache=1"],
+            "--mixer-option: mixer 'lola' got unknown option(s)",
+        ),
     ],
 )
 def test_impossible_values_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):

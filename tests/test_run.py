@@ -213,6 +213,11 @@ def test_eval_measures_long_context_and_the_teachers_passkey(tiny_world, tmp_pat
     assert main([*args, "--window", "16", "--sinks", "1", "--teacher", "none"]) == 0
     alone = json.loads(capsys.readouterr().out)["long_context"]
     assert set(alone["rows"]) == {"final"} and alone["free_window"] is None
+    # LoLA's sparse cache on the trained weights, without training (zoo.swap_mixers)
+    assert main([*args, "--teacher", "none", "--mixer", "lola", "--mixer-option", "cache_size=4"]) == 0
+    swapped = json.loads(capsys.readouterr().out)
+    assert swapped["swapped_mixer"] == {"mixer": "lola", "options": {"cache_size": 4}}
+    assert set(swapped["long_context"]["rows"]) == {"final"}
     assert main([*args, "--window", "0", "--sinks", "0"]) == 2
     assert "no key to attend to" in capsys.readouterr().err
     assert main([*args[:-1], "100"]) == 2

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "linearize": "zoo.convert",
     "register_families": "zoo.convert",
+    "swap_mixers": "zoo.convert",
     "load_linearized": "zoo.io",
     "save_linearized": "zoo.io",
     "Mixer": "zoo.mixers",
@@ -32,6 +33,7 @@ __all__ = [
     "list_mixers",
     "register_mixer",
     "linearize",
+    "swap_mixers",
     "load_linearized",
     "save_linearized",
     "load_teacher",

@@ -473,6 +473,39 @@ def linearize(model: nn.Module, mixer: str, layers: Any = None, **options: Any) 
     return model
 
 
+def swap_mixers(model: nn.Module, mixer: str, **options: Any) -> nn.Module:
+    """Give every converted layer of `model` the mixer `mixer`, built with that layer's options updated by
+    `options`, and carry its weights over. The new mixer must have exactly the old one's parameters (`lola`
+    has those of `lolcats-terraced-sink`): this is for changes made without training, such as LoLA's sparse
+    cache. A ValueError, before any layer changes, for an option the new mixer does not take or weights it
+    cannot hold. Returns the model; its config's `zoo_mixers` names the new mixer."""
+    layers = linearized_layers(model)
+    if not layers:
+        raise ValueError("the model has no converted layer: call zoo.linearize(model, mixer) first")
+    specs = list(model.config.zoo_mixers)
+    swapped = []
+    for layer in layers:
+        old, idx = layer.mixer, layer.mixer.layer_idx
+        merged = {**(specs[idx] or {}).get("options", {}), **options}
+        new = build_mixer(
+            mixer, old.num_heads, old.num_kv_heads, old.head_dim, old.hidden_size, idx, **merged
+        )
+        param = layer.q_proj.weight  # placed as _apply_mixers places a loaded model's mixers
+        new.to(device=param.device, dtype=param.dtype if param.dtype.is_floating_point else None)
+        missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"layer {idx}: {old.name!r} weights do not fit {mixer!r} (missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}); only a mixer with the same parameters can be swapped in"
+            )
+        swapped.append((layer, new, idx, merged))
+    for layer, new, idx, merged in swapped:
+        layer.mixer = new
+        specs[idx] = {"mixer": mixer, "options": merged}
+    model.config.zoo_mixers = specs
+    return model
+
+
 def mixer_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if ".mixer." in name]
 

@@ -85,6 +85,7 @@ def check_eval_arguments(args) -> tuple[list[int], list[int]]:
         raise ValueError(
             f"--passkey-keys must be 1 (one key) to 8 (the multi-key variant), got {args.passkey_keys}"
         )
+    mixer_options(args)
     if args.window == 0 and args.sinks == 0:
         raise ValueError("--window 0 with --sinks 0 leaves the free window no key to attend to")
     steps = args.decode_steps
@@ -94,6 +95,35 @@ def check_eval_arguments(args) -> tuple[list[int], list[int]]:
             f"each time, got {args.decode}"
         )
     return passkey, decode
+
+
+def mixer_options(args) -> dict[str, Any]:
+    """--mixer-option KEY=VALUE pairs (values read as YAML scalars), checked against --mixer's options; a
+    one-line ValueError for an unknown mixer, a pair without '=', or a value its option refuses."""
+    pairs = args.mixer_option or []
+    if pairs and not args.mixer:
+        raise ValueError("--mixer-option needs --mixer (the mixer whose option it sets)")
+    if not args.mixer:
+        return {}
+    import yaml
+
+    from zoo.mixers import get_mixer
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--mixer-option takes KEY=VALUE, got {pair!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    try:
+        mixer = get_mixer(args.mixer)
+    except KeyError as err:
+        raise ValueError(f"--mixer: {err.args[0]}") from None
+    try:
+        mixer.check_options(options)
+    except ValueError as err:
+        raise ValueError(f"--mixer-option: {err}") from None
+    return options
 
 
 def add_eval_arguments(parser) -> None:
@@ -152,6 +182,17 @@ def add_eval_arguments(parser) -> None:
         "--branches", action="store_true", help="hybrids: also each branch alone (window, linear)"
     )
     parser.add_argument(
+        "--mixer",
+        help="evaluate with this mixer in every converted layer instead, the weights carried over "
+        "(zoo.swap_mixers: it must have the same parameters, e.g. lola on a lolcats-terraced-sink run)",
+    )
+    parser.add_argument(
+        "--mixer-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of --mixer, e.g. cache_size=128 (repeatable); the layers' own options stay otherwise",
+    )
+    parser.add_argument(
         "--lm-eval", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval installed)"
     )
     parser.add_argument("--lm-eval-include", help="a folder of lm_eval task YAML files of your own")
@@ -207,6 +248,18 @@ def _long_context(args, model, teacher, tokenizer, corpus) -> dict:
     return long_context_table(rows, window if teacher is not None else None)
 
 
+def _swap_mixers(args, model) -> dict[str, Any]:
+    """--mixer: every converted layer of `model` given that mixer (zoo.swap_mixers); what was swapped in, as
+    {"swapped_mixer": ...} for the results ({} without --mixer)."""
+    if not args.mixer:
+        return {}
+    import zoo
+
+    options = mixer_options(args)
+    zoo.swap_mixers(model, args.mixer, **options)
+    return {"swapped_mixer": {"mixer": args.mixer, "options": options}}
+
+
 def evaluate_saved_model(args) -> dict[str, Any]:
     """Everything `zoo eval` was asked for, as one JSON-able dict."""
     import zoo
@@ -219,6 +272,7 @@ def evaluate_saved_model(args) -> dict[str, Any]:
     model, tokenizer = zoo.load_linearized(model_dir)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer saved with the model")
+    swap = _swap_mixers(args, model)
     corpus = load_corpus(args.sources)
 
     def quality() -> dict:
@@ -273,7 +327,7 @@ def evaluate_saved_model(args) -> dict[str, Any]:
             limit=args.lm_eval_limit,
             num_fewshot=args.lm_eval_fewshot,
         )
-    return results | _run_cost(folder)
+    return results | swap | _run_cost(folder)
 
 
 def _run_cost(folder: Path) -> dict:

@@ -1,0 +1,296 @@
+"""The terraced window hybrid with a sparse global cache (LoLA, McDermott et al. 2025, arXiv:2505.23666): the
+older keys that the linear state would recall worst are kept exactly, as extra softmax keys.
+
+Blocks of W positions (LoLCATs' terraced window). A query at position p, in block j = p // W, sees:
+- softmax keys: all of block j - 1 and block j up to p (the window); the first `sinks` tokens once they have
+  left the window (attention sinks); and the sparse cache, up to C older key/value pairs kept exactly;
+- linear keys: every other older key, through the state S = sum phi(k)^T v [F, Dv] and z = sum phi(k) [F].
+
+  y_p = (a sum_soft e^{q.k*scale - m} v + b phi(q) S) / (a sum_soft e^{q.k*scale - m} + b phi(q) . z)
+
+with m the max of q.k*scale over the softmax keys: the window hybrid's formula (zoo.kernels.window_hybrid)
+with c = 0. a and b are per query head.
+
+Eviction. When block j is complete, block j - 1 leaves the window (the next query is in block j + 1). Its
+tokens that are not sinks, and the cache's entries, are the candidates. Each is scored per key/value head by
+its self-recall error ||v - phi(k) S / (phi(k) . z + eps)||^2 against the linear state before the eviction:
+how badly the state would give back v when asked with k. The C highest stay in the cache (in the order of
+their positions) and the rest are added to S and z. So after n tokens, with E = max(0, (n // W - 1) W)
+tokens out of the window and E' = max(0, E - sinks) of them not sinks, the cache holds min(C, E') keys
+and the state E' - min(C, E') (`held_keys`).
+
+Forms (keys, values and key features come once per key/value head; query head h reads head h // (H / HKV)):
+- sparse_hybrid_naive: the reference, from the start of a sequence. A loop over rows, key/value heads and
+  tokens, in fp32, over Python lists of each head's keys.
+- sparse_hybrid: each row's real tokens (padding dropped) in runs up to the next block end, vectorized
+  within a run, with the eviction at each block end, from and to a SparseHybridState. Training, prefill and
+  decoding (one token is a run of one).
+
+The state is constant in the context: sinks + C + 2W keys, values and key features per key/value head, the
+fp32 S and z, and the token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: added to phi(k) . z in the self-recall error (an empty state recalls 0: the error is ||v||^2)
+RECALL_EPS = 1e-6
+
+
+def held_keys(n, window: int, sinks: int, cache_size: int):
+    """(in the sparse cache, in the linear state) after n tokens (an int, or a tensor of them): see the
+    module docstring. n = a query's position gives what that query reads."""
+    if isinstance(n, int):
+        out = max(0, max(0, n // window - 1) * window - sinks)
+        return min(out, cache_size), out - min(out, cache_size)
+    out = ((n // window - 1).clamp(min=0) * window - sinks).clamp(min=0)
+    cached = out.clamp(max=cache_size)
+    return cached, out - cached
+
+
+@dataclass
+class SparseHybridState:
+    """What a sequence leaves behind, per key/value head: the sinks' keys and values, the cache, the previous
+    and the current block, and the linear state. Slots not yet used are zero."""
+
+    sink_k: torch.Tensor  # [B, HKV, sinks, D]
+    sink_v: torch.Tensor  # [B, HKV, sinks, Dv]
+    cache_k: torch.Tensor  # [B, HKV, C, D]: the first held_keys(n)[0] slots used, oldest first
+    cache_v: torch.Tensor  # [B, HKV, C, Dv]
+    cache_fk: torch.Tensor  # [B, HKV, C, F]
+    prev_k: torch.Tensor  # [B, HKV, W, D]: block n // W - 1 (zeros before it exists)
+    prev_v: torch.Tensor  # [B, HKV, W, Dv]
+    prev_fk: torch.Tensor  # [B, HKV, W, F]
+    cur_k: torch.Tensor  # [B, HKV, W, D]: the first n mod W tokens of block n // W
+    cur_v: torch.Tensor  # [B, HKV, W, Dv]
+    cur_fk: torch.Tensor  # [B, HKV, W, F]
+    S: torch.Tensor  # [B, HKV, F, Dv] fp32
+    z: torch.Tensor  # [B, HKV, F] fp32
+    n: torch.Tensor  # [B] int64: real tokens seen
+
+    @classmethod
+    def empty(cls, B, HKV, D, Dv, F_, window, sinks, cache_size, dtype, device) -> SparseHybridState:
+        def zeros(length, dim, dt=dtype):
+            return torch.zeros(B, HKV, length, dim, dtype=dt, device=device)
+
+        slots = []
+        for length in (cache_size, window, window):
+            slots += [zeros(length, D), zeros(length, Dv), zeros(length, F_, torch.float32)]
+        return cls(
+            zeros(sinks, D),
+            zeros(sinks, Dv),
+            *slots,
+            torch.zeros(B, HKV, F_, Dv, dtype=torch.float32, device=device),
+            torch.zeros(B, HKV, F_, dtype=torch.float32, device=device),
+            torch.zeros(B, dtype=torch.long, device=device),
+        )
+
+    @property
+    def window(self) -> int:
+        return self.cur_k.shape[2]
+
+    @property
+    def sinks(self) -> int:
+        return self.sink_k.shape[2]
+
+    @property
+    def cache_size(self) -> int:
+        return self.cache_k.shape[2]
+
+    def rows(self) -> list[list[torch.Tensor]]:
+        """Each row's tensors (without the batch dimension), in field order."""
+        fields = self._tensors()
+        return [[t[b] for t in fields] for b in range(self.n.shape[0])]
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [
+            self.sink_k,
+            self.sink_v,
+            self.cache_k,
+            self.cache_v,
+            self.cache_fk,
+            self.prev_k,
+            self.prev_v,
+            self.prev_fk,
+            self.cur_k,
+            self.cur_v,
+            self.cur_fk,
+            self.S,
+            self.z,
+            self.n,
+        ]
+
+    @classmethod
+    def stack(cls, rows: list[list[torch.Tensor]]) -> SparseHybridState:
+        return cls(*(torch.stack(parts) for parts in zip(*rows)))
+
+
+def self_recall_error(k_feat, v, S, z, eps=RECALL_EPS):
+    """||v - phi(k) S / (phi(k) . z + eps)||^2 per key: phi(k) [..., N, F], v [..., N, Dv], S [..., F, Dv],
+    z [..., F] -> [..., N], fp32."""
+    recalled = (k_feat @ S) / ((k_feat @ z[..., None]) + eps)
+    return (v.float() - recalled).pow(2).sum(-1)
+
+
+def _evict(cache, cached: int, block, first_real: int, S, z, cache_size: int):
+    """One row's eviction at a block end. cache: (k, v, fk) [HKV, C, *] with `cached` used slots; block:
+    (k, v, fk) [HKV, W, *] leaving the window, its tokens from `first_real` on not sinks. Returns the new
+    cache (padded with zeros to C) and S, z."""
+    cand = [torch.cat([c[:, :cached], x[:, first_real:]], 1) for c, x in zip(cache, block)]
+    ck, cv, cf = cand
+    n_cand = ck.shape[1]
+    if n_cand <= cache_size:
+        pad = cache_size - n_cand
+        return [torch.cat([x, x.new_zeros(x.shape[0], pad, x.shape[2])], 1) for x in cand], S, z
+    err = self_recall_error(cf, cv, S, z)  # [HKV, n_cand]
+    keep = err.topk(cache_size, dim=1).indices.sort(dim=1).values  # [HKV, C], in position order
+    new_cache = [x.gather(1, keep[..., None].expand(-1, -1, x.shape[2])) for x in cand]
+    leave = torch.ones_like(err, dtype=torch.bool).scatter_(1, keep, False)
+    out_f = cf * leave[..., None]
+    S = S + out_f.transpose(1, 2) @ cv.to(S.dtype)
+    z = z + out_f.sum(1)
+    return new_cache, S, z
+
+
+def _row(q, k, v, fq, fk, a, b, row_state, window, scale):
+    """One row's real tokens: q [H, T, D], fq [H, T, F], k [HKV, T, D], v [HKV, T, Dv], fk [HKV, T, F];
+    a, b [H]; row_state: the row's state tensors (SparseHybridState.rows). Returns y [H, T, Dv] (fp32) and
+    the row's new state tensors."""
+    sink_k, sink_v, cache_k, cache_v, cache_fk, prev_k, prev_v, prev_fk, cur_k, cur_v, cur_fk, S, z, n = (
+        row_state
+    )
+    H, T, D = q.shape
+    HKV, C, sinks = k.shape[0], cache_k.shape[1], sink_k.shape[1]
+    G, W = H // HKV, window
+    n0 = int(n)
+    fa, fb = a.float().view(HKV, G, 1, 1), b.float().view(HKV, G, 1, 1)
+    cdt = torch.float32
+    cur = [x[:, : n0 % W] for x in (cur_k, cur_v, cur_fk)]
+    ys, t, pos = [], 0, n0
+    while t < T:
+        r0, j = pos % W, pos // W
+        m = min(T - t, W - r0)
+        run_k, run_v, run_f = k[:, t : t + m], v[:, t : t + m], fk[:, t : t + m]
+        if pos < sinks:  # the run's first tokens are sinks: their keys and values are kept
+            take = min(sinks, pos + m) - pos
+            sink_k = torch.cat(
+                [sink_k[:, :pos], run_k[:, :take].to(sink_k.dtype), sink_k[:, pos + take :]], 1
+            )
+            sink_v = torch.cat(
+                [sink_v[:, :pos], run_v[:, :take].to(sink_v.dtype), sink_v[:, pos + take :]], 1
+            )
+        cached = held_keys(pos, W, sinks, C)[0]
+        open_sinks = min(sinks, max(0, (j - 1) * W))
+        in_window = [prev_k, prev_v] if j >= 1 else [prev_k[:, :0], prev_v[:, :0]]
+        keys = torch.cat([sink_k[:, :open_sinks], cache_k[:, :cached], in_window[0], cur[0], run_k], 1)
+        vals = torch.cat([sink_v[:, :open_sinks], cache_v[:, :cached], in_window[1], cur[1], run_v], 1)
+        qg = q[:, t : t + m].reshape(HKV, G, m, D).to(cdt)
+        s = (qg @ keys.to(cdt)[:, None].transpose(-1, -2)) * scale  # [HKV, G, m, N]
+        later = torch.ones(m, keys.shape[1], dtype=torch.bool, device=q.device).triu(keys.shape[1] - m + 1)
+        s = s.masked_fill(later, float("-inf"))  # the run's own later tokens
+        e = (s - s.amax(-1, keepdim=True)).exp() * fa
+        fqg = fq[:, t : t + m].reshape(HKV, G, m, -1).to(cdt)
+        num = e @ vals.to(cdt)[:, None] + fb * (fqg @ S[:, None])
+        den = e.sum(-1, keepdim=True) + fb * (fqg @ z[:, None, :, None])
+        ys.append((num / den).reshape(H, m, -1))
+        cur = [torch.cat([c, x.to(c.dtype)], 1) for c, x in zip(cur, (run_k, run_v, run_f))]
+        t, pos = t + m, pos + m
+        if pos % W == 0:  # block j is complete: block j - 1 leaves the window
+            if j >= 1:
+                first_real = max(0, sinks - (j - 1) * W)
+                (cache_k, cache_v, cache_fk), S, z = _evict(
+                    (cache_k, cache_v, cache_fk), cached, (prev_k, prev_v, prev_fk), first_real, S, z, C
+                )
+            prev_k, prev_v, prev_fk = cur
+            cur = [x[:, :0] for x in cur]
+    cur = [torch.cat([c, c.new_zeros(c.shape[0], W - c.shape[1], c.shape[2])], 1) for c in cur]
+    state = [sink_k, sink_v, cache_k, cache_v, cache_fk, prev_k, prev_v, prev_fk, *cur, S, z, n + T]
+    y = torch.cat(ys, 1) if ys else q.new_zeros(H, 0, v.shape[-1], dtype=cdt)
+    return y, state
+
+
+def sparse_hybrid(q, k, v, fq, fk, a, b, *, window, sinks, cache_size, scale=None, state=None, key_mask=None):
+    """q [B, H, T, D], fq [B, H, T, F]; k [B, HKV, T, D], v [B, HKV, T, Dv], fk [B, HKV, T, F] (one per
+    key/value head); a, b [H]; key_mask [B, T] (True/1: real; padded tokens are dropped: they enter nothing
+    and their outputs are 0). Returns y [B, H, T, Dv] in q's dtype and the SparseHybridState after the call
+    (see the module docstring)."""
+    B, H, T, D = q.shape
+    HKV, Dv, F_ = k.shape[1], v.shape[-1], fk.shape[-1]
+    if window < 1 or H % HKV:
+        raise ValueError(
+            f"sparse_hybrid: need window >= 1 and HKV dividing H; got window={window}, {H}/{HKV}"
+        )
+    scale = D**-0.5 if scale is None else scale
+    if state is None:
+        state = SparseHybridState.empty(B, HKV, D, Dv, F_, window, sinks, cache_size, k.dtype, q.device)
+    elif (state.window, state.sinks, state.cache_size) != (window, sinks, cache_size):
+        raise ValueError(
+            f"state of window={state.window}, sinks={state.sinks}, cache_size={state.cache_size}; called "
+            f"with window={window}, sinks={sinks}, cache_size={cache_size}"
+        )
+    y = q.new_zeros(B, H, T, Dv, dtype=torch.float32)
+    rows = []
+    for r, row_state in enumerate(state.rows()):
+        real = None if key_mask is None else key_mask[r].bool()
+        if real is None or bool(real.all()):
+            y[r], new = _row(q[r], k[r], v[r], fq[r], fk[r], a, b, row_state, window, scale)
+        else:
+            idx = real.nonzero().squeeze(1)
+            pick = [x[r].index_select(1, idx) for x in (q, k, v, fq, fk)]
+            y_real, new = _row(*pick, a, b, row_state, window, scale)
+            y[r] = y[r].index_copy(1, idx, y_real)
+        rows.append(new)
+    return y.to(q.dtype), SparseHybridState.stack(rows)
+
+
+def sparse_hybrid_naive(
+    q, k, v, fq, fk, a, b, *, window, sinks, cache_size, scale=None, key_mask=None, eps=RECALL_EPS
+):
+    """The reference of `sparse_hybrid` for whole sequences (no state): y [B, H, T, Dv] in fp32. Every
+    key/value head of every row keeps Python lists of (position, k, v, phi(k)) for its sinks, its cache and
+    its window, and S, z; each token first evicts the block that leaves its window, then joins, then is
+    read by its G query heads."""
+    B, H, T, D = q.shape
+    HKV = k.shape[1]
+    G, W = H // HKV, window
+    scale = D**-0.5 if scale is None else scale
+    y = torch.zeros(B, H, T, v.shape[-1])
+    for r in range(B):
+        for h in range(HKV):
+            sink, cache, recent = [], [], []
+            S = torch.zeros(fk.shape[-1], v.shape[-1])
+            z = torch.zeros(fk.shape[-1])
+            p = 0
+            for t in range(T):
+                if key_mask is not None and not bool(key_mask[r, t]):
+                    continue
+                j = p // W
+                if p % W == 0 and j >= 2:  # block j - 2 leaves the window of this and every later query
+                    leaving = [e for e in recent if e[0] // W == j - 2]
+                    recent = [e for e in recent if e[0] // W >= j - 1]
+                    cand = cache + [e for e in leaving if e[0] >= sinks]
+                    err = [float(((e[2] - e[3] @ S / (e[3] @ z + eps)) ** 2).sum().detach()) for e in cand]
+                    order = sorted(range(len(cand)), key=lambda i: -err[i])
+                    kept = sorted(order[:cache_size])
+                    for i in order[cache_size:]:
+                        S = S + torch.outer(cand[i][3], cand[i][2])
+                        z = z + cand[i][3]
+                    cache = [cand[i] for i in kept]
+                entry = (p, k[r, h, t].float(), v[r, h, t].float(), fk[r, h, t].float())
+                recent.append(entry)
+                if p < sinks:
+                    sink.append(entry)
+                soft = [e for e in sink if e[0] < (j - 1) * W] + cache + recent
+                for g in range(G):
+                    qh = h * G + g
+                    s = torch.stack([q[r, qh, t].float() @ e[1] for e in soft]) * scale
+                    e_w = torch.exp(s - s.max()) * float(a[qh])
+                    f = fq[r, qh, t].float()
+                    num = (e_w[:, None] * torch.stack([e[2] for e in soft])).sum(0) + float(b[qh]) * (f @ S)
+                    den = e_w.sum() + float(b[qh]) * (f @ z)
+                    y[r, qh, t] = num / den
+                p += 1
+    return y

@@ -1,0 +1,99 @@
+"""LoLA: `lolcats-terraced-sink` with a sparse global cache of the keys its linear state recalls worst.
+
+The layer of `lolcats-terraced-sink` (Hedgehog feature maps, a terraced window of 64-token blocks, 4 attention
+sinks, the linear branch's mass capped at 64 keys) plus a cache of up to `cache_size` older key/value pairs
+that stay exact softmax keys. When a block leaves the window, its keys and the cache's compete: each is scored
+by how badly the linear state would give back its value when asked with its key (self-recall error), the
+worst-recalled `cache_size` stay, the rest go into the linear state. A pass key, unlike the filler around it,
+is what a linear state recalls worst, so the cache is where it survives. zoo.kernels.sparse_cache has the
+exact formula and the eviction rule; LoLA (arXiv:2505.23666) adds the cache to a trained LoLCATs model
+without training, which is how zoo's `eval` overrides can use it too (`mixer.name=lola` on a
+`lolcats-terraced-sink` run reads the same weights).
+
+Ablations (`mixer.branch`): "window" is softmax alone over the window, the sinks and the cache (a = 1, b = 0);
+"linear" is the linear branch alone over every key, as in zoo.mixers.hybrid (no cache: it returns that
+module's state). No attention weights for stage 1's cross-entropy: the cache is chosen token by token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.kernels.sparse_cache import held_keys, sparse_hybrid
+from zoo.mixers.base import register_mixer
+from zoo.mixers.features import hedgehog_features
+from zoo.mixers.hybrid import WindowHybridMixer
+from zoo.mixers.options import Option
+from zoo.mixers.tokens import Tokens
+
+
+@register_mixer("lola")
+class Lola(WindowHybridMixer):
+    """Hedgehog linear attention + terraced window + 4 sinks + a sparse cache of the worst-recalled keys."""
+
+    source = "LoLA (McDermott et al. 2025, arXiv:2505.23666); LoLCATs (arXiv:2410.10254)"
+    description = (
+        "lolcats-terraced-sink + a sparse cache: the 64 older keys its linear state recalls worst stay exact"
+    )
+    state_size = (
+        "Hkv*(2F*D + 2F) fp32 + (S + C + 2W)*Hkv*(2D + 2F) (sinks, cache, two blocks: keys, values, phi(k)); "
+        "F = feature_dim (default D), S = sinks (4), C = cache_size (64)"
+    )
+    options = {
+        "window": 64,
+        "feature_dim": Option(
+            None,
+            int,
+            min=1,
+            nullable=True,
+            doc="Hedgehog projections per head (2x as many features); null: head_dim",
+        ),
+        "window_factor": 0.5,
+        "sinks": 4,
+        "linear_mass_tokens": 64,
+        "cache_size": Option(
+            64, int, min=0, doc="older keys kept exactly: those the linear state recalls worst; 0: none"
+        ),
+    }
+    test_options = {"window": 4, "feature_dim": 8, "sinks": 2, "cache_size": 3, "linear_mass_tokens": 6}
+    terraced = True
+
+    def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
+        super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
+        self.cache_size = int(self.config["cache_size"])
+
+    def feature_map(self, h, is_query, tokens):
+        return hedgehog_features((self.feature_map_q if is_query else self.feature_map_k)(h))
+
+    def linear_keys(self, positions: torch.Tensor) -> torch.Tensor:
+        """The keys in the linear state at each query position: those out of the window, not sinks and not
+        in the cache (zoo.kernels.sparse_cache.held_keys)."""
+        if self.branch == "linear":
+            return super().linear_keys(positions)
+        return held_keys(positions, self.window, self.sinks, self.cache_size)[1]
+
+    def forward(self, q, k, v, x, state=None, mask=None):
+        if self.branch == "linear":
+            return super().forward(q, k, v, x, state, mask)
+        seen = torch.zeros(q.shape[0], dtype=torch.long, device=q.device) if state is None else state.n
+        tokens = Tokens.of(q, x, mask, seen)
+        fq, fk = self.features(q, k, tokens, per_kv_head=True)
+        a, b, _ = self.factors()
+        return sparse_hybrid(
+            q,
+            k,
+            v,
+            fq,
+            fk,
+            a,
+            b,
+            window=self.window,
+            sinks=self.sinks,
+            cache_size=self.cache_size,
+            scale=self.head_dim**-0.5,
+            state=state,
+            key_mask=tokens.mask,
+        )
+
+    def attention_weights(self, q, k):
+        return None
