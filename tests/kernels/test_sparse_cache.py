@@ -77,7 +77,7 @@ def test_padding_is_dropped_and_split_calls_carry_the_state():
         )
         ys.append(y_part)
     torch.testing.assert_close(torch.cat(ys, 2), y, atol=1e-6, rtol=1e-6)
-    for got, want_t in zip(state._tensors(), whole._tensors()):
+    for got, want_t in zip(state.tensors(), whole.tensors()):
         torch.testing.assert_close(got, want_t, atol=1e-6, rtol=1e-6)
 
 
@@ -129,7 +129,7 @@ def test_held_keys_counts_what_the_state_holds_and_its_size_is_constant():
         assert (state.cache_k[:, :, cached:] == 0).all() and (state.cache_k[:, :, :cached] != 0).all()
         assert linear == max(0, max(0, (T // W - 1) * W) - 2 - 3)
         assert torch.equal(held_keys(torch.tensor([T]), W, 2, 3)[1], torch.tensor([linear]))
-        sizes.append(sum(t.numel() for t in state._tensors()))
+        sizes.append(sum(t.numel() for t in state.tensors()))
     assert len(set(sizes)) == 1
 
 

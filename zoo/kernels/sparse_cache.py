@@ -100,12 +100,8 @@ class SparseHybridState:
     def cache_size(self) -> int:
         return self.cache_k.shape[2]
 
-    def rows(self) -> list[list[torch.Tensor]]:
-        """Each row's tensors (without the batch dimension), in field order."""
-        fields = self._tensors()
-        return [[t[b] for t in fields] for b in range(self.n.shape[0])]
-
-    def _tensors(self) -> list[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor]:
+        """Every field, in order (what a SparseHybridState is built from)."""
         return [
             self.sink_k,
             self.sink_v,
@@ -123,10 +119,6 @@ class SparseHybridState:
             self.n,
         ]
 
-    @classmethod
-    def stack(cls, rows: list[list[torch.Tensor]]) -> SparseHybridState:
-        return cls(*(torch.stack(parts) for parts in zip(*rows)))
-
 
 def self_recall_error(k_feat, v, S, z, eps=RECALL_EPS):
     """||v - phi(k) S / (phi(k) . z + eps)||^2 per key: phi(k) [..., N, F], v [..., N, Dv], S [..., F, Dv],
@@ -136,67 +128,67 @@ def self_recall_error(k_feat, v, S, z, eps=RECALL_EPS):
 
 
 def _evict(cache, cached: int, block, first_real: int, S, z, cache_size: int):
-    """One row's eviction at a block end. cache: (k, v, fk) [HKV, C, *] with `cached` used slots; block:
-    (k, v, fk) [HKV, W, *] leaving the window, its tokens from `first_real` on not sinks. Returns the new
-    cache (padded with zeros to C) and S, z."""
-    cand = [torch.cat([c[:, :cached], x[:, first_real:]], 1) for c, x in zip(cache, block)]
+    """The eviction at a block end, for rows at one position. cache: (k, v, fk) [B, HKV, C, *] with `cached`
+    used slots; block: (k, v, fk) [B, HKV, W, *] leaving the window, its tokens from `first_real` on not
+    sinks. Returns the new cache (padded with zeros to C) and S, z."""
+    cand = [torch.cat([c[:, :, :cached], x[:, :, first_real:]], 2) for c, x in zip(cache, block)]
     ck, cv, cf = cand
-    n_cand = ck.shape[1]
+    n_cand = ck.shape[2]
     if n_cand <= cache_size:
-        pad = cache_size - n_cand
-        return [torch.cat([x, x.new_zeros(x.shape[0], pad, x.shape[2])], 1) for x in cand], S, z
-    err = self_recall_error(cf, cv, S, z)  # [HKV, n_cand]
-    keep = err.topk(cache_size, dim=1).indices.sort(dim=1).values  # [HKV, C], in position order
-    new_cache = [x.gather(1, keep[..., None].expand(-1, -1, x.shape[2])) for x in cand]
-    leave = torch.ones_like(err, dtype=torch.bool).scatter_(1, keep, False)
+        return (
+            [torch.cat([x, x.new_zeros(*x.shape[:2], cache_size - n_cand, x.shape[3])], 2) for x in cand],
+            S,
+            z,
+        )
+    err = self_recall_error(cf, cv, S, z)  # [B, HKV, n_cand]
+    keep = err.topk(cache_size, dim=-1).indices.sort(dim=-1).values  # [B, HKV, C], in position order
+    new_cache = [x.gather(2, keep[..., None].expand(-1, -1, -1, x.shape[3])) for x in cand]
+    leave = torch.ones_like(err, dtype=torch.bool).scatter_(-1, keep, False)
     out_f = cf * leave[..., None]
-    S = S + out_f.transpose(1, 2) @ cv.to(S.dtype)
-    z = z + out_f.sum(1)
+    S = S + out_f.transpose(-1, -2) @ cv.to(S.dtype)
+    z = z + out_f.sum(-2)
     return new_cache, S, z
 
 
-def _row(q, k, v, fq, fk, a, b, row_state, window, scale):
-    """One row's real tokens: q [H, T, D], fq [H, T, F], k [HKV, T, D], v [HKV, T, Dv], fk [HKV, T, F];
-    a, b [H]; row_state: the row's state tensors (SparseHybridState.rows). Returns y [H, T, Dv] (fp32) and
-    the row's new state tensors."""
-    sink_k, sink_v, cache_k, cache_v, cache_fk, prev_k, prev_v, prev_fk, cur_k, cur_v, cur_fk, S, z, n = (
-        row_state
-    )
-    H, T, D = q.shape
-    HKV, C, sinks = k.shape[0], cache_k.shape[1], sink_k.shape[1]
+def _rows(q, k, v, fq, fk, a, b, state: list[torch.Tensor], window: int, scale: float):
+    """Rows that all stand at one position, every token real: q [B, H, T, D], fq [B, H, T, F], k [B, HKV, T,
+    D], v [B, HKV, T, Dv], fk [B, HKV, T, F]; a, b [H]; `state`: SparseHybridState.tensors() of these rows.
+    Returns y [B, H, T, Dv] (fp32) and the rows' new state tensors."""
+    sink_k, sink_v, cache_k, cache_v, cache_fk, prev_k, prev_v, prev_fk, cur_k, cur_v, cur_fk, S, z, n = state
+    B, H, T, D = q.shape
+    HKV, C, sinks = k.shape[1], cache_k.shape[2], sink_k.shape[2]
     G, W = H // HKV, window
-    n0 = int(n)
-    fa, fb = a.float().view(HKV, G, 1, 1), b.float().view(HKV, G, 1, 1)
+    n0 = int(n[0])
+    fa, fb = a.float().view(1, HKV, G, 1, 1), b.float().view(1, HKV, G, 1, 1)
     cdt = torch.float32
-    cur = [x[:, : n0 % W] for x in (cur_k, cur_v, cur_fk)]
+    cur = [x[:, :, : n0 % W] for x in (cur_k, cur_v, cur_fk)]
     ys, t, pos = [], 0, n0
     while t < T:
         r0, j = pos % W, pos // W
         m = min(T - t, W - r0)
-        run_k, run_v, run_f = k[:, t : t + m], v[:, t : t + m], fk[:, t : t + m]
+        run_k, run_v, run_f = k[:, :, t : t + m], v[:, :, t : t + m], fk[:, :, t : t + m]
         if pos < sinks:  # the run's first tokens are sinks: their keys and values are kept
             take = min(sinks, pos + m) - pos
-            sink_k = torch.cat(
-                [sink_k[:, :pos], run_k[:, :take].to(sink_k.dtype), sink_k[:, pos + take :]], 1
-            )
-            sink_v = torch.cat(
-                [sink_v[:, :pos], run_v[:, :take].to(sink_v.dtype), sink_v[:, pos + take :]], 1
+            sink_k, sink_v = (
+                torch.cat([old[:, :, :pos], new[:, :, :take].to(old.dtype), old[:, :, pos + take :]], 2)
+                for old, new in ((sink_k, run_k), (sink_v, run_v))
             )
         cached = held_keys(pos, W, sinks, C)[0]
         open_sinks = min(sinks, max(0, (j - 1) * W))
-        in_window = [prev_k, prev_v] if j >= 1 else [prev_k[:, :0], prev_v[:, :0]]
-        keys = torch.cat([sink_k[:, :open_sinks], cache_k[:, :cached], in_window[0], cur[0], run_k], 1)
-        vals = torch.cat([sink_v[:, :open_sinks], cache_v[:, :cached], in_window[1], cur[1], run_v], 1)
-        qg = q[:, t : t + m].reshape(HKV, G, m, D).to(cdt)
-        s = (qg @ keys.to(cdt)[:, None].transpose(-1, -2)) * scale  # [HKV, G, m, N]
-        later = torch.ones(m, keys.shape[1], dtype=torch.bool, device=q.device).triu(keys.shape[1] - m + 1)
+        window_kv = [prev_k, prev_v] if j >= 1 else [prev_k[:, :, :0], prev_v[:, :, :0]]
+        keys = torch.cat([sink_k[:, :, :open_sinks], cache_k[:, :, :cached], window_kv[0], cur[0], run_k], 2)
+        vals = torch.cat([sink_v[:, :, :open_sinks], cache_v[:, :, :cached], window_kv[1], cur[1], run_v], 2)
+        qg = q[:, :, t : t + m].reshape(B, HKV, G, m, D).to(cdt)
+        s = (qg @ keys.to(cdt)[:, :, None].transpose(-1, -2)) * scale  # [B, HKV, G, m, N]
+        N = keys.shape[2]
+        later = torch.ones(m, N, dtype=torch.bool, device=q.device).triu(N - m + 1)
         s = s.masked_fill(later, float("-inf"))  # the run's own later tokens
         e = (s - s.amax(-1, keepdim=True)).exp() * fa
-        fqg = fq[:, t : t + m].reshape(HKV, G, m, -1).to(cdt)
-        num = e @ vals.to(cdt)[:, None] + fb * (fqg @ S[:, None])
-        den = e.sum(-1, keepdim=True) + fb * (fqg @ z[:, None, :, None])
-        ys.append((num / den).reshape(H, m, -1))
-        cur = [torch.cat([c, x.to(c.dtype)], 1) for c, x in zip(cur, (run_k, run_v, run_f))]
+        fqg = fq[:, :, t : t + m].reshape(B, HKV, G, m, -1).to(cdt)
+        num = e @ vals.to(cdt)[:, :, None] + fb * (fqg @ S[:, :, None])
+        den = e.sum(-1, keepdim=True) + fb * (fqg @ z[:, :, None, :, None])
+        ys.append((num / den).reshape(B, H, m, -1))
+        cur = [torch.cat([c, x.to(c.dtype)], 2) for c, x in zip(cur, (run_k, run_v, run_f))]
         t, pos = t + m, pos + m
         if pos % W == 0:  # block j is complete: block j - 1 leaves the window
             if j >= 1:
@@ -205,23 +197,25 @@ def _row(q, k, v, fq, fk, a, b, row_state, window, scale):
                     (cache_k, cache_v, cache_fk), cached, (prev_k, prev_v, prev_fk), first_real, S, z, C
                 )
             prev_k, prev_v, prev_fk = cur
-            cur = [x[:, :0] for x in cur]
-    cur = [torch.cat([c, c.new_zeros(c.shape[0], W - c.shape[1], c.shape[2])], 1) for c in cur]
-    state = [sink_k, sink_v, cache_k, cache_v, cache_fk, prev_k, prev_v, prev_fk, *cur, S, z, n + T]
-    y = torch.cat(ys, 1) if ys else q.new_zeros(H, 0, v.shape[-1], dtype=cdt)
-    return y, state
+            cur = [x[:, :, :0] for x in cur]
+    cur = [torch.cat([c, c.new_zeros(*c.shape[:2], W - c.shape[2], c.shape[3])], 2) for c in cur]
+    new = [sink_k, sink_v, cache_k, cache_v, cache_fk, prev_k, prev_v, prev_fk, *cur, S, z, n + T]
+    y = torch.cat(ys, 2) if ys else q.new_zeros(B, H, 0, v.shape[-1], dtype=cdt)
+    return y, new
 
 
 def sparse_hybrid(q, k, v, fq, fk, a, b, *, window, sinks, cache_size, scale=None, state=None, key_mask=None):
     """q [B, H, T, D], fq [B, H, T, F]; k [B, HKV, T, D], v [B, HKV, T, Dv], fk [B, HKV, T, F] (one per
     key/value head); a, b [H]; key_mask [B, T] (True/1: real; padded tokens are dropped: they enter nothing
     and their outputs are 0). Returns y [B, H, T, Dv] in q's dtype and the SparseHybridState after the call
-    (see the module docstring)."""
+    (see the module docstring). Rows at one position without padding (a batch of prompts of one length,
+    `generate`'s steps) run together; others one by one, their padding dropped."""
     B, H, T, D = q.shape
     HKV, Dv, F_ = k.shape[1], v.shape[-1], fk.shape[-1]
     if window < 1 or H % HKV:
         raise ValueError(
-            f"sparse_hybrid: need window >= 1 and HKV dividing H; got window={window}, {H}/{HKV}"
+            f"sparse_hybrid: need window >= 1 and the key/value heads dividing the query heads; got "
+            f"window={window}, {H} query heads, {HKV} key/value heads"
         )
     scale = D**-0.5 if scale is None else scale
     if state is None:
@@ -231,19 +225,26 @@ def sparse_hybrid(q, k, v, fq, fk, a, b, *, window, sinks, cache_size, scale=Non
             f"state of window={state.window}, sinks={state.sinks}, cache_size={state.cache_size}; called "
             f"with window={window}, sinks={sinks}, cache_size={cache_size}"
         )
+    fields = state.tensors()
+    low, high = (int(x) for x in torch.aminmax(state.n))
+    if low == high and (key_mask is None or bool(key_mask.bool().all())):
+        y, new = _rows(q, k, v, fq, fk, a, b, fields, window, scale)
+        return y.to(q.dtype), SparseHybridState(*new)
     y = q.new_zeros(B, H, T, Dv, dtype=torch.float32)
     rows = []
-    for r, row_state in enumerate(state.rows()):
+    for r in range(B):
+        row = [x[r : r + 1] for x in fields]
+        pick = [x[r : r + 1] for x in (q, k, v, fq, fk)]
         real = None if key_mask is None else key_mask[r].bool()
         if real is None or bool(real.all()):
-            y[r], new = _row(q[r], k[r], v[r], fq[r], fk[r], a, b, row_state, window, scale)
+            y_row, new = _rows(*pick, a, b, row, window, scale)
+            y[r] = y_row[0]
         else:
             idx = real.nonzero().squeeze(1)
-            pick = [x[r].index_select(1, idx) for x in (q, k, v, fq, fk)]
-            y_real, new = _row(*pick, a, b, row_state, window, scale)
-            y[r] = y[r].index_copy(1, idx, y_real)
+            y_real, new = _rows(*(x.index_select(2, idx) for x in pick), a, b, row, window, scale)
+            y[r] = y[r].index_copy(1, idx, y_real[0])
         rows.append(new)
-    return y.to(q.dtype), SparseHybridState.stack(rows)
+    return y.to(q.dtype), SparseHybridState(*(torch.cat(parts) for parts in zip(*rows)))
 
 
 def sparse_hybrid_naive(
