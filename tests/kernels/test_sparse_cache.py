@@ -38,9 +38,10 @@ def make(T, groups=2, seed=0, requires_grad=False):
 @pytest.mark.parametrize("T", [1, 7, 23, 41])
 @pytest.mark.parametrize("groups", [1, 3], ids=["mha", "gqa"])
 @pytest.mark.parametrize("sinks,cache", [(0, 2), (2, 3), (6, 1)], ids=["no-sinks", "sinks", "sinks>W"])
-def test_runs_match_the_per_token_reference(T, groups, sinks, cache):
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_runs_match_the_per_token_reference(T, groups, sinks, cache, relative):
     xs, a, b = make(T, groups)
-    kw = dict(window=W, sinks=sinks, cache_size=cache)
+    kw = dict(window=W, sinks=sinks, cache_size=cache, relative=relative)
     y, state = sparse_hybrid(*xs, a, b, **kw)
     torch.testing.assert_close(y, sparse_hybrid_naive(*xs, a, b, **kw), atol=1e-5, rtol=1e-5)
     assert state.n.tolist() == [T, T]
@@ -139,3 +140,22 @@ def test_a_state_of_other_options_is_refused():
     assert isinstance(state, SparseHybridState)
     with pytest.raises(ValueError, match="cache_size=3; called with window=4, sinks=2, cache_size=5"):
         sparse_hybrid(*xs, a, b, window=W, sinks=2, cache_size=5, state=state)
+
+
+def test_the_relative_error_does_not_keep_a_key_for_the_size_of_its_value():
+    """Filler whose values all point one way, one of them 50 times longer; and one planted value that points
+    elsewhere. The absolute error keeps the long filler value; the relative error keeps the planted one."""
+    T, long_one, planted = 120, 30, 50
+    k = torch.randn(1, 1, T, D, generator=torch.Generator().manual_seed(2))
+    v = torch.ones(1, 1, T, DV)
+    v[0, 0, long_one] *= 50.0
+    v[0, 0, planted] = torch.tensor([1.0, -1.0] * (DV // 2))
+    fk = torch.full((1, 1, T, F), 1.0 / F)
+    q, fq, a = torch.randn(1, 1, T, D), torch.rand(1, 1, T, F), torch.tensor([0.5])
+    kept = {}
+    for relative in (False, True):
+        _, state = sparse_hybrid(
+            q, k, v, fq, fk, a, 1 - a, window=W, sinks=0, cache_size=1, relative=relative
+        )
+        kept[relative] = state.cache_k[0, 0, 0]
+    assert torch.equal(kept[False], k[0, 0, long_one]) and torch.equal(kept[True], k[0, 0, planted])

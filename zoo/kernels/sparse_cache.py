@@ -127,7 +127,20 @@ def self_recall_error(k_feat, v, S, z, eps=RECALL_EPS):
     return (v.float() - recalled).pow(2).sum(-1)
 
 
-def _evict(cache, cached: int, block, first_real: int, S, z, cache_size: int):
+def kept_keys(err, v, cache_size: int, relative: bool, eps=RECALL_EPS):
+    """Indices [..., cache_size] of the keys the cache keeps, in position order: the highest self-recall
+    errors `err` [..., N]. `relative`: ranked by err / (||v||^2 + eps) (how wrong the recalled value is for
+    its size, so a value does not stay for its norm alone), ties (as when the state is empty and every key
+    recalls 0) broken by err."""
+    if not relative:
+        return err.topk(cache_size, dim=-1).indices.sort(dim=-1).values
+    rel = err / (v.float().pow(2).sum(-1) + eps)
+    by_err = err.argsort(dim=-1, descending=True, stable=True)
+    order = by_err.gather(-1, rel.gather(-1, by_err).argsort(dim=-1, descending=True, stable=True))
+    return order[..., :cache_size].sort(dim=-1).values
+
+
+def _evict(cache, cached: int, block, first_real: int, S, z, cache_size: int, relative: bool):
     """The eviction at a block end, for rows at one position. cache: (k, v, fk) [B, HKV, C, *] with `cached`
     used slots; block: (k, v, fk) [B, HKV, W, *] leaving the window, its tokens from `first_real` on not
     sinks. Returns the new cache (padded with zeros to C) and S, z."""
@@ -141,7 +154,7 @@ def _evict(cache, cached: int, block, first_real: int, S, z, cache_size: int):
             z,
         )
     err = self_recall_error(cf, cv, S, z)  # [B, HKV, n_cand]
-    keep = err.topk(cache_size, dim=-1).indices.sort(dim=-1).values  # [B, HKV, C], in position order
+    keep = kept_keys(err, cv, cache_size, relative)  # [B, HKV, C]
     new_cache = [x.gather(2, keep[..., None].expand(-1, -1, -1, x.shape[3])) for x in cand]
     leave = torch.ones_like(err, dtype=torch.bool).scatter_(-1, keep, False)
     out_f = cf * leave[..., None]
@@ -150,7 +163,7 @@ def _evict(cache, cached: int, block, first_real: int, S, z, cache_size: int):
     return new_cache, S, z
 
 
-def _rows(q, k, v, fq, fk, a, b, state: list[torch.Tensor], window: int, scale: float):
+def _rows(q, k, v, fq, fk, a, b, state: list[torch.Tensor], window: int, scale: float, relative: bool):
     """Rows that all stand at one position, every token real: q [B, H, T, D], fq [B, H, T, F], k [B, HKV, T,
     D], v [B, HKV, T, Dv], fk [B, HKV, T, F]; a, b [H]; `state`: SparseHybridState.tensors() of these rows.
     Returns y [B, H, T, Dv] (fp32) and the rows' new state tensors."""
@@ -194,7 +207,14 @@ def _rows(q, k, v, fq, fk, a, b, state: list[torch.Tensor], window: int, scale: 
             if j >= 1:
                 first_real = max(0, sinks - (j - 1) * W)
                 (cache_k, cache_v, cache_fk), S, z = _evict(
-                    (cache_k, cache_v, cache_fk), cached, (prev_k, prev_v, prev_fk), first_real, S, z, C
+                    (cache_k, cache_v, cache_fk),
+                    cached,
+                    (prev_k, prev_v, prev_fk),
+                    first_real,
+                    S,
+                    z,
+                    C,
+                    relative,
                 )
             prev_k, prev_v, prev_fk = cur
             cur = [x[:, :, :0] for x in cur]
@@ -204,12 +224,15 @@ def _rows(q, k, v, fq, fk, a, b, state: list[torch.Tensor], window: int, scale: 
     return y, new
 
 
-def sparse_hybrid(q, k, v, fq, fk, a, b, *, window, sinks, cache_size, scale=None, state=None, key_mask=None):
+def sparse_hybrid(
+    q, k, v, fq, fk, a, b, *, window, sinks, cache_size, scale=None, state=None, key_mask=None, relative=False
+):
     """q [B, H, T, D], fq [B, H, T, F]; k [B, HKV, T, D], v [B, HKV, T, Dv], fk [B, HKV, T, F] (one per
     key/value head); a, b [H]; key_mask [B, T] (True/1: real; padded tokens are dropped: they enter nothing
     and their outputs are 0). Returns y [B, H, T, Dv] in q's dtype and the SparseHybridState after the call
     (see the module docstring). Rows at one position without padding (a batch of prompts of one length,
-    `generate`'s steps) run together; others one by one, their padding dropped."""
+    `generate`'s steps) run together; others one by one, their padding dropped. `relative`: the eviction
+    scores each key by its relative self-recall error (self_recall_error)."""
     B, H, T, D = q.shape
     HKV, Dv, F_ = k.shape[1], v.shape[-1], fk.shape[-1]
     if window < 1 or H % HKV:
@@ -228,7 +251,7 @@ def sparse_hybrid(q, k, v, fq, fk, a, b, *, window, sinks, cache_size, scale=Non
     fields = state.tensors()
     low, high = (int(x) for x in torch.aminmax(state.n))
     if low == high and (key_mask is None or bool(key_mask.bool().all())):
-        y, new = _rows(q, k, v, fq, fk, a, b, fields, window, scale)
+        y, new = _rows(q, k, v, fq, fk, a, b, fields, window, scale, relative)
         return y.to(q.dtype), SparseHybridState(*new)
     y = q.new_zeros(B, H, T, Dv, dtype=torch.float32)
     rows = []
@@ -237,18 +260,33 @@ def sparse_hybrid(q, k, v, fq, fk, a, b, *, window, sinks, cache_size, scale=Non
         pick = [x[r : r + 1] for x in (q, k, v, fq, fk)]
         real = None if key_mask is None else key_mask[r].bool()
         if real is None or bool(real.all()):
-            y_row, new = _rows(*pick, a, b, row, window, scale)
+            y_row, new = _rows(*pick, a, b, row, window, scale, relative)
             y[r] = y_row[0]
         else:
             idx = real.nonzero().squeeze(1)
-            y_real, new = _rows(*(x.index_select(2, idx) for x in pick), a, b, row, window, scale)
+            real_pick = [x.index_select(2, idx) for x in pick]
+            y_real, new = _rows(*real_pick, a, b, row, window, scale, relative)
             y[r] = y[r].index_copy(1, idx, y_real[0])
         rows.append(new)
     return y.to(q.dtype), SparseHybridState(*(torch.cat(parts) for parts in zip(*rows)))
 
 
 def sparse_hybrid_naive(
-    q, k, v, fq, fk, a, b, *, window, sinks, cache_size, scale=None, key_mask=None, eps=RECALL_EPS
+    q,
+    k,
+    v,
+    fq,
+    fk,
+    a,
+    b,
+    *,
+    window,
+    sinks,
+    cache_size,
+    scale=None,
+    key_mask=None,
+    eps=RECALL_EPS,
+    relative=False,
 ):
     """The reference of `sparse_hybrid` for whole sequences (no state): y [B, H, T, Dv] in fp32. Every
     key/value head of every row keeps Python lists of (position, k, v, phi(k)) for its sinks, its cache and
@@ -273,8 +311,10 @@ def sparse_hybrid_naive(
                     leaving = [e for e in recent if e[0] // W == j - 2]
                     recent = [e for e in recent if e[0] // W >= j - 1]
                     cand = cache + [e for e in leaving if e[0] >= sinks]
-                    err = [float(((e[2] - e[3] @ S / (e[3] @ z + eps)) ** 2).sum().detach()) for e in cand]
-                    order = sorted(range(len(cand)), key=lambda i: -err[i])
+                    errs = [((e[2] - e[3] @ S / (e[3] @ z + eps)) ** 2).sum().detach() for e in cand]
+                    rel = [x / ((e[2] ** 2).sum().detach() + eps) for x, e in zip(errs, cand)]
+                    rank = [(-float(r), -float(x)) if relative else (-float(x),) for r, x in zip(rel, errs)]
+                    order = sorted(range(len(cand)), key=lambda i: rank[i])
                     kept = sorted(order[:cache_size])
                     for i in order[cache_size:]:
                         S = S + torch.outer(cand[i][3], cand[i][2])

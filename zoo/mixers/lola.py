@@ -54,6 +54,12 @@ class Lola(WindowHybridMixer):
         "cache_size": Option(
             64, int, min=0, doc="older keys kept exactly: those the linear state recalls worst; 0: none"
         ),
+        "recall_error": Option(
+            "absolute",
+            str,
+            choices=("absolute", "relative"),
+            doc="how the cache scores a key: ||v - recalled v||^2 (LoLA) or that over ||v||^2",
+        ),
     }
     test_options = {"window": 4, "feature_dim": 8, "sinks": 2, "cache_size": 3, "linear_mass_tokens": 6}
     terraced = True
@@ -93,6 +99,7 @@ class Lola(WindowHybridMixer):
             scale=self.head_dim**-0.5,
             state=state,
             key_mask=tokens.mask,
+            relative=self.config["recall_error"] == "relative",
         )
 
     def attention_weights(self, q, k):
