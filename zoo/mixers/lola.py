@@ -33,11 +33,11 @@ class Lola(WindowHybridMixer):
 
     source = "LoLA (McDermott et al. 2025, arXiv:2505.23666); LoLCATs (arXiv:2410.10254)"
     description = (
-        "lolcats-terraced-sink + a sparse cache: the 64 older keys its linear state recalls worst stay exact"
+        "lolcats-terraced-sink + a sparse cache: the 192 older keys its linear state recalls worst stay exact"
     )
     state_size = (
         "Hkv*(2F*D + 2F) fp32 + (S + C + 2W)*Hkv*(2D + 2F) (sinks, cache, two blocks: keys, values, phi(k)); "
-        "F = feature_dim (default D), S = sinks (4), C = cache_size (64)"
+        "F = feature_dim (default D), S = sinks (4), C = cache_size (192)"
     )
     options = {
         "window": 64,
@@ -52,7 +52,7 @@ class Lola(WindowHybridMixer):
         "sinks": 4,
         "linear_mass_tokens": 64,
         "cache_size": Option(
-            64, int, min=0, doc="older keys kept exactly: those the linear state recalls worst; 0: none"
+            192, int, min=0, doc="older keys kept exactly: those the linear state recalls worst; 0: none"
         ),
         "recall_error": Option(
             "absolute",
