@@ -36,8 +36,8 @@ class Lola(WindowHybridMixer):
         "lolcats-terraced-sink + a sparse cache: the 192 older keys its linear state recalls worst stay exact"
     )
     state_size = (
-        "Hkv*(2F*D + 2F) fp32 + (S + C + 2W)*Hkv*(2D + 2F) (sinks, cache, two blocks: keys, values, phi(k)); "
-        "F = feature_dim (default D), S = sinks (4), C = cache_size (192)"
+        "Hkv*(2F*D + 2F) fp32 + (C + 2W)*Hkv*(2D + 2F) (cache and two blocks: keys, values, phi(k)) + "
+        "S*Hkv*2D (sinks); F = feature_dim (default D), S = sinks (4), C = cache_size (192)"
     )
     options = {
         "window": 64,
