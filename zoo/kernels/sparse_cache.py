@@ -14,8 +14,9 @@ with c = 0. a and b are per query head.
 Eviction. When block j is complete, block j - 1 leaves the window (the next query is in block j + 1). Its
 tokens that are not sinks, and the cache's entries, are the candidates. Each is scored per key/value head by
 its self-recall error ||v - phi(k) S / (phi(k) . z + eps)||^2 against the linear state before the eviction:
-how badly the state would give back v when asked with k. The C highest stay in the cache (in the order of
-their positions) and the rest are added to S and z. So after n tokens, with E = max(0, (n // W - 1) W)
+how badly the state would give back v when asked with k (or, with `relative`, that error over ||v||^2:
+`kept_keys`). The C highest stay in the cache (in the order of their positions) and the rest are added to
+S and z. So after n tokens, with E = max(0, (n // W - 1) W)
 tokens out of the window and E' = max(0, E - sinks) of them not sinks, the cache holds min(C, E') keys
 and the state E' - min(C, E') (`held_keys`).
 
