@@ -1,5 +1,6 @@
 """The window hybrid: sliding-window softmax and feature-map linear attention in one layer, one normalizer.
-The base of `lolcats` (and its variants) and `based-window`.
+The base of `lolcats` (and its variants), `lola` and `based-window`; `HedgehogWindowHybrid` (at the end) is
+the one with Hedgehog feature maps that `lolcats` and `lola` share.
 
 For query t (zoo.kernels.window_hybrid has the exact formula), keys inside the window get softmax weights
 a * exp(q.k/sqrt(D) - m_t), older keys linear weights b * phi(q).phi(k), with one shared normalizer;
@@ -28,7 +29,7 @@ from zoo.kernels.dispatch import window_hybrid
 from zoo.kernels.window_hybrid import window_hybrid_weights
 from zoo.mixers.base import repeat_kv
 from zoo.mixers.feature_map import FeatureMapped
-from zoo.mixers.features import HeadwiseLinear
+from zoo.mixers.features import HeadwiseLinear, hedgehog_features
 from zoo.mixers.options import Option
 from zoo.mixers.tokens import Tokens
 
@@ -175,3 +176,27 @@ class WindowHybridMixer(FeatureMapped):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, branch={self.branch!r}"
+
+
+class HedgehogWindowHybrid(WindowHybridMixer):
+    """The window hybrid with Hedgehog feature maps phi(x) = [softmax(x W), softmax(-x W)] (W per head,
+    identity at the start): the layer of the lolcats mixers and of `lola`. Not registered itself."""
+
+    source = "LoLCATs (Zhang et al. 2024, arXiv:2410.10254); Hedgehog (Zhang et al. 2024, arXiv:2402.04347)"
+    options = {
+        "window": 64,
+        "feature_dim": Option(
+            None,
+            int,
+            min=1,
+            nullable=True,
+            doc="Hedgehog projections per head (2x as many features); null: head_dim",
+        ),
+        "window_factor": 0.5,
+        "sinks": 0,
+        "linear_mass_tokens": None,
+    }
+    test_options = {"window": 4, "feature_dim": 8}
+
+    def feature_map(self, h, is_query, tokens):
+        return hedgehog_features((self.feature_map_q if is_query else self.feature_map_k)(h))

@@ -21,14 +21,13 @@ import torch
 
 from zoo.kernels.sparse_cache import held_keys, sparse_hybrid
 from zoo.mixers.base import register_mixer
-from zoo.mixers.features import hedgehog_features
-from zoo.mixers.hybrid import WindowHybridMixer
+from zoo.mixers.hybrid import HedgehogWindowHybrid
 from zoo.mixers.options import Option
 from zoo.mixers.tokens import Tokens
 
 
 @register_mixer("lola")
-class Lola(WindowHybridMixer):
+class Lola(HedgehogWindowHybrid):
     """Hedgehog linear attention + terraced window + 4 sinks + a sparse cache of the worst-recalled keys."""
 
     source = "LoLA (McDermott et al. 2025, arXiv:2505.23666); LoLCATs (arXiv:2410.10254)"
@@ -40,15 +39,7 @@ class Lola(WindowHybridMixer):
         "S*Hkv*2D (sinks); F = feature_dim (default D), S = sinks (4), C = cache_size (192)"
     )
     options = {
-        "window": 64,
-        "feature_dim": Option(
-            None,
-            int,
-            min=1,
-            nullable=True,
-            doc="Hedgehog projections per head (2x as many features); null: head_dim",
-        ),
-        "window_factor": 0.5,
+        **HedgehogWindowHybrid.options,
         "sinks": 4,
         "linear_mass_tokens": 64,
         "cache_size": Option(
@@ -67,9 +58,6 @@ class Lola(WindowHybridMixer):
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.cache_size = int(self.config["cache_size"])
-
-    def feature_map(self, h, is_query, tokens):
-        return hedgehog_features((self.feature_map_q if is_query else self.feature_map_k)(h))
 
     def linear_keys(self, positions: torch.Tensor) -> torch.Tensor:
         """The keys in the linear state at each query position: those out of the window, not sinks and not

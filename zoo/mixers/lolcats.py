@@ -30,32 +30,11 @@ Ablations (`mixer.branch`: "both", "window", "linear") and the state: see zoo.mi
 from __future__ import annotations
 
 from zoo.mixers.base import register_mixer
-from zoo.mixers.features import hedgehog_features
-from zoo.mixers.hybrid import WindowHybridMixer
-from zoo.mixers.options import Option
+from zoo.mixers.hybrid import HedgehogWindowHybrid
 
 
-class LolcatsBase(WindowHybridMixer):
+class LolcatsBase(HedgehogWindowHybrid):
     """The LoLCATs window hybrid with Hedgehog feature maps; registered through its subclasses."""
-
-    source = "LoLCATs (Zhang et al. 2024, arXiv:2410.10254); Hedgehog (Zhang et al. 2024, arXiv:2402.04347)"
-    options = {
-        "window": 64,
-        "feature_dim": Option(
-            None,
-            int,
-            min=1,
-            nullable=True,
-            doc="Hedgehog projections per head (2x as many features); null: head_dim",
-        ),
-        "window_factor": 0.5,
-        "sinks": 0,
-        "linear_mass_tokens": None,
-    }
-    test_options = {"window": 4, "feature_dim": 8}
-
-    def feature_map(self, h, is_query, tokens):
-        return hedgehog_features((self.feature_map_q if is_query else self.feature_map_k)(h))
 
 
 @register_mixer("lolcats")
