@@ -112,17 +112,21 @@ def chunk_states(
     z0: torch.Tensor | None = None,
     reverse: bool = False,
     precision: str = "ieee",
+    tile: int = 64,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [BH, n_rows - offset, F], y [BH, n_rows - offset, Dv] (contiguous), weights [BH, n_rows - offset]
     or None, s0 [BH, F, Dv] / z0 [BH, F] fp32 or None (forward only). Returns (S [BH, NC+1, F, Dv],
-    z [BH, NC+1, F]) fp32, NC = ceil(n_rows / chunk); see the module docstring."""
+    z [BH, NC+1, F]) fp32, NC = ceil(n_rows / chunk); see the module docstring. `tile`: the largest
+    [F, Dv] state tile one program keeps (a power of two >= 16: smaller ones give more programs);
+    `num_stages`: Triton's software pipelining of the loop over chunks (None: Triton's default)."""
     BH, _, F = x.shape
     DV = y.shape[-1]
     NC = triton.cdiv(n_rows, chunk)
     S = x.new_empty(BH, NC + 1, F, DV, dtype=torch.float32)
     Z = x.new_empty(BH, NC + 1, F, dtype=torch.float32)
     has_init = s0 is not None
-    const = chunk_state_constants(F, DV, chunk, weights is not None, has_init, reverse, precision)
+    const = chunk_state_constants(F, DV, chunk, weights is not None, has_init, reverse, precision, tile)
     grid = (BH, triton.cdiv(F, const["BF"]), triton.cdiv(DV, const["BV"]))
     chunk_states_kernel[grid](
         x,
@@ -136,19 +140,27 @@ def chunk_states(
         offset,
         NC,
         **const,
+        **({} if num_stages is None else dict(num_stages=num_stages)),
     )
     return S, Z
 
 
 def chunk_state_constants(
-    F: int, DV: int, chunk: int, has_weights: bool, has_init: bool, reverse: bool, precision: str
+    F: int,
+    DV: int,
+    chunk: int,
+    has_weights: bool,
+    has_init: bool,
+    reverse: bool,
+    precision: str,
+    tile: int = 64,
 ) -> dict:
-    """The kernel's compile-time constants: [F, Dv] state tiles of at most 64 x 64 per program."""
+    """The kernel's compile-time constants: [F, Dv] state tiles of at most tile x tile per program."""
     return dict(
         F=F,
         DV=DV,
-        BF=pow2_block(F, hi=64),
-        BV=pow2_block(DV, hi=64),
+        BF=pow2_block(F, hi=tile),
+        BV=pow2_block(DV, hi=tile),
         C=chunk,
         HAS_W=has_weights,
         HAS_INIT=has_init,

@@ -24,7 +24,8 @@ from triton.compiler import ASTSource
 from zoo.kernels.triton.chunk_states import chunk_state_constants, chunk_states_kernel, pow2_block
 from zoo.kernels.triton.hybrid_kernels import bwd_dkv_kernel, bwd_dq_kernel, fwd_kernel
 from zoo.kernels.triton.hybrid_step import step_constants, step_kernel
-from zoo.kernels.triton.window_hybrid import STATE_CHUNK, Dims, tile_rows
+from zoo.kernels.triton.window_hybrid import STATE_CHUNK, Dims, chosen_tile
+from zoo.kernels.triton.window_hybrid import feature_dtype as kernel_feature_dtype
 
 #: the most shared memory one block may use (opt-in), bytes, per compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -61,7 +62,7 @@ def compile_window_hybrid(
     head_dim: int = 128,
     features: int = 256,
     dtype=torch.bfloat16,
-    feature_dtype=torch.float32,
+    feature_dtype=None,
     window: int = 64,
     terraced: bool = True,
     has_c: bool = True,
@@ -69,23 +70,26 @@ def compile_window_hybrid(
     groups: int = 1,
 ) -> dict[str, int]:
     """Build every kernel of the window hybrid for sm_<arch> with `sinks` attention sinks and `groups`
-    query heads per key/value head; returns {kernel: shared memory bytes}."""
+    query heads per key/value head; returns {kernel: shared memory bytes}. feature_dtype: the dtype the
+    kernels read the features in (default: what the launcher chooses for fp32 features and `dtype`)."""
+    feature_dtype = feature_dtype or kernel_feature_dtype(dtype, torch.float32, torch.float32)
     meta = lambda *shape, dt=dtype: torch.empty(*shape, device="meta", dtype=dt)  # noqa: E731
     q, v, fq = meta(1, 1, 1, head_dim), meta(1, 1, 1, head_dim), meta(1, 1, 1, features, dt=feature_dtype)
-    tile = tile_rows(head_dim, head_dim, features)
+    tile = chosen_tile(head_dim, head_dim, features, dtype)
     dims = Dims(q, q, v, fq, window, terraced, 1.0, tile, max(STATE_CHUNK, tile), 0)
     const = {k: v for k, v in dims.const.items() if k not in ("num_warps", "num_stages")}
     const["G"] = groups
     sink_const = dict(SINKS=sinks, BS=pow2_block(max(sinks, 1)))
     options = {k: dims.const[k] for k in ("num_warps", "num_stages")}
+    bwd_options = {k: dims.bwd_const[k] for k in ("num_warps", "num_stages")}
     t, f = "*" + _TYPES[dtype], "*" + _TYPES[feature_dtype]
     inputs = dict(Q=t, K=t, V=t, FQ=f, FK=f, NSEEN="*i64", SK=t, SV=t)
     built = {
         "fwd": _build(
             fwd_kernel, dict(const, HAS_C=has_c, **sink_const), dict(inputs, Y=t, ARG="*i64"), arch, options
         ),
-        "bwd_dq": _build(bwd_dq_kernel, dict(const, HAS_C=has_c), inputs, arch, options),
-        "bwd_dkv": _build(bwd_dkv_kernel, dict(const, HAS_C=has_c, NJ=dims.NJ), inputs, arch, options),
+        "bwd_dq": _build(bwd_dq_kernel, dict(const, HAS_C=has_c), inputs, arch, bwd_options),
+        "bwd_dkv": _build(bwd_dkv_kernel, dict(const, HAS_C=has_c, NJ=dims.NJ), inputs, arch, bwd_options),
     }
     for reverse in (False, True):
         cs = chunk_state_constants(
