@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from zoo.kernels.triton import tune  # noqa: E402
 from zoo.kernels.triton.window_hybrid import (  # noqa: E402
+    SINK_BACKWARDS,
     chosen_tile,
     feature_dtype,
     launch_config,
@@ -83,6 +84,28 @@ def test_half_precision_default_launch_reads_features_in_half_and_matches_fp32()
     assert (y32.float() - ref).abs().max() / ref.abs().max() <= err + 1e-4
 
 
+@pytest.mark.parametrize("mode", SINK_BACKWARDS)
+def test_every_sink_backward_gives_the_same_gradients(mode):
+    """The sink columns' backward products in either orientation (and TF32 allowed, a no-op on the CPU)
+    give the gradients of the default."""
+    q, k, v, fq, fk, a, b = _inputs(100, torch.float32)
+    kw = dict(window=16, terraced=False, sinks=3, chunk_size=16)
+
+    def grads():
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, fq, fk)]
+        y, _ = window_hybrid_triton(*leaves, a, b, **kw)
+        y.pow(2).sum().backward()
+        return [x.grad for x in leaves]
+
+    want = grads()
+    with launch_config(sink_backward=mode):
+        got = grads()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sink_backward must be one of"), launch_config(sink_backward="fp64"):
+        grads()
+
+
 def test_parse_config_reads_the_text_form_and_says_what_is_wrong():
     assert tune.parse_config("32:8:2:bfloat16:128:32") == dict(
         tile=32, num_warps=8, num_stages=2, feature_dtype="bfloat16", state_chunk=128, state_tile=32
@@ -91,6 +114,11 @@ def test_parse_config_reads_the_text_form_and_says_what_is_wrong():
         tune.parse_config("32:8")
     with pytest.raises(argparse.ArgumentTypeError, match="features one of"):
         tune.parse_config("32:8:2:bf16")
+    assert tune.parse_config("32:8:2:bfloat16:-:-:-:tf32-t") == dict(
+        tile=32, num_warps=8, num_stages=2, feature_dtype="bfloat16", sink_backward="tf32-t"
+    )
+    with pytest.raises(argparse.ArgumentTypeError, match="sink backward one of"):
+        tune.parse_config("32:8:2:bfloat16:-:-:-:tf16")
 
 
 @pytest.mark.skipif(
@@ -115,4 +143,4 @@ def test_tuner_dry_run_times_checks_and_reports_every_config(tmp_path):
     assert set(results["mixer"]) == {"default@T=80", "best@T=80"}
     assert results["decode"]["step_s"] > 0 and results["profile"]["best"]
     table = (out / "tune.md").read_text()
-    assert "| 80 | 32 | 4 | 1 | float16 | 64 | 16 |" in table
+    assert "| 80 | 32 | 4 | 1 | float16 | 64 | 16 | default |" in table

@@ -9,7 +9,12 @@ e < off read zeros), Y [BH, N - off, Dv] and optional row weights w [BH, N - off
 Returned as S [BH, NC + 1, F, Dv] and z [BH, NC + 1, F], fp32. The hybrid's forward pass reads the
 state of the keys that lie before a query block's band (X = phi(k), Y = v); its backward pass reads
 the matching "dual" state of the queries after a key block's band (X = phi(q), Y = dy / den, w = the
-normalizer's gradient). One program per (batch*head, F tile, Dv tile) walks the chunks in order.
+normalizer's gradient). One program per (output row, F tile, Dv tile) walks the chunks in order.
+
+Groups (`group` = G > 1): the rows come in groups of G consecutive ones (the query heads of one
+key/value head), and output row r is the sum over its group of the rows' states, each times its head's
+factor s_h (h = the row's index mod `heads`): S_r[c] = sum_g s_h(g) S_{rG+g}[c]. The backward pass
+needs only that sum, G times smaller than the per-row states.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ def chunk_states_kernel(
     Z0,
     S_OUT,
     Z_OUT,
+    SCALE,
     N,
     OFF,
     NC,
+    HEADS,
     F: tl.constexpr,
     DV: tl.constexpr,
     BF: tl.constexpr,
@@ -40,8 +47,10 @@ def chunk_states_kernel(
     HAS_INIT: tl.constexpr,
     REVERSE: tl.constexpr,
     PREC: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # the output row (a group of GROUP input rows)
     i_f, i_v = tl.program_id(1), tl.program_id(2)
     of = i_f * BF + tl.arange(0, BF)
     ov = i_v * BV + tl.arange(0, BV)
@@ -70,22 +79,28 @@ def chunk_states_kernel(
             tl.store(z_base + c * F, accz, mask=zmask)
         r = c * C + tl.arange(0, C) - OFF
         rmask = (r >= 0) & (r < rows_x)
-        x = tl.load(
-            X + bh * rows_x * F + r[:, None] * F + of[None, :],
-            mask=rmask[:, None] & fmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        y = tl.load(
-            Y + bh * rows_x * DV + r[:, None] * DV + ov[None, :],
-            mask=rmask[:, None] & vmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.dot(tl.trans(x), y, input_precision=PREC)
-        if HAS_W:
-            w = tl.load(WT + bh * rows_x + r, mask=rmask, other=0.0).to(tl.float32)
+        for g in range(GROUP):
+            row = bh * GROUP + g
+            x = tl.load(
+                X + row * rows_x * F + r[:, None] * F + of[None, :],
+                mask=rmask[:, None] & fmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            y = tl.load(
+                Y + row * rows_x * DV + r[:, None] * DV + ov[None, :],
+                mask=rmask[:, None] & vmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            if HAS_W:
+                w = tl.load(WT + row * rows_x + r, mask=rmask, other=0.0).to(tl.float32)
+            else:
+                w = tl.where(rmask, 1.0, 0.0)
+            if HAS_SCALE:
+                head_scale = tl.load(SCALE + row % HEADS)
+                y = y * head_scale
+                w = w * head_scale
+            acc += tl.dot(tl.trans(x), y, input_precision=PREC)
             accz += tl.sum(x * w[:, None], 0)
-        else:
-            accz += tl.sum(x, 0)
         if REVERSE:
             tl.store(s_base + c * F * DV, acc, mask=smask)
             tl.store(z_base + c * F, accz, mask=zmask)
@@ -114,20 +129,30 @@ def chunk_states(
     precision: str = "ieee",
     tile: int = 64,
     num_stages: int | None = None,
+    group: int = 1,
+    head_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [BH, n_rows - offset, F], y [BH, n_rows - offset, Dv] (contiguous), weights [BH, n_rows - offset]
     or None, s0 [BH, F, Dv] / z0 [BH, F] fp32 or None (forward only). Returns (S [BH, NC+1, F, Dv],
     z [BH, NC+1, F]) fp32, NC = ceil(n_rows / chunk); see the module docstring. `tile`: the largest
     [F, Dv] state tile one program keeps (a power of two >= 16: smaller ones give more programs);
-    `num_stages`: Triton's software pipelining of the loop over chunks (None: Triton's default)."""
+    `num_stages`: Triton's software pipelining of the loop over chunks (None: Triton's default).
+    `group` G: sum the states of each G consecutive rows, each times `head_scale` [H] (fp32) of its head
+    (row index mod H), or 1; returns [BH / G, ...] (see the module docstring)."""
     BH, _, F = x.shape
     DV = y.shape[-1]
+    if group < 1 or BH % group:
+        raise ValueError(f"group ({group}) must divide the rows ({BH})")
+    rows_out = BH // group
     NC = triton.cdiv(n_rows, chunk)
-    S = x.new_empty(BH, NC + 1, F, DV, dtype=torch.float32)
-    Z = x.new_empty(BH, NC + 1, F, dtype=torch.float32)
+    S = x.new_empty(rows_out, NC + 1, F, DV, dtype=torch.float32)
+    Z = x.new_empty(rows_out, NC + 1, F, dtype=torch.float32)
     has_init = s0 is not None
-    const = chunk_state_constants(F, DV, chunk, weights is not None, has_init, reverse, precision, tile)
-    grid = (BH, triton.cdiv(F, const["BF"]), triton.cdiv(DV, const["BV"]))
+    has_scale = head_scale is not None
+    const = chunk_state_constants(
+        F, DV, chunk, weights is not None, has_init, reverse, precision, tile, group, has_scale
+    )
+    grid = (rows_out, triton.cdiv(F, const["BF"]), triton.cdiv(DV, const["BV"]))
     chunk_states_kernel[grid](
         x,
         y,
@@ -136,9 +161,11 @@ def chunk_states(
         z0 if has_init else Z,
         S,
         Z,
+        head_scale if has_scale else x,
         n_rows,
         offset,
         NC,
+        head_scale.shape[0] if has_scale else 1,
         **const,
         **({} if num_stages is None else dict(num_stages=num_stages)),
     )
@@ -154,8 +181,11 @@ def chunk_state_constants(
     reverse: bool,
     precision: str,
     tile: int = 64,
+    group: int = 1,
+    has_scale: bool = False,
 ) -> dict:
-    """The kernel's compile-time constants: [F, Dv] state tiles of at most tile x tile per program."""
+    """The kernel's compile-time constants: [F, Dv] state tiles of at most tile x tile per program,
+    groups of `group` rows summed (each times its head's factor with has_scale)."""
     return dict(
         F=F,
         DV=DV,
@@ -166,4 +196,6 @@ def chunk_state_constants(
         HAS_INIT=has_init,
         REVERSE=reverse,
         PREC=precision,
+        GROUP=group,
+        HAS_SCALE=has_scale,
     )

@@ -24,13 +24,13 @@ from triton.compiler import ASTSource
 from zoo.kernels.triton.chunk_states import chunk_state_constants, chunk_states_kernel, pow2_block
 from zoo.kernels.triton.hybrid_kernels import bwd_dkv_kernel, bwd_dq_kernel, fwd_kernel
 from zoo.kernels.triton.hybrid_step import step_constants, step_kernel
-from zoo.kernels.triton.window_hybrid import STATE_CHUNK, Dims, chosen_tile
+from zoo.kernels.triton.window_hybrid import STATE_CHUNK, STATE_TILE, Dims, chosen_tile
 from zoo.kernels.triton.window_hybrid import feature_dtype as kernel_feature_dtype
 
 #: the most shared memory one block may use (opt-in), bytes, per compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_INT_ARGS = {"T", "N", "P", "NC", "NS", "H", "OFF"}
+_INT_ARGS = {"T", "N", "P", "NC", "NS", "H", "OFF", "HEADS"}
 
 
 def _signature(fn, const: dict, pointer_types: dict[str, str]) -> dict[str, str]:
@@ -93,7 +93,16 @@ def compile_window_hybrid(
     }
     for reverse in (False, True):
         cs = chunk_state_constants(
-            features, head_dim, STATE_CHUNK, reverse, not reverse, reverse, const["PREC"]
+            features,
+            head_dim,
+            STATE_CHUNK,
+            reverse,
+            not reverse,
+            reverse,
+            const["PREC"],
+            tile=STATE_TILE,
+            group=groups if reverse else 1,
+            has_scale=reverse,
         )
         built[f"chunk_states{'_reverse' if reverse else ''}"] = _build(
             chunk_states_kernel, cs, dict(X=f, Y="*fp32" if reverse else t), arch, {}

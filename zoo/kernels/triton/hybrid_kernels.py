@@ -38,7 +38,7 @@ dm_t = -a sum_win p dW at the argmax key (added outside the kernels: a scatter).
 (query-major) gives dq, dphi_q and the per-query parts of da, db, dc; `bwd_dkv_kernel` (key-major)
 gives dk, dv, dphi_k: it reads the query tiles whose band holds its keys directly (up to the next
 state-chunk boundary), and all later queries through the reverse ("dual") chunk states
-G = sum phi_q^T gn, Gz = sum gd phi_q.
+G = sum b phi_q^T gn, Gz = sum b gd phi_q, summed over the query heads of its key/value head.
 """
 
 from __future__ import annotations
@@ -506,37 +506,38 @@ def bwd_dkv_kernel(
             acc_dk += tl.dot((fa * p * dw).to(q.dtype), q, input_precision=PREC)
             acc_dfk += tl.dot((dw * coef).to(fq.dtype), fq, input_precision=PREC)
 
-        # later queries, through the dual state at j_end (in slices, as in the forward pass)
-        st = bh * (NS + 1) + j_end // R
-        g_ptr = GS + st * F * DV
-        for v0 in range(0, BDV, VS):
-            ovs = v0 + tl.arange(0, VS)
-            v_s = tl.load(
-                V + kv * N * DV + e_k[:, None] * DV + ovs[None, :],
-                mask=k_in[:, None] & (ovs[None, :] < DV),
-                other=0.0,
-            ).to(tl.float32)
-            Gs = tl.load(
-                g_ptr + of[:, None] * DV + ovs[None, :],
-                mask=(of[:, None] < F) & (ovs[None, :] < DV),
-                other=0.0,
-            )
-            acc_dfk += fb * tl.dot(v_s, tl.trans(Gs), input_precision=PREC)
-        for f0 in range(0, BF, FS):
-            ofs = f0 + tl.arange(0, FS)
-            fk_s = tl.load(
-                FK + kv * N * F + e_k[:, None] * F + ofs[None, :],
-                mask=k_in[:, None] & (ofs[None, :] < F),
-                other=0.0,
-            ).to(tl.float32)
-            Gs = tl.load(
-                g_ptr + ofs[:, None] * DV + ov[None, :],
-                mask=(ofs[:, None] < F) & (ov[None, :] < DV),
-                other=0.0,
-            )
-            acc_dv += fb * tl.dot(fk_s, Gs, input_precision=PREC)
-        gz = tl.load(GZ + st * F + of, mask=of < F, other=0.0)
-        acc_dfk += fb * gz[None, :]
+    # later queries, through the dual state at j_end: the group's query heads summed, each times its b
+    # (zoo.kernels.triton.chunk_states with groups), in slices as in the forward pass
+    st = kv * (NS + 1) + j_end // R
+    g_ptr = GS + st * F * DV
+    for v0 in range(0, BDV, VS):
+        ovs = v0 + tl.arange(0, VS)
+        v_s = tl.load(
+            V + kv * N * DV + e_k[:, None] * DV + ovs[None, :],
+            mask=k_in[:, None] & (ovs[None, :] < DV),
+            other=0.0,
+        ).to(tl.float32)
+        Gs = tl.load(
+            g_ptr + of[:, None] * DV + ovs[None, :],
+            mask=(of[:, None] < F) & (ovs[None, :] < DV),
+            other=0.0,
+        )
+        acc_dfk += tl.dot(v_s, tl.trans(Gs), input_precision=PREC)
+    for f0 in range(0, BF, FS):
+        ofs = f0 + tl.arange(0, FS)
+        fk_s = tl.load(
+            FK + kv * N * F + e_k[:, None] * F + ofs[None, :],
+            mask=k_in[:, None] & (ofs[None, :] < F),
+            other=0.0,
+        ).to(tl.float32)
+        Gs = tl.load(
+            g_ptr + ofs[:, None] * DV + ov[None, :],
+            mask=(ofs[:, None] < F) & (ov[None, :] < DV),
+            other=0.0,
+        )
+        acc_dv += tl.dot(fk_s, Gs, input_precision=PREC)
+    gz = tl.load(GZ + st * F + of, mask=of < F, other=0.0)
+    acc_dfk += gz[None, :]
 
     k_ok = (k_in & (e_k >= first_valid))[:, None]
     tl.store(

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.kernels.triton.window_hybrid import launch_config, window_hybrid_triton
+from zoo.kernels.triton.window_hybrid import SINK_BACKWARDS, launch_config, window_hybrid_triton
 from zoo.kernels.window_hybrid import window_hybrid_chunked
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -129,16 +129,14 @@ def relative_errors(got_y, got_grads, ref_y, ref_grads) -> dict:
 
 #: the configs timed by default beside the defaults, TILE:WARPS:STAGES:FEATURES[:STATE_CHUNK[:STATE_TILE
 #: [:STATE_STAGES]]]: ones that compile for sm_90 within its shared memory with few register spills
-#: (ptxas, checked on the CPU with compile_check's builds), around the settings the first run chose
+#: (ptxas, checked on the CPU with compile_check's builds), around the defaults the H200 runs chose
 DEFAULT_CONFIGS = (
     "16:8:1:float32",  # the defaults before the first tuning run
-    "32:8:2:float32",
+    "32:8:2:bfloat16:-:-:-:fp32-t",
+    "32:8:2:bfloat16:-:-:-:tf32",
+    "32:8:2:bfloat16:-:-:-:tf32-t",
     "64:8:1:bfloat16",
-    "32:8:2:bfloat16:64:32",
-    "32:8:2:bfloat16:64:32:2",
-    "32:8:2:bfloat16:128",
-    "32:8:2:bfloat16:128:32",
-    "64:8:1:bfloat16:64:32",
+    "32:8:2:bfloat16:-:64",
 )
 
 
@@ -151,24 +149,35 @@ CONFIG_FIELDS = (
     "state_chunk",
     "state_tile",
     "state_stages",
+    "sink_backward",
 )
 
 
 def parse_config(text: str) -> dict:
-    """'TILE:WARPS:STAGES:FEATURES[:STATE_CHUNK[:STATE_TILE[:STATE_STAGES]]]' -> a config (FEATURES a
-    dtype name, the others integers)."""
+    """'TILE:WARPS:STAGES:FEATURES[:STATE_CHUNK[:STATE_TILE[:STATE_STAGES[:SINK_BACKWARD]]]]' -> a config
+    (FEATURES a dtype name, SINK_BACKWARD one of SINK_BACKWARDS, the others integers; '-' leaves one of
+    the optional fields at its default)."""
     parts = text.split(":")
-    numbers = parts[:3] + parts[4:]
-    if (
-        not 4 <= len(parts) <= len(CONFIG_FIELDS)
-        or parts[3] not in DTYPES
-        or not all(p.isdigit() for p in numbers)
-    ):
+    ok, config = 4 <= len(parts) <= len(CONFIG_FIELDS), {}
+    for i, (key, value) in enumerate(zip(CONFIG_FIELDS, parts)):
+        if value == "-" and i >= 4:
+            continue
+        if key == "feature_dtype":
+            ok = ok and value in DTYPES
+        elif key == "sink_backward":
+            ok = ok and value in SINK_BACKWARDS
+        else:
+            ok = ok and value.isdigit()
+            value = int(value) if value.isdigit() else value
+        config[key] = value
+    if not ok:
         raise argparse.ArgumentTypeError(
-            "a config is TILE:WARPS:STAGES:FEATURES[:STATE_CHUNK[:STATE_TILE[:STATE_STAGES]]] (e.g. "
-            f"32:8:2:bfloat16 or 32:8:2:bfloat16:128:32:2; features one of {', '.join(DTYPES)}); got {text!r}"
+            "a config is TILE:WARPS:STAGES:FEATURES"
+            "[:STATE_CHUNK[:STATE_TILE[:STATE_STAGES[:SINK_BACKWARD]]]] "
+            f"(e.g. 32:8:2:bfloat16 or 32:8:2:bfloat16:-:-:-:tf32-t; features one of {', '.join(DTYPES)}, "
+            f"sink backward one of {', '.join(SINK_BACKWARDS)}, '-' a default); got {text!r}"
         )
-    return {k: (v if k == "feature_dtype" else int(v)) for k, v in zip(CONFIG_FIELDS, parts)}
+    return config
 
 
 def _launch(config: dict):
@@ -330,9 +339,9 @@ def markdown(results: dict) -> str:
     ]
     lines += ["## Sweep (kernel alone; ms, median)", ""]
     lines += [
-        "| T | tile | warps | stages | features | state chunk | state tile | state stages | fwd | fwd+bwd "
-        "| max rel. error | note |",
-        "|" + "---|" * 12,
+        "| T | tile | warps | stages | features | state chunk | state tile | state stages | sink bwd | fwd "
+        "| fwd+bwd | max rel. error | note |",
+        "|" + "---|" * 13,
     ]
     for r in results["sweep"]:
         c = r["config"] if isinstance(r["config"], dict) else {}

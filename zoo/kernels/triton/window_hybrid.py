@@ -33,8 +33,9 @@ from zoo.kernels.window_state import advance_state, extend_with_state
 
 #: linear states are kept every this many rows (at least; a multiple of the tile)
 STATE_CHUNK = 64
-#: the largest [F, Dv] tile of one program of chunk_states
-STATE_TILE = 64
+#: the largest [F, Dv] tile of one program of chunk_states: 32 ran forward + backward 6% faster than 64
+#: on an H200 at 16k tokens (docs/gpu-check/2026-12-04-h200-tuning, run 3)
+STATE_TILE = 32
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -108,6 +109,7 @@ _LAUNCH_KEYS = (
     "state_chunk",
     "state_tile",
     "state_stages",
+    "sink_backward",
 )
 
 
@@ -118,7 +120,8 @@ def launch_config(**settings):
     `num_warps`, `num_stages` (every kernel) and `bwd_num_warps`, `bwd_num_stages` (the backward
     kernels), `feature_dtype` (the dtype the kernels read phi(q), phi(k) in; default: `feature_dtype`),
     `state_chunk` (rows between stored linear states), `state_tile` and `state_stages` (the largest
-    [F, Dv] tile of one program of zoo.kernels.triton.chunk_states, and its pipelining). None leaves a
+    [F, Dv] tile of one program of zoo.kernels.triton.chunk_states, and its pipelining),
+    `sink_backward` (one of SINK_BACKWARDS: how the sink columns' backward products run). None leaves a
     setting at its default; explicit chunk_size= and state_chunk= arguments still win."""
     unknown = sorted(set(settings) - set(_LAUNCH_KEYS))
     if unknown:
@@ -164,6 +167,9 @@ class Dims:
             **launch_options(self.D, self.DV, self.F, q.dtype),
         )
         self.bwd_const = dict(self.const, **launch_options(self.D, self.DV, self.F, q.dtype, backward=True))
+        self.sink_backward = _LAUNCH.get("sink_backward") or "fp32"
+        if self.sink_backward not in SINK_BACKWARDS:
+            raise ValueError(f"sink_backward must be one of {SINK_BACKWARDS}, got {self.sink_backward!r}")
         self.state_options = dict(
             precision=self.const["PREC"],
             tile=_LAUNCH.get("state_tile") or STATE_TILE,
@@ -271,7 +277,10 @@ class _WindowHybridFn(torch.autograd.Function):
         gn = (g / den[..., None]).contiguous()  # dL/d numerator
         gd = (-(g * y.float()).sum(-1) / den).contiguous()  # dL/d denominator
         HS, HZ = chunk_states(fk_, v_, N, SC, s0=s0_, z0=z0_, **d.state_options)
-        GS, GZ = chunk_states(fq_, gn, N, SC, offset=d.P, weights=gd, reverse=True, **d.state_options)
+        # the dual state of each key/value head: its query heads' states, each times the head's b
+        GS, GZ = chunk_states(
+            fq_, gn, N, SC, offset=d.P, weights=gd, reverse=True, group=d.G, head_scale=b, **d.state_options
+        )
 
         dq = torch.empty(BH, T, d.D, dtype=torch.float32, device=q_.device)
         dfq = torch.empty(BH, T, d.F, dtype=torch.float32, device=q_.device)
@@ -355,8 +364,8 @@ class _WindowHybridFn(torch.autograd.Function):
 
         da, db = pa.view(B, H, T).sum((0, 2)), pb.view(B, H, T).sum((0, 2))
         dc = pc.view(B, H, T).sum((0, 2)) if has_c else None
-        dS0 = kv_shape(d.per_kv_head(b.repeat(B)[:, None, None] * GS[:, 0]), d.F, d.DV)
-        dz0 = kv_shape(d.per_kv_head(b.repeat(B)[:, None] * GZ[:, 0]), d.F)
+        dS0 = kv_shape(GS[:, 0], d.F, d.DV)  # b is in the dual state already
+        dz0 = kv_shape(GZ[:, 0], d.F)
         grads = (
             shape(dq, T, d.D).to(q_.dtype),
             kv_shape(dk, N, d.D).to(k_.dtype),
@@ -373,6 +382,22 @@ class _WindowHybridFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
+#: how the sink columns' backward products run: "fp32" ([T, SINKS] outputs) or "fp32-t" ([SINKS, T]
+#: outputs, the other cuBLAS orientation), each optionally with TF32 ("tf32", "tf32-t"; exact for the
+#: scores of 16-bit q and keys, TF32's rounding for the fp32 gradients, as the kernels' "tf32" dots)
+SINK_BACKWARDS = ("fp32", "fp32-t", "tf32", "tf32-t")
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(allowed: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed or old
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _sink_columns_backward(ctx, q_, sk_, sv_, gn, gd, m, n_seen, a_rows, pa, dq, kv_rows):
     """The sink columns' part of the backward pass, in PyTorch ([BH, T, SINKS] products): adds their
     terms to dq and pa (in place) and returns the sinks' dk, dv [B * HKV, SINKS, *] (fp32)."""
@@ -381,13 +406,26 @@ def _sink_columns_backward(ctx, q_, sk_, sv_, gn, gd, m, n_seen, a_rows, pa, dq,
     window, terraced = d.const["W"], d.const["TERRACED"]
     sink_on = sink_open(pos, ctx.sinks, window, terraced)  # [BH, T, SINKS]
     qf, skf, svf = q_.float(), sk_.float()[kv_rows], sv_.float()[kv_rows]  # the sinks: SINKS rows a head
-    p = torch.exp(torch.bmm(qf, skf.transpose(1, 2)) * d.scale - m[..., None]) * sink_on
-    pdw = p * (torch.bmm(gn, svf.transpose(1, 2)) + gd[..., None])
-    pa += pdw.sum(-1)
     a3 = a_rows[:, None, None]
-    dq += (a3 * d.scale) * torch.bmm(pdw, skf)
-    dsk = (a3 * d.scale) * torch.bmm(pdw.transpose(1, 2), qf)
-    return d.per_kv_head(dsk), d.per_kv_head(a3 * torch.bmm(p.transpose(1, 2), gn))
+    mode = d.sink_backward
+    with _tf32_matmuls(mode.startswith("tf32")):
+        if mode.endswith("-t"):  # products with T last: [BH, SINKS, T]
+            p = torch.exp(torch.bmm(skf, qf.transpose(1, 2)) * d.scale - m[:, None, :]) * sink_on.transpose(
+                1, 2
+            )
+            pdw = p * (torch.bmm(svf, gn.transpose(1, 2)) + gd[:, None, :])
+            pa += pdw.sum(1)
+            dq += (a3 * d.scale) * torch.bmm(pdw.transpose(1, 2), skf)
+            dsk = (a3 * d.scale) * torch.bmm(pdw, qf)
+            dsv = a3 * torch.bmm(p, gn)
+        else:
+            p = torch.exp(torch.bmm(qf, skf.transpose(1, 2)) * d.scale - m[..., None]) * sink_on
+            pdw = p * (torch.bmm(gn, svf.transpose(1, 2)) + gd[..., None])
+            pa += pdw.sum(-1)
+            dq += (a3 * d.scale) * torch.bmm(pdw, skf)
+            dsk = (a3 * d.scale) * torch.bmm(pdw.transpose(1, 2), qf)
+            dsv = a3 * torch.bmm(p.transpose(1, 2), gn)
+    return d.per_kv_head(dsk), d.per_kv_head(dsv)
 
 
 def _factor(f, H: int, device) -> torch.Tensor:
