@@ -28,11 +28,14 @@ BIG = (128, 128, 256)  # Llama-3-8B heads with Hedgehog's 256 features
 
 
 def test_defaults_follow_the_tuning_run():
-    assert tile_rows(*BIG, torch.bfloat16) == 32 and tile_rows(*BIG, torch.float16) == 32
-    assert tile_rows(*BIG, torch.float32) == 16
-    assert tile_rows(64, 64, 128, torch.float32) == 32
-    assert launch_options(*BIG, torch.bfloat16) == dict(num_warps=8, num_stages=2)
-    assert launch_options(*BIG, torch.float32) == dict(num_warps=8, num_stages=1)
+    hopper, ampere = 232448, 166912  # shared memory per block, bytes
+    assert tile_rows(*BIG, torch.bfloat16, hopper) == 64 and tile_rows(*BIG, torch.float16, hopper) == 64
+    assert tile_rows(*BIG, torch.bfloat16, ampere) == 32 and tile_rows(*BIG, torch.bfloat16) == 32
+    assert tile_rows(*BIG, torch.float32, hopper) == 16
+    assert tile_rows(64, 64, 128, torch.float32, hopper) == 32
+    assert launch_options(*BIG, torch.bfloat16, tile=64) == dict(num_warps=8, num_stages=1)
+    assert launch_options(*BIG, torch.bfloat16, tile=32) == dict(num_warps=8, num_stages=2)
+    assert launch_options(*BIG, torch.float32, tile=16) == dict(num_warps=8, num_stages=1)
     # fp32 features of 16-bit inputs are read in the inputs' dtype; fp32 inputs keep them
     assert feature_dtype(torch.bfloat16, torch.float32, torch.float32) == torch.bfloat16
     assert feature_dtype(torch.float32, torch.float32, torch.float16) == torch.float32
@@ -143,4 +146,4 @@ def test_tuner_dry_run_times_checks_and_reports_every_config(tmp_path):
     assert set(results["mixer"]) == {"default@T=80", "best@T=80"}
     assert results["decode"]["step_s"] > 0 and results["profile"]["best"]
     table = (out / "tune.md").read_text()
-    assert "| 80 | 32 | 4 | 1 | float16 | 64 | 16 | default |" in table
+    assert "| 80 | 32 | 4 | 1 | float16 | 64 | 16 | default | default |" in table

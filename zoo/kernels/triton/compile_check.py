@@ -75,7 +75,7 @@ def compile_window_hybrid(
     feature_dtype = feature_dtype or kernel_feature_dtype(dtype, torch.float32, torch.float32)
     meta = lambda *shape, dt=dtype: torch.empty(*shape, device="meta", dtype=dt)  # noqa: E731
     q, v, fq = meta(1, 1, 1, head_dim), meta(1, 1, 1, head_dim), meta(1, 1, 1, features, dt=feature_dtype)
-    tile = chosen_tile(head_dim, head_dim, features, dtype)
+    tile = chosen_tile(head_dim, head_dim, features, dtype, SHARED_LIMIT.get(arch))
     dims = Dims(q, q, v, fq, window, terraced, 1.0, tile, max(STATE_CHUNK, tile), 0)
     const = {k: v for k, v in dims.const.items() if k not in ("num_warps", "num_stages")}
     const["G"] = groups
@@ -88,7 +88,7 @@ def compile_window_hybrid(
         "fwd": _build(
             fwd_kernel, dict(const, HAS_C=has_c, **sink_const), dict(inputs, Y=t, ARG="*i64"), arch, options
         ),
-        "bwd_dq": _build(bwd_dq_kernel, dict(const, HAS_C=has_c), inputs, arch, bwd_options),
+        "bwd_dq": _build(bwd_dq_kernel, dict(const, HAS_C=has_c, **sink_const), inputs, arch, bwd_options),
         "bwd_dkv": _build(bwd_dkv_kernel, dict(const, HAS_C=has_c, NJ=dims.NJ), inputs, arch, bwd_options),
     }
     for reverse in (False, True):

@@ -29,8 +29,9 @@ with w = phi_q . phi_k and coef = b outside the window, c inside (c = 0 unless g
 m_t, the denominator and argmax_t for the backward pass. Attention sinks (SINKS > 0): the sinks' keys
 and values [SINKS, *] per head row are extra softmax columns for the queries whose window does not hold
 them (`sink_open_mask`), numbered N + i for argmax_t; the caller zeroes their key features, so they are
-never linear keys. The backward pass takes the sink columns' terms in PyTorch (a [T, SINKS] product per
-head row; zoo.kernels.triton.window_hybrid), the kernels below only see m_t, which includes them.
+never linear keys. In the backward pass `bwd_dq_kernel` takes the sink columns' terms too (SINKS > 0),
+writing each query tile's part of the sinks' dk, dv for the caller to sum; or the caller takes them in
+PyTorch (SINKS = 0 there; zoo.kernels.triton.window_hybrid). m_t includes them either way.
 
 Backward. With g = dL/dy, gn = g / den, gd = -(g . y) / den, each weight's gradient is
 dW_ts = gn_t . v_s + gd_t. Softmax weights give ds_ts = a p_ts dW_ts, plus the max's own gradient
@@ -303,6 +304,10 @@ def bwd_dq_kernel(
     PA,
     PB,
     PC,
+    SK,
+    SV,
+    DSK,
+    DSV,
     T,
     N,
     P,
@@ -325,6 +330,8 @@ def bwd_dq_kernel(
     HAS_C: tl.constexpr,
     PREC: tl.constexpr,
     G: tl.constexpr,
+    SINKS: tl.constexpr,
+    BS: tl.constexpr,
 ):
     j = tl.program_id(0) + P // C
     bh = tl.program_id(1).to(tl.int64)
@@ -397,6 +404,35 @@ def bwd_dq_kernel(
     z = tl.load(HZ + st * F + of, mask=of < F, other=0.0)
     acc_dfq += fb * gd[:, None] * z[None, :]
     pb += gd * tl.sum(fq32 * z[None, :], 1)
+
+    if SINKS > 0:  # the sinks outside each query's window (softmax columns, as in the forward pass)
+        osk = tl.arange(0, BS)
+        sk = tl.load(
+            SK + kv * SINKS * D + osk[:, None] * D + od[None, :],
+            mask=(osk[:, None] < SINKS) & (od[None, :] < D),
+            other=0.0,
+        )
+        sv = tl.load(
+            SV + kv * SINKS * DV + osk[:, None] * DV + ov[None, :],
+            mask=(osk[:, None] < SINKS) & (ov[None, :] < DV),
+            other=0.0,
+        ).to(tl.float32)
+        sink_on = sink_open_mask((e_q + shift - 2 * W)[:, None], osk[None, :], SINKS, W, TERRACED)
+        sink_on = sink_on & q_ok[:, None]
+        s = tl.dot(q, tl.trans(sk), input_precision=PREC) * scale
+        p = tl.exp(tl.where(sink_on, s, float("-inf")) - m[:, None])  # [C, BS]
+        pdw = p * (tl.dot(gn, tl.trans(sv), input_precision=PREC) + gd[:, None])
+        pa += tl.sum(pdw, 1)
+        acc_dq += tl.dot((fa * pdw).to(sk.dtype), sk, input_precision=PREC)
+        # this query tile's part of the sinks' dk, dv: summed over tiles and heads by the caller
+        part = bh * tl.num_programs(0) + tl.program_id(0)
+        dsk = tl.dot(tl.trans((fa * scale) * pdw).to(q.dtype), q, input_precision=PREC)  # [BS, BD]
+        dsv = tl.dot(tl.trans(fa * p), gn, input_precision=PREC)  # [BS, BDV]
+        s_ok = osk[:, None] < SINKS
+        tl.store(DSK + part * SINKS * D + osk[:, None] * D + od[None, :], dsk, mask=s_ok & (od[None, :] < D))
+        tl.store(
+            DSV + part * SINKS * DV + osk[:, None] * DV + ov[None, :], dsv, mask=s_ok & (ov[None, :] < DV)
+        )
 
     qmask = q_ok[:, None]
     tl.store(DQ + bh * T * D + t_q[:, None] * D + od[None, :], acc_dq * scale, mask=qmask & (od[None, :] < D))

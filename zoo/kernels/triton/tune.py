@@ -132,11 +132,10 @@ def relative_errors(got_y, got_grads, ref_y, ref_grads) -> dict:
 #: (ptxas, checked on the CPU with compile_check's builds), around the defaults the H200 runs chose
 DEFAULT_CONFIGS = (
     "16:8:1:float32",  # the defaults before the first tuning run
-    "32:8:2:bfloat16:-:-:-:fp32-t",
-    "32:8:2:bfloat16:-:-:-:tf32",
+    "32:8:2:bfloat16:-:-:-:fp32",  # the defaults of run 3
+    "32:8:2:bfloat16:-:-:-:kernel:1",
     "32:8:2:bfloat16:-:-:-:tf32-t",
-    "64:8:1:bfloat16",
-    "32:8:2:bfloat16:-:64",
+    "64:8:1:bfloat16:-:-:-:kernel:1",
 )
 
 
@@ -150,11 +149,13 @@ CONFIG_FIELDS = (
     "state_tile",
     "state_stages",
     "sink_backward",
+    "bwd_num_stages",
 )
 
 
 def parse_config(text: str) -> dict:
-    """'TILE:WARPS:STAGES:FEATURES[:STATE_CHUNK[:STATE_TILE[:STATE_STAGES[:SINK_BACKWARD]]]]' -> a config
+    """'TILE:WARPS:STAGES:FEATURES[:STATE_CHUNK[:STATE_TILE[:STATE_STAGES[:SINK_BACKWARD[:BWD_STAGES]]]]]'
+    -> a config
     (FEATURES a dtype name, SINK_BACKWARD one of SINK_BACKWARDS, the others integers; '-' leaves one of
     the optional fields at its default)."""
     parts = text.split(":")
@@ -173,7 +174,7 @@ def parse_config(text: str) -> dict:
     if not ok:
         raise argparse.ArgumentTypeError(
             "a config is TILE:WARPS:STAGES:FEATURES"
-            "[:STATE_CHUNK[:STATE_TILE[:STATE_STAGES[:SINK_BACKWARD]]]] "
+            "[:STATE_CHUNK[:STATE_TILE[:STATE_STAGES[:SINK_BACKWARD[:BWD_STAGES]]]]] "
             f"(e.g. 32:8:2:bfloat16 or 32:8:2:bfloat16:-:-:-:tf32-t; features one of {', '.join(DTYPES)}, "
             f"sink backward one of {', '.join(SINK_BACKWARDS)}, '-' a default); got {text!r}"
         )
@@ -339,9 +340,9 @@ def markdown(results: dict) -> str:
     ]
     lines += ["## Sweep (kernel alone; ms, median)", ""]
     lines += [
-        "| T | tile | warps | stages | features | state chunk | state tile | state stages | sink bwd | fwd "
-        "| fwd+bwd | max rel. error | note |",
-        "|" + "---|" * 13,
+        "| T | tile | warps | stages | features | state chunk | state tile | state stages | sink bwd "
+        "| bwd stages | fwd | fwd+bwd | max rel. error | note |",
+        "|" + "---|" * 14,
     ]
     for r in results["sweep"]:
         c = r["config"] if isinstance(r["config"], dict) else {}

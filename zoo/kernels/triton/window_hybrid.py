@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -55,18 +56,48 @@ def _small_heads(D: int, DV: int, F: int) -> bool:
     return max(D, DV) <= 64 and F <= 128
 
 
-def tile_rows(D: int, DV: int, F: int, dtype: torch.dtype = torch.float32) -> int:
-    """Query / key tile (rows) for head sizes D, DV, F features and inputs of `dtype`. Small heads
-    (D = DV = 64, F = 128): 32 rows (ptxas: no register spills on sm_90). Large heads (D = DV = 128,
-    F = 256): 32 rows in 16-bit, the fastest forward + backward of 16 / 32 / 64 on an H200
-    (docs/gpu-check/2026-12-04-h200-tuning: with `launch_options` and bf16 features, 1.6x faster than
-    the old 16 rows, 8 warps, 1 stage, fp32 features); 16 rows in fp32 (not timed)."""
-    return 32 if _small_heads(D, DV, F) or _half(dtype) else 16
+#: shared memory per block (bytes, opt-in) a GPU needs for 64-row tiles at large heads: their backward
+#: kernels take up to 212,992 bytes (bwd_dq with sinks, sm_90 build), which Hopper (232,448) has and
+#: sm_80 (166,912) / sm_86-89 (101,376) do not
+BIG_TILE_SHARED = 215_000
 
 
-def chosen_tile(D: int, DV: int, F: int, dtype: torch.dtype = torch.float32) -> int:
+def tile_rows(
+    D: int, DV: int, F: int, dtype: torch.dtype = torch.float32, shared_bytes: int | None = None
+) -> int:
+    """Query / key tile (rows) for head sizes D, DV, F features, inputs of `dtype`, on a GPU with
+    `shared_bytes` of shared memory per block (None: unknown). Small heads (D = DV = 64, F = 128): 32 rows
+    (ptxas: no register spills on sm_90). Large heads (D = DV = 128, F = 256) in 16-bit: 64 rows where
+    they fit (`BIG_TILE_SHARED`), else 32: on an H200 the fastest forward + backward of the settings
+    timed (docs/gpu-check/2026-12-04-h200-tuning, runs 1-4), with `launch_options`, bf16 features and the
+    sinks' backward in the kernel: 16.3 ms at 16k tokens against 18.3 for 32 rows and 28.6 for the old
+    16 rows, 8 warps, fp32 features. Large heads in fp32: 16 rows (not timed)."""
+    if _small_heads(D, DV, F):
+        return 32
+    if not _half(dtype):
+        return 16
+    return 64 if shared_bytes is not None and shared_bytes >= BIG_TILE_SHARED else 32
+
+
+def chosen_tile(
+    D: int, DV: int, F: int, dtype: torch.dtype = torch.float32, shared_bytes: int | None = None
+) -> int:
     """The tile the kernels run with: `launch_config`'s, else `tile_rows`."""
-    return _LAUNCH.get("tile") or tile_rows(D, DV, F, dtype)
+    return _LAUNCH.get("tile") or tile_rows(D, DV, F, dtype, shared_bytes)
+
+
+@functools.cache
+def _shared_bytes_of(index: int) -> int | None:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def device_shared_bytes(device: torch.device) -> int | None:
+    """Shared memory per block (bytes, opt-in) of a CUDA device; None elsewhere or where torch does not
+    say."""
+    if device.type != "cuda":
+        return None
+    return _shared_bytes_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def feature_dtype(q_dtype: torch.dtype, fq_dtype: torch.dtype, fk_dtype: torch.dtype) -> torch.dtype:
@@ -81,15 +112,18 @@ def feature_dtype(q_dtype: torch.dtype, fq_dtype: torch.dtype, fk_dtype: torch.d
 
 
 def launch_options(
-    D: int, DV: int, F: int, dtype: torch.dtype = torch.float32, backward: bool = False
+    D: int,
+    DV: int,
+    F: int,
+    dtype: torch.dtype = torch.float32,
+    backward: bool = False,
+    tile: int | None = None,
 ) -> dict:
-    """num_warps / num_stages for the hybrid's forward kernel, or its backward kernels, at the tile of
-    `tile_rows` (`launch_config` overrides both). Large heads in 16-bit: 8 warps, 2 stages (timed on
-    an H200 with `tile_rows`' 32 rows); in fp32: 8 warps, 1 stage (not timed; no spills at 16 rows)."""
-    if _small_heads(D, DV, F):
-        options = dict(num_warps=8, num_stages=2)
-    else:
-        options = dict(num_warps=8, num_stages=2 if _half(dtype) else 1)
+    """num_warps / num_stages for the hybrid's forward kernel, or its backward kernels, at `tile` rows
+    (`launch_config` overrides both). 8 warps; 1 stage for 64-row tiles and for large heads in fp32, else
+    2 (timed on an H200 for large heads in 16-bit; the rest not timed, no spills for small heads)."""
+    stages = 1 if (tile or 0) >= 64 or not (_small_heads(D, DV, F) or _half(dtype)) else 2
+    options = dict(num_warps=8, num_stages=stages)
     for key in ("num_warps", "num_stages"):
         chosen = _LAUNCH.get(("bwd_" if backward else "") + key) or _LAUNCH.get(key)
         if chosen:
@@ -164,10 +198,12 @@ class Dims:
             TERRACED=terraced,
             PREC=dot_precision(q.dtype),
             G=self.G,
-            **launch_options(self.D, self.DV, self.F, q.dtype),
+            **launch_options(self.D, self.DV, self.F, q.dtype, tile=block),
         )
-        self.bwd_const = dict(self.const, **launch_options(self.D, self.DV, self.F, q.dtype, backward=True))
-        self.sink_backward = _LAUNCH.get("sink_backward") or "fp32"
+        self.bwd_const = dict(
+            self.const, **launch_options(self.D, self.DV, self.F, q.dtype, backward=True, tile=block)
+        )
+        self.sink_backward = _LAUNCH.get("sink_backward") or "kernel"
         if self.sink_backward not in SINK_BACKWARDS:
             raise ValueError(f"sink_backward must be one of {SINK_BACKWARDS}, got {self.sink_backward!r}")
         self.state_options = dict(
@@ -286,6 +322,11 @@ class _WindowHybridFn(torch.autograd.Function):
         dfq = torch.empty(BH, T, d.F, dtype=torch.float32, device=q_.device)
         pa, pb = torch.empty_like(den), torch.empty_like(den)
         pc = torch.zeros_like(den)
+        # the sink columns in bwd_dq_kernel ("kernel"): each query tile's part of their dk, dv
+        in_kernel = ctx.sinks if d.sink_backward == "kernel" else 0
+        n_tiles = d.query_grid[0]
+        dsk_parts = q_.new_zeros(BH * n_tiles, in_kernel, d.D, dtype=torch.float32) if in_kernel else dq
+        dsv_parts = q_.new_zeros(BH * n_tiles, in_kernel, d.DV, dtype=torch.float32) if in_kernel else dq
         bwd_dq_kernel[d.query_grid](
             q_,
             fq_,
@@ -306,8 +347,14 @@ class _WindowHybridFn(torch.autograd.Function):
             pa,
             pb,
             pc,
+            sk_,
+            sv_,
+            dsk_parts,
+            dsv_parts,
             *d.sizes(),
             HAS_C=has_c,
+            SINKS=in_kernel,
+            BS=pow2_block(max(in_kernel, 1)),
             **d.bwd_const,
         )
         BKV = B * d.HKV
@@ -343,8 +390,12 @@ class _WindowHybridFn(torch.autograd.Function):
         kv_rows = d.kv_rows(q_.device)
         a_rows = a.repeat(B)  # [BH]: each head row's a
         keys, dkeys = k_.float(), dk
-        if ctx.sinks:
+        if in_kernel:
+            dsk = d.per_kv_head(dsk_parts.view(BH, n_tiles, in_kernel, d.D).sum(1))
+            dsv = d.per_kv_head(dsv_parts.view(BH, n_tiles, in_kernel, d.DV).sum(1))
+        elif ctx.sinks:
             dsk, dsv = _sink_columns_backward(ctx, q_, sk_, sv_, gn, gd, m, n_seen, a_rows, pa, dq, kv_rows)
+        if ctx.sinks:
             keys, dkeys = torch.cat([keys, sk_.float()], 1), torch.cat([dk, dsk], 1)
         # the window max m_t moves with its argmax key: dm_t = -a sum_win p dW = -a pa_t
         dm = (-a_rows[:, None] * pa * d.scale)[..., None]  # [BH, T, 1], times the score scale
@@ -382,10 +433,11 @@ class _WindowHybridFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
-#: how the sink columns' backward products run: "fp32" ([T, SINKS] outputs) or "fp32-t" ([SINKS, T]
-#: outputs, the other cuBLAS orientation), each optionally with TF32 ("tf32", "tf32-t"; exact for the
-#: scores of 16-bit q and keys, TF32's rounding for the fp32 gradients, as the kernels' "tf32" dots)
-SINK_BACKWARDS = ("fp32", "fp32-t", "tf32", "tf32-t")
+#: where the sink columns' backward runs: "kernel" (inside bwd_dq_kernel), or in PyTorch: "fp32"
+#: ([T, SINKS] products) or "fp32-t" ([SINKS, T], the other cuBLAS orientation), each optionally with
+#: TF32 ("tf32", "tf32-t"; exact for the scores of 16-bit q and keys, TF32's rounding for the fp32
+#: gradients, as the kernels' "tf32" dots)
+SINK_BACKWARDS = ("kernel", "fp32", "fp32-t", "tf32", "tf32-t")
 
 
 @contextlib.contextmanager
@@ -464,7 +516,8 @@ def _check(q, k, v, fq, fk, window, key_mask, sinks=0):
 
 
 def _tiles(q, v, fq, chunk_size, state_chunk) -> tuple[int, int]:
-    block = chunk_size or chosen_tile(q.shape[-1], v.shape[-1], fq.shape[-1], q.dtype)
+    shared = device_shared_bytes(q.device)
+    block = chunk_size or chosen_tile(q.shape[-1], v.shape[-1], fq.shape[-1], q.dtype, shared)
     if block < 16 or block & (block - 1):
         raise ValueError(f"chunk_size (the kernel's tile) must be a power of two >= 16, got {block}")
     state_chunk = state_chunk or _LAUNCH.get("state_chunk") or max(STATE_CHUNK, block)
