@@ -106,6 +106,39 @@ def sink_open_mask(pos_q, i, SINKS: tl.constexpr, W: tl.constexpr, TERRACED: tl.
 
 
 @triton.jit
+def _sink_tile(
+    SK,
+    SV,
+    kv,
+    e_q,
+    shift,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    W: tl.constexpr,
+    TERRACED: tl.constexpr,
+    SINKS: tl.constexpr,
+    BS: tl.constexpr,
+):
+    """The sinks of key/value head row kv: their indices [BS], keys [BS, BD], values [BS, BDV] (zero past
+    SINKS) and which of them are extra softmax columns of the queries at ext rows e_q ([C, BS])."""
+    osk, od, ov = tl.arange(0, BS), tl.arange(0, BD), tl.arange(0, BDV)
+    sk = tl.load(
+        SK + kv * SINKS * D + osk[:, None] * D + od[None, :],
+        mask=(osk[:, None] < SINKS) & (od[None, :] < D),
+        other=0.0,
+    )
+    sv = tl.load(
+        SV + kv * SINKS * DV + osk[:, None] * DV + ov[None, :],
+        mask=(osk[:, None] < SINKS) & (ov[None, :] < DV),
+        other=0.0,
+    )
+    sink_on = sink_open_mask((e_q + shift - 2 * W)[:, None], osk[None, :], SINKS, W, TERRACED)
+    return osk, sk, sv, sink_on
+
+
+@triton.jit
 def _online_softmax(s, v, m_i, arg, acc_win, l_win, offset, PREC: tl.constexpr):
     """Fold the masked scores s [C, n] (-inf outside) of keys with values v [n, DV] into the running max
     m_i (and its key's index arg, the keys numbered from `offset`), the max-normalized window sums."""
@@ -236,18 +269,7 @@ def fwd_kernel(
         l_lin += tl.sum(lw, 1)
 
     if SINKS > 0:  # the sinks outside each query's window: extra softmax columns, numbered N + i
-        osk = tl.arange(0, BS)
-        sk = tl.load(
-            SK + kv * SINKS * D + osk[:, None] * D + od[None, :],
-            mask=(osk[:, None] < SINKS) & (od[None, :] < D),
-            other=0.0,
-        )
-        sv = tl.load(
-            SV + kv * SINKS * DV + osk[:, None] * DV + ov[None, :],
-            mask=(osk[:, None] < SINKS) & (ov[None, :] < DV),
-            other=0.0,
-        )
-        sink_on = sink_open_mask((e_q + shift - 2 * W)[:, None], osk[None, :], SINKS, W, TERRACED)
+        osk, sk, sv, sink_on = _sink_tile(SK, SV, kv, e_q, shift, D, DV, BD, BDV, W, TERRACED, SINKS, BS)
         s = tl.where(sink_on, tl.dot(q, tl.trans(sk), input_precision=PREC) * scale, float("-inf"))
         m_i, arg, acc_win, l_win = _online_softmax(s, sv, m_i, arg, acc_win, l_win, N, PREC)
 
@@ -406,18 +428,8 @@ def bwd_dq_kernel(
     pb += gd * tl.sum(fq32 * z[None, :], 1)
 
     if SINKS > 0:  # the sinks outside each query's window (softmax columns, as in the forward pass)
-        osk = tl.arange(0, BS)
-        sk = tl.load(
-            SK + kv * SINKS * D + osk[:, None] * D + od[None, :],
-            mask=(osk[:, None] < SINKS) & (od[None, :] < D),
-            other=0.0,
-        )
-        sv = tl.load(
-            SV + kv * SINKS * DV + osk[:, None] * DV + ov[None, :],
-            mask=(osk[:, None] < SINKS) & (ov[None, :] < DV),
-            other=0.0,
-        ).to(tl.float32)
-        sink_on = sink_open_mask((e_q + shift - 2 * W)[:, None], osk[None, :], SINKS, W, TERRACED)
+        osk, sk, sv, sink_on = _sink_tile(SK, SV, kv, e_q, shift, D, DV, BD, BDV, W, TERRACED, SINKS, BS)
+        sv = sv.to(tl.float32)
         sink_on = sink_on & q_ok[:, None]
         s = tl.dot(q, tl.trans(sk), input_precision=PREC) * scale
         p = tl.exp(tl.where(sink_on, s, float("-inf")) - m[:, None])  # [C, BS]
