@@ -89,8 +89,7 @@ def test_half_precision_default_launch_reads_features_in_half_and_matches_fp32()
 
 @pytest.mark.parametrize("mode", SINK_BACKWARDS)
 def test_every_sink_backward_gives_the_same_gradients(mode):
-    """The sink columns' backward products in either orientation (and TF32 allowed, a no-op on the CPU)
-    give the gradients of the default."""
+    """The sink columns' backward inside the kernel (the default) and in PyTorch give the same gradients."""
     q, k, v, fq, fk, a, b = _inputs(100, torch.float32)
     kw = dict(window=16, terraced=False, sinks=3, chunk_size=16)
 
@@ -117,8 +116,8 @@ def test_parse_config_reads_the_text_form_and_says_what_is_wrong():
         tune.parse_config("32:8")
     with pytest.raises(argparse.ArgumentTypeError, match="features one of"):
         tune.parse_config("32:8:2:bf16")
-    assert tune.parse_config("32:8:2:bfloat16:-:-:-:tf32-t") == dict(
-        tile=32, num_warps=8, num_stages=2, feature_dtype="bfloat16", sink_backward="tf32-t"
+    assert tune.parse_config("32:8:2:bfloat16:-:-:-:torch") == dict(
+        tile=32, num_warps=8, num_stages=2, feature_dtype="bfloat16", sink_backward="torch"
     )
     with pytest.raises(argparse.ArgumentTypeError, match="sink backward one of"):
         tune.parse_config("32:8:2:bfloat16:-:-:-:tf16")

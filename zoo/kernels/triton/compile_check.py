@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from zoo.kernels.triton.chunk_states import chunk_state_constants, chunk_states_kernel, pow2_block
 from zoo.kernels.triton.hybrid_kernels import bwd_dkv_kernel, bwd_dq_kernel, fwd_kernel
 from zoo.kernels.triton.hybrid_step import step_constants, step_kernel
-from zoo.kernels.triton.window_hybrid import STATE_CHUNK, STATE_TILE, Dims, chosen_tile
+from zoo.kernels.triton.window_hybrid import STATE_CHUNK, Dims, chosen_tile
 from zoo.kernels.triton.window_hybrid import feature_dtype as kernel_feature_dtype
 
 #: the most shared memory one block may use (opt-in), bytes, per compute capability
@@ -100,7 +100,6 @@ def compile_window_hybrid(
             not reverse,
             reverse,
             const["PREC"],
-            tile=STATE_TILE,
             group=groups if reverse else 1,
             has_scale=reverse,
         )

@@ -21,7 +21,7 @@ import functools
 import torch
 import triton
 
-from zoo.kernels.triton.chunk_states import chunk_states, pow2_block
+from zoo.kernels.triton.chunk_states import STATE_TILE, chunk_states, pow2_block
 from zoo.kernels.triton.hybrid_kernels import bwd_dkv_kernel, bwd_dq_kernel, fwd_kernel
 from zoo.kernels.triton.hybrid_step import step_one_token
 from zoo.kernels.window_hybrid import (
@@ -34,9 +34,6 @@ from zoo.kernels.window_state import advance_state, extend_with_state
 
 #: linear states are kept every this many rows (at least; a multiple of the tile)
 STATE_CHUNK = 64
-#: the largest [F, Dv] tile of one program of chunk_states: 32 ran forward + backward 6% faster than 64
-#: on an H200 at 16k tokens (docs/gpu-check/2026-12-04-h200-tuning, run 3)
-STATE_TILE = 32
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -433,21 +430,10 @@ class _WindowHybridFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
-#: where the sink columns' backward runs: "kernel" (inside bwd_dq_kernel), or in PyTorch: "fp32"
-#: ([T, SINKS] products) or "fp32-t" ([SINKS, T], the other cuBLAS orientation), each optionally with
-#: TF32 ("tf32", "tf32-t"; exact for the scores of 16-bit q and keys, TF32's rounding for the fp32
-#: gradients, as the kernels' "tf32" dots)
-SINK_BACKWARDS = ("kernel", "fp32", "fp32-t", "tf32", "tf32-t")
-
-
-@contextlib.contextmanager
-def _tf32_matmuls(allowed: bool):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed or old
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+#: where the sink columns' backward runs: "kernel" (inside bwd_dq_kernel, the default) or "torch" (fp32
+#: [T, SINKS] products in PyTorch, the form it replaced; on an H200 the kernel was faster, run 4 of
+#: docs/gpu-check/2026-12-04-h200-tuning, which also timed the products in TF32 and transposed)
+SINK_BACKWARDS = ("kernel", "torch")
 
 
 def _sink_columns_backward(ctx, q_, sk_, sv_, gn, gd, m, n_seen, a_rows, pa, dq, kv_rows):
@@ -459,24 +445,12 @@ def _sink_columns_backward(ctx, q_, sk_, sv_, gn, gd, m, n_seen, a_rows, pa, dq,
     sink_on = sink_open(pos, ctx.sinks, window, terraced)  # [BH, T, SINKS]
     qf, skf, svf = q_.float(), sk_.float()[kv_rows], sv_.float()[kv_rows]  # the sinks: SINKS rows a head
     a3 = a_rows[:, None, None]
-    mode = d.sink_backward
-    with _tf32_matmuls(mode.startswith("tf32")):
-        if mode.endswith("-t"):  # products with T last: [BH, SINKS, T]
-            p = torch.exp(torch.bmm(skf, qf.transpose(1, 2)) * d.scale - m[:, None, :]) * sink_on.transpose(
-                1, 2
-            )
-            pdw = p * (torch.bmm(svf, gn.transpose(1, 2)) + gd[:, None, :])
-            pa += pdw.sum(1)
-            dq += (a3 * d.scale) * torch.bmm(pdw.transpose(1, 2), skf)
-            dsk = (a3 * d.scale) * torch.bmm(pdw, qf)
-            dsv = a3 * torch.bmm(p, gn)
-        else:
-            p = torch.exp(torch.bmm(qf, skf.transpose(1, 2)) * d.scale - m[..., None]) * sink_on
-            pdw = p * (torch.bmm(gn, svf.transpose(1, 2)) + gd[..., None])
-            pa += pdw.sum(-1)
-            dq += (a3 * d.scale) * torch.bmm(pdw, skf)
-            dsk = (a3 * d.scale) * torch.bmm(pdw.transpose(1, 2), qf)
-            dsv = a3 * torch.bmm(p.transpose(1, 2), gn)
+    p = torch.exp(torch.bmm(qf, skf.transpose(1, 2)) * d.scale - m[..., None]) * sink_on
+    pdw = p * (torch.bmm(gn, svf.transpose(1, 2)) + gd[..., None])
+    pa += pdw.sum(-1)
+    dq += (a3 * d.scale) * torch.bmm(pdw, skf)
+    dsk = (a3 * d.scale) * torch.bmm(pdw.transpose(1, 2), qf)
+    dsv = a3 * torch.bmm(p.transpose(1, 2), gn)
     return d.per_kv_head(dsk), d.per_kv_head(dsv)
 
 
