@@ -1,5 +1,6 @@
 """The built wheel works on its own: installed into a fresh virtual environment, `zoo list` runs and a tiny
-`zoo run` of a recipe shipped inside the package finishes (the recipes are package data)."""
+`zoo run` of a recipe shipped inside the package finishes (the recipes are package data), and the C
+kernels' sources ship with it and build from the installed package."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sysconfig
 from pathlib import Path
 
 from zoo_testing import tiny_overrides
+
+from zoo.kernels import native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +77,16 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(tiny_world, tmp_path):
     assert all(Path(p).is_relative_to(venv) for p in where), (
         where
     )  # the package and its recipes, from the wheel
+    if native.find_compiler() is not None:
+        probe = (
+            "from zoo.kernels import native as n; print(n.library('window_decode') is not None, n.SOURCES)"
+        )
+        built, sources = run(
+            [str(python), "-c", probe],
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "ZOO_CACHE": str(tmp_path)},
+        ).split()
+        assert built == "True" and Path(sources).is_relative_to(venv)
     recipe = Path(where[1]) / "smollm2-135m" / "hedgehog.yaml"
     overrides = tiny_overrides(tiny_world, **{"stage2.enabled": False, "eval.generation_prompts": 0})
     run(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.kernels import dispatch
+from zoo.kernels import dispatch, native, window_decode
 from zoo.kernels.dispatch import ENV_VAR
 from zoo.kernels.window_decode import decode_fits, window_hybrid_decode
 from zoo.kernels.window_hybrid import window_hybrid_chunked, window_hybrid_step
@@ -99,6 +99,67 @@ def test_rows_at_one_position_share_masks_over_a_long_decode(terraced):
         y1, grouped = window_hybrid_decode(*x, a, 1 - a, state=grouped, **kw)
         torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5, msg=lambda m, t=t: f"token {t}: {m}")
     torch.testing.assert_close(grouped.repeat_heads(groups).S, ref.S)
+
+
+def c_step_or_skip():
+    if native.library("window_decode") is None:
+        pytest.skip(f"zoo's C decode step is not available: {native.unavailable_reason('window_decode')}")
+
+
+@pytest.mark.parametrize("terraced", [False, True], ids=["plain", "terraced"])
+@pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "sinks"])
+@pytest.mark.parametrize("groups", [1, 3], ids=["mha", "gqa"])
+@pytest.mark.parametrize("c", [None, 0.3], ids=["no-c", "c"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_c_step_is_the_pytorch_step(terraced, sinks, groups, c, threads):
+    """fp32, rows at one position: the C step (it runs: checked) gives the PyTorch form's outputs and
+    states token after token, from 4 tokens seen through several window edges, on 1 or 2 threads."""
+    c_step_or_skip()
+    g = torch.Generator().manual_seed(5)
+    Bx, T0, steps = 3, 4, 26
+    H, T = HKV * groups, T0 + steps
+    q, fq = torch.randn(Bx, H, T, D, generator=g), torch.rand(Bx, H, T, F, generator=g)
+    k, v = torch.randn(Bx, HKV, T, D, generator=g), torch.randn(Bx, HKV, T, DV, generator=g)
+    fk = torch.rand(Bx, HKV, T, F, generator=g)
+    a = torch.rand(H, generator=g)
+    cc = None if c is None else c * a
+    kw = dict(window=W, terraced=terraced, c=cc)
+    rep = [x[:, :, :T0].repeat_interleave(groups, 1) for x in (k, v, fk)]
+    _, state = window_hybrid_chunked(
+        q[:, :, :T0], rep[0], rep[1], fq[:, :, :T0], rep[2], a, 1 - a, sinks=sinks, **kw
+    )
+    fused = reference = state.group_heads(groups)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in range(T0, T):
+            x = [z[:, :, t : t + 1] for z in (q, k, v, fq, fk)]
+            shut, lin = window_decode._masks(fused.n, fused.cached_tokens, W, terraced, sinks)
+            assert window_decode._fused_step(*x, a, 1 - a, cc, fused, shut, lin, D**-0.5) is not None
+            y1, fused = window_hybrid_decode(*x, a, 1 - a, state=fused, **kw)
+            with native.disabled():
+                y0, reference = window_hybrid_decode(*x, a, 1 - a, state=reference, **kw)
+            torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5, msg=lambda m, t=t: f"token {t}: {m}")
+    finally:
+        torch.set_num_threads(before)
+    for name in ("k", "v", "fk", "S", "z", "n") + (("sink_k", "sink_v") if sinks else ()):
+        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), atol=1e-5, rtol=1e-5)
+
+
+def test_the_c_step_leaves_what_it_does_not_fit_to_pytorch():
+    """Rows at different positions, or bf16 slots: no C step (the PyTorch form runs)."""
+    c_step_or_skip()
+    xs, (a, b, _), state = setup(3, 2, True, None)  # row 1 saw fewer tokens
+    grouped = state.group_heads(3)
+    q, k, v, fq, fk = (x[:, :, 30:31] for x in xs)
+    shut, lin = window_decode._masks(grouped.n, grouped.cached_tokens, W, True, 2)
+    assert shut.shape[0] == B
+    assert window_decode._fused_step(q, k, v, fq, fk, a, b, None, grouped, shut, lin, 1.0) is None
+    one = grouped.select([0, 0])
+    shut, lin = window_decode._masks(one.n, one.cached_tokens, W, True, 2)
+    q2, k2, v2, fq2, fk2 = (x[:1].expand(2, *x.shape[1:]) for x in (q, k, v, fq, fk))
+    assert window_decode._fused_step(q2, k2, v2, fq2, fk2, a, b, None, one, shut, lin, 1.0) is not None
+    assert window_decode._fused_step(q2.bfloat16(), k2, v2, fq2, fk2, a, b, None, one, shut, lin, 1.0) is None
 
 
 def test_half_precision_slots():

@@ -17,12 +17,20 @@ its window are extra softmax columns (their key features are zero in the slots).
 
 `decode_fits(state, key_mask, T, sinks)` says whether a call is such a case; other calls take the general
 step.
+
+On the CPU in fp32, with every row at one position (what `generate` gives), the step runs as one C call
+(zoo/kernels/csrc/window_decode.c, built on first use by zoo.kernels.native) instead of those 40
+operations; where it cannot be built, or within `zoo.kernels.native.disabled()`, the PyTorch form below
+runs. The two are compared in tests/kernels/test_window_decode.py.
 """
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
+from zoo.kernels import native
 from zoo.kernels.window_hybrid import WindowHybridState, sink_open
 
 
@@ -104,6 +112,10 @@ def window_hybrid_decode(
         )
     cdt = torch.promote_types(q.dtype, torch.float32)
     scale = D**-0.5 if scale is None else scale
+    shut, lin = _masks(state.n, L, window, terraced, S)
+    fused = _fused_step(q, k, v, fq, fk, a, b, c, state, shut, lin, scale)
+    if fused is not None:
+        return fused
 
     def per_head(f):  # a factor for each query head, as [1, HKV, G, 1]
         return torch.as_tensor(f, dtype=cdt, device=q.device).expand(H).reshape(1, HKV, G, 1)
@@ -115,7 +127,6 @@ def window_hybrid_decode(
     ff = torch.cat([state.fk, fk.to(state.fk.dtype)], 2)  # [B, HKV, L + 1, F]: the slots, then the token
     qg = (q.reshape(B, HKV, G, D) * scale).to(cdt)
     fqg = fq.reshape(B, HKV, G, F_).to(cdt)
-    shut, lin = _masks(state.n, L, window, terraced, S)
     fa, fb = per_head(a), per_head(b)
     w = _bmm(qg, kk.to(cdt), True).masked_fill_(shut, float("-inf"))  # [B, HKV, G, S + L + 1]
     w = w.sub_(w.amax(-1, keepdim=True)).exp_().mul_(fa)
@@ -141,4 +152,49 @@ def window_hybrid_decode(
         state.sink_k,
         state.sink_v,
     )
+    return y, new
+
+
+def _c_step():
+    """The C function, its argument types set, or None where it is not available."""
+    lib = native.library("window_decode")
+    if lib is None:
+        return None
+    fn = lib.zoo_window_hybrid_decode_f32
+    if fn.argtypes is None:
+        fn.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 17 + [ctypes.c_float] + [ctypes.c_void_p] * 6
+        fn.argtypes += [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _fused_step(q, k, v, fq, fk, a, b, c, state: WindowHybridState, shut, lin, scale):
+    """The step as one C call: (y, next state), or None where it does not apply (not the CPU, not fp32
+    throughout, rows at different positions, or no C kernel)."""
+    sinks = () if state.sink_k is None else (state.sink_k, state.sink_v)
+    tensors = (q, k, v, fq, fk, state.k, state.v, state.fk, state.S, state.z, *sinks)
+    if q.device.type != "cpu" or shut.shape[0] != 1 or any(t.dtype != torch.float32 for t in tensors):
+        return None
+    fn = _c_step()
+    if fn is None:
+        return None
+    B, H, _, D = q.shape
+    HKV, F_, DV, L, S = k.shape[1], fq.shape[-1], v.shape[-1], state.cached_tokens, state.sinks
+
+    def heads(f):
+        return None if f is None else torch.as_tensor(f, dtype=torch.float32).expand(H).contiguous()
+
+    a, b, c = heads(a), heads(b), heads(c)
+    ins = [x.contiguous() for x in (q, fq, k, v, fk)]
+    sinks = [state.sink_k.contiguous(), state.sink_v.contiguous()] if S else [None, None]
+    win = [x.contiguous() for x in (state.k, state.v, state.fk, state.S, state.z)]
+    y = q.new_empty(B, H, 1, DV)
+    out = [torch.empty_like(x) for x in win]
+    pointers = [x.data_ptr() if x is not None else None for x in (*ins, a, b, c, *sinks, *win, shut, lin)]
+    outs = [x.data_ptr() for x in (y, *out)]
+    threads = torch.get_num_threads() if B > 1 else 1
+    failed = fn(B, HKV, H // HKV, D, DV, F_, L, S, *pointers, float(scale), *outs, threads)
+    if failed:
+        raise MemoryError("zoo's C decode step could not allocate its scratch space")
+    new = WindowHybridState(*out, state.n + 1, state.window, state.terraced, state.sink_k, state.sink_v)
     return y, new

@@ -42,7 +42,8 @@ class HeadwiseLinear(nn.Module):
         if x.shape[1] != w.shape[0]:
             w = w.repeat_interleave(x.shape[1] // w.shape[0], dim=0)
             b = None if b is None else b.repeat_interleave(x.shape[1] // b.shape[0], dim=0)
-        y = x.float() @ w
+        # one batch row (decoding, most prefills): one bmm, without matmul's broadcasting ops around it
+        y = torch.bmm(x[0].float(), w)[None] if x.shape[0] == 1 else x.float() @ w
         return y if b is None else y + b
 
 

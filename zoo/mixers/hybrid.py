@@ -89,9 +89,20 @@ class WindowHybridMixer(FeatureMapped):
         self.branch = "both"
 
     def factors(self):
-        """(a, b, c) per head for the kernel, following `self.branch`."""
+        """(a, b, c) per head for the kernel, following `self.branch`. Without gradients (decoding) they are
+        computed once per branch and value of the window logits, not at every token."""
         if self.branch not in self.BRANCHES:
             raise ValueError(f"branch must be one of {self.BRANCHES}, got {self.branch!r}")
+        if torch.is_grad_enabled():
+            return self._factors()
+        logit = self.window_logit
+        key = (self.branch, logit.data_ptr(), logit._version, logit.dtype, logit.device)
+        memo = self.__dict__.get("_factors_memo")
+        if memo is None or memo[0] != key:
+            memo = self.__dict__["_factors_memo"] = (key, self._factors())
+        return memo[1]
+
+    def _factors(self):
         a = torch.sigmoid(self.window_logit.float())
         if self.branch == "window":
             return torch.ones_like(a), torch.zeros_like(a), None

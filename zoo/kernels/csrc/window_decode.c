@@ -1,0 +1,141 @@
+/* The window hybrid's decoding step, fused: one new token per row, fp32, every row at one position.
+
+   It computes what zoo/kernels/window_decode.py's PyTorch form computes (its docstring has the formula
+   and why it is exact) in one call, so a layer's step is one loop nest instead of some 40 tensor
+   operations. Shapes (all contiguous, row-major; HKV key/value heads, G query heads per group, H = HKV*G):
+
+     q [B, HKV, G, D], fq [B, HKV, G, F]           the new token's queries and query features
+     k [B, HKV, D], v [B, HKV, DV], fk [B, HKV, F]  its key, value and key features
+     a, b [H]; c [H] or NULL                        per-head weights of the softmax and linear columns
+     sink_k [B, HKV, S, D], sink_v [B, HKV, S, DV] (NULL when S = 0)
+     win_k [B, HKV, L, D], win_v [B, HKV, L, DV], win_f [B, HKV, L, F]: the window slots (right-aligned)
+     state [B, HKV, F, DV], norm [B, HKV, F]: the linear state of keys that left the window
+     shut [S + L + 1]: columns (sinks, slots, new token) that are not softmax keys of the query
+     lin [L + 1]: slots and new token that are its linear keys (the same masks for every row)
+
+   Outputs: y [B, HKV, G, DV]; the next state: new_k, new_v, new_f (the slots moved one left, the token
+   last), new_state = state + win_f[0] outer win_v[0], new_norm = norm + win_f[0]. Returns 0, or 1 when
+   the scratch space could not be had. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static float dot(const float *restrict x, const float *restrict y, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += x[i] * y[i];
+    return s;
+}
+
+/* out[DV] += w * x[DV] */
+static void axpy(float *restrict out, float w, const float *restrict x, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) out[i] += w * x[i];
+}
+
+typedef struct {
+    int64_t G, D, DV, F, L, S;
+    const uint8_t *shut, *lin;
+    const float *a, *b, *c; /* per query head; c may be NULL */
+    float scale;
+} Shape;
+
+/* One key/value head u (h = its index among the HKV heads): the outputs y[G][DV] of its G query heads
+   and its next state. The G queries are scored together, so each key, value and state row is read once
+   for the group. w is scratch for G * (S + L + 1) column weights. */
+static void one_group(const Shape *s, int64_t h, const float *q, const float *fq, const float *k,
+                      const float *v, const float *fk, const float *sk, const float *sv, const float *wk,
+                      const float *wv, const float *wf, const float *st, const float *nrm, float *w,
+                      float *y, float *nk, float *nv, float *nf, float *nst, float *nnrm) {
+    const int64_t G = s->G, S = s->S, L = s->L, N = S + L + 1, D = s->D, DV = s->DV, F = s->F;
+    const float *a = s->a + h * G, *b = s->b + h * G, *c = s->c ? s->c + h * G : NULL;
+    float m[G], den[G];
+    for (int64_t g = 0; g < G; g++) m[g] = -INFINITY;
+    for (int64_t j = 0; j < N; j++) { /* softmax scores: sinks, slots, the new token */
+        if (s->shut[j]) continue;
+        const float *key = j < S ? sk + j * D : (j < S + L ? wk + (j - S) * D : k);
+        for (int64_t g = 0; g < G; g++) {
+            const float x = s->scale * dot(q + g * D, key, D);
+            w[g * N + j] = x;
+            if (x > m[g]) m[g] = x;
+        }
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t j = 0; j < N; j++)
+            w[g * N + j] = s->shut[j] ? 0.0f : a[g] * expf(w[g * N + j] - m[g]);
+    for (int64_t i = 0; i <= L; i++) { /* linear weights of the slots and the new token */
+        const int on = s->lin[i], extra = c != NULL && !s->shut[S + i];
+        if (!on && !extra) continue;
+        const float *fkey = i < L ? wf + i * F : fk;
+        for (int64_t g = 0; g < G; g++)
+            w[g * N + S + i] += ((on ? b[g] : 0.0f) + (extra ? c[g] : 0.0f)) * dot(fq + g * F, fkey, F);
+    }
+    for (int64_t g = 0; g < G; g++) {
+        den[g] = 0.0f;
+        for (int64_t e = 0; e < DV; e++) y[g * DV + e] = 0.0f;
+    }
+    for (int64_t j = 0; j < N; j++) { /* the columns' values */
+        const float *val = j < S ? sv + j * DV : (j < S + L ? wv + (j - S) * DV : v);
+        for (int64_t g = 0; g < G; g++) {
+            const float x = w[g * N + j];
+            if (x == 0.0f) continue;
+            den[g] += x;
+            axpy(y + g * DV, x, val, DV);
+        }
+    }
+    /* one pass over the linear state: read by the queries, then the oldest slot leaves the window for it */
+    for (int64_t f = 0; f < F; f++) {
+        const float *row = st + f * DV;
+        for (int64_t g = 0; g < G; g++) {
+            const float x = b[g] * fq[g * F + f];
+            den[g] += x * nrm[f];
+            axpy(y + g * DV, x, row, DV);
+        }
+        float *out = nst + f * DV;
+        const float x = wf[f];
+#pragma omp simd
+        for (int64_t e = 0; e < DV; e++) out[e] = row[e] + x * wv[e];
+        nnrm[f] = nrm[f] + x;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const float inv = 1.0f / den[g];
+        for (int64_t e = 0; e < DV; e++) y[g * DV + e] *= inv;
+    }
+    /* the slots move one left, the new token enters last */
+    memcpy(nk, wk + D, (size_t)((L - 1) * D) * sizeof(float));
+    memcpy(nk + (L - 1) * D, k, (size_t)D * sizeof(float));
+    memcpy(nv, wv + DV, (size_t)((L - 1) * DV) * sizeof(float));
+    memcpy(nv + (L - 1) * DV, v, (size_t)DV * sizeof(float));
+    memcpy(nf, wf + F, (size_t)((L - 1) * F) * sizeof(float));
+    memcpy(nf + (L - 1) * F, fk, (size_t)F * sizeof(float));
+}
+
+int zoo_window_hybrid_decode_f32(int64_t B, int64_t HKV, int64_t G, int64_t D, int64_t DV, int64_t F,
+                                 int64_t L, int64_t S, const float *q, const float *fq, const float *k,
+                                 const float *v, const float *fk, const float *a, const float *b,
+                                 const float *c, const float *sink_k, const float *sink_v,
+                                 const float *win_k, const float *win_v, const float *win_f,
+                                 const float *state, const float *norm, const uint8_t *shut,
+                                 const uint8_t *lin, float scale, float *y, float *new_k, float *new_v,
+                                 float *new_f, float *new_state, float *new_norm, int threads) {
+    const Shape s = {G, D, DV, F, L, S, shut, lin, a, b, c, scale};
+    const int64_t units = B * HKV;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && units > 1) reduction(| : failed)
+    for (int64_t u = 0; u < units; u++) {
+        float *w = (float *)malloc((size_t)(G * (S + L + 1)) * sizeof(float));
+        if (w == NULL) {
+            failed = 1;
+            continue;
+        }
+        one_group(&s, u % HKV, q + u * G * D, fq + u * G * F, k + u * D, v + u * DV, fk + u * F,
+                  S ? sink_k + u * S * D : NULL, S ? sink_v + u * S * DV : NULL, win_k + u * L * D,
+                  win_v + u * L * DV, win_f + u * L * F, state + u * F * DV, norm + u * F, w,
+                  y + u * G * DV, new_k + u * L * D, new_v + u * L * DV, new_f + u * L * F,
+                  new_state + u * F * DV, new_norm + u * F);
+        free(w);
+    }
+    return failed;
+}
