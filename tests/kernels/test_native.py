@@ -64,3 +64,19 @@ def test_disabled_nests_and_restores(fresh):
     with pytest.raises(RuntimeError), native.disabled():
         raise RuntimeError("inside")
     assert native._disabled == 0
+
+
+def test_zoo_native_off_in_the_environment(fresh, monkeypatch):
+    monkeypatch.setenv(native.ENV_VAR, "off")
+    assert native.library("window_decode") is None
+    assert native.status() == {
+        name: "off (ZOO_NATIVE=off)" for name in ("hedgehog_features", "window_decode")
+    }
+    monkeypatch.setenv(native.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="ZOO_NATIVE='fast' is not a setting; choose on or off"):
+        native.library("window_decode")
+
+
+@needs_compiler
+def test_status_names_every_kernel_in_use(fresh):
+    assert native.status() == {"hedgehog_features": "in use", "window_decode": "in use"}

@@ -172,3 +172,33 @@ def test_start_is_sensible():
         m = build_mixer(name, H, HKV, D, H * D, 0)
         y, _ = m(*inputs(50, seed=9))
         assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("heads, D, F2", [(3, 64, 64), (2, 5, 7), (1, 16, 3)])
+def test_hedgehog_of_one_token_in_c_is_the_pytorch_map(heads, D, F2):
+    """One token per row, fp32, no gradients: the C map (it runs: checked) gives the PyTorch ops' features."""
+    from zoo.kernels import native
+    from zoo.mixers.features import HeadwiseLinear, _hedgehog_one_token, hedgehog_features, hedgehog_of
+
+    if native.library("hedgehog_features") is None:
+        pytest.skip(f"no C kernel: {native.unavailable_reason('hedgehog_features')}")
+    torch.manual_seed(1)
+    linear = HeadwiseLinear(heads, D, F2)
+    with torch.no_grad():
+        linear.weight.add_(torch.randn_like(linear.weight))
+        x = 3 * torch.randn(4, heads, 1, D)
+        assert _hedgehog_one_token(linear, x) is not None
+        close(hedgehog_of(linear, x), hedgehog_features(linear(x)))
+        with native.disabled():
+            assert _hedgehog_one_token(linear, x) is None
+    # what it leaves to PyTorch: gradients, several tokens, bf16, a bias, maps shared by a group of heads
+    assert _hedgehog_one_token(linear, x) is None  # the weight wants its gradient
+    with torch.no_grad():
+        assert _hedgehog_one_token(linear, torch.randn(4, heads, 2, D)) is None
+        assert _hedgehog_one_token(linear, x.bfloat16()) is None
+        assert _hedgehog_one_token(HeadwiseLinear(heads, D, F2, bias=True), x) is None
+        assert _hedgehog_one_token(linear, x.repeat_interleave(2, 1)) is None
+        close(
+            hedgehog_of(linear, x.repeat_interleave(2, 1)),
+            hedgehog_features(linear(x.repeat_interleave(2, 1))),
+        )

@@ -50,6 +50,7 @@ from zoo.atomic import write_json
 from zoo.bench.speed import DTYPES, device_name, is_out_of_memory, library_versions
 from zoo.bench.timing import synchronize
 from zoo.devices import keep_device_blocks_whole
+from zoo.kernels import native
 
 __all__ = [
     "CONTEXT_FILLS",
@@ -681,6 +682,7 @@ def _results_header(args: argparse.Namespace, forms: Sequence[ModelForm], device
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "versions": library_versions(),
+        "cpu_c_kernels": native.status() if device.type == "cpu" else None,
         "context_fill": args.context_fill,
         "context_fill_means": CONTEXT_FILLS[args.context_fill],
         "synthetic_prefill": args.synthetic_prefill,

@@ -6,7 +6,8 @@ says nothing is lost but speed. `library(name)` compiles csrc/<name>.c with the 
 `$ZOO_CACHE/native/<key>/` once per source, compiler, flags and CPU (the key hashes them), writing the
 shared object under a temporary name and renaming it into place, so a process that reads it never sees
 half a file. It returns the loaded library, or None where the compiler is missing or fails (the reason is
-kept: `unavailable_reason(name)`), or while `disabled()` is active.
+kept: `unavailable_reason(name)`), while `disabled()` is active, or where the environment says
+ZOO_NATIVE=off (for a user who wants no compiler run, or to measure what the kernels buy from the shell).
 
 No torch import: this module only builds and loads.
 """
@@ -26,7 +27,9 @@ from pathlib import Path
 
 from zoo.paths import cache_dir
 
-__all__ = ["SOURCES", "disabled", "find_compiler", "library", "unavailable_reason"]
+__all__ = ["ENV_VAR", "SOURCES", "disabled", "find_compiler", "library", "status", "unavailable_reason"]
+
+ENV_VAR = "ZOO_NATIVE"
 
 SOURCES = Path(__file__).parent / "csrc"
 BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
@@ -95,9 +98,16 @@ def _build(source: Path, compiler: str, out_dir: Path) -> tuple[Path | None, str
     return None, complaint
 
 
+def _off_by_env() -> bool:
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value not in ("", "on", "off"):
+        raise ValueError(f"{ENV_VAR}={value!r} is not a setting; choose on or off")
+    return value == "off"
+
+
 def library(name: str) -> ctypes.CDLL | None:
     """The compiled csrc/<name>.c, loaded (once per process), or None (see the module docstring)."""
-    if _disabled:
+    if _disabled or _off_by_env():
         return None
     if name in _loaded:
         return _loaded[name]
@@ -130,4 +140,12 @@ def unavailable_reason(name: str) -> str | None:
     """Why csrc/<name>.c is not in use in this process (None: loaded, or not asked for yet)."""
     if _disabled:
         return "disabled (zoo.kernels.native.disabled)"
+    if _off_by_env():
+        return f"off ({ENV_VAR}=off)"
     return _reasons.get(name)
+
+
+def status() -> dict[str, str]:
+    """Every C kernel (csrc/*.c), built and loaded if it can be: "in use", or why not (for bench reports)."""
+    names = sorted(path.stem for path in SOURCES.glob("*.c"))
+    return {name: "in use" if library(name) is not None else unavailable_reason(name) for name in names}

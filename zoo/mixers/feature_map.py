@@ -48,9 +48,13 @@ class FeatureMapped(Mixer):
         self.k_map = make(self.num_kv_heads)
         self.q_map = None if self.config.get("tie_qk") else make(self.num_heads)
 
+    def map_for(self, is_query: bool) -> nn.Module:
+        """The query map (or the key map, for keys or when tied)."""
+        return self.q_map if is_query and self.q_map is not None else self.k_map
+
     def map_of(self, h: torch.Tensor, is_query: bool) -> torch.Tensor:
         """h through the query map (or the key map, for keys or when tied)."""
-        return (self.q_map if is_query and self.q_map is not None else self.k_map)(h)
+        return self.map_for(is_query)(h)
 
 
 class FeatureMapMixer(FeatureMapped):

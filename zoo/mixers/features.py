@@ -9,10 +9,13 @@ Each map takes [..., d] and returns non-negative fp32 features [..., F]; which m
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 from torch import nn
+
+from zoo.kernels import native
 
 
 class HeadwiseLinear(nn.Module):
@@ -51,6 +54,42 @@ def hedgehog_features(h: torch.Tensor) -> torch.Tensor:
     """[..., F] projections -> [..., 2F] features: softmax over the features of h and of -h, in fp32."""
     h = h.float()
     return torch.cat([torch.softmax(h, dim=-1), torch.softmax(-h, dim=-1)], dim=-1)
+
+
+def hedgehog_of(linear: HeadwiseLinear, x: torch.Tensor) -> torch.Tensor:
+    """hedgehog_features(linear(x)): x [B, n, T, D] -> [B, n, T, 2F]. One token per row in fp32 on the CPU,
+    without gradients (decoding), it is one C call (zoo/kernels/csrc/hedgehog_features.c) where that
+    kernel builds; otherwise, or within zoo.kernels.native.disabled(), the PyTorch ops."""
+    fused = _hedgehog_one_token(linear, x)
+    return fused if fused is not None else hedgehog_features(linear(x))
+
+
+def _hedgehog_one_token(linear: HeadwiseLinear, x: torch.Tensor) -> torch.Tensor | None:
+    w = linear.weight
+    if (
+        x.device.type != "cpu"
+        or x.dim() != 4
+        or x.shape[2] != 1
+        or linear.bias is not None
+        or x.dtype != torch.float32
+        or w.dtype != torch.float32
+        or x.shape[1] != w.shape[0]
+        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    ):
+        return None
+    lib = native.library("hedgehog_features")
+    if lib is None:
+        return None
+    fn = lib.zoo_hedgehog_features_f32
+    if fn.argtypes is None:
+        fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
+        fn.restype = None
+    B, n, _, D = x.shape
+    F2 = w.shape[-1]
+    x, w = x.contiguous(), w.detach().contiguous()
+    out = x.new_empty(B, n, 1, 2 * F2)
+    fn(B, n, D, F2, x.data_ptr(), w.data_ptr(), out.data_ptr())
+    return out
 
 
 def softmax_features(x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.mixers.base import register_mixer
-from zoo.mixers.features import HeadwiseLinear, hedgehog_features
+from zoo.mixers.features import HeadwiseLinear, hedgehog_of
 from zoo.mixers.gated import GatedLinearMixer
 from zoo.mixers.options import Option
 
@@ -62,7 +62,7 @@ class GLAMixer(GatedLinearMixer):
             self.gate_up.bias.fill_(float(self.config["gate_bias"]))
 
     def feature_map(self, h, is_query, tokens):
-        return hedgehog_features((self.feature_map_q if is_query else self.feature_map_k)(h))
+        return hedgehog_of(self.feature_map_q if is_query else self.feature_map_k, h)
 
     def log_gate(self, q, k, tokens):
         B, T, _ = tokens.x.shape

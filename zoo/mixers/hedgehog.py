@@ -7,7 +7,7 @@ from functools import partial
 
 from zoo.mixers.base import register_mixer
 from zoo.mixers.feature_map import FeatureMapMixer
-from zoo.mixers.features import HeadwiseLinear, hedgehog_features
+from zoo.mixers.features import HeadwiseLinear, hedgehog_of
 from zoo.mixers.options import Option
 
 
@@ -33,4 +33,4 @@ class HedgehogMixer(FeatureMapMixer):
         self.make_maps(partial(HeadwiseLinear, in_dim=head_dim, out_dim=self.feature_dim, init="identity"))
 
     def feature_map(self, h, is_query, tokens):
-        return hedgehog_features(self.map_of(h, is_query))
+        return hedgehog_of(self.map_for(is_query), h)

@@ -29,7 +29,7 @@ from zoo.kernels.dispatch import window_hybrid
 from zoo.kernels.window_hybrid import window_hybrid_weights
 from zoo.mixers.base import repeat_kv
 from zoo.mixers.feature_map import FeatureMapped
-from zoo.mixers.features import HeadwiseLinear, hedgehog_features
+from zoo.mixers.features import HeadwiseLinear, hedgehog_of
 from zoo.mixers.options import Option
 from zoo.mixers.tokens import Tokens
 
@@ -210,4 +210,4 @@ class HedgehogWindowHybrid(WindowHybridMixer):
     test_options = {"window": 4, "feature_dim": 8}
 
     def feature_map(self, h, is_query, tokens):
-        return hedgehog_features((self.feature_map_q if is_query else self.feature_map_k)(h))
+        return hedgehog_of(self.feature_map_q if is_query else self.feature_map_k, h)

@@ -52,7 +52,7 @@ from zoo.kernels.dispatch import linear_attention
 from zoo.kernels.linear_attention import LinearAttentionState
 from zoo.kernels.short_conv import causal_conv
 from zoo.mixers.base import Mixer, decay_bias, register_mixer, repeat_kv
-from zoo.mixers.features import HeadwiseLinear, hedgehog_features
+from zoo.mixers.features import HeadwiseLinear, hedgehog_of
 from zoo.mixers.options import Option
 from zoo.mixers.tokens import Tokens
 
@@ -120,12 +120,12 @@ class Mamba2Mixer(Mixer):
         sel = self.dt_proj(x).float().transpose(1, 2) * self.hidden_size**-0.5
         dt = F.softplus(sel + self.dt_bias.float()[:, None])  # [B, H, T]
         log_gate = dt * -self.A_log.float().exp()[:, None]
-        fk = repeat_kv(hedgehog_features(self.b_map(k)), H) * dt[..., None]  # phi(B_t) dt_t
+        fk = repeat_kv(hedgehog_of(self.b_map, k), H) * dt[..., None]  # phi(B_t) dt_t
         log_gate, fk = tokens.zero_padding(log_gate, fk)  # padding neither decays nor adds
         xs = repeat_kv(xs, H)
         lin = None if state is None else LinearAttentionState(state.S, state.z)
         y, lin = linear_attention(
-            hedgehog_features(self.c_map(q)),
+            hedgehog_of(self.c_map, q),
             fk,
             xs,
             log_gate=log_gate,
