@@ -45,7 +45,10 @@ def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: Any) -> Any:
 
 
 def state_bytes(state: Any) -> int:
-    """Bytes held by the tensors of a mixer state."""
+    """Bytes held by the tensors of a mixer state. A state object with an `nbytes()` method counts itself
+    (a window hybrid's state holds room past its slots while decoding, which its fields do not show)."""
+    if not isinstance(state, torch.Tensor) and callable(getattr(state, "nbytes", None)):
+        return int(state.nbytes())
     total = 0
 
     def count(t: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,9 @@ def test_zoo_native_off_in_the_environment(fresh, monkeypatch):
     assert native.status() == {
         name: "off (ZOO_NATIVE=off)" for name in ("hedgehog_features", "window_decode")
     }
+    monkeypatch.setenv(native.ENV_VAR, "on")
+    assert native.library("window_decode") is None  # read when a kernel is first asked for
+    monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv(native.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="ZOO_NATIVE='fast' is not a setting; choose on or off"):
         native.library("window_decode")

@@ -140,10 +140,53 @@ def test_the_c_step_is_the_pytorch_step(terraced, sinks, groups, c, threads):
             with native.disabled():
                 y0, reference = window_hybrid_decode(*x, a, 1 - a, state=reference, **kw)
             torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5, msg=lambda m, t=t: f"token {t}: {m}")
+            assert fused.position == t + 1 and fused.n.tolist() == [t + 1] * Bx  # the carried position
     finally:
         torch.set_num_threads(before)
     for name in ("k", "v", "fk", "S", "z", "n") + (("sink_k", "sink_v") if sinks else ()):
         torch.testing.assert_close(getattr(fused, name), getattr(reference, name), atol=1e-5, rtol=1e-5)
+
+
+def test_the_c_step_appends_in_place_and_never_overwrites_a_state_still_in_use():
+    """Decoding appends each token to the state's slot buffer (copied into a new one every ROOM tokens);
+    the state's bytes, room included, stay the same token after token. Two steps from one state (a branch)
+    both give the PyTorch form's results: the second finds the room taken and copies."""
+    c_step_or_skip()
+    room = window_decode.room_slots(2 * W)
+    assert room == 2
+    xs, (a, b, _), state = setup(3, 2, True, None, T0=30, steps=2 * room + 1)
+    one = state.group_heads(3).select([0, 0])  # rows at one position
+    tokens = [[x[:1].expand(2, *x.shape[1:])[:, :, t : t + 1] for x in xs] for t in range(30, xs[0].shape[2])]
+    kw = dict(window=W, terraced=True)
+    fused, buffers, sizes = one, [], []
+    for x in tokens:
+        y1, fused = window_hybrid_decode(*x, a, b, state=fused, **kw)
+        buffers.append(fused.slots)
+        sizes.append(fused.nbytes())
+    assert len({id(buf) for buf in buffers}) == 3  # a new buffer at the first step, then every `room` steps
+    assert all(buffers[i] is buffers[i + 1] for i in range(room - 1))
+    slot_bytes = sum(x.numel() * x.element_size() for x in (one.k, one.v, one.fk)) // one.cached_tokens
+    assert set(sizes) == {one.nbytes() + room * slot_bytes}  # the room is counted, and constant
+    with native.disabled():
+        reference = one
+        for x in tokens:
+            y0, reference = window_hybrid_decode(*x, a, b, state=reference, **kw)
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+    for name in ("k", "v", "fk", "S", "z", "n"):
+        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), atol=1e-5, rtol=1e-5)
+    # a branch: two different tokens from the same state, then one more step on each
+    trunk = fused
+    ya, branch_a = window_hybrid_decode(*tokens[0], a, b, state=trunk, **kw)
+    yb, branch_b = window_hybrid_decode(*tokens[1], a, b, state=trunk, **kw)
+    assert branch_a.slots is trunk.slots and branch_b.slots is not trunk.slots
+    with native.disabled():
+        ra, ref_a = window_hybrid_decode(*tokens[0], a, b, state=reference, **kw)
+        rb, ref_b = window_hybrid_decode(*tokens[1], a, b, state=reference, **kw)
+    torch.testing.assert_close((ya, yb), (ra, rb), atol=1e-5, rtol=1e-5)
+    for name in ("k", "v", "fk", "S", "z"):
+        torch.testing.assert_close(getattr(branch_a, name), getattr(ref_a, name), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(getattr(branch_b, name), getattr(ref_b, name), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(getattr(trunk, name), getattr(reference, name), atol=1e-5, rtol=1e-5)
 
 
 def test_the_c_step_leaves_what_it_does_not_fit_to_pytorch():

@@ -258,11 +258,15 @@ def test_liger_decode_equals_full_forward_with_bounded_state():
     with torch.no_grad():
         y_all, s_all = m(q, k, v, x)
         y0, st = m(*(sl(t, 0, T0) for t in (q, k, v, x)))
-        ys, size = [y0], st.nbytes()
+        ys, prefilled, sizes = [y0], st.nbytes(), set()
+        slots = sum(t.numel() * t.element_size() for t in (st.window.k, st.window.v, st.window.fk))
         for t in range(T0, T0 + steps):
             y, st = m(*(sl(u, t, t + 1) for u in (q, k, v, x)), state=st)
             ys.append(y)
-            assert st.window.cached_tokens == 16 and st.nbytes() == size
+            assert st.window.cached_tokens == 16
+            sizes.add(st.nbytes())
+    # constant while decoding; decoding in place adds room for an eighth of the window's slots at most
+    assert len(sizes) == 1 and prefilled <= sizes.pop() <= prefilled + slots // 8
     torch.testing.assert_close(torch.cat(ys, 2), y_all, **TOL)
     assert_state_close(st, s_all)
     assert int(st.window.n) == T0 + steps

@@ -43,7 +43,7 @@ from zoo.kernels.fla_backend import (
 )
 from zoo.kernels.flex_window import flex_available, flex_fits, is_window_only
 from zoo.kernels.triton import interpreter_enabled, triton_installed
-from zoo.kernels.window_decode import decode_fits, window_hybrid_decode
+from zoo.kernels.window_decode import decode_fits, hedgehog_window_decode, window_hybrid_decode
 
 ENV_VAR = "ZOO_KERNEL_BACKEND"
 BACKENDS = ("torch", "triton", "fla", "flex")
@@ -226,6 +226,16 @@ def window_hybrid(
         )
 
     return per_head(state) if kv_groups == 1 else _state_per_kv_head(kv_groups, state, per_head)
+
+
+def hedgehog_window_hybrid_step(q, k, v, wq, wk, a, b, *, state, fq_scale=1.0, **options):
+    """A window hybrid's decoding step with Hedgehog feature maps (wq [H, D, F/2], wk [HKV, D, F/2]),
+    features included, as one C call (zoo.kernels.window_decode.hedgehog_window_decode), where the
+    PyTorch backend is the one chosen for the call and that step applies; else None, and the caller
+    computes the features and calls `window_hybrid`. `options`: window, terraced, scale, c, sinks."""
+    if backend_for("window_hybrid", q.device) != "torch":
+        return None
+    return hedgehog_window_decode(q, k, v, wq, wk, a, b, state=state, fq_scale=fq_scale, **options)
 
 
 def _one_per_group(kv_groups: int, H: int, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:

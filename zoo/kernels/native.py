@@ -3,11 +3,13 @@
 A C kernel is an optional fast path: where it cannot be built, the caller runs its PyTorch form and
 says nothing is lost but speed. `library(name)` compiles csrc/<name>.c with the system's C compiler
 (`$CC`, else cc, gcc or clang; -O3 -march=native, OpenMP where the compiler has it) into
-`$ZOO_CACHE/native/<key>/` once per source, compiler, flags and CPU (the key hashes them), writing the
+`$ZOO_CACHE/native/<key>/` once per source (and csrc's headers), compiler, flags and CPU (the key hashes
+them), writing the
 shared object under a temporary name and renaming it into place, so a process that reads it never sees
 half a file. It returns the loaded library, or None where the compiler is missing or fails (the reason is
 kept: `unavailable_reason(name)`), while `disabled()` is active, or where the environment says
-ZOO_NATIVE=off (for a user who wants no compiler run, or to measure what the kernels buy from the shell).
+ZOO_NATIVE=off when the kernel is first asked for (for a user who wants no compiler run, or to measure
+what the kernels buy from the shell).
 
 No torch import: this module only builds and loads.
 """
@@ -107,10 +109,13 @@ def _off_by_env() -> bool:
 
 def library(name: str) -> ctypes.CDLL | None:
     """The compiled csrc/<name>.c, loaded (once per process), or None (see the module docstring)."""
-    if _disabled or _off_by_env():
+    if _disabled:
         return None
-    if name in _loaded:
+    if name in _loaded:  # ZOO_NATIVE is read when a kernel is first asked for, not at every call
         return _loaded[name]
+    if _off_by_env():
+        _reasons[name], _loaded[name] = f"off ({ENV_VAR}=off)", None
+        return None
     source = SOURCES / f"{name}.c"
     if not source.is_file():
         raise ValueError(f"no C kernel named {name!r} in {SOURCES}")
@@ -119,11 +124,10 @@ def library(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         _reasons[name] = "no C compiler found ($CC, cc, gcc or clang)"
     else:
-        key = hashlib.sha256(
-            "\0".join(
-                [source.read_text(), compiler, " ".join(BASE_FLAGS + OPENMP_FLAGS), _cpu_signature()]
-            ).encode()
-        ).hexdigest()[:16]
+        headers = [path.read_text() for path in sorted(SOURCES.glob("*.h"))]  # what a source may include
+        flags = " ".join(BASE_FLAGS + OPENMP_FLAGS)
+        parts = [source.read_text(), *headers, compiler, flags, _cpu_signature()]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         path, complaint = _build(source, compiler, cache_dir("native", key))
         if path is None:
             _reasons[name] = f"{compiler} could not build {source.name}: {complaint}"
@@ -140,8 +144,6 @@ def unavailable_reason(name: str) -> str | None:
     """Why csrc/<name>.c is not in use in this process (None: loaded, or not asked for yet)."""
     if _disabled:
         return "disabled (zoo.kernels.native.disabled)"
-    if _off_by_env():
-        return f"off ({ENV_VAR}=off)"
     return _reasons.get(name)
 
 

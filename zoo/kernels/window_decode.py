@@ -31,7 +31,7 @@ import ctypes
 import torch
 
 from zoo.kernels import native
-from zoo.kernels.window_hybrid import WindowHybridState, sink_open
+from zoo.kernels.window_hybrid import SlotBuffer, WindowHybridState, sink_open
 
 
 def decode_fits(state: WindowHybridState | None, key_mask, T: int, sinks: int) -> bool:
@@ -40,7 +40,7 @@ def decode_fits(state: WindowHybridState | None, key_mask, T: int, sinks: int) -
         return False
     if key_mask is not None and not bool(key_mask.bool().all()):
         return False
-    return not sinks or int(state.n.min()) >= sinks
+    return not sinks or (state.position if state.position is not None else int(state.n.min())) >= sinks
 
 
 def _window_masks(n: torch.Tensor, L: int, window: int, terraced: bool):
@@ -59,13 +59,13 @@ def _window_masks(n: torch.Tensor, L: int, window: int, terraced: bool):
 _SHARED_MASKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _masks(n: torch.Tensor, L: int, window: int, terraced: bool, sinks: int):
+def _masks(n: torch.Tensor, L: int, window: int, terraced: bool, sinks: int, position: int | None = None):
     """(shut [B or 1, 1, 1, sinks + L + 1]: the columns sinks, slots, new token that are NOT softmax keys of
     the query; linear [B or 1, 1, 1, L + 1]: the slots and new token that are its linear keys) for query
     positions n [B]. Rows at one position (what `generate` gives) share masks made once per pattern: they
     depend on the position only through min(n, L), n mod W and which sinks are open, so a few dozen
-    patterns serve a whole generation."""
-    low, high = (int(x) for x in torch.aminmax(n))
+    patterns serve a whole generation. `position`: every row's n, where the caller knows it."""
+    low, high = (position, position) if position is not None else (int(x) for x in torch.aminmax(n))
     if low != high:
         win, lin = _window_masks(n, L, window, terraced)
         open_sinks = sink_open(n, sinks, window, terraced)[:, None, None]
@@ -112,7 +112,7 @@ def window_hybrid_decode(
         )
     cdt = torch.promote_types(q.dtype, torch.float32)
     scale = D**-0.5 if scale is None else scale
-    shut, lin = _masks(state.n, L, window, terraced, S)
+    shut, lin = _masks(state.n, L, window, terraced, S, state.position)
     fused = _fused_step(q, k, v, fq, fk, a, b, c, state, shut, lin, scale)
     if fused is not None:
         return fused
@@ -155,46 +155,135 @@ def window_hybrid_decode(
     return y, new
 
 
-def _c_step():
-    """The C function, its argument types set, or None where it is not available."""
+#: a slot buffer holds this share of a window's L slots as room past them (at least one slot): the window
+#: is copied into a new buffer every L // ROOM_SHARE tokens instead of at every token
+ROOM_SHARE = 8
+
+
+def room_slots(L: int) -> int:
+    """Slots of room past a window of L slots in its slot buffer."""
+    return max(1, L // ROOM_SHARE)
+
+
+_ARGTYPES = {  # the C entries' argument types: 9 sizes, 17 arrays, the scale, 3 outputs, threads (+ fq_scale)
+    "zoo_window_hybrid_decode_f32": [*[ctypes.c_int64] * 9, *[ctypes.c_void_p] * 17, ctypes.c_float]
+    + [*[ctypes.c_void_p] * 3, ctypes.c_int],
+}
+_ARGTYPES["zoo_hedgehog_window_decode_f32"] = [*_ARGTYPES["zoo_window_hybrid_decode_f32"], ctypes.c_float]
+
+
+def _c_step(entry: str = "zoo_window_hybrid_decode_f32"):
+    """A C entry of csrc/window_decode.c, its argument types set, or None where it is not available."""
     lib = native.library("window_decode")
     if lib is None:
         return None
-    fn = lib.zoo_window_hybrid_decode_f32
+    fn = getattr(lib, entry)
     if fn.argtypes is None:
-        fn.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 17 + [ctypes.c_float] + [ctypes.c_void_p] * 6
-        fn.argtypes += [ctypes.c_int]
-        fn.restype = ctypes.c_int
+        fn.argtypes, fn.restype = _ARGTYPES[entry], ctypes.c_int
     return fn
 
 
-def _fused_step(q, k, v, fq, fk, a, b, c, state: WindowHybridState, shut, lin, scale):
+def _room(state: WindowHybridState) -> tuple[SlotBuffer, int]:
+    """(the slot buffer to append to, the offset of the state's slots in it): the state's own where its
+    slots end at the buffer's first unwritten slot and room is left, else a new one, its slots copied in."""
+    buf, L = state.slots, state.cached_tokens
+    shared = buf is not None and state.k.untyped_storage().data_ptr() == buf.k.untyped_storage().data_ptr()
+    if shared and buf.end < buf.capacity:
+        offset = (state.k.storage_offset() - buf.k.storage_offset()) // state.k.stride(2)
+        if offset + L == buf.end:
+            return buf, offset
+    B, H = state.k.shape[:2]
+    made = [
+        torch.empty(B, H, L + room_slots(L), x.shape[-1], dtype=x.dtype) for x in (state.k, state.v, state.fk)
+    ]
+    for into, slots in zip(made, (state.k, state.v, state.fk)):
+        into[:, :, :L].copy_(slots)
+    return SlotBuffer(*made, end=L), 0
+
+
+def _fused_step(q, k, v, fq, fk, a, b, c, state: WindowHybridState, shut, lin, scale, maps=None):
     """The step as one C call: (y, next state), or None where it does not apply (not the CPU, not fp32
-    throughout, rows at different positions, or no C kernel)."""
+    throughout, rows at different positions, or no C kernel). The token is appended to the state's slot
+    buffer (`_room`), and the next state's slots are a view of it, so the window is not copied. With
+    `maps` = (Wq [H, D, F/2], Wk [HKV, D, F/2], fq_scale), fq and fk are None and the C code computes
+    the Hedgehog features itself."""
     sinks = () if state.sink_k is None else (state.sink_k, state.sink_v)
-    tensors = (q, k, v, fq, fk, state.k, state.v, state.fk, state.S, state.z, *sinks)
+    given = (fq, fk) if maps is None else maps[:2]
+    tensors = (q, k, v, *given, state.k, state.v, state.fk, state.S, state.z, *sinks)
     if q.device.type != "cpu" or shut.shape[0] != 1 or any(t.dtype != torch.float32 for t in tensors):
         return None
-    fn = _c_step()
+    fn = _c_step("zoo_window_hybrid_decode_f32" if maps is None else "zoo_hedgehog_window_decode_f32")
     if fn is None:
         return None
     B, H, _, D = q.shape
-    HKV, F_, DV, L, S = k.shape[1], fq.shape[-1], v.shape[-1], state.cached_tokens, state.sinks
+    HKV, F_, DV, L, S = k.shape[1], state.fk.shape[-1], v.shape[-1], state.cached_tokens, state.sinks
 
     def heads(f):
+        if isinstance(f, torch.Tensor) and f.dtype == torch.float32 and f.shape == (H,) and f.is_contiguous():
+            return f
         return None if f is None else torch.as_tensor(f, dtype=torch.float32).expand(H).contiguous()
 
-    a, b, c = heads(a), heads(b), heads(c)
-    ins = [x.contiguous() for x in (q, fq, k, v, fk)]
-    sinks = [state.sink_k.contiguous(), state.sink_v.contiguous()] if S else [None, None]
-    win = [x.contiguous() for x in (state.k, state.v, state.fk, state.S, state.z)]
-    y = q.new_empty(B, H, 1, DV)
-    out = [torch.empty_like(x) for x in win]
-    pointers = [x.data_ptr() if x is not None else None for x in (*ins, a, b, c, *sinks, *win, shut, lin)]
-    outs = [x.data_ptr() for x in (y, *out)]
+    buf, offset = _room(state)
+    ins = [q.contiguous(), given[0].contiguous(), k.contiguous(), v.contiguous(), given[1].contiguous()]
+    factors = [heads(f) for f in (a, b, c)]
+    sink_kv = [x.contiguous() for x in sinks] if S else [None, None]
+    Sz, z = state.S.contiguous(), state.z.contiguous()
+    y, new_S, new_z = q.new_empty(B, H, 1, DV), torch.empty_like(Sz), torch.empty_like(z)
+    pointers = [None if x is None else x.data_ptr() for x in (*ins, *factors, *sink_kv)]
+    pointers += [x.data_ptr() + offset * x.stride(2) * x.element_size() for x in (buf.k, buf.v, buf.fk)]
+    pointers += [x.data_ptr() for x in (Sz, z, shut, lin)]
     threads = torch.get_num_threads() if B > 1 else 1
-    failed = fn(B, HKV, H // HKV, D, DV, F_, L, S, *pointers, float(scale), *outs, threads)
-    if failed:
+    sizes = (B, HKV, H // HKV, D, DV, F_, L, S, buf.capacity)
+    outs = (y.data_ptr(), new_S.data_ptr(), new_z.data_ptr())
+    extra = () if maps is None else (float(maps[2]),)
+    if fn(*sizes, *pointers, float(scale), *outs, threads, *extra):
         raise MemoryError("zoo's C decode step could not allocate its scratch space")
-    new = WindowHybridState(*out, state.n + 1, state.window, state.terraced, state.sink_k, state.sink_v)
+    buf.end = offset + L + 1
+    k2, v2, f2 = (x[:, :, offset + 1 : offset + 1 + L] for x in (buf.k, buf.v, buf.fk))
+    new = WindowHybridState(k2, v2, f2, new_S, new_z, state.n + 1, state.window, state.terraced, *sinks)
+    new.slots = buf
+    # shared masks: every row at one position (read once, then carried as a number)
+    new.position = (state.position if state.position is not None else int(state.n[0])) + 1
     return y, new
+
+
+def common_position(state: WindowHybridState) -> int | None:
+    """The number of tokens every row of `state` has seen, or None where the rows differ."""
+    if state.position is not None:
+        return state.position
+    low, high = (int(x) for x in torch.aminmax(state.n))
+    return low if low == high else None
+
+
+def hedgehog_window_decode(
+    q,
+    k,
+    v,
+    wq,
+    wk,
+    a,
+    b,
+    *,
+    window: int,
+    terraced: bool,
+    state: WindowHybridState,
+    scale,
+    c=None,
+    fq_scale: float = 1.0,
+    sinks: int = 0,
+):
+    """The whole step of a window hybrid with Hedgehog feature maps, phi(x) = [softmax(x W),
+    softmax(-x W)], as one C call: q [B, H, 1, D], k [B, HKV, 1, D], v [B, HKV, 1, Dv], the maps wq
+    [H, D, F/2] and wk [HKV, D, F/2], the queries' features scaled by fq_scale. (y, next state) as
+    `window_hybrid_decode` from the features would give, or None where the C step does not apply (then
+    the caller takes its general path): not `decode_fits`, rows at different positions, not fp32 on the
+    CPU, or no C kernel."""
+    if not decode_fits(state, None, q.shape[2], sinks) or state.k.shape[1] != k.shape[1]:
+        return None
+    if state.window != window or state.terraced != terraced or wq.shape[0] != q.shape[1]:
+        return None
+    position = common_position(state)
+    if position is None:
+        return None
+    shut, lin = _masks(state.n, state.cached_tokens, window, terraced, state.sinks, position)
+    return _fused_step(q, k, v, None, None, a, b, c, state, shut, lin, scale, maps=(wq, wk, fq_scale))

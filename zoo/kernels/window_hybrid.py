@@ -50,7 +50,7 @@ are dropped: they enter neither the window, the linear part nor the state, and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,9 +64,35 @@ def state_len(window: int, terraced: bool) -> int:
 
 
 @dataclass
+class SlotBuffer:
+    """Room for window slots past a state's own, so that a decoding step appends its token in place
+    instead of copying the window (zoo.kernels.window_decode): k, v, fk [B, H, capacity, *], of which the
+    state's k, v, fk are views of its L slots. `end` is the first slot that no step has written yet: a
+    step appends at `end` only where its state's slots end there, so a state that another step already
+    extended is copied into a new buffer, never overwritten."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    fk: torch.Tensor
+    end: int
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.fk))
+
+
+@dataclass
 class WindowHybridState:
     """Decoding state. Window slots are right-aligned: slot i holds a real token iff i >= L - min(n, L);
-    the real slots hold the last min(n, L) real tokens in order (unused slots are zero)."""
+    the real slots hold the last min(n, L) real tokens in order (unused slots are zero).
+
+    `slots`, set by the in-place decoding step only, is the SlotBuffer that k, v, fk are views of, and
+    `position` the one value of n when that step knows every row is there (so the next step reads no
+    tensor to learn it). Neither is an init field: a state rebuilt from its fields (moved, reordered,
+    repeated) has neither, and the next decoding step copies its slots into a new buffer."""
 
     k: torch.Tensor  # [B, H, L, D]
     v: torch.Tensor  # [B, H, L, Dv]
@@ -78,6 +104,8 @@ class WindowHybridState:
     terraced: bool
     sink_k: torch.Tensor | None = None  # [B, H, S, D]: the first S real keys (attention sinks); None: S = 0
     sink_v: torch.Tensor | None = None  # [B, H, S, Dv] (slots past n are zero)
+    slots: SlotBuffer | None = field(default=None, init=False, repr=False, compare=False)
+    position: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def cached_tokens(self) -> int:
@@ -101,7 +129,13 @@ class WindowHybridState:
         return WindowHybridState(k, v, fk, S, z, n, self.window, self.terraced, *sinks)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        """Bytes the state holds: its tensors, and the room of its slot buffer where it has one."""
+        own = sum(t.numel() * t.element_size() for t in self._tensors())
+        if self.slots is None:
+            return own
+        return (
+            own - sum(t.numel() * t.element_size() for t in (self.k, self.v, self.fk)) + self.slots.nbytes()
+        )
 
     def _per_head(self, fn, groups: int) -> WindowHybridState:
         k, v, fk, S, z, _, *sinks = (t if t is self.n else fn(t, groups) for t in self._tensors())

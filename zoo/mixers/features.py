@@ -86,7 +86,7 @@ def _hedgehog_one_token(linear: HeadwiseLinear, x: torch.Tensor) -> torch.Tensor
         fn.restype = None
     B, n, _, D = x.shape
     F2 = w.shape[-1]
-    x, w = x.contiguous(), w.detach().contiguous()
+    x, w = x.contiguous(), w.contiguous()
     out = x.new_empty(B, n, 1, 2 * F2)
     fn(B, n, D, F2, x.data_ptr(), w.data_ptr(), out.data_ptr())
     return out

@@ -25,8 +25,9 @@ import math
 import torch
 from torch import nn
 
-from zoo.kernels.dispatch import window_hybrid
-from zoo.kernels.window_hybrid import window_hybrid_weights
+from zoo.kernels.dispatch import hedgehog_window_hybrid_step, window_hybrid
+from zoo.kernels.window_decode import common_position
+from zoo.kernels.window_hybrid import WindowHybridState, window_hybrid_weights
 from zoo.mixers.base import repeat_kv
 from zoo.mixers.feature_map import FeatureMapped
 from zoo.mixers.features import HeadwiseLinear, hedgehog_of
@@ -134,6 +135,14 @@ class WindowHybridMixer(FeatureMapped):
             older = (positions + 1 - window).clamp(min=0)
         return (older - sinks).clamp(min=0)
 
+    def linear_keys_at(self, position: int) -> int:
+        """`linear_keys` of one query position, as a number (for the decoding step)."""
+        window, sinks = self.window_and_sinks()
+        if self.branch == "linear":
+            return position + 1
+        older = max(position // window - 1, 0) * window if self.terraced else max(position + 1 - window, 0)
+        return max(older - sinks, 0)
+
     def window_and_sinks(self) -> tuple[int, int]:
         """(window, sinks) for the kernel. The linear branch alone is linear attention over all keys: the
         sinks are not taken out of it, and the window does not matter (a = 0, b = c = 1 gives every key its
@@ -211,3 +220,41 @@ class HedgehogWindowHybrid(WindowHybridMixer):
 
     def feature_map(self, h, is_query, tokens):
         return hedgehog_of(self.feature_map_q if is_query else self.feature_map_k, h)
+
+    def forward(self, q, k, v, x, state=None, mask=None):
+        fused = self._decode_in_one_call(q, k, v, state, mask)
+        return fused if fused is not None else super().forward(q, k, v, x, state, mask)
+
+    def _decode_in_one_call(self, q, k, v, state, mask):
+        """A decoding step (one token per row, no padding, no gradient) with features and all as one C call
+        (zoo.kernels.dispatch.hedgehog_window_hybrid_step), or None: the general path then runs."""
+        if not isinstance(state, WindowHybridState) or q.shape[2] != 1 or mask is not None:
+            return None
+        wq, wk = self.feature_map_q.weight, self.feature_map_k.weight
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, wq, wk, self.window_logit)):
+            return None
+        if self.feature_map_q.bias is not None or self.feature_map_k.bias is not None:
+            return None
+        position = common_position(state)
+        if position is None:
+            return None
+        cap = self.config.get("linear_mass_tokens")
+        fq_scale = cap / max(self.linear_keys_at(position), cap) if cap else 1.0
+        a, b, c = self.factors()
+        window, sinks = self.window_and_sinks()
+        return hedgehog_window_hybrid_step(
+            q,
+            k,
+            v,
+            wq,
+            wk,
+            a,
+            b,
+            c=c,
+            window=window,
+            terraced=self.terraced,
+            state=state,
+            scale=self.head_dim**-0.5,
+            fq_scale=fq_scale,
+            sinks=sinks,
+        )

@@ -8,19 +8,26 @@
      k [B, HKV, D], v [B, HKV, DV], fk [B, HKV, F]  its key, value and key features
      a, b [H]; c [H] or NULL                        per-head weights of the softmax and linear columns
      sink_k [B, HKV, S, D], sink_v [B, HKV, S, DV] (NULL when S = 0)
-     win_k [B, HKV, L, D], win_v [B, HKV, L, DV], win_f [B, HKV, L, F]: the window slots (right-aligned)
+     win_k [B, HKV, cap, D], win_v [B, HKV, cap, DV], win_f [B, HKV, cap, F]: slot buffers of cap > L
+       slots a key/value head, the window's L slots (right-aligned) first
      state [B, HKV, F, DV], norm [B, HKV, F]: the linear state of keys that left the window
      shut [S + L + 1]: columns (sinks, slots, new token) that are not softmax keys of the query
      lin [L + 1]: slots and new token that are its linear keys (the same masks for every row)
 
-   Outputs: y [B, HKV, G, DV]; the next state: new_k, new_v, new_f (the slots moved one left, the token
-   last), new_state = state + win_f[0] outer win_v[0], new_norm = norm + win_f[0]. Returns 0, or 1 when
-   the scratch space could not be had. */
+   Outputs: y [B, HKV, G, DV]; the new token's k, v, fk written into slot L of the buffers (the next
+   window is slots 1 to L: nothing is copied); new_state = state + win_f[0] outer win_v[0], new_norm =
+   norm + win_f[0]. Returns 0, or 1 when the scratch space could not be had.
+
+   zoo_hedgehog_window_decode_f32 takes, instead of fq and fk, the Hedgehog maps Wq [HKV * G, D, F / 2]
+   and Wk [HKV, D, F / 2] and computes the features itself (hedgehog.h), the queries' scaled by
+   fq_scale: the layer's whole step, features included, in one call. */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "hedgehog.h"
 
 static float dot(const float *restrict x, const float *restrict y, int64_t n) {
     float s = 0.0f;
@@ -48,7 +55,7 @@ typedef struct {
 static void one_group(const Shape *s, int64_t h, const float *q, const float *fq, const float *k,
                       const float *v, const float *fk, const float *sk, const float *sv, const float *wk,
                       const float *wv, const float *wf, const float *st, const float *nrm, float *w,
-                      float *y, float *nk, float *nv, float *nf, float *nst, float *nnrm) {
+                      float *y, float *nst, float *nnrm) {
     const int64_t G = s->G, S = s->S, L = s->L, N = S + L + 1, D = s->D, DV = s->DV, F = s->F;
     const float *a = s->a + h * G, *b = s->b + h * G, *c = s->c ? s->c + h * G : NULL;
     float m[G], den[G];
@@ -103,39 +110,74 @@ static void one_group(const Shape *s, int64_t h, const float *q, const float *fq
         const float inv = 1.0f / den[g];
         for (int64_t e = 0; e < DV; e++) y[g * DV + e] *= inv;
     }
-    /* the slots move one left, the new token enters last */
-    memcpy(nk, wk + D, (size_t)((L - 1) * D) * sizeof(float));
-    memcpy(nk + (L - 1) * D, k, (size_t)D * sizeof(float));
-    memcpy(nv, wv + DV, (size_t)((L - 1) * DV) * sizeof(float));
-    memcpy(nv + (L - 1) * DV, v, (size_t)DV * sizeof(float));
-    memcpy(nf, wf + F, (size_t)((L - 1) * F) * sizeof(float));
-    memcpy(nf + (L - 1) * F, fk, (size_t)F * sizeof(float));
 }
 
-int zoo_window_hybrid_decode_f32(int64_t B, int64_t HKV, int64_t G, int64_t D, int64_t DV, int64_t F,
-                                 int64_t L, int64_t S, const float *q, const float *fq, const float *k,
-                                 const float *v, const float *fk, const float *a, const float *b,
-                                 const float *c, const float *sink_k, const float *sink_v,
-                                 const float *win_k, const float *win_v, const float *win_f,
-                                 const float *state, const float *norm, const uint8_t *shut,
-                                 const uint8_t *lin, float scale, float *y, float *new_k, float *new_v,
-                                 float *new_f, float *new_state, float *new_norm, int threads) {
-    const Shape s = {G, D, DV, F, L, S, shut, lin, a, b, c, scale};
-    const int64_t units = B * HKV;
+typedef struct {
+    const float *Wq, *Wk; /* the Hedgehog maps, or NULL: fq and fk are given */
+    int64_t F2;
+    float fq_scale;
+} Maps;
+
+static int decode_units(const Shape *s, const Maps *maps, int64_t B, int64_t HKV, int64_t cap,
+                        const float *q, const float *fq, const float *k, const float *v, const float *fk,
+                        const float *sink_k, const float *sink_v, float *win_k, float *win_v,
+                        float *win_f, const float *state, const float *norm, float *y, float *new_state,
+                        float *new_norm, int threads) {
+    const int64_t G = s->G, D = s->D, DV = s->DV, F = s->F, L = s->L, S = s->S, N = S + L + 1;
+    const int64_t units = B * HKV, scratch = G * N + (maps->Wq ? G * F + F : 0);
     int failed = 0;
 #pragma omp parallel for num_threads(threads) if (threads > 1 && units > 1) reduction(| : failed)
     for (int64_t u = 0; u < units; u++) {
-        float *w = (float *)malloc((size_t)(G * (S + L + 1)) * sizeof(float));
+        float *w = (float *)malloc((size_t)scratch * sizeof(float));
         if (w == NULL) {
             failed = 1;
             continue;
         }
-        one_group(&s, u % HKV, q + u * G * D, fq + u * G * F, k + u * D, v + u * DV, fk + u * F,
-                  S ? sink_k + u * S * D : NULL, S ? sink_v + u * S * DV : NULL, win_k + u * L * D,
-                  win_v + u * L * DV, win_f + u * L * F, state + u * F * DV, norm + u * F, w,
-                  y + u * G * DV, new_k + u * L * D, new_v + u * L * DV, new_f + u * L * F,
-                  new_state + u * F * DV, new_norm + u * F);
+        const int64_t h = u % HKV;
+        const float *uq = q + u * G * D, *ufq = maps->Wq ? w + G * N : fq + u * G * F;
+        const float *ufk = maps->Wq ? w + G * N + G * F : fk + u * F;
+        if (maps->Wq) { /* the features of the group's queries and of its key */
+            for (int64_t g = 0; g < G; g++)
+                hedgehog_map(uq + g * D, maps->Wq + (h * G + g) * D * maps->F2, D, maps->F2, maps->fq_scale,
+                             w + G * N + g * F);
+            hedgehog_map(k + u * D, maps->Wk + h * D * maps->F2, D, maps->F2, 1.0f, w + G * N + G * F);
+        }
+        float *wk = win_k + u * cap * D, *wv = win_v + u * cap * DV, *wf = win_f + u * cap * F;
+        one_group(s, h, uq, ufq, k + u * D, v + u * DV, ufk, S ? sink_k + u * S * D : NULL,
+                  S ? sink_v + u * S * DV : NULL, wk, wv, wf, state + u * F * DV, norm + u * F, w,
+                  y + u * G * DV, new_state + u * F * DV, new_norm + u * F);
+        /* the new token enters after the window's slots, in the buffer's room */
+        memcpy(wk + L * D, k + u * D, (size_t)D * sizeof(float));
+        memcpy(wv + L * DV, v + u * DV, (size_t)DV * sizeof(float));
+        memcpy(wf + L * F, ufk, (size_t)F * sizeof(float));
         free(w);
     }
     return failed;
+}
+
+int zoo_window_hybrid_decode_f32(int64_t B, int64_t HKV, int64_t G, int64_t D, int64_t DV, int64_t F,
+                                 int64_t L, int64_t S, int64_t cap, const float *q, const float *fq,
+                                 const float *k, const float *v, const float *fk, const float *a,
+                                 const float *b, const float *c, const float *sink_k, const float *sink_v,
+                                 float *win_k, float *win_v, float *win_f, const float *state,
+                                 const float *norm, const uint8_t *shut, const uint8_t *lin, float scale,
+                                 float *y, float *new_state, float *new_norm, int threads) {
+    const Shape s = {G, D, DV, F, L, S, shut, lin, a, b, c, scale};
+    const Maps none = {NULL, NULL, 0, 1.0f};
+    return decode_units(&s, &none, B, HKV, cap, q, fq, k, v, fk, sink_k, sink_v, win_k, win_v, win_f,
+                        state, norm, y, new_state, new_norm, threads);
+}
+
+int zoo_hedgehog_window_decode_f32(int64_t B, int64_t HKV, int64_t G, int64_t D, int64_t DV, int64_t F,
+                                   int64_t L, int64_t S, int64_t cap, const float *q, const float *Wq,
+                                   const float *k, const float *v, const float *Wk, const float *a,
+                                   const float *b, const float *c, const float *sink_k,
+                                   const float *sink_v, float *win_k, float *win_v, float *win_f,
+                                   const float *state, const float *norm, const uint8_t *shut,
+                                   const uint8_t *lin, float scale, float *y, float *new_state,
+                                   float *new_norm, int threads, float fq_scale) {
+    const Shape s = {G, D, DV, F, L, S, shut, lin, a, b, c, scale};
+    const Maps maps = {Wq, Wk, F / 2, fq_scale};
+    return decode_units(&s, &maps, B, HKV, cap, q, NULL, k, v, NULL, sink_k, sink_v, win_k, win_v,
+                        win_f, state, norm, y, new_state, new_norm, threads);
 }
