@@ -89,7 +89,7 @@ def test_every_cell_is_measured_or_says_why(benches, fill):
     for key in ("command", "device", "dtype", "threads", "versions", "memory_limit_bytes", "memory_method"):
         assert on_disk[key] is not None, key
     assert {"torch", "transformers"} <= set(on_disk["versions"]) and on_disk["threads"] == 1
-    assert set(on_disk["cpu_c_kernels"]) == {"hedgehog_features", "window_decode"}
+    assert set(on_disk["cpu_c_kernels"]) == {"hedgehog_features", "sparse_decode", "window_decode"}
     assert on_disk["memory_limit_bytes"] == 50_000
 
 

@@ -159,3 +159,45 @@ def test_the_relative_error_does_not_keep_a_key_for_the_size_of_its_value():
         )
         kept[relative] = state.cache_k[0, 0, 0]
     assert torch.equal(kept[False], k[0, 0, long_one]) and torch.equal(kept[True], k[0, 0, planted])
+
+
+@pytest.mark.parametrize("groups", [1, 3], ids=["mha", "gqa"])
+@pytest.mark.parametrize("sinks,cache", [(0, 2), (2, 3), (6, 1)], ids=["no-sinks", "sinks", "sinks>W"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decoding_in_c_is_the_pytorch_form_token_after_token(groups, sinks, cache, threads):
+    """One token at a time, rows at one position: the C step (it runs on every token past the sinks that
+    does not end a block: checked) and the PyTorch form give the same outputs and states, through several
+    block ends and evictions; then a branch (two tokens from one state) gives both the PyTorch results."""
+    from zoo.kernels import native
+
+    if native.library("sparse_decode") is None:
+        pytest.skip(f"no C kernel: {native.unavailable_reason('sparse_decode')}")
+    T0, steps = 3, 26
+    xs, a, b = make(T0 + steps + 1, groups)
+    xs = [x[:1].expand(3, *x.shape[1:]).contiguous() for x in xs]  # 3 rows at one position
+    kw = dict(window=W, sinks=sinks, cache_size=cache)
+    _, fused = sparse_hybrid(*[x[:, :, :T0] for x in xs], a, b, **kw)
+    reference, ran = fused, []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in range(T0, T0 + steps):
+            token = [x[:, :, t : t + 1] for x in xs]
+            y1, fused = sparse_hybrid(*token, a, b, **kw, state=fused)
+            ran.append(fused.position is not None)
+            with native.disabled():
+                y0, reference = sparse_hybrid(*token, a, b, **kw, state=reference)
+            torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5, msg=lambda m, t=t: f"token {t}: {m}")
+    finally:
+        torch.set_num_threads(before)
+    assert ran == [t >= sinks and (t + 1) % W != 0 for t in range(T0, T0 + steps)]
+    for got, want in zip(fused.tensors(), reference.tensors()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    last = [x[:, :, T0 + steps : T0 + steps + 1] for x in xs]
+    other = [x[:, :, :1] for x in xs]
+    ya, _ = sparse_hybrid(*last, a, b, **kw, state=fused)
+    yb, _ = sparse_hybrid(*other, a, b, **kw, state=fused)  # the slot is taken: cur_* is copied
+    with native.disabled():
+        ra, _ = sparse_hybrid(*last, a, b, **kw, state=reference)
+        rb, _ = sparse_hybrid(*other, a, b, **kw, state=reference)
+    torch.testing.assert_close((ya, yb), (ra, rb), atol=1e-5, rtol=1e-5)

@@ -326,3 +326,36 @@ def test_linear_keys_at_a_position_is_linear_keys(name):
     for branch in m.BRANCHES:
         m.branch = branch
         assert [m.linear_keys_at(p) for p in range(40)] == m.linear_keys(positions)[0].tolist()
+
+
+@pytest.mark.parametrize("relative", ["absolute", "relative"])
+def test_lola_decodes_in_one_c_call_as_the_general_path(relative):
+    """`lola` decoding with its cache (rows at one position, the linear mass cap on): features and step as
+    one C call on every token past the sinks that does not end a block (checked), the general path's
+    outputs and states otherwise, through block ends and evictions."""
+    from zoo.kernels import native
+
+    if native.library("sparse_decode") is None:
+        pytest.skip(f"no C kernel: {native.unavailable_reason('sparse_decode')}")
+    m = make_mixer("lola", window=4, sinks=2, cache_size=3, linear_mass_tokens=3, recall_error=relative)
+    T0, steps = 3, 25
+    q, k, v, x = (t[:1].expand(2, *t.shape[1:]).contiguous() for t in inputs(T0 + steps, Bsz=2))
+    with torch.no_grad():
+        _, fused = m(*(sl(t, 0, T0) for t in (q, k, v, x)))
+        general, ys, ys0, ran = fused, [], [], []
+        for t in range(T0, T0 + steps):
+            step = [sl(u, t, t + 1) for u in (q, k, v, x)]
+            y, fused = m(*step, state=fused)
+            ran.append(fused.position is not None)
+            with native.disabled():
+                y0, general = m(*step, state=general)
+            ys.append(y)
+            ys0.append(y0)
+    assert ran == [t >= 2 and (t + 1) % 4 != 0 for t in range(T0, T0 + steps)]
+    torch.testing.assert_close(torch.cat(ys, 2), torch.cat(ys0, 2), atol=1e-5, rtol=1e-5)
+    for got, want in zip(fused.tensors(), general.tensors()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    positions = torch.arange(60)[None]
+    for branch in m.BRANCHES:
+        m.branch = branch
+        assert [m.linear_keys_at(p) for p in range(60)] == m.linear_keys(positions)[0].tolist()

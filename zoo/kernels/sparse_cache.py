@@ -25,7 +25,10 @@ Forms (keys, values and key features come once per key/value head; query head h 
   tokens, in fp32, over Python lists of each head's keys.
 - sparse_hybrid: each row's real tokens (padding dropped) in runs up to the next block end, vectorized
   within a run, with the eviction at each block end, from and to a SparseHybridState. Training, prefill and
-  decoding (one token is a run of one).
+  decoding (one token is a run of one). On the CPU in fp32, a decoding step of rows at one position whose
+  token does not end its block is one C call (zoo/kernels/csrc/sparse_decode.c; `decode_in_c`), which
+  writes the token into the current block's slot in place where no other step has (an older state reads
+  only the slots before it); the PyTorch form runs where that kernel is not available.
 
 The state is constant in the context: sinks + C + 2W keys, values and key features per key/value head, the
 fp32 S and z, and the token count.
@@ -33,9 +36,12 @@ fp32 S and z, and the token count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+from dataclasses import dataclass, field
 
 import torch
+
+from zoo.kernels import native
 
 #: added to phi(k) . z in the self-recall error (an empty state recalls 0: the error is ||v||^2)
 RECALL_EPS = 1e-6
@@ -71,6 +77,12 @@ class SparseHybridState:
     S: torch.Tensor  # [B, HKV, F, Dv] fp32
     z: torch.Tensor  # [B, HKV, F] fp32
     n: torch.Tensor  # [B] int64: real tokens seen
+    # Set by the one-token C step only (not init fields: a state rebuilt from its fields has neither):
+    # [the first slot of cur_* no step has written], shared by the states that step made from one another,
+    # so that a step writes its token in place only into a slot no other step has (else it copies cur_*);
+    # and the one value of n of every row.
+    cur_end: list[int] | None = field(default=None, init=False, repr=False, compare=False)
+    position: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls, B, HKV, D, Dv, F_, window, sinks, cache_size, dtype, device) -> SparseHybridState:
@@ -249,6 +261,10 @@ def sparse_hybrid(
             f"state of window={state.window}, sinks={state.sinks}, cache_size={state.cache_size}; called "
             f"with window={window}, sinks={sinks}, cache_size={cache_size}"
         )
+    if T == 1 and (key_mask is None or bool(key_mask.bool().all())):
+        fused = decode_in_c(q, k, v, fq, fk, a, b, state, scale)
+        if fused is not None:
+            return fused
     fields = state.tensors()
     low, high = (int(x) for x in torch.aminmax(state.n))
     if low == high and (key_mask is None or bool(key_mask.bool().all())):
@@ -270,6 +286,66 @@ def sparse_hybrid(
             y[r] = y[r].index_copy(1, idx, y_real[0])
         rows.append(new)
     return y.to(q.dtype), SparseHybridState(*(torch.cat(parts) for parts in zip(*rows)))
+
+
+_C_ARGTYPES = [*[ctypes.c_int64] * 13, *[ctypes.c_void_p] * 18, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+_C_ENTRIES = {  # C entry -> its argument types
+    "zoo_sparse_hybrid_decode_f32": _C_ARGTYPES,
+    "zoo_hedgehog_sparse_decode_f32": [*_C_ARGTYPES, ctypes.c_float],
+}
+
+
+def decode_in_c(q, k, v, fq, fk, a, b, state: SparseHybridState, scale: float, maps=None):
+    """One token per row (q [B, H, 1, D] ...), every row at one position n past its sinks, n + 1 not a
+    block end, fp32 on the CPU: (y, next state) from one C call (zoo/kernels/csrc/sparse_decode.c); else
+    None (the PyTorch form runs). With `maps` = (Wq [H, D, F/2], Wk [HKV, D, F/2], fq_scale), fq and fk
+    are None and the C code computes the Hedgehog features itself."""
+    fields = state.tensors()
+    given = (fq, fk) if maps is None else maps[:2]
+    if q.device.type != "cpu" or any(x.dtype != torch.float32 for x in (q, k, v, *given, *fields[:-1])):
+        return None
+    W, sinks, C = state.window, state.sinks, state.cache_size
+    n0 = common_position(state)
+    if n0 is None or n0 < sinks or (n0 + 1) % W == 0:
+        return None
+    lib = native.library("sparse_decode")
+    if lib is None:
+        return None
+    entry = "zoo_sparse_hybrid_decode_f32" if maps is None else "zoo_hedgehog_sparse_decode_f32"
+    fn = getattr(lib, entry)
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = _C_ENTRIES[entry], ctypes.c_int
+    B, H, _, D = q.shape
+    HKV, DV, F_ = k.shape[1], v.shape[-1], state.cur_fk.shape[-1]
+    r, j = n0 % W, n0 // W
+    held = max(0, max(0, (j - 1) * W) - sinks)  # older tokens that are not sinks: cache and linear state
+    cached, open_sinks = min(C, held), min(sinks, max(0, (j - 1) * W))
+    cur, end = [state.cur_k, state.cur_v, state.cur_fk], state.cur_end
+    if end is None or end[0] != r:  # another step wrote this slot (or none made cur_*): a copy of our own
+        cur, end = [x.clone() for x in cur], [r]
+    ins = [x.contiguous() for x in (q, given[0], k, v, given[1], a.float(), b.float())]
+    kept = [x.contiguous() for x in (*fields[:8], *cur, *fields[11:13])]
+    if any(x.data_ptr() != y.data_ptr() for x, y in zip(kept[8:11], cur)):
+        return None  # cur_* must be written in place: not contiguous, so the PyTorch form runs
+    y = q.new_empty(B, H, 1, DV)
+    sizes = (B, HKV, H // HKV, D, DV, F_, W, sinks, C, open_sinks, cached, int(j >= 1), r)
+    pointers = [x.data_ptr() for x in (*ins, kept[0], kept[1], kept[2], kept[3], kept[5], kept[6], *kept[8:])]
+    threads = torch.get_num_threads() if B > 1 else 1
+    extra = () if maps is None else (float(maps[2]),)
+    if fn(*sizes, *pointers, float(scale), y.data_ptr(), threads, *extra):
+        raise MemoryError("zoo's C decode step could not allocate its scratch space")
+    end[0] = r + 1
+    new = SparseHybridState(*fields[:8], *cur, *fields[11:13], state.n + 1)
+    new.cur_end, new.position = end, n0 + 1
+    return y, new
+
+
+def common_position(state: SparseHybridState) -> int | None:
+    """The number of tokens every row of `state` has seen, or None where the rows differ."""
+    if state.position is not None:
+        return state.position
+    low, high = (int(x) for x in torch.aminmax(state.n))
+    return low if low == high else None
 
 
 def sparse_hybrid_naive(

@@ -28,19 +28,7 @@
 #include <string.h>
 
 #include "hedgehog.h"
-
-static float dot(const float *restrict x, const float *restrict y, int64_t n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += x[i] * y[i];
-    return s;
-}
-
-/* out[DV] += w * x[DV] */
-static void axpy(float *restrict out, float w, const float *restrict x, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) out[i] += w * x[i];
-}
+#include "vec.h"
 
 typedef struct {
     int64_t G, D, DV, F, L, S;
