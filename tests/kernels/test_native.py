@@ -3,6 +3,8 @@ failing compiler means None and a reason (the callers then run their PyTorch for
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 
 from zoo.kernels import native
@@ -82,3 +84,14 @@ def test_zoo_native_off_in_the_environment(fresh, monkeypatch):
 @needs_compiler
 def test_status_names_every_kernel_in_use(fresh):
     assert native.status() == {name: "in use" for name in KERNELS}
+
+
+@needs_compiler
+def test_function_sets_its_types_once_and_is_none_where_the_library_is(fresh):
+    argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
+    fn = native.function("hedgehog_features", "zoo_hedgehog_features_f32", argtypes, restype=None)
+    assert fn is not None and fn.argtypes == argtypes and fn.restype is None
+    again = native.function("hedgehog_features", "zoo_hedgehog_features_f32", [ctypes.c_int], ctypes.c_int)
+    assert again.argtypes == argtypes  # set once: a second caller does not change them
+    with native.disabled():
+        assert native.function("hedgehog_features", "zoo_hedgehog_features_f32", argtypes) is None

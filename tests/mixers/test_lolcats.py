@@ -320,12 +320,12 @@ def test_decoding_in_one_c_call_is_the_general_path(name, branch):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_linear_keys_at_a_position_is_linear_keys(name):
+def test_linear_keys_of_one_position_as_a_number_is_linear_keys(name):
     m = make_mixer(name, window=4)
     positions = torch.arange(40)[None]
     for branch in m.BRANCHES:
         m.branch = branch
-        assert [m.linear_keys_at(p) for p in range(40)] == m.linear_keys(positions)[0].tolist()
+        assert [m.linear_keys(p) for p in range(40)] == m.linear_keys(positions)[0].tolist()
 
 
 @pytest.mark.parametrize("relative", ["absolute", "relative"])
@@ -358,4 +358,4 @@ def test_lola_decodes_in_one_c_call_as_the_general_path(relative):
     positions = torch.arange(60)[None]
     for branch in m.BRANCHES:
         m.branch = branch
-        assert [m.linear_keys_at(p) for p in range(60)] == m.linear_keys(positions)[0].tolist()
+        assert [m.linear_keys(p) for p in range(60)] == m.linear_keys(positions)[0].tolist()

@@ -29,7 +29,16 @@ from pathlib import Path
 
 from zoo.paths import cache_dir
 
-__all__ = ["ENV_VAR", "SOURCES", "disabled", "find_compiler", "library", "status", "unavailable_reason"]
+__all__ = [
+    "ENV_VAR",
+    "SOURCES",
+    "disabled",
+    "find_compiler",
+    "function",
+    "library",
+    "status",
+    "unavailable_reason",
+]
 
 ENV_VAR = "ZOO_NATIVE"
 
@@ -138,6 +147,18 @@ def library(name: str) -> ctypes.CDLL | None:
                 _reasons[name] = f"could not load {path}: {err}"
     _loaded[name] = lib
     return lib
+
+
+def function(name: str, entry: str, argtypes: list, restype=ctypes.c_int):
+    """The C function `entry` of csrc/<name>.c with its argument and result types set (once), or None where
+    that library is not available (see `library`)."""
+    lib = library(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, entry)
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = argtypes, restype
+    return fn
 
 
 def unavailable_reason(name: str) -> str | None:

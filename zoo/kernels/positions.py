@@ -32,6 +32,15 @@ def token_positions(
     return seen + counts - 1
 
 
+def common_count(n: torch.Tensor, known: int | None = None) -> int | None:
+    """The one value of n [B] (tokens seen) where every row has it, else None; `known`: that value where the
+    caller carries it already (a decoding state does), returned without reading the tensor."""
+    if known is not None:
+        return known
+    low, high = (int(x) for x in torch.aminmax(n))
+    return low if low == high else None
+
+
 def tokens_after(seen: torch.Tensor | int, mask: torch.Tensor | None, T: int) -> torch.Tensor | int:
     """The real tokens seen after a call of T tokens ([B] int64, or an int when `seen` is one and no mask)."""
     return seen + (T if mask is None else mask.bool().sum(1))

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zoo.kernels import native
+from zoo.kernels.positions import common_count
 
 #: added to phi(k) . z in the self-recall error (an empty state recalls 0: the error is ||v||^2)
 RECALL_EPS = 1e-6
@@ -133,6 +134,11 @@ class SparseHybridState:
         ]
 
 
+def _open_sinks(block: int, window: int, sinks: int) -> int:
+    """The sinks a query in block `block` reads as extra softmax keys: those out of its window."""
+    return min(sinks, max(0, (block - 1) * window))
+
+
 def self_recall_error(k_feat, v, S, z, eps=RECALL_EPS):
     """||v - phi(k) S / (phi(k) . z + eps)||^2 per key: phi(k) [..., N, F], v [..., N, Dv], S [..., F, Dv],
     z [..., F] -> [..., N], fp32."""
@@ -200,7 +206,7 @@ def _rows(q, k, v, fq, fk, a, b, state: list[torch.Tensor], window: int, scale: 
                 for old, new in ((sink_k, run_k), (sink_v, run_v))
             )
         cached = held_keys(pos, W, sinks, C)[0]
-        open_sinks = min(sinks, max(0, (j - 1) * W))
+        open_sinks = _open_sinks(j, W, sinks)
         window_kv = [prev_k, prev_v] if j >= 1 else [prev_k[:, :, :0], prev_v[:, :, :0]]
         keys = torch.cat([sink_k[:, :, :open_sinks], cache_k[:, :, :cached], window_kv[0], cur[0], run_k], 2)
         vals = torch.cat([sink_v[:, :, :open_sinks], cache_v[:, :, :cached], window_kv[1], cur[1], run_v], 2)
@@ -266,8 +272,9 @@ def sparse_hybrid(
         if fused is not None:
             return fused
     fields = state.tensors()
-    low, high = (int(x) for x in torch.aminmax(state.n))
-    if low == high and (key_mask is None or bool(key_mask.bool().all())):
+    if common_count(state.n, state.position) is not None and (
+        key_mask is None or bool(key_mask.bool().all())
+    ):
         y, new = _rows(q, k, v, fq, fk, a, b, fields, window, scale, relative)
         return y.to(q.dtype), SparseHybridState(*new)
     y = q.new_zeros(B, H, T, Dv, dtype=torch.float32)
@@ -305,21 +312,17 @@ def decode_in_c(q, k, v, fq, fk, a, b, state: SparseHybridState, scale: float, m
     if q.device.type != "cpu" or any(x.dtype != torch.float32 for x in (q, k, v, *given, *fields[:-1])):
         return None
     W, sinks, C = state.window, state.sinks, state.cache_size
-    n0 = common_position(state)
+    n0 = common_count(state.n, state.position)
     if n0 is None or n0 < sinks or (n0 + 1) % W == 0:
         return None
-    lib = native.library("sparse_decode")
-    if lib is None:
-        return None
     entry = "zoo_sparse_hybrid_decode_f32" if maps is None else "zoo_hedgehog_sparse_decode_f32"
-    fn = getattr(lib, entry)
-    if fn.argtypes is None:
-        fn.argtypes, fn.restype = _C_ENTRIES[entry], ctypes.c_int
+    fn = native.function("sparse_decode", entry, _C_ENTRIES[entry])
+    if fn is None:
+        return None
     B, H, _, D = q.shape
     HKV, DV, F_ = k.shape[1], v.shape[-1], state.cur_fk.shape[-1]
     r, j = n0 % W, n0 // W
-    held = max(0, max(0, (j - 1) * W) - sinks)  # older tokens that are not sinks: cache and linear state
-    cached, open_sinks = min(C, held), min(sinks, max(0, (j - 1) * W))
+    cached, open_sinks = held_keys(n0, W, sinks, C)[0], _open_sinks(j, W, sinks)
     cur, end = [state.cur_k, state.cur_v, state.cur_fk], state.cur_end
     if end is None or end[0] != r:  # another step wrote this slot (or none made cur_*): a copy of our own
         cur, end = [x.clone() for x in cur], [r]
@@ -338,14 +341,6 @@ def decode_in_c(q, k, v, fq, fk, a, b, state: SparseHybridState, scale: float, m
     new = SparseHybridState(*fields[:8], *cur, *fields[11:13], state.n + 1)
     new.cur_end, new.position = end, n0 + 1
     return y, new
-
-
-def common_position(state: SparseHybridState) -> int | None:
-    """The number of tokens every row of `state` has seen, or None where the rows differ."""
-    if state.position is not None:
-        return state.position
-    low, high = (int(x) for x in torch.aminmax(state.n))
-    return low if low == high else None
 
 
 def sparse_hybrid_naive(

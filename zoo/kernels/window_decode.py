@@ -31,6 +31,7 @@ import ctypes
 import torch
 
 from zoo.kernels import native
+from zoo.kernels.positions import common_count
 from zoo.kernels.window_hybrid import SlotBuffer, WindowHybridState, sink_open
 
 
@@ -40,7 +41,9 @@ def decode_fits(state: WindowHybridState | None, key_mask, T: int, sinks: int) -
         return False
     if key_mask is not None and not bool(key_mask.bool().all()):
         return False
-    return not sinks or (state.position if state.position is not None else int(state.n.min())) >= sinks
+    if not sinks:
+        return True
+    return (state.position if state.position is not None else int(state.n.min())) >= sinks
 
 
 def _window_masks(n: torch.Tensor, L: int, window: int, terraced: bool):
@@ -172,17 +175,6 @@ _ARGTYPES = {  # the C entries' argument types: 9 sizes, 17 arrays, the scale, 3
 _ARGTYPES["zoo_hedgehog_window_decode_f32"] = [*_ARGTYPES["zoo_window_hybrid_decode_f32"], ctypes.c_float]
 
 
-def _c_step(entry: str = "zoo_window_hybrid_decode_f32"):
-    """A C entry of csrc/window_decode.c, its argument types set, or None where it is not available."""
-    lib = native.library("window_decode")
-    if lib is None:
-        return None
-    fn = getattr(lib, entry)
-    if fn.argtypes is None:
-        fn.argtypes, fn.restype = _ARGTYPES[entry], ctypes.c_int
-    return fn
-
-
 def _room(state: WindowHybridState) -> tuple[SlotBuffer, int]:
     """(the slot buffer to append to, the offset of the state's slots in it): the state's own where its
     slots end at the buffer's first unwritten slot and room is left, else a new one, its slots copied in."""
@@ -212,7 +204,8 @@ def _fused_step(q, k, v, fq, fk, a, b, c, state: WindowHybridState, shut, lin, s
     tensors = (q, k, v, *given, state.k, state.v, state.fk, state.S, state.z, *sinks)
     if q.device.type != "cpu" or shut.shape[0] != 1 or any(t.dtype != torch.float32 for t in tensors):
         return None
-    fn = _c_step("zoo_window_hybrid_decode_f32" if maps is None else "zoo_hedgehog_window_decode_f32")
+    entry = "zoo_window_hybrid_decode_f32" if maps is None else "zoo_hedgehog_window_decode_f32"
+    fn = native.function("window_decode", entry, _ARGTYPES[entry])
     if fn is None:
         return None
     B, H, _, D = q.shape
@@ -247,14 +240,6 @@ def _fused_step(q, k, v, fq, fk, a, b, c, state: WindowHybridState, shut, lin, s
     return y, new
 
 
-def common_position(state: WindowHybridState) -> int | None:
-    """The number of tokens every row of `state` has seen, or None where the rows differ."""
-    if state.position is not None:
-        return state.position
-    low, high = (int(x) for x in torch.aminmax(state.n))
-    return low if low == high else None
-
-
 def hedgehog_window_decode(
     q,
     k,
@@ -282,7 +267,7 @@ def hedgehog_window_decode(
         return None
     if state.window != window or state.terraced != terraced or wq.shape[0] != q.shape[1]:
         return None
-    position = common_position(state)
+    position = common_count(state.n, state.position)
     if position is None:
         return None
     shut, lin = _masks(state.n, state.cached_tokens, window, terraced, state.sinks, position)

@@ -45,8 +45,7 @@ class HeadwiseLinear(nn.Module):
         if x.shape[1] != w.shape[0]:
             w = w.repeat_interleave(x.shape[1] // w.shape[0], dim=0)
             b = None if b is None else b.repeat_interleave(x.shape[1] // b.shape[0], dim=0)
-        # one batch row (decoding, most prefills): one bmm, without matmul's broadcasting ops around it
-        y = torch.bmm(x[0].float(), w)[None] if x.shape[0] == 1 else x.float() @ w
+        y = x.float() @ w
         return y if b is None else y + b
 
 
@@ -77,13 +76,10 @@ def _hedgehog_one_token(linear: HeadwiseLinear, x: torch.Tensor) -> torch.Tensor
         or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     ):
         return None
-    lib = native.library("hedgehog_features")
-    if lib is None:
+    argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
+    fn = native.function("hedgehog_features", "zoo_hedgehog_features_f32", argtypes, restype=None)
+    if fn is None:
         return None
-    fn = lib.zoo_hedgehog_features_f32
-    if fn.argtypes is None:
-        fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
-        fn.restype = None
     B, n, _, D = x.shape
     F2 = w.shape[-1]
     x, w = x.contiguous(), w.contiguous()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from zoo.kernels.dispatch import hedgehog_window_hybrid_step, window_hybrid
-from zoo.kernels.window_decode import common_position
+from zoo.kernels.positions import common_count
 from zoo.kernels.window_hybrid import WindowHybridState, window_hybrid_weights
 from zoo.mixers.base import repeat_kv
 from zoo.mixers.feature_map import FeatureMapped
@@ -123,25 +123,23 @@ class WindowHybridMixer(FeatureMapped):
             fq = fq * (cap / n.clamp(min=cap))[:, None, :, None]
         return fq, fk
 
-    def linear_keys(self, positions: torch.Tensor) -> torch.Tensor:
-        """[B, T] -> the number of linear keys of the query at each position under `self.branch`: the keys
-        outside its window (the previous and current block when terraced), sinks excluded."""
+    def linear_keys(self, positions: torch.Tensor | int) -> torch.Tensor | int:
+        """[B, T] (or one position, an int) -> the number of linear keys of the query at each position under
+        `self.branch`: the keys outside its window (the previous and current block when terraced), sinks
+        excluded."""
         window, sinks = self.window_and_sinks()
         if self.branch == "linear":
             return positions + 1
+        if isinstance(positions, int):
+            older = (
+                max(positions // window - 1, 0) * window if self.terraced else max(positions + 1 - window, 0)
+            )
+            return max(older - sinks, 0)
         if self.terraced:
             older = ((positions // window) - 1).clamp(min=0) * window
         else:
             older = (positions + 1 - window).clamp(min=0)
         return (older - sinks).clamp(min=0)
-
-    def linear_keys_at(self, position: int) -> int:
-        """`linear_keys` of one query position, as a number (for the decoding step)."""
-        window, sinks = self.window_and_sinks()
-        if self.branch == "linear":
-            return position + 1
-        older = max(position // window - 1, 0) * window if self.terraced else max(position + 1 - window, 0)
-        return max(older - sinks, 0)
 
     def window_and_sinks(self) -> tuple[int, int]:
         """(window, sinks) for the kernel. The linear branch alone is linear attention over all keys: the
@@ -228,26 +226,16 @@ class HedgehogWindowHybrid(WindowHybridMixer):
     def _decode_in_one_call(self, q, k, v, state, mask):
         """A decoding step (one token per row, no padding, no gradient) with features and all as one C call
         (zoo.kernels.dispatch.hedgehog_window_hybrid_step), or None: the general path then runs."""
-        if not isinstance(state, WindowHybridState) or q.shape[2] != 1 or mask is not None:
+        maps = self._decoding_maps(q, k, v, state, mask, WindowHybridState)
+        if maps is None:
             return None
-        wq, wk = self.feature_map_q.weight, self.feature_map_k.weight
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, wq, wk, self.window_logit)):
-            return None
-        if self.feature_map_q.bias is not None or self.feature_map_k.bias is not None:
-            return None
-        position = common_position(state)
-        if position is None:
-            return None
-        cap = self.config.get("linear_mass_tokens")
-        fq_scale = cap / max(self.linear_keys_at(position), cap) if cap else 1.0
         a, b, c = self.factors()
         window, sinks = self.window_and_sinks()
         return hedgehog_window_hybrid_step(
             q,
             k,
             v,
-            wq,
-            wk,
+            *maps[:2],
             a,
             b,
             c=c,
@@ -255,6 +243,22 @@ class HedgehogWindowHybrid(WindowHybridMixer):
             terraced=self.terraced,
             state=state,
             scale=self.head_dim**-0.5,
-            fq_scale=fq_scale,
+            fq_scale=maps[2],
             sinks=sinks,
         )
+
+    def _decoding_maps(self, q, k, v, state, mask, state_type):
+        """(Wq, Wk, the query features' scale) for a decoding step in one C call: one token per row at one
+        position, no padding, no gradient, maps without bias, a state of `state_type`; else None."""
+        if not isinstance(state, state_type) or q.shape[2] != 1 or mask is not None:
+            return None
+        wq, wk = self.feature_map_q.weight, self.feature_map_k.weight
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, wq, wk, self.window_logit)):
+            return None
+        if self.feature_map_q.bias is not None or self.feature_map_k.bias is not None:
+            return None
+        position = common_count(state.n, state.position)
+        if position is None:
+            return None
+        cap = self.config.get("linear_mass_tokens")
+        return wq, wk, cap / max(self.linear_keys(position), cap) if cap else 1.0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.kernels.sparse_cache import SparseHybridState, common_position, decode_in_c, held_keys, sparse_hybrid
+from zoo.kernels.sparse_cache import SparseHybridState, decode_in_c, held_keys, sparse_hybrid
 from zoo.mixers.base import register_mixer
 from zoo.mixers.hybrid import HedgehogWindowHybrid
 from zoo.mixers.options import Option
@@ -59,35 +59,20 @@ class Lola(HedgehogWindowHybrid):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.cache_size = int(self.config["cache_size"])
 
-    def linear_keys(self, positions: torch.Tensor) -> torch.Tensor:
-        """The keys in the linear state at each query position: those out of the window, not sinks and not
-        in the cache (zoo.kernels.sparse_cache.held_keys)."""
+    def linear_keys(self, positions: torch.Tensor | int) -> torch.Tensor | int:
+        """The keys in the linear state at each query position (or one, an int): those out of the window,
+        not sinks and not in the cache (zoo.kernels.sparse_cache.held_keys)."""
         if self.branch == "linear":
             return super().linear_keys(positions)
         return held_keys(positions, self.window, self.sinks, self.cache_size)[1]
 
-    def linear_keys_at(self, position: int) -> int:
-        """`linear_keys` of one query position, as a number (for the decoding step)."""
-        if self.branch == "linear":
-            return super().linear_keys_at(position)
-        held = max(0, max(0, (position // self.window - 1) * self.window) - self.sinks)
-        return held - min(self.cache_size, held)
-
     def _decode_with_cache_in_one_call(self, q, k, v, state, mask):
         """A decoding step with the sparse cache (one token per row, no padding, no gradient), features and
         all as one C call (zoo.kernels.sparse_cache.decode_in_c), or None: the general path then runs."""
-        if not isinstance(state, SparseHybridState) or q.shape[2] != 1 or mask is not None:
+        maps = self._decoding_maps(q, k, v, state, mask, SparseHybridState)
+        if maps is None:
             return None
-        wq, wk = self.feature_map_q.weight, self.feature_map_k.weight
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, wq, wk, self.window_logit)):
-            return None
-        position = common_position(state)
-        if position is None or self.feature_map_q.bias is not None or self.feature_map_k.bias is not None:
-            return None
-        cap = self.config.get("linear_mass_tokens")
-        fq_scale = cap / max(self.linear_keys_at(position), cap) if cap else 1.0
         a, b, _ = self.factors()
-        maps = (wq, wk, fq_scale)
         return decode_in_c(q, k, v, None, None, a, b, state, self.head_dim**-0.5, maps=maps)
 
     def forward(self, q, k, v, x, state=None, mask=None):

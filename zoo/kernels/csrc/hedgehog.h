@@ -7,7 +7,8 @@
 #include <math.h>
 #include <stdint.h>
 
-static void hedgehog_map(const float *x, const float *W, int64_t D, int64_t F2, float scale, float *out) {
+static inline void hedgehog_map(const float *x, const float *W, int64_t D, int64_t F2, float scale,
+                                float *out) {
     float *pos = out, *neg = out + F2;
     for (int64_t f = 0; f < F2; f++) pos[f] = 0.0f;
     for (int64_t d = 0; d < D; d++) { /* x W, row by row of W */
@@ -33,6 +34,21 @@ static void hedgehog_map(const float *x, const float *W, int64_t D, int64_t F2, 
         pos[f] *= ip;
         neg[f] *= in;
     }
+}
+
+/* A layer's Hedgehog maps: Wq [HKV * G, D, F2], one per query head, and Wk [HKV, D, F2], one per key/value
+   head; Wq NULL: the caller gives the features instead. fq_scale multiplies the queries' features. */
+typedef struct {
+    const float *Wq, *Wk;
+    float fq_scale;
+} HedgehogMaps;
+
+/* Key/value head h's features: its G queries q [G, D] into fq [G, 2 * F2], its key k [D] into fk [2 * F2]. */
+static inline void hedgehog_group(const HedgehogMaps *maps, int64_t h, int64_t G, int64_t D, int64_t F2,
+                                  const float *q, const float *k, float *fq, float *fk) {
+    for (int64_t g = 0; g < G; g++)
+        hedgehog_map(q + g * D, maps->Wq + (h * G + g) * D * F2, D, F2, maps->fq_scale, fq + g * 2 * F2);
+    hedgehog_map(k, maps->Wk + h * D * F2, D, F2, 1.0f, fk);
 }
 
 #endif

@@ -45,13 +45,9 @@ static const float *column(const Columns *c, int64_t j, int values, const float 
     return j < c->r ? cur + j * width : token;
 }
 
-typedef struct {
-    const float *Wq, *Wk; /* the Hedgehog maps, or NULL: fq and fk are given */
-    float fq_scale;
-} Maps;
-
-static int decode_units(const Columns *c, const Maps *maps, int64_t B, int64_t HKV, int64_t G,
-                        const float *q, const float *fq, const float *k, const float *v, const float *fk,
+static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, int64_t HKV,
+                        int64_t G, const float *q, const float *fq, const float *k, const float *v,
+                        const float *fk,
                         const float *a, const float *b, const float *sink_k, const float *sink_v,
                         const float *cache_k, const float *cache_v, const float *prev_k,
                         const float *prev_v, float *cur_k, float *cur_v, float *cur_f, const float *state,
@@ -69,12 +65,8 @@ static int decode_units(const Columns *c, const Maps *maps, int64_t B, int64_t H
         }
         const int64_t h = u % HKV;
         const float *ufq = maps->Wq ? w + N : fq + u * G * F, *ufk = maps->Wq ? w + N + G * F : fk + u * F;
-        if (maps->Wq) { /* the features of the group's queries and of its key */
-            for (int64_t g = 0; g < G; g++)
-                hedgehog_map(q + (u * G + g) * D, maps->Wq + (h * G + g) * D * (F / 2), D, F / 2,
-                             maps->fq_scale, w + N + g * F);
-            hedgehog_map(k + u * D, maps->Wk + h * D * (F / 2), D, F / 2, 1.0f, w + N + G * F);
-        }
+        if (maps->Wq) /* the features of the group's queries and of its key */
+            hedgehog_group(maps, h, G, D, F / 2, q + u * G * D, k + u * D, w + N, w + N + G * F);
         const float *sk = sink_k + u * S * D, *sv = sink_v + u * S * DV;
         const float *ck = cache_k + u * C * D, *cv = cache_v + u * C * DV;
         const float *pk = prev_k + u * W * D, *pv = prev_v + u * W * DV;
@@ -120,7 +112,7 @@ int zoo_sparse_hybrid_decode_f32(int64_t B, int64_t HKV, int64_t G, int64_t D, i
                                  const float *state, const float *norm, float scale, float *y,
                                  int threads) {
     const Columns c = {D, DV, F, W, S, C, open_sinks, cached, prev_on, r};
-    const Maps none = {NULL, NULL, 1.0f};
+    const HedgehogMaps none = {NULL, NULL, 1.0f};
     return decode_units(&c, &none, B, HKV, G, q, fq, k, v, fk, a, b, sink_k, sink_v, cache_k, cache_v,
                         prev_k, prev_v, cur_k, cur_v, cur_f, state, norm, scale, y, threads);
 }
@@ -135,7 +127,7 @@ int zoo_hedgehog_sparse_decode_f32(int64_t B, int64_t HKV, int64_t G, int64_t D,
                                    const float *state, const float *norm, float scale, float *y,
                                    int threads, float fq_scale) {
     const Columns c = {D, DV, F, W, S, C, open_sinks, cached, prev_on, r};
-    const Maps maps = {Wq, Wk, fq_scale};
+    const HedgehogMaps maps = {Wq, Wk, fq_scale};
     return decode_units(&c, &maps, B, HKV, G, q, NULL, k, v, NULL, a, b, sink_k, sink_v, cache_k, cache_v,
                         prev_k, prev_v, cur_k, cur_v, cur_f, state, norm, scale, y, threads);
 }

@@ -100,14 +100,9 @@ static void one_group(const Shape *s, int64_t h, const float *q, const float *fq
     }
 }
 
-typedef struct {
-    const float *Wq, *Wk; /* the Hedgehog maps, or NULL: fq and fk are given */
-    int64_t F2;
-    float fq_scale;
-} Maps;
-
-static int decode_units(const Shape *s, const Maps *maps, int64_t B, int64_t HKV, int64_t cap,
-                        const float *q, const float *fq, const float *k, const float *v, const float *fk,
+static int decode_units(const Shape *s, const HedgehogMaps *maps, int64_t B, int64_t HKV,
+                        int64_t cap, const float *q, const float *fq, const float *k, const float *v,
+                        const float *fk,
                         const float *sink_k, const float *sink_v, float *win_k, float *win_v,
                         float *win_f, const float *state, const float *norm, float *y, float *new_state,
                         float *new_norm, int threads) {
@@ -124,12 +119,8 @@ static int decode_units(const Shape *s, const Maps *maps, int64_t B, int64_t HKV
         const int64_t h = u % HKV;
         const float *uq = q + u * G * D, *ufq = maps->Wq ? w + G * N : fq + u * G * F;
         const float *ufk = maps->Wq ? w + G * N + G * F : fk + u * F;
-        if (maps->Wq) { /* the features of the group's queries and of its key */
-            for (int64_t g = 0; g < G; g++)
-                hedgehog_map(uq + g * D, maps->Wq + (h * G + g) * D * maps->F2, D, maps->F2, maps->fq_scale,
-                             w + G * N + g * F);
-            hedgehog_map(k + u * D, maps->Wk + h * D * maps->F2, D, maps->F2, 1.0f, w + G * N + G * F);
-        }
+        if (maps->Wq) /* the features of the group's queries and of its key */
+            hedgehog_group(maps, h, G, D, F / 2, uq, k + u * D, w + G * N, w + G * N + G * F);
         float *wk = win_k + u * cap * D, *wv = win_v + u * cap * DV, *wf = win_f + u * cap * F;
         one_group(s, h, uq, ufq, k + u * D, v + u * DV, ufk, S ? sink_k + u * S * D : NULL,
                   S ? sink_v + u * S * DV : NULL, wk, wv, wf, state + u * F * DV, norm + u * F, w,
@@ -151,7 +142,7 @@ int zoo_window_hybrid_decode_f32(int64_t B, int64_t HKV, int64_t G, int64_t D, i
                                  const float *norm, const uint8_t *shut, const uint8_t *lin, float scale,
                                  float *y, float *new_state, float *new_norm, int threads) {
     const Shape s = {G, D, DV, F, L, S, shut, lin, a, b, c, scale};
-    const Maps none = {NULL, NULL, 0, 1.0f};
+    const HedgehogMaps none = {NULL, NULL, 1.0f};
     return decode_units(&s, &none, B, HKV, cap, q, fq, k, v, fk, sink_k, sink_v, win_k, win_v, win_f,
                         state, norm, y, new_state, new_norm, threads);
 }
@@ -165,7 +156,7 @@ int zoo_hedgehog_window_decode_f32(int64_t B, int64_t HKV, int64_t G, int64_t D,
                                    const uint8_t *lin, float scale, float *y, float *new_state,
                                    float *new_norm, int threads, float fq_scale) {
     const Shape s = {G, D, DV, F, L, S, shut, lin, a, b, c, scale};
-    const Maps maps = {Wq, Wk, F / 2, fq_scale};
+    const HedgehogMaps maps = {Wq, Wk, fq_scale};
     return decode_units(&s, &maps, B, HKV, cap, q, NULL, k, v, NULL, sink_k, sink_v, win_k, win_v,
                         win_f, state, norm, y, new_state, new_norm, threads);
 }
