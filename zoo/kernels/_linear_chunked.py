@@ -22,10 +22,12 @@ no freshly allocated gradient per op), which on a CPU is most of the cost.
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import torch
 
+from zoo.kernels import native
 from zoo.kernels._utils import lower_triangle
 
 #: per-key gates: a chunk whose total log decay stays above -FACTOR_LIMIT takes the factored fast path
@@ -160,11 +162,29 @@ def _scaled(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return t if scale is None else t * scale
 
 
-class _Chunks:
-    """The chunked view of one call: chunk slices of the inputs, the per-chunk gate and fold."""
+def _fold_in_c(q, k, log_gate, kind):
+    """The C form of the mild per-key fold (csrc/gate_fold.c) where it serves these inputs, else None: per-key
+    gates, fp32 on the CPU, contiguous, and the kernel built. Its fold carries no scales: the forward only."""
+    if kind != "key" or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, log_gate)):
+        return None
+    if not (q.is_contiguous() and k.is_contiguous() and log_gate.is_contiguous()):
+        return None
+    return native.function(
+        "gate_fold",
+        "zoo_fold_key_gates_f32",
+        [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_int],
+        restype=None,
+    )
 
-    def __init__(self, q, k, v, log_gate, kind, C):
+
+class _Chunks:
+    """The chunked view of one call: chunk slices of the inputs, the per-chunk gate and fold. `forward_only`:
+    the folds need no scales (the backward's do), so the mild per-key ones may take the C form."""
+
+    def __init__(self, q, k, v, log_gate, kind, C, forward_only=False):
         self.kind, self.C = kind, C
+        self.q_all, self.k_all, self.g_all = q, k, log_gate
+        self.c_fold = _fold_in_c(q, k, log_gate, kind) if forward_only else None
         self.q, self.k, self.v = q.split(C, 1), k.split(C, 1), v.split(C, 1)
         self.n = len(self.q)
         self.above = ~lower_triangle(C, q.device)
@@ -178,6 +198,8 @@ class _Chunks:
             self.strong = (totals < -FACTOR_LIMIT).tolist()
 
     def fold(self, n: int) -> _Fold:
+        if self.c_fold is not None and not self.strong[n]:
+            return self._fold_c(n)
         return _fold(
             self.kind,
             self.q[n],
@@ -186,6 +208,17 @@ class _Chunks:
             self.strong[n],
             self.above,
         )
+
+    def _fold_c(self, n: int) -> _Fold:
+        """The mild per-key fold of chunk n in one C call, without the scales (see `_fold`)."""
+        q = self.q_all
+        BH, T, Dk = q.shape
+        C = self.q[n].shape[1]
+        read, attend, write = (q.new_empty(BH, C, Dk) for _ in range(3))
+        decay = q.new_empty(BH, Dk, 1)
+        ptrs = (t.data_ptr() for t in (q, self.k_all, self.g_all, read, attend, write, decay))
+        self.c_fold(BH, T, C, Dk, n * self.C, *ptrs, torch.get_num_threads())
+        return _Fold(read, attend, None, read, write, decay, None, None, None, None, None)
 
     def scores(self, f: _Fold) -> torch.Tensor:
         """The in-chunk scores [BH, C, C]: masked and decayed."""
@@ -208,7 +241,7 @@ class ChunkedLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_gate, S0, z0, kind, normalize, eps, C):
         BH, T, Dv = v.shape
-        ch = _Chunks(q, k, v, log_gate, kind, C)
+        ch = _Chunks(q, k, v, log_gate, kind, C, forward_only=True)
         S = S0.clone()
         z = None if z0 is None else z0.clone()
         y = torch.empty_like(v)

@@ -50,9 +50,38 @@ class HeadwiseLinear(nn.Module):
 
 
 def hedgehog_features(h: torch.Tensor) -> torch.Tensor:
-    """[..., F] projections -> [..., 2F] features: softmax over the features of h and of -h, in fp32."""
+    """[..., F] projections -> [..., 2F] features: softmax over the features of h and of -h, in fp32. On the
+    CPU in fp32 without gradients (a prefill) it is one C pass (zoo/kernels/csrc/hedgehog_rows.c) where
+    that kernel builds; otherwise, or within zoo.kernels.native.disabled(), the PyTorch ops."""
+    fused = _hedgehog_rows(h)
+    if fused is not None:
+        return fused
     h = h.float()
     return torch.cat([torch.softmax(h, dim=-1), torch.softmax(-h, dim=-1)], dim=-1)
+
+
+def _hedgehog_rows(h: torch.Tensor) -> torch.Tensor | None:
+    if (
+        h.device.type != "cpu"
+        or h.dtype != torch.float32
+        or h.dim() == 0
+        or h.numel() == 0
+        or (torch.is_grad_enabled() and h.requires_grad)
+    ):
+        return None
+    fn = native.function(
+        "hedgehog_rows",
+        "zoo_hedgehog_rows_f32",
+        [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
+        restype=None,
+    )
+    if fn is None:
+        return None
+    h = h.contiguous()
+    F = h.shape[-1]
+    out = h.new_empty(*h.shape[:-1], 2 * F)
+    fn(h.numel() // F, F, h.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def hedgehog_of(linear: HeadwiseLinear, x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,38 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "vmath.h"
+
+/* The softmaxes of one row of projections: out[2 * F2] = [softmax(h), softmax(-h)] * scale for h [F2].
+   h may be out's first half (computed in place). */
+static inline void hedgehog_softmaxes(const float *h, int64_t F2, float scale, float *out) {
+    float *pos = out, *neg = out + F2;
+    float hi = -INFINITY, lo = INFINITY;
+#pragma omp simd reduction(max : hi) reduction(min : lo)
+    for (int64_t f = 0; f < F2; f++) {
+        hi = h[f] > hi ? h[f] : hi;
+        lo = h[f] < lo ? h[f] : lo;
+    }
+    float sp = 0.0f, sn = 0.0f;
+#pragma omp simd reduction(+ : sp, sn)
+    for (int64_t f = 0; f < F2; f++) { /* softmax(h) with its max hi, softmax(-h) with its max -lo */
+        const float x = h[f];
+        neg[f] = vexpf(lo - x);
+        pos[f] = vexpf(x - hi);
+        sp += pos[f];
+        sn += neg[f];
+    }
+    const float ip = scale / sp, in = scale / sn;
+#pragma omp simd
+    for (int64_t f = 0; f < F2; f++) {
+        pos[f] *= ip;
+        neg[f] *= in;
+    }
+}
+
 static inline void hedgehog_map(const float *x, const float *W, int64_t D, int64_t F2, float scale,
                                 float *out) {
-    float *pos = out, *neg = out + F2;
+    float *pos = out;
     for (int64_t f = 0; f < F2; f++) pos[f] = 0.0f;
     for (int64_t d = 0; d < D; d++) { /* x W, row by row of W */
         const float xd = x[d];
@@ -17,23 +46,7 @@ static inline void hedgehog_map(const float *x, const float *W, int64_t D, int64
 #pragma omp simd
         for (int64_t f = 0; f < F2; f++) pos[f] += xd * row[f];
     }
-    float hi = -INFINITY, lo = INFINITY;
-    for (int64_t f = 0; f < F2; f++) {
-        if (pos[f] > hi) hi = pos[f];
-        if (pos[f] < lo) lo = pos[f];
-    }
-    float sp = 0.0f, sn = 0.0f;
-    for (int64_t f = 0; f < F2; f++) { /* softmax(h) with its max hi, softmax(-h) with its max -lo */
-        neg[f] = expf(lo - pos[f]);
-        pos[f] = expf(pos[f] - hi);
-        sp += pos[f];
-        sn += neg[f];
-    }
-    const float ip = scale / sp, in = scale / sn;
-    for (int64_t f = 0; f < F2; f++) {
-        pos[f] *= ip;
-        neg[f] *= in;
-    }
+    hedgehog_softmaxes(pos, F2, scale, out);
 }
 
 /* A layer's Hedgehog maps: Wq [HKV * G, D, F2], one per query head, and Wk [HKV, D, F2], one per key/value

@@ -1,0 +1,47 @@
+/* A per-feature log gate made from a low-rank projection of the layer input, as `gla` makes it:
+
+       log g[b, n, t, f] = logsigmoid(x_low[b, t] . W[n * F + f] + bias[n * F + f]) * scale
+
+   x_low [B, T, R] (the input already projected down to rank R), Wt [R, H * F] (the up projection's weight,
+   transposed), bias [H * F]; out [B, H, T, F], the heads' layout the chunked kernels take, fp32, contiguous.
+   One pass that writes the gate once, instead of a matmul, a log sigmoid (which also writes a buffer), a
+   division and a transposing copy, each a pass over H * F values per token. OpenMP over the tokens. */
+
+#include <stdlib.h>
+
+#include "vmath.h"
+
+int zoo_low_rank_log_gate_f32(int64_t B, int64_t T, int64_t R, int64_t H, int64_t F, const float *x_low,
+                              const float *Wt, const float *bias, float scale, float *out, int threads) {
+    const int64_t HF = H * F;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+    {
+        float *logits = malloc(sizeof(float) * HF);
+        if (logits == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t bt = 0; bt < B * T; bt++) {
+                const int64_t b = bt / T, t = bt % T;
+                const float *x = x_low + bt * R;
+#pragma omp simd
+                for (int64_t j = 0; j < HF; j++) logits[j] = bias[j];
+                for (int64_t r = 0; r < R; r++) {
+                    const float xr = x[r];
+                    const float *w = Wt + r * HF;
+#pragma omp simd
+                    for (int64_t j = 0; j < HF; j++) logits[j] += xr * w[j];
+                }
+                for (int64_t n = 0; n < H; n++) {
+                    float *o = out + ((b * H + n) * T + t) * F;
+                    const float *l = logits + n * F;
+#pragma omp simd
+                    for (int64_t f = 0; f < F; f++) o[f] = vlogsigmoidf(l[f]) * scale;
+                }
+            }
+            free(logits);
+        }
+    }
+    return failed;
+}
