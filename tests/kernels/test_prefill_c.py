@@ -1,7 +1,8 @@
-"""The C forms of the prefill's elementwise passes against their PyTorch forms (zoo.kernels.native off):
-Hedgehog's features of many rows (csrc/hedgehog_rows.c), `gla`'s low-rank log gate (csrc/low_rank_gate.c)
-and the chunked linear attention's per-key gate fold (csrc/gate_fold.c), with the values that reach the
-edges of their exp and log sigmoid, and the conditions under which the PyTorch form runs instead."""
+"""The C forms of the long passes over memory against their PyTorch forms (zoo.kernels.native off):
+Hedgehog's features of many rows (csrc/hedgehog_rows.c), `gla`'s low-rank log gate and its backward
+(csrc/low_rank_gate.c), the chunked linear attention's per-key gate fold (csrc/gate_fold.c) and the
+per-key gate gradient (csrc/gate_grad.c): values, gradients, the edges of their exp and log sigmoid, and
+the conditions under which the PyTorch form runs instead."""
 
 from __future__ import annotations
 
@@ -131,13 +132,41 @@ def test_gla_forward_with_and_without_c_kernels_agree(calls):
     close(state.S, state0.S, 1e-5)
 
 
-def test_gla_gate_with_gradients_takes_pytorch(calls):
-    m = gla()
+def test_gla_gate_gradients_in_c_match_pytorch(calls):
+    m = gla(gate_std=2.0)
     q, k, v, x = gla_inputs()
-    tokens, _ = m.tokens_and_state(q, x, None, None)
-    g = m.log_gate(q, k, tokens)
-    assert g.grad_fn is not None
-    assert "low_rank_gate" not in calls
+    x.requires_grad_(True)
+    dout = torch.randn(2, 4, 45, 12, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for off in (False, True):
+        m.zero_grad()
+        x.grad = None
+        with native.disabled() if off else torch.enable_grad():
+            tokens, _ = m.tokens_and_state(q, x, None, None)
+            g = m.log_gate(q, k, tokens)
+            assert g.shape == (2, 4, 45, 12) and g.grad_fn is not None
+            (g * dout).sum().backward()
+        grads.append((x.grad.clone(), m.gate_up.weight.grad.clone(), m.gate_up.bias.grad.clone()))
+    assert calls.count("low_rank_gate") >= 2  # the forward and the backward entries
+    for fused, plain in zip(*grads):
+        close(fused, plain, 1e-5)
+
+
+def test_gla_gate_in_c_passes_gradcheck():
+    from zoo.kernels.low_rank_gate import low_rank_log_gate
+
+    g = torch.Generator().manual_seed(2)
+    h, w, b = torch.randn(1, 5, 3, generator=g), torch.randn(8, 3, generator=g), torch.randn(8, generator=g)
+    h, w, b = (t.requires_grad_(True) for t in (h, w, b))
+    out = low_rank_log_gate(h, w, b, 0.5, 2)
+    dout = torch.randn_like(out)
+    fused = torch.autograd.grad(out, (h, w, b), dout)
+    hd, wd, bd = (t.detach().double().requires_grad_(True) for t in (h, w, b))
+    ref = torch.nn.functional.logsigmoid(hd @ wd.t() + bd).view(1, 5, 2, 4).transpose(1, 2) * 0.5
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    expected = torch.autograd.grad(ref, (hd, wd, bd), dout.double())
+    for a, e in zip(fused, expected):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -160,13 +189,28 @@ def test_gate_fold_in_c_matches_the_pytorch_fold_and_the_naive_form(calls, norma
     close(y, y1, 1e-5)
 
 
-def test_gate_fold_is_not_asked_for_scalar_gates_or_in_the_backward(calls):
+def test_gate_fold_and_gate_grad_in_c_give_the_pytorch_gradients(calls):
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.rand(1, 2, 150, 8, generator=g) for _ in range(2)]
+    inputs += [torch.randn(1, 2, 150, 8, generator=g), -0.2 * torch.rand(1, 2, 150, 8, generator=g)]
+    inputs[3][:, :, 90] = -70.0  # one strong chunk among mild ones
+    dy = torch.randn(1, 2, 150, 8, generator=g)
+    grads = []
+    for off in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        with native.disabled() if off else torch.enable_grad():
+            y, state = linear_attention_chunked(*leaves, normalize=True)
+            ((y * dy).sum() + state.S.sum()).backward()
+        grads.append([t.grad for t in leaves])
+    assert {"gate_fold", "gate_grad"} <= set(calls)
+    for fused, plain in zip(*grads):
+        close(fused, plain, 1e-5)
+
+
+def test_scalar_gates_take_no_per_key_kernel(calls):
     g = torch.Generator().manual_seed(3)
     q, k = (torch.rand(1, 2, 70, 8, generator=g).requires_grad_(True) for _ in range(2))
     v = torch.randn(1, 2, 70, 8, generator=g)
-    linear_attention_chunked(q, k, v, -0.1 * torch.rand(1, 2, 70, generator=g), normalize=True)
-    assert calls == []
-    y, _ = linear_attention_chunked(q, k, v, -0.1 * torch.rand(1, 2, 70, 8, generator=g), normalize=True)
-    assert calls == ["gate_fold"]  # the forward's folds only
+    y, _ = linear_attention_chunked(q, k, v, -0.1 * torch.rand(1, 2, 70, generator=g), normalize=True)
     y.sum().backward()
-    assert calls == ["gate_fold"] and q.grad is not None
+    assert calls == [] and q.grad is not None

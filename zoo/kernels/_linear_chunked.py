@@ -162,9 +162,25 @@ def _scaled(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return t if scale is None else t * scale
 
 
+def _scaled_into(out: torch.Tensor, t: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """out = t * scale (scale None: 1), written into out's memory (a view of a larger tensor)."""
+    if scale is None:
+        out.copy_(t)
+    else:
+        torch.mul(t, scale, out=out)
+
+
+def _add_scaled(out: torch.Tensor, t: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """out += t * scale (scale None: 1), in place."""
+    if scale is None:
+        out.add_(t)
+    else:
+        out.addcmul_(t, scale)
+
+
 def _fold_in_c(q, k, log_gate, kind):
     """The C form of the mild per-key fold (csrc/gate_fold.c) where it serves these inputs, else None: per-key
-    gates, fp32 on the CPU, contiguous, and the kernel built. Its fold carries no scales: the forward only."""
+    gates, fp32 on the CPU, contiguous, and the kernel built."""
     if kind != "key" or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, log_gate)):
         return None
     if not (q.is_contiguous() and k.is_contiguous() and log_gate.is_contiguous()):
@@ -172,19 +188,19 @@ def _fold_in_c(q, k, log_gate, kind):
     return native.function(
         "gate_fold",
         "zoo_fold_key_gates_f32",
-        [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_int],
+        [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 10 + [ctypes.c_int],
         restype=None,
     )
 
 
 class _Chunks:
-    """The chunked view of one call: chunk slices of the inputs, the per-chunk gate and fold. `forward_only`:
-    the folds need no scales (the backward's do), so the mild per-key ones may take the C form."""
+    """The chunked view of one call: chunk slices of the inputs, the per-chunk gate and fold. `scales`: the
+    folds carry the factors from q and k (the backward needs them; the forward does not)."""
 
-    def __init__(self, q, k, v, log_gate, kind, C, forward_only=False):
-        self.kind, self.C = kind, C
+    def __init__(self, q, k, v, log_gate, kind, C, scales=True):
+        self.kind, self.C, self.with_scales = kind, C, scales
         self.q_all, self.k_all, self.g_all = q, k, log_gate
-        self.c_fold = _fold_in_c(q, k, log_gate, kind) if forward_only else None
+        self.c_fold = _fold_in_c(q, k, log_gate, kind)
         self.q, self.k, self.v = q.split(C, 1), k.split(C, 1), v.split(C, 1)
         self.n = len(self.q)
         self.above = ~lower_triangle(C, q.device)
@@ -210,15 +226,18 @@ class _Chunks:
         )
 
     def _fold_c(self, n: int) -> _Fold:
-        """The mild per-key fold of chunk n in one C call, without the scales (see `_fold`)."""
+        """The mild per-key fold of chunk n in one C call (see `_fold`)."""
         q = self.q_all
         BH, T, Dk = q.shape
         C = self.q[n].shape[1]
         read, attend, write = (q.new_empty(BH, C, Dk) for _ in range(3))
         decay = q.new_empty(BH, Dk, 1)
-        ptrs = (t.data_ptr() for t in (q, self.k_all, self.g_all, read, attend, write, decay))
+        scales = [q.new_empty(BH, C, Dk) for _ in range(3)] if self.with_scales else [None] * 3
+        ptrs = [t.data_ptr() for t in (q, self.k_all, self.g_all, read, attend, write, decay)]
+        ptrs += [None if t is None else t.data_ptr() for t in scales]
         self.c_fold(BH, T, C, Dk, n * self.C, *ptrs, torch.get_num_threads())
-        return _Fold(read, attend, None, read, write, decay, None, None, None, None, None)
+        read_scale, attend_scale, write_scale = scales
+        return _Fold(read, attend, None, read, write, decay, read_scale, attend_scale, read_scale, write_scale, None)
 
     def scores(self, f: _Fold) -> torch.Tensor:
         """The in-chunk scores [BH, C, C]: masked and decayed."""
@@ -241,7 +260,7 @@ class ChunkedLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_gate, S0, z0, kind, normalize, eps, C):
         BH, T, Dv = v.shape
-        ch = _Chunks(q, k, v, log_gate, kind, C, forward_only=True)
+        ch = _Chunks(q, k, v, log_gate, kind, C, scales=False)
         S = S0.clone()
         z = None if z0 is None else z0.clone()
         y = torch.empty_like(v)
@@ -300,19 +319,20 @@ def _in_chunk_grads(ch: _Chunks, S0, z0, dnums, ddens, normalize: bool, dq, dk, 
         dread = torch.bmm(dnum, S.transpose(1, 2))
         if normalize:
             dread.add_(ddens[n] * z.transpose(1, 2))
+        sl = slice(n * C, (n + 1) * C)
         if f.ask is None:
             dq_n, dk_n, dv_n = _strong_grads(ch, n, f, dnum, None if ddens is None else ddens[n], normalize)
-            dq_n = dq_n + dread * f.read_scale
+            dq[:, sl], dk[:, sl], dv[:, sl] = dq_n + dread * f.read_scale, dk_n, dv_n
         else:
             dp = torch.bmm(dnum, ch.v[n].transpose(1, 2))
             if normalize:
                 dp.add_(ddens[n])
             dp = dp.mul_(f.score_decay) if f.score_decay is not None else dp.masked_fill_(ch.above, 0.0)
-            dq_n = _scaled(torch.bmm(dp, f.attend), f.ask_scale).add_(_scaled(dread, f.read_scale))
-            dk_n = _scaled(torch.bmm(dp.transpose(1, 2), f.ask), f.attend_scale)
-            dv_n = torch.bmm(ch.scores(f).transpose(1, 2), dnum)
-        sl = slice(n * C, (n + 1) * C)
-        dq[:, sl], dk[:, sl], dv[:, sl] = dq_n, dk_n, dv_n
+            # written into the chunk's rows of dq and dk: no chunk-sized copy after each product
+            _scaled_into(dq[:, sl], torch.bmm(dp, f.attend), f.ask_scale)
+            _add_scaled(dq[:, sl], dread, f.read_scale)
+            _scaled_into(dk[:, sl], torch.bmm(dp.transpose(1, 2), f.ask), f.attend_scale)
+            dv[:, sl] = torch.bmm(ch.scores(f).transpose(1, 2), dnum)
         _advance(S, z, f, ch.v[n])
 
 
@@ -331,7 +351,7 @@ def _state_grads(ch: _Chunks, S0, z0, dnums, ddens, normalize: bool, dS_T, dz_T,
         dwrite = torch.bmm(ch.v[n], dS.transpose(1, 2))
         if normalize:
             dwrite.add_(dz.transpose(1, 2))
-        dk[:, sl] += _scaled(dwrite, f.write_scale)
+        _add_scaled(dk[:, sl], dwrite, f.write_scale)
         if f.decay is not None:
             dS.mul_(f.decay)
         dS.baddbmm_(f.read.transpose(1, 2), dnums[n])
@@ -344,14 +364,35 @@ def _state_grads(ch: _Chunks, S0, z0, dnums, ddens, normalize: bool, dS_T, dz_T,
 
 def _gate_grad(kind: str, normalize: bool, q, k, dq, dk, S_T, z_T, dS_T, dz_T):
     """The gradient of the log gates: dL/dG_t per key dimension, summed over the steps it decays."""
-    dG = q * dq - k * dk
     last = (dS_T * S_T).sum(-1) if dS_T is not None else torch.zeros_like(S_T[..., 0])
     if normalize and dz_T is not None:
         last = last + (dz_T * z_T)[..., 0]
+    fused = _key_gate_grad_in_c(kind, q, k, dq, dk, last)
+    if fused is not None:
+        return fused
+    dG = q * dq - k * dk
     dG[:, -1] += last
     if kind == "scalar":
         dG = dG.sum(-1)
     return dG.flip(1).cumsum(1).flip(1)
+
+
+def _key_gate_grad_in_c(kind, q, k, dq, dk, last):
+    """`_gate_grad` for per-key gates in one C pass (csrc/gate_grad.c), on the CPU in fp32 where the kernel
+    builds; else None."""
+    tensors = (q, k, dq, dk, last)
+    if kind != "key" or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    fn = native.function(
+        "gate_grad", "zoo_key_gate_grad_f32", [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 6 + [ctypes.c_int], None
+    )
+    if fn is None:
+        return None
+    q, k, dq, dk, last = (t.contiguous() for t in tensors)
+    BH, T, Dk = q.shape
+    out = torch.empty_like(q)
+    fn(BH, T, Dk, *(t.data_ptr() for t in (q, dq, k, dk, last, out)), torch.get_num_threads())
+    return out
 
 
 def _strong_grads(ch: _Chunks, n: int, f: _Fold, dnum, dden, normalize: bool):

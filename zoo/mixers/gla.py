@@ -13,13 +13,11 @@ W_down from the first step.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels import native
+from zoo.kernels.low_rank_gate import low_rank_log_gate
 from zoo.mixers.base import register_mixer
 from zoo.mixers.features import HeadwiseLinear, hedgehog_of
 from zoo.mixers.gated import GatedLinearMixer
@@ -68,38 +66,5 @@ class GLAMixer(GatedLinearMixer):
         return hedgehog_of(self.feature_map_q if is_query else self.feature_map_k, h)
 
     def log_gate(self, q, k, tokens):
-        B, T, _ = tokens.x.shape
         h = F.linear(tokens.x.float(), self.gate_down.weight.float())  # [B, T, rank]
-        fused = self._log_gate_in_c(h)
-        if fused is not None:
-            return fused
-        logits = F.linear(h, self.gate_up.weight.float(), self.gate_up.bias.float())
-        g = F.logsigmoid(logits) / self.tau  # [B, T, H * F]
-        return g.view(B, T, self.num_heads, self.num_features).transpose(1, 2)
-
-    def _log_gate_in_c(self, h: torch.Tensor) -> torch.Tensor | None:
-        """The gate [B, H, T, F] from h [B, T, rank] in one C pass (zoo/kernels/csrc/low_rank_gate.c): on
-        the CPU in fp32 without gradients, where the kernel builds; else None."""
-        w, b = self.gate_up.weight, self.gate_up.bias
-        if (
-            h.device.type != "cpu"
-            or h.dtype != torch.float32
-            or w.dtype != torch.float32
-            or h.numel() == 0
-            or (torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad))
-        ):
-            return None
-        fn = native.function(
-            "low_rank_gate",
-            "zoo_low_rank_log_gate_f32",
-            [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int],
-        )
-        if fn is None:
-            return None
-        B, T, rank = h.shape
-        h, wt, b = h.contiguous(), w.t().contiguous(), b.contiguous()
-        out = h.new_empty(B, self.num_heads, T, self.num_features)
-        args = (B, T, rank, self.num_heads, self.num_features, h.data_ptr(), wt.data_ptr(), b.data_ptr())
-        if fn(*args, 1.0 / self.tau, out.data_ptr(), torch.get_num_threads()):
-            return None  # the kernel could not allocate its scratch
-        return out
+        return low_rank_log_gate(h, self.gate_up.weight, self.gate_up.bias, 1.0 / self.tau, self.num_heads)

@@ -7,14 +7,18 @@
        read[i, c] = q[i, t0 + c] * e^{b_c},   attend[i, c] = k[i, t0 + c] * e^{-b_c},
        write[i, c] = attend[i, c] * e^{b_last},   decay[i] = e^{b_last}
 
-   read, attend, write [BH, C, Dk] and decay [BH, Dk], contiguous. One pass instead of a cumulative sum
-   along a strided axis, two exponentials, a negation and three products. OpenMP over BH. */
+   read, attend, write [BH, C, Dk] and decay [BH, Dk], contiguous; and where the backward asks for them (not
+   NULL), the factors read_scale = e^{b_c}, attend_scale = e^{-b_c} and write_scale = e^{b_last - b_c}, the
+   same shape. One pass instead of a cumulative sum along a strided axis, two exponentials, a negation and
+   three products. OpenMP over BH. */
 
 #include "vmath.h"
 
 void zoo_fold_key_gates_f32(int64_t BH, int64_t T, int64_t C, int64_t Dk, int64_t t0, const float *q,
                             const float *k, const float *g, float *read, float *attend, float *write,
-                            float *decay, int threads) {
+                            float *decay, float *read_scale, float *attend_scale, float *write_scale,
+                            int threads) {
+    const int scales = read_scale != NULL && attend_scale != NULL && write_scale != NULL;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t i = 0; i < BH; i++) {
         const int64_t in = (i * T + t0) * Dk, out = i * C * Dk;
@@ -29,6 +33,14 @@ void zoo_fold_key_gates_f32(int64_t BH, int64_t T, int64_t C, int64_t Dk, int64_
                 rc[f] = qc[f] * vexpf(b[f]);
                 ac[f] = kc[f] * vexpf(-b[f]);
             }
+            if (scales) {
+                float *rs = read_scale + out + c * Dk, *as = attend_scale + out + c * Dk;
+#pragma omp simd
+                for (int64_t f = 0; f < Dk; f++) {
+                    rs[f] = vexpf(b[f]);
+                    as[f] = vexpf(-b[f]);
+                }
+            }
         }
 #pragma omp simd
         for (int64_t f = 0; f < Dk; f++) b[f] = vexpf(b[f]);
@@ -37,6 +49,12 @@ void zoo_fold_key_gates_f32(int64_t BH, int64_t T, int64_t C, int64_t Dk, int64_
             float *wc = write + out + c * Dk;
 #pragma omp simd
             for (int64_t f = 0; f < Dk; f++) wc[f] = ac[f] * b[f];
+            if (scales) {
+                const float *as = attend_scale + out + c * Dk;
+                float *ws = write_scale + out + c * Dk;
+#pragma omp simd
+                for (int64_t f = 0; f < Dk; f++) ws[f] = as[f] * b[f];
+            }
         }
     }
 }

@@ -45,3 +45,47 @@ int zoo_low_rank_log_gate_f32(int64_t B, int64_t T, int64_t R, int64_t H, int64_
     }
     return failed;
 }
+
+/* Its backward to the logits: dlogits[b, t, n * F + f] = dout[b, n, t, f] * scale * sigmoid(-logit), the
+   logits recomputed as above. dout [B, H, T, F]; dlogits [B, T, H * F] (the layout whose products with
+   x_low and W give their gradients). */
+int zoo_low_rank_log_gate_backward_f32(int64_t B, int64_t T, int64_t R, int64_t H, int64_t F,
+                                       const float *x_low, const float *Wt, const float *bias, float scale,
+                                       const float *dout, float *dlogits, int threads) {
+    const int64_t HF = H * F;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+    {
+        float *logits = malloc(sizeof(float) * HF);
+        if (logits == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t bt = 0; bt < B * T; bt++) {
+                const int64_t b = bt / T, t = bt % T;
+                const float *x = x_low + bt * R;
+#pragma omp simd
+                for (int64_t j = 0; j < HF; j++) logits[j] = bias[j];
+                for (int64_t r = 0; r < R; r++) {
+                    const float xr = x[r];
+                    const float *w = Wt + r * HF;
+#pragma omp simd
+                    for (int64_t j = 0; j < HF; j++) logits[j] += xr * w[j];
+                }
+                for (int64_t n = 0; n < H; n++) {
+                    const float *d = dout + ((b * H + n) * T + t) * F;
+                    const float *l = logits + n * F;
+                    float *o = dlogits + bt * HF + n * F;
+#pragma omp simd
+                    for (int64_t f = 0; f < F; f++) {
+                        const float e = vexpf(l[f] < 0.0f ? l[f] : -l[f]); /* e^-|x| */
+                        const float down = l[f] < 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e); /* sigmoid(-x) */
+                        o[f] = d[f] * scale * down;
+                    }
+                }
+            }
+            free(logits);
+        }
+    }
+    return failed;
+}
