@@ -51,37 +51,49 @@ class HeadwiseLinear(nn.Module):
 
 def hedgehog_features(h: torch.Tensor) -> torch.Tensor:
     """[..., F] projections -> [..., 2F] features: softmax over the features of h and of -h, in fp32. On the
-    CPU in fp32 without gradients (a prefill) it is one C pass (zoo/kernels/csrc/hedgehog_rows.c) where
-    that kernel builds; otherwise, or within zoo.kernels.native.disabled(), the PyTorch ops."""
-    fused = _hedgehog_rows(h)
-    if fused is not None:
-        return fused
+    CPU in fp32 it is one C pass forward and one backward (zoo/kernels/csrc/hedgehog_rows.c) where that
+    kernel builds; otherwise, or within zoo.kernels.native.disabled(), the PyTorch ops."""
+    if _rows_fit(h) and _hedgehog_rows_fn("zoo_hedgehog_rows_f32") is not None:
+        return _HedgehogRows.apply(h)
     h = h.float()
     return torch.cat([torch.softmax(h, dim=-1), torch.softmax(-h, dim=-1)], dim=-1)
 
 
-def _hedgehog_rows(h: torch.Tensor) -> torch.Tensor | None:
-    if (
-        h.device.type != "cpu"
-        or h.dtype != torch.float32
-        or h.dim() == 0
-        or h.numel() == 0
-        or (torch.is_grad_enabled() and h.requires_grad)
-    ):
-        return None
-    fn = native.function(
-        "hedgehog_rows",
-        "zoo_hedgehog_rows_f32",
-        [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
-        restype=None,
-    )
-    if fn is None:
-        return None
-    h = h.contiguous()
-    F = h.shape[-1]
-    out = h.new_empty(*h.shape[:-1], 2 * F)
-    fn(h.numel() // F, F, h.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    return out
+def _rows_fit(h: torch.Tensor) -> bool:
+    return h.device.type == "cpu" and h.dtype == torch.float32 and h.dim() > 0 and h.numel() > 0
+
+
+def _hedgehog_rows_fn(entry: str):
+    sizes = [ctypes.c_int64, ctypes.c_int64]
+    arrays = [ctypes.c_void_p] * (2 if entry == "zoo_hedgehog_rows_f32" else 3)
+    return native.function("hedgehog_rows", entry, sizes + arrays + [ctypes.c_int], restype=None)
+
+
+class _HedgehogRows(torch.autograd.Function):
+    """hedgehog_features in C: h [..., F] -> [..., 2F]; the backward from the saved features."""
+
+    @staticmethod
+    def forward(ctx, h):
+        h = h.contiguous()
+        F = h.shape[-1]
+        out = h.new_empty(*h.shape[:-1], 2 * F)
+        _hedgehog_rows_fn("zoo_hedgehog_rows_f32")(
+            h.numel() // F, F, h.data_ptr(), out.data_ptr(), torch.get_num_threads()
+        )
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        (out,) = ctx.saved_tensors
+        dout = dout.contiguous()
+        F = out.shape[-1] // 2
+        dh = out.new_empty(*out.shape[:-1], F)
+        _hedgehog_rows_fn("zoo_hedgehog_rows_backward_f32")(
+            dh.numel() // F, F, out.data_ptr(), dout.data_ptr(), dh.data_ptr(), torch.get_num_threads()
+        )
+        return dh
 
 
 def hedgehog_of(linear: HeadwiseLinear, x: torch.Tensor) -> torch.Tensor:
