@@ -159,10 +159,18 @@ def delta_rule_chunked(q, k, v, beta, log_gate=None, state=None, chunk_size=64):
     decays = None if chunk_decay is None else chunk_decay.flatten(0, 1).unbind(1)
     S = S.flatten(0, 1)
     y_inter = []
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (S, q_read, w, u_v, k_t)))
+    if in_place:
+        S = S.clone()  # the carry updates S in place: nothing keeps the old states without autograd
     for n, (q_n, w_n, u_n, k_n) in enumerate(zip(*per_chunk)):
         y_inter.append(torch.bmm(q_n, S))
-        write = torch.bmm(k_n, torch.baddbmm(u_n, w_n, S, alpha=-1.0))
-        S = (S if decays is None else decays[n] * S) + write
+        pseudo = torch.baddbmm(u_n, w_n, S, alpha=-1.0)
+        if in_place:
+            if decays is not None:
+                S.mul_(decays[n])
+            S.baddbmm_(k_n, pseudo)
+        else:
+            S = (S if decays is None else decays[n] * S) + torch.bmm(k_n, pseudo)
     y = (y + torch.stack(y_inter, dim=1).view(B, H, N, C, Dv)).reshape(B, H, Tp, Dv)[:, :, :T]
     return y.to(dtype), S.view(B, H, Dk, Dv)
 
