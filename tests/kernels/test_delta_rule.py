@@ -208,3 +208,17 @@ def test_empty_value_dim_and_errors():
         delta_rule_chunked(q, k, v, beta[..., None])
     with pytest.raises(ValueError, match="state"):
         delta_rule_chunked(q, k, v, beta, state=torch.zeros(B, H, D, D + 1))
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_without_autograd_the_in_place_carry_leaves_the_given_state_alone(gate):
+    # no autograd: the chunked carry updates its state in place, on its own copy
+    q, k, v, beta, lg = make(150, gate, seed=9)
+    s0 = random_state()
+    kept = s0.clone()
+    with torch.no_grad():
+        y, s = delta_rule_chunked(q, k, v, beta, lg, state=s0)
+    assert torch.equal(s0, kept) and s is not s0
+    y0, s_ref = delta_rule_naive(q, k, v, beta, lg, state=s0)
+    close(y, y0, 1e-5)
+    close(s, s_ref, 1e-5)
