@@ -13,6 +13,7 @@ from zoo.bench import speed, timing
 from zoo.bench.report import format_bytes, format_seconds, markdown_table, pivot
 from zoo.bench.speed_report import plot_names, write_report
 from zoo.cli import main as cli_main
+from zoo.kernels import native
 
 TINY = [
     "--heads",
@@ -115,9 +116,11 @@ def test_results_json_has_the_conditions(bench):
         "cases",
         "memory_method",
         "cpu_allocator",
+        "cpu_c_kernels",
         "versions",
     ):
         assert key in on_disk, key
+    assert set(on_disk["cpu_c_kernels"]) == {path.stem for path in native.SOURCES.glob("*.c")}
     assert on_disk["device"]["type"] == "cpu" and on_disk["device"]["name"]
     assert on_disk["dtype"] == "float32" and on_disk["threads"] == 1
     assert on_disk["shape"] == {"batch": 1, "heads": 2, "kv_heads": 1, "head_dim": 16, "hidden": 32}
@@ -132,6 +135,7 @@ def test_markdown_and_plots(bench):
     results, out = bench
     md = (out / "results.md").read_text()
     assert results["command"] in md
+    assert "CPU C kernels in use" in md
     for what in speed.MODES.values():
         assert f"## {what}: median time" in md and f"### {what}: speed-up against sdpa" in md
     assert "## state / KV-cache bytes per sequence" in md and "peak memory" in md

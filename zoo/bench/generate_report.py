@@ -67,7 +67,7 @@ def _grid(results: dict, render: Callable[[dict], str | None]) -> list[list[str 
 def results_markdown(results: dict, plot_note: str | None = None) -> str:
     """The report: decode tokens/s by model x context and batch, the linearized/teacher ratios, peak
     memory, how each context was made, and why any cell did not run."""
-    from zoo.bench.report import format_bytes, markdown_table
+    from zoo.bench.report import c_kernels_line, format_bytes, markdown_table
 
     headers = ["model", "context", *(f"B={b}" for b in results["batches"])]
     versions = results["versions"]
@@ -78,6 +78,7 @@ def results_markdown(results: dict, plot_note: str | None = None) -> str:
         f"{results['context_fill']} ({results['context_fill_means']}); {results['new_tokens']} new "
         f"tokens per sequence, timed after {results.get('warmup_steps', 0)} untimed step(s); the teacher's "
         f"cache: {results['teacher_cache']}.\n",
+        *(line + "\n" for line in c_kernels_line(results.get("cpu_c_kernels"))),
         f"```\n{results['command']}\n```\n",
         "## Decode tokens/s (batch x new tokens / decode seconds)\n",
         markdown_table(headers, _grid(results, _cell_text)),

@@ -13,7 +13,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Pivot", "format_bytes", "format_ratio", "format_seconds", "markdown_table", "pivot"]
+__all__ = [
+    "Pivot",
+    "c_kernels_line",
+    "format_bytes",
+    "format_ratio",
+    "format_seconds",
+    "markdown_table",
+    "pivot",
+]
 
 
 def markdown_table(
@@ -93,3 +101,14 @@ def format_bytes(n: float | None) -> str:
 def format_ratio(x: float | None) -> str:
     """A speed-up or ratio: 3.14x."""
     return "-" if x is None else f"{x:.3g}x"
+
+
+def c_kernels_line(status: dict[str, str] | None) -> list[str]:
+    """The report line for zoo's CPU C kernels (zoo.kernels.native.status(): name -> "in use" or why not);
+    none where the run was not on the CPU (None) or the results predate the record."""
+    if not status:
+        return []
+    used = [name for name, state in status.items() if state == "in use"]
+    missing = [f"{name} ({state})" for name, state in status.items() if state != "in use"]
+    text = ", ".join(used) if used else "none"
+    return [f"- CPU C kernels in use: {text}" + (f"; not in use: {', '.join(missing)}" if missing else "")]

@@ -42,6 +42,7 @@ from zoo.bench.speed_cases import (
 )
 from zoo.bench.timing import measure_peak, memory_method, synchronize, time_runs
 from zoo.cpu_memory import ensure_cpu_allocator
+from zoo.kernels import native
 
 __all__ = [
     "MODES",
@@ -525,6 +526,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         "cases": [{"name": c.name, "kind": c.kind, "family": c.family, "backend": c.backend} for c in cases],
         "memory_method": memory_method(device),
         "cpu_allocator": allocator or "not applicable (not the CPU)",
+        "cpu_c_kernels": native.status() if device.type == "cpu" else None,
         "versions": library_versions(),
         "results": [],
     }

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from zoo.atomic import atomic_file
 from zoo.bench.plots import line_plot
-from zoo.bench.report import format_bytes, format_ratio, format_seconds, markdown_table, pivot
+from zoo.bench.report import (
+    c_kernels_line,
+    format_bytes,
+    format_ratio,
+    format_seconds,
+    markdown_table,
+    pivot,
+)
 
 __all__ = ["plot_names", "results_markdown", "speedups", "write_report"]
 
@@ -95,6 +102,7 @@ def _header(results: dict) -> list[str]:
         f"{results['decode_steps']} steps per timed run, each from the state after T tokens",
         f"- peak memory: {results['memory_method']}",
         f"- CPU allocator: {results['cpu_allocator']}",
+        *c_kernels_line(results.get("cpu_c_kernels")),
         f"- versions: {versions}; created {results['created']}",
         "",
     ]
