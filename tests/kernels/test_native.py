@@ -19,7 +19,15 @@ def fresh(monkeypatch, tmp_path):
     return tmp_path
 
 
-KERNELS = ("gate_fold", "gate_grad", "hedgehog_features", "hedgehog_rows", "low_rank_gate", "sparse_decode", "window_decode")
+KERNELS = (
+    "gate_fold",
+    "gate_grad",
+    "hedgehog_features",
+    "hedgehog_rows",
+    "low_rank_gate",
+    "sparse_decode",
+    "window_decode",
+)
 needs_compiler = pytest.mark.skipif(native.find_compiler() is None, reason="no C compiler on this machine")
 
 

@@ -237,7 +237,9 @@ class _Chunks:
         ptrs += [None if t is None else t.data_ptr() for t in scales]
         self.c_fold(BH, T, C, Dk, n * self.C, *ptrs, torch.get_num_threads())
         read_scale, attend_scale, write_scale = scales
-        return _Fold(read, attend, None, read, write, decay, read_scale, attend_scale, read_scale, write_scale, None)
+        return _Fold(
+            read, attend, None, read, write, decay, read_scale, attend_scale, read_scale, write_scale, None
+        )
 
     def scores(self, f: _Fold) -> torch.Tensor:
         """The in-chunk scores [BH, C, C]: masked and decayed."""
@@ -384,7 +386,10 @@ def _key_gate_grad_in_c(kind, q, k, dq, dk, last):
     if kind != "key" or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return None
     fn = native.function(
-        "gate_grad", "zoo_key_gate_grad_f32", [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 6 + [ctypes.c_int], None
+        "gate_grad",
+        "zoo_key_gate_grad_f32",
+        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 6 + [ctypes.c_int],
+        None,
     )
     if fn is None:
         return None

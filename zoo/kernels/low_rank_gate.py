@@ -45,7 +45,10 @@ def _backward_fn():
 def low_rank_log_gate(x_low, weight, bias, scale: float, heads: int) -> torch.Tensor:
     """See the module docstring: x_low [B, T, R], weight [H * F, R], bias [H * F] -> [B, H, T, F]."""
     tensors = (x_low, weight, bias)
-    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _forward_fn() is not None:
+    if (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and _forward_fn() is not None
+    ):
         return _LowRankLogGate.apply(x_low, weight, bias, float(scale), heads)
     return _low_rank_log_gate_torch(x_low, weight, bias, scale, heads)
 
@@ -65,7 +68,9 @@ class _LowRankLogGate(torch.autograd.Function):
         per_head = weight.shape[0] // heads
         out = x_low.new_empty(B, heads, T, per_head)
         sizes = (B, T, R, heads, per_head)
-        if _forward_fn()(*sizes, x_low.data_ptr(), wt.data_ptr(), bias.data_ptr(), scale, out.data_ptr(), _threads()):
+        if _forward_fn()(
+            *sizes, x_low.data_ptr(), wt.data_ptr(), bias.data_ptr(), scale, out.data_ptr(), _threads()
+        ):
             raise MemoryError("zoo's low-rank gate kernel could not allocate its scratch row")
         ctx.save_for_backward(x_low, weight, wt, bias)
         ctx.scale, ctx.sizes = scale, sizes
