@@ -18,6 +18,10 @@ q_t e^{G_t} and k_t as k_t e^{-G_t}, and S_T carries e^{G_T}, so
 
 Compared with autograd through the chunk loop this keeps no per-chunk graph (no per-chunk state copies,
 no freshly allocated gradient per op), which on a CPU is most of the cost.
+
+On the CPU in fp32, two of the long elementwise passes run in C where zoo's kernels build
+(zoo.kernels.native): the fold of mild per-key gates (csrc/gate_fold.c: the in-chunk cumulative gate, the
+decayed q and k, and the factors the backward needs) and the per-key gate gradient (csrc/gate_grad.c).
 """
 
 from __future__ import annotations
@@ -156,10 +160,6 @@ def intra_key_gated(q, k, v, b, sub: int) -> torch.Tensor:
         kt = k[..., None, :, :] * e  # [..., P, C, Dk]
         y = y + (qt @ kt.transpose(-1, -2)) @ v[..., None, :, :]
     return y.reshape(*lead, C, v.shape[-1])
-
-
-def _scaled(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    return t if scale is None else t * scale
 
 
 def _scaled_into(out: torch.Tensor, t: torch.Tensor, scale: torch.Tensor | None) -> None:
