@@ -77,6 +77,7 @@ class _LowRankLogGate(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         x_low, weight, wt, bias = ctx.saved_tensors
         B, T, R, H, Fh = ctx.sizes
