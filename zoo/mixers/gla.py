@@ -9,6 +9,8 @@ tokens) and W_up ~ N(0, 1e-2^2), so the converted layer starts as Hedgehog linea
 identity feature maps (the closest parameter-light start to the softmax teacher found here) and the
 gates are free to learn where forgetting helps. W_up is small but not zero, so gradients reach
 W_down from the first step.
+
+The gate is zoo.kernels.low_rank_gate's: written once in the heads' layout, in C on the CPU in fp32.
 """
 
 from __future__ import annotations
