@@ -64,4 +64,20 @@ static inline void hedgehog_group(const HedgehogMaps *maps, int64_t h, int64_t G
     hedgehog_map(k, maps->Wk + h * D * F2, D, F2, 1.0f, fk);
 }
 
+/* The features that unit u (a row's key/value head h = u % HKV) of a decoding step reads, F = 2 * F2 per
+   vector: with maps (maps->Wq set) computed from its G queries (q at u * G * D) and its key (k at u * D)
+   into scratch [G * F + F]; without, the given fq [.., G, F] and fk [.., F] at that unit. */
+static inline void unit_features(const HedgehogMaps *maps, int64_t u, int64_t HKV, int64_t G, int64_t D,
+                                 int64_t F, const float *q, const float *k, const float *fq, const float *fk,
+                                 float *scratch, const float **ufq, const float **ufk) {
+    if (maps->Wq) {
+        hedgehog_group(maps, u % HKV, G, D, F / 2, q + u * G * D, k + u * D, scratch, scratch + G * F);
+        *ufq = scratch;
+        *ufk = scratch + G * F;
+    } else {
+        *ufq = fq + u * G * F;
+        *ufk = fk + u * F;
+    }
+}
+
 #endif

@@ -64,9 +64,8 @@ static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, i
             continue;
         }
         const int64_t h = u % HKV;
-        const float *ufq = maps->Wq ? w + N : fq + u * G * F, *ufk = maps->Wq ? w + N + G * F : fk + u * F;
-        if (maps->Wq) /* the features of the group's queries and of its key */
-            hedgehog_group(maps, h, G, D, F / 2, q + u * G * D, k + u * D, w + N, w + N + G * F);
+        const float *ufq, *ufk;
+        unit_features(maps, u, HKV, G, D, F, q, k, fq, fk, w + N, &ufq, &ufk);
         const float *sk = sink_k + u * S * D, *sv = sink_v + u * S * DV;
         const float *ck = cache_k + u * C * D, *cv = cache_v + u * C * DV;
         const float *pk = prev_k + u * W * D, *pv = prev_v + u * W * DV;

@@ -117,10 +117,8 @@ static int decode_units(const Shape *s, const HedgehogMaps *maps, int64_t B, int
             continue;
         }
         const int64_t h = u % HKV;
-        const float *uq = q + u * G * D, *ufq = maps->Wq ? w + G * N : fq + u * G * F;
-        const float *ufk = maps->Wq ? w + G * N + G * F : fk + u * F;
-        if (maps->Wq) /* the features of the group's queries and of its key */
-            hedgehog_group(maps, h, G, D, F / 2, uq, k + u * D, w + G * N, w + G * N + G * F);
+        const float *uq = q + u * G * D, *ufq, *ufk;
+        unit_features(maps, u, HKV, G, D, F, q, k, fq, fk, w + G * N, &ufq, &ufk);
         float *wk = win_k + u * cap * D, *wv = win_v + u * cap * DV, *wf = win_f + u * cap * F;
         one_group(s, h, uq, ufq, k + u * D, v + u * DV, ufk, S ? sink_k + u * S * D : NULL,
                   S ? sink_v + u * S * DV : NULL, wk, wv, wf, state + u * F * DV, norm + u * F, w,
