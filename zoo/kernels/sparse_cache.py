@@ -333,7 +333,7 @@ def decode_in_c(q, k, v, fq, fk, a, b, state: SparseHybridState, scale: float, m
     y = q.new_empty(B, H, 1, DV)
     sizes = (B, HKV, H // HKV, D, DV, F_, W, sinks, C, open_sinks, cached, int(j >= 1), r)
     pointers = [x.data_ptr() for x in (*ins, kept[0], kept[1], kept[2], kept[3], kept[5], kept[6], *kept[8:])]
-    threads = torch.get_num_threads() if B > 1 else 1
+    threads = min(torch.get_num_threads(), B * HKV)  # the units: rows x key/value heads
     extra = () if maps is None else (float(maps[2]),)
     if fn(*sizes, *pointers, float(scale), y.data_ptr(), threads, *extra):
         raise MemoryError("zoo's C decode step could not allocate its scratch space")

@@ -225,7 +225,7 @@ def _fused_step(q, k, v, fq, fk, a, b, c, state: WindowHybridState, shut, lin, s
     pointers = [None if x is None else x.data_ptr() for x in (*ins, *factors, *sink_kv)]
     pointers += [x.data_ptr() + offset * x.stride(2) * x.element_size() for x in (buf.k, buf.v, buf.fk)]
     pointers += [x.data_ptr() for x in (Sz, z, shut, lin)]
-    threads = torch.get_num_threads() if B > 1 else 1
+    threads = min(torch.get_num_threads(), B * HKV)  # the units: rows x key/value heads
     sizes = (B, HKV, H // HKV, D, DV, F_, L, S, buf.capacity)
     outs = (y.data_ptr(), new_S.data_ptr(), new_z.data_ptr())
     extra = () if maps is None else (float(maps[2]),)

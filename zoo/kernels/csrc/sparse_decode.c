@@ -30,19 +30,53 @@ typedef struct {
     int64_t D, DV, F, W, S, C, open_sinks, cached, prev_on, r;
 } Columns;
 
-/* The key (or value, with values = 1) of softmax column j of unit u's group. */
-static const float *column(const Columns *c, int64_t j, int values, const float *sink, const float *cache,
-                           const float *prev, const float *cur, const float *token) {
-    const int64_t width = values ? c->DV : c->D;
-    if (j < c->open_sinks) return sink + j * width;
-    j -= c->open_sinks;
-    if (j < c->cached) return cache + j * width;
-    j -= c->cached;
-    if (c->prev_on) {
-        if (j < c->W) return prev + j * width;
-        j -= c->W;
+/* The softmax columns of one unit in order, as runs of rows: the open sinks, the cache's used entries, the
+   previous block (once there is one), the current block's first r tokens, the token. Fills base[5] and
+   count[5] with the runs' first rows (of keys, or of values) and their lengths. */
+static void column_runs(const Columns *c, const float *sink, const float *cache, const float *prev,
+                        const float *cur, const float *token, const float **base, int64_t *count) {
+    base[0] = sink, count[0] = c->open_sinks;
+    base[1] = cache, count[1] = c->cached;
+    base[2] = prev, count[2] = c->prev_on ? c->W : 0;
+    base[3] = cur, count[3] = c->r;
+    base[4] = token, count[4] = 1;
+}
+
+/* Unit u's G query heads (h = its key/value head): y[G][DV]. Each key and value row is read once for the
+   group; w is scratch for G * N column weights. */
+static void one_group(const Columns *c, const float *q, const float *fq, const float *a, const float *b,
+                      const float *const *keys, const float *const *vals, const int64_t *count, int64_t N,
+                      const float *st, const float *nrm, float scale, float *w, float *y, int64_t G) {
+    const int64_t D = c->D, DV = c->DV, F = c->F;
+    float den[G];
+    for (int64_t run = 0, j = 0; run < 5; run++) /* scores */
+        for (int64_t i = 0; i < count[run]; i++, j++) {
+            const float *key = keys[run] + i * D;
+            for (int64_t g = 0; g < G; g++) w[g * N + j] = scale * dot(q + g * D, key, D);
+        }
+    for (int64_t g = 0; g < G; g++) { /* softmax weights, times a */
+        float *wg = w + g * N, m = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < N; j++) m = wg[j] > m ? wg[j] : m;
+        const float ag = a[g];
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < N; j++) {
+            wg[j] = ag * vexpf(wg[j] - m);
+            sum += wg[j];
+        }
+        den[g] = sum + b[g] * dot(fq + g * F, nrm, F);
+        for (int64_t e = 0; e < DV; e++) y[g * DV + e] = 0.0f;
     }
-    return j < c->r ? cur + j * width : token;
+    for (int64_t run = 0, j = 0; run < 5; run++) /* the columns' values */
+        for (int64_t i = 0; i < count[run]; i++, j++) {
+            const float *val = vals[run] + i * DV;
+            for (int64_t g = 0; g < G; g++) axpy(y + g * DV, w[g * N + j], val, DV);
+        }
+    for (int64_t f = 0; f < F; f++) /* the linear state */
+        for (int64_t g = 0; g < G; g++) axpy(y + g * DV, b[g] * fq[g * F + f], st + f * DV, DV);
+    for (int64_t g = 0; g < G; g++) {
+        const float inv = 1.0f / den[g];
+        for (int64_t e = 0; e < DV; e++) y[g * DV + e] *= inv;
+    }
 }
 
 static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, int64_t HKV,
@@ -54,7 +88,7 @@ static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, i
                         const float *norm, float scale, float *y, int threads) {
     const int64_t D = c->D, DV = c->DV, F = c->F, W = c->W, S = c->S, C = c->C, r = c->r;
     const int64_t N = c->open_sinks + c->cached + (c->prev_on ? W : 0) + r + 1, units = B * HKV;
-    const int64_t scratch = N + (maps->Wq ? G * F + F : 0);
+    const int64_t scratch = G * N + (maps->Wq ? G * F + F : 0);
     int failed = 0;
 #pragma omp parallel for num_threads(threads) if (threads > 1 && units > 1) reduction(| : failed)
     for (int64_t u = 0; u < units; u++) {
@@ -65,33 +99,16 @@ static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, i
         }
         const int64_t h = u % HKV;
         const float *ufq, *ufk;
-        unit_features(maps, u, HKV, G, D, F, q, k, fq, fk, w + N, &ufq, &ufk);
-        const float *sk = sink_k + u * S * D, *sv = sink_v + u * S * DV;
-        const float *ck = cache_k + u * C * D, *cv = cache_v + u * C * DV;
-        const float *pk = prev_k + u * W * D, *pv = prev_v + u * W * DV;
+        unit_features(maps, u, HKV, G, D, F, q, k, fq, fk, w + G * N, &ufq, &ufk);
         float *uk = cur_k + u * W * D, *uv = cur_v + u * W * DV, *uf = cur_f + u * W * F;
-        const float *st = state + u * F * DV, *nrm = norm + u * F;
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t head = h * G + g;
-            const float *qv = q + (u * G + g) * D, *fqv = ufq + g * F;
-            float *out = y + (u * G + g) * DV;
-            float m = -INFINITY;
-            for (int64_t j = 0; j < N; j++) {
-                w[j] = scale * dot(qv, column(c, j, 0, sk, ck, pk, uk, k + u * D), D);
-                if (w[j] > m) m = w[j];
-            }
-            const float bh = b[head];
-            float den = bh * dot(fqv, nrm, F);
-            for (int64_t e = 0; e < DV; e++) out[e] = 0.0f;
-            for (int64_t j = 0; j < N; j++) {
-                const float x = a[head] * expf(w[j] - m);
-                den += x;
-                axpy(out, x, column(c, j, 1, sv, cv, pv, uv, v + u * DV), DV);
-            }
-            for (int64_t f = 0; f < F; f++) axpy(out, bh * fqv[f], st + f * DV, DV); /* the linear state */
-            const float inv = 1.0f / den;
-            for (int64_t e = 0; e < DV; e++) out[e] *= inv;
-        }
+        const float *keys[5], *vals[5];
+        int64_t count[5];
+        column_runs(c, sink_k + u * S * D, cache_k + u * C * D, prev_k + u * W * D, uk, k + u * D, keys,
+                    count);
+        column_runs(c, sink_v + u * S * DV, cache_v + u * C * DV, prev_v + u * W * DV, uv, v + u * DV,
+                    vals, count);
+        one_group(c, q + u * G * D, ufq, a + h * G, b + h * G, keys, vals, count, N, state + u * F * DV,
+                  norm + u * F, scale, w, y + u * G * DV, G);
         /* the token joins the current block */
         memcpy(uk + r * D, k + u * D, (size_t)D * sizeof(float));
         memcpy(uv + r * DV, v + u * DV, (size_t)DV * sizeof(float));

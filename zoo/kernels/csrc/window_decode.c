@@ -49,7 +49,10 @@ static void one_group(const Shape *s, int64_t h, const float *q, const float *fq
     float m[G], den[G];
     for (int64_t g = 0; g < G; g++) m[g] = -INFINITY;
     for (int64_t j = 0; j < N; j++) { /* softmax scores: sinks, slots, the new token */
-        if (s->shut[j]) continue;
+        if (s->shut[j]) {
+            for (int64_t g = 0; g < G; g++) w[g * N + j] = -INFINITY;
+            continue;
+        }
         const float *key = j < S ? sk + j * D : (j < S + L ? wk + (j - S) * D : k);
         for (int64_t g = 0; g < G; g++) {
             const float x = s->scale * dot(q + g * D, key, D);
@@ -57,9 +60,12 @@ static void one_group(const Shape *s, int64_t h, const float *q, const float *fq
             if (x > m[g]) m[g] = x;
         }
     }
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t j = 0; j < N; j++)
-            w[g * N + j] = s->shut[j] ? 0.0f : a[g] * expf(w[g * N + j] - m[g]);
+    for (int64_t g = 0; g < G; g++) {
+        float *wg = w + g * N;
+        const float ag = a[g], mg = m[g];
+#pragma omp simd
+        for (int64_t j = 0; j < N; j++) wg[j] = s->shut[j] ? 0.0f : ag * vexpf(wg[j] - mg);
+    }
     for (int64_t i = 0; i <= L; i++) { /* linear weights of the slots and the new token */
         const int on = s->lin[i], extra = c != NULL && !s->shut[S + i];
         if (!on && !extra) continue;
