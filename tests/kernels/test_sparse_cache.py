@@ -165,9 +165,10 @@ def test_the_relative_error_does_not_keep_a_key_for_the_size_of_its_value():
 @pytest.mark.parametrize("sinks,cache", [(0, 2), (2, 3), (6, 1)], ids=["no-sinks", "sinks", "sinks>W"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decoding_in_c_is_the_pytorch_form_token_after_token(groups, sinks, cache, threads):
-    """One token at a time, rows at one position: the C step (it runs on every token past the sinks that
-    does not end a block: checked) and the PyTorch form give the same outputs and states, through several
-    block ends and evictions; then a branch (two tokens from one state) gives both the PyTorch results."""
+    """One token at a time, rows at one position: the C step (it runs on every token past the sinks,
+    checked; at a block end the eviction follows) and the PyTorch form give the same outputs and states,
+    through several block ends and evictions; then a branch (two tokens from one state) gives both the
+    PyTorch results."""
     from zoo.kernels import native
 
     if native.library("sparse_decode") is None:
@@ -190,7 +191,7 @@ def test_decoding_in_c_is_the_pytorch_form_token_after_token(groups, sinks, cach
             torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5, msg=lambda m, t=t: f"token {t}: {m}")
     finally:
         torch.set_num_threads(before)
-    assert ran == [t >= sinks and (t + 1) % W != 0 for t in range(T0, T0 + steps)]
+    assert ran == [t >= sinks for t in range(T0, T0 + steps)]
     for got, want in zip(fused.tensors(), reference.tensors()):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     last = [x[:, :, T0 + steps : T0 + steps + 1] for x in xs]
@@ -201,3 +202,33 @@ def test_decoding_in_c_is_the_pytorch_form_token_after_token(groups, sinks, cach
         ra, _ = sparse_hybrid(*last, a, b, **kw, state=reference)
         rb, _ = sparse_hybrid(*other, a, b, **kw, state=reference)
     torch.testing.assert_close((ya, yb), (ra, rb), atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_in_c_branches_at_a_block_end():
+    """Two tokens from one state whose next token ends its block: each branch's C step (the eviction
+    after it) gives the PyTorch form's output and state, and the first branch's state is left intact by
+    the second (which writes a copy of the block, not the slot the first wrote)."""
+    from zoo.kernels import native
+
+    if native.library("sparse_decode") is None:
+        pytest.skip(f"no C kernel: {native.unavailable_reason('sparse_decode')}")
+    T0 = 3 * W - 1  # the next token completes block 2: block 1 leaves the window
+    xs, a, b = make(T0 + 2, groups=3)
+    kw = dict(window=W, sinks=2, cache_size=3)
+    _, base = sparse_hybrid(*[x[:, :, : T0 - 1] for x in xs], a, b, **kw)
+    _, base = sparse_hybrid(*[x[:, :, T0 - 1 : T0] for x in xs], a, b, **kw, state=base)  # a C step
+    assert base.c_step is not None
+    first, second = ([x[:, :, t : t + 1] for x in xs] for t in (T0, T0 + 1))
+    ya, sa = sparse_hybrid(*first, a, b, **kw, state=base)
+    kept = [x.clone() for x in sa.tensors()]
+    yb, sb = sparse_hybrid(*second, a, b, **kw, state=base)
+    assert sa.position == sb.position == base.position + 1  # both ran in C
+    with native.disabled():
+        ra, qa = sparse_hybrid(*first, a, b, **kw, state=base)
+        rb, qb = sparse_hybrid(*second, a, b, **kw, state=base)
+    torch.testing.assert_close((ya, yb), (ra, rb), atol=1e-5, rtol=1e-5)
+    for got, want, before in zip(sa.tensors(), qa.tensors(), kept):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got, before)
+    for got, want in zip(sb.tensors(), qb.tensors()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -25,10 +25,11 @@ Forms (keys, values and key features come once per key/value head; query head h 
   tokens, in fp32, over Python lists of each head's keys.
 - sparse_hybrid: each row's real tokens (padding dropped) in runs up to the next block end, vectorized
   within a run, with the eviction at each block end, from and to a SparseHybridState. Training, prefill and
-  decoding (one token is a run of one). On the CPU in fp32, a decoding step of rows at one position whose
-  token does not end its block is one C call (zoo/kernels/csrc/sparse_decode.c; `decode_in_c`), which
-  writes the token into the current block's slot in place where no other step has (an older state reads
-  only the slots before it); the PyTorch form runs where that kernel is not available.
+  decoding (one token is a run of one). On the CPU in fp32, a decoding step of rows at one position past
+  their sinks is one C call (zoo/kernels/csrc/sparse_decode.c; `decode_in_c`), which writes the token into
+  the current block's slot in place where no other step has (an older state reads only the slots before
+  it); at a block end the eviction follows in PyTorch. The PyTorch form runs where that kernel is not
+  available.
 
 The state is constant in the context: sinks + C + 2W keys, values and key features per key/value head, the
 fp32 S and z, and the token count.
@@ -81,9 +82,10 @@ class SparseHybridState:
     # Set by the one-token C step only (not init fields: a state rebuilt from its fields has neither):
     # [the first slot of cur_* no step has written], shared by the states that step made from one another,
     # so that a step writes its token in place only into a slot no other step has (else it copies cur_*);
-    # and the one value of n of every row.
+    # the one value of n of every row; and the C step bound to these tensors and the layer's weights.
     cur_end: list[int] | None = field(default=None, init=False, repr=False, compare=False)
     position: int | None = field(default=None, init=False, repr=False, compare=False)
+    c_step: _CStep | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls, B, HKV, D, Dv, F_, window, sinks, cache_size, dtype, device) -> SparseHybridState:
@@ -182,6 +184,16 @@ def _evict(cache, cached: int, block, first_real: int, S, z, cache_size: int, re
     return new_cache, S, z
 
 
+def _block_end(cache, cached: int, prev, cur, j: int, sinks: int, S, z, cache_size: int, relative: bool):
+    """Block j is complete (cur: its W tokens' (k, v, fk)): block j - 1 (prev) leaves the window, its
+    tokens that are not sinks competing with the cache's `cached` entries (`_evict`), and block j becomes
+    the previous one. Returns the new cache, prev, S and z."""
+    if j >= 1:
+        first_real = max(0, sinks - (j - 1) * prev[0].shape[2])
+        cache, S, z = _evict(cache, cached, prev, first_real, S, z, cache_size, relative)
+    return cache, cur, S, z
+
+
 def _rows(q, k, v, fq, fk, a, b, state: list[torch.Tensor], window: int, scale: float, relative: bool):
     """Rows that all stand at one position, every token real: q [B, H, T, D], fq [B, H, T, F], k [B, HKV, T,
     D], v [B, HKV, T, Dv], fk [B, HKV, T, F]; a, b [H]; `state`: SparseHybridState.tensors() of these rows.
@@ -223,19 +235,18 @@ def _rows(q, k, v, fq, fk, a, b, state: list[torch.Tensor], window: int, scale: 
         cur = [torch.cat([c, x.to(c.dtype)], 2) for c, x in zip(cur, (run_k, run_v, run_f))]
         t, pos = t + m, pos + m
         if pos % W == 0:  # block j is complete: block j - 1 leaves the window
-            if j >= 1:
-                first_real = max(0, sinks - (j - 1) * W)
-                (cache_k, cache_v, cache_fk), S, z = _evict(
-                    (cache_k, cache_v, cache_fk),
-                    cached,
-                    (prev_k, prev_v, prev_fk),
-                    first_real,
-                    S,
-                    z,
-                    C,
-                    relative,
-                )
-            prev_k, prev_v, prev_fk = cur
+            (cache_k, cache_v, cache_fk), (prev_k, prev_v, prev_fk), S, z = _block_end(
+                (cache_k, cache_v, cache_fk),
+                cached,
+                (prev_k, prev_v, prev_fk),
+                cur,
+                j,
+                sinks,
+                S,
+                z,
+                C,
+                relative,
+            )
             cur = [x[:, :, :0] for x in cur]
     cur = [torch.cat([c, c.new_zeros(*c.shape[:2], W - c.shape[2], c.shape[3])], 2) for c in cur]
     new = [sink_k, sink_v, cache_k, cache_v, cache_fk, prev_k, prev_v, prev_fk, *cur, S, z, n + T]
@@ -268,7 +279,7 @@ def sparse_hybrid(
             f"with window={window}, sinks={sinks}, cache_size={cache_size}"
         )
     if T == 1 and (key_mask is None or bool(key_mask.bool().all())):
-        fused = decode_in_c(q, k, v, fq, fk, a, b, state, scale)
+        fused = decode_in_c(q, k, v, fq, fk, a, b, state, scale, relative=relative)
         if fused is not None:
             return fused
     fields = state.tensors()
@@ -302,45 +313,144 @@ _C_ENTRIES = {  # C entry -> its argument types
 }
 
 
-def decode_in_c(q, k, v, fq, fk, a, b, state: SparseHybridState, scale: float, maps=None):
-    """One token per row (q [B, H, 1, D] ...), every row at one position n past its sinks, n + 1 not a
-    block end, fp32 on the CPU: (y, next state) from one C call (zoo/kernels/csrc/sparse_decode.c); else
-    None (the PyTorch form runs). With `maps` = (Wq [H, D, F/2], Wk [HKV, D, F/2], fq_scale), fq and fk
-    are None and the C code computes the Hedgehog features itself."""
+class _CStep:
+    """One layer's C decoding step bound to a state's tensors (the sinks, the cache, the two blocks, S and
+    z, which a step that ends no block leaves where they are) and to the layer's weights a, b (and maps):
+    made by `decode_in_c` after its full checks, and carried by the states its steps make, so that the next
+    token's step checks only what changes (the token's tensors and its position)."""
+
+    def __init__(
+        self, fn, state: SparseHybridState, cur: list[torch.Tensor], a, b, maps, H: int, scale, relative
+    ):
+        B, HKV, W, D = state.cur_k.shape
+        self.fn, self.a, self.b, self.scale = fn, a, b, float(scale)
+        self.maps = None if maps is None else maps[:2]  # (Wq, Wk)
+        self.relative = relative
+        self.W, self.sinks, self.C = W, state.sinks, state.cache_size
+        self.B, self.H, self.DV = B, H, state.cur_v.shape[-1]
+        fields = state.tensors()
+        # kept alive here: the C call gets their addresses
+        self.held = [
+            a.float().contiguous(),
+            b.float().contiguous(),
+            *fields[:4],
+            *fields[5:7],
+            *cur,
+            *fields[11:13],
+        ]
+        self.cur = cur
+        self.shape = (B, HKV, H // HKV, D, self.DV, state.cur_fk.shape[-1], W, self.sinks, self.C)
+        self.weights = [x.data_ptr() for x in self.held[:2]]
+        self.kept = [x.data_ptr() for x in self.held[2:]]
+        self.threads = min(torch.get_num_threads(), B * HKV)  # the units: rows x key/value heads
+
+    def made_for(self, a, b, c, maps, scale, relative: bool | None = None) -> bool:
+        """Whether this step was made for these weights (c: None, as for every `lola` layer; maps: (Wq, Wk),
+        or None where the features are given), this scale and (unless None: the layer's own) eviction."""
+        same_maps = (maps is None) == (self.maps is None) and (
+            maps is None or (maps[0] is self.maps[0] and maps[1] is self.maps[1])
+        )
+        return (
+            a is self.a
+            and b is self.b
+            and c is None
+            and same_maps
+            and float(scale) == self.scale
+            and relative in (None, self.relative)
+        )
+
+    def continues(self, state: SparseHybridState, n0: int) -> bool:
+        """Whether `state` holds this step's tensors (a state made by this step, or by another step from
+        one) and the token's slot, n0 mod W, is one no other step has written."""
+        end = state.cur_end
+        return state.cur_k is self.cur[0] and end is not None and end[0] == n0 % self.W
+
+    def next_token(self, q, k, v, state: SparseHybridState, fq_scale: float):
+        """The step for a state that a step made (its position known), the features computed from the
+        maps: (y, next state), or None (then the full checks run)."""
+        n0 = state.position
+        if n0 is None or not self.continues(state, n0):
+            return None
+        return self(q, k, v, None, None, state, n0, fq_scale)
+
+    def __call__(self, q, k, v, fq, fk, state: SparseHybridState, n0: int, fq_scale: float | None):
+        """(y, next state) for the token q [B, H, 1, D], k, v (fq, fk where no maps) at position n0 of a
+        state it `serves`, or None where it does not apply (the sinks, inputs not fp32 on the CPU, another
+        batch). A token that ends its block is followed by the eviction (`_block_end`, in PyTorch)."""
+        given = (fq, fk) if self.maps is None else self.maps
+        ins = [x.contiguous() for x in (q, given[0], k, v, given[1])]
+        if q.shape[0] != self.B or q.device.type != "cpu" or any(x.dtype != torch.float32 for x in ins):
+            return None
+        if n0 < self.sinks:
+            return None
+        W, r, j, end = self.W, n0 % self.W, n0 // self.W, state.cur_end
+        cached, open_sinks = held_keys(n0, W, self.sinks, self.C)[0], _open_sinks(j, W, self.sinks)
+        y = q.new_empty(self.B, self.H, 1, self.DV)
+        pointers = [x.data_ptr() for x in ins]
+        extra = () if self.maps is None else (float(fq_scale),)
+        sizes = (*self.shape, open_sinks, cached, int(j >= 1), r)
+        if self.fn(
+            *sizes, *pointers, *self.weights, *self.kept, self.scale, y.data_ptr(), self.threads, *extra
+        ):
+            raise MemoryError("zoo's C decode step could not allocate its scratch space")
+        end[0] = r + 1
+        if r + 1 == W:
+            return y, self._after_block(state, j, cached, n0 + 1)
+        new = SparseHybridState(*state.tensors()[:-1], state.n + 1)
+        new.cur_end, new.position, new.c_step = end, n0 + 1, self
+        return y, new
+
+    def _after_block(self, state: SparseHybridState, j: int, cached: int, n: int) -> SparseHybridState:
+        """The state after the token that completed block j (written into its last slot): the eviction,
+        then a new, empty current block of this state's own (its slots are written in place from 0)."""
+        f = state.tensors()
+        cache, prev, S, z = _block_end(
+            f[2:5], cached, f[5:8], f[8:11], j, self.sinks, f[11], f[12], self.C, self.relative
+        )
+        new = SparseHybridState(
+            f[0], f[1], *cache, *prev, *(torch.zeros_like(x) for x in f[8:11]), S, z, state.n + 1
+        )
+        new.cur_end, new.position = [0], n
+        return new
+
+
+def decode_in_c(q, k, v, fq, fk, a, b, state: SparseHybridState, scale: float, maps=None, relative=False):
+    """One token per row (q [B, H, 1, D] ...), every row at one position n past its sinks, fp32 on the
+    CPU: (y, next state) from one C call (zoo/kernels/csrc/sparse_decode.c), followed at a block end by
+    the eviction in PyTorch (`relative`: as `sparse_hybrid`'s); else None (the PyTorch form runs). With
+    `maps` = (Wq [H, D, F/2], Wk [HKV, D, F/2], fq_scale), fq and fk are None and the C code computes the
+    Hedgehog features itself."""
+    n0 = common_count(state.n, state.position)
+    if n0 is None:
+        return None
+    fq_scale = None if maps is None else maps[2]
+    step = state.c_step
+    made_for = step is not None and step.made_for(
+        a, b, None, None if maps is None else maps[:2], scale, relative
+    )
+    if made_for and step.continues(state, n0):
+        return step(q, k, v, fq, fk, state, n0, fq_scale)
     fields = state.tensors()
     given = (fq, fk) if maps is None else maps[:2]
     if q.device.type != "cpu" or any(x.dtype != torch.float32 for x in (q, k, v, *given, *fields[:-1])):
         return None
-    W, sinks, C = state.window, state.sinks, state.cache_size
-    n0 = common_count(state.n, state.position)
-    if n0 is None or n0 < sinks or (n0 + 1) % W == 0:
+    W = state.window
+    if n0 < state.sinks:
         return None
     entry = "zoo_sparse_hybrid_decode_f32" if maps is None else "zoo_hedgehog_sparse_decode_f32"
     fn = native.function("sparse_decode", entry, _C_ENTRIES[entry])
     if fn is None:
         return None
-    B, H, _, D = q.shape
-    HKV, DV, F_ = k.shape[1], v.shape[-1], state.cur_fk.shape[-1]
-    r, j = n0 % W, n0 // W
-    cached, open_sinks = held_keys(n0, W, sinks, C)[0], _open_sinks(j, W, sinks)
-    cur, end = [state.cur_k, state.cur_v, state.cur_fk], state.cur_end
-    if end is None or end[0] != r:  # another step wrote this slot (or none made cur_*): a copy of our own
-        cur, end = [x.clone() for x in cur], [r]
-    ins = [x.contiguous() for x in (q, given[0], k, v, given[1], a.float(), b.float())]
-    kept = [x.contiguous() for x in (*fields[:8], *cur, *fields[11:13])]
-    if any(x.data_ptr() != y.data_ptr() for x, y in zip(kept[8:11], cur)):
-        return None  # cur_* must be written in place: not contiguous, so the PyTorch form runs
-    y = q.new_empty(B, H, 1, DV)
-    sizes = (B, HKV, H // HKV, D, DV, F_, W, sinks, C, open_sinks, cached, int(j >= 1), r)
-    pointers = [x.data_ptr() for x in (*ins, kept[0], kept[1], kept[2], kept[3], kept[5], kept[6], *kept[8:])]
-    threads = min(torch.get_num_threads(), B * HKV)  # the units: rows x key/value heads
-    extra = () if maps is None else (float(maps[2]),)
-    if fn(*sizes, *pointers, float(scale), y.data_ptr(), threads, *extra):
-        raise MemoryError("zoo's C decode step could not allocate its scratch space")
-    end[0] = r + 1
-    new = SparseHybridState(*fields[:8], *cur, *fields[11:13], state.n + 1)
-    new.cur_end, new.position = end, n0 + 1
-    return y, new
+    if any(not x.is_contiguous() for x in fields[:13]):
+        return None  # cur_* must be written in place; the others are read where they are
+    r = n0 % W
+    if state.cur_end is None or state.cur_end[0] != r:  # another step wrote this slot (or none made cur_*)
+        state = SparseHybridState(*fields[:8], *(x.clone() for x in fields[8:11]), *fields[11:])
+        state.cur_end, state.position = [r], n0
+    step = _CStep(
+        fn, state, [state.cur_k, state.cur_v, state.cur_fk], a, b, maps, q.shape[1], scale, relative
+    )
+    return step(q, k, v, fq, fk, state, n0, fq_scale)
 
 
 def sparse_hybrid_naive(

@@ -193,51 +193,101 @@ def _room(state: WindowHybridState) -> tuple[SlotBuffer, int]:
     return SlotBuffer(*made, end=L), 0
 
 
+class _CStep:
+    """A layer's C decoding step bound to what stays the same from token to token: the entry, the weights
+    a, b, c (and the Hedgehog maps), the sinks and the shapes. `_fused_step` makes one after its full
+    checks and the states its steps make carry it, so that the next token checks only its own tensors."""
+
+    def __init__(self, fn, state: WindowHybridState, q, a, b, c, maps, scale):
+        B, H, _, D = q.shape
+        HKV, F_, DV = state.k.shape[1], state.fk.shape[-1], state.v.shape[-1]
+        self.fn, self.a, self.b, self.c, self.scale = fn, a, b, c, float(scale)
+        self.maps = None if maps is None else maps[:2]
+        self.sinks = () if state.sink_k is None else (state.sink_k, state.sink_v)
+
+        def heads(f):  # a factor for each query head, [H] fp32 (a number is one for every head)
+            return None if f is None else torch.as_tensor(f, dtype=torch.float32).expand(H).contiguous()
+
+        # kept alive here: the C call gets their addresses
+        self.held = [heads(f) for f in (a, b, c)] + [x.contiguous() for x in self.sinks]
+        self.fixed = [None if x is None else x.data_ptr() for x in self.held[:3]]
+        self.fixed += [x.data_ptr() for x in self.held[3:]] if self.sinks else [None, None]
+        self.shape = (B, HKV, H // HKV, D, DV, F_)
+        self.threads = min(torch.get_num_threads(), B * HKV)  # the units: rows x key/value heads
+
+    def made_for(self, a, b, c, maps, scale) -> bool:
+        """Whether this step was made for these weights (maps: (Wq, Wk), or None where the features are
+        given) and this scale."""
+        same_maps = (maps is None) == (self.maps is None) and (
+            maps is None or (maps[0] is self.maps[0] and maps[1] is self.maps[1])
+        )
+        return a is self.a and b is self.b and c is self.c and same_maps and float(scale) == self.scale
+
+    def next_token(self, q, k, v, state: WindowHybridState, fq_scale: float):
+        """The step for a state that this step made (so its sinks and position are this step's), the
+        features computed from the maps: (y, next state) or None as `__call__`."""
+        shut, lin = _masks(
+            state.n, state.cached_tokens, state.window, state.terraced, state.sinks, state.position
+        )
+        return self(q, k, v, None, None, state, shut, lin, fq_scale)
+
+    def __call__(self, q, k, v, fq, fk, state: WindowHybridState, shut, lin, fq_scale):
+        """(y, next state), or None where the step does not apply (inputs not fp32 on the CPU, S or z not
+        fp32, another batch, rows at different positions)."""
+        B, HKV, G, D = self.shape[:4]
+        if q.device.type != "cpu" or q.shape != (B, HKV * G, 1, D) or k.shape[1] != HKV or shut.shape[0] != 1:
+            return None
+        given = (fq, fk) if self.maps is None else self.maps
+        ins = [x.contiguous() for x in (q, given[0], k, v, given[1])]
+        if any(x.dtype != torch.float32 for x in ins):
+            return None
+        S, z = state.S, state.z
+        if state.c_step is not self:  # a state this step made has its S, z and slots: contiguous fp32
+            S, z = S.contiguous(), z.contiguous()
+            if any(x.dtype != torch.float32 for x in (S, z, state.k, state.v, state.fk)):
+                return None
+        L = state.cached_tokens
+        buf, offset = _room(state)
+        H, DV = HKV * G, self.shape[4]
+        y, new_S, new_z = q.new_empty(B, H, 1, DV), torch.empty_like(S), torch.empty_like(z)
+        pointers = [x.data_ptr() for x in ins] + self.fixed
+        pointers += [x.data_ptr() + offset * x.stride(2) * x.element_size() for x in (buf.k, buf.v, buf.fk)]
+        pointers += [x.data_ptr() for x in (S, z, shut, lin)]
+        sizes = (*self.shape, L, len(self.sinks) and self.sinks[0].shape[2], buf.capacity)
+        outs = (y.data_ptr(), new_S.data_ptr(), new_z.data_ptr())
+        extra = () if self.maps is None else (float(fq_scale),)
+        if self.fn(*sizes, *pointers, self.scale, *outs, self.threads, *extra):
+            raise MemoryError("zoo's C decode step could not allocate its scratch space")
+        buf.end = offset + L + 1
+        k2, v2, f2 = (x.narrow(2, offset + 1, L) for x in (buf.k, buf.v, buf.fk))
+        new = WindowHybridState(
+            k2, v2, f2, new_S, new_z, state.n + 1, state.window, state.terraced, *self.sinks
+        )
+        new.slots, new.c_step = buf, self
+        # shared masks: every row at one position (read once, then carried as a number)
+        new.position = (state.position if state.position is not None else int(state.n[0])) + 1
+        return y, new
+
+
 def _fused_step(q, k, v, fq, fk, a, b, c, state: WindowHybridState, shut, lin, scale, maps=None):
     """The step as one C call: (y, next state), or None where it does not apply (not the CPU, not fp32
     throughout, rows at different positions, or no C kernel). The token is appended to the state's slot
     buffer (`_room`), and the next state's slots are a view of it, so the window is not copied. With
     `maps` = (Wq [H, D, F/2], Wk [HKV, D, F/2], fq_scale), fq and fk are None and the C code computes
     the Hedgehog features itself."""
+    fq_scale = None if maps is None else maps[2]
+    step = state.c_step
+    if isinstance(step, _CStep) and step.made_for(a, b, c, None if maps is None else maps[:2], scale):
+        return step(q, k, v, fq, fk, state, shut, lin, fq_scale)  # a state this step made: its sinks
     sinks = () if state.sink_k is None else (state.sink_k, state.sink_v)
     given = (fq, fk) if maps is None else maps[:2]
-    tensors = (q, k, v, *given, state.k, state.v, state.fk, state.S, state.z, *sinks)
-    if q.device.type != "cpu" or shut.shape[0] != 1 or any(t.dtype != torch.float32 for t in tensors):
+    if q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (*given, *sinks)):
         return None
     entry = "zoo_window_hybrid_decode_f32" if maps is None else "zoo_hedgehog_window_decode_f32"
     fn = native.function("window_decode", entry, _ARGTYPES[entry])
     if fn is None:
         return None
-    B, H, _, D = q.shape
-    HKV, F_, DV, L, S = k.shape[1], state.fk.shape[-1], v.shape[-1], state.cached_tokens, state.sinks
-
-    def heads(f):
-        if isinstance(f, torch.Tensor) and f.dtype == torch.float32 and f.shape == (H,) and f.is_contiguous():
-            return f
-        return None if f is None else torch.as_tensor(f, dtype=torch.float32).expand(H).contiguous()
-
-    buf, offset = _room(state)
-    ins = [q.contiguous(), given[0].contiguous(), k.contiguous(), v.contiguous(), given[1].contiguous()]
-    factors = [heads(f) for f in (a, b, c)]
-    sink_kv = [x.contiguous() for x in sinks] if S else [None, None]
-    Sz, z = state.S.contiguous(), state.z.contiguous()
-    y, new_S, new_z = q.new_empty(B, H, 1, DV), torch.empty_like(Sz), torch.empty_like(z)
-    pointers = [None if x is None else x.data_ptr() for x in (*ins, *factors, *sink_kv)]
-    pointers += [x.data_ptr() + offset * x.stride(2) * x.element_size() for x in (buf.k, buf.v, buf.fk)]
-    pointers += [x.data_ptr() for x in (Sz, z, shut, lin)]
-    threads = min(torch.get_num_threads(), B * HKV)  # the units: rows x key/value heads
-    sizes = (B, HKV, H // HKV, D, DV, F_, L, S, buf.capacity)
-    outs = (y.data_ptr(), new_S.data_ptr(), new_z.data_ptr())
-    extra = () if maps is None else (float(maps[2]),)
-    if fn(*sizes, *pointers, float(scale), *outs, threads, *extra):
-        raise MemoryError("zoo's C decode step could not allocate its scratch space")
-    buf.end = offset + L + 1
-    k2, v2, f2 = (x[:, :, offset + 1 : offset + 1 + L] for x in (buf.k, buf.v, buf.fk))
-    new = WindowHybridState(k2, v2, f2, new_S, new_z, state.n + 1, state.window, state.terraced, *sinks)
-    new.slots = buf
-    # shared masks: every row at one position (read once, then carried as a number)
-    new.position = (state.position if state.position is not None else int(state.n[0])) + 1
-    return y, new
+    return _CStep(fn, state, q, a, b, c, maps, scale)(q, k, v, fq, fk, state, shut, lin, fq_scale)
 
 
 def hedgehog_window_decode(

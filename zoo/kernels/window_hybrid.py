@@ -89,10 +89,12 @@ class WindowHybridState:
     """Decoding state. Window slots are right-aligned: slot i holds a real token iff i >= L - min(n, L);
     the real slots hold the last min(n, L) real tokens in order (unused slots are zero).
 
-    `slots`, set by the in-place decoding step only, is the SlotBuffer that k, v, fk are views of, and
+    `slots`, set by the in-place decoding step only, is the SlotBuffer that k, v, fk are views of,
     `position` the one value of n when that step knows every row is there (so the next step reads no
-    tensor to learn it). Neither is an init field: a state rebuilt from its fields (moved, reordered,
-    repeated) has neither, and the next decoding step copies its slots into a new buffer."""
+    tensor to learn it), and `c_step` that step's C call bound to the layer's weights and the sinks
+    (zoo.kernels.window_decode), so that the next token checks only what changes. None is an init field: a
+    state rebuilt from its fields (moved, reordered, repeated) has none, and the next decoding step copies
+    its slots into a new buffer."""
 
     k: torch.Tensor  # [B, H, L, D]
     v: torch.Tensor  # [B, H, L, Dv]
@@ -106,6 +108,7 @@ class WindowHybridState:
     sink_v: torch.Tensor | None = None  # [B, H, S, Dv] (slots past n are zero)
     slots: SlotBuffer | None = field(default=None, init=False, repr=False, compare=False)
     position: int | None = field(default=None, init=False, repr=False, compare=False)
+    c_step: object | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def cached_tokens(self) -> int:

@@ -223,9 +223,32 @@ class HedgehogWindowHybrid(WindowHybridMixer):
         fused = self._decode_in_one_call(q, k, v, state, mask)
         return fused if fused is not None else super().forward(q, k, v, x, state, mask)
 
+    def _next_token_in_c(self, q, k, v, state, mask):
+        """The next token of a decoding whose last token ran in C: its state carries that C step, bound to
+        this layer's weights and its backend chosen then, and the step runs again after checking only what
+        can change from one token to the next (one token per row, no padding, no gradient, the same
+        weights); else None, and the full checks run."""
+        step = getattr(state, "c_step", None)
+        if step is None or mask is not None or q.shape[2] != 1 or torch.is_grad_enabled():
+            return None
+        a, b, c = self.factors()
+        if not step.made_for(
+            a, b, c, (self.feature_map_q.weight, self.feature_map_k.weight), self.head_dim**-0.5
+        ):
+            return None
+        return step.next_token(q, k, v, state, self._query_feature_scale(state.position))
+
+    def _query_feature_scale(self, position: int) -> float:
+        """What the query's features are scaled by at `position` (see `features`)."""
+        cap = self.config.get("linear_mass_tokens")
+        return cap / max(self.linear_keys(position), cap) if cap else 1.0
+
     def _decode_in_one_call(self, q, k, v, state, mask):
         """A decoding step (one token per row, no padding, no gradient) with features and all as one C call
         (zoo.kernels.dispatch.hedgehog_window_hybrid_step), or None: the general path then runs."""
+        fused = self._next_token_in_c(q, k, v, state, mask)
+        if fused is not None:
+            return fused
         maps = self._decoding_maps(q, k, v, state, mask, WindowHybridState)
         if maps is None:
             return None
@@ -260,5 +283,4 @@ class HedgehogWindowHybrid(WindowHybridMixer):
         position = common_count(state.n, state.position)
         if position is None:
             return None
-        cap = self.config.get("linear_mass_tokens")
-        return wq, wk, cap / max(self.linear_keys(position), cap) if cap else 1.0
+        return wq, wk, self._query_feature_scale(position)

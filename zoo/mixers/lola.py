@@ -69,11 +69,17 @@ class Lola(HedgehogWindowHybrid):
     def _decode_with_cache_in_one_call(self, q, k, v, state, mask):
         """A decoding step with the sparse cache (one token per row, no padding, no gradient), features and
         all as one C call (zoo.kernels.sparse_cache.decode_in_c), or None: the general path then runs."""
+        fused = self._next_token_in_c(q, k, v, state, mask)
+        if fused is not None:
+            return fused
         maps = self._decoding_maps(q, k, v, state, mask, SparseHybridState)
         if maps is None:
             return None
         a, b, _ = self.factors()
-        return decode_in_c(q, k, v, None, None, a, b, state, self.head_dim**-0.5, maps=maps)
+        relative = self.config["recall_error"] == "relative"
+        return decode_in_c(
+            q, k, v, None, None, a, b, state, self.head_dim**-0.5, maps=maps, relative=relative
+        )
 
     def forward(self, q, k, v, x, state=None, mask=None):
         if self.branch == "linear":
