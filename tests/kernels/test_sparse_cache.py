@@ -164,7 +164,8 @@ def test_the_relative_error_does_not_keep_a_key_for_the_size_of_its_value():
 @pytest.mark.parametrize("groups", [1, 3], ids=["mha", "gqa"])
 @pytest.mark.parametrize("sinks,cache", [(0, 2), (2, 3), (6, 1)], ids=["no-sinks", "sinks", "sinks>W"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decoding_in_c_is_the_pytorch_form_token_after_token(groups, sinks, cache, threads):
+@pytest.mark.parametrize("kv_heads", [HKV, 1])  # 3 rows x 1 head on 2 threads: a query head an item
+def test_decoding_in_c_is_the_pytorch_form_token_after_token(groups, sinks, cache, threads, kv_heads):
     """One token at a time, rows at one position: the C step (it runs on every token past the sinks,
     checked; at a block end the eviction follows) and the PyTorch form give the same outputs and states,
     through several block ends and evictions; then a branch (two tokens from one state) gives both the
@@ -175,6 +176,12 @@ def test_decoding_in_c_is_the_pytorch_form_token_after_token(groups, sinks, cach
         pytest.skip(f"no C kernel: {native.unavailable_reason('sparse_decode')}")
     T0, steps = 3, 26
     xs, a, b = make(T0 + steps + 1, groups)
+    if kv_heads == 1:  # the first key/value head and its query heads
+        xs, a, b = (
+            [x[:, :groups] if x.shape[1] == HKV * groups else x[:, :1] for x in xs],
+            a[:groups],
+            b[:groups],
+        )
     xs = [x[:1].expand(3, *x.shape[1:]).contiguous() for x in xs]  # 3 rows at one position
     kw = dict(window=W, sinks=sinks, cache_size=cache)
     _, fused = sparse_hybrid(*[x[:, :, :T0] for x in xs], a, b, **kw)

@@ -111,16 +111,17 @@ def c_step_or_skip():
 @pytest.mark.parametrize("groups", [1, 3], ids=["mha", "gqa"])
 @pytest.mark.parametrize("c", [None, 0.3], ids=["no-c", "c"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_c_step_is_the_pytorch_step(terraced, sinks, groups, c, threads):
+@pytest.mark.parametrize("kv_heads", [HKV, 1])  # 3 rows x 1 head on 2 threads: a query head an item
+def test_the_c_step_is_the_pytorch_step(terraced, sinks, groups, c, threads, kv_heads):
     """fp32, rows at one position: the C step (it runs: checked) gives the PyTorch form's outputs and
     states token after token, from 4 tokens seen through several window edges, on 1 or 2 threads."""
     c_step_or_skip()
     g = torch.Generator().manual_seed(5)
     Bx, T0, steps = 3, 4, 26
-    H, T = HKV * groups, T0 + steps
+    H, T = kv_heads * groups, T0 + steps
     q, fq = torch.randn(Bx, H, T, D, generator=g), torch.rand(Bx, H, T, F, generator=g)
-    k, v = torch.randn(Bx, HKV, T, D, generator=g), torch.randn(Bx, HKV, T, DV, generator=g)
-    fk = torch.rand(Bx, HKV, T, F, generator=g)
+    k, v = torch.randn(Bx, kv_heads, T, D, generator=g), torch.randn(Bx, kv_heads, T, DV, generator=g)
+    fk = torch.rand(Bx, kv_heads, T, F, generator=g)
     a = torch.rand(H, generator=g)
     cc = None if c is None else c * a
     kw = dict(window=W, terraced=terraced, c=cc)

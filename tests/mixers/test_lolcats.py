@@ -287,7 +287,10 @@ def test_the_linear_mass_cap_bounds_the_linear_share_and_is_off_within_the_cap()
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("branch", ["both", "window", "linear"])
-def test_decoding_in_one_c_call_is_the_general_path(name, branch):
+@pytest.mark.parametrize(
+    "rows,kv_heads,threads", [(2, 2, 1), (3, 1, 2)], ids=["even-units", "3-units-2-threads"]
+)  # odd units on 2 threads: a query head an item
+def test_decoding_in_one_c_call_is_the_general_path(name, branch, rows, kv_heads, threads):
     """Decoding (rows at one position, no gradient), features and step as one C call (it runs: counted),
     with the linear mass cap on: the outputs and states of the general path (the C kernels off), token
     after token from a prefill shorter than the window through several window edges."""
@@ -295,23 +298,28 @@ def test_decoding_in_one_c_call_is_the_general_path(name, branch):
 
     if native.library("window_decode") is None:
         pytest.skip(f"no C kernel: {native.unavailable_reason('window_decode')}")
-    m = make_mixer(name, window=4, linear_mass_tokens=3)
+    m = make_mixer(name, num_kv_heads=kv_heads, window=4, linear_mass_tokens=3)
     m.branch = branch
     T0, steps = 3, 21
-    q, k, v, x = inputs(T0 + steps, Bsz=2)
-    q, k, v, x = (t[:1].expand(2, *t.shape[1:]).contiguous() for t in (q, k, v, x))  # one position
+    q, k, v, x = inputs(T0 + steps, Bsz=2, hkv=kv_heads)
+    q, k, v, x = (t[:1].expand(rows, *t.shape[1:]).contiguous() for t in (q, k, v, x))  # one position
     calls = []  # whether the one-call step ran (it also runs, then, on a state a step already extended)
-    with torch.no_grad():
-        _, fused = m(*(sl(t, 0, T0) for t in (q, k, v, x)))
-        general, ys, ys0 = fused, [], []
-        for t in range(T0, T0 + steps):
-            step = [sl(u, t, t + 1) for u in (q, k, v, x)]
-            calls.append(m._decode_in_one_call(*step[:3], fused, None) is not None)
-            y, fused = m(*step, state=fused)
-            with native.disabled():
-                y0, general = m(*step, state=general)
-            ys.append(y)
-            ys0.append(y0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            _, fused = m(*(sl(t, 0, T0) for t in (q, k, v, x)))
+            general, ys, ys0 = fused, [], []
+            for t in range(T0, T0 + steps):
+                step = [sl(u, t, t + 1) for u in (q, k, v, x)]
+                calls.append(m._decode_in_one_call(*step[:3], fused, None) is not None)
+                y, fused = m(*step, state=fused)
+                with native.disabled():
+                    y0, general = m(*step, state=general)
+                ys.append(y)
+                ys0.append(y0)
+    finally:
+        torch.set_num_threads(before)
     # every step once the sinks are full (before that, the general step fills them)
     first = max(sinks(name) if branch != "linear" else 0, T0)
     assert calls == [t >= first for t in range(T0, T0 + steps)]
@@ -329,7 +337,12 @@ def test_linear_keys_of_one_position_as_a_number_is_linear_keys(name):
 
 
 @pytest.mark.parametrize("relative", ["absolute", "relative"])
-def test_lola_decodes_in_one_c_call_as_the_general_path(relative):
+@pytest.mark.parametrize(
+    "rows,kv_heads,threads",
+    [(2, 2, 1), (1, 1, 2), (3, 1, 2)],
+    ids=["even-units", "one-unit", "3-units-2-threads"],  # odd units: a query head an item
+)
+def test_lola_decodes_in_one_c_call_as_the_general_path(relative, rows, kv_heads, threads):
     """`lola` decoding with its cache (rows at one position, the linear mass cap on): features and step as
     one C call on every token past the sinks (checked; the eviction follows at a block end), the general
     path's outputs and states, through block ends and evictions."""
@@ -337,9 +350,39 @@ def test_lola_decodes_in_one_c_call_as_the_general_path(relative):
 
     if native.library("sparse_decode") is None:
         pytest.skip(f"no C kernel: {native.unavailable_reason('sparse_decode')}")
-    m = make_mixer("lola", window=4, sinks=2, cache_size=3, linear_mass_tokens=3, recall_error=relative)
+    m = make_mixer(
+        "lola",
+        num_kv_heads=kv_heads,
+        window=4,
+        sinks=2,
+        cache_size=3,
+        linear_mass_tokens=3,
+        recall_error=relative,
+    )
     T0, steps = 3, 25
-    q, k, v, x = (t[:1].expand(2, *t.shape[1:]).contiguous() for t in inputs(T0 + steps, Bsz=2))
+    made = inputs(T0 + steps, Bsz=2, hkv=kv_heads)
+    q, k, v, x = (t[:1].expand(rows, *t.shape[1:]).contiguous() for t in made)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ys, ys0, ran, fused, general = _lola_token_after_token(m, q, k, v, x, T0, steps)
+    finally:
+        torch.set_num_threads(before)
+    assert ran == [t >= 2 for t in range(T0, T0 + steps)]
+    torch.testing.assert_close(torch.cat(ys, 2), torch.cat(ys0, 2), atol=1e-5, rtol=1e-5)
+    for got, want in zip(fused.tensors(), general.tensors()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    positions = torch.arange(60)[None]
+    for branch in m.BRANCHES:
+        m.branch = branch
+        assert [m.linear_keys(p) for p in range(60)] == m.linear_keys(positions)[0].tolist()
+
+
+def _lola_token_after_token(m, q, k, v, x, T0, steps):
+    """A prefill of T0 tokens, then `steps` tokens one at a time, with the C kernels and without: (the
+    outputs with, without, whether each step ran in C, the last states with and without)."""
+    from zoo.kernels import native
+
     with torch.no_grad():
         _, fused = m(*(sl(t, 0, T0) for t in (q, k, v, x)))
         general, ys, ys0, ran = fused, [], [], []
@@ -351,11 +394,4 @@ def test_lola_decodes_in_one_c_call_as_the_general_path(relative):
                 y0, general = m(*step, state=general)
             ys.append(y)
             ys0.append(y0)
-    assert ran == [t >= 2 for t in range(T0, T0 + steps)]
-    torch.testing.assert_close(torch.cat(ys, 2), torch.cat(ys0, 2), atol=1e-5, rtol=1e-5)
-    for got, want in zip(fused.tensors(), general.tensors()):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    positions = torch.arange(60)[None]
-    for branch in m.BRANCHES:
-        m.branch = branch
-        assert [m.linear_keys(p) for p in range(60)] == m.linear_keys(positions)[0].tolist()
+    return ys, ys0, ran, fused, general

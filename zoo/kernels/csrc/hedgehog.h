@@ -56,28 +56,40 @@ typedef struct {
     float fq_scale;
 } HedgehogMaps;
 
-/* Key/value head h's features: its G queries q [G, D] into fq [G, 2 * F2], its key k [D] into fk [2 * F2]. */
-static inline void hedgehog_group(const HedgehogMaps *maps, int64_t h, int64_t G, int64_t D, int64_t F2,
-                                  const float *q, const float *k, float *fq, float *fk) {
-    for (int64_t g = 0; g < G; g++)
-        hedgehog_map(q + g * D, maps->Wq + (h * G + g) * D * F2, D, F2, maps->fq_scale, fq + g * 2 * F2);
-    hedgehog_map(k, maps->Wk + h * D * F2, D, F2, 1.0f, fk);
+/* The features that a work item of a decoding step reads, F = 2 * F2 per vector: the item is query heads
+   g0 to g0 + Gs - 1 of unit u (a row's key/value head h = u % HKV, G query heads each), and with `key` also
+   the unit's key. With maps (maps->Wq set) they are computed from the queries (q at (u * G + g0) * D) and
+   the key (k at u * D) into scratch [Gs * F + F]: the queries' first, then the key's; without, they are the
+   given fq [.., G, F] and fk [.., F] at that item. *pfq: the item's first query's features; *ufk: the
+   key's (where `key`). */
+static inline void item_features(const HedgehogMaps *maps, int64_t u, int64_t HKV, int64_t G, int64_t g0,
+                                 int64_t Gs, int key, int64_t D, int64_t F, const float *q, const float *k,
+                                 const float *fq, const float *fk, float *scratch, const float **pfq,
+                                 const float **ufk) {
+    const int64_t first = u * G + g0, h = u % HKV, F2 = F / 2;
+    if (!maps->Wq) {
+        *pfq = fq + first * F;
+        *ufk = fk + u * F;
+        return;
+    }
+    for (int64_t g = 0; g < Gs; g++)
+        hedgehog_map(q + (first + g) * D, maps->Wq + (h * G + g0 + g) * D * F2, D, F2, maps->fq_scale,
+                     scratch + g * F);
+    if (key) hedgehog_map(k + u * D, maps->Wk + h * D * F2, D, F2, 1.0f, scratch + Gs * F);
+    *pfq = scratch;
+    *ufk = scratch + Gs * F;
 }
 
-/* The features that unit u (a row's key/value head h = u % HKV) of a decoding step reads, F = 2 * F2 per
-   vector: with maps (maps->Wq set) computed from its G queries (q at u * G * D) and its key (k at u * D)
-   into scratch [G * F + F]; without, the given fq [.., G, F] and fk [.., F] at that unit. */
-static inline void unit_features(const HedgehogMaps *maps, int64_t u, int64_t HKV, int64_t G, int64_t D,
-                                 int64_t F, const float *q, const float *k, const float *fq, const float *fk,
-                                 float *scratch, const float **ufq, const float **ufk) {
-    if (maps->Wq) {
-        hedgehog_group(maps, u % HKV, G, D, F / 2, q + u * G * D, k + u * D, scratch, scratch + G * F);
-        *ufq = scratch;
-        *ufk = scratch + G * F;
-    } else {
-        *ufq = fq + u * G * F;
-        *ufk = fk + u * F;
-    }
+/* A decoding step's work items: each unit's G query heads in P parts (P = G: a query head an item, where the
+   units do not share out evenly over the threads, as 3 key/value heads on 2 threads at batch 1; else one
+   item a unit). Item i is part i % P of unit i / P: query heads g0 to g0 + *Gs - 1. */
+static inline int64_t item_parts(int64_t units, int64_t G, int threads) {
+    return threads > 1 && units % threads ? G : 1;
+}
+
+static inline void item_heads(int64_t part, int64_t P, int64_t G, int64_t *g0, int64_t *Gs) {
+    *g0 = part * G / P;
+    *Gs = (part + 1) * G / P - *g0;
 }
 
 #endif

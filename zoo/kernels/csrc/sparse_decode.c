@@ -1,9 +1,9 @@
-/* LoLA's decoding step (zoo/kernels/sparse_cache.py), fused, for a token that does not end its block: one
-   token per row, fp32, every row at one position n (past its sinks).
+/* LoLA's decoding step (zoo/kernels/sparse_cache.py), fused: one token per row, fp32, every row at one
+   position n (past its sinks). Where the token ends its block, the caller does the eviction after it.
 
    The query's softmax keys are the open sinks, the cache's used entries, the previous block (once there is
    one) and the current block's first r = n mod W tokens, then the token itself; the linear keys are in
-   S, z (no eviction happens at such a token, so S and z do not change):
+   S, z (which only the eviction changes):
 
      y = (a sum_j e^{q.k_j*scale - m} v_j + b phi(q) S) / (a sum_j e^{q.k_j*scale - m} + b phi(q) . z)
 
@@ -42,8 +42,8 @@ static void column_runs(const Columns *c, const float *sink, const float *cache,
     base[4] = token, count[4] = 1;
 }
 
-/* Unit u's G query heads (h = its key/value head): y[G][DV]. Each key and value row is read once for the
-   group; w is scratch for G * N column weights. */
+/* G query heads of one unit (a, b, q, fq and y at the first of them): y[G][DV]. Each key and value row is
+   read once for them; w is scratch for G * N column weights. */
 static void one_group(const Columns *c, const float *q, const float *fq, const float *a, const float *b,
                       const float *const *keys, const float *const *vals, const int64_t *count, int64_t N,
                       const float *st, const float *nrm, float scale, float *w, float *y, int64_t G) {
@@ -88,18 +88,22 @@ static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, i
                         const float *norm, float scale, float *y, int threads) {
     const int64_t D = c->D, DV = c->DV, F = c->F, W = c->W, S = c->S, C = c->C, r = c->r;
     const int64_t N = c->open_sinks + c->cached + (c->prev_on ? W : 0) + r + 1, units = B * HKV;
-    const int64_t scratch = G * N + (maps->Wq ? G * F + F : 0);
+    const int64_t P = item_parts(units, G, threads), items = units * P; /* work items (hedgehog.h) */
+    const int64_t scratch = G * N + G * F + F;
     int failed = 0;
-#pragma omp parallel for num_threads(threads) if (threads > 1 && units > 1) reduction(| : failed)
-    for (int64_t u = 0; u < units; u++) {
+#pragma omp parallel for num_threads(threads) if (threads > 1 && items > 1) reduction(| : failed)
+    for (int64_t item = 0; item < items; item++) {
         float *w = (float *)malloc((size_t)scratch * sizeof(float));
         if (w == NULL) {
             failed = 1;
             continue;
         }
-        const int64_t h = u % HKV;
-        const float *ufq, *ufk;
-        unit_features(maps, u, HKV, G, D, F, q, k, fq, fk, w + G * N, &ufq, &ufk);
+        const int64_t u = item / P, part = item % P, h = u % HKV;
+        int64_t g0, Gs;
+        item_heads(part, P, G, &g0, &Gs);
+        const int64_t first = u * G + g0;
+        const float *pfq, *ufk;
+        item_features(maps, u, HKV, G, g0, Gs, part == 0, D, F, q, k, fq, fk, w + G * N, &pfq, &ufk);
         float *uk = cur_k + u * W * D, *uv = cur_v + u * W * DV, *uf = cur_f + u * W * F;
         const float *keys[5], *vals[5];
         int64_t count[5];
@@ -107,12 +111,13 @@ static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, i
                     count);
         column_runs(c, sink_v + u * S * DV, cache_v + u * C * DV, prev_v + u * W * DV, uv, v + u * DV,
                     vals, count);
-        one_group(c, q + u * G * D, ufq, a + h * G, b + h * G, keys, vals, count, N, state + u * F * DV,
-                  norm + u * F, scale, w, y + u * G * DV, G);
-        /* the token joins the current block */
-        memcpy(uk + r * D, k + u * D, (size_t)D * sizeof(float));
-        memcpy(uv + r * DV, v + u * DV, (size_t)DV * sizeof(float));
-        memcpy(uf + r * F, ufk, (size_t)F * sizeof(float));
+        one_group(c, q + first * D, pfq, a + h * G + g0, b + h * G + g0, keys, vals, count, N,
+                  state + u * F * DV, norm + u * F, scale, w, y + first * DV, Gs);
+        if (part == 0) { /* the token joins the current block (slot r: no item reads it) */
+            memcpy(uk + r * D, k + u * D, (size_t)D * sizeof(float));
+            memcpy(uv + r * DV, v + u * DV, (size_t)DV * sizeof(float));
+            memcpy(uf + r * F, ufk, (size_t)F * sizeof(float));
+        }
         free(w);
     }
     return failed;

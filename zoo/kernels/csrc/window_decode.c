@@ -37,15 +37,17 @@ typedef struct {
     float scale;
 } Shape;
 
-/* One key/value head u (h = its index among the HKV heads): the outputs y[G][DV] of its G query heads
-   and its next state. The G queries are scored together, so each key, value and state row is read once
-   for the group. w is scratch for G * (S + L + 1) column weights. */
-static void one_group(const Shape *s, int64_t h, const float *q, const float *fq, const float *k,
+/* G query heads of one key/value head, the first of them query head `head0` (q, fq and y at it): their
+   outputs y[G][DV], and where nst is not NULL the key/value head's next state. The G queries are scored
+   together, so each key, value and state row is read once for them. w is scratch for G * (S + L + 1)
+   column weights. */
+static void one_group(const Shape *s, int64_t head0, int64_t G, const float *q, const float *fq,
+                      const float *k,
                       const float *v, const float *fk, const float *sk, const float *sv, const float *wk,
                       const float *wv, const float *wf, const float *st, const float *nrm, float *w,
                       float *y, float *nst, float *nnrm) {
-    const int64_t G = s->G, S = s->S, L = s->L, N = S + L + 1, D = s->D, DV = s->DV, F = s->F;
-    const float *a = s->a + h * G, *b = s->b + h * G, *c = s->c ? s->c + h * G : NULL;
+    const int64_t S = s->S, L = s->L, N = S + L + 1, D = s->D, DV = s->DV, F = s->F;
+    const float *a = s->a + head0, *b = s->b + head0, *c = s->c ? s->c + head0 : NULL;
     float m[G], den[G];
     for (int64_t g = 0; g < G; g++) m[g] = -INFINITY;
     for (int64_t j = 0; j < N; j++) { /* softmax scores: sinks, slots, the new token */
@@ -94,6 +96,7 @@ static void one_group(const Shape *s, int64_t h, const float *q, const float *fq
             den[g] += x * nrm[f];
             axpy(y + g * DV, x, row, DV);
         }
+        if (nst == NULL) continue;
         float *out = nst + f * DV;
         const float x = wf[f];
 #pragma omp simd
@@ -113,26 +116,34 @@ static int decode_units(const Shape *s, const HedgehogMaps *maps, int64_t B, int
                         float *win_f, const float *state, const float *norm, float *y, float *new_state,
                         float *new_norm, int threads) {
     const int64_t G = s->G, D = s->D, DV = s->DV, F = s->F, L = s->L, S = s->S, N = S + L + 1;
-    const int64_t units = B * HKV, scratch = G * N + (maps->Wq ? G * F + F : 0);
+    const int64_t units = B * HKV, scratch = G * N + G * F + F;
+    const int64_t P = item_parts(units, G, threads), items = units * P; /* work items (hedgehog.h) */
     int failed = 0;
-#pragma omp parallel for num_threads(threads) if (threads > 1 && units > 1) reduction(| : failed)
-    for (int64_t u = 0; u < units; u++) {
+#pragma omp parallel for num_threads(threads) if (threads > 1 && items > 1) reduction(| : failed)
+    for (int64_t item = 0; item < items; item++) {
         float *w = (float *)malloc((size_t)scratch * sizeof(float));
         if (w == NULL) {
             failed = 1;
             continue;
         }
-        const int64_t h = u % HKV;
-        const float *uq = q + u * G * D, *ufq, *ufk;
-        unit_features(maps, u, HKV, G, D, F, q, k, fq, fk, w + G * N, &ufq, &ufk);
+        const int64_t u = item / P, part = item % P;
+        int64_t g0, Gs;
+        item_heads(part, P, G, &g0, &Gs);
+        const int64_t first = u * G + g0;
+        const float *pfq, *ufk;
+        /* every item needs the token's key features too: it is a column of every query */
+        item_features(maps, u, HKV, G, g0, Gs, 1, D, F, q, k, fq, fk, w + G * N, &pfq, &ufk);
         float *wk = win_k + u * cap * D, *wv = win_v + u * cap * DV, *wf = win_f + u * cap * F;
-        one_group(s, h, uq, ufq, k + u * D, v + u * DV, ufk, S ? sink_k + u * S * D : NULL,
-                  S ? sink_v + u * S * DV : NULL, wk, wv, wf, state + u * F * DV, norm + u * F, w,
-                  y + u * G * DV, new_state + u * F * DV, new_norm + u * F);
-        /* the new token enters after the window's slots, in the buffer's room */
-        memcpy(wk + L * D, k + u * D, (size_t)D * sizeof(float));
-        memcpy(wv + L * DV, v + u * DV, (size_t)DV * sizeof(float));
-        memcpy(wf + L * F, ufk, (size_t)F * sizeof(float));
+        /* the first part writes the unit's next state and its token */
+        one_group(s, (u % HKV) * G + g0, Gs, q + first * D, pfq, k + u * D, v + u * DV, ufk,
+                  S ? sink_k + u * S * D : NULL, S ? sink_v + u * S * DV : NULL, wk, wv, wf,
+                  state + u * F * DV, norm + u * F, w, y + first * DV,
+                  part == 0 ? new_state + u * F * DV : NULL, new_norm + u * F);
+        if (part == 0) { /* the new token enters after the window's slots, in the buffer's room */
+            memcpy(wk + L * D, k + u * D, (size_t)D * sizeof(float));
+            memcpy(wv + L * DV, v + u * DV, (size_t)DV * sizeof(float));
+            memcpy(wf + L * F, ufk, (size_t)F * sizeof(float));
+        }
         free(w);
     }
     return failed;
