@@ -158,12 +158,19 @@ def delta_rule_chunked(q, k, v, beta, log_gate=None, state=None, chunk_size=64):
     per_chunk = [t.flatten(0, 1).unbind(1) for t in (q_read, w, u_v, k_t)]
     decays = None if chunk_decay is None else chunk_decay.flatten(0, 1).unbind(1)
     S = S.flatten(0, 1)
-    y_inter = []
     in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (S, q_read, w, u_v, k_t)))
     if in_place:
         S = S.clone()  # the carry updates S in place: nothing keeps the old states without autograd
+        # each chunk's reads of its entering state written straight into one chunk-major buffer, added
+        # to y once at the end (no list of N tensors stacked into a copy)
+        y_inter = y.new_empty(N, B * H, C, Dv)
+    else:
+        y_inter = []
     for n, (q_n, w_n, u_n, k_n) in enumerate(zip(*per_chunk)):
-        y_inter.append(torch.bmm(q_n, S))
+        if in_place:
+            torch.bmm(q_n, S, out=y_inter[n])
+        else:
+            y_inter.append(torch.bmm(q_n, S))
         pseudo = torch.baddbmm(u_n, w_n, S, alpha=-1.0)
         if in_place:
             if decays is not None:
@@ -171,7 +178,11 @@ def delta_rule_chunked(q, k, v, beta, log_gate=None, state=None, chunk_size=64):
             S.baddbmm_(k_n, pseudo)
         else:
             S = (S if decays is None else decays[n] * S) + torch.bmm(k_n, pseudo)
-    y = (y + torch.stack(y_inter, dim=1).view(B, H, N, C, Dv)).reshape(B, H, Tp, Dv)[:, :, :T]
+    if in_place:
+        y = y.view(B * H, N, C, Dv).add_(y_inter.transpose(0, 1)).view(B, H, N, C, Dv)
+    else:
+        y = y + torch.stack(y_inter, dim=1).view(B, H, N, C, Dv)
+    y = y.reshape(B, H, Tp, Dv)[:, :, :T]
     return y.to(dtype), S.view(B, H, Dk, Dv)
 
 
