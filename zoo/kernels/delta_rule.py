@@ -148,7 +148,8 @@ def delta_rule_chunked(q, k, v, beta, log_gate=None, state=None, chunk_size=64):
     t_inv = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
     u_v, w = t_inv @ (beta * v), t_inv @ k_beta  # the chunk's pseudo-values are U = u_v - w @ S0
     y = P @ u_v  # what the chunk's own writes give, [B, H, N, C, Dv]
-    q_read = q_in - P @ w  # reads of the entering state, [B, H, N, C, Dk]
+    # reads of the entering state, [B, H, N, C, Dk]: q_in - P @ w as one batched multiply-add
+    q_read = torch.baddbmm(q_in.flatten(0, 2), P.flatten(0, 2), w.flatten(0, 2), alpha=-1.0).view(q_in.shape)
     k_t = k_out.transpose(-1, -2)  # [B, H, N, Dk, C]
 
     # the carry: per chunk, one read of the entering state and the transition
