@@ -375,7 +375,7 @@ class _CStep:
 
     def __call__(self, q, k, v, fq, fk, state: SparseHybridState, n0: int, fq_scale: float | None):
         """(y, next state) for the token q [B, H, 1, D], k, v (fq, fk where no maps) at position n0 of a
-        state it `serves`, or None where it does not apply (the sinks, inputs not fp32 on the CPU, another
+        state it `continues`, or None where it does not apply (the sinks, inputs not fp32 on the CPU, another
         batch). A token that ends its block is followed by the eviction (`_block_end`, in PyTorch)."""
         given = (fq, fk) if self.maps is None else self.maps
         ins = [x.contiguous() for x in (q, given[0], k, v, given[1])]

@@ -82,11 +82,12 @@ static inline void item_features(const HedgehogMaps *maps, int64_t u, int64_t HK
 
 /* A decoding step's work items: each unit's G query heads in P parts (P = G: a query head an item, where the
    units do not share out evenly over the threads, as 3 key/value heads on 2 threads at batch 1; else one
-   item a unit). Item i is part i % P of unit i / P: query heads g0 to g0 + *Gs - 1. */
+   item a unit). Item i is part i % P of unit i / P. */
 static inline int64_t item_parts(int64_t units, int64_t G, int threads) {
     return threads > 1 && units % threads ? G : 1;
 }
 
+/* The query heads of part `part` of P: g0 to g0 + *Gs - 1 of a unit's G. */
 static inline void item_heads(int64_t part, int64_t P, int64_t G, int64_t *g0, int64_t *Gs) {
     *g0 = part * G / P;
     *Gs = (part + 1) * G / P - *g0;
