@@ -291,22 +291,3 @@ def test_a_slow_first_cpu_call_is_the_measurement(monkeypatch):
     guard = speed.SlowCaseGuard(args.max_seconds)
     rec, _ = speed.measure_case(_FakeCase(), "forward", 64, fn, args, torch.device("cpu"), guard)
     assert len(calls) == 1 and rec["median_s"] >= 0.25 and rec["note"].startswith("one run only")
-
-
-def test_paired_times_the_reference_right_after_each_mixer(tmp_path):
-    """--paired: every mixer's forward and forward + backward record carries the reference's time measured
-    right after it, the speed-ups are taken against that time, and the report and command say so."""
-    from zoo.bench.speed_report import results_markdown, speedups
-
-    args = parse(["--mixers", "gla", *TINY, "--seq-lens", "16", "--modes", "forward", "forward_backward"])
-    args.paired, args.out = True, str(tmp_path)
-    results = speed.run_bench(args, log=lambda line: None)
-    by = {(r["name"], r["mode"]): r for r in results["results"]}
-    for mode in ("forward", "forward_backward"):
-        rec = by["gla", mode]
-        assert rec["paired_reference_s"] > 0 and len(rec["paired_reference_times_s"]) == 1
-        assert "paired_reference_s" not in by["sdpa", mode]
-        rec["paired_reference_s"] = 3 * rec["median_s"]  # the ratio follows the paired time, not SDPA's row
-        assert speedups(results["results"], "sdpa")["gla", mode, 16] == pytest.approx(3.0)
-    assert results["paired"] is True and "--paired" in results["command"]
-    assert "Paired: each mixer against sdpa timed again right after it" in results_markdown(results)

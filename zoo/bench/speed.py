@@ -143,13 +143,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="cpu_allocator",
         help=argparse.SUPPRESS,
     )
-    parser.add_argument(
-        "--paired",
-        action="store_true",
-        help="time the reference (SDPA) again right after each mixer's forward and forward + backward, "
-        "and take that mixer's speed-up against it: for a machine whose speed drifts over a run (the "
-        "reference's time is added once per mixer and mode)",
-    )
     parser.add_argument("--out", default=None, help="output folder (default: bench-speed-<device>)")
 
 
@@ -260,8 +253,6 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--first-seq-len", str(args.first_seq_len)]
     if args.cpu_allocator != "reuse":
         parts += ["--cpu-allocator", args.cpu_allocator]
-    if args.paired:
-        parts += ["--paired"]
     parts += ["--out", str(args.out)]
     return shlex.join(parts)
 
@@ -417,25 +408,12 @@ def measure_case(
     ), out
 
 
-def _pair(rec: dict, reference, mode: str, T: int, fn, args, device, guard, before=None) -> None:
-    """With a `reference` case (--paired): time it right after the measurement `rec` of a mixer, with the
-    same inputs, into rec's paired_reference_s (median) and paired_reference_times_s."""
-    if reference is None or rec["status"] != "ok":
-        return
-    ref, _ = measure_case(reference, mode, T, fn, args, device, guard, before=before)
-    rec["paired_reference_s"], rec["paired_reference_times_s"] = ref["median_s"], ref["times_s"]
-
-
-def _bench_case(
-    case, T: int, inputs, train_inputs, step, dy, args, device, guard, reference=None
-) -> list[dict]:
-    """The three modes of one case at one context length; `reference`: a case timed again right after
-    this one's forward and forward + backward (`_pair`)."""
+def _bench_case(case, T: int, inputs, train_inputs, step, dy, args, device, guard) -> list[dict]:
+    """The three modes of one case at one context length."""
     records = []
     state = None
     if "forward" in args.modes:
         rec, out = measure_case(case, "forward", T, lambda: case.prefill(inputs), args, device, guard)
-        _pair(rec, reference, "forward", T, lambda: reference.prefill(inputs), args, device, guard)
         if out is not None:
             state = case.decode_state(inputs, out)
             rec["state_bytes"] = case.state_bytes(state) // args.batch
@@ -485,17 +463,6 @@ def _bench_case(
             "forward_backward",
             T,
             lambda: case.train(train_inputs, dy),
-            args,
-            device,
-            guard,
-            before=train_inputs.clear_grads,
-        )
-        _pair(
-            rec,
-            reference,
-            "forward_backward",
-            T,
-            lambda: reference.train(train_inputs, dy),
             args,
             device,
             guard,
@@ -554,7 +521,6 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         "warmup": args.warmup,
         "decode_steps": args.decode_steps,
         "max_seconds": args.max_seconds,
-        "paired": args.paired,
         "modes": {m: MODES[m] for m in args.modes},
         "reference": REFERENCE,
         "cases": [{"name": c.name, "kind": c.kind, "family": c.family, "backend": c.backend} for c in cases],
@@ -575,8 +541,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         train_inputs = inputs.requiring_grad()
         dy = random_tensor(inputs.q.shape, dtype, device, seed=2)  # the gradient reaching the output
         for case in cases:
-            reference = cases[0] if args.paired and case is not cases[0] else None
-            for rec in _bench_case(case, T, inputs, train_inputs, step, dy, args, device, guard, reference):
+            for rec in _bench_case(case, T, inputs, train_inputs, step, dy, args, device, guard):
                 results["results"].append(rec)
                 log(_progress_line(rec))
         write_json(out_dir / "results.json", results)

@@ -55,9 +55,8 @@ def _grid(records: list[dict], render) -> tuple[list, list[list]]:
 def speedups(records: list[dict], reference: str) -> dict[tuple[str, str, int], float]:
     """The speed-up of each measurement against the reference's (SDPA's) at the same mode and context
     length: the reference's median seconds / the record's, keyed (name, mode, seq_len); above 1 is faster.
-    A record with its own reference time (`paired_reference_s`: `zoo bench speed --paired`, the reference
-    timed right after it) is taken against that. Only records with status "ok" and a median count: a
-    failed or skipped record, or one whose reference measurement failed or was skipped, has no entry."""
+    Only records with status "ok" and a median count: a failed or skipped record, or one whose reference
+    measurement failed or was skipped, has no entry."""
     ref = {
         (r["mode"], r["seq_len"]): r["median_s"]
         for r in records
@@ -65,7 +64,7 @@ def speedups(records: list[dict], reference: str) -> dict[tuple[str, str, int], 
     }
     out = {}
     for r in records:
-        base = r.get("paired_reference_s") or ref.get((r["mode"], r["seq_len"]))
+        base = ref.get((r["mode"], r["seq_len"]))
         if r["name"] != reference and r["status"] == "ok" and r["median_s"] and base:
             out[(r["name"], r["mode"], r["seq_len"])] = base / r["median_s"]
     return out
@@ -124,12 +123,9 @@ def results_markdown(results: dict) -> str:
             markdown_table(["mixer", *[f"T={t}" for t in cols]], rows),
         ]
         cols, rows = _speedups(records, ref)
-        paired = any(r.get("paired_reference_s") for r in records)
-        note = [f"Paired: each mixer against {ref} timed again right after it (`paired_reference_s`)", ""]
         lines += [
             f"### {what}: speed-up against {ref} ({ref}'s time / the mixer's; above 1 is faster)",
             "",
-            *(note if paired else []),
             markdown_table(["mixer", *[f"T={t}" for t in cols]], rows),
         ]
     for mode, what in results["modes"].items():
