@@ -37,3 +37,11 @@ def round_up(n: int, multiple: int) -> int:
 def lower_triangle(n: int, device: torch.device, diagonal: int = 0) -> torch.Tensor:
     """[n, n] bool mask, True where column j <= row i + diagonal (diagonal=0 keeps the diagonal)."""
     return torch.ones(n, n, dtype=torch.bool, device=device).tril(diagonal)
+
+
+def same_objects(xs, ys) -> bool:
+    """Whether xs and ys are both None, or hold the very same objects in order (a decoding step bound to a
+    layer's weight tensors asks whether it is handed those tensors again)."""
+    if xs is None or ys is None:
+        return xs is ys
+    return len(xs) == len(ys) and all(x is y for x, y in zip(xs, ys))

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zoo.kernels import native
+from zoo.kernels._utils import same_objects
 from zoo.kernels.positions import common_count
 
 #: added to phi(k) . z in the self-recall error (an empty state recalls 0: the error is ||v||^2)
@@ -347,14 +348,11 @@ class _CStep:
     def made_for(self, a, b, c, maps, scale, relative: bool | None = None) -> bool:
         """Whether this step was made for these weights (c: None, as for every `lola` layer; maps: (Wq, Wk),
         or None where the features are given), this scale and (unless None: the layer's own) eviction."""
-        same_maps = (maps is None) == (self.maps is None) and (
-            maps is None or (maps[0] is self.maps[0] and maps[1] is self.maps[1])
-        )
         return (
             a is self.a
             and b is self.b
             and c is None
-            and same_maps
+            and same_objects(maps, self.maps)
             and float(scale) == self.scale
             and relative in (None, self.relative)
         )

@@ -31,6 +31,7 @@ import ctypes
 import torch
 
 from zoo.kernels import native
+from zoo.kernels._utils import same_objects
 from zoo.kernels.positions import common_count
 from zoo.kernels.window_hybrid import SlotBuffer, WindowHybridState, sink_open
 
@@ -218,10 +219,13 @@ class _CStep:
     def made_for(self, a, b, c, maps, scale) -> bool:
         """Whether this step was made for these weights (maps: (Wq, Wk), or None where the features are
         given) and this scale."""
-        same_maps = (maps is None) == (self.maps is None) and (
-            maps is None or (maps[0] is self.maps[0] and maps[1] is self.maps[1])
+        return (
+            a is self.a
+            and b is self.b
+            and c is self.c
+            and same_objects(maps, self.maps)
+            and float(scale) == self.scale
         )
-        return a is self.a and b is self.b and c is self.c and same_maps and float(scale) == self.scale
 
     def next_token(self, q, k, v, state: WindowHybridState, fq_scale: float):
         """The step for a state that this step made (so its sinks and position are this step's), the

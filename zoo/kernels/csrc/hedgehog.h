@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "decode_items.h"
 #include "vmath.h"
 
 /* The softmaxes of one row of projections: out[2 * F2] = [softmax(h), softmax(-h)] * scale for h [F2].
@@ -56,41 +57,28 @@ typedef struct {
     float fq_scale;
 } HedgehogMaps;
 
-/* The features that a work item of a decoding step reads, F = 2 * F2 per vector: the item is query heads
-   g0 to g0 + Gs - 1 of unit u (a row's key/value head h = u % HKV, G query heads each), and with `key` also
-   the unit's key. With maps (maps->Wq set) they are computed from the queries (q at (u * G + g0) * D) and
-   the key (k at u * D) into scratch [Gs * F + F]: the queries' first, then the key's; without, they are the
-   given fq [.., G, F] and fk [.., F] at that item. *pfq: the item's first query's features; *ufk: the
-   key's (where `key`). */
-static inline void item_features(const HedgehogMaps *maps, int64_t u, int64_t HKV, int64_t G, int64_t g0,
-                                 int64_t Gs, int key, int64_t D, int64_t F, const float *q, const float *k,
+/* The features that a work item of a decoding step reads (decode_items.h), F = 2 * F2 per vector: its
+   query heads, and with `key` also its unit's key (unit u, key/value head h = u % HKV, G query heads
+   each). With maps (maps->Wq set) they are computed from the queries (q at it->first * D) and the key (k at
+   u * D) into scratch [Gs * F + F]: the queries' first, then the key's; without, they are the given fq
+   [.., G, F] and fk [.., F] at that item. *pfq: the item's first query's features; *ufk: the key's (where
+   `key`). */
+static inline void item_features(const HedgehogMaps *maps, const WorkItem *it, int64_t HKV, int64_t G,
+                                 int key, int64_t D, int64_t F, const float *q, const float *k,
                                  const float *fq, const float *fk, float *scratch, const float **pfq,
                                  const float **ufk) {
-    const int64_t first = u * G + g0, h = u % HKV, F2 = F / 2;
+    const int64_t h = it->u % HKV, F2 = F / 2;
     if (!maps->Wq) {
-        *pfq = fq + first * F;
-        *ufk = fk + u * F;
+        *pfq = fq + it->first * F;
+        *ufk = fk + it->u * F;
         return;
     }
-    for (int64_t g = 0; g < Gs; g++)
-        hedgehog_map(q + (first + g) * D, maps->Wq + (h * G + g0 + g) * D * F2, D, F2, maps->fq_scale,
-                     scratch + g * F);
-    if (key) hedgehog_map(k + u * D, maps->Wk + h * D * F2, D, F2, 1.0f, scratch + Gs * F);
+    for (int64_t g = 0; g < it->Gs; g++)
+        hedgehog_map(q + (it->first + g) * D, maps->Wq + (h * G + it->g0 + g) * D * F2, D, F2,
+                     maps->fq_scale, scratch + g * F);
+    if (key) hedgehog_map(k + it->u * D, maps->Wk + h * D * F2, D, F2, 1.0f, scratch + it->Gs * F);
     *pfq = scratch;
-    *ufk = scratch + Gs * F;
-}
-
-/* A decoding step's work items: each unit's G query heads in P parts (P = G: a query head an item, where the
-   units do not share out evenly over the threads, as 3 key/value heads on 2 threads at batch 1; else one
-   item a unit). Item i is part i % P of unit i / P. */
-static inline int64_t item_parts(int64_t units, int64_t G, int threads) {
-    return threads > 1 && units % threads ? G : 1;
-}
-
-/* The query heads of part `part` of P: g0 to g0 + *Gs - 1 of a unit's G. */
-static inline void item_heads(int64_t part, int64_t P, int64_t G, int64_t *g0, int64_t *Gs) {
-    *g0 = part * G / P;
-    *Gs = (part + 1) * G / P - *g0;
+    *ufk = scratch + it->Gs * F;
 }
 
 #endif

@@ -21,7 +21,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "hedgehog.h"
 #include "vec.h"
@@ -88,7 +87,7 @@ static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, i
                         const float *norm, float scale, float *y, int threads) {
     const int64_t D = c->D, DV = c->DV, F = c->F, W = c->W, S = c->S, C = c->C, r = c->r;
     const int64_t N = c->open_sinks + c->cached + (c->prev_on ? W : 0) + r + 1, units = B * HKV;
-    const int64_t P = item_parts(units, G, threads), items = units * P; /* work items (hedgehog.h) */
+    const int64_t P = item_parts(units, G, threads), items = units * P; /* decode_items.h */
     const int64_t scratch = G * N + G * F + F;
     int failed = 0;
 #pragma omp parallel for num_threads(threads) if (threads > 1 && items > 1) reduction(| : failed)
@@ -98,12 +97,10 @@ static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, i
             failed = 1;
             continue;
         }
-        const int64_t u = item / P, part = item % P, h = u % HKV;
-        int64_t g0, Gs;
-        item_heads(part, P, G, &g0, &Gs);
-        const int64_t first = u * G + g0;
+        const WorkItem it = work_item(item, P, G);
+        const int64_t u = it.u, h = u % HKV;
         const float *pfq, *ufk;
-        item_features(maps, u, HKV, G, g0, Gs, part == 0, D, F, q, k, fq, fk, w + G * N, &pfq, &ufk);
+        item_features(maps, &it, HKV, G, it.part == 0, D, F, q, k, fq, fk, w + G * N, &pfq, &ufk);
         float *uk = cur_k + u * W * D, *uv = cur_v + u * W * DV, *uf = cur_f + u * W * F;
         const float *keys[5], *vals[5];
         int64_t count[5];
@@ -111,13 +108,10 @@ static int decode_units(const Columns *c, const HedgehogMaps *maps, int64_t B, i
                     count);
         column_runs(c, sink_v + u * S * DV, cache_v + u * C * DV, prev_v + u * W * DV, uv, v + u * DV,
                     vals, count);
-        one_group(c, q + first * D, pfq, a + h * G + g0, b + h * G + g0, keys, vals, count, N,
-                  state + u * F * DV, norm + u * F, scale, w, y + first * DV, Gs);
-        if (part == 0) { /* the token joins the current block (slot r: no item reads it) */
-            memcpy(uk + r * D, k + u * D, (size_t)D * sizeof(float));
-            memcpy(uv + r * DV, v + u * DV, (size_t)DV * sizeof(float));
-            memcpy(uf + r * F, ufk, (size_t)F * sizeof(float));
-        }
+        one_group(c, q + it.first * D, pfq, a + h * G + it.g0, b + h * G + it.g0, keys, vals, count, N,
+                  state + u * F * DV, norm + u * F, scale, w, y + it.first * DV, it.Gs);
+        /* the token joins the current block (slot r: no item reads it) */
+        if (it.part == 0) write_token(uk, uv, uf, r, k + u * D, v + u * DV, ufk, D, DV, F);
         free(w);
     }
     return failed;

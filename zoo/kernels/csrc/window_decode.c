@@ -25,7 +25,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "hedgehog.h"
 #include "vec.h"
@@ -117,7 +116,7 @@ static int decode_units(const Shape *s, const HedgehogMaps *maps, int64_t B, int
                         float *new_norm, int threads) {
     const int64_t G = s->G, D = s->D, DV = s->DV, F = s->F, L = s->L, S = s->S, N = S + L + 1;
     const int64_t units = B * HKV, scratch = G * N + G * F + F;
-    const int64_t P = item_parts(units, G, threads), items = units * P; /* work items (hedgehog.h) */
+    const int64_t P = item_parts(units, G, threads), items = units * P; /* decode_items.h */
     int failed = 0;
 #pragma omp parallel for num_threads(threads) if (threads > 1 && items > 1) reduction(| : failed)
     for (int64_t item = 0; item < items; item++) {
@@ -126,24 +125,19 @@ static int decode_units(const Shape *s, const HedgehogMaps *maps, int64_t B, int
             failed = 1;
             continue;
         }
-        const int64_t u = item / P, part = item % P;
-        int64_t g0, Gs;
-        item_heads(part, P, G, &g0, &Gs);
-        const int64_t first = u * G + g0;
+        const WorkItem it = work_item(item, P, G);
+        const int64_t u = it.u;
         const float *pfq, *ufk;
         /* every item needs the token's key features too: it is a column of every query */
-        item_features(maps, u, HKV, G, g0, Gs, 1, D, F, q, k, fq, fk, w + G * N, &pfq, &ufk);
+        item_features(maps, &it, HKV, G, 1, D, F, q, k, fq, fk, w + G * N, &pfq, &ufk);
         float *wk = win_k + u * cap * D, *wv = win_v + u * cap * DV, *wf = win_f + u * cap * F;
         /* the first part writes the unit's next state and its token */
-        one_group(s, (u % HKV) * G + g0, Gs, q + first * D, pfq, k + u * D, v + u * DV, ufk,
+        one_group(s, (u % HKV) * G + it.g0, it.Gs, q + it.first * D, pfq, k + u * D, v + u * DV, ufk,
                   S ? sink_k + u * S * D : NULL, S ? sink_v + u * S * DV : NULL, wk, wv, wf,
-                  state + u * F * DV, norm + u * F, w, y + first * DV,
-                  part == 0 ? new_state + u * F * DV : NULL, new_norm + u * F);
-        if (part == 0) { /* the new token enters after the window's slots, in the buffer's room */
-            memcpy(wk + L * D, k + u * D, (size_t)D * sizeof(float));
-            memcpy(wv + L * DV, v + u * DV, (size_t)DV * sizeof(float));
-            memcpy(wf + L * F, ufk, (size_t)F * sizeof(float));
-        }
+                  state + u * F * DV, norm + u * F, w, y + it.first * DV,
+                  it.part == 0 ? new_state + u * F * DV : NULL, new_norm + u * F);
+        /* the new token enters after the window's slots, in the buffer's room */
+        if (it.part == 0) write_token(wk, wv, wf, L, k + u * D, v + u * DV, ufk, D, DV, F);
         free(w);
     }
     return failed;
