@@ -91,10 +91,12 @@ def gated_reference(fq, fk, v, log_gate, eps=1e-6):
     return ((w @ v.double()) / (w.sum(-1, keepdim=True) + eps)).float()
 
 
-def window_reference(q, k, v, W):
+def window_reference(q, k, v, W, sinks=0):
+    """Softmax over the last W keys and the first `sinks`, as a masked full attention."""
     T = q.shape[2]
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]
-    s = (q @ k.transpose(-1, -2) * D**-0.5).masked_fill(~((j <= i) & (i - j < W)), float("-inf"))
+    seen = (j <= i) & ((i - j < W) | (j < sinks))
+    s = (q @ k.transpose(-1, -2) * D**-0.5).masked_fill(~seen, float("-inf"))
     return s.softmax(-1) @ v
 
 
@@ -103,7 +105,7 @@ def test_registered_with_attributes_and_options():
     expected = {
         "gla": {"feature_dim": None, "rank": 16, "tau": 16.0, "gate_bias": 6.0},
         "liger-gla": {"tau": 16.0},
-        "liger": {"tau": 16.0, "window": 64, "alpha": 0.5},
+        "liger": {"tau": 16.0, "window": 64, "alpha": 0.5, "sinks": 0},
         "retention": {"first_exponent": 5.0, "exponent_step": 1.0},
     }
     for name in NAMES:
@@ -249,6 +251,26 @@ def test_liger_blends_gated_recurrence_and_window_softmax():
         m.branch = "neither"
         with pytest.raises(ValueError, match="branch"):
             m(q, k, v, x)
+
+
+def test_liger_sinks_join_the_window_branch_only():
+    """With sinks, liger's window branch is softmax over the window and the first tokens; the gated branch
+    is unchanged, and decoding token by token gives the same outputs."""
+    m, gated = make_mixer("liger", alpha=0.3, sinks=3), make_mixer("liger-gla")
+    q, k, v, x = inputs(50)
+    kr, vr = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
+    with torch.no_grad():
+        y_g, _ = gated(q, k, v, x)
+        y_w = window_reference(q, kr, vr, 16, sinks=3)
+        assert (y_w - window_reference(q, kr, vr, 16)).abs().max() > 1e-3  # the sinks matter here
+        y_all, _ = m(q, k, v, x)
+        torch.testing.assert_close(y_all, 0.3 * y_g + 0.7 * y_w, **TOL)
+        y0, st = m(*(sl(t, 0, 20) for t in (q, k, v, x)))
+        ys = [y0]
+        for t in range(20, 50):
+            y, st = m(*(sl(u, t, t + 1) for u in (q, k, v, x)), state=st)
+            ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 2), y_all, **TOL)
 
 
 def test_liger_decode_equals_full_forward_with_bounded_state():

@@ -22,7 +22,9 @@
   Each branch is normalized on its own, as in Liger (unlike `lolcats`, whose two branches share one
   normalizer and learn the mix). The window branch is zoo.kernels.window_hybrid with a = 1, b = 0
   (window softmax alone); its state caches the last W keys and values. The state is a LigerState of
-  the two sub-states. Set `mixer.branch` to "window" or "linear" at eval time for the ablations
+  the two sub-states. With `sinks` = S > 0 (not in Liger), the window branch also attends to the first S
+  tokens (StreamingLLM's attention sinks), as the free window that long-context results are measured
+  against does. Set `mixer.branch` to "window" or "linear" at eval time for the ablations
   (alpha 0 or 1; both states are still built, so splitting stays exact).
 """
 
@@ -96,7 +98,7 @@ class LigerMixer(LigerGLAMixer):
     family = "hybrid"
     state_size = (
         "4*Hkv*(D*D + D) bytes (fp32 gated state) + W*Hkv*(2D + 1) input-dtype values (last W keys, "
-        "values) + 4*Hkv*(D + 1) + 8 bytes"
+        "values) + 4*Hkv*(D + 1) + 8 bytes + S*Hkv*2D (first S keys, values; S = sinks, 0 by default)"
     )
     description = (
         "Liger Attention: alpha * liger-gla + (1 - alpha) * sliding-window softmax (W tokens); no parameters"
@@ -105,13 +107,17 @@ class LigerMixer(LigerGLAMixer):
         "tau": 16.0,
         "window": Option(64, int, min=1, doc="sliding-window softmax over the last W tokens"),
         "alpha": Option(0.5, float, min=0, max=1, doc="weight of the gated branch (1 - alpha on the window)"),
+        "sinks": Option(
+            0, int, min=0, doc="first tokens kept as softmax keys of the window branch (sinks); 0: Liger"
+        ),
     }
-    test_options = {"tau": 2.0, "window": 4}
+    test_options = {"tau": 2.0, "window": 4, "sinks": 2}
     BRANCHES = ("both", "window", "linear")
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
         super().__init__(num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options)
         self.window, self.alpha = int(self.config["window"]), float(self.config["alpha"])
+        self.sinks = int(self.config["sinks"])
         self.branch = "both"
 
     def mix(self) -> float:
@@ -149,6 +155,7 @@ class LigerMixer(LigerGLAMixer):
             state=None if state is None else state.window,
             key_mask=tokens.mask,
             kv_groups=self.kv_group_size,
+            sinks=self.sinks,
         )
         y = alpha * y_lin.float() + (1.0 - alpha) * y_win.float()
         return y.to(v.dtype), LigerState(lin, win)
