@@ -212,3 +212,8 @@ def test_bad_input_is_one_line_before_any_model_loads(argv, message, monkeypatch
     err = capsys.readouterr().err.strip()
     assert err.startswith("zoo: error: ") and message in err and "\n" not in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_mixer_named_twice_is_one_model_form():
+    args = generate._resolve(parse(["--mixers", "lola,hedgehog", "lola"]), check_model=False)
+    assert args.mixers == ["lola", "hedgehog"]

@@ -291,3 +291,8 @@ def test_a_slow_first_cpu_call_is_the_measurement(monkeypatch):
     guard = speed.SlowCaseGuard(args.max_seconds)
     rec, _ = speed.measure_case(_FakeCase(), "forward", 64, fn, args, torch.device("cpu"), guard)
     assert len(calls) == 1 and rec["median_s"] >= 0.25 and rec["note"].startswith("one run only")
+
+
+def test_a_mixer_named_twice_is_timed_once():
+    args = speed._resolve(parse(["--mixers", "hedgehog,gla", "hedgehog", "gla,"]))
+    assert args.mixers == ["hedgehog", "gla"]

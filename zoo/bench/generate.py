@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from zoo.atomic import write_json
+from zoo.bench import split_names
 from zoo.bench.speed import DTYPES, device_name, is_out_of_memory, library_versions
 from zoo.bench.timing import synchronize
 from zoo.devices import keep_device_blocks_whole
@@ -153,10 +154,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _split_names(values: list[str]) -> list[str]:
-    return [name for value in values for name in value.split(",") if name]
-
-
 def linearized_folder(model: str) -> Path | None:
     """The folder of a saved linearized model that `model` names (the folder, or a run folder holding
     it in model/), or None when `model` is anything else."""
@@ -210,7 +207,7 @@ def _resolve(args: argparse.Namespace, check_model: bool = True) -> argparse.Nam
     saved = linearized_folder(args.model)
     if args.mixers is None:
         args.mixers = [] if saved is not None else default_mixers()
-    args.mixers = _split_names(args.mixers)
+    args.mixers = split_names(args.mixers)
     unknown = [name for name in args.mixers if name not in list_mixers()]
     if unknown:
         raise ValueError(

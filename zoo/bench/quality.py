@@ -39,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from zoo.bench import split_names
 from zoo.bench.budgets import BUDGETS, Budget, get_budget
 from zoo.recipe import Recipe, load_recipe
 
@@ -108,13 +109,13 @@ def resolve_mixers(names: list[str] | None) -> list[str]:
     import zoo
 
     registered = zoo.list_mixers()
-    wanted = [n.strip() for text in (names or []) for n in text.split(",") if n.strip()]
+    wanted = split_names(names) or []
     if not wanted or wanted == ["all"]:
         return registered
     unknown = [n for n in wanted if n not in registered]
     if unknown:
         raise ValueError(f"unknown mixer(s) {unknown}; registered mixers: {', '.join(registered)}")
-    return list(dict.fromkeys(wanted))
+    return wanted
 
 
 def parse_ablations(text: str) -> list[str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from zoo.atomic import write_json
+from zoo.bench import split_names
 from zoo.bench.speed_cases import (
     FlashAttentionCase,
     MixerCase,
@@ -149,12 +150,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _split_names(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [name for v in values for name in v.split(",") if name]
-
-
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill defaults that depend on the device and check every option; bad input raises ValueError."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,7 +158,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.device = device
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     args.seq_lens = sorted(set(args.seq_lens or DEFAULT_SEQ_LENS[device]))
-    args.mixers = _split_names(args.mixers)
+    args.mixers = split_names(args.mixers)
     if args.mixers is None:
         args.mixers = default_mixers()
     from zoo.mixers import get_mixer
