@@ -71,6 +71,7 @@ def test_registered():
             "window_factor": 0.5,
             "sinks": sinks(name),
             "linear_mass_tokens": None,
+            "linear_horizon": None,
         }
         assert cls.terraced == terraced(name) and ("S*Hkv" in cls.state_size) == bool(sinks(name))
     with pytest.raises(ValueError, match="sinks: must be an int >= 0"):
@@ -261,9 +262,16 @@ def test_hedgehog_sink_has_no_window():
             build_mixer(name, H, HKV, D, HIDDEN, 0, **options)
 
 
-@pytest.mark.parametrize("name", ["lolcats", "lolcats-terraced-sink", "based-window", "hedgehog-sink"])
-def test_the_linear_mass_cap_keeps_split_carry_and_padding_exact(name):
-    options = {**get_mixer(name).test_options, "linear_mass_tokens": 3}
+@pytest.mark.parametrize(
+    "limits",
+    [{"linear_mass_tokens": 3}, {"linear_horizon": 7}, {"linear_mass_tokens": 3, "linear_horizon": 7}],
+    ids=["cap", "horizon", "both"],
+)
+@pytest.mark.parametrize(
+    "name", ["lolcats", "lolcats-terraced-sink", "based-window", "hedgehog-sink", "lola"]
+)
+def test_the_linear_mass_cap_keeps_split_carry_and_padding_exact(name, limits):
+    options = {**get_mixer(name).test_options, **limits}
     check_split_and_carry(name, options)
     check_padding_adds_nothing(name, options)
 
@@ -285,6 +293,28 @@ def test_the_linear_mass_cap_bounds_the_linear_share_and_is_off_within_the_cap()
     assert capped.linear_keys(torch.tensor([[0, 3, 4, 10]])).tolist() == [[0, 0, 1, 7]]
 
 
+def test_the_linear_horizon_changes_nothing_within_it_and_shrinks_the_linear_share_past_it():
+    torch.manual_seed(0)
+    H, D, T, W = 2, 8, 300, 4
+    q, k = torch.randn(1, H, T, D), torch.randn(1, H, T, D)
+    capped = get_mixer("lolcats")(H, H, D, 16, 0, window=W, feature_dim=8, linear_mass_tokens=20)
+    both = get_mixer("lolcats")(
+        H, H, D, 16, 0, window=W, feature_dim=8, linear_mass_tokens=20, linear_horizon=60
+    )
+    both.load_state_dict(capped.state_dict())
+    n = torch.tensor([[0, 10, 20, 40, 60, 120, 240]])
+    expected = [1, 1, 1, 0.5, 1 / 3, (20 / 120) * (60 / 120), (20 / 240) * (60 / 240)]
+    torch.testing.assert_close(both.linear_mass_scale(n)[0], torch.tensor(expected))
+    assert both.linear_mass_scale(240) == pytest.approx(expected[-1])
+    far = torch.arange(T)[None, :] <= torch.arange(T)[:, None] - W  # the linear keys of each query
+    share_capped = (capped.attention_weights(q, k)[0] * far).sum(-1).mean(0)  # [T]
+    share_both = (both.attention_weights(q, k)[0] * far).sum(-1).mean(0)
+    # up to 60 linear keys the horizon changes nothing; past it the linear share falls below the cap's
+    torch.testing.assert_close(share_both[: W + 60], share_capped[: W + 60])
+    assert (share_both[W + 80 :] < share_capped[W + 80 :]).all()
+    assert share_both[-20:].mean() < 0.5 * share_both[W + 50 : W + 60].mean()
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("branch", ["both", "window", "linear"])
 @pytest.mark.parametrize(
@@ -292,13 +322,13 @@ def test_the_linear_mass_cap_bounds_the_linear_share_and_is_off_within_the_cap()
 )  # odd units on 2 threads: a query head an item
 def test_decoding_in_one_c_call_is_the_general_path(name, branch, rows, kv_heads, threads):
     """Decoding (rows at one position, no gradient), features and step as one C call (it runs: counted),
-    with the linear mass cap on: the outputs and states of the general path (the C kernels off), token
-    after token from a prefill shorter than the window through several window edges."""
+    with the linear mass cap and horizon on: the outputs and states of the general path (the C kernels
+    off), token after token from a prefill shorter than the window through several window edges."""
     from zoo.kernels import native
 
     if native.library("window_decode") is None:
         pytest.skip(f"no C kernel: {native.unavailable_reason('window_decode')}")
-    m = make_mixer(name, num_kv_heads=kv_heads, window=4, linear_mass_tokens=3)
+    m = make_mixer(name, num_kv_heads=kv_heads, window=4, linear_mass_tokens=3, linear_horizon=8)
     m.branch = branch
     T0, steps = 3, 21
     q, k, v, x = inputs(T0 + steps, Bsz=2, hkv=kv_heads)

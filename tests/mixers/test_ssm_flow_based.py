@@ -29,6 +29,7 @@ OPTIONS = {
         "window_factor": 0.99,
         "sinks": 0,
         "linear_mass_tokens": None,
+        "linear_horizon": None,
     },
 }
 SMALL = {"based-window": {"window": 8, "feature_dim": 8}, "based": {"feature_dim": 8}}

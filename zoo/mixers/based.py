@@ -140,6 +140,7 @@ class BasedWindowMixer(_TaylorMaps, WindowHybridMixer):
         "window_factor": 0.99,
         "sinks": 0,
         "linear_mass_tokens": None,
+        "linear_horizon": None,
     }
     test_options = {"window": 4, "feature_dim": 4}
 

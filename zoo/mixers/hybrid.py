@@ -68,6 +68,15 @@ class WindowHybridMixer(FeatureMapped):
             doc="a query with more linear keys than this has its linear weights scaled by this number / its "
             "count, so the linear branch's share stops growing with the context; null: off (LoLCATs)",
         ),
+        "linear_horizon": Option(
+            None,
+            int,
+            min=1,
+            nullable=True,
+            doc="past this many linear keys (set it to the length trained at) the linear weights shrink "
+            "further as this number / the count, so the layer leans on its window and sinks where its "
+            "linear state holds more than it was trained on; null: off",
+        ),
     }
     terraced = False
     BRANCHES = ("both", "window", "linear")
@@ -112,16 +121,24 @@ class WindowHybridMixer(FeatureMapped):
         return a, 1.0 - a, None
 
     def features(self, q, k, tokens, per_kv_head=False):
-        """phi(q), phi(k) of zoo.mixers.feature_map (per_kv_head: phi(k) once per key/value head). With
-        `linear_mass_tokens` = N, phi(q_t) is scaled by min(1, N / n_t), n_t = the linear keys of query t
-        (`linear_keys`): the linear branch's total weight then grows with the context only up to N keys'
-        worth, as within the lengths it was trained at."""
+        """phi(q), phi(k) of zoo.mixers.feature_map (per_kv_head: phi(k) once per key/value head), phi(q_t)
+        scaled by `linear_mass_scale` of the linear keys of query t (`linear_keys`)."""
         fq, fk = super().features(q, k, tokens, per_kv_head)
-        cap = self.config.get("linear_mass_tokens")
-        if cap:
+        if self.config.get("linear_mass_tokens") or self.config.get("linear_horizon"):
             n = self.linear_keys(tokens.positions).to(fq.dtype)
-            fq = fq * (cap / n.clamp(min=cap))[:, None, :, None]
+            fq = fq * self.linear_mass_scale(n)[:, None, :, None]
         return fq, fk
+
+    def linear_mass_scale(self, n: torch.Tensor | int) -> torch.Tensor | float:
+        """What a query with n linear keys ([B, T] or an int) scales its features by: min(1, N / n) with
+        `linear_mass_tokens` = N (the linear branch's total weight then grows with the context only up to N
+        keys' worth), times min(1, H / n) with `linear_horizon` = H (past H keys, more than it was trained
+        on, it shrinks)."""
+        scale = 1.0
+        for limit in (self.config.get("linear_mass_tokens"), self.config.get("linear_horizon")):
+            if limit:
+                scale = scale * limit / (n.clamp(min=limit) if isinstance(n, torch.Tensor) else max(n, limit))
+        return scale
 
     def linear_keys(self, positions: torch.Tensor | int) -> torch.Tensor | int:
         """[B, T] (or one position, an int) -> the number of linear keys of the query at each position under
@@ -213,6 +230,7 @@ class HedgehogWindowHybrid(WindowHybridMixer):
         "window_factor": 0.5,
         "sinks": 0,
         "linear_mass_tokens": None,
+        "linear_horizon": None,
     }
     test_options = {"window": 4, "feature_dim": 8}
 
@@ -240,8 +258,7 @@ class HedgehogWindowHybrid(WindowHybridMixer):
 
     def _query_feature_scale(self, position: int) -> float:
         """What the query's features are scaled by at `position` (see `features`)."""
-        cap = self.config.get("linear_mass_tokens")
-        return cap / max(self.linear_keys(position), cap) if cap else 1.0
+        return float(self.linear_mass_scale(self.linear_keys(position)))
 
     def _decode_in_one_call(self, q, k, v, state, mask):
         """A decoding step (one token per row, no padding, no gradient) with features and all as one C call
