@@ -284,3 +284,27 @@ def test_a_bad_base_is_a_clear_error(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\nmixer: {name: hedgehog}\n")
     with pytest.raises(RecipeError, match="no recipe at"):
         load_recipe(tmp_path / "c.yaml")
+
+
+def test_a_mixer_option_given_as_seq_len_is_the_training_length_where_the_mixer_is_built():
+    from zoo.preflight import check_mixer, model_facts
+
+    raw = {
+        "mixer": {"name": "lolcats-sink", "options": {"linear_mass_tokens": 64, "linear_horizon": "seq_len"}}
+    }
+    recipe = Recipe.from_dict(raw)
+    assert recipe.mixer_options() == {"linear_mass_tokens": 64, "linear_horizon": 256}
+    # it follows the training length that overrides set, the longest stage's where a stage sets its own
+    assert recipe.override(["data.seq_len=1024"]).mixer_options()["linear_horizon"] == 1024
+    assert recipe.override(["stage2.seq_len=2048"]).mixer_options()["linear_horizon"] == 2048
+    assert (
+        recipe.training_length() == 256 and recipe.override(["stage1.seq_len=512"]).training_length() == 512
+    )
+    # the recipe itself keeps the word, so a run folder's recipe.yaml says what the length was tied to
+    assert yaml.safe_load(recipe.to_yaml())["mixer"]["options"]["linear_horizon"] == "seq_len"
+    facts = model_facts("smollm2-135m")
+    assert check_mixer(recipe, facts) == list(range(facts.num_layers))
+    # a mixer without the option refuses it by name, as any unknown option
+    other = Recipe.from_dict({"mixer": {"name": "hedgehog", "options": {"linear_horizon": "seq_len"}}})
+    with pytest.raises(RecipeError, match="unknown option"):
+        check_mixer(other, facts)

@@ -106,7 +106,7 @@ def _measure_key(name: str, recipe: Recipe, device: torch.device) -> dict:
             "data": recipe.data_key(),
             "length": e.long_context,
             "blocks": e.long_context_blocks,
-            "free_window": list(free_window_of(recipe.mixer.name, recipe.mixer.options)),
+            "free_window": list(free_window_of(recipe.mixer.name, recipe.mixer_options())),
         }
     elif name == "generation":
         key |= {
@@ -174,7 +174,7 @@ def teacher_measure(name: str, recipe: Recipe, data: Any, teacher: Any, tokenize
         return measure(name, recipe, data, teacher, tokenizer)
     from zoo.long_context import free_window_model, free_window_of
 
-    window = free_window_model(teacher, *free_window_of(recipe.mixer.name, recipe.mixer.options))
+    window = free_window_model(teacher, *free_window_of(recipe.mixer.name, recipe.mixer_options()))
     return {
         "teacher": measure(name, recipe, data, teacher, tokenizer),
         "free_window": measure(name, recipe, data, window, tokenizer),

@@ -122,7 +122,7 @@ def check_mixer(recipe: Recipe, facts: ModelFacts) -> list[int]:
                 facts.head_dim,
                 facts.hidden_size,
                 layers[0],
-                **recipe.mixer.options,
+                **recipe.mixer_options(),
             )
     except (ValueError, TypeError) as err:
         message = str(err)

@@ -13,7 +13,10 @@ wherever a float is expected, and a slice such as ``0:10`` or ``-4:`` stays a st
 would read ``1:30`` as the base-60 number 90 and ``-4:`` as a mapping). In a YAML file, quote
 slices: ``layers: "0:10"``.
 
-``mixer.options`` is a free mapping, checked later by the mixer itself.
+``mixer.options`` is a free mapping, checked later by the mixer itself. An option given as the string
+``seq_len`` takes the run's training length (the longest stage's blocks) where the mixer is built
+(``Recipe.mixer_options``), so that it follows ``data.seq_len`` when a budget or an override changes it:
+``linear_horizon: seq_len``.
 """
 
 from __future__ import annotations
@@ -317,6 +320,10 @@ class EvalConfig:
             )
 
 
+#: a mixer option's value that stands for the run's training length (`Recipe.mixer_options`)
+TRAINING_LENGTH = "seq_len"
+
+
 @dataclass(kw_only=True)
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -361,6 +368,15 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def training_length(self) -> int:
+        """Tokens per training block of the longest stage (a stage's seq_len, else data.seq_len)."""
+        return max(stage.seq_len or self.data.seq_len for stage in (self.stage1, self.stage2))
+
+    def mixer_options(self) -> dict[str, Any]:
+        """mixer.options as the mixer is built with them: each value "seq_len" is the training length."""
+        length = self.training_length()
+        return {k: length if v == TRAINING_LENGTH else v for k, v in self.mixer.options.items()}
 
     def data_key(self) -> dict[str, Any]:
         """The data section as cache keys see it: only what changes the documents (not how failures are

@@ -137,7 +137,7 @@ class SingleRun(RunPhases):
 
         recipe = self.recipe
         torch.manual_seed(recipe.seed)  # the mixers' initialization is part of the run's determinism
-        zoo.linearize(self.model, recipe.mixer.name, layers=recipe.mixer.layers, **recipe.mixer.options)
+        zoo.linearize(self.model, recipe.mixer.name, layers=recipe.mixer.layers, **recipe.mixer_options())
         blocks = self.data.train_blocks
         self.mse_blocks = blocks[: min(recipe.eval.mse_blocks, blocks.shape[0])]
         if "swap" not in self.progress:

@@ -54,7 +54,7 @@ def _long_context(entry: dict | None, recipe: Recipe) -> dict | None:
     if teacher.get("fair_reference"):
         rows["fair_reference"] = teacher["fair_reference"]
     return long_context_table(
-        rows | {"final": entry["final"]}, free_window_of(recipe.mixer.name, recipe.mixer.options)
+        rows | {"final": entry["final"]}, free_window_of(recipe.mixer.name, recipe.mixer_options())
     )
 
 
@@ -66,7 +66,7 @@ def build_summary(
     return {
         "model": recipe.model.name,
         "mixer": recipe.mixer.name,
-        "mixer_options": recipe.mixer.options,
+        "mixer_options": recipe.mixer_options(),
         "ppl_teacher": _ppl_pair(progress.get("teacher")),
         "ppl_teacher_lora": _ppl_pair(progress.get("teacher_lora")),
         "ppl_swap": _ppl_pair(progress.get("swap")),

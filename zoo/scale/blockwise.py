@@ -79,7 +79,7 @@ def linearize_layers(model: nn.Module, recipe: Recipe, layers) -> None:
 
     for layer in layers:
         torch.manual_seed(derived_seed(recipe.seed, "layer", layer))
-        zoo.linearize(model, recipe.mixer.name, layers=[layer], **recipe.mixer.options)
+        zoo.linearize(model, recipe.mixer.name, layers=[layer], **recipe.mixer_options())
 
 
 def mixer_state(model: nn.Module) -> dict[str, torch.Tensor]:
