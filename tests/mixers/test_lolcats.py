@@ -373,9 +373,9 @@ def test_linear_keys_of_one_position_as_a_number_is_linear_keys(name):
     ids=["even-units", "one-unit", "3-units-2-threads"],  # odd units: a query head an item
 )
 def test_lola_decodes_in_one_c_call_as_the_general_path(relative, rows, kv_heads, threads):
-    """`lola` decoding with its cache (rows at one position, the linear mass cap on): features and step as
-    one C call on every token past the sinks (checked; the eviction follows at a block end), the general
-    path's outputs and states, through block ends and evictions."""
+    """`lola` decoding with its cache (rows at one position, the linear mass cap and horizon on): features
+    and step as one C call on every token past the sinks (checked; the eviction follows at a block end),
+    the general path's outputs and states, through block ends and evictions."""
     from zoo.kernels import native
 
     if native.library("sparse_decode") is None:
@@ -387,6 +387,7 @@ def test_lola_decodes_in_one_c_call_as_the_general_path(relative, rows, kv_heads
         sinks=2,
         cache_size=3,
         linear_mass_tokens=3,
+        linear_horizon=6,
         recall_error=relative,
     )
     T0, steps = 3, 25
