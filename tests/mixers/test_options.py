@@ -149,7 +149,7 @@ def test_checked_values_are_coerced_into_the_config():
 def test_every_recipes_options_build_on_meta(path):
     recipe = load_recipe(path)
     with torch.device("meta"):
-        build_mixer(recipe.mixer.name, *SHAPE, **recipe.mixer.options)
+        build_mixer(recipe.mixer.name, *SHAPE, **recipe.mixer_options())
 
 
 def test_option_describes_its_kind_and_range():
