@@ -26,6 +26,22 @@ def test_extrapolation_only_where_the_shape_is_proven(points, expected):
     assert extrapolate_state_bytes(points, 32768) == expected
 
 
+@pytest.mark.parametrize(
+    "parts, expected",
+    [
+        ({512: (100, 512), 1024: (100, 1024)}, (32868, "linear")),  # fixed states + a KV cache, two points
+        ({512: (90, 512), 1024: (100, 1024)}, (None, "irregular")),  # a mixer state still growing
+        ({512: (100, 500), 1024: (100, 1024)}, (None, "irregular")),  # keys and values not proportional
+        ({512: (100, 512)}, (None, "irregular")),
+    ],
+)
+def test_two_points_prove_a_line_only_by_their_parts(parts, expected):
+    """Totals alone at two contexts prove no line; measured apart, a constant mixer state and a key/value
+    cache proportional to the context do."""
+    totals = {c: sum(p) for c, p in parts.items()}
+    assert extrapolate_state_bytes(totals, 32768, parts) == expected
+
+
 def test_decode_cost_of_a_teacher_and_of_a_linear_mixer():
     teacher = tiny_model("llama")
     t = measure_decode(teacher, [24, 48], steps=3)
@@ -40,6 +56,20 @@ def test_decode_cost_of_a_teacher_and_of_a_linear_mixer():
     assert held == h["contexts"]["48"]["state_bytes"] == h["state_bytes_extrapolated"]["32768"]
     assert h["state_bytes_extrapolated"]["8192"] == held
     assert 0 < held < t["contexts"]["24"]["state_bytes"] * 4
+
+
+def test_decode_cost_of_a_model_with_a_softmax_layer_left():
+    """One layer converted, one kept as softmax attention: the state at 8k is the mixer's bytes plus the
+    kept layer's keys and values for 8k tokens, proven from two contexts by the parts."""
+    model = zoo.linearize(tiny_model("llama"), "hedgehog", layers=[1])
+    d = measure_decode(model, [24, 48], steps=3)
+    per_token = 2 * 1 * 2 * 16 * 4  # keys and values, 1 layer, 2 KV heads, head dim 16, fp32
+    at_24, at_48 = d["contexts"]["24"], d["contexts"]["48"]
+    assert at_24["kv_cache_bytes"] == 24 * per_token and at_48["kv_cache_bytes"] == 48 * per_token
+    held = at_48["mixer_state_bytes"]
+    assert held == at_24["mixer_state_bytes"] > 0
+    assert d["state_growth"] == "linear"
+    assert d["state_bytes_extrapolated"] == {"8192": held + 8192 * per_token, "32768": held + 32768 * per_token}
 
 
 def test_a_cache_nothing_wrote_to_is_an_error_not_zero_bytes(monkeypatch):

@@ -11,7 +11,9 @@ Extrapolation to longer contexts (default 8k and 32k, `state_bytes_extrapolated`
 measured points prove the shape: the same bytes at every measured context ("constant": a linear
 mixer, or a window hybrid whose window is full), bytes proportional to the context ("linear": a KV
 cache), or, with three or more points, bytes exactly on one line ("linear": a mix of both kinds of
-layer). Anything else (a window still filling at the measured contexts) gets None.
+layer). A model with both kinds (some softmax layers kept) is also proven from two points by its parts,
+measured apart: the mixer states the same at every context and the keys and values proportional to it.
+Anything else (a window still filling at the measured contexts) gets None.
 """
 
 from __future__ import annotations
@@ -26,23 +28,45 @@ import torch
 from zoo.cache import CACHE_ARG, state_bytes
 from zoo.evaluate import model_device
 
-__all__ = ["cache_state_bytes", "extrapolate_state_bytes", "measure_decode"]
+__all__ = ["cache_state_bytes", "cache_state_parts", "extrapolate_state_bytes", "measure_decode"]
+
+
+def cache_state_parts(cache: Any) -> tuple[int, int]:
+    """(mixer-state bytes, key/value bytes) held for the sequence(s) in a transformers cache."""
+    mixers = kv = 0
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "state"):  # zoo.cache.MixerStateLayer
+            mixers += state_bytes(layer.state)
+        elif getattr(layer, "keys", None) is not None:
+            kv += state_bytes((layer.keys, layer.values))
+    return mixers, kv
 
 
 def cache_state_bytes(cache: Any) -> int:
     """Bytes held for the sequence(s) in a transformers cache: mixer states and keys/values."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        if hasattr(layer, "state"):  # zoo.cache.MixerStateLayer
-            total += state_bytes(layer.state)
-        elif getattr(layer, "keys", None) is not None:
-            total += state_bytes((layer.keys, layer.values))
-    return total
+    return sum(cache_state_parts(cache))
 
 
-def extrapolate_state_bytes(points: dict[int, int], target: int) -> tuple[int | None, str]:
+def _extrapolate_by_parts(parts: dict[int, tuple[int, int]], target: int) -> int | None:
+    """Bytes at `target` from {context: (mixer bytes, key/value bytes)} measured at two or more contexts,
+    where each part's shape is proven on its own: the mixer bytes the same everywhere and the key/value
+    bytes proportional to the context; else None."""
+    ctx = sorted(parts)
+    if len(ctx) < 2:
+        return None
+    mixers, last = {parts[c][0] for c in ctx}, ctx[-1]
+    kv_last = parts[last][1]
+    if len(mixers) != 1 or not all(parts[c][1] * last == kv_last * c for c in ctx):
+        return None
+    return mixers.pop() + kv_last * target // last
+
+
+def extrapolate_state_bytes(
+    points: dict[int, int], target: int, parts: dict[int, tuple[int, int]] | None = None
+) -> tuple[int | None, str]:
     """(bytes at `target`, growth) from measured {context: bytes}; growth is "constant", "linear" or
-    "irregular" (then the bytes are None: the points prove no shape)."""
+    "irregular" (then the bytes are None: the points prove no shape). `parts`: the same contexts' (mixer
+    bytes, key/value bytes), which prove a line from two points where the totals alone cannot."""
     ctx = sorted(points)
     if len(ctx) < 2:
         return None, "irregular"
@@ -58,6 +82,9 @@ def extrapolate_state_bytes(points: dict[int, int], target: int) -> tuple[int | 
     )
     if collinear:
         return points[c1] + slope_num * (target - c1) // slope_den, "linear"
+    by_parts = None if parts is None else _extrapolate_by_parts(parts, target)
+    if by_parts is not None:
+        return by_parts, "linear"
     return None, "irregular"
 
 
@@ -99,7 +126,8 @@ def measure_decode(
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache})
             prefill = time.perf_counter() - t0
             cache = getattr(out, CACHE_ARG)
-            held = cache_state_bytes(cache)
+            mixer_bytes, kv_bytes = cache_state_parts(cache)
+            held = mixer_bytes + kv_bytes
             if held == 0:  # a cache no layer wrote to: every decode step would start from nothing
                 raise RuntimeError(
                     f"decode: after a {context}-token prefill the model's cache "
@@ -120,16 +148,19 @@ def measure_decode(
                 "decode_tokens_per_s": 1.0 / step,
                 "decode_ms_per_token": 1e3 * step,
                 "state_bytes": held,
+                "mixer_state_bytes": mixer_bytes,
+                "kv_cache_bytes": kv_bytes,
                 "prefill_seconds": prefill,
             }
     finally:
         if was_training:
             model.train()
     points = {int(c): r["state_bytes"] for c, r in rows.items()}
-    extrapolated = {str(t): extrapolate_state_bytes(points, t)[0] for t in extrapolate_to}
+    parts = {int(c): (r["mixer_state_bytes"], r["kv_cache_bytes"]) for c, r in rows.items()}
+    extrapolated = {str(t): extrapolate_state_bytes(points, t, parts)[0] for t in extrapolate_to}
     return {
         "contexts": rows,
         "steps": steps,
-        "state_growth": extrapolate_state_bytes(points, max(points))[1],
+        "state_growth": extrapolate_state_bytes(points, max(points), parts)[1],
         "state_bytes_extrapolated": extrapolated,
     }

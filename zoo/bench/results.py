@@ -160,6 +160,7 @@ def _decode_columns(result: dict | None) -> dict:
             "decode_tokens_per_s": r["decode_tokens_per_s"],
             "decode_ms_per_token": r["decode_ms_per_token"],
             "state_bytes": r["state_bytes"],
+            **{part: r[part] for part in ("mixer_state_bytes", "kv_cache_bytes") if part in r},
         }
         for ctx, r in result["contexts"].items()
     }
