@@ -105,7 +105,7 @@ def test_registered_with_attributes_and_options():
     expected = {
         "gla": {"feature_dim": None, "rank": 16, "tau": 16.0, "gate_bias": 6.0},
         "liger-gla": {"tau": 16.0},
-        "liger": {"tau": 16.0, "window": 64, "alpha": 0.5, "sinks": 0},
+        "liger": {"tau": 16.0, "window": 64, "alpha": 0.5, "sinks": 0, "learn_alpha": False},
         "retention": {"first_exponent": 5.0, "exponent_step": 1.0},
     }
     for name in NAMES:
@@ -271,6 +271,32 @@ def test_liger_sinks_join_the_window_branch_only():
             y, st = m(*(sl(u, t, t + 1) for u in (q, k, v, x)), state=st)
             ys.append(y)
     torch.testing.assert_close(torch.cat(ys, 2), y_all, **TOL)
+
+
+def test_liger_learned_alpha_starts_at_alpha_and_blends_per_head():
+    """learn_alpha: one trained weight per query head, starting at `alpha` (the same output as the fixed
+    mix), reached by gradients, and each head blending its two branches by its own weight."""
+    fixed = make_mixer("liger", alpha=0.3)
+    learned = make_mixer("liger", alpha=0.3, learn_alpha=True)
+    assert [n for n, _ in learned.named_parameters()] == ["alpha_logit"]
+    assert not list(fixed.parameters())
+    q, k, v, x = inputs(40)
+    with torch.no_grad():
+        torch.testing.assert_close(learned(q, k, v, x)[0], fixed(q, k, v, x)[0], **TOL)
+    learned(q, k, v, x)[0].square().sum().backward()
+    assert learned.alpha_logit.grad is not None and bool(learned.alpha_logit.grad.abs().gt(0).all())
+    weights = torch.linspace(0.1, 0.9, H)
+    with torch.no_grad():
+        learned.alpha_logit.copy_(torch.logit(weights) / learned.ALPHA_STEP)
+        y = learned(q, k, v, x)[0]
+        learned.branch = "linear"
+        y_g = learned(q, k, v, x)[0]
+        learned.branch = "window"
+        y_w = learned(q, k, v, x)[0]
+    w = weights[:, None, None]
+    torch.testing.assert_close(y, w * y_g + (1 - w) * y_w, **TOL)
+    with pytest.raises(ValueError, match="learn_alpha needs 0 < alpha < 1"):
+        make_mixer("liger", alpha=1.0, learn_alpha=True)
 
 
 def test_liger_decode_equals_full_forward_with_bounded_state():

@@ -25,15 +25,18 @@
   the two sub-states. With `sinks` = S > 0 (not in Liger), the window branch also attends to the first S
   tokens (StreamingLLM's attention sinks), as the free window that long-context results are measured
   against does. Set `mixer.branch` to "window" or "linear" at eval time for the ablations
-  (alpha 0 or 1; both states are still built, so splitting stays exact).
+  (alpha 0 or 1; both states are still built, so splitting stays exact). With `learn_alpha` (not in
+  Liger) alpha is one trained weight per query head, starting at `alpha`: the layer's only parameters.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from zoo.kernels.dispatch import linear_attention, window_hybrid
 from zoo.kernels.linear_attention import LinearAttentionState
@@ -101,7 +104,8 @@ class LigerMixer(LigerGLAMixer):
         "values) + 4*Hkv*(D + 1) + 8 bytes + S*Hkv*2D (first S keys, values; S = sinks, 0 by default)"
     )
     description = (
-        "Liger Attention: alpha * liger-gla + (1 - alpha) * sliding-window softmax (W tokens); no parameters"
+        "Liger Attention: alpha * liger-gla + (1 - alpha) * sliding-window softmax (W tokens); "
+        "no parameters (learn_alpha: one per head)"
     )
     options = {
         "tau": 16.0,
@@ -110,8 +114,14 @@ class LigerMixer(LigerGLAMixer):
         "sinks": Option(
             0, int, min=0, doc="first tokens kept as softmax keys of the window branch (sinks); 0: Liger"
         ),
+        "learn_alpha": Option(
+            False, bool, doc="alpha per query head, starting at `alpha`, trained (not in Liger); false: Liger"
+        ),
     }
-    test_options = {"tau": 2.0, "window": 4, "sinks": 2}
+    test_options = {"tau": 2.0, "window": 4, "sinks": 2, "learn_alpha": True}
+    #: a learned alpha is sigmoid(ALPHA_STEP * alpha_logit): Adam's ~lr-sized steps move the logit by
+    #: ALPHA_STEP * lr, so that a stage's few dozen steps can take a head's mix far from where it starts
+    ALPHA_STEP: float = 4.0
     BRANCHES = ("both", "window", "linear")
 
     def __init__(self, num_heads, num_kv_heads, head_dim, hidden_size, layer_idx, **options):
@@ -119,11 +129,20 @@ class LigerMixer(LigerGLAMixer):
         self.window, self.alpha = int(self.config["window"]), float(self.config["alpha"])
         self.sinks = int(self.config["sinks"])
         self.branch = "both"
+        self.alpha_logit = None
+        if self.config["learn_alpha"]:
+            if not 0.0 < self.alpha < 1.0:
+                raise ValueError(f"{self.name}: learn_alpha needs 0 < alpha < 1, got {self.alpha}")
+            start = math.log(self.alpha / (1.0 - self.alpha)) / self.ALPHA_STEP
+            self.alpha_logit = nn.Parameter(torch.full((num_heads,), start))
 
-    def mix(self) -> float:
-        """The weight of the gated branch, following `self.branch`."""
+    def mix(self) -> float | torch.Tensor:
+        """The weight of the gated branch, following `self.branch`: a number, or [H, 1, 1] fp32 (one per
+        query head) where alpha is learned."""
         if self.branch not in self.BRANCHES:
             raise ValueError(f"branch must be one of {self.BRANCHES}, got {self.branch!r}")
+        if self.branch == "both" and self.alpha_logit is not None:
+            return torch.sigmoid(self.ALPHA_STEP * self.alpha_logit.float())[:, None, None]
         return {"both": self.alpha, "window": 0.0, "linear": 1.0}[self.branch]
 
     def forward(self, q, k, v, x, state: LigerState | None = None, mask: torch.Tensor | None = None):
