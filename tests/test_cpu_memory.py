@@ -59,6 +59,43 @@ def test_a_cpu_kernel_call_makes_freed_memory_reused():
     assert system["faults"] > pages // 2
 
 
+# In a fresh process: optionally one CPU kernel call, then two 600 MiB blocks malloc'd (never touched, so
+# nothing is faulted in) and freed; how far the program break came down says what glibc gave back.
+TRIM_PROBE = """
+import ctypes, sys, torch
+from zoo.kernels import dispatch
+if sys.argv[1] == "kernel":
+    q = torch.randn(1, 2, 8, 4)
+    dispatch.linear_attention(q, q, q, normalize=True)
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallopt(-3, 1 << 30)  # as zoo's policy: blocks under 1 GiB come from the heap, so both do
+blocks = [libc.malloc(600 << 20) for _ in range(2)]
+high = libc.sbrk(0)
+for block in reversed(blocks):
+    libc.free(block)
+print((high - libc.sbrk(0)) >> 20)
+"""
+
+
+@pytest.mark.skipif(not cpu_memory.glibc_malloc_available(), reason="tunes glibc's malloc only")
+def test_more_than_a_gib_freed_at_the_heaps_top_is_kept_too():
+    """1.2 GiB freed at the top of the heap stays in the process (trimming at 1 GiB, as before, gave it back
+    after every forward + backward whose temporaries passed that); glibc's default trimming gives it back."""
+
+    def given_back_mib(mode: str) -> int:
+        environ = {k: v for k, v in os.environ.items() if k != cpu_memory.ENV_VAR}
+        run = subprocess.run(
+            [sys.executable, "-c", TRIM_PROBE, mode], capture_output=True, text=True, env=environ, check=True
+        )
+        return int(run.stdout.strip().splitlines()[-1])
+
+    assert given_back_mib("none") >= 1000
+    assert given_back_mib("kernel") == 0
+
+
 @pytest.mark.parametrize(
     "environ, reason",
     [

@@ -5,10 +5,14 @@ temporary (a [T, H * F] gate or feature tensor: 134 MB at T = 4096 for an 8B lay
 by page on every call. On a VM those faults can cost more than the kernel's arithmetic (measured:
 docs/kernels.md, "The CPU allocator").
 
-`ensure_cpu_allocator()` therefore sets glibc's mmap and trim thresholds to 1 GiB, once per process, the
-first time zoo's kernel dispatcher runs an operation on the CPU (and when `zoo bench speed` starts, so
-SDPA is measured under the same allocator). Blocks under 1 GiB then come from the heap and stay in the
-process after they are freed, up to 1 GiB of free space at its top. It leaves the allocator alone:
+`ensure_cpu_allocator()` therefore sets glibc's mmap threshold to 1 GiB and turns its trimming off, once
+per process, the first time zoo's kernel dispatcher runs an operation on the CPU (and when `zoo bench
+speed` starts, so SDPA is measured under the same allocator). Blocks under 1 GiB then come from the heap
+and stay in the process after they are freed, for the next call to reuse: the process keeps its high-water
+mark, as PyTorch's CUDA caching allocator does. (Trimming at 1 GiB, as before, gave back the top of the
+heap after every forward + backward whose temporaries passed that: measured at the 8B layer shape and
+T = 8192, `delta` faulted some 2 GB back in on each call, a third of its time; docs/kernels.md.) It leaves
+the allocator alone:
 
 - where ZOO_CPU_ALLOCATOR=system;
 - where the user already tuned malloc (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_,
@@ -38,8 +42,10 @@ __all__ = [
 
 ENV_VAR = "ZOO_CPU_ALLOCATOR"
 POLICIES = ("reuse", "system")
-#: both thresholds: blocks below it come from the heap; free space at the heap's top up to it is kept
+#: blocks below it come from the heap (M_MMAP_THRESHOLD)
 THRESHOLD_BYTES = 1 << 30
+#: M_TRIM_THRESHOLD -1: the free space at the heap's top is never given back
+NEVER_TRIM = -1
 _USER_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -93,16 +99,14 @@ def reason_to_leave_alone(environ=None) -> str | None:
 
 
 def keep_freed_memory() -> str | None:
-    """Set glibc malloc's mmap and trim thresholds to THRESHOLD_BYTES (process-wide); the description, or
-    None where the C library is not glibc or refused."""
+    """Set glibc malloc's mmap threshold to THRESHOLD_BYTES and turn its trimming off (process-wide); the
+    description, or None where the C library is not glibc or refused."""
     libc = _glibc()
     if libc is None:
         return None
-    if not (
-        libc.mallopt(_M_MMAP_THRESHOLD, THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, THRESHOLD_BYTES)
-    ):
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, NEVER_TRIM)):
         return None
-    return "glibc malloc: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD set to 1 GiB (freed memory kept for reuse)"
+    return "glibc malloc: M_MMAP_THRESHOLD 1 GiB, no trimming (freed memory kept for reuse)"
 
 
 def ensure_cpu_allocator(policy: str | None = None) -> str:
