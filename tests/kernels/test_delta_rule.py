@@ -78,6 +78,19 @@ def test_forms_agree_outputs_grads_state(T, gate):
         assert_agree(fn, delta_rule_naive, inputs)
 
 
+@pytest.mark.parametrize("chunk_size", [16, 20, 64])
+def test_weak_gates_carry_gradients_across_chunks(chunk_size):
+    """Gates weak enough that a chunk's decay stays near 1 (log g ~ -0.005 a step): the gate's gradient
+    through each chunk's carried state matters, at chunk sizes that do and do not divide T."""
+    inputs = make(150, True, strength=0.01, seed=5)
+    assert_agree(
+        lambda *a, **kw: delta_rule_chunked(*a, chunk_size=chunk_size, **kw),
+        delta_rule_naive,
+        inputs,
+        state=random_state(),
+    )
+
+
 @pytest.mark.parametrize("gate", GATES)
 def test_starting_state(gate):
     inputs = make(100, gate, seed=4)

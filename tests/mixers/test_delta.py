@@ -108,7 +108,10 @@ def test_left_padding_adds_nothing(name):
         y_ref1, s_ref1 = m(*(sl(t, pad - 3, T + pad)[1:] for t in (q2, k2, v2, x2)))
         assert torch.isfinite(y_pad).all()
         torch.testing.assert_close(y_pad[0:1, :, pad:], y_ref[0:1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(y_pad[1:, :, pad - 3 :], y_ref1, atol=1e-5, rtol=1e-5)
+        # row 1's first 3 real tokens are the large ones (x50): its outputs reach ~80, and the chunks fall
+        # elsewhere in its tokens than in the reference's, so fp32 rounding is judged at that scale
+        scale = y_ref1.abs().max().item()
+        torch.testing.assert_close(y_pad[1:, :, pad - 3 :], y_ref1, atol=1e-6 * scale, rtol=1e-5)
         assert torch.all(y_pad[0, :, :pad] == 0)
         torch.testing.assert_close(s_pad[0:1], s_ref[0:1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s_pad[1:], s_ref1, atol=1e-5, rtol=1e-5)

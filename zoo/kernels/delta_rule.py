@@ -9,9 +9,9 @@ log_gate [B, H, T] = log g <= 0 (finite) or None (plain DeltaNet, g = 1). The st
 tensor [B, H, Dk, Dv] whatever the input dtype; the output has v's dtype.
 
 Three forms with one signature `(q, k, v, beta, log_gate=None, state=None)`: `delta_rule_naive` (fp32
-loop over time, written as the recurrence reads; the reference), `delta_rule_chunked` (chunks of 64,
-linear in T, the CPU training path) and `delta_rule_step` (the recurrent form, for decoding).
-`delta_rule` dispatches between the last two.
+loop over time, written as the recurrence reads; the reference), `delta_rule_chunked` (chunks of 32 or
+64 tokens, linear in T, the CPU prefill and training path) and `delta_rule_step` (the recurrent form, for
+decoding). `delta_rule` dispatches between the last two.
 
 Padding needs no mask: beta = 0 and log_gate = 0 at a position leave the state untouched (its k and v
 then do not matter, but keep them finite).
@@ -30,14 +30,21 @@ outputs and final state are
     S_C = (gamma_C I - K_C^T W) S0 + K_C^T U_v,               K_C = diag(exp(b_C - b_j)) K
 
 so everything but the read Q' S0 and the carry (three thin products per chunk) is computed for all
-chunks in parallel before the short sequential loop over chunks. Gates enter only as
-exp(b_i - b_j) with j <= i, exp(b_i) and exp(b_C - b_j): every exponent is <= 0, so no decay, however
-strong, overflows; strong decay underflows to exact zeros, never to NaN.
+chunks in parallel before the short sequential loop over chunks. The backward mirrors it: the carry's
+gradient runs backwards over the chunks (three thin products each, from the entering states kept by the
+forward), then every other gradient for all chunks at once, through U_v and W by
+d(I + A) = -(I + A)^-T (dU_v U_v^T + dW W^T) and into the gates through the cumulative log gate b.
+
+Gates enter only as exp(b_i - b_j) with j <= i, exp(b_i) and exp(b_C - b_j): every exponent is <= 0,
+so no decay, however strong, overflows; strong decay underflows to exact zeros, never to NaN.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from zoo.kernels._utils import lower_triangle, pad_time, round_up
 
@@ -46,6 +53,10 @@ __all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_naive", "delta_rule_s
 #: at most this many new tokens go through the recurrent step form in `delta_rule`
 STEP_THRESHOLD = 16
 _MIN_CHUNK = 16
+#: the chunk length by default: without autograd 32, whose forward measured 15% faster than 64's on the
+#: CPU (Llama-3-8B's layer shape, T = 8192, 2 threads, with and without a gate); under autograd 64, as fast
+#: for forward + backward and half the entering states kept for the backward (docs/kernels.md)
+CHUNK_INFERENCE, CHUNK_TRAINING = 32, 64
 
 
 def _check(q, k, v, beta, log_gate, state) -> None:
@@ -110,84 +121,195 @@ def delta_rule_step(q, k, v, beta, log_gate=None, state=None):
     return y.to(dtype), S
 
 
-def delta_rule_chunked(q, k, v, beta, log_gate=None, state=None, chunk_size=64):
+class _Chunked(NamedTuple):
+    """The chunk-parallel quantities of the WY form (module docstring), [BH, N, C, *] fp32: the padded
+    inputs and what the carry and the backward read. decay, b, gamma are None without a gate."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    beta: torch.Tensor  # [BH, N, C, 1]
+    b: torch.Tensor | None  # in-chunk cumulative log gate, [BH, N, C, 1]
+    decay: torch.Tensor | None  # exp(b_i - b_j) for j <= i, else 0, [BH, N, C, C]
+    P: torch.Tensor  # (Q K^T) * decay, j <= i
+    kk: torch.Tensor  # (K K^T) * decay, j < i: A = beta * kk
+    t_inv: torch.Tensor  # (I + A)^-1
+    u_v: torch.Tensor  # t_inv @ (beta V)
+    w: torch.Tensor  # t_inv @ (beta gamma K)
+    q_read: torch.Tensor  # gamma Q - P w: what reads the entering state
+    k_out: torch.Tensor  # exp(b_C - b) K: each write decayed to the chunk's end
+
+
+def _chunks(q, k, v, beta, log_gate, C: int) -> _Chunked:
+    """Pad to whole chunks of C (padded positions: beta = 0 and log gate = 0, so they change nothing) and
+    compute every chunk's quantities at once."""
+    B, H, T, _ = q.shape
+    N = -(-T // C)
+    Tp = N * C
+    q, k, v = (pad_time(t.float(), Tp).reshape(B * H, N, C, t.shape[-1]) for t in (q, k, v))
+    beta = pad_time(beta.float(), Tp).reshape(B * H, N, C, 1)
+    incl, strict = lower_triangle(C, q.device), lower_triangle(C, q.device, -1)
+    qk, kk = q @ k.transpose(-1, -2), k @ k.transpose(-1, -2)  # [BH, N, C, C]
+    if log_gate is None:
+        b = decay = None
+        P, kk = qk.masked_fill_(~incl, 0.0), kk.masked_fill_(~strict, 0.0)
+        k_beta, q_read_base, k_out = beta * k, q, k
+    else:
+        b = pad_time(log_gate.float(), Tp).reshape(B * H, N, C, 1).cumsum(dim=2)  # <= 0, non-increasing
+        decay = (b - b.transpose(-1, -2)).masked_fill_(~incl, float("-inf")).exp_()  # exp(b_i - b_j), j <= i
+        P, kk = qk.mul_(decay), kk.mul_(decay).masked_fill_(~strict, 0.0)
+        gamma = b.exp()
+        k_beta, q_read_base = (beta * gamma) * k, q * gamma  # the entering state, decayed to each position
+        k_out = k * (b[:, :, -1:] - b).exp()
+    # (I + A)^-1 once per chunk (a solve against I is cheaper than one against [beta V, beta gamma K])
+    eye = torch.eye(C, device=q.device, dtype=q.dtype)
+    t_inv = torch.linalg.solve_triangular(beta * kk + eye, eye.expand_as(kk), upper=False, unitriangular=True)
+    u_v, w = t_inv @ (beta * v), t_inv @ k_beta  # the chunk's pseudo-values are U = u_v - w @ S0
+    # reads of the entering state: q_read_base - P @ w as one batched multiply-add
+    flat = (B * H * N, C, -1)
+    q_read = torch.baddbmm(q_read_base.reshape(flat), P.reshape(flat), w.reshape(flat), alpha=-1.0)
+    return _Chunked(q, k, v, beta, b, decay, P, kk, t_inv, u_v, w, q_read.view(w.shape), k_out)
+
+
+def _carry(ch: _Chunked, S: torch.Tensor, keep: bool):
+    """The sequential part: per chunk, read the entering state S [BH, Dk, Dv] (updated in place) and move
+    it on: S <- chunk_decay S + K_C^T (u_v - w S). (I - K_C^T w) is never formed: [Dk, Dk] per chunk costs
+    more memory traffic than the two thin products. Returns y [BH, N, C, Dv] (the chunks' own writes plus
+    their reads of S) and, with `keep`, each chunk's entering state and pseudo-values [BH, N, *] for the
+    backward."""
+    BH, N, C, Dv = ch.u_v.shape
+    decays = None if ch.b is None else ch.b[:, :, -1, 0].exp()  # [BH, N]
+    y_inter = ch.u_v.new_empty(N, BH, C, Dv)  # each chunk's reads of its entering state, added at the end
+    states = S.new_empty(BH, N, *S.shape[1:]) if keep else None
+    pseudo_all = torch.empty_like(ch.u_v) if keep else None
+    k_t = ch.k_out.transpose(-1, -2)  # [BH, N, Dk, C]
+    for n in range(N):
+        if keep:
+            states[:, n].copy_(S)
+        torch.bmm(ch.q_read[:, n], S, out=y_inter[n])
+        pseudo = torch.baddbmm(ch.u_v[:, n], ch.w[:, n], S, alpha=-1.0)
+        if keep:
+            pseudo_all[:, n].copy_(pseudo)
+        if decays is not None:
+            S.mul_(decays[:, n, None, None])
+        S.baddbmm_(k_t[:, n], pseudo)
+    y = (ch.P @ ch.u_v).add_(y_inter.transpose(0, 1))  # what the chunk's own writes give, plus the reads
+    return y, states, pseudo_all
+
+
+class _ChunkedDeltaRule(torch.autograd.Function):
+    """The chunked form with its backward written out (autograd through the chunk loop costs about a third
+    more): the chunk-parallel quantities and each chunk's entering state are kept from the forward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, log_gate, S0, C):
+        ch = _chunks(q, k, v, beta, log_gate, C)
+        S = S0.reshape(-1, *S0.shape[-2:]).clone()
+        y, states, pseudo = _carry(ch, S, keep=True)
+        ctx.save_for_backward(*(t for t in ch if t is not None), states, pseudo)
+        ctx.gated, ctx.shapes = log_gate is not None, (q.shape, v.shape, S0.shape)
+        return y, S
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dS_T):
+        saved = list(ctx.saved_tensors)
+        states, pseudo = saved[-2:]
+        fields = [f for f in _Chunked._fields if ctx.gated or f not in ("b", "decay")]
+        ch = _Chunked(**{"b": None, "decay": None, **dict(zip(fields, saved[:-2]))})
+        (B, H, T, Dk), v_shape, s_shape = ctx.shapes
+        grads = _chunked_backward(ch, states, pseudo, dy.float(), dS_T.float())
+        dq, dk, dv, dbeta, dlog_gate, dS0 = grads
+        unpad = [t.reshape(B, H, -1, *t.shape[3:])[:, :, :T] for t in (dq, dk, dv)]
+        dbeta = dbeta.reshape(B, H, -1)[:, :, :T]
+        dlog_gate = None if dlog_gate is None else dlog_gate.reshape(B, H, -1)[:, :, :T]
+        return (*unpad, dbeta, dlog_gate, dS0.view(s_shape), None)
+
+
+def _chunked_backward(ch: _Chunked, states, pseudo, dy, dS_T):
+    """Gradients of the chunked form (module docstring's notation; ' is a transpose): the carry backwards
+    chunk by chunk, then everything else for all chunks at once. dy [BH, N, C, Dv], dS_T [BH, Dk, Dv]."""
+    BH, N, C, Dk = ch.q.shape
+    Dv = ch.v.shape[-1]
+    dy = dy.reshape(BH, N, C, Dv)
+    decays = None if ch.b is None else ch.b[:, :, -1, 0].exp()  # [BH, N]
+    # the carry, backwards: S_{n+1} = g S_n + K_C' (u_v - w S_n), y_n += q_read S_n
+    dpseudo, dstates = torch.empty_like(pseudo), torch.empty_like(states)
+    dS = dS_T.reshape(BH, Dk, Dv).clone()
+    for n in reversed(range(N)):
+        dstates[:, n].copy_(dS)  # the gradient of the state leaving chunk n
+        dp = torch.bmm(ch.k_out[:, n], dS)
+        dpseudo[:, n].copy_(dp)
+        if decays is not None:
+            dS.mul_(decays[:, n, None, None])
+        dS.baddbmm_(ch.q_read[:, n].transpose(-1, -2), dy[:, n]).baddbmm_(
+            ch.w[:, n].transpose(-1, -2), dp, alpha=-1.0
+        )
+    # the products of the loop that need no order: for all chunks at once
+    states_t = states.transpose(-1, -2)
+    dq_read = dy @ states_t
+    dk_out = pseudo @ dstates.transpose(-1, -2)
+    P_t = ch.P.transpose(-1, -2)
+    du_v = P_t @ dy + dpseudo  # y = P u_v + ...
+    dw = -(dpseudo @ states_t) - P_t @ dq_read  # pseudo = u_v - w S; q_read = gamma q - P w
+    dP = dy @ ch.u_v.transpose(-1, -2) - dq_read @ ch.w.transpose(-1, -2)
+    # u_v = t_inv (beta v), w = t_inv (beta gamma k): d(I + A) = -t_inv' (du_v u_v' + dw w')
+    t_inv_t = ch.t_inv.transpose(-1, -2)
+    dxv, dxk = t_inv_t @ du_v, t_inv_t @ dw
+    dA = -(dxv @ ch.u_v.transpose(-1, -2) + dxk @ ch.w.transpose(-1, -2))
+    dA = dA.tril_(-1)  # A = beta * kk is strictly lower
+    gamma = None if ch.b is None else ch.b.exp()
+    bg = ch.beta if gamma is None else ch.beta * gamma
+    dv = ch.beta * dxv
+    dbeta = (ch.v * dxv).sum(-1, keepdim=True) + (dA * ch.kk).sum(-1, keepdim=True)
+    k_dxk = (ch.k * dxk).sum(-1, keepdim=True)
+    dbeta += k_dxk if gamma is None else gamma * k_dxk
+    # kk = (K K') * decay and P = (Q K') * decay
+    dkk = ch.beta * dA if ch.decay is None else (ch.beta * dA).mul_(ch.decay)
+    dqk = dP.tril() if ch.decay is None else dP * ch.decay
+    dq = dqk @ ch.k + (dq_read if gamma is None else gamma * dq_read)
+    dk = (dkk + dkk.transpose(-1, -2)) @ ch.k + dqk.transpose(-1, -2) @ ch.q + bg * dxk
+    if ch.b is None:
+        return dq, dk.add_(dk_out), dv, dbeta, None, dS
+    h = (ch.b[:, :, -1:] - ch.b).exp()  # [BH, N, C, 1]: k_out = h k
+    dk.add_(h * dk_out)
+    # the gate: every term reaches the cumulative log gate b; decay's exp(b_i - b_j) gives +row, -column
+    E = dP * ch.P + (ch.beta * dA) * ch.kk  # d(decay) * decay
+    db = E.sum(-1, keepdim=True) - E.sum(-2).unsqueeze(-1)
+    db += gamma * ((ch.q * dq_read).sum(-1, keepdim=True) + ch.beta * k_dxk)  # gamma = exp(b)
+    dh = h * (ch.k * dk_out).sum(-1, keepdim=True)  # h = exp(b_C - b)
+    db -= dh
+    dg = (dstates * states).sum((-1, -2)) * decays  # the chunk decay exp(b_C), [BH, N]
+    db[:, :, -1, 0] += dh.sum((-1, -2)) + dg
+    dlog_gate = db.flip(2).cumsum(2).flip(2)  # b_i = sum of the log gates up to i
+    return dq, dk, dv, dbeta, dlog_gate, dS
+
+
+def delta_rule_chunked(q, k, v, beta, log_gate=None, state=None, chunk_size=None):
     """Chunked WY form, linear in T (see the module docstring): per-chunk triangular solves and
-    products for all chunks at once, then a loop over chunks that only carries the state."""
+    products for all chunks at once, then a loop over chunks that only carries the state. Under autograd
+    its backward is written out (`_ChunkedDeltaRule`). chunk_size None: CHUNK_INFERENCE without autograd,
+    CHUNK_TRAINING with it."""
     _check(q, k, v, beta, log_gate, state)
     B, H, T, Dk = q.shape
     Dv, dtype = v.shape[-1], v.dtype
     S = _initial(q, v, state)
     if T == 0:
         return v[:, :, :0], S
+    inputs = (q, k, v, beta, log_gate, S)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if chunk_size is None:
+        chunk_size = CHUNK_TRAINING if training else CHUNK_INFERENCE
     C = min(chunk_size, round_up(T, _MIN_CHUNK))
-    N = -(-T // C)
-    Tp = N * C
-    # padded tail positions have beta = 0 and log gate = 0: they change nothing
-    q, k, v = (pad_time(t.float(), Tp).reshape(B, H, N, C, t.shape[-1]) for t in (q, k, v))
-    beta = pad_time(beta.float(), Tp).reshape(B, H, N, C, 1)
-    incl, strict = lower_triangle(C, q.device), lower_triangle(C, q.device, -1)
-
-    qk, kk = q @ k.transpose(-1, -2), k @ k.transpose(-1, -2)  # [B, H, N, C, C]
-    if log_gate is None:
-        P = qk.masked_fill(~incl, 0.0)
-        A = (beta * kk).masked_fill(~strict, 0.0)
-        k_beta = beta * k
-        q_in, k_out, chunk_decay = q, k, None
-    else:
-        b = pad_time(log_gate.float(), Tp).reshape(B, H, N, C, 1).cumsum(dim=3)  # <= 0, non-increasing
-        decay = (b - b.transpose(-1, -2)).masked_fill(~incl, float("-inf")).exp()  # exp(b_i - b_j), j <= i
-        P = qk * decay
-        A = (beta * kk * decay).masked_fill(~strict, 0.0)
-        k_beta = (beta * b.exp()) * k
-        q_in = q * b.exp()  # the entering state, decayed up to each position
-        k_out = k * (b[..., -1:, :] - b).exp()  # each write, decayed to the chunk's end
-        chunk_decay = b[..., -1, :, None].exp()  # [B, H, N, 1, 1]
-
-    # (I + A)^-1 once per chunk (a solve against I is cheaper than one against [beta V, beta gamma K])
-    eye = torch.eye(C, device=q.device, dtype=q.dtype)
-    t_inv = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
-    u_v, w = t_inv @ (beta * v), t_inv @ k_beta  # the chunk's pseudo-values are U = u_v - w @ S0
-    y = P @ u_v  # what the chunk's own writes give, [B, H, N, C, Dv]
-    # reads of the entering state, [B, H, N, C, Dk]: q_in - P @ w as one batched multiply-add
-    q_read = torch.baddbmm(q_in.flatten(0, 2), P.flatten(0, 2), w.flatten(0, 2), alpha=-1.0).view(q_in.shape)
-    k_t = k_out.transpose(-1, -2)  # [B, H, N, Dk, C]
-
-    # the carry: per chunk, one read of the entering state and the transition
-    # S <- chunk_decay S + K_C^T (u_v - w S); (I - K_C^T w) is never formed: [Dk, Dk] per chunk costs
-    # more memory traffic than the two thin products. Chunks are taken by unbind, not indexing: under
-    # autograd one gradient buffer gathers them all (indexing would allocate a full-size one per chunk).
-    per_chunk = [t.flatten(0, 1).unbind(1) for t in (q_read, w, u_v, k_t)]
-    decays = None if chunk_decay is None else chunk_decay.flatten(0, 1).unbind(1)
-    S = S.flatten(0, 1)
-    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (S, q_read, w, u_v, k_t)))
-    if in_place:
-        S = S.clone()  # the carry updates S in place: nothing keeps the old states without autograd
-        # each chunk's reads of its entering state written straight into one chunk-major buffer, added
-        # to y once at the end (no list of N tensors stacked into a copy)
-        y_inter = y.new_empty(N, B * H, C, Dv)
-    else:
-        y_inter = []
-    for n, (q_n, w_n, u_n, k_n) in enumerate(zip(*per_chunk)):
-        if in_place:
-            torch.bmm(q_n, S, out=y_inter[n])
-        else:
-            y_inter.append(torch.bmm(q_n, S))
-        pseudo = torch.baddbmm(u_n, w_n, S, alpha=-1.0)
-        if in_place:
-            if decays is not None:
-                S.mul_(decays[n])
-            S.baddbmm_(k_n, pseudo)
-        else:
-            S = (S if decays is None else decays[n] * S) + torch.bmm(k_n, pseudo)
-    if in_place:
-        y = y.view(B * H, N, C, Dv).add_(y_inter.transpose(0, 1)).view(B, H, N, C, Dv)
-    else:
-        y = y + torch.stack(y_inter, dim=1).view(B, H, N, C, Dv)
-    y = y.reshape(B, H, Tp, Dv)[:, :, :T]
+    if training:
+        y, S = _ChunkedDeltaRule.apply(q, k, v, beta, log_gate, S, C)
+    else:  # the carry updates S in place: nothing keeps the old states without autograd
+        y, _, _ = _carry(_chunks(q, k, v, beta, log_gate, C), S := S.reshape(B * H, Dk, Dv).clone(), False)
+    y = y.reshape(B, H, -1, Dv)[:, :, :T]
     return y.to(dtype), S.view(B, H, Dk, Dv)
 
 
-def delta_rule(q, k, v, beta, log_gate=None, state=None, chunk_size=64):
+def delta_rule(q, k, v, beta, log_gate=None, state=None, chunk_size=None):
     """Dispatch: a few new tokens (decoding) take the step form, longer inputs the chunked form."""
     if q.shape[2] <= STEP_THRESHOLD:
         return delta_rule_step(q, k, v, beta, log_gate, state)

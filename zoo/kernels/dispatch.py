@@ -300,7 +300,7 @@ def _delta_mode(q, k, v, beta, log_gate, state) -> tuple[str, str | None]:
     return "chunk", delta_rule_mode_supported("chunk", dtype, gated, grad)
 
 
-def delta_rule(q, k, v, beta, log_gate=None, state=None, chunk_size=64, backend=None):
+def delta_rule(q, k, v, beta, log_gate=None, state=None, chunk_size=None, backend=None):
     """zoo.kernels.delta_rule.delta_rule on the chosen backend (same arguments and results)."""
     if (
         backend_for(
