@@ -245,44 +245,66 @@ def _chunked_backward(ch: _Chunked, states, pseudo, dy, dS_T):
         dS.baddbmm_(ch.q_read[:, n].transpose(-1, -2), dy[:, n]).baddbmm_(
             ch.w[:, n].transpose(-1, -2), dp, alpha=-1.0
         )
-    # the products of the loop that need no order: for all chunks at once
-    states_t = states.transpose(-1, -2)
-    dq_read = dy @ states_t
-    dk_out = pseudo @ dstates.transpose(-1, -2)
-    P_t = ch.P.transpose(-1, -2)
-    du_v = P_t @ dy + dpseudo  # y = P u_v + ...
-    dw = -(dpseudo @ states_t) - P_t @ dq_read  # pseudo = u_v - w S; q_read = gamma q - P w
-    dP = dy @ ch.u_v.transpose(-1, -2) - dq_read @ ch.w.transpose(-1, -2)
+    # the products of the loop that need no order: for all chunks at once. Each temporary is let go after
+    # its last use and sums accumulate in place, so the backward holds few [BH, N, C, *] tensors at a time.
+    t = _transposed
+    dq_read = dy @ t(states)
+    dk_out = pseudo @ t(dstates)
+    dg = None if decays is None else (dstates * states).sum((-1, -2)).mul_(decays)  # chunk decay exp(b_C)
+    del dstates
+    du_v = (t(ch.P) @ dy).add_(dpseudo)  # y = P u_v + ...
+    dw = _add_product((dpseudo @ t(states)).neg_(), t(ch.P), dq_read, -1.0)  # pseudo = u_v - w S; q_read
+    del dpseudo  # = gamma q - P w
+    dP = _add_product(dy @ t(ch.u_v), dq_read, t(ch.w), -1.0)
     # u_v = t_inv (beta v), w = t_inv (beta gamma k): d(I + A) = -t_inv' (du_v u_v' + dw w')
-    t_inv_t = ch.t_inv.transpose(-1, -2)
-    dxv, dxk = t_inv_t @ du_v, t_inv_t @ dw
-    dA = -(dxv @ ch.u_v.transpose(-1, -2) + dxk @ ch.w.transpose(-1, -2))
-    dA = dA.tril_(-1)  # A = beta * kk is strictly lower
+    dxv = t(ch.t_inv) @ du_v
+    del du_v
+    dxk = t(ch.t_inv) @ dw
+    del dw
+    dA = _add_product(dxv @ t(ch.u_v), dxk, t(ch.w)).neg_().tril_(-1)  # A = beta * kk: strictly lower
     gamma = None if ch.b is None else ch.b.exp()
-    bg = ch.beta if gamma is None else ch.beta * gamma
     dv = ch.beta * dxv
-    dbeta = (ch.v * dxv).sum(-1, keepdim=True) + (dA * ch.kk).sum(-1, keepdim=True)
+    dbeta = (ch.v * dxv).sum(-1, keepdim=True).add_((dA * ch.kk).sum(-1, keepdim=True))
+    del dxv
     k_dxk = (ch.k * dxk).sum(-1, keepdim=True)
     dbeta += k_dxk if gamma is None else gamma * k_dxk
-    # kk = (K K') * decay and P = (Q K') * decay
-    dkk = ch.beta * dA if ch.decay is None else (ch.beta * dA).mul_(ch.decay)
-    dqk = dP.tril() if ch.decay is None else dP * ch.decay
-    dq = dqk @ ch.k + (dq_read if gamma is None else gamma * dq_read)
-    dk = (dkk + dkk.transpose(-1, -2)) @ ch.k + dqk.transpose(-1, -2) @ ch.q + bg * dxk
+    dk = dxk.mul_(ch.beta if gamma is None else ch.beta * gamma)  # from w's beta gamma k
+    # kk = (K K') * decay and P = (Q K') * decay; with a gate, d(decay) * decay first (for the gate below)
+    dA.mul_(ch.beta)
+    E = None if ch.decay is None else (dP * ch.P).addcmul_(dA, ch.kk)
+    dkk = dA if ch.decay is None else dA.mul_(ch.decay)
+    dqk = dP.tril_() if ch.decay is None else dP.mul_(ch.decay)
+    dq = dqk @ ch.k
+    if gamma is None:
+        dq.add_(dq_read)
+    else:
+        dq.addcmul_(gamma, dq_read)
+    dk = _add_product(_add_product(dk, dkk + t(dkk), ch.k), t(dqk), ch.q)
+    del dkk, dqk
     if ch.b is None:
         return dq, dk.add_(dk_out), dv, dbeta, None, dS
     h = (ch.b[:, :, -1:] - ch.b).exp()  # [BH, N, C, 1]: k_out = h k
-    dk.add_(h * dk_out)
+    dh = h * (ch.k * dk_out).sum(-1, keepdim=True)
+    dk.addcmul_(h, dk_out)
     # the gate: every term reaches the cumulative log gate b; decay's exp(b_i - b_j) gives +row, -column
-    E = dP * ch.P + (ch.beta * dA) * ch.kk  # d(decay) * decay
     db = E.sum(-1, keepdim=True) - E.sum(-2).unsqueeze(-1)
     db += gamma * ((ch.q * dq_read).sum(-1, keepdim=True) + ch.beta * k_dxk)  # gamma = exp(b)
-    dh = h * (ch.k * dk_out).sum(-1, keepdim=True)  # h = exp(b_C - b)
-    db -= dh
-    dg = (dstates * states).sum((-1, -2)) * decays  # the chunk decay exp(b_C), [BH, N]
+    db -= dh  # h = exp(b_C - b)
     db[:, :, -1, 0] += dh.sum((-1, -2)) + dg
     dlog_gate = db.flip(2).cumsum(2).flip(2)  # b_i = sum of the log gates up to i
     return dq, dk, dv, dbeta, dlog_gate, dS
+
+
+def _transposed(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-1, -2)
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """out += alpha * a @ b in place, for [BH, N, i, k] out (contiguous) and [BH, N, i, j] @ [BH, N, j, k]
+    (either may be a transposed view); returns out."""
+    flat = [x.reshape(-1, *x.shape[-2:]) for x in (a, b)]
+    out.view(-1, *out.shape[-2:]).baddbmm_(*flat, alpha=alpha)
+    return out
 
 
 def delta_rule_chunked(q, k, v, beta, log_gate=None, state=None, chunk_size=None):
