@@ -36,6 +36,7 @@ __all__ = [
     "ensure_cpu_allocator",
     "glibc_malloc_available",
     "keep_freed_memory",
+    "release_free_memory",
     "reason_to_leave_alone",
     "requested_policy",
 ]
@@ -131,3 +132,10 @@ def ensure_cpu_allocator(policy: str | None = None) -> str:
 def cpu_allocator_policy() -> str:
     """What holds in this process: the applied policy, or that zoo has not changed the allocator yet."""
     return _applied if _applied is not None else "the system's (zoo has not run a CPU kernel yet)"
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free memory back to the system now (glibc malloc_trim), so that what one workload
+    left behind does not sit idle under the next; True where glibc did so. The policy above stays."""
+    libc = _glibc()
+    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0))

@@ -293,6 +293,23 @@ def test_a_slow_first_cpu_call_is_the_measurement(monkeypatch):
     assert len(calls) == 1 and rec["median_s"] >= 0.25 and rec["note"].startswith("one run only")
 
 
+def test_each_cpu_case_starts_from_a_released_heap(monkeypatch):
+    """On the CPU the heap's free memory is given back before each case's warm-up (and only then), so a
+    case does not run on memory the cases before it left idle; on CUDA nothing is released."""
+    events = []
+    monkeypatch.setattr(speed, "release_free_memory", lambda: events.append("release"))
+    monkeypatch.setattr(speed, "synchronize", lambda device: None)
+    monkeypatch.setattr(timing, "synchronize", lambda device: None)
+    monkeypatch.setattr(speed, "measure_peak", lambda fn, device: (fn(), 0))
+    args = argparse.Namespace(max_seconds=10.0, warmup=2, repeats=3, batch=1)
+    guard = speed.SlowCaseGuard(args.max_seconds)
+    for device in ("cpu", "cuda"):
+        speed.measure_case(
+            _FakeCase(), "forward", 64, lambda: events.append("call"), args, torch.device(device), guard
+        )
+    assert events == ["release"] + ["call"] * 5 + ["call"] * 5
+
+
 def test_a_mixer_named_twice_is_timed_once():
     args = speed._resolve(parse(["--mixers", "hedgehog,gla", "hedgehog", "gla,"]))
     assert args.mixers == ["hedgehog", "gla"]

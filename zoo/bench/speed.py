@@ -42,7 +42,7 @@ from zoo.bench.speed_cases import (
     random_tensor,
 )
 from zoo.bench.timing import measure_peak, memory_method, synchronize, time_runs
-from zoo.cpu_memory import ensure_cpu_allocator
+from zoo.cpu_memory import ensure_cpu_allocator, release_free_memory
 from zoo.kernels import native
 
 __all__ = [
@@ -352,6 +352,8 @@ def measure_case(
             before()
         return fn()
 
+    if device.type == "cpu":
+        release_free_memory()  # the heap the cases before this one left idle: this case grows its own
     try:
         synchronize(device)
         start = time.perf_counter()
