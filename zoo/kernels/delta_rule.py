@@ -123,7 +123,7 @@ def delta_rule_step(q, k, v, beta, log_gate=None, state=None):
 
 class _Chunked(NamedTuple):
     """The chunk-parallel quantities of the WY form (module docstring), [BH, N, C, *] fp32: the padded
-    inputs and what the carry and the backward read. decay, b, gamma are None without a gate."""
+    inputs and what the carry and the backward read. b and decay are None without a gate."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -138,6 +138,10 @@ class _Chunked(NamedTuple):
     w: torch.Tensor  # t_inv @ (beta gamma K)
     q_read: torch.Tensor  # gamma Q - P w: what reads the entering state
     k_out: torch.Tensor  # exp(b_C - b) K: each write decayed to the chunk's end
+
+    def chunk_decays(self) -> torch.Tensor | None:
+        """[BH, N]: how much each chunk decays the state it is handed, exp(b_C); None without a gate."""
+        return None if self.b is None else self.b[:, :, -1, 0].exp()
 
 
 def _chunks(q, k, v, beta, log_gate, C: int) -> _Chunked:
@@ -178,7 +182,7 @@ def _carry(ch: _Chunked, S: torch.Tensor, keep: bool):
     their reads of S) and, with `keep`, each chunk's entering state and pseudo-values [BH, N, *] for the
     backward."""
     BH, N, C, Dv = ch.u_v.shape
-    decays = None if ch.b is None else ch.b[:, :, -1, 0].exp()  # [BH, N]
+    decays = ch.chunk_decays()
     y_inter = ch.u_v.new_empty(N, BH, C, Dv)  # each chunk's reads of its entering state, added at the end
     states = S.new_empty(BH, N, *S.shape[1:]) if keep else None
     pseudo_all = torch.empty_like(ch.u_v) if keep else None
@@ -206,18 +210,16 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         ch = _chunks(q, k, v, beta, log_gate, C)
         S = S0.reshape(-1, *S0.shape[-2:]).clone()
         y, states, pseudo = _carry(ch, S, keep=True)
-        ctx.save_for_backward(*(t for t in ch if t is not None), states, pseudo)
-        ctx.gated, ctx.shapes = log_gate is not None, (q.shape, v.shape, S0.shape)
+        ctx.save_for_backward(*ch, states, pseudo)  # b and decay may be None
+        ctx.shapes = q.shape, S0.shape
         return y, S
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dS_T):
-        saved = list(ctx.saved_tensors)
-        states, pseudo = saved[-2:]
-        fields = [f for f in _Chunked._fields if ctx.gated or f not in ("b", "decay")]
-        ch = _Chunked(**{"b": None, "decay": None, **dict(zip(fields, saved[:-2]))})
-        (B, H, T, Dk), v_shape, s_shape = ctx.shapes
+        *chunked, states, pseudo = ctx.saved_tensors
+        ch = _Chunked(*chunked)
+        (B, H, T, _), s_shape = ctx.shapes
         grads = _chunked_backward(ch, states, pseudo, dy.float(), dS_T.float())
         dq, dk, dv, dbeta, dlog_gate, dS0 = grads
         unpad = [t.reshape(B, H, -1, *t.shape[3:])[:, :, :T] for t in (dq, dk, dv)]
@@ -232,7 +234,7 @@ def _chunked_backward(ch: _Chunked, states, pseudo, dy, dS_T):
     BH, N, C, Dk = ch.q.shape
     Dv = ch.v.shape[-1]
     dy = dy.reshape(BH, N, C, Dv)
-    decays = None if ch.b is None else ch.b[:, :, -1, 0].exp()  # [BH, N]
+    decays = ch.chunk_decays()
     # the carry, backwards: S_{n+1} = g S_n + K_C' (u_v - w S_n), y_n += q_read S_n
     dpseudo, dstates = torch.empty_like(pseudo), torch.empty_like(states)
     dS = dS_T.reshape(BH, Dk, Dv).clone()
@@ -326,7 +328,8 @@ def delta_rule_chunked(q, k, v, beta, log_gate=None, state=None, chunk_size=None
     if training:
         y, S = _ChunkedDeltaRule.apply(q, k, v, beta, log_gate, S, C)
     else:  # the carry updates S in place: nothing keeps the old states without autograd
-        y, _, _ = _carry(_chunks(q, k, v, beta, log_gate, C), S := S.reshape(B * H, Dk, Dv).clone(), False)
+        S = S.reshape(B * H, Dk, Dv).clone()
+        y, _, _ = _carry(_chunks(q, k, v, beta, log_gate, C), S, keep=False)
     y = y.reshape(B, H, -1, Dv)[:, :, :T]
     return y.to(dtype), S.view(B, H, Dk, Dv)
 
