@@ -31,6 +31,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from zoo.cache import CACHE_ARG, ZooCache
 from zoo.families import SUPPORTED_FAMILIES
 from zoo.kernels.softmax import causal_softmax_attention
+from zoo.lean_decode import decode_step
 from zoo.mixers.base import Mixer, build_mixer
 from zoo.recipe import parse_layers
 
@@ -121,11 +122,23 @@ class LinearizedAttention(nn.Module):
             return self._transfer(q, k, v, hidden_states, mask, mode), None
         if isinstance(mode, _SoftmaxTeacher):
             return self._teacher_output(q, k, v, mask), None
+        y = self.mix(q, k, v, hidden_states, cache, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), None
+
+    @property
+    def mixing(self) -> bool:
+        """True in the plain mode (the mixer's output goes on), False in a teacher's mode."""
+        return self._mode is None
+
+    def mix(self, q, k, v, hidden_states, cache, mask):
+        """The mixer's output y [B, H, T, D] for q, k, v (projected and rotated) and the layer input
+        hidden_states [B, T, hidden], from the state this layer left in `cache` (a ZooCache; the new state
+        and token count are written back to it) or from nothing (any other cache, or None)."""
         layer = cache.mixer_layer(self.layer_idx) if isinstance(cache, ZooCache) else None
         y, state = self.mixer(q, k, v, hidden_states, state=None if layer is None else layer.state, mask=mask)
         if layer is not None:
-            layer.state, layer.seen = state, layer.seen + T
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), None
+            layer.state, layer.seen = state, layer.seen + q.shape[2]
+        return y
 
     def _teacher_output(self, q, k, v, mask):
         """The teacher's attention output (softmax over q, k, v, then o_proj) [B, T, hidden]."""
@@ -325,6 +338,11 @@ class ZooModelMixin:
             cache = ZooCache()
         if cache is None and use_cache:
             cache = ZooCache()
+        stepped = (
+            decode_step(self, input_ids, cache, attention_mask, position_ids, **kwargs) if use_cache else None
+        )
+        if stepped is not None:
+            return stepped
         if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
             # left padding: real tokens are numbered from 0, as they would be in an unpadded batch
             T = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]

@@ -83,6 +83,8 @@ def test_every_cell_is_measured_or_says_why(benches, fill):
         assert cell["decode_tokens_per_s"] == pytest.approx(B * NEW_TOKENS / cell["decode_seconds"])
         assert cell["state_bytes"] > 0 and cell["peak_memory_bytes"] > cell["state_bytes"]
         assert cell["context_fill"] == fill and cell["context_made_by"]
+        # the converted model decodes through zoo's lean step, the teacher through transformers' forward
+        assert cell["decode_step"] == ("zoo.lean_decode" if model == MIXER else "transformers' forward")
     # the linearized model's cells all ran: it has no KV cache to exceed the limit
     assert all(cells[MIXER, C, B]["kv_cache_bytes"] == 0 for C in (32, 64) for B in (1, 2))
     on_disk = json.loads((out / "results.json").read_text())
@@ -149,6 +151,8 @@ def test_report(benches):
     for C in (32, 64):
         assert f"- C={C}: {MIXER} " in md and (out / plot_name(C)).is_file()
     assert "would not fit" in md and "random KV cache of 64 tokens" in md
+    assert f"- {MIXER}: zoo.lean_decode (C=32 B=1, C=32 B=2, C=64 B=1, C=64 B=2)" in md
+    assert "- teacher: transformers' forward (C=32 B=1, C=32 B=2, C=64 B=1)" in md
     assert {p.name for p in paths} == {"results.md", plot_name(32), plot_name(64)}
 
 

@@ -20,6 +20,7 @@ def fresh(monkeypatch, tmp_path):
 
 
 KERNELS = (
+    "decode_glue",
     "gate_fold",
     "gate_grad",
     "hedgehog_features",

@@ -483,6 +483,14 @@ def _constant_state_note(prefill: int, context: int, before: int, after: int) ->
     )
 
 
+def _decode_step_name(lean_steps: int, steps: int) -> str:
+    """Which forward decoded a cell's timed tokens: zoo's lean step (zoo.lean_decode), transformers'
+    forward, or some of each."""
+    if lean_steps == steps:
+        return "zoo.lean_decode"
+    return "transformers' forward" if lean_steps == 0 else f"zoo.lean_decode for {lean_steps} of {steps}"
+
+
 @torch.no_grad()
 def run_cell(model: Any, cell: dict, args: argparse.Namespace) -> dict:
     """Make the cell's context, then time its greedy decoding; returns the measured fields."""
@@ -495,7 +503,11 @@ def run_cell(model: Any, cell: dict, args: argparse.Namespace) -> dict:
     # after the warm-up step: the first decoded token may give a state its decoding room (zoo's in-place
     # window step), which stays the same size from there on
     before = _mixer_state_bytes(cache) if shortcut else None
+    from zoo import lean_decode
+
+    lean_before = lean_decode.steps_taken()
     seconds, (cache, _) = _timed(lambda: _decode(model, token, cache, cell["new_tokens"]), device)
+    fields["decode_step"] = _decode_step_name(lean_decode.steps_taken() - lean_before, cell["new_tokens"])
     if shortcut:
         after = _mixer_state_bytes(cache)
         fields["context_made_by"] = _constant_state_note(

@@ -99,6 +99,15 @@ def results_markdown(results: dict, plot_note: str | None = None) -> str:
         "\n".join(f"- {model} (C={', '.join(dict.fromkeys(cs))}): {how}" for (model, how), cs in made.items())
         + "\n"
     )
+    steps = {}
+    for c in results["cells"]:
+        if c.get("decode_step"):  # results written before zoo.lean_decode have none
+            steps.setdefault((c["model"], c["decode_step"]), []).append(f"C={c['context']} B={c['batch']}")
+    if steps:
+        parts.append("## Which forward decoded\n")
+        parts.append(
+            "\n".join(f"- {model}: {step} ({', '.join(at)})" for (model, step), at in steps.items()) + "\n"
+        )
     not_run = [c for c in results["cells"] if c["status"] != "ok"]
     if not_run:
         parts.append("## Cells that did not run\n")
