@@ -14,7 +14,7 @@ from torch import nn
 import zoo
 from tests.zoo_testing import FAMILIES, tiny_model
 from zoo import lean_decode
-from zoo.cache import CACHE_ARG, ZooCache, map_state
+from zoo.cache import CACHE_ARG, MixerStateLayer, ZooCache, map_state
 from zoo.lean_decode import decode_step
 
 
@@ -35,9 +35,11 @@ def prefill(model, ids, mask=None):
 
 
 def state_tensors(cache: ZooCache) -> list[torch.Tensor]:
+    """Every tensor the cache holds: mixer states, and the keys and values of kept softmax layers."""
     found = []
     for layer in cache.layers:
-        map_state(lambda t: found.append(t) or t, layer.state)
+        state = layer.state if isinstance(layer, MixerStateLayer) else (layer.keys, layer.values)
+        map_state(lambda t: found.append(t) or t, state)
     return found
 
 
@@ -69,7 +71,12 @@ def decode_both(model, ids, steps, mask=None):
     assert len(lean_states) == len(slow_states) > 0
     for a, b in zip(lean_states, slow_states):
         close(a.float(), b.float())
-    assert [layer.seen for layer in lean_cache.layers] == [layer.seen for layer in slow_cache.layers]
+    lengths = [layer.get_seq_length() for layer in lean_cache.layers]
+    assert (
+        lengths
+        == [layer.get_seq_length() for layer in slow_cache.layers]
+        == [ids.shape[1] + steps] * len(lengths)
+    )
 
 
 @pytest.mark.parametrize("mixer", zoo.list_mixers())
@@ -102,6 +109,33 @@ def test_left_padded_rows_decode_as_transformers_forward():
     mask[0, :4] = 0
     mask[2, :1] = 0
     decode_both(converted("lola"), ids, steps=7, mask=mask)
+
+
+@pytest.mark.parametrize("family,kept", [("llama", 0), ("qwen3", 1), ("mistral", 1)])
+def test_kept_softmax_layers_decode_as_transformers_forward(family, kept):
+    overrides = {"sliding_window": None} if family == "mistral" else {}  # see the next test
+    model = converted("lola", family, layers=[1 - kept], **overrides)
+    assert not hasattr(model.model.layers[kept].self_attn, "mixing")
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(9))
+    decode_both(model, ids, steps=8)
+
+
+def test_kept_softmax_layers_step_aside_for_padding_and_sliding_windows():
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(10))
+    padded = torch.ones_like(ids)
+    padded[0, 0] = 0
+    with torch.no_grad():
+        model = converted("lola", layers=[1])
+        cache, token = prefill(model, ids, padded)
+        mask = torch.cat([padded, padded.new_ones(2, 1)], 1)
+        assert decode_step(model, token, cache, attention_mask=mask) is None  # the kept layer needs the mask
+        assert decode_step(model, token, cache, attention_mask=torch.ones_like(mask)) is not None
+        windowed = converted("lola", "mistral", layers=[1], sliding_window=4)
+        cache, token = prefill(windowed, ids)
+        assert decode_step(windowed, token, cache) is None  # the window is in transformers' mask
+        all_converted = converted("lola", "mistral", sliding_window=4)  # no softmax layer: no mask needed
+        cache, token = prefill(all_converted, ids)
+        assert decode_step(all_converted, token, cache) is not None
 
 
 def test_generate_takes_the_lean_step_and_gives_transformers_tokens():
@@ -144,10 +178,19 @@ def test_it_steps_aside_where_it_would_not_be_transformers_forward():
 
 @pytest.mark.parametrize(
     "change",
-    ["hook", "pre_hook", "forward", "linear_subclass", "norm_class", "softmax_layer", "bf16", "teacher_mode"],
+    [
+        "hook",
+        "pre_hook",
+        "forward",
+        "linear_subclass",
+        "norm_class",
+        "attention_class",
+        "bf16",
+        "teacher_mode",
+    ],
 )
 def test_it_steps_aside_for_models_it_does_not_know(change):
-    model = converted("lola", layers=[0] if change == "softmax_layer" else None)
+    model = converted("lola", layers=[0] if change == "attention_class" else None)
     layer = model.model.layers[1]
     seen = []
     if change == "hook":
@@ -177,6 +220,12 @@ def test_it_steps_aside_for_models_it_does_not_know(change):
                 return x * self.weight
 
         layer.post_attention_layernorm = ScaledNorm(layer.post_attention_layernorm)
+    elif change == "attention_class":  # a kept attention of a class the step does not know
+
+        class OtherAttention(type(layer.self_attn)):
+            pass
+
+        layer.self_attn.__class__ = OtherAttention
     elif change == "bf16":
         model = model.to(torch.bfloat16)
     ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(7))

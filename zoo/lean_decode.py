@@ -1,5 +1,5 @@
 """A converted model's decoding step without transformers' per-layer machinery: one token a row, on the CPU
-in fp32, when every layer runs a mixer.
+in fp32.
 
 transformers' forward of a Llama-family layer is some hundred small PyTorch ops and module calls (the RMS
 norm alone is five ops, the rotary embedding seven); decoding one token of SmolLM2-135M on a 2-core CPU,
@@ -14,16 +14,19 @@ runs the same layers from the same weights with few ops a layer:
     h = rms_norm(x)                      C
     x += (silu(h Wg) * h Wu) Wd          products; the gate in C, the last product in place
 
-then the final norm and the logits. The result is transformers' forward's within float rounding (the tests
-compare logits and states over many steps, for every mixer, with and without left padding).
+then the final norm and the logits. A layer that keeps softmax attention runs transformers' attention
+module on h (its keys and values appended to the cache) in place of the four lines about q, k, v and y.
+The result is transformers' forward's within float rounding (the tests compare logits and states over
+many steps, for every mixer and family, with and without left padding and kept softmax layers).
 
 It runs only where it gives that result, checked at each call: the model in eval mode with no gradient,
 one token a row given as ids, a `ZooCache`, every decoder layer a Llama, Mistral, Qwen2 or Qwen3 one whose
-attention is a converted layer in its plain mode, plain `nn.Linear` projections (an unmerged LoRA is not),
-no forward hooks on the modules it steps past, the current token not padding, fp32 on the CPU, and no
-output asked for beyond the logits and the cache. Elsewhere `decode_step` returns None and the model runs
-transformers' forward. `off()` turns it off within a block (to compare the two); ZOO_LEAN_DECODE=off does
-for a process.
+attention is a converted layer in its plain mode or that family's softmax attention, plain `nn.Linear`
+projections (an unmerged LoRA is not), no forward hooks on the modules it steps past, the current token
+not padding, fp32 on the CPU, and no output asked for beyond the logits and the cache. A kept softmax
+layer adds two: no padding anywhere in the attention mask and no sliding window in the config (both would
+need transformers' mask). Elsewhere `decode_step` returns None and the model runs transformers' forward.
+`off()` turns it off within a block (to compare the two); ZOO_LEAN_DECODE=off does for a process.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ ENV_VAR = "ZOO_LEAN_DECODE"
 DECODER_LAYERS = frozenset(f"{family}DecoderLayer" for family in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 MLPS = frozenset(f"{family}MLP" for family in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 NORMS = frozenset(f"{family}RMSNorm" for family in ("Llama", "Mistral", "Qwen2", "Qwen3"))
+#: the softmax attentions a layer may keep (called as they are, with no mask: see `_fits`)
+ATTENTIONS = frozenset(f"{family}Attention" for family in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 
 #: keyword arguments a forward may bring that change nothing here (with these values)
 _NEUTRAL = {
@@ -99,30 +104,27 @@ def _linears(*modules: nn.Module) -> bool:
     return all(type(m) is nn.Linear for m in modules)
 
 
-def _layer_fits(layer: nn.Module) -> bool:
+def _layer_fits(layer: nn.Module, softmax_allowed: bool) -> bool:
     """A decoder layer this step can run (see the module docstring)."""
     attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
     if type(layer).__name__ not in DECODER_LAYERS or type(mlp).__name__ not in MLPS:
         return False
-    if not getattr(attn, "mixing", False):
-        return False
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
-    norms += [n for n in (attn.q_norm, attn.k_norm) if n is not None]
+    projections = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if not hasattr(attn, "mixing"):  # softmax attention kept: called as a module, its own hooks run
+        if not softmax_allowed or type(attn).__name__ not in ATTENTIONS:
+            return False
+    elif not attn.mixing:
+        return False
+    else:
+        norms += [n for n in (attn.q_norm, attn.k_norm) if n is not None]
+        projections += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
     if any(type(n).__name__ not in NORMS for n in norms):
         return False
-    projections = (
-        attn.q_proj,
-        attn.k_proj,
-        attn.v_proj,
-        attn.o_proj,
-        mlp.gate_proj,
-        mlp.up_proj,
-        mlp.down_proj,
-    )
     return _linears(*projections) and _plain(layer, attn, mlp, *norms, *projections)
 
 
-def _fits(model: nn.Module, input_ids, cache, kwargs: dict[str, Any]) -> bool:
+def _fits(model: nn.Module, input_ids, cache, attention_mask, kwargs: dict[str, Any]) -> bool:
     if _off or model.training or torch.is_grad_enabled() or not isinstance(cache, ZooCache):
         return False
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1:
@@ -138,8 +140,13 @@ def _fits(model: nn.Module, input_ids, cache, kwargs: dict[str, Any]) -> bool:
         return False
     if not _plain(inner, embed, inner.norm, model.lm_head, *inner.layers):
         return False
+    # a kept softmax layer attends to its whole cache with no mask: right only with no padding anywhere
+    # and no sliding window (Mistral's, Qwen2's), which transformers puts in the mask
+    softmax_allowed = getattr(model.config, "sliding_window", None) is None and (
+        attention_mask is None or bool(attention_mask.all())
+    )
     layers = inner.layers[: model.config.num_hidden_layers]
-    return all(_layer_fits(layer) for layer in layers) and not _off_by_env()
+    return all(_layer_fits(layer, softmax_allowed) for layer in layers) and not _off_by_env()
 
 
 def _positions(cache: ZooCache, attention_mask, position_ids) -> torch.Tensor | None:
@@ -178,16 +185,31 @@ def _heads(x: torch.Tensor, norm: nn.Module | None, dim: int) -> torch.Tensor:
     return _norm(x.view(-1, dim), norm).view(x.shape)
 
 
-def _layer_step(layer: nn.Module, x: torch.Tensor, cos, sin, cache: ZooCache, silu: bool) -> None:
-    """One decoder layer on x [B, hidden], in place; the mixer's state moves on in `cache`."""
-    attn, mlp = layer.self_attn, layer.mlp
+def _mixer_step(attn: nn.Module, x: torch.Tensor, h: torch.Tensor, cos, sin, cache: ZooCache) -> None:
+    """x += a converted layer's attention output for h [B, hidden] (its mixer's state moves on in `cache`)."""
     B, D = x.shape[0], attn.head_dim
-    h = _norm(x, layer.input_layernorm)
     q = rotate_heads_(_heads(_project(h, attn.q_proj), attn.q_norm, D), cos, sin)
     k = rotate_heads_(_heads(_project(h, attn.k_proj), attn.k_norm, D), cos, sin)
     v = _project(h, attn.v_proj)
     y = attn.mix(q.view(B, -1, 1, D), k.view(B, -1, 1, D), v.view(B, -1, 1, D), h.view(B, 1, -1), cache, None)
     _add_projection_(x, y.reshape(B, -1), attn.o_proj)
+
+
+def _softmax_step(attn: nn.Module, x: torch.Tensor, h: torch.Tensor, cos, sin, cache: ZooCache) -> None:
+    """x += a kept softmax layer's output for h [B, hidden]: transformers' attention module, its keys and
+    values appended to `cache`, no mask (see `_fits`)."""
+    B = x.shape[0]
+    tables = (cos.view(B, 1, -1), sin.view(B, 1, -1))
+    out, _ = attn(h.view(B, 1, -1), position_embeddings=tables, attention_mask=None, **{CACHE_ARG: cache})
+    x.add_(out.view(B, -1))
+
+
+def _layer_step(layer: nn.Module, x: torch.Tensor, cos, sin, cache: ZooCache, silu: bool) -> None:
+    """One decoder layer on x [B, hidden], in place; its state (a mixer's, or keys and values) moves on in
+    `cache`."""
+    attn, mlp = layer.self_attn, layer.mlp
+    h = _norm(x, layer.input_layernorm)
+    (_mixer_step if hasattr(attn, "mixing") else _softmax_step)(attn, x, h, cos, sin, cache)
     h = _norm(x, layer.post_attention_layernorm)
     gate, up = _project(h, mlp.gate_proj), _project(h, mlp.up_proj)
     _add_projection_(x, silu_mul_(gate, up) if silu else mlp.act_fn(gate) * up, mlp.down_proj)
@@ -198,7 +220,7 @@ def decode_step(
 ) -> CausalLMOutputWithPast | None:
     """The converted causal LM's forward for input_ids [B, 1] with `cache` (see the module docstring), or
     None where this step does not apply: the caller then runs transformers' forward."""
-    if not _fits(model, input_ids, cache, kwargs):
+    if not _fits(model, input_ids, cache, attention_mask, kwargs):
         return None
     B = input_ids.shape[0]
     positions = _positions(cache, attention_mask, position_ids)
