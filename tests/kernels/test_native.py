@@ -25,6 +25,7 @@ KERNELS = (
     "gate_grad",
     "hedgehog_features",
     "hedgehog_rows",
+    "linear_step",
     "low_rank_gate",
     "sparse_decode",
     "window_decode",

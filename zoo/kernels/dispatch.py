@@ -42,6 +42,7 @@ from zoo.kernels.fla_backend import (
     gated_chunk_backward_works,
 )
 from zoo.kernels.flex_window import flex_available, flex_fits, is_window_only
+from zoo.kernels.linear_step import linear_step_in_c
 from zoo.kernels.triton import interpreter_enabled, triton_installed
 from zoo.kernels.window_decode import decode_fits, hedgehog_window_decode, window_hybrid_decode
 
@@ -259,7 +260,12 @@ def linear_attention(
     q, k, v, log_gate=None, state=None, normalize=False, eps=1e-6, chunk_size=64, backend=None, kv_groups=1
 ):
     """zoo.kernels.linear_attention.linear_attention on the chosen backend (same arguments and results);
-    `kv_groups`: see `_state_per_kv_head`."""
+    `kv_groups`: see `_state_per_kv_head`. One token on the CPU in fp32 without a gradient: one C call
+    (zoo.kernels.linear_step), the state kept per key/value head as it is."""
+    if q.shape[2] == 1 and backend_for("linear_attention", q.device, backend) == "torch":
+        stepped = linear_step_in_c(q, k, v, log_gate, state, normalize, eps, kv_groups)
+        if stepped is not None:
+            return stepped
     if kv_groups > 1:
         return _state_per_kv_head(
             kv_groups,
