@@ -21,6 +21,7 @@ def fresh(monkeypatch, tmp_path):
 
 KERNELS = (
     "decode_glue",
+    "delta_step",
     "gate_fold",
     "gate_grad",
     "hedgehog_features",

@@ -35,6 +35,7 @@ from zoo.cpu_memory import ensure_cpu_allocator
 from zoo.kernels import delta_rule as torch_delta
 from zoo.kernels import linear_attention as torch_linear
 from zoo.kernels import window_hybrid as torch_hybrid
+from zoo.kernels.delta_step import delta_step_in_c
 from zoo.kernels.fla_backend import (
     MAX_KEY_DIM,
     delta_rule_mode_supported,
@@ -307,7 +308,12 @@ def _delta_mode(q, k, v, beta, log_gate, state) -> tuple[str, str | None]:
 
 
 def delta_rule(q, k, v, beta, log_gate=None, state=None, chunk_size=None, backend=None):
-    """zoo.kernels.delta_rule.delta_rule on the chosen backend (same arguments and results)."""
+    """zoo.kernels.delta_rule.delta_rule on the chosen backend (same arguments and results). One token on
+    the CPU in fp32 without a gradient: one C call (zoo.kernels.delta_step)."""
+    if q.shape[2] == 1 and backend_for("delta_rule", q.device, backend) == "torch":
+        stepped = delta_step_in_c(q, k, v, beta, log_gate, state)
+        if stepped is not None:
+            return stepped
     if (
         backend_for(
             "delta_rule",
