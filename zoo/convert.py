@@ -31,7 +31,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from zoo.cache import CACHE_ARG, ZooCache
 from zoo.families import SUPPORTED_FAMILIES
 from zoo.kernels.softmax import causal_softmax_attention
-from zoo.lean_decode import decode_step
+from zoo.lean_decode import decode_step, mask_positions
 from zoo.mixers.base import Mixer, build_mixer
 from zoo.recipe import parse_layers
 
@@ -346,7 +346,7 @@ class ZooModelMixin:
         if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
             # left padding: real tokens are numbered from 0, as they would be in an unpadded batch
             T = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            position_ids = mask_positions(attention_mask, T)
         ctx = self._zoo_context()
         ctx.mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         try:

@@ -44,7 +44,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from zoo.cache import CACHE_ARG, ZooCache
 from zoo.kernels.decode_glue import rms_norm, rotate_heads_, silu_mul_
 
-__all__ = ["ENV_VAR", "decode_step", "off", "steps_taken"]
+__all__ = ["ENV_VAR", "decode_step", "mask_positions", "off", "steps_taken"]
 
 ENV_VAR = "ZOO_LEAN_DECODE"
 
@@ -149,6 +149,12 @@ def _fits(model: nn.Module, input_ids, cache, attention_mask, kwargs: dict[str, 
     return all(_layer_fits(layer, softmax_allowed) for layer in layers) and not _off_by_env()
 
 
+def mask_positions(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """The positions [B, length] of a forward's last `length` tokens under a 2D attention mask [B, S]: real
+    tokens numbered from 0 as in an unpadded batch (left padding), padding at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+
+
 def _positions(cache: ZooCache, attention_mask, position_ids) -> torch.Tensor | None:
     """Each row's position [B, 1] or [1, 1] (as the converted model's forward numbers them), or None where
     the current token of some row is padding."""
@@ -156,7 +162,7 @@ def _positions(cache: ZooCache, attention_mask, position_ids) -> torch.Tensor | 
         if attention_mask.dim() != 2 or not bool(attention_mask[:, -1].all()):
             return None
         if position_ids is None:
-            return (attention_mask.long().cumsum(-1) - 1)[:, -1:]
+            return mask_positions(attention_mask, 1)
     if position_ids is not None:
         return position_ids
     return torch.full((1, 1), cache.get_seq_length(), dtype=torch.long)

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "vec.h"
 #include "vmath.h"
 
 int zoo_delta_step_f32(int64_t B, int64_t H, int64_t Dk, int64_t Dv, const float *q, const float *k,
@@ -35,30 +36,16 @@ int zoo_delta_step_f32(int64_t B, int64_t H, int64_t Dk, int64_t Dv, const float
 #pragma omp simd
             for (int64_t j = 0; j < Dv; j++) u[j] = 0.0f;
             if (S0)
-                for (int64_t i = 0; i < Dk; i++) {
-                    const float ki = kt[i];
-                    const float *row = S0 + i * Dv;
-#pragma omp simd
-                    for (int64_t j = 0; j < Dv; j++) u[j] += ki * row[j];
-                }
+                for (int64_t i = 0; i < Dk; i++) axpy(u, kt[i], S0 + i * Dv, Dv);
 #pragma omp simd
             for (int64_t j = 0; j < Dv; j++) {
                 u[j] = b * (vt[j] - g * u[j]);
                 yt[j] = 0.0f;
             }
             for (int64_t i = 0; i < Dk; i++) {
-                const float ki = kt[i], qi = qt[i];
                 float *row = S1 + i * Dv;
-                if (S0) {
-                    const float *old = S0 + i * Dv;
-#pragma omp simd
-                    for (int64_t j = 0; j < Dv; j++) row[j] = g * old[j] + ki * u[j];
-                } else {
-#pragma omp simd
-                    for (int64_t j = 0; j < Dv; j++) row[j] = ki * u[j];
-                }
-#pragma omp simd
-                for (int64_t j = 0; j < Dv; j++) yt[j] += qi * row[j];
+                decay_axpy(row, S0 ? S0 + i * Dv : 0, g, kt[i], u, Dv);
+                axpy(yt, qt[i], row, Dv);
             }
         }
         free(u);

@@ -13,6 +13,7 @@
 
 #include <stdint.h>
 
+#include "vec.h"
 #include "vmath.h"
 
 void zoo_linear_step_f32(int64_t B, int64_t H, int64_t groups, int64_t Dk, int64_t Dv, const float *q,
@@ -29,15 +30,7 @@ void zoo_linear_step_f32(int64_t B, int64_t H, int64_t groups, int64_t Dk, int64
         for (int64_t i = 0; i < Dk; i++) {
             const float g = gate_kind == 0 ? 1.0f : vexpf(gate_kind == 1 ? gate[first] : gate[first * Dk + i]);
             const float ki = kt[i];
-            float *row = S1 + i * Dv;
-            if (S0) {
-                const float *old = S0 + i * Dv;
-#pragma omp simd
-                for (int64_t j = 0; j < Dv; j++) row[j] = g * old[j] + ki * vt[j];
-            } else {
-#pragma omp simd
-                for (int64_t j = 0; j < Dv; j++) row[j] = ki * vt[j];
-            }
+            decay_axpy(S1 + i * Dv, S0 ? S0 + i * Dv : 0, g, ki, vt, Dv);
             if (normalize) z1[i] = (z0 ? g * z0[i] : 0.0f) + ki;
         }
         for (int64_t h = first; h < first + groups; h++) {
@@ -45,15 +38,9 @@ void zoo_linear_step_f32(int64_t B, int64_t H, int64_t groups, int64_t Dk, int64
             float *yh = y + h * Dv;
 #pragma omp simd
             for (int64_t j = 0; j < Dv; j++) yh[j] = 0.0f;
-            float den = 0.0f;
-            for (int64_t i = 0; i < Dk; i++) {
-                const float qi = qh[i];
-                const float *row = S1 + i * Dv;
-#pragma omp simd
-                for (int64_t j = 0; j < Dv; j++) yh[j] += qi * row[j];
-                if (normalize) den += qi * z1[i];
-            }
+            for (int64_t i = 0; i < Dk; i++) axpy(yh, qh[i], S1 + i * Dv, Dv);
             if (normalize) {
+                const float den = dot(qh, z1, Dk);
                 const float inv = 1.0f / (den + eps);
 #pragma omp simd
                 for (int64_t j = 0; j < Dv; j++) yh[j] *= inv;

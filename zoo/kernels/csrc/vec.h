@@ -19,4 +19,16 @@ static inline void axpy(float *restrict out, float w, const float *restrict x, i
     for (int64_t i = 0; i < n; i++) out[i] += w * x[i];
 }
 
+/* out[n] = g * old[n] + w * x[n]; old NULL: out[n] = w * x[n] (a decayed row of a state plus a write) */
+static inline void decay_axpy(float *restrict out, const float *restrict old, float g, float w,
+                              const float *restrict x, int64_t n) {
+    if (old) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) out[i] = g * old[i] + w * x[i];
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) out[i] = w * x[i];
+    }
+}
+
 #endif
