@@ -251,7 +251,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     run.add_argument(
-        "--out", help="run folder (default runs/<model>-<mixer>; a run folder as RECIPE: that folder)"
+        "--out",
+        help="run folder (default runs/<recipe folder>-<recipe name>, e.g. runs/smollm2-135m-lola; "
+        "a run folder as RECIPE: that folder)",
     )
     _add_redo(run)
     run.set_defaults(func=cmd_run)
