@@ -31,7 +31,7 @@ def measure(name: str | None) -> dict:
     model, _ = load_teacher("smollm2-135m")
     if name is not None:
         recipe = load_recipe(RECIPES / f"{name}.yaml")
-        zoo.linearize(model, recipe.mixer.name, recipe.mixer.layers, **recipe.mixer.options)
+        zoo.linearize(model, recipe.mixer.name, recipe.mixer.layers, **recipe.mixer_options())
     start = time.perf_counter()
     out = measure_decode(model.eval(), CONTEXTS, steps=2)
     return {
