@@ -14,6 +14,7 @@ import ctypes
 import torch
 
 from zoo.kernels import native
+from zoo.kernels.c_call import cpu_fp32_without_grad, pointer
 
 __all__ = ["delta_step_in_c"]
 
@@ -26,10 +27,7 @@ def delta_step_in_c(q, k, v, beta, log_gate=None, state=None):
     Dv = v.shape[-1]
     if T != 1 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or beta.shape != q.shape[:3]:
         return None
-    tensors = [t for t in (q, k, v, beta, log_gate, state) if t is not None]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if not cpu_fp32_without_grad(q, k, v, beta, log_gate, state):
         return None
     if (log_gate is not None and log_gate.shape != q.shape[:3]) or (
         state is not None and tuple(state.shape) != (B, H, Dk, Dv)
@@ -42,10 +40,6 @@ def delta_step_in_c(q, k, v, beta, log_gate=None, state=None):
     gate = None if log_gate is None else log_gate.contiguous()
     S_in = None if state is None else state.contiguous()
     y, S = q.new_empty(B, H, 1, Dv), q.new_empty(B, H, Dk, Dv)
-
-    def ptr(t):
-        return None if t is None else t.data_ptr()
-
-    if fn(B, H, Dk, Dv, *(ptr(t) for t in (q, k, v, beta, gate, S_in, y, S)), torch.get_num_threads()):
+    if fn(B, H, Dk, Dv, *(pointer(t) for t in (q, k, v, beta, gate, S_in, y, S)), torch.get_num_threads()):
         raise MemoryError("zoo's delta-rule step could not allocate its scratch row")
     return y, S

@@ -16,6 +16,7 @@ import ctypes
 import torch
 
 from zoo.kernels import native
+from zoo.kernels.c_call import cpu_fp32_without_grad, pointer
 from zoo.kernels.linear_attention import LinearAttentionState
 
 __all__ = ["linear_step_in_c"]
@@ -24,32 +25,18 @@ _ARGTYPES = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 + [ctypes.c_int] + [cty
 _ARGTYPES += [ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
 
 
-def _fits(tensors) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    )
-
-
 def linear_step_in_c(q, k, v, log_gate, state, normalize: bool, eps: float, kv_groups: int = 1):
     """See the module docstring: (y, LinearAttentionState) or None."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     if T != 1 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or H % kv_groups:
         return None
-    states = [] if state is None else [t for t in state if t is not None]
-    if not _fits([q, k, v, *states, *([] if log_gate is None else [log_gate])]):
+    if not cpu_fp32_without_grad(q, k, v, log_gate, *(() if state is None else state)):
         return None
-    kind = (
-        0
-        if log_gate is None
-        else 1
-        if log_gate.shape == q.shape[:3]
-        else 2
-        if log_gate.shape == q.shape
-        else -1
-    )
+    kinds = {None: 0, q.shape[:3]: 1, q.shape: 2}  # no gate, one a head, one a key dimension
+    kind = kinds.get(None if log_gate is None else log_gate.shape)
     Hkv = H // kv_groups
-    if kind < 0 or (state is not None and tuple(state.S.shape) != (B, Hkv, Dk, Dv)):
+    if kind is None or (state is not None and tuple(state.S.shape) != (B, Hkv, Dk, Dv)):
         return None
     if normalize and state is not None and (state.z is None or tuple(state.z.shape) != (B, Hkv, Dk)):
         return None
@@ -63,28 +50,14 @@ def linear_step_in_c(q, k, v, log_gate, state, normalize: bool, eps: float, kv_g
     y = q.new_empty(B, H, 1, Dv)
     S = q.new_empty(B, Hkv, Dk, Dv)
     z = q.new_empty(B, Hkv, Dk) if normalize else None
-
-    def ptr(t):
-        return None if t is None else t.data_ptr()
-
     fn(
-        B,
-        H,
-        kv_groups,
-        Dk,
-        Dv,
-        ptr(q),
-        ptr(k),
-        ptr(v),
-        ptr(gate),
+        *(B, H, kv_groups, Dk, Dv),
+        *(pointer(t) for t in (q, k, v, gate)),
         kind,
-        ptr(S_in),
-        ptr(z_in),
+        *(pointer(t) for t in (S_in, z_in)),
         int(normalize),
         eps,
-        ptr(y),
-        ptr(S),
-        ptr(z),
+        *(pointer(t) for t in (y, S, z)),
         torch.get_num_threads(),
     )
     return y, LinearAttentionState(S, z)
